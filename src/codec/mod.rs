@@ -1,0 +1,2 @@
+//! Kafka framing and record-batch inspection.
+pub mod records;

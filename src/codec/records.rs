@@ -1,0 +1,1 @@
+//! Record batch inspection (placeholder, being written).

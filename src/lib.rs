@@ -1,0 +1,18 @@
+//! keyward: a Kafka wire-protocol proxy that enforces regional write ownership.
+//!
+//! # Layout
+//!
+//! - [`config`]: the static config file (`keyward.yaml`): region, listeners, clusters.
+//! - [`ownership`]: the ownership table (`ownership.yaml`): parsing, validation, murmur2 and the
+//!   pure lookup "who owns this key / header / partition / topic".
+//! - [`codec`]: Kafka framing, request/response headers and record-batch inspection. Pure parsing,
+//!   no sockets.
+//! - [`policy`]: pure decisions over a decoded Produce request and one ownership snapshot.
+//! - [`proxy`]: listeners, upstream connections, the per-connection pipeline that keeps responses
+//!   in request order, and the rewriting of broker addresses.
+
+pub mod codec;
+pub mod config;
+pub mod ownership;
+pub mod policy;
+pub mod proxy;

@@ -1,0 +1,1 @@
+//! Ownership table (placeholder, being written).

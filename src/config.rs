@@ -1,1 +1,287 @@
-//! Static config.
+//! The static config file (`keyward.yaml`): which region this instance writes for, where it
+//! listens, and the Kafka cluster of every region. It is read once at start; the ownership table
+//! it points to is a separate, hot-reloaded file (see [`crate::ownership`]).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A config error that names the file, the field path and the problem.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {}{message}", file.display(), if path.is_empty() { String::new() } else { format!("{path}: ") })]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub path: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The region this instance writes for; must name one of `clusters`.
+    pub region: String,
+    pub listen: Listen,
+    #[serde(default)]
+    pub admin: Admin,
+    /// One Kafka cluster per region. The keys are the region names the ownership table uses.
+    pub clusters: BTreeMap<String, Cluster>,
+    /// The ownership table, relative to this file.
+    pub ownership_file: PathBuf,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Where this config was read from (not a YAML field).
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// Clients bootstrap here.
+    pub bootstrap: SocketAddr,
+    /// The host returned to clients in metadata for every virtual broker.
+    pub advertised_host: String,
+    /// Broker node N of the serving cluster is reachable at `broker_port_base + N`.
+    pub broker_port_base: u16,
+    /// The interface virtual broker ports bind to; defaults to the bootstrap's address.
+    #[serde(default)]
+    pub broker_bind: Option<std::net::IpAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Admin HTTP listener (metrics); loopback by default.
+    #[serde(default = "Admin::default_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Admin {
+    fn default_listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9190))
+    }
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Self {
+            listen: Self::default_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// `host:port` of one or more brokers, tried in order.
+    pub bootstrap: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request or response frame accepted; Kafka's `socket.request.max.bytes` default.
+    #[serde(default = "Limits::default_max_frame_bytes")]
+    pub max_frame_bytes: usize,
+    /// Cap on the decompressed size of one record batch keyward inspects.
+    #[serde(default = "Limits::default_max_decompressed_bytes")]
+    pub max_decompressed_bytes: usize,
+    /// Timeout for connecting to a broker.
+    #[serde(default = "Limits::default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Requests one client connection may have in flight before keyward stops reading from it.
+    #[serde(default = "Limits::default_max_in_flight")]
+    pub max_in_flight: usize,
+}
+
+impl Limits {
+    fn default_max_frame_bytes() -> usize {
+        100 * 1024 * 1024
+    }
+    fn default_max_decompressed_bytes() -> usize {
+        64 * 1024 * 1024
+    }
+    fn default_connect_timeout_ms() -> u64 {
+        10_000
+    }
+    fn default_max_in_flight() -> usize {
+        // Kafka clients pipeline few requests per connection (Java: 5 by default); librdkafka
+        // allows many more. A thousand keeps memory bounded while never throttling a real client.
+        1024
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: Self::default_max_frame_bytes(),
+            max_decompressed_bytes: Self::default_max_decompressed_bytes(),
+            connect_timeout_ms: Self::default_connect_timeout_ms(),
+            max_in_flight: Self::default_max_in_flight(),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            path: String::new(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
+        let error = |path: &str, message: String| ConfigError {
+            file: source.to_owned(),
+            path: path.to_owned(),
+            message,
+        };
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            error(&path, e.into_inner().to_string())
+        })?;
+        config.source = source.to_owned();
+
+        if config.clusters.is_empty() {
+            return Err(error("clusters", "at least one cluster is required".into()));
+        }
+        if !config.clusters.contains_key(&config.region) {
+            let known: Vec<_> = config.clusters.keys().map(String::as_str).collect();
+            return Err(error(
+                "region",
+                format!(
+                    "region {:?} has no entry in clusters (known: {})",
+                    config.region,
+                    known.join(", ")
+                ),
+            ));
+        }
+        for (name, cluster) in &config.clusters {
+            if cluster.bootstrap.is_empty() {
+                return Err(error(
+                    &format!("clusters.{name}.bootstrap"),
+                    "at least one host:port is required".into(),
+                ));
+            }
+            for (i, addr) in cluster.bootstrap.iter().enumerate() {
+                if split_host_port(addr).is_none() {
+                    return Err(error(
+                        &format!("clusters.{name}.bootstrap[{i}]"),
+                        format!("{addr:?} is not host:port"),
+                    ));
+                }
+            }
+        }
+        if config.listen.advertised_host.is_empty() {
+            return Err(error("listen.advertised_host", "must not be empty".into()));
+        }
+        if config.limits.max_frame_bytes < 1024 {
+            return Err(error(
+                "limits.max_frame_bytes",
+                "must be at least 1024".into(),
+            ));
+        }
+        if config.limits.max_in_flight == 0 {
+            return Err(error("limits.max_in_flight", "must be at least 1".into()));
+        }
+        Ok(config)
+    }
+
+    /// The ownership table's path, resolved against the directory of this config file.
+    pub fn ownership_path(&self) -> PathBuf {
+        match self.source.parent() {
+            Some(dir) if self.ownership_file.is_relative() => dir.join(&self.ownership_file),
+            _ => self.ownership_file.clone(),
+        }
+    }
+
+    /// Region names, sorted: the same order in every instance, whatever order the file uses.
+    pub fn regions(&self) -> Vec<String> {
+        self.clusters.keys().cloned().collect()
+    }
+
+    pub fn local_cluster(&self) -> &Cluster {
+        &self.clusters[&self.region]
+    }
+
+    pub fn broker_bind(&self) -> std::net::IpAddr {
+        self.listen
+            .broker_bind
+            .unwrap_or_else(|| self.listen.bootstrap.ip())
+    }
+}
+
+/// Splits `host:port` (or `[v6]:port`) into its parts.
+pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    Some((host, port.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+region: eu
+listen:
+  bootstrap: 127.0.0.1:9192
+  advertised_host: 127.0.0.1
+  broker_port_base: 9193
+clusters:
+  eu: { bootstrap: ["127.0.0.1:19092"] }
+  us: { bootstrap: ["127.0.0.1:29092"] }
+ownership_file: ownership.yaml
+"#;
+
+    #[test]
+    fn parses_and_resolves_the_table_next_to_the_config() {
+        let c = Config::parse(GOOD, Path::new("/etc/keyward/keyward.yaml")).unwrap();
+        assert_eq!(c.region, "eu");
+        assert_eq!(c.regions(), vec!["eu", "us"]);
+        assert_eq!(
+            c.ownership_path(),
+            PathBuf::from("/etc/keyward/ownership.yaml")
+        );
+        assert_eq!(c.limits.max_frame_bytes, 100 * 1024 * 1024);
+        assert_eq!(c.admin.listen.port(), 9190);
+    }
+
+    #[test]
+    fn errors_name_file_field_and_problem() {
+        let bad = GOOD.replace("region: eu", "region: ap");
+        let e = Config::parse(&bad, Path::new("k.yaml")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "k.yaml: region: region \"ap\" has no entry in clusters (known: eu, us)"
+        );
+
+        let bad = GOOD.replace(
+            "broker_port_base: 9193",
+            "broker_port_base: 9193\n  colour: red",
+        );
+        let e = Config::parse(&bad, Path::new("k.yaml")).unwrap_err();
+        assert_eq!(e.path, "listen");
+        assert!(e.message.contains("unknown field `colour`"), "{e}");
+
+        let bad = GOOD.replace("127.0.0.1:29092", "nohost");
+        let e = Config::parse(&bad, Path::new("k.yaml")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "k.yaml: clusters.us.bootstrap[0]: \"nohost\" is not host:port"
+        );
+
+        let bad = GOOD.replace("9192", "notaport");
+        let e = Config::parse(&bad, Path::new("k.yaml")).unwrap_err();
+        assert_eq!(e.path, "listen.bootstrap");
+    }
+}

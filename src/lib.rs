@@ -11,6 +11,7 @@
 //! - [`proxy`]: listeners, upstream connections, the per-connection pipeline that keeps responses
 //!   in request order, and the rewriting of broker addresses.
 
+pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod ownership;

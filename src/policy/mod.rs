@@ -1,1 +1,3 @@
-//! Produce decisions.
+//! Pure decisions over decoded requests and one ownership snapshot: no sockets, clocks or
+//! globals, so most unit and property tests live here.
+pub mod produce;

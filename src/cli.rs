@@ -1,0 +1,95 @@
+//! What the `keyward` subcommands do, kept out of `main.rs` so they can be tested.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::ownership::{Query, Table};
+use crate::proxy::{self, Shared};
+
+/// Loads the static config and the table it points to, validating both.
+pub fn load(config: &Path) -> anyhow::Result<(Config, Table)> {
+    let config = Config::load(config)?;
+    let table = Table::load(&config.ownership_path(), &config.regions())?;
+    Ok((config, table))
+}
+
+/// `keyward check`: the summary printed when both files are valid.
+pub fn check(config: &Path) -> anyhow::Result<String> {
+    let (config, table) = load(config)?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "config {} is valid: region {}, bootstrap {}, clusters {}",
+        config.source.display(),
+        config.region,
+        config.listen.bootstrap,
+        config.regions().join(", ")
+    );
+    let _ = writeln!(out, "ownership table {} is valid", table.source().display());
+    out.push_str(&table.summary());
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+pub enum OwnerQuery {
+    Key(String),
+    NullKey,
+    Header(String, String),
+    Partition(i32),
+    None,
+}
+
+/// `keyward owner`: one line naming the owner, as the proxy would decide it in this region.
+pub fn owner(config: &Path, topic: &str, query: &OwnerQuery) -> anyhow::Result<String> {
+    let (config, table) = load(config)?;
+    let local = table
+        .region_id(&config.region)
+        .context("the config's region is not in the table")?;
+    let query = match query {
+        OwnerQuery::Key(k) => Query::Key(Some(k.as_bytes())),
+        OwnerQuery::NullKey => Query::Key(None),
+        OwnerQuery::Header(n, v) => Query::Header {
+            name: n,
+            value: v.as_bytes(),
+        },
+        OwnerQuery::Partition(p) => Query::Partition(*p),
+        OwnerQuery::None => Query::None,
+    };
+    Ok(table.explain(topic, &query, local))
+}
+
+/// `keyward run`: serve until SIGINT or SIGTERM.
+pub fn run(config: &Path) -> anyhow::Result<()> {
+    let (config, table) = load(config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async move {
+        let shared = Shared::new(config, table)?;
+        let stop = shared.shutdown_token();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            stop.cancel();
+        });
+        proxy::run(shared).await
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

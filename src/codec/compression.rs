@@ -1,0 +1,446 @@
+//! Decompression of a record batch's `records` blob into a reusable, size-capped buffer.
+//!
+//! Owns the codec quirks Kafka clients produce in the wild (xerial-framed or raw snappy, the LZ4
+//! frame format, multi-member gzip, multi-frame zstd) and the decompression-bomb guard. It must
+//! not parse records (that is [`super::records`]) and must not allocate per batch on the hot
+//! codecs: the output buffer and the zstd context live in [`Inflater`] and are reused.
+//!
+//! Checksums inside the compressed stream (LZ4 header/block/content xxhash, snappy framing) are
+//! skipped, not verified: the batch CRC-32C already covers the compressed bytes, and accepting a
+//! stream the broker would reject can only make the broker refuse the write.
+
+use std::io::Read as _;
+
+use lz4_flex::block::DecompressError as Lz4Error;
+use zstd::stream::raw::{DParameter, InBuffer, Operation as _, OutBuffer};
+
+use super::records::RecordsError;
+
+/// The codec of a record batch (attributes bits 0-2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Compression {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+impl Compression {
+    /// Reads the codec from batch attributes; ids 5-7 are an error rather than a guess, since a
+    /// record we cannot read is a record whose owner we cannot check.
+    pub fn from_attributes(attributes: i16) -> Result<Self, RecordsError> {
+        match attributes & 0x07 {
+            0 => Ok(Self::None),
+            1 => Ok(Self::Gzip),
+            2 => Ok(Self::Snappy),
+            3 => Ok(Self::Lz4),
+            4 => Ok(Self::Zstd),
+            id => Err(RecordsError::UnknownCompression(id)),
+        }
+    }
+}
+
+/// Smallest growth step of the output buffer, so small batches do not resize repeatedly.
+const MIN_GROW: usize = 64 * 1024;
+/// Read size for the streaming (gzip) decoder.
+const STREAM_CHUNK: usize = 64 * 1024;
+/// zstd window log accepted by default: 8 MiB covers every non-"ultra" level (1-19). A frame's
+/// window is allocated up front by the decoder whatever the real content size, so this bounds the
+/// memory one hostile frame can make a connection hold.
+const ZSTD_MIN_WINDOW_LOG_MAX: u32 = 23;
+/// Hard ceiling for the zstd window log (1 GiB), whatever the configured cap.
+const ZSTD_MAX_WINDOW_LOG_MAX: u32 = 30;
+/// LZ4 matches reach at most 64 KiB back; that is all a linked block needs from earlier output.
+const LZ4_WINDOW: usize = 64 * 1024;
+const LZ4_FRAME_MAGIC: u32 = 0x184D_2204;
+const LZ4_SKIPPABLE_MAGIC: std::ops::RangeInclusive<u32> = 0x184D_2A50..=0x184D_2A5F;
+/// snappy-java's stream header: this magic, then big-endian version and compatible-version ints.
+const XERIAL_MAGIC: [u8; 8] = [0x82, b'S', b'N', b'A', b'P', b'P', b'Y', 0];
+const XERIAL_HEADER_LEN: usize = 16;
+
+/// Reusable per-connection scratch state for decompressing record batches.
+///
+/// Holds the output buffer (grown on demand, never beyond `max_decompressed_bytes + 1`, and kept
+/// between batches so steady-state decompression does not allocate) and a lazily created zstd
+/// decoder context. Memory held: up to `max_decompressed_bytes + 1` for the buffer, plus the zstd
+/// window of the largest frame seen (bounded by the window-log limit, see [`Inflater::new`]).
+pub struct Inflater {
+    max: usize,
+    /// Zero-initialised scratch. Its `len()` is the high-water mark, not the payload length: it
+    /// is never shrunk between batches so the memory is not zeroed again.
+    buf: Vec<u8>,
+    zstd: Option<zstd::stream::raw::Decoder<'static>>,
+    zstd_window_log_max: u32,
+}
+
+impl std::fmt::Debug for Inflater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inflater")
+            .field("max_decompressed_bytes", &self.max)
+            .field("buffer_bytes", &self.buf.len())
+            .field("zstd_context", &self.zstd.is_some())
+            .finish()
+    }
+}
+
+impl Inflater {
+    /// `max_decompressed_bytes` is the most one batch may inflate to; more is
+    /// [`RecordsError::DecompressedTooLarge`]. A sensible value is the broker's
+    /// `message.max.bytes` times the worst compression ratio you accept.
+    ///
+    /// zstd frames may declare a window of up to `max(8 MiB, max_decompressed_bytes)` (rounded up
+    /// to a power of two, at most 1 GiB); frames asking for more are rejected, since only
+    /// zstd "ultra" levels (20-22) produce them.
+    pub fn new(max_decompressed_bytes: usize) -> Self {
+        let needed_log = usize::BITS - max_decompressed_bytes.saturating_sub(1).leading_zeros();
+        Self {
+            max: max_decompressed_bytes,
+            buf: Vec::new(),
+            zstd: None,
+            zstd_window_log_max: needed_log.clamp(ZSTD_MIN_WINDOW_LOG_MAX, ZSTD_MAX_WINDOW_LOG_MAX),
+        }
+    }
+
+    /// The cap given to [`Inflater::new`].
+    pub fn max_decompressed_bytes(&self) -> usize {
+        self.max
+    }
+
+    /// Bytes held by the output buffer (the zstd context's own memory is not counted).
+    pub fn buffer_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Frees the output buffer and the zstd context, e.g. for a connection that went idle. The
+    /// next compressed batch allocates them again.
+    pub fn release_memory(&mut self) {
+        self.buf = Vec::new();
+        self.zstd = None;
+    }
+
+    /// Decompresses one batch's records blob. For [`Compression::None`] the input is returned
+    /// as is; otherwise the result borrows this inflater's buffer until the next call.
+    pub fn decompress<'s>(
+        &'s mut self,
+        codec: Compression,
+        input: &'s [u8],
+    ) -> Result<&'s [u8], RecordsError> {
+        let len = match codec {
+            Compression::None => return Ok(input),
+            Compression::Gzip => self.gzip(input)?,
+            Compression::Snappy => self.snappy(input)?,
+            Compression::Lz4 => self.lz4(input)?,
+            Compression::Zstd => self.zstd(input)?,
+        };
+        Ok(&self.buf[..len])
+    }
+
+    fn too_large(&self) -> RecordsError {
+        RecordsError::DecompressedTooLarge { limit: self.max }
+    }
+
+    /// Makes `buf[filled..]` at least `want` bytes long where the cap allows, and returns it.
+    /// The buffer never exceeds `max + 1` bytes: one byte over the cap is how we detect a bomb.
+    /// Callers keep `filled <= max`, so the returned slice is never empty.
+    fn room(&mut self, filled: usize, want: usize) -> &mut [u8] {
+        let cap = self.max.saturating_add(1);
+        let want_end = filled.saturating_add(want).min(cap);
+        if self.buf.len() < want_end {
+            let target = want_end
+                .max(self.buf.len().saturating_mul(2))
+                .max(MIN_GROW)
+                .min(cap);
+            self.buf.resize(target, 0);
+        }
+        &mut self.buf[filled..]
+    }
+
+    fn gzip(&mut self, input: &[u8]) -> Result<usize, RecordsError> {
+        // Java's GZIPInputStream reads concatenated members, so we do too.
+        let mut decoder = flate2::bufread::MultiGzDecoder::new(input);
+        let mut filled = 0;
+        loop {
+            let room = self.room(filled, STREAM_CHUNK);
+            match decoder.read(room) {
+                Ok(0) => return Ok(filled),
+                Ok(n) => {
+                    filled += n;
+                    if filled > self.max {
+                        return Err(self.too_large());
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(decompress_error(Compression::Gzip, e)),
+            }
+        }
+    }
+
+    fn snappy(&mut self, input: &[u8]) -> Result<usize, RecordsError> {
+        // Same rule as snappy-java's SnappyInputStream: a full 16-byte header starting with the
+        // magic means xerial framing, anything else is one raw snappy block (librdkafka).
+        if input.len() >= XERIAL_HEADER_LEN && input.starts_with(&XERIAL_MAGIC) {
+            self.xerial_snappy(&input[XERIAL_HEADER_LEN..])
+        } else {
+            self.snappy_block(input, 0)
+        }
+    }
+
+    fn xerial_snappy(&mut self, mut input: &[u8]) -> Result<usize, RecordsError> {
+        let mut filled = 0;
+        while !input.is_empty() {
+            let len =
+                take_u32_be(&mut input).ok_or_else(|| snappy_error("truncated block length"))?;
+            if len.to_be_bytes() == XERIAL_MAGIC[..4] {
+                // Another stream's header (concatenated streams): skip the rest of it.
+                let rest = take(&mut input, XERIAL_HEADER_LEN - 4)
+                    .ok_or_else(|| snappy_error("truncated stream header"))?;
+                if rest[..4] != XERIAL_MAGIC[4..] {
+                    return Err(snappy_error("bad stream header"));
+                }
+                continue;
+            }
+            let block = take(&mut input, len as usize)
+                .ok_or_else(|| snappy_error("block longer than the data"))?;
+            filled = self.snappy_block(block, filled)?;
+        }
+        Ok(filled)
+    }
+
+    /// Decompresses one raw snappy block at `buf[filled..]`; returns the new fill.
+    fn snappy_block(&mut self, block: &[u8], filled: usize) -> Result<usize, RecordsError> {
+        if block.is_empty() {
+            return Err(snappy_error("empty block"));
+        }
+        let len = snap::raw::decompress_len(block)
+            .map_err(|e| decompress_error(Compression::Snappy, e))?;
+        // The declared length is checked before anything is allocated for it.
+        if len > self.max - filled {
+            return Err(self.too_large());
+        }
+        let out = &mut self.room(filled, len)[..len];
+        let written = snap::raw::Decoder::new()
+            .decompress(block, out)
+            .map_err(|e| decompress_error(Compression::Snappy, e))?;
+        Ok(filled + written)
+    }
+
+    /// The LZ4 frame format, decoded block by block straight into the output buffer: no
+    /// intermediate copy, no allocation. Linked blocks use the previous 64 KiB of the same frame's
+    /// output as their dictionary. Concatenated and skippable frames are accepted.
+    fn lz4(&mut self, mut input: &[u8]) -> Result<usize, RecordsError> {
+        if input.is_empty() {
+            return Err(lz4_error("empty input"));
+        }
+        let mut filled = 0;
+        while !input.is_empty() {
+            let magic = take_u32_le(&mut input).ok_or_else(|| lz4_error("truncated magic"))?;
+            if LZ4_SKIPPABLE_MAGIC.contains(&magic) {
+                let len = take_u32_le(&mut input)
+                    .ok_or_else(|| lz4_error("truncated skippable frame"))?;
+                take(&mut input, len as usize)
+                    .ok_or_else(|| lz4_error("truncated skippable frame"))?;
+                continue;
+            }
+            if magic != LZ4_FRAME_MAGIC {
+                return Err(lz4_error("bad frame magic"));
+            }
+            filled = self.lz4_frame(&mut input, filled)?;
+        }
+        Ok(filled)
+    }
+
+    fn lz4_frame(&mut self, input: &mut &[u8], mut filled: usize) -> Result<usize, RecordsError> {
+        let [flg, bd] = take_array(input).ok_or_else(|| lz4_error("truncated frame header"))?;
+        if flg >> 6 != 0b01 {
+            return Err(lz4_error("unsupported frame version"));
+        }
+        if flg & 0b0000_0010 != 0 || bd & 0b1000_1111 != 0 {
+            return Err(lz4_error("reserved bits set in frame header"));
+        }
+        if flg & 0b0000_0001 != 0 {
+            return Err(lz4_error("dictionary ids are not supported"));
+        }
+        let independent = flg & 0b0010_0000 != 0;
+        let block_checksum = flg & 0b0001_0000 != 0;
+        let has_content_size = flg & 0b0000_1000 != 0;
+        let content_checksum = flg & 0b0000_0100 != 0;
+        let block_max = match (bd >> 4) & 0x07 {
+            4 => 64 * 1024,
+            5 => 256 * 1024,
+            6 => 1024 * 1024,
+            7 => 4 * 1024 * 1024,
+            _ => return Err(lz4_error("bad block max size")),
+        };
+        let content_size = if has_content_size {
+            let size = u64::from_le_bytes(
+                take_array(input).ok_or_else(|| lz4_error("truncated content size"))?,
+            );
+            if size > (self.max - filled) as u64 {
+                return Err(self.too_large());
+            }
+            Some(size)
+        } else {
+            None
+        };
+        // Header checksum: skipped (see the module docs).
+        take(input, 1).ok_or_else(|| lz4_error("truncated frame header"))?;
+
+        let frame_start = filled;
+        loop {
+            let word = take_u32_le(input).ok_or_else(|| lz4_error("truncated block size"))?;
+            if word == 0 {
+                break; // EndMark
+            }
+            let stored = word & 0x8000_0000 != 0;
+            let len = (word & 0x7FFF_FFFF) as usize;
+            if len > block_max {
+                return Err(lz4_error("block larger than the frame's block max size"));
+            }
+            let block = take(input, len).ok_or_else(|| lz4_error("truncated block"))?;
+            if block_checksum {
+                take(input, 4).ok_or_else(|| lz4_error("truncated block checksum"))?;
+            }
+            if stored {
+                if len > self.max - filled {
+                    return Err(self.too_large());
+                }
+                self.room(filled, len)[..len].copy_from_slice(block);
+                filled += len;
+                continue;
+            }
+            // Offer a whole block of room, but never more than one byte past the cap.
+            let want = block_max.min(self.max - filled + 1);
+            self.room(filled, want);
+            let (before, after) = self.buf.split_at_mut(filled);
+            let out = &mut after[..want];
+            let result = if independent {
+                lz4_flex::block::decompress_into(block, out)
+            } else {
+                let dict_start = frame_start.max(filled.saturating_sub(LZ4_WINDOW));
+                lz4_flex::block::decompress_into_with_dict(block, out, &before[dict_start..])
+            };
+            let written = match result {
+                Ok(n) => n,
+                Err(Lz4Error::OutputTooSmall { .. }) if want < block_max => {
+                    return Err(self.too_large());
+                }
+                Err(e) => return Err(decompress_error(Compression::Lz4, e)),
+            };
+            filled += written;
+            if filled > self.max {
+                return Err(self.too_large());
+            }
+        }
+        if content_checksum {
+            take(input, 4).ok_or_else(|| lz4_error("truncated content checksum"))?;
+        }
+        if content_size.is_some_and(|size| size != (filled - frame_start) as u64) {
+            return Err(lz4_error("frame content size does not match its blocks"));
+        }
+        Ok(filled)
+    }
+
+    fn zstd(&mut self, input: &[u8]) -> Result<usize, RecordsError> {
+        let window_log_max = self.zstd_window_log_max;
+        let mut decoder = match self.zstd.take() {
+            Some(mut decoder) => {
+                // A previous batch may have failed mid-frame: start a clean session.
+                decoder
+                    .reinit()
+                    .map_err(|e| decompress_error(Compression::Zstd, e))?;
+                decoder
+            }
+            None => {
+                let mut decoder = zstd::stream::raw::Decoder::new()
+                    .map_err(|e| decompress_error(Compression::Zstd, e))?;
+                decoder
+                    .set_parameter(DParameter::WindowLogMax(window_log_max))
+                    .map_err(|e| decompress_error(Compression::Zstd, e))?;
+                decoder
+            }
+        };
+        let result = self.zstd_run(&mut decoder, input);
+        self.zstd = Some(decoder);
+        result
+    }
+
+    fn zstd_run(
+        &mut self,
+        decoder: &mut zstd::stream::raw::Decoder<'static>,
+        input: &[u8],
+    ) -> Result<usize, RecordsError> {
+        let mut src = InBuffer::around(input);
+        let mut filled = 0;
+        loop {
+            let room = self.room(filled, STREAM_CHUNK);
+            let room_len = room.len();
+            let mut out = OutBuffer::around(room);
+            let consumed_before = src.pos();
+            let hint = decoder
+                .run(&mut src, &mut out)
+                .map_err(|e| decompress_error(Compression::Zstd, e))?;
+            let written = out.pos();
+            filled += written;
+            if filled > self.max {
+                return Err(self.too_large());
+            }
+            let input_done = src.pos() == input.len();
+            if written < room_len {
+                // The decoder stopped for lack of input, not of room.
+                if hint == 0 && input_done {
+                    // Last frame complete and flushed. A following frame would restart here.
+                    return Ok(filled);
+                }
+                if input_done {
+                    return Err(zstd_error("truncated frame"));
+                }
+                if src.pos() == consumed_before && written == 0 {
+                    return Err(zstd_error("decoder made no progress"));
+                }
+            }
+        }
+    }
+}
+
+fn decompress_error(codec: Compression, e: impl std::fmt::Display) -> RecordsError {
+    RecordsError::Decompress {
+        codec,
+        reason: e.to_string(),
+    }
+}
+
+fn snappy_error(reason: &str) -> RecordsError {
+    decompress_error(Compression::Snappy, reason)
+}
+
+fn lz4_error(reason: &str) -> RecordsError {
+    decompress_error(Compression::Lz4, reason)
+}
+
+fn zstd_error(reason: &str) -> RecordsError {
+    decompress_error(Compression::Zstd, reason)
+}
+
+fn take<'a>(input: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if input.len() < n {
+        return None;
+    }
+    let (head, rest) = input.split_at(n);
+    *input = rest;
+    Some(head)
+}
+
+fn take_array<const N: usize>(input: &mut &[u8]) -> Option<[u8; N]> {
+    let (head, rest) = input.split_first_chunk::<N>()?;
+    *input = rest;
+    Some(*head)
+}
+
+fn take_u32_le(input: &mut &[u8]) -> Option<u32> {
+    take_array(input).map(u32::from_le_bytes)
+}
+
+fn take_u32_be(input: &mut &[u8]) -> Option<u32> {
+    take_array(input).map(u32::from_be_bytes)
+}

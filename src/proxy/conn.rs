@@ -1,0 +1,388 @@
+//! One client connection: read requests, decide, forward, and answer in request order.
+//!
+//! Two halves run side by side. The request half reads client frames, forwards most of them as
+//! their original bytes, and for each one that is owed a response pushes a [`Slot`] onto a
+//! bounded queue. The response half takes slots in order: a slot that waits on the broker reads
+//! the broker's next response (brokers answer one connection in request order), rewrites it if
+//! needed, and writes it to the client; a slot keyward answered itself is written as is. So
+//! responses leave in request order whether the broker or keyward produced them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::ApiKey;
+use metrics::counter;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::Shared;
+use super::produce::{ProduceReply, forwarded_request};
+use super::rewrite::{self, RewriteError};
+use crate::codec::frame::{self, FrameError, FrameReader, LENGTH_PREFIX, RequestHead};
+use crate::codec::produce::{self, ProduceParseError};
+use crate::codec::records::Inflater;
+use crate::codec::wire::WireError;
+use crate::policy::produce::{Action, ProducePlan, decide};
+
+/// Which real broker a client connection is relayed to.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    /// The bootstrap listener: any broker of the serving cluster.
+    Bootstrap,
+    /// A virtual broker port: that node.
+    Node(i32),
+}
+
+/// What the response half does for one request.
+enum Slot {
+    /// Read the broker's next response, handle it as `Handling` says, pass it on.
+    Broker {
+        correlation_id: i32,
+        handling: Handling,
+    },
+    /// keyward answered this request itself.
+    Local(Bytes),
+    /// Close the client connection once everything before this is written (an acks=0 produce
+    /// keyward refused: no response is owed, so closing is how the client learns).
+    Close,
+}
+
+enum Handling {
+    Passthrough,
+    ApiVersions(i16),
+    Metadata(i16),
+    FindCoordinator(i16),
+    DescribeCluster(i16),
+    Fetch(i16),
+    /// A produce keyward forwarded whole (v10+ responses may carry node endpoints).
+    Produce(i16),
+    /// A produce keyward forwarded in part: merge its own answers into the broker's.
+    ProduceMerge(ProduceReply),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("client sent a malformed frame: {0}")]
+    ClientFrame(#[from] FrameError),
+    #[error("client sent a malformed request: {0}")]
+    ClientRequest(WireError),
+    #[error("client sent a malformed produce request: {0}")]
+    Produce(#[from] ProduceParseError),
+    #[error("broker sent a malformed frame: {0}")]
+    BrokerFrame(FrameError),
+    #[error("broker answered correlation id {got}, expected {expected}")]
+    CorrelationMismatch { expected: i32, got: i32 },
+    #[error("broker closed the connection")]
+    BrokerClosed,
+    #[error("rewriting a response: {0}")]
+    Rewrite(#[from] RewriteError),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ConnError {
+    /// Bounded label for the protocol-error metric.
+    fn kind(&self) -> &'static str {
+        match self {
+            ConnError::ClientFrame(_) => "client_frame",
+            ConnError::ClientRequest(_) => "client_request",
+            ConnError::Produce(_) => "client_produce",
+            ConnError::BrokerFrame(_) => "broker_frame",
+            ConnError::CorrelationMismatch { .. } => "broker_correlation",
+            ConnError::BrokerClosed => "broker_closed",
+            ConnError::Rewrite(_) => "rewrite",
+            ConnError::Io(_) => "io",
+        }
+    }
+}
+
+/// Serves one client connection until either side closes or something is malformed; only this
+/// connection is affected either way.
+pub async fn serve(shared: Arc<Shared>, client: TcpStream, target: Target) {
+    let _ = client.set_nodelay(true);
+    let timeout = Duration::from_millis(shared.config.limits.connect_timeout_ms);
+    let upstream = match target {
+        Target::Bootstrap => {
+            super::upstream::connect_any(&shared.config.local_cluster().bootstrap, timeout).await
+        }
+        Target::Node(id) => match shared.brokers.real(id) {
+            Some(b) => super::upstream::connect(&b.addr(), timeout).await,
+            None => Err(anyhow::anyhow!("node {id} is not a broker of the serving cluster")),
+        },
+    };
+    let upstream = match upstream {
+        Ok(u) => u,
+        Err(e) => {
+            warn!(error = %e, "cannot reach the broker; closing the client connection");
+            counter!("keyward_upstream_connect_errors_total").increment(1);
+            return;
+        }
+    };
+    match relay(&shared, client, upstream).await {
+        Ok(()) => debug!("connection closed"),
+        Err(ConnError::Io(e)) => debug!(error = %e, "connection closed"),
+        Err(e) => {
+            counter!("keyward_protocol_errors_total", "kind" => e.kind()).increment(1);
+            warn!(error = %e, "closing the connection");
+        }
+    }
+}
+
+async fn relay(shared: &Arc<Shared>, client: TcpStream, upstream: TcpStream) -> Result<(), ConnError> {
+    let (client_read, client_write) = client.into_split();
+    let (upstream_read, upstream_write) = upstream.into_split();
+    let (slots_tx, slots_rx) = mpsc::channel(shared.config.limits.max_in_flight);
+    let requests = requests(shared, client_read, upstream_write, slots_tx);
+    let responses = responses(shared, upstream_read, client_write, slots_rx);
+    tokio::select! {
+        r = requests => r,
+        r = responses => r,
+    }
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &FrameReader,
+    io: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Option<Bytes>, std::io::Result<FrameError>> {
+    loop {
+        match reader.next_frame(buf) {
+            Ok(Some(f)) => return Ok(Some(f)),
+            Ok(None) => {}
+            Err(e) => return Err(Ok(e)),
+        }
+        match io.read_buf(buf).await {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(e) => return Err(Err(e)),
+        }
+    }
+}
+
+async fn requests(
+    shared: &Shared,
+    mut client: tokio::net::tcp::OwnedReadHalf,
+    mut upstream: tokio::net::tcp::OwnedWriteHalf,
+    slots: mpsc::Sender<Slot>,
+) -> Result<(), ConnError> {
+    let reader = FrameReader::new(shared.config.limits.max_frame_bytes);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut inflater = Inflater::new(shared.config.limits.max_decompressed_bytes);
+    loop {
+        let frame = match read_frame(&reader, &mut client, &mut buf).await {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(()),
+            Err(Ok(e)) => return Err(ConnError::ClientFrame(e)),
+            Err(Err(e)) => return Err(ConnError::Io(e)),
+        };
+        let head = RequestHead::parse(&frame).map_err(ConnError::ClientRequest)?;
+        let step = match ApiKey::try_from(head.api_key) {
+            Ok(ApiKey::Produce) => produce_step(shared, frame, head, &mut inflater)?,
+            Ok(key) => Step::forward(frame, head.correlation_id, handling(key, head.api_version)),
+            // An API this build cannot name is relayed untouched; keyward never offers one, so
+            // only a client ignoring ApiVersions sends it.
+            Err(()) => Step::forward(frame, head.correlation_id, Handling::Passthrough),
+        };
+        if matches!(step.slot, Some(Slot::Close)) {
+            // Whatever part was forwarded goes out first; then the response half flushes what
+            // is owed and closes, and this half reads no further request.
+            if let Some(bytes) = &step.upstream {
+                upstream.write_all(&bytes).await?;
+            }
+            let _ = slots.send(Slot::Close).await;
+            std::future::pending::<()>().await;
+        }
+        // The slot goes first: a full queue stops keyward reading from this client, which is
+        // the backpressure that bounds a pipelining client's memory here.
+        if let Some(slot) = step.slot {
+            if slots.send(slot).await.is_err() {
+                return Ok(());
+            }
+        }
+        if let Some(bytes) = step.upstream {
+            upstream.write_all(&bytes).await?;
+        }
+    }
+}
+
+fn handling(key: ApiKey, version: i16) -> Handling {
+    match key {
+        ApiKey::ApiVersions => Handling::ApiVersions(version),
+        ApiKey::Metadata => Handling::Metadata(version),
+        ApiKey::FindCoordinator => Handling::FindCoordinator(version),
+        ApiKey::DescribeCluster => Handling::DescribeCluster(version),
+        ApiKey::Fetch => Handling::Fetch(version),
+        _ => Handling::Passthrough,
+    }
+}
+
+/// What one request turns into: bytes for the broker, and what the response half must do.
+struct Step {
+    upstream: Option<Bytes>,
+    slot: Option<Slot>,
+}
+
+impl Step {
+    fn forward(frame: Bytes, correlation_id: i32, handling: Handling) -> Self {
+        Step {
+            upstream: Some(frame),
+            slot: Some(Slot::Broker {
+                correlation_id,
+                handling,
+            }),
+        }
+    }
+}
+
+fn produce_step(
+    shared: &Shared,
+    frame: Bytes,
+    head: RequestHead,
+    inflater: &mut Inflater,
+) -> Result<Step, ConnError> {
+    let version = head.api_version;
+    let header_version = ApiKey::Produce.request_header_version(version);
+    let header_len =
+        frame::request_header_len(&frame, header_version).map_err(ConnError::ClientRequest)?;
+    let request = produce::parse(&frame[LENGTH_PREFIX + header_len..], version)?;
+    // One snapshot decides the whole request, even if a reload lands meanwhile.
+    let table = shared.table.load();
+    let plan = decide(&request, &table, shared.local, inflater);
+    record_decisions(shared, &table, &plan);
+
+    let acks0 = request.acks == 0;
+    if plan.all_forward() {
+        let slot = (!acks0).then_some(Slot::Broker {
+            correlation_id: head.correlation_id,
+            handling: Handling::Produce(version),
+        });
+        return Ok(Step {
+            upstream: Some(frame),
+            slot,
+        });
+    }
+
+    let reply = ProduceReply::new(version, &request, &plan);
+    let upstream = if plan.none_forward() {
+        None
+    } else {
+        Some(forwarded_request(&frame, header_len, version, &request, &plan)?)
+    };
+    let slot = if acks0 {
+        counter!("keyward_acks0_rejections_total").increment(1);
+        warn!(
+            "refused part of an acks=0 produce; closing the connection as a broker does, so the producer notices"
+        );
+        Slot::Close
+    } else if upstream.is_some() {
+        Slot::Broker {
+            correlation_id: head.correlation_id,
+            handling: Handling::ProduceMerge(reply),
+        }
+    } else {
+        Slot::Local(reply.local_response(head.correlation_id)?)
+    };
+    Ok(Step {
+        upstream,
+        slot: Some(slot),
+    })
+}
+
+fn record_decisions(shared: &Shared, table: &crate::ownership::Table, plan: &ProducePlan) {
+    for p in &plan.partitions {
+        let rule = p
+            .rule
+            .and_then(|i| table.rules().get(i))
+            .map_or_else(|| "-".to_owned(), |r| r.name.clone());
+        let owner = p
+            .owner
+            .map_or_else(|| "-".to_owned(), |o| table.region_name(o).to_owned());
+        let (decision, reason) = match &p.action {
+            Action::Forward { audited } if *audited > 0 => ("audited", "-"),
+            Action::Forward { .. } => ("forwarded", "-"),
+            Action::Reject { kind, .. } => ("rejected", kind.as_str()),
+            Action::Hold { .. } => ("held", "frozen"),
+        };
+        let labels = [
+            ("rule", rule.clone()),
+            ("owner", owner.clone()),
+            ("decision", decision.to_owned()),
+            ("reason", reason.to_owned()),
+        ];
+        counter!("keyward_produce_batches_total", &labels).increment(u64::from(p.batches));
+        counter!("keyward_produce_records_total", &labels).increment(u64::from(p.records));
+        if let Action::Reject { message, .. } | Action::Hold { message } = &p.action {
+            if shared.rejection_log.allow() {
+                info!(rule, owner, decision, reason, "{message}");
+            }
+        }
+    }
+}
+
+async fn responses(
+    shared: &Arc<Shared>,
+    mut upstream: tokio::net::tcp::OwnedReadHalf,
+    mut client: tokio::net::tcp::OwnedWriteHalf,
+    mut slots: mpsc::Receiver<Slot>,
+) -> Result<(), ConnError> {
+    let reader = FrameReader::new(shared.config.limits.max_frame_bytes);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    while let Some(slot) = slots.recv().await {
+        let out = match slot {
+            Slot::Local(bytes) => bytes,
+            Slot::Close => {
+                client.shutdown().await?;
+                return Ok(());
+            }
+            Slot::Broker {
+                correlation_id,
+                handling,
+            } => {
+                let frame = match read_frame(&reader, &mut upstream, &mut buf).await {
+                    Ok(Some(f)) => f,
+                    Ok(None) => return Err(ConnError::BrokerClosed),
+                    Err(Ok(e)) => return Err(ConnError::BrokerFrame(e)),
+                    Err(Err(e)) => return Err(ConnError::Io(e)),
+                };
+                let got = frame::response_correlation_id(&frame).map_err(|e| {
+                    ConnError::BrokerFrame(FrameError::Header(e))
+                })?;
+                if got != correlation_id {
+                    return Err(ConnError::CorrelationMismatch {
+                        expected: correlation_id,
+                        got,
+                    });
+                }
+                respond(shared, handling, frame)?
+            }
+        };
+        client.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+fn respond(shared: &Arc<Shared>, handling: Handling, frame: Bytes) -> Result<Bytes, RewriteError> {
+    let to = shared.advertiser();
+    match handling {
+        Handling::Passthrough => Ok(frame),
+        Handling::ApiVersions(v) => rewrite::api_versions(&frame, v),
+        Handling::Metadata(v) => rewrite::metadata(&frame, v, &to),
+        Handling::FindCoordinator(v) => rewrite::find_coordinator(&frame, v, &to),
+        Handling::DescribeCluster(v) => rewrite::describe_cluster(&frame, v, &to),
+        Handling::Fetch(v) => rewrite::fetch(&frame, v, &to),
+        Handling::Produce(v) if v >= FIRST_PRODUCE_NODE_ENDPOINTS => rewrite::recode(
+            &frame,
+            ApiKey::Produce,
+            v,
+            |r: &mut kafka_protocol::messages::ProduceResponse| rewrite::produce_endpoints(r, &to),
+        ),
+        Handling::Produce(_) => Ok(frame),
+        Handling::ProduceMerge(reply) => reply.merge(&frame, &to),
+    }
+}
+
+/// First Produce version whose responses may carry node endpoints (KIP-951).
+const FIRST_PRODUCE_NODE_ENDPOINTS: i16 = 10;

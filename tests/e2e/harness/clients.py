@@ -1,0 +1,449 @@
+"""Three independent, real Kafka client implementations behind one interface.
+
+Owns the mapping from the harness's common knobs to each client's own config,
+and the translation of each client's results into one shape, so a test can be
+parametrized over `JavaClient` (official Java client, subprocess),
+`LibrdkafkaClient` (confluent-kafka, in-process) and `FranzClient` (franz-go,
+subprocess). It decides nothing about what a result should be: tests do.
+
+Shapes (plain dicts, so tests compare them directly):
+
+  record in   {"key": bytes|None, "value": bytes|None,
+               "headers": [(str, bytes|None), ...], "partition": int|None}
+              (every field but "value" may be left out)
+  delivery    {"ok": bool, "partition": int|None, "offset": int|None,
+               "error_code": int|None, "error_name": str|None, "error_message": str|None}
+              one per input record, in input order.
+  record out  {"topic", "partition", "offset", "timestamp", "key", "value", "headers"}
+
+Error codes: broker errors carry the Kafka protocol's code and name
+(INVALID_RECORD = 87, NOT_ENOUGH_REPLICAS = 19, ...) in every client. Errors
+raised inside a client are reported the client's own way:
+  java    Errors.forException: a client timeout is REQUEST_TIMED_OUT (7),
+          anything unmapped UNKNOWN_SERVER_ERROR (-1);
+  librdkafka  negative codes with a leading underscore, e.g. -192 _MSG_TIMED_OUT;
+  franz   error_code None and error_name CLIENT_RECORD_TIMEOUT, CLIENT_ERROR, ...
+
+The JSON spec the Java and Go CLIs read (one document, file or stdin):
+  {"op": "produce", "bootstrap": str, "topic": str, "records": [wire record],
+   "flush_every": int, "timeout_ms": int, "config": {normalized config}}
+  {"op": "consume", "bootstrap": str, "topics": [str], "group_id": str,
+   "expected_count": int, "timeout_ms": int, "commit": bool, "config": {...}}
+  {"op": "metadata", "bootstrap": str, "timeout_ms": int, "config": {...}}
+with bytes as standard base64 and headers as [{"key": str, "value": b64|null}].
+They answer {"results": [delivery]}, {"records": [wire record]} or
+{"cluster_id", "controller_id", "brokers": [{"node_id", "host", "port"}]}.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import subprocess
+import time
+import uuid
+from abc import ABC, abstractmethod
+from typing import Any, Iterable
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient
+
+from . import env
+
+log = logging.getLogger("harness.clients")
+
+ACKS = ("all", "1", "0")
+COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
+
+# Common knobs, with None meaning "the client's own default".
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    "acks": "all",
+    "idempotence": None,  # None: True for acks=all, else False (the same in every client)
+    "compression": "none",
+    "linger_ms": None,
+    "delivery_timeout_ms": None,  # None: 2/3 of the call's timeout_s
+    "request_timeout_ms": None,  # None: min(30 s, delivery timeout / 2)
+    "retries": None,
+    "batch_size": None,  # bytes per partition batch
+    "max_in_flight": None,
+    "client_id": None,
+    "native": {},  # raw properties of this one client (java, librdkafka only)
+}
+CONSUMER_DEFAULTS: dict[str, Any] = {
+    "client_id": None,
+    "group_protocol": None,  # "classic" | "consumer" (java, librdkafka)
+    "native": {},
+}
+
+
+class ClientError(RuntimeError):
+    """The client tool itself failed (not a per-record delivery error)."""
+
+
+def normalize_producer_config(config: dict | None, timeout_s: float) -> dict:
+    cfg = dict(PRODUCER_DEFAULTS)
+    unknown = set(config or {}) - set(cfg)
+    if unknown:
+        raise ValueError(f"unknown producer config keys {sorted(unknown)}; known: {sorted(cfg)}")
+    cfg.update(config or {})
+    acks = str(cfg["acks"]).lower()
+    cfg["acks"] = "all" if acks == "-1" else acks
+    if cfg["acks"] not in ACKS:
+        raise ValueError(f"acks must be one of {ACKS}")
+    if cfg["idempotence"] is None:
+        cfg["idempotence"] = cfg["acks"] == "all"
+    if cfg["idempotence"] and cfg["acks"] != "all":
+        raise ValueError("idempotence needs acks=all")
+    if cfg["compression"] not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}")
+    if cfg["delivery_timeout_ms"] is None:
+        cfg["delivery_timeout_ms"] = int(timeout_s * 1000 * 2 / 3)
+    if cfg["request_timeout_ms"] is None:
+        cfg["request_timeout_ms"] = min(30_000, cfg["delivery_timeout_ms"] // 2)
+    # Java refuses delivery.timeout.ms < linger.ms + request.timeout.ms.
+    cfg["request_timeout_ms"] = min(cfg["request_timeout_ms"], cfg["delivery_timeout_ms"] - (cfg["linger_ms"] or 0))
+    return cfg
+
+
+def normalize_consumer_config(config: dict | None) -> dict:
+    cfg = dict(CONSUMER_DEFAULTS)
+    unknown = set(config or {}) - set(cfg)
+    if unknown:
+        raise ValueError(f"unknown consumer config keys {sorted(unknown)}; known: {sorted(cfg)}")
+    cfg.update(config or {})
+    return cfg
+
+
+def record(key: bytes | None, value: bytes | None, headers: Iterable = (), partition: int | None = None) -> dict:
+    """Build a record in the harness's input shape."""
+    return {"key": key, "value": value, "headers": list(headers), "partition": partition}
+
+
+class Client(ABC):
+    """One real Kafka client implementation."""
+
+    name: str
+
+    @abstractmethod
+    def produce(
+        self,
+        bootstrap: str,
+        topic: str,
+        records: list[dict],
+        config: dict | None = None,
+        timeout_s: float = 30,
+        flush_every: int = 0,
+    ) -> list[dict]:
+        """Produce `records` with ONE producer; returns one delivery dict per record, in order.
+
+        flush_every=N sends N records, waits for all of them (flush), then goes on with the
+        next N on the same producer; 0 sends everything, then flushes once.
+        """
+
+    @abstractmethod
+    def consume(
+        self,
+        bootstrap: str,
+        topics: list[str],
+        group_id: str,
+        expected_count: int,
+        timeout_s: float = 30,
+        commit: bool = True,
+        config: dict | None = None,
+    ) -> list[dict]:
+        """Join `group_id`, subscribe to `topics` (from the earliest offset when the group has
+        none) and poll until at least expected_count records came or timeout_s passed;
+        then commit synchronously (commit=True) and leave. Returns what was consumed."""
+
+    @abstractmethod
+    def metadata(self, bootstrap: str, timeout_s: float = 15) -> list[tuple[int, str, int]]:
+        """Brokers as this client sees them: sorted [(node_id, host, port)]."""
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+# ---------------------------------------------------------------- JSON wire helpers
+
+
+def _b64(b: bytes | None) -> str | None:
+    return None if b is None else base64.b64encode(b).decode()
+
+
+def _unb64(s: str | None) -> bytes | None:
+    return None if s is None else base64.b64decode(s)
+
+
+def _to_wire(r: dict) -> dict:
+    return {
+        "key": _b64(r.get("key")),
+        "value": _b64(r.get("value")),
+        "headers": [{"key": k, "value": _b64(v)} for k, v in r.get("headers") or []],
+        "partition": r.get("partition"),
+    }
+
+
+def _from_wire(r: dict) -> dict:
+    return {
+        "topic": r["topic"],
+        "partition": r["partition"],
+        "offset": r["offset"],
+        "timestamp": r.get("timestamp"),
+        "key": _unb64(r.get("key")),
+        "value": _unb64(r.get("value")),
+        "headers": [(h["key"], _unb64(h.get("value"))) for h in r.get("headers") or []],
+    }
+
+
+class _CliClient(Client):
+    """A client that runs a CLI: JSON spec on stdin, one JSON document on stdout."""
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _run(self, spec: dict, timeout_s: float) -> dict:
+        cmd = self._command() + ["-"]
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run(
+                cmd,
+                input=json.dumps(spec).encode(),
+                capture_output=True,
+                # The tool bounds itself by spec["timeout_ms"]; this is the backstop (JVM start, close).
+                timeout=timeout_s + 30,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise ClientError(f"{self.name}: {spec['op']} hung past {timeout_s + 30}s\n{_tail(e.stderr)}") from None
+        log.debug("%s %s took %.2fs", self.name, spec["op"], time.monotonic() - t0)
+        if p.stderr:
+            log.info("%s %s stderr:\n%s", self.name, spec["op"], _tail(p.stderr, 80))
+        if p.returncode != 0:
+            raise ClientError(f"{self.name}: {spec['op']} exited {p.returncode}\n{_tail(p.stderr)}")
+        try:
+            return json.loads(p.stdout)
+        except ValueError:
+            raise ClientError(f"{self.name}: not JSON on stdout: {p.stdout[:500]!r}\n{_tail(p.stderr)}") from None
+
+    def produce(self, bootstrap, topic, records, config=None, timeout_s=30, flush_every=0):
+        cfg = normalize_producer_config(config, timeout_s)
+        spec = {
+            "op": "produce",
+            "bootstrap": bootstrap,
+            "topic": topic,
+            "records": [_to_wire(r) for r in records],
+            "flush_every": flush_every,
+            "timeout_ms": int(timeout_s * 1000),
+            "config": cfg,
+        }
+        return self._run(spec, timeout_s)["results"]
+
+    def consume(self, bootstrap, topics, group_id, expected_count, timeout_s=30, commit=True, config=None):
+        spec = {
+            "op": "consume",
+            "bootstrap": bootstrap,
+            "topics": list(topics),
+            "group_id": group_id,
+            "expected_count": expected_count,
+            "timeout_ms": int(timeout_s * 1000),
+            "commit": commit,
+            "config": normalize_consumer_config(config),
+        }
+        return [_from_wire(r) for r in self._run(spec, timeout_s)["records"]]
+
+    def metadata(self, bootstrap, timeout_s=15):
+        out = self._run({"op": "metadata", "bootstrap": bootstrap, "timeout_ms": int(timeout_s * 1000)}, timeout_s)
+        return sorted((b["node_id"], b["host"], b["port"]) for b in out["brokers"])
+
+
+def _tail(b: bytes | None, lines: int = 40) -> str:
+    if not b:
+        return "(no stderr)"
+    return "\n".join(b.decode(errors="replace").splitlines()[-lines:])
+
+
+class JavaClient(_CliClient):
+    """The official Java client (kafka-clients, same version as the brokers)."""
+
+    name = "java"
+
+    def _command(self) -> list[str]:
+        level = os.environ.get("KEYWARD_CLIENT_LOG", "warn")
+        return [
+            env.java_bin(),
+            *env.TOOL_JVM_OPTS,
+            f"-Dorg.slf4j.simpleLogger.defaultLogLevel={level}",
+            "-Dorg.slf4j.simpleLogger.logFile=System.err",
+            "-cp",
+            str(env.java_client_libs() / "*"),
+            "dev.keyward.testclient.Main",
+        ]
+
+
+class FranzClient(_CliClient):
+    """franz-go (kgo/kadm/kerr), a pure-Go client."""
+
+    name = "franz"
+
+    def _command(self) -> list[str]:
+        return [str(env.franz_client_bin())]
+
+    def produce(self, bootstrap, topic, records, config=None, timeout_s=30, flush_every=0):
+        if (config or {}).get("native"):
+            raise ValueError("franz-go takes no raw properties")
+        return super().produce(bootstrap, topic, records, config, timeout_s, flush_every)
+
+
+class LibrdkafkaClient(Client):
+    """librdkafka through confluent-kafka, in this process."""
+
+    name = "librdkafka"
+
+    def __init__(self) -> None:
+        self._log = logging.getLogger("harness.librdkafka")
+
+    def produce(self, bootstrap, topic, records, config=None, timeout_s=30, flush_every=0):
+        cfg = normalize_producer_config(config, timeout_s)
+        conf = {
+            "bootstrap.servers": bootstrap,
+            "acks": cfg["acks"],
+            "enable.idempotence": cfg["idempotence"],
+            "compression.type": cfg["compression"],
+            "message.timeout.ms": cfg["delivery_timeout_ms"],
+            "request.timeout.ms": cfg["request_timeout_ms"],
+            "logger": self._log,
+        }
+        optional = {
+            "linger_ms": "linger.ms",
+            "retries": "retries",
+            "batch_size": "batch.size",
+            "max_in_flight": "max.in.flight.requests.per.connection",
+            "client_id": "client.id",
+        }
+        for knob, prop in optional.items():
+            if cfg[knob] is not None:
+                conf[prop] = cfg[knob]
+        conf.update(cfg["native"])
+
+        results: list[dict | None] = [None] * len(records)
+
+        def on_delivery(idx: int):
+            def cb(err: KafkaError | None, msg) -> None:
+                results[idx] = _rd_delivery(err, msg)
+
+            return cb
+
+        deadline = time.monotonic() + timeout_s
+        producer = Producer(conf)
+        for i, r in enumerate(records):
+            kwargs: dict[str, Any] = {
+                "value": r.get("value"),
+                "key": r.get("key"),
+                "headers": list(r.get("headers") or []),
+                "on_delivery": on_delivery(i),
+            }
+            if r.get("partition") is not None:
+                kwargs["partition"] = r["partition"]
+            while True:
+                try:
+                    producer.produce(topic, **kwargs)
+                    break
+                except BufferError:
+                    producer.poll(0.1)  # local queue full: serve delivery reports, then retry
+                except KafkaException as e:
+                    results[i] = _rd_delivery(e.args[0], None)
+                    break
+            producer.poll(0)
+            if flush_every > 0 and (i + 1) % flush_every == 0:
+                producer.flush(max(0.0, deadline - time.monotonic()))
+        producer.flush(max(0.0, deadline - time.monotonic()))
+        for i, r in enumerate(results):
+            if r is None:
+                results[i] = {
+                    "ok": False,
+                    "partition": None,
+                    "offset": None,
+                    "error_code": None,
+                    "error_name": "HARNESS_TIMEOUT",
+                    "error_message": f"no delivery report within {timeout_s}s",
+                }
+        return results
+
+    def consume(self, bootstrap, topics, group_id, expected_count, timeout_s=30, commit=True, config=None):
+        cfg = normalize_consumer_config(config)
+        conf = {
+            "bootstrap.servers": bootstrap,
+            "group.id": group_id,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "logger": self._log,
+        }
+        if cfg["client_id"] is not None:
+            conf["client.id"] = cfg["client_id"]
+        if cfg["group_protocol"] is not None:
+            conf["group.protocol"] = cfg["group_protocol"]
+        conf.update(cfg["native"])
+        c = Consumer(conf)
+        out: list[dict] = []
+        deadline = time.monotonic() + timeout_s
+        try:
+            c.subscribe(list(topics))
+            while len(out) < expected_count and time.monotonic() < deadline:
+                msg = c.poll(0.2)
+                if msg is None:
+                    continue
+                if msg.error():
+                    self._log.warning("consume: %s", msg.error())
+                    continue
+                out.append(
+                    {
+                        "topic": msg.topic(),
+                        "partition": msg.partition(),
+                        "offset": msg.offset(),
+                        "timestamp": msg.timestamp()[1],
+                        "key": msg.key(),
+                        "value": msg.value(),
+                        "headers": list(msg.headers() or []),
+                    }
+                )
+            if commit and out:
+                c.commit(asynchronous=False)
+        finally:
+            c.close()
+        return out
+
+    def metadata(self, bootstrap, timeout_s=15):
+        admin = AdminClient({"bootstrap.servers": bootstrap, "logger": self._log})
+        md = admin.list_topics(timeout=timeout_s)
+        return sorted((b.id, b.host, b.port) for b in md.brokers.values())
+
+
+def _rd_delivery(err: KafkaError | None, msg) -> dict:
+    if err is None:
+        off = msg.offset()
+        return {
+            "ok": True,
+            "partition": msg.partition(),
+            "offset": off if off is not None and off >= 0 else None,
+            "error_code": None,
+            "error_name": None,
+            "error_message": None,
+        }
+    part = msg.partition() if msg is not None else None
+    return {
+        "ok": False,
+        "partition": part if part is not None and part >= 0 else None,
+        "offset": None,
+        "error_code": err.code(),
+        "error_name": err.name(),
+        "error_message": err.str(),
+    }
+
+
+ALL_CLIENTS: list[Client] = [JavaClient(), LibrdkafkaClient(), FranzClient()]
+
+
+def unique(prefix: str) -> str:
+    """A fresh topic/group name, so tests never see each other's data."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"

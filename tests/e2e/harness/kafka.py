@@ -1,0 +1,486 @@
+"""Real Apache Kafka clusters (KRaft) for the end-to-end tests.
+
+Owns the broker processes: config, storage format, start, readiness, stop,
+plus admin helpers (create topics) and a verification reader that talks to the
+cluster DIRECTLY, never through keyward. It knows nothing about keyward.
+
+Layout: every node is a combined broker+controller (`process.roles=broker,controller`)
+with a static voter set, so a 3-node cluster is 3 JVMs, a 1-node cluster is 1.
+Node ids are 1..N. All ports are picked free on 127.0.0.1 when the cluster is
+created and kept across node restarts.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from . import env
+
+log = logging.getLogger("harness.kafka")
+_rdkafka_log = logging.getLogger("harness.librdkafka")
+
+
+class KafkaStartError(RuntimeError):
+    pass
+
+
+@dataclass
+class KafkaNode:
+    node_id: int
+    port: int
+    controller_port: int
+    dir: Path
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def logs(self, lines: int = 40) -> str:
+        return (
+            f"--- node {self.node_id} server.log (tail) ---\n{env.tail(self.dir / 'server.log', lines)}\n"
+            f"--- node {self.node_id} stdout.log (tail) ---\n{env.tail(self.dir / 'stdout.log', lines)}"
+        )
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: all sockets stay open until every port is known."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _cluster_id() -> str:
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+LOG4J2 = """\
+status = warn
+appender.file.type = File
+appender.file.name = FILE
+appender.file.fileName = ${sys:kafka.logs.dir}/server.log
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = FILE
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+logger.state.name = state.change.logger
+logger.state.level = WARN
+"""
+
+
+class KafkaCluster:
+    """A KRaft cluster of `brokers` combined broker+controller nodes.
+
+    `properties` are extra/overriding server properties for every node.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        brokers: int,
+        workdir: os.PathLike | str,
+        *,
+        heap: str = "448m",
+        properties: dict[str, str | int | bool] | None = None,
+    ) -> None:
+        if brokers < 1:
+            raise ValueError("a cluster needs at least one broker")
+        self.name = name
+        self.size = brokers
+        self.dir = Path(workdir) / name
+        self.heap = heap
+        self.extra_properties = dict(properties or {})
+        self.cluster_id = _cluster_id()
+        ports = _free_ports(2 * brokers)
+        self.nodes = [
+            KafkaNode(i + 1, ports[2 * i], ports[2 * i + 1], self.dir / f"node-{i + 1}")
+            for i in range(brokers)
+        ]
+        self._formatted = False
+        self.boot_seconds: float | None = None
+
+    # ------------------------------------------------------------ addresses
+
+    @property
+    def bootstrap(self) -> str:
+        """'127.0.0.1:p1,127.0.0.1:p2,...' for clients that talk to the cluster directly."""
+        return ",".join(n.address for n in self.nodes)
+
+    @property
+    def addresses(self) -> list[str]:
+        """Per-node 'host:port', in node-id order."""
+        return [n.address for n in self.nodes]
+
+    def node(self, node_id: int) -> KafkaNode:
+        return self.nodes[node_id - 1]
+
+    def __repr__(self) -> str:
+        return f"KafkaCluster({self.name!r}, brokers={self.size}, bootstrap={self.bootstrap!r})"
+
+    # ------------------------------------------------------------ lifecycle
+
+    def server_properties(self, node: KafkaNode) -> dict[str, str]:
+        rf = min(3, self.size)
+        min_isr = min(2, self.size)
+        voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in self.nodes)
+        props: dict[str, str | int | bool] = {
+            "process.roles": "broker,controller",
+            "node.id": node.node_id,
+            "controller.quorum.voters": voters,
+            "listeners": f"PLAINTEXT://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.port}",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": str(node.dir / "data"),
+            # Tests create their topics explicitly.
+            "auto.create.topics.enable": False,
+            "num.partitions": 1,
+            "default.replication.factor": rf,
+            "offsets.topic.replication.factor": rf,
+            # 50 partitions (the default) cost seconds on the first group; 5 are plenty here.
+            "offsets.topic.num.partitions": 5,
+            "transaction.state.log.replication.factor": rf,
+            "transaction.state.log.min.isr": min_isr,
+            "transaction.state.log.num.partitions": 5,
+            "share.coordinator.state.topic.replication.factor": rf,
+            "share.coordinator.state.topic.min.isr": min_isr,
+            "group.initial.rebalance.delay.ms": 0,
+            # Few threads: several JVMs share 2 cores.
+            "num.network.threads": 2,
+            "num.io.threads": 2,
+            "num.replica.fetchers": 1,
+            "background.threads": 2,
+            "num.recovery.threads.per.data.dir": 1,
+            "log.cleaner.threads": 1,
+            "log.cleaner.dedupe.buffer.size": 8 * 1024 * 1024,
+        }
+        props.update(self.extra_properties)
+        return {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in props.items()}
+
+    def _jvm(self, node: KafkaNode, heap: str) -> list[str]:
+        return [
+            env.java_bin(),
+            f"-Xmx{heap}",
+            "-Xms64m",
+            "-XX:+UseSerialGC",
+            # C1 only: far less JIT work at start, plenty fast for test traffic.
+            "-XX:TieredStopAtLevel=1",
+            "-XX:-UsePerfData",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.dir / 'log4j2.properties'}",
+            f"-Dkafka.logs.dir={node.dir}",
+            "-cp",
+            str(env.kafka_libs() / "*"),
+        ]
+
+    def _write_config(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "log4j2.properties").write_text(LOG4J2)
+        for node in self.nodes:
+            node.dir.mkdir(parents=True, exist_ok=True)
+            text = "".join(f"{k}={v}\n" for k, v in self.server_properties(node).items())
+            (node.dir / "server.properties").write_text(text)
+
+    def format(self) -> None:
+        """Write configs and format every node's storage (all nodes at once)."""
+        if self._formatted:
+            return
+        self._write_config()
+        procs = []
+        for node in self.nodes:
+            cmd = self._jvm(node, "256m") + [
+                "kafka.tools.StorageTool",
+                "format",
+                "--cluster-id",
+                self.cluster_id,
+                "--config",
+                str(node.dir / "server.properties"),
+                "--ignore-formatted",
+            ]
+            out = open(node.dir / "format.log", "wb")
+            procs.append((node, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT), out))
+        failed = []
+        for node, p, out in procs:
+            rc = p.wait(timeout=120)
+            out.close()
+            if rc != 0:
+                failed.append(f"node {node.node_id} (exit {rc}):\n{env.tail(node.dir / 'format.log')}")
+        if failed:
+            raise KafkaStartError(f"{self.name}: storage format failed\n" + "\n".join(failed))
+        self._formatted = True
+
+    def launch(self) -> None:
+        """Format if needed and spawn every node that is not running; does not wait."""
+        self.format()
+        for node in self.nodes:
+            if not node.running:
+                self._spawn(node)
+
+    def _spawn(self, node: KafkaNode) -> None:
+        cmd = env.pdeathsig_prefix() + self._jvm(node, self.heap) + [
+            "kafka.Kafka",
+            str(node.dir / "server.properties"),
+        ]
+        out = open(node.dir / "stdout.log", "ab")
+        node.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        out.close()
+        log.info("%s: node %d pid %d on %s", self.name, node.node_id, node.proc.pid, node.address)
+
+    def start(self, timeout_s: float = 120) -> "KafkaCluster":
+        """Start every node and wait until the cluster serves: see wait_ready."""
+        t0 = time.monotonic()
+        try:
+            self.launch()
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop(grace_s=2)
+            raise
+        self.boot_seconds = time.monotonic() - t0
+        log.info("%s: %d broker(s) ready in %.1fs", self.name, self.size, self.boot_seconds)
+        return self
+
+    def wait_ready(self, timeout_s: float = 120, nodes: Iterable[KafkaNode] | None = None) -> None:
+        """Wait until each given node (default: all) answers metadata that lists every
+        running node as a registered, unfenced broker."""
+        deadline = time.monotonic() + timeout_s
+        waiting = list(nodes if nodes is not None else self.nodes)
+        expected = {n.node_id for n in self.nodes if n.running}
+        last_error = "no attempt yet"
+        while waiting:
+            for node in list(waiting):
+                if not node.running:
+                    code = node.proc.returncode if node.proc else None
+                    raise KafkaStartError(f"{self.name}: node {node.node_id} exited with {code}\n{node.logs()}")
+                if not _port_open(node.port):
+                    last_error = f"node {node.node_id}: port {node.port} not open"
+                    continue
+                try:
+                    seen = {b for b in self._metadata(node.address, timeout_s=3).brokers}
+                except KafkaException as e:
+                    last_error = f"node {node.node_id}: {e}"
+                    continue
+                if seen >= expected:
+                    waiting.remove(node)
+                else:
+                    last_error = f"node {node.node_id} sees brokers {sorted(seen)}, want {sorted(expected)}"
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                logs = "\n".join(n.logs() for n in self.nodes)
+                raise KafkaStartError(f"{self.name}: not ready after {timeout_s}s ({last_error})\n{logs}")
+            time.sleep(0.25)
+
+    def stop(self, grace_s: float = 15) -> None:
+        """SIGTERM every node, then SIGKILL whatever is still up after grace_s."""
+        self._stop_nodes(self.nodes, grace_s)
+
+    def stop_node(self, node_id: int, grace_s: float = 15, kill: bool = False) -> None:
+        """Stop one node (SIGKILL at once when kill=True); the others keep running."""
+        self._stop_nodes([self.node(node_id)], 0 if kill else grace_s)
+
+    def start_node(self, node_id: int, timeout_s: float = 60) -> None:
+        """Restart a stopped node on its old ports and data, and wait until it is back."""
+        node = self.node(node_id)
+        if not node.running:
+            self._spawn(node)
+        self.wait_ready(timeout_s, nodes=self.nodes)
+
+    def _stop_nodes(self, nodes: list[KafkaNode], grace_s: float) -> None:
+        _terminate([(self.name, n) for n in nodes], grace_s)
+
+    def __enter__(self) -> "KafkaCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------ admin
+
+    def _client_conf(self, bootstrap: str | None = None) -> dict:
+        return {"bootstrap.servers": bootstrap or self.bootstrap, "logger": _rdkafka_log}
+
+    def admin(self, bootstrap: str | None = None) -> AdminClient:
+        """An AdminClient talking to this cluster directly."""
+        return AdminClient(self._client_conf(bootstrap))
+
+    def _metadata(self, bootstrap: str, timeout_s: float, topic: str | None = None):
+        return self.admin(bootstrap).list_topics(topic=topic, timeout=timeout_s)
+
+    def create_topic(
+        self,
+        name: str,
+        partitions: int = 1,
+        replication: int | None = None,
+        config: dict[str, str] | None = None,
+        timeout_s: float = 30,
+    ) -> None:
+        """Create a topic and wait until every running node knows a leader for every partition."""
+        rf = replication if replication is not None else min(3, self.size)
+        admin = self.admin()  # keep it alive until the future resolves
+        futures = admin.create_topics(
+            [NewTopic(name, partitions, rf, config=dict(config or {}))], operation_timeout=timeout_s
+        )
+        futures[name].result(timeout=timeout_s)
+        self.wait_for_leaders(name, partitions, timeout_s)
+
+    def wait_for_leaders(self, topic: str, partitions: int, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        for node in self.nodes:
+            if not node.running:
+                continue
+            while True:
+                try:
+                    md = self._metadata(node.address, 5, topic).topics.get(topic)
+                    if (
+                        md is not None
+                        and md.error is None
+                        and len(md.partitions) == partitions
+                        and all(p.leader >= 0 for p in md.partitions.values())
+                    ):
+                        break
+                except KafkaException:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name}: topic {topic}: no leaders on node {node.node_id} after {timeout_s}s")
+                time.sleep(0.1)
+
+    def delete_topic(self, name: str, timeout_s: float = 30) -> None:
+        admin = self.admin()
+        admin.delete_topics([name], operation_timeout=timeout_s)[name].result(timeout=timeout_s)
+
+    def read_all(self, topic: str, timeout_s: float = 30, isolation: str = "read_uncommitted") -> list[dict]:
+        """Every record of `topic`, read directly from the cluster (no group, no commit).
+
+        Returns dicts {topic, partition, offset, timestamp, key, value, headers} sorted by
+        (partition, offset); headers is a list of (str, bytes | None).
+        Use isolation="read_committed" to leave out aborted transactional records.
+        """
+        deadline = time.monotonic() + timeout_s
+        c = Consumer(
+            {
+                **self._client_conf(),
+                "group.id": f"harness-read-all-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "isolation.level": isolation,
+            }
+        )
+        try:
+            md = c.list_topics(topic, timeout=timeout_s).topics.get(topic)
+            if md is None or md.error is not None:
+                raise KafkaException(md.error if md is not None else f"no topic {topic}")
+            ends: dict[int, int] = {}
+            assignment = []
+            for p in sorted(md.partitions):
+                lo, hi = c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s, cached=False)
+                if hi > lo:
+                    ends[p] = hi
+                    assignment.append(TopicPartition(topic, p, lo))
+            records: list[dict] = []
+            if not assignment:
+                return records
+            c.assign(assignment)
+            while ends:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"read_all({topic}): partitions {sorted(ends)} not read to the end")
+                msg = c.poll(0.2)
+                if msg is None:
+                    continue
+                if msg.error():
+                    if msg.error().code() == KafkaError._PARTITION_EOF:
+                        ends.pop(msg.partition(), None)
+                        continue
+                    raise KafkaException(msg.error())
+                records.append(
+                    {
+                        "topic": msg.topic(),
+                        "partition": msg.partition(),
+                        "offset": msg.offset(),
+                        "timestamp": msg.timestamp()[1],
+                        "key": msg.key(),
+                        "value": msg.value(),
+                        "headers": list(msg.headers() or []),
+                    }
+                )
+                if msg.offset() + 1 >= ends.get(msg.partition(), 0):
+                    ends.pop(msg.partition(), None)
+            records.sort(key=lambda r: (r["partition"], r["offset"]))
+            return records
+        finally:
+            c.close()
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def start_all(clusters: Iterable[KafkaCluster], timeout_s: float = 180) -> None:
+    """Boot several clusters side by side: format and spawn all, then wait for all."""
+    clusters = list(clusters)
+    t0 = time.monotonic()
+    try:
+        for c in clusters:
+            c.launch()
+        for c in clusters:
+            c.wait_ready(max(1.0, timeout_s - (time.monotonic() - t0)))
+            c.boot_seconds = time.monotonic() - t0
+    except BaseException:
+        for c in clusters:
+            c.stop(grace_s=2)
+        raise
+
+
+
+def stop_all(clusters: Iterable[KafkaCluster], grace_s: float = 10) -> None:
+    """Stop several clusters side by side: SIGTERM every node, one shared grace period."""
+    _terminate([(c.name, n) for c in clusters for n in c.nodes], grace_s)
+
+
+def _terminate(nodes: list[tuple[str, KafkaNode]], grace_s: float) -> None:
+    """SIGTERM (SIGKILL when grace_s is 0) the running nodes; SIGKILL those still up after grace_s."""
+    live = [(name, n) for name, n in nodes if n.running]
+    for _, n in live:
+        n.proc.send_signal(signal.SIGTERM if grace_s > 0 else signal.SIGKILL)
+    deadline = time.monotonic() + grace_s
+    for name, n in live:
+        try:
+            n.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s: node %d still up %.0fs after SIGTERM; killing", name, n.node_id, grace_s)
+            n.proc.kill()
+            n.proc.wait()

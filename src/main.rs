@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "keyward", version, about = "Kafka proxy that enforces regional write ownership")]
+#[command(
+    name = "keyward",
+    version,
+    about = "Kafka proxy that enforces regional write ownership"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -65,7 +65,8 @@ mod tests {
                 b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
                 -58_897_971,
             ),
-            (&[b'a', b'b', b'c'], 479_470_107),
+            // Kafka writes this one as `new byte[] {'a', 'b', 'c'}`.
+            (b"abc", 479_470_107),
         ];
         for (input, expected) in cases {
             assert_eq!(

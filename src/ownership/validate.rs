@@ -358,9 +358,11 @@ impl Cx<'_> {
                     ));
                 }
                 // In range: 0 <= first <= last < slots <= MAX_SLOTS.
-                for slot in first as usize..=last as usize {
-                    match table[slot] {
-                        None => table[slot] = Some(region),
+                let (first, last) = (first as usize, last as usize);
+                for (slot, owner) in table[first..=last].iter_mut().enumerate() {
+                    let slot = first + slot;
+                    match *owner {
+                        None => *owner = Some(region),
                         Some(other) if other == region => {
                             return Err(self.error(path, format!("slot {slot} is listed twice")));
                         }
@@ -374,7 +376,9 @@ impl Cx<'_> {
                 }
             }
         }
-        let missing: Vec<usize> = (0..table.len()).filter(|&s| table[s].is_none()).collect();
+        let missing: Vec<usize> = (table.iter().enumerate())
+            .filter_map(|(slot, owner)| owner.is_none().then_some(slot))
+            .collect();
         if !missing.is_empty() {
             let (noun, verb) = if missing.len() == 1 {
                 ("slot", "has")

@@ -294,7 +294,6 @@ struct Tally<'t> {
     rule: &'t Rule,
     local: RegionId,
     records: u32,
-    accepted: u32,
     audited: u32,
     refused: u32,
     /// The first refused record decides the reason and the headline message.
@@ -310,7 +309,6 @@ impl<'t> Tally<'t> {
             rule,
             local,
             records: 0,
-            accepted: 0,
             audited: 0,
             refused: 0,
             first_refusal: None,
@@ -322,10 +320,8 @@ impl<'t> Tally<'t> {
     fn add(&mut self, index: i32, claim: Claim, subject: &Subject<'_, '_>) {
         self.records += 1;
         match self.table.verdict(claim, self.local) {
-            Verdict::Owned | Verdict::Any => self.accepted += 1,
-            Verdict::Foreign { owner } if self.rule.on_foreign == OnForeign::Audit => {
-                let _ = owner;
-                self.accepted += 1;
+            Verdict::Owned | Verdict::Any => {}
+            Verdict::Foreign { .. } if self.rule.on_foreign == OnForeign::Audit => {
                 self.audited += 1;
             }
             Verdict::Foreign { owner } => {
@@ -373,12 +369,10 @@ impl<'t> Tally<'t> {
                     Some(key) => format!("key {}", quote(key)),
                     None => "a record with a null key".to_owned(),
                 },
-                By::Header { header, .. } => {
-                    match record.header(header.as_bytes()).flatten() {
-                        Some(v) => format!("header {header}={}", quote(v)),
-                        None => format!("a record without header {header:?}"),
-                    }
-                }
+                By::Header { header, .. } => match record.header(header.as_bytes()).flatten() {
+                    Some(v) => format!("header {header}={}", quote(v)),
+                    None => format!("a record without header {header:?}"),
+                },
                 _ => "the record".to_owned(),
             },
             Subject::Partition { topic, partition } => match &self.rule.by {
@@ -401,7 +395,9 @@ impl<'t> Tally<'t> {
         let rule = &self.rule.name;
         match reason {
             RejectReason::NullKey => {
-                format!("a record with a null key; rule {rule} rejects null keys (null_key: reject)")
+                format!(
+                    "a record with a null key; rule {rule} rejects null keys (null_key: reject)"
+                )
             }
             RejectReason::UnmatchedHeader => match subject {
                 Subject::Record { record, .. } => {
@@ -433,7 +429,7 @@ impl<'t> Tally<'t> {
 
     fn finish(self, _topic: &str, _partition: i32) -> PartitionDecision {
         let action = if let Some((kind, why, owner)) = self.first_refusal {
-            let mixed = kind == RejectKind::ForeignOwner && self.accepted > 0;
+            let mixed = kind == RejectKind::ForeignOwner && self.refused < self.records;
             let kind = if mixed { RejectKind::MixedBatch } else { kind };
             let mut message = if mixed {
                 format!(
@@ -506,4 +502,387 @@ fn quote(bytes: &[u8]) -> String {
 /// the same answer.
 pub fn explain(table: &Table, topic: &str, query: &Query<'_>, local: RegionId) -> String {
     table.explain(topic, query, local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::produce::{PartitionView, TopicView};
+    use crate::ownership::murmur2::{murmur2, to_positive};
+    use bytes::{Bytes, BytesMut};
+    use kafka_protocol::protocol::StrBytes;
+    use kafka_protocol::records::{
+        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+    };
+    use std::path::Path;
+
+    const TABLE: &str = r#"
+rules:
+  - name: orders
+    topics: ["orders", "orders.*"]
+    by: key
+    slots: 16
+    owners: { eu: ["0-7"], us: ["8-15"] }
+    null_key: reject
+  - name: orders-audited
+    topics: ["audited"]
+    by: key
+    slots: 16
+    owners: { eu: ["0-7"], us: ["8-15"] }
+    on_foreign: audit
+  - name: tenants
+    topics: ["tenant.*"]
+    by: header
+    header: tenant
+    owners: { eu: [acme], us: [initech] }
+  - name: inventory
+    topics: ["inventory"]
+    by: partition
+    owners: { eu: ["0-5"], us: ["6-11"] }
+  - name: audit-log
+    topics: ["audit.*"]
+    by: topic
+    owner: eu
+  - name: telemetry
+    topics: ["metrics.*"]
+    owner: any
+default: reject
+"#;
+
+    fn table(extra: &str) -> Table {
+        let regions = ["eu".to_owned(), "us".to_owned()];
+        Table::parse(
+            &format!("{TABLE}{extra}"),
+            Path::new("ownership.yaml"),
+            &regions,
+        )
+        .unwrap()
+    }
+
+    /// The first key `k<n>` whose slot (of 16) falls in `range`.
+    fn key_in(range: std::ops::Range<u32>) -> String {
+        (0..)
+            .map(|n| format!("k{n}"))
+            .find(|k| range.contains(&(to_positive(murmur2(k.as_bytes())) % 16)))
+            .unwrap()
+    }
+
+    fn batch(records: &[(Option<&str>, &[(&str, &str)])], compression: Compression) -> Bytes {
+        let records: Vec<Record> = records
+            .iter()
+            .enumerate()
+            .map(|(i, (key, headers))| Record {
+                transactional: false,
+                control: false,
+                delete_horizon: false,
+                partition_leader_epoch: -1,
+                producer_id: 7,
+                producer_epoch: 0,
+                timestamp_type: TimestampType::Creation,
+                offset: i as i64,
+                sequence: i as i32,
+                timestamp: 1_700_000_000_000,
+                key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
+                value: Some(Bytes::from_static(b"value")),
+                headers: headers
+                    .iter()
+                    .map(|(n, v)| {
+                        (
+                            StrBytes::from_string((*n).to_owned()),
+                            Some(Bytes::copy_from_slice(v.as_bytes())),
+                        )
+                    })
+                    .collect(),
+            })
+            .collect();
+        let mut buf = BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut buf,
+            &records,
+            &RecordEncodeOptions {
+                version: 2,
+                compression,
+            },
+        )
+        .unwrap();
+        buf.freeze()
+    }
+
+    fn keys(keys: &[Option<&str>]) -> Bytes {
+        let records: Vec<(Option<&str>, &[(&str, &str)])> =
+            keys.iter().map(|k| (*k, &[][..])).collect();
+        batch(&records, Compression::None)
+    }
+
+    fn decide_one(
+        table: &Table,
+        region: &str,
+        topic: &str,
+        partition: i32,
+        records: &[u8],
+    ) -> PartitionDecision {
+        let view = ProduceView {
+            transactional_id: None,
+            acks: -1,
+            timeout_ms: 1000,
+            topics: vec![TopicView {
+                name: topic,
+                partitions: vec![PartitionView {
+                    index: partition,
+                    records: Some(records),
+                }],
+            }],
+        };
+        let local = table.region_id(region).unwrap();
+        let mut plan = decide(&view, table, local, &mut Inflater::new(1 << 20));
+        plan.partitions.remove(0)
+    }
+
+    fn reject_of(d: &PartitionDecision) -> (RejectKind, &str, &[(i32, String)]) {
+        match &d.action {
+            Action::Reject {
+                kind,
+                message,
+                record_errors,
+                error_code,
+            } => {
+                assert_eq!(
+                    *error_code,
+                    if *kind == RejectKind::MalformedBatch {
+                        CORRUPT_MESSAGE
+                    } else {
+                        INVALID_RECORD
+                    }
+                );
+                (*kind, message, record_errors)
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn owned_keys_are_forwarded_and_foreign_keys_rejected_with_the_owner_named() {
+        let t = table("");
+        let (eu, us) = (key_in(0..8), key_in(8..16));
+        let d = decide_one(&t, "eu", "orders", 0, &keys(&[Some(&eu), Some(&eu)]));
+        assert_eq!(d.action, Action::Forward { audited: 0 });
+        assert_eq!((d.batches, d.records), (1, 2));
+
+        let d = decide_one(&t, "eu", "orders.v2", 0, &keys(&[Some(&us)]));
+        let slot = to_positive(murmur2(us.as_bytes())) % 16;
+        let (kind, message, errors) = reject_of(&d);
+        assert_eq!(kind, RejectKind::ForeignOwner);
+        assert_eq!(
+            message,
+            format!(
+                "key \"{us}\" is owned by region us (rule orders, slot {slot}); this proxy writes for eu"
+            )
+        );
+        assert_eq!(errors, &[(0, message.to_owned())]);
+        assert_eq!(d.owner, t.region_id("us"));
+
+        // The same batch is the us proxy's to write.
+        let d = decide_one(&t, "us", "orders", 0, &keys(&[Some(&us)]));
+        assert!(d.action.is_forward());
+    }
+
+    #[test]
+    fn a_mixed_batch_is_refused_whole_listing_only_the_foreign_records() {
+        let t = table("");
+        let (eu, us) = (key_in(0..8), key_in(8..16));
+        let d = decide_one(
+            &t,
+            "eu",
+            "orders",
+            0,
+            &keys(&[Some(&eu), Some(&us), Some(&eu), Some(&us)]),
+        );
+        let (kind, message, errors) = reject_of(&d);
+        assert_eq!(kind, RejectKind::MixedBatch);
+        assert!(
+            message.starts_with("batch mixes regions: 2 of 4 records are owned elsewhere"),
+            "{message}"
+        );
+        assert_eq!(errors.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 3]);
+    }
+
+    #[test]
+    fn null_keys_follow_the_rule() {
+        let t = table("");
+        let d = decide_one(&t, "eu", "orders", 0, &keys(&[None]));
+        assert_eq!(reject_of(&d).0, RejectKind::NullKey);
+    }
+
+    #[test]
+    fn header_rules_read_the_named_header() {
+        let t = table("");
+        let acme = batch(&[(Some("x"), &[("tenant", "acme")])], Compression::None);
+        let initech = batch(
+            &[(Some("x"), &[("other", "1"), ("tenant", "initech")])],
+            Compression::None,
+        );
+        let missing = batch(&[(Some("x"), &[("other", "acme")])], Compression::None);
+        assert!(
+            decide_one(&t, "eu", "tenant.billing", 0, &acme)
+                .action
+                .is_forward()
+        );
+        let d = decide_one(&t, "eu", "tenant.billing", 0, &initech);
+        let (kind, message, _) = reject_of(&d);
+        assert_eq!(kind, RejectKind::ForeignOwner);
+        assert_eq!(
+            message,
+            "header tenant=\"initech\" is owned by region us (rule tenants); this proxy writes for eu"
+        );
+        assert_eq!(
+            reject_of(&decide_one(&t, "eu", "tenant.billing", 0, &missing)).0,
+            RejectKind::UnmatchedHeader
+        );
+    }
+
+    #[test]
+    fn partition_topic_any_and_default_rules_need_no_record_decoding() {
+        let t = table("");
+        // Not a record batch at all: these rules must not look inside.
+        let junk = b"not a batch";
+        assert!(
+            decide_one(&t, "eu", "inventory", 5, junk)
+                .action
+                .is_forward()
+        );
+        let d = decide_one(&t, "eu", "inventory", 6, junk);
+        let (kind, message, _) = reject_of(&d);
+        assert_eq!(kind, RejectKind::ForeignOwner);
+        assert_eq!(
+            message,
+            "partition 6 of topic \"inventory\" is owned by region us (rule inventory); this proxy writes for eu"
+        );
+        assert_eq!(
+            reject_of(&decide_one(&t, "eu", "inventory", 12, junk)).0,
+            RejectKind::UnownedPartition
+        );
+        assert!(
+            decide_one(&t, "eu", "audit.login", 0, junk)
+                .action
+                .is_forward()
+        );
+        assert_eq!(
+            reject_of(&decide_one(&t, "us", "audit.login", 0, junk)).0,
+            RejectKind::ForeignOwner
+        );
+        assert!(
+            decide_one(&t, "us", "metrics.cpu", 0, junk)
+                .action
+                .is_forward()
+        );
+        let d = decide_one(&t, "eu", "unlisted", 0, junk);
+        let (kind, message, _) = reject_of(&d);
+        assert_eq!(kind, RejectKind::DefaultReject);
+        assert_eq!(
+            message,
+            "topic \"unlisted\" matches no ownership rule and the table's default is reject"
+        );
+    }
+
+    #[test]
+    fn audit_forwards_foreign_records_and_counts_them() {
+        let t = table("");
+        let (eu, us) = (key_in(0..8), key_in(8..16));
+        let d = decide_one(
+            &t,
+            "eu",
+            "audited",
+            0,
+            &keys(&[Some(&eu), Some(&us), Some(&us)]),
+        );
+        assert_eq!(d.action, Action::Forward { audited: 2 });
+    }
+
+    #[test]
+    fn frozen_owners_are_held_and_a_reject_outranks_a_hold() {
+        let t = table("frozen: [us]\n");
+        let (eu, us) = (key_in(0..8), key_in(8..16));
+        // A frozen owner's writes are held in every region, its own and the others, so the
+        // producers retry across a planned move instead of failing.
+        for region in ["us", "eu"] {
+            let d = decide_one(&t, region, "orders", 0, &keys(&[Some(&us)]));
+            match &d.action {
+                Action::Hold { message } => assert_eq!(
+                    message,
+                    &format!(
+                        "key \"{us}\" is owned by region us (rule orders, slot {}), which is frozen for a planned move; retry later",
+                        to_positive(murmur2(us.as_bytes())) % 16
+                    )
+                ),
+                other => panic!("expected hold, got {other:?}"),
+            }
+            assert_eq!(d.owner, t.region_id("us"));
+        }
+        assert!(
+            decide_one(&t, "eu", "orders", 0, &keys(&[Some(&eu)]))
+                .action
+                .is_forward()
+        );
+        // A batch with a frozen key and a foreign key is rejected.
+        let d = decide_one(&t, "us", "orders", 0, &keys(&[Some(&us), Some(&eu)]));
+        assert_eq!(reject_of(&d).0, RejectKind::MixedBatch);
+    }
+
+    #[test]
+    fn takeover_moves_ownership_to_the_taking_region() {
+        let t = table("takeover: { us: eu }\n");
+        let us = key_in(8..16);
+        assert!(
+            decide_one(&t, "eu", "orders", 0, &keys(&[Some(&us)]))
+                .action
+                .is_forward()
+        );
+        assert_eq!(
+            reject_of(&decide_one(&t, "us", "orders", 0, &keys(&[Some(&us)]))).0,
+            RejectKind::ForeignOwner
+        );
+    }
+
+    #[test]
+    fn compressed_batches_of_every_codec_are_read() {
+        let t = table("");
+        let us = key_in(8..16);
+        let eu = key_in(0..8);
+        for codec in [
+            Compression::Gzip,
+            Compression::Snappy,
+            Compression::Lz4,
+            Compression::Zstd,
+        ] {
+            let owned = batch(&[(Some(eu.as_str()), &[]), (Some(eu.as_str()), &[])], codec);
+            assert!(
+                decide_one(&t, "eu", "orders", 0, &owned)
+                    .action
+                    .is_forward(),
+                "{codec:?}"
+            );
+            let foreign = batch(&[(Some(eu.as_str()), &[]), (Some(us.as_str()), &[])], codec);
+            assert_eq!(
+                reject_of(&decide_one(&t, "eu", "orders", 0, &foreign)).0,
+                RejectKind::MixedBatch,
+                "{codec:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unreadable_batch_is_refused_as_corrupt() {
+        let t = table("");
+        let mut b = keys(&[Some("a")]).to_vec();
+        b.truncate(b.len() - 3);
+        let d = decide_one(&t, "eu", "orders", 0, &b);
+        assert_eq!(reject_of(&d).0, RejectKind::MalformedBatch);
+    }
+
+    #[test]
+    fn keys_that_are_not_text_are_shown_in_hex() {
+        assert_eq!(quote(b"cust-42"), "\"cust-42\"");
+        assert_eq!(quote(&[0, 1, 0xff]), "0x0001ff");
+        assert_eq!(quote(&[b'a'; 70]).chars().count(), 64 + 3);
+    }
 }

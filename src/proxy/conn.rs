@@ -110,7 +110,9 @@ pub async fn serve(shared: Arc<Shared>, client: TcpStream, target: Target) {
         }
         Target::Node(id) => match shared.brokers.real(id) {
             Some(b) => super::upstream::connect(&b.addr(), timeout).await,
-            None => Err(anyhow::anyhow!("node {id} is not a broker of the serving cluster")),
+            None => Err(anyhow::anyhow!(
+                "node {id} is not a broker of the serving cluster"
+            )),
         },
     };
     let upstream = match upstream {
@@ -131,7 +133,11 @@ pub async fn serve(shared: Arc<Shared>, client: TcpStream, target: Target) {
     }
 }
 
-async fn relay(shared: &Arc<Shared>, client: TcpStream, upstream: TcpStream) -> Result<(), ConnError> {
+async fn relay(
+    shared: &Arc<Shared>,
+    client: TcpStream,
+    upstream: TcpStream,
+) -> Result<(), ConnError> {
     let (client_read, client_write) = client.into_split();
     let (upstream_read, upstream_write) = upstream.into_split();
     let (slots_tx, slots_rx) = mpsc::channel(shared.config.limits.max_in_flight);
@@ -269,7 +275,9 @@ fn produce_step(
     let upstream = if plan.none_forward() {
         None
     } else {
-        Some(forwarded_request(&frame, header_len, version, &request, &plan)?)
+        Some(forwarded_request(
+            &frame, header_len, version, &request, &plan,
+        )?)
     };
     let slot = if acks0 {
         counter!("keyward_acks0_rejections_total").increment(1);
@@ -347,9 +355,8 @@ async fn responses(
                     Err(Ok(e)) => return Err(ConnError::BrokerFrame(e)),
                     Err(Err(e)) => return Err(ConnError::Io(e)),
                 };
-                let got = frame::response_correlation_id(&frame).map_err(|e| {
-                    ConnError::BrokerFrame(FrameError::Header(e))
-                })?;
+                let got = frame::response_correlation_id(&frame)
+                    .map_err(|e| ConnError::BrokerFrame(FrameError::Header(e)))?;
                 if got != correlation_id {
                     return Err(ConnError::CorrelationMismatch {
                         expected: correlation_id,

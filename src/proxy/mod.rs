@@ -73,7 +73,12 @@ impl Shared {
     }
 
     /// Learns a broker and makes sure its virtual port is listening.
-    fn learn_broker(self: &Arc<Self>, node_id: i32, host: &str, port: i32) -> Result<u16, UnmappableNode> {
+    fn learn_broker(
+        self: &Arc<Self>,
+        node_id: i32,
+        host: &str,
+        port: i32,
+    ) -> Result<u16, UnmappableNode> {
         let virtual_port = self.brokers.virtual_port(node_id)?;
         self.brokers.learn(node_id, host, port);
         let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
@@ -107,7 +112,8 @@ impl Shared {
                     Ok((stream, peer)) => {
                         let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
                         counter!("keyward_client_connections_opened_total").increment(1);
-                        let span = info_span!("conn", id, client = %peer, listener = ?listener_addr);
+                        let span =
+                            info_span!("conn", id, client = %peer, listener = ?listener_addr);
                         let s = shared.clone();
                         let stop = shared.shutdown.clone();
                         shared.tasks.spawn(

@@ -162,11 +162,16 @@ impl ProduceReply {
 
     /// The broker's answer for the forwarded partitions merged with keyward's for the rest.
     pub fn merge(&self, frame: &Bytes, to: &dyn Advertise) -> Result<Bytes, RewriteError> {
-        rewrite::recode(frame, ApiKey::Produce, self.version, |r: &mut ProduceResponse| {
-            rewrite::produce_endpoints(r, to)?;
-            *r = self.assemble(std::mem::take(r));
-            Ok(())
-        })
+        rewrite::recode(
+            frame,
+            ApiKey::Produce,
+            self.version,
+            |r: &mut ProduceResponse| {
+                rewrite::produce_endpoints(r, to)?;
+                *r = self.assemble(std::mem::take(r));
+                Ok(())
+            },
+        )
     }
 }
 

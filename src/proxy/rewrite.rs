@@ -49,7 +49,12 @@ pub trait Advertise {
 }
 
 /// Decodes a response body, lets `edit` change it, and re-encodes it behind the original header.
-pub fn recode<T, F>(frame: &Bytes, api: ApiKey, version: i16, edit: F) -> Result<Bytes, RewriteError>
+pub fn recode<T, F>(
+    frame: &Bytes,
+    api: ApiKey,
+    version: i16,
+    edit: F,
+) -> Result<Bytes, RewriteError>
 where
     T: Decodable + Encodable,
     F: FnOnce(&mut T) -> Result<(), RewriteError>,
@@ -73,11 +78,12 @@ where
     let header_len = frame::response_header_len(frame, api.response_header_version(version))?;
     let header = &frame[LENGTH_PREFIX..LENGTH_PREFIX + header_len];
     let mut body = frame.slice(LENGTH_PREFIX + header_len..);
-    let mut message = T::decode(&mut body, body_version).map_err(|source| RewriteError::Decode {
-        api,
-        version: body_version,
-        source,
-    })?;
+    let mut message =
+        T::decode(&mut body, body_version).map_err(|source| RewriteError::Decode {
+            api,
+            version: body_version,
+            source,
+        })?;
     edit(&mut message)?;
     let mut encoded = Vec::with_capacity(frame.len());
     message
@@ -102,19 +108,30 @@ pub fn api_versions(frame: &Bytes, version: i16) -> Result<Bytes, RewriteError> 
     } else {
         version
     };
-    recode_as(frame, api, version, body_version, |r: &mut ApiVersionsResponse| {
-        versions::intersect(&mut r.api_keys);
-        Ok(())
-    })
+    recode_as(
+        frame,
+        api,
+        version,
+        body_version,
+        |r: &mut ApiVersionsResponse| {
+            versions::intersect(&mut r.api_keys);
+            Ok(())
+        },
+    )
 }
 
 pub fn metadata(frame: &Bytes, version: i16, to: &dyn Advertise) -> Result<Bytes, RewriteError> {
-    recode(frame, ApiKey::Metadata, version, |r: &mut MetadataResponse| {
-        for b in &mut r.brokers {
-            (b.host, b.port) = to.advertise(b.node_id.0, &b.host, b.port)?;
-        }
-        Ok(())
-    })
+    recode(
+        frame,
+        ApiKey::Metadata,
+        version,
+        |r: &mut MetadataResponse| {
+            for b in &mut r.brokers {
+                (b.host, b.port) = to.advertise(b.node_id.0, &b.host, b.port)?;
+            }
+            Ok(())
+        },
+    )
 }
 
 pub fn describe_cluster(
@@ -180,7 +197,8 @@ pub fn fetch(frame: &Bytes, version: i16, to: &dyn Advertise) -> Result<Bytes, R
     if version < FETCH_NODE_ENDPOINTS {
         return Ok(frame.clone());
     }
-    let header_len = frame::response_header_len(frame, ApiKey::Fetch.response_header_version(version))?;
+    let header_len =
+        frame::response_header_len(frame, ApiKey::Fetch.response_header_version(version))?;
     if !fetch_has_node_endpoints(&frame[LENGTH_PREFIX + header_len..])? {
         return Ok(frame.clone());
     }
@@ -229,15 +247,20 @@ fn fetch_has_node_endpoints(body: &[u8]) -> Result<bool, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kafka_protocol::messages::BrokerId;
     use kafka_protocol::messages::fetch_response::{
         FetchableTopicResponse, NodeEndpoint, PartitionData,
     };
     use kafka_protocol::messages::metadata_response::MetadataResponseBroker;
-    use kafka_protocol::messages::BrokerId;
 
     struct To;
     impl Advertise for To {
-        fn advertise(&self, node_id: i32, _: &str, _: i32) -> Result<(StrBytes, i32), UnmappableNode> {
+        fn advertise(
+            &self,
+            node_id: i32,
+            _: &str,
+            _: i32,
+        ) -> Result<(StrBytes, i32), UnmappableNode> {
             Ok((StrBytes::from_static_str("proxy"), 9000 + node_id))
         }
     }
@@ -261,9 +284,12 @@ mod tests {
                     .with_host(StrBytes::from_static_str("10.1.2.3"))
                     .with_port(9092),
             ]);
-            let out = metadata(&response_frame(ApiKey::Metadata, version, &m), version, &To).unwrap();
+            let out =
+                metadata(&response_frame(ApiKey::Metadata, version, &m), version, &To).unwrap();
             assert_eq!(frame::response_correlation_id(&out).unwrap(), 7);
-            let hl = frame::response_header_len(&out, ApiKey::Metadata.response_header_version(version)).unwrap();
+            let hl =
+                frame::response_header_len(&out, ApiKey::Metadata.response_header_version(version))
+                    .unwrap();
             let mut body = out.slice(4 + hl..);
             let back = MetadataResponse::decode(&mut body, version).unwrap();
             assert_eq!(back.brokers[0].host.as_str(), "proxy");
@@ -295,7 +321,11 @@ mod tests {
     fn fetch_is_untouched_unless_it_carries_node_endpoints() {
         let plain = response_frame(ApiKey::Fetch, 17, &fetch_response(false));
         let out = fetch(&plain, 17, &To).unwrap();
-        assert_eq!(out.as_ptr(), plain.as_ptr(), "untouched fetch must not be copied");
+        assert_eq!(
+            out.as_ptr(),
+            plain.as_ptr(),
+            "untouched fetch must not be copied"
+        );
 
         let moved = response_frame(ApiKey::Fetch, 17, &fetch_response(true));
         let out = fetch(&moved, 17, &To).unwrap();

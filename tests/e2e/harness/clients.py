@@ -17,7 +17,7 @@ Shapes (plain dicts, so tests compare them directly):
   record out  {"topic", "partition", "offset", "timestamp", "key", "value", "headers"}
 
 Error codes: broker errors carry the Kafka protocol's code and name
-(INVALID_RECORD = 87, NOT_ENOUGH_REPLICAS = 19, ...) in every client. Errors
+(INVALID_RECORD = 87, NOT_ENOUGH_REPLICAS = 19, ...; see errors.py) in every client. Errors
 raised inside a client are reported the client's own way:
   java    Errors.forException: a client timeout is REQUEST_TIMED_OUT (7),
           anything unmapped UNKNOWN_SERVER_ERROR (-1);
@@ -51,6 +51,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
 from . import env
+from .errors import error_name
 
 log = logging.getLogger("harness.clients")
 
@@ -312,6 +313,8 @@ class LibrdkafkaClient(Client):
             "compression.type": cfg["compression"],
             "message.timeout.ms": cfg["delivery_timeout_ms"],
             "request.timeout.ms": cfg["request_timeout_ms"],
+            # The Java and franz-go default: the same key lands on the same partition in all three.
+            "partitioner": "murmur2_random",
             "logger": self._log,
         }
         optional = {
@@ -431,13 +434,17 @@ def _rd_delivery(err: KafkaError | None, msg) -> dict:
             "error_message": None,
         }
     part = msg.partition() if msg is not None else None
+    # Broker errors: librdkafka's code is the protocol's, but some names differ
+    # (MSG_SIZE_TOO_LARGE for MESSAGE_TOO_LARGE): report the protocol's name.
+    # librdkafka's own errors (codes <= -100) keep their _UNDERSCORED names.
+    code = err.code()
     return {
         "ok": False,
         "partition": part if part is not None and part >= 0 else None,
         "offset": None,
-        "error_code": err.code(),
-        "error_name": err.name(),
-        "error_message": err.str(),
+        "error_code": code,
+        "error_name": error_name(code) or err.name(),
+        "error_message": f"{err.name()}: {err.str()}",
     }
 
 

@@ -70,15 +70,27 @@ pub fn run(config: &Path) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    let metrics = crate::admin::install_recorder()?;
     runtime.block_on(async move {
+        let admin_addr = config.admin.listen;
         let shared = Shared::new(config, table)?;
         let stop = shared.shutdown_token();
+        let admin_listener = crate::admin::bind(admin_addr).await?;
+        let admin = crate::admin::serve(admin_listener, metrics, stop.clone());
+        let admin = tokio::spawn(async move {
+            if let Err(e) = admin.await {
+                tracing::error!("{e:#}");
+            }
+        });
+        let stop = stop.clone();
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("shutting down");
             stop.cancel();
         });
-        proxy::run(shared).await
+        let result = proxy::run(shared).await;
+        let _ = admin.await;
+        result
     })
 }
 

@@ -270,7 +270,7 @@ ownership_file: ownership.yaml
             "broker_port_base: 9193\n  colour: red",
         );
         let e = Config::parse(&bad, Path::new("k.yaml")).unwrap_err();
-        assert_eq!(e.path, "listen");
+        assert_eq!(e.path, "listen.colour");
         assert!(e.message.contains("unknown field `colour`"), "{e}");
 
         let bad = GOOD.replace("127.0.0.1:29092", "nohost");

@@ -8,9 +8,12 @@
 //! - [`codec`]: Kafka framing, request/response headers and record-batch inspection. Pure parsing,
 //!   no sockets.
 //! - [`policy`]: pure decisions over a decoded Produce request and one ownership snapshot.
+//! - [`admin`]: the admin HTTP server (Prometheus metrics, liveness).
+//! - [`cli`]: what the `keyward` subcommands do.
 //! - [`proxy`]: listeners, upstream connections, the per-connection pipeline that keeps responses
 //!   in request order, and the rewriting of broker addresses.
 
+pub mod admin;
 pub mod cli;
 pub mod codec;
 pub mod config;

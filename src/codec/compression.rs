@@ -2,8 +2,9 @@
 //!
 //! Owns the codec quirks Kafka clients produce in the wild (xerial-framed or raw snappy, the LZ4
 //! frame format, multi-member gzip, multi-frame zstd) and the decompression-bomb guard. It must
-//! not parse records (that is [`super::records`]) and must not allocate per batch on the hot
-//! codecs: the output buffer and the zstd context live in [`Inflater`] and are reused.
+//! not parse records (that is [`super::records`]) and must not allocate per record: the output
+//! buffer and the zstd context live in [`Inflater`] and are reused across batches, snappy and
+//! LZ4 decode straight into that buffer, and only gzip builds its (small) inflate state per batch.
 //!
 //! Checksums inside the compressed stream (LZ4 header/block/content xxhash, snappy framing) are
 //! skipped, not verified: the batch CRC-32C already covers the compressed bytes, and accepting a
@@ -37,6 +38,17 @@ impl Compression {
             3 => Ok(Self::Lz4),
             4 => Ok(Self::Zstd),
             id => Err(RecordsError::UnknownCompression(id)),
+        }
+    }
+
+    /// Lower-case name, as Kafka's `compression.type` spells it: a bounded metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Gzip => "gzip",
+            Self::Snappy => "snappy",
+            Self::Lz4 => "lz4",
+            Self::Zstd => "zstd",
         }
     }
 }

@@ -117,7 +117,9 @@ mod tests {
                         PartitionProduceData::default()
                             .with_index(3)
                             .with_records(Some(Bytes::from_static(b"batch-bytes"))),
-                        PartitionProduceData::default().with_index(4),
+                        PartitionProduceData::default()
+                            .with_index(4)
+                            .with_records(None),
                     ]),
                 TopicProduceData::default()
                     .with_name(TopicName(StrBytes::from_static_str("audit.x")))

@@ -35,6 +35,9 @@ pub(super) fn parse(text: &str, source: &Path, regions: &[String]) -> Result<Tab
     cx.build(raw)
 }
 
+/// Exact topic name -> first rule listing it, and `(rule, glob)` in rule order.
+type TopicIndex = (HashMap<Box<str>, usize>, Vec<(usize, Box<str>)>);
+
 /// What every check needs: where errors point, and the known regions.
 struct Cx<'a> {
     file: &'a Path,
@@ -150,11 +153,7 @@ impl Cx<'_> {
 
     /// Exact names into a hash map, globs into a list in rule order. A pattern written twice
     /// can only ever match for the first rule, so it is an error rather than dead config.
-    #[allow(clippy::type_complexity)]
-    fn topic_index(
-        &self,
-        rules: &[Rule],
-    ) -> Result<(HashMap<Box<str>, usize>, Vec<(usize, Box<str>)>), TableError> {
+    fn topic_index(&self, rules: &[Rule]) -> Result<TopicIndex, TableError> {
         let mut seen: HashMap<&str, usize> = HashMap::new();
         let mut exact = HashMap::new();
         let mut globs = Vec::new();

@@ -133,10 +133,13 @@ pub fn decide(
     let mut partitions = Vec::with_capacity(request.partition_count());
     for topic in &request.topics {
         let rule = table.rule_for_topic(topic.name);
-        let rule_index = rule.and_then(|r| table.rules().iter().position(|x| std::ptr::eq(x, r)));
+        let rule_index = rule.and_then(|r| table.rule_index(r));
         for partition in &topic.partitions {
             let decision = match rule {
-                None => decide_default(table, topic.name),
+                None => counted(
+                    decide_default(table, topic.name),
+                    partition.records.unwrap_or_default(),
+                ),
                 Some(rule) => decide_rule(
                     table,
                     rule,
@@ -164,6 +167,18 @@ fn decision(action: Action) -> PartitionDecision {
         batches: 0,
         records: 0,
     }
+}
+
+/// Fills in the batch and record counts of a decision made without decoding records, from the
+/// batch headers alone.
+fn counted(mut d: PartitionDecision, records: &[u8]) -> PartitionDecision {
+    d.batches = 0;
+    d.records = 0;
+    for batch in records::batches(records).flatten() {
+        d.batches += 1;
+        d.records += batch.header.records_count.max(0) as u32;
+    }
+    d
 }
 
 fn decide_default(table: &Table, topic: &str) -> PartitionDecision {
@@ -197,9 +212,7 @@ fn decide_rule(
     if let Some(claim) = whole_partition {
         let mut tally = Tally::new(table, rule, local);
         tally.add(0, claim, &Subject::Partition { topic, partition });
-        let mut d = tally.finish(topic, partition);
-        d.batches = records::batches(records).count() as u32;
-        return d;
+        return counted(tally.finish(topic, partition), records);
     }
 
     let mut total = PartitionDecision {
@@ -567,7 +580,10 @@ default: reject
             .unwrap()
     }
 
-    fn batch(records: &[(Option<&str>, &[(&str, &str)])], compression: Compression) -> Bytes {
+    /// A record for a test batch: key and headers.
+    type TestRecord<'a> = (Option<&'a str>, &'a [(&'a str, &'a str)]);
+
+    fn batch(records: &[TestRecord<'_>], compression: Compression) -> Bytes {
         let records: Vec<Record> = records
             .iter()
             .enumerate()
@@ -609,8 +625,7 @@ default: reject
     }
 
     fn keys(keys: &[Option<&str>]) -> Bytes {
-        let records: Vec<(Option<&str>, &[(&str, &str)])> =
-            keys.iter().map(|k| (*k, &[][..])).collect();
+        let records: Vec<TestRecord<'_>> = keys.iter().map(|k| (*k, &[][..])).collect();
         batch(&records, Compression::None)
     }
 

@@ -196,17 +196,17 @@ async fn requests(
             // Whatever part was forwarded goes out first; then the response half flushes what
             // is owed and closes, and this half reads no further request.
             if let Some(bytes) = &step.upstream {
-                upstream.write_all(&bytes).await?;
+                upstream.write_all(bytes).await?;
             }
             let _ = slots.send(Slot::Close).await;
             std::future::pending::<()>().await;
         }
         // The slot goes first: a full queue stops keyward reading from this client, which is
         // the backpressure that bounds a pipelining client's memory here.
-        if let Some(slot) = step.slot {
-            if slots.send(slot).await.is_err() {
-                return Ok(());
-            }
+        if let Some(slot) = step.slot
+            && slots.send(slot).await.is_err()
+        {
+            return Ok(());
         }
         if let Some(bytes) = step.upstream {
             upstream.write_all(&bytes).await?;
@@ -260,6 +260,14 @@ fn produce_step(
     record_decisions(shared, &table, &plan);
 
     let acks0 = request.acks == 0;
+    let path = if plan.all_forward() {
+        "forwarded"
+    } else if plan.none_forward() {
+        "answered"
+    } else {
+        "partial"
+    };
+    counter!("keyward_produce_requests_total", "path" => path).increment(1);
     if plan.all_forward() {
         let slot = (!acks0).then_some(Slot::Broker {
             correlation_id: head.correlation_id,
@@ -322,10 +330,10 @@ fn record_decisions(shared: &Shared, table: &crate::ownership::Table, plan: &Pro
         ];
         counter!("keyward_produce_batches_total", &labels).increment(u64::from(p.batches));
         counter!("keyward_produce_records_total", &labels).increment(u64::from(p.records));
-        if let Action::Reject { message, .. } | Action::Hold { message } = &p.action {
-            if shared.rejection_log.allow() {
-                info!(rule, owner, decision, reason, "{message}");
-            }
+        if let Action::Reject { message, .. } | Action::Hold { message } = &p.action
+            && shared.rejection_log.allow()
+        {
+            info!(rule, owner, decision, reason, "{message}");
         }
     }
 }

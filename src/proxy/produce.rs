@@ -36,8 +36,11 @@ pub struct LocalAnswer {
 #[derive(Debug, Clone)]
 pub struct ProduceReply {
     pub version: i16,
-    pub topics: Vec<(StrBytes, Vec<(i32, Option<LocalAnswer>)>)>,
+    pub topics: Vec<(StrBytes, Vec<PartitionSlot>)>,
 }
+
+/// A partition of the request: its index, and keyward's answer if it was not forwarded.
+pub type PartitionSlot = (i32, Option<LocalAnswer>);
 
 impl ProduceReply {
     pub fn new(version: i16, request: &ProduceView<'_>, plan: &ProducePlan) -> Self {

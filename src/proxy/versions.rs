@@ -15,7 +15,7 @@ use crate::codec::produce;
 /// Produce stops at v12: v13 names topics by id, and ownership is decided by topic name.
 pub const DECODED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::Produce, produce::MIN_VERSION, produce::MAX_VERSION),
-    (ApiKey::Fetch, 0, 18),
+    (ApiKey::Fetch, 4, 18),
     (ApiKey::Metadata, 0, 13),
     (ApiKey::FindCoordinator, 0, 6),
     (ApiKey::DescribeCluster, 0, 2),

@@ -140,3 +140,21 @@ def test_us_cluster_takes_writes(client, us):
     recs = sample_records(3, "us")
     assert all(r["ok"] for r in client.produce(us.bootstrap, topic, recs)), "us produce failed"
     assert as_set(us.read_all(topic)) == as_set(recs)
+
+
+def test_not_enough_replicas_is_reported(clients, eu):
+    """With a broker down, acks=all to a min.insync.replicas=3 topic fails with
+    NOT_ENOUGH_REPLICAS (19) in every client. Also exercises stop_node/start_node."""
+    topic = unique("min-isr")
+    eu.create_topic(topic, partitions=1, replication=3, config={"min.insync.replicas": "3"})
+    leader = eu.partitions(topic)[0]["leader"]
+    victim = next(n.node_id for n in eu.nodes if n.node_id != leader)
+    eu.stop_node(victim)
+    try:
+        eu.wait_isr_size(topic, 2)
+        for c in clients:
+            res = c.produce(eu.bootstrap, topic, [record(b"k", c.name.encode())], config={"idempotence": False, "retries": 0})
+            assert (res[0]["ok"], res[0]["error_code"], res[0]["error_name"]) == (False, 19, "NOT_ENOUGH_REPLICAS"), (c, res)
+    finally:
+        eu.start_node(victim)
+    assert eu.read_all(topic) == []

@@ -6,7 +6,7 @@
 """
 
 from .clients import ALL_CLIENTS, Client, ClientError, FranzClient, JavaClient, LibrdkafkaClient, record, unique
-from .kafka import KafkaCluster, KafkaStartError, start_all, stop_all
+from .kafka import KafkaCluster, KafkaStartError, stop_all
 
 __all__ = [
     "ALL_CLIENTS",
@@ -18,7 +18,6 @@ __all__ = [
     "KafkaStartError",
     "LibrdkafkaClient",
     "record",
-    "start_all",
     "stop_all",
     "unique",
 ]

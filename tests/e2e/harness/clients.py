@@ -338,7 +338,10 @@ class LibrdkafkaClient(Client):
             return cb
 
         deadline = time.monotonic() + timeout_s
-        producer = Producer(conf)
+        try:
+            producer = Producer(conf)
+        except KafkaException as e:
+            raise ClientError(f"librdkafka: producer config refused: {e}") from None
         for i, r in enumerate(records):
             kwargs: dict[str, Any] = {
                 "value": r.get("value"),
@@ -387,7 +390,10 @@ class LibrdkafkaClient(Client):
         if cfg["group_protocol"] is not None:
             conf["group.protocol"] = cfg["group_protocol"]
         conf.update(cfg["native"])
-        c = Consumer(conf)
+        try:
+            c = Consumer(conf)
+        except KafkaException as e:
+            raise ClientError(f"librdkafka: consumer config refused: {e}") from None
         out: list[dict] = []
         deadline = time.monotonic() + timeout_s
         try:

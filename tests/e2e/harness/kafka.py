@@ -176,6 +176,10 @@ class KafkaCluster:
             "share.coordinator.state.topic.replication.factor": rf,
             "share.coordinator.state.topic.min.isr": min_isr,
             "group.initial.rebalance.delay.ms": 0,
+            # A restarted node cannot register until the controller drops its old session
+            # (DUPLICATE_BROKER_REGISTRATION): 4 s instead of 9 s, with frequent heartbeats.
+            "broker.heartbeat.interval.ms": 500,
+            "broker.session.timeout.ms": 4000,
             # Few threads: several JVMs share 2 cores.
             "num.network.threads": 2,
             "num.io.threads": 2,
@@ -310,11 +314,35 @@ class KafkaCluster:
         self._stop_nodes([self.node(node_id)], 0 if kill else grace_s)
 
     def start_node(self, node_id: int, timeout_s: float = 60) -> None:
-        """Restart a stopped node on its old ports and data, and wait until it is back."""
+        """Restart a stopped node on its old ports and data; wait until it serves and every
+        partition has its full ISR again."""
         node = self.node(node_id)
         if not node.running:
             self._spawn(node)
+        deadline = time.monotonic() + timeout_s
         self.wait_ready(timeout_s, nodes=self.nodes)
+        self.wait_in_sync(max(1.0, deadline - time.monotonic()))
+
+    def wait_in_sync(self, timeout_s: float = 60) -> None:
+        """Wait until no partition of any topic is under-replicated."""
+        deadline = time.monotonic() + timeout_s
+        lagging: list[str] = []
+        while True:
+            try:
+                md = self._metadata(self.bootstrap, 5)
+                lagging = [
+                    f"{t.topic}-{p.id}"
+                    for t in md.topics.values()
+                    for p in t.partitions.values()
+                    if len(p.isrs) < len(p.replicas)
+                ]
+                if not lagging:
+                    return
+            except KafkaException as e:
+                lagging = [str(e)]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: still under-replicated after {timeout_s}s: {lagging[:10]}")
+            time.sleep(0.2)
 
     def _stop_nodes(self, nodes: list[KafkaNode], grace_s: float) -> None:
         _terminate([(self.name, n) for n in nodes], grace_s)
@@ -374,6 +402,27 @@ class KafkaCluster:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{self.name}: topic {topic}: no leaders on node {node.node_id} after {timeout_s}s")
                 time.sleep(0.1)
+
+    def partitions(self, topic: str) -> dict[int, dict]:
+        """{partition: {"leader": id, "replicas": [ids], "isr": [ids]}} as the cluster reports it now."""
+        md = self._metadata(self.bootstrap, 10, topic).topics[topic]
+        if md.error is not None:
+            raise KafkaException(md.error)
+        return {
+            p.id: {"leader": p.leader, "replicas": list(p.replicas), "isr": sorted(p.isrs)}
+            for p in md.partitions.values()
+        }
+
+    def wait_isr_size(self, topic: str, size: int, timeout_s: float = 30) -> None:
+        """Wait until every partition of `topic` has exactly `size` in-sync replicas."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            parts = self.partitions(topic)
+            if all(len(p["isr"]) == size for p in parts.values()):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: {topic}: ISR never reached size {size}: {parts}")
+            time.sleep(0.1)
 
     def delete_topic(self, name: str, timeout_s: float = 30) -> None:
         admin = self.admin()
@@ -447,23 +496,6 @@ def _port_open(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def start_all(clusters: Iterable[KafkaCluster], timeout_s: float = 180) -> None:
-    """Boot several clusters side by side: format and spawn all, then wait for all."""
-    clusters = list(clusters)
-    t0 = time.monotonic()
-    try:
-        for c in clusters:
-            c.launch()
-        for c in clusters:
-            c.wait_ready(max(1.0, timeout_s - (time.monotonic() - t0)))
-            c.boot_seconds = time.monotonic() - t0
-    except BaseException:
-        for c in clusters:
-            c.stop(grace_s=2)
-        raise
-
 
 
 def stop_all(clusters: Iterable[KafkaCluster], grace_s: float = 10) -> None:

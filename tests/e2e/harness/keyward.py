@@ -1,0 +1,163 @@
+"""keyward as the tests run it: the real binary, in front of the harness's real clusters.
+
+`Keyward(workdir, region, clusters, table)` writes a static config and an ownership table,
+starts `$KEYWARD_BIN run` on free loopback ports and waits until the bootstrap port and the
+admin API answer. `metric(name, **labels)` reads its Prometheus text, so tests assert on what
+operators would see.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from . import env
+from .kafka import KafkaCluster
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def binary() -> Path:
+    path = Path(os.environ.get("KEYWARD_BIN", Path(__file__).resolve().parents[3] / "target/debug/keyward"))
+    if not path.exists():
+        raise FileNotFoundError(f"keyward binary {path} not found: run `cargo build` or set KEYWARD_BIN")
+    return path
+
+
+def _port_range_free(first: int, count: int) -> bool:
+    for port in range(first, first + count):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def free_port_base(nodes: int) -> int:
+    """A base such that base+1 .. base+nodes are free (node ids start at 1)."""
+    for _ in range(200):
+        base = env.free_port()
+        if base + nodes < 65536 and _port_range_free(base + 1, nodes):
+            return base
+    raise RuntimeError("no free port range for virtual brokers")
+
+
+class Keyward:
+    def __init__(
+        self,
+        workdir: Path,
+        region: str,
+        clusters: dict[str, KafkaCluster],
+        table: str,
+        *,
+        name: str | None = None,
+        extra_config: str = "",
+    ) -> None:
+        self.region = region
+        self.clusters = clusters
+        self.dir = Path(workdir) / (name or f"keyward-{region}")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.table_path = self.dir / "ownership.yaml"
+        self.config_path = self.dir / "keyward.yaml"
+        self.log_path = self.dir / "keyward.log"
+        self.table_path.write_text(table)
+        self.bootstrap_port = env.free_port()
+        self.admin_port = env.free_port()
+        self.port_base = free_port_base(max(c.size for c in clusters.values()))
+        cluster_lines = "\n".join(
+            f'  {name}: {{ bootstrap: [{", ".join(repr(a) for a in c.addresses)}] }}'
+            for name, c in clusters.items()
+        )
+        self.config_path.write_text(
+            f"""region: {region}
+listen:
+  bootstrap: 127.0.0.1:{self.bootstrap_port}
+  advertised_host: 127.0.0.1
+  broker_port_base: {self.port_base}
+admin:
+  listen: 127.0.0.1:{self.admin_port}
+clusters:
+{cluster_lines}
+ownership_file: ownership.yaml
+{extra_config}"""
+        )
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.bootstrap_port}"
+
+    def virtual_ports(self) -> set[int]:
+        return {self.port_base + n.node_id for c in self.clusters.values() for n in c.nodes}
+
+    def start(self, timeout_s: float = 20) -> "Keyward":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [*env.pdeathsig_prefix(), str(binary()), "run", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "KEYWARD_LOG": os.environ.get("KEYWARD_LOG", "info,keyward=debug")},
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"keyward exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.bootstrap_port), timeout=1):
+                    pass
+                self.metrics_text()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"keyward did not start within {timeout_s}s:\n{self.logs()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> "Keyward":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def logs(self, lines: int = 80) -> str:
+        return env.tail(self.log_path, lines)
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels`."""
+        total = 0.0
+        for line in self.metrics_text().splitlines():
+            m = _SAMPLE.match(line)
+            if not m or m.group(1) != name:
+                continue
+            have = dict(_LABEL.findall(m.group(2) or ""))
+            if all(have.get(k) == v for k, v in labels.items()):
+                total += float(m.group(3))
+        return total
+
+    def owner(self, topic: str, *args: str) -> str:
+        """`keyward owner` for this instance's config: the one line it prints."""
+        out = subprocess.run(
+            [str(binary()), "owner", "--config", str(self.config_path), "--topic", topic, *args],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip()

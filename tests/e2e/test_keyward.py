@@ -1,0 +1,519 @@
+"""keyward in front of real Kafka, driven by real clients.
+
+Every test writes through keyward with an unmodified client (the Java client, librdkafka,
+franz-go) and checks the outcome where it matters: in the cluster itself, read directly, and in
+what the client was told.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from functools import lru_cache
+
+import pytest
+from confluent_kafka import ConsumerGroupTopicPartitions  # noqa: F401  (documents the API used below)
+
+from harness import FranzClient, JavaClient, LibrdkafkaClient, record, unique
+from harness.keyward import Keyward
+
+INVALID_RECORD = 87
+
+TABLE = """
+rules:
+  - name: orders
+    topics: ["orders.*"]
+    by: key
+    slots: 16
+    owners: { eu: ["0-7"], us: ["8-15"] }
+    null_key: reject
+  - name: lenient
+    topics: ["lenient.*"]
+    by: key
+    slots: 16
+    owners: { eu: ["0-7"], us: ["8-15"] }
+    null_key: local
+  - name: watched
+    topics: ["watched.*"]
+    by: key
+    slots: 16
+    owners: { eu: ["0-7"], us: ["8-15"] }
+    on_foreign: audit
+  - name: tenants
+    topics: ["tenant.*"]
+    by: header
+    header: tenant
+    owners: { eu: [acme, globex], us: [initech] }
+  - name: inventory
+    topics: ["inventory.*"]
+    by: partition
+    owners: { eu: ["0-1"], us: ["2-3"] }
+  - name: audit-log
+    topics: ["audit.*"]
+    by: topic
+    owner: eu
+  - name: us-only
+    topics: ["usonly.*"]
+    by: topic
+    owner: us
+  - name: telemetry
+    topics: ["metrics.*"]
+    owner: any
+default: allow
+"""
+
+
+@pytest.fixture(scope="module")
+def kw_eu(tmp_path_factory, eu, us):
+    """The eu proxy, in front of the 3-broker eu cluster."""
+    with Keyward(tmp_path_factory.mktemp("kw"), "eu", {"eu": eu, "us": us}, TABLE) as kw:
+        yield kw
+
+
+@pytest.fixture(scope="module")
+def kw_us(tmp_path_factory, eu, us):
+    """The us proxy, in front of the 1-broker us cluster (one broker: every partition of a
+    request goes in one Produce request, so mixed requests are certain)."""
+    with Keyward(tmp_path_factory.mktemp("kw"), "us", {"eu": eu, "us": us}, TABLE) as kw:
+        yield kw
+
+
+@pytest.fixture
+def keyward_with(tmp_path, eu, us):
+    """Starts a proxy with a table of the test's own; stopped when the test ends."""
+    started = []
+
+    def start(region: str, table: str) -> Keyward:
+        kw = Keyward(tmp_path, region, {"eu": eu, "us": us}, table, name=f"kw-{len(started)}").start()
+        started.append(kw)
+        return kw
+
+    yield start
+    for kw in started:
+        kw.stop()
+
+
+@lru_cache(maxsize=None)
+def _slot_of(config_path: str, key: str) -> tuple[str, int]:
+    import subprocess
+
+    from harness.keyward import binary
+
+    line = subprocess.run(
+        [str(binary()), "owner", "--config", config_path, "--topic", "orders.x", "--key", key],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    fields = dict(f.split("=", 1) for f in line)
+    return fields["region"], int(fields["slot"])
+
+
+def keys_of(kw: Keyward, region: str, n: int, prefix: str = "cust") -> list[str]:
+    """n keys owned by `region` under the `orders` rule, as `keyward owner` answers."""
+    out = []
+    i = 0
+    while len(out) < n:
+        key = f"{prefix}-{i}"
+        if _slot_of(str(kw.config_path), key)[0] == region:
+            out.append(key)
+        i += 1
+    return out
+
+
+def values(records) -> list[bytes]:
+    return [r["value"] for r in records]
+
+
+# --------------------------------------------------------------------------- ownership by key
+
+
+def test_owned_keys_land_and_foreign_keys_are_rejected(client, eu, kw_eu):
+    topic = unique("orders.basic")
+    eu.create_topic(topic, partitions=16)
+    eu_keys, us_keys = keys_of(kw_eu, "eu", 4), keys_of(kw_eu, "us", 4)
+    recs = [record(k.encode(), f"v-{k}".encode()) for k in eu_keys + us_keys]
+    before = kw_eu.metric("keyward_produce_records_total", rule="orders", decision="rejected", reason="foreign_owner")
+
+    results = client.produce(kw_eu.bootstrap, topic, recs, {"linger_ms": 5})
+
+    assert [r["ok"] for r in results] == [True] * 4 + [False] * 4, results
+    for key, r in zip(us_keys, results[4:]):
+        assert r["error_code"] == INVALID_RECORD, r
+        if isinstance(client, JavaClient):
+            # The Java client surfaces keyward's per-record message (KIP-467).
+            _, slot = _slot_of(str(kw_eu.config_path), key)
+            assert f'key "{key}" is owned by region us (rule orders, slot {slot}); this proxy writes for eu' in r[
+                "error_message"
+            ], r
+    stored = eu.read_all(topic)
+    assert sorted(r["key"] for r in stored) == sorted(k.encode() for k in eu_keys)
+    after = kw_eu.metric("keyward_produce_records_total", rule="orders", decision="rejected", reason="foreign_owner")
+    assert after - before >= 4
+
+
+def test_java_partitioner_lines_up_with_slots(eu, kw_eu):
+    """With slots equal to the partition count, the Java client's default partitioner puts
+    each key in the partition numbered like its slot."""
+    topic = unique("orders.aligned")
+    eu.create_topic(topic, partitions=16)
+    keys = keys_of(kw_eu, "eu", 12, prefix="align")
+    results = JavaClient().produce(kw_eu.bootstrap, topic, [record(k.encode(), b"v") for k in keys])
+    assert all(r["ok"] for r in results), results
+    for key, r in zip(keys, results):
+        assert r["partition"] == _slot_of(str(kw_eu.config_path), key)[1]
+
+
+def test_idempotent_producer_keeps_writing_after_rejected_batches(client, eu, kw_eu):
+    """Rejected batches never reach the broker, so the producer's sequence numbers for the
+    partition have a gap; the client must recover by itself and keep writing owned keys to the
+    same partition, without OUT_OF_ORDER_SEQUENCE_NUMBER or a fatal error."""
+    topic = unique("orders.idem")
+    eu.create_topic(topic, partitions=1)
+    eu_keys, us_keys = keys_of(kw_eu, "eu", 6, "idem"), keys_of(kw_eu, "us", 5, "idem")
+    order = [eu_keys[0]]
+    for a, b in zip(us_keys, eu_keys[1:]):
+        order += [a, b]
+    recs = [record(k.encode(), f"{i}".encode(), partition=0) for i, k in enumerate(order)]
+
+    results = client.produce(kw_eu.bootstrap, topic, recs, {"acks": "all", "idempotence": True}, flush_every=1)
+
+    for k, r in zip(order, results):
+        if k in eu_keys:
+            assert r["ok"], (k, r, results)
+        else:
+            assert r["error_code"] == INVALID_RECORD, (k, r)
+    stored = eu.read_all(topic)
+    assert [r["key"] for r in stored] == [k.encode() for k in order if k in eu_keys]
+
+
+def test_a_mixed_request_lands_its_owned_partitions_and_rejects_the_rest(us, kw_us):
+    topic = unique("orders.mixed")
+    us.create_topic(topic, partitions=4)
+    us_keys, eu_keys = keys_of(kw_us, "us", 2, "mix"), keys_of(kw_us, "eu", 2, "mix")
+    recs = [
+        record(us_keys[0].encode(), b"a", partition=0),
+        record(eu_keys[0].encode(), b"b", partition=1),
+        record(us_keys[1].encode(), b"c", partition=2),
+        record(eu_keys[1].encode(), b"d", partition=3),
+    ]
+    before = kw_us.metric("keyward_produce_requests_total", path="partial")
+
+    # A long linger puts all four partitions in one Produce request to the one broker (the
+    # Java client drains every ready partition of a broker into one request; librdkafka sends
+    # one request per partition, so it never mixes).
+    results = JavaClient().produce(kw_us.bootstrap, topic, recs, {"linger_ms": 300})
+
+    assert [r["ok"] for r in results] == [True, False, True, False], results
+    assert [r["error_code"] for r in results[1::2]] == [INVALID_RECORD] * 2
+    assert kw_us.metric("keyward_produce_requests_total", path="partial") > before
+    stored = us.read_all(topic)
+    assert [(r["partition"], r["value"]) for r in stored] == [(0, b"a"), (2, b"c")]
+
+
+def test_mixed_batches_are_refused_whole(eu, kw_eu):
+    """One batch holding keys of two owners is never split: all of it is refused."""
+    topic = unique("orders.batch")
+    eu.create_topic(topic, partitions=1)
+    keys = keys_of(kw_eu, "eu", 3, "mb") + keys_of(kw_eu, "us", 1, "mb")
+    before = kw_eu.metric("keyward_produce_batches_total", reason="mixed_batch")
+    results = JavaClient().produce(
+        kw_eu.bootstrap, topic, [record(k.encode(), b"v", partition=0) for k in keys], {"linger_ms": 200}
+    )
+    assert not any(r["ok"] for r in results), results
+    assert kw_eu.metric("keyward_produce_batches_total", reason="mixed_batch") > before
+    # The foreign record carries keyward's reason; its batch mates the client's generic one.
+    assert "is owned by region us" in results[3]["error_message"], results[3]
+    assert eu.read_all(topic) == []
+
+
+def test_null_keys_follow_the_rule(client, eu, kw_eu):
+    strict, lenient = unique("orders.null"), unique("lenient.null")
+    eu.create_topic(strict, partitions=2)
+    eu.create_topic(lenient, partitions=2)
+    r = client.produce(kw_eu.bootstrap, strict, [record(None, b"no key")])
+    assert r[0]["error_code"] == INVALID_RECORD, r
+    r = client.produce(kw_eu.bootstrap, lenient, [record(None, b"no key")])
+    assert r[0]["ok"], r
+    assert values(eu.read_all(lenient)) == [b"no key"]
+    assert eu.read_all(strict) == []
+
+
+@pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
+def test_compressed_batches_are_inspected(client, codec, eu, kw_eu):
+    topic = unique(f"orders.{codec}")
+    eu.create_topic(topic, partitions=1)
+    owned = keys_of(kw_eu, "eu", 5, "z")
+    foreign = keys_of(kw_eu, "us", 5, "z")
+    cfg = {"compression": codec, "linger_ms": 50}
+    # Values that compress well, so the batch really is compressed.
+    ok = client.produce(kw_eu.bootstrap, topic, [record(k.encode(), b"x" * 500, partition=0) for k in owned], cfg)
+    bad = client.produce(kw_eu.bootstrap, topic, [record(k.encode(), b"y" * 500, partition=0) for k in foreign], cfg)
+    assert all(r["ok"] for r in ok), ok
+    assert all(r["error_code"] == INVALID_RECORD for r in bad), bad
+    assert sorted(r["key"] for r in eu.read_all(topic)) == sorted(k.encode() for k in owned)
+
+
+# --------------------------------------------------------------------------- other rule kinds
+
+
+def test_header_rule(client, eu, kw_eu):
+    topic = unique("tenant.billing")
+    eu.create_topic(topic, partitions=2)
+    recs = [
+        record(b"k1", b"acme", headers=[("tenant", b"acme")]),
+        record(b"k2", b"initech", headers=[("tenant", b"initech")]),
+        record(b"k3", b"none", headers=[("other", b"acme")]),
+        record(b"k4", b"globex", headers=[("trace", b"1"), ("tenant", b"globex")]),
+    ]
+    results = client.produce(kw_eu.bootstrap, topic, recs, {"linger_ms": 0}, flush_every=1)
+    assert [r["ok"] for r in results] == [True, False, False, True], results
+    assert {r["error_code"] for r in results[1:3]} == {INVALID_RECORD}
+    assert sorted(values(eu.read_all(topic))) == [b"acme", b"globex"]
+
+
+def test_partition_topic_any_and_default_rules(eu, kw_eu):
+    client = LibrdkafkaClient()
+    inventory, audit, usonly, metrics, other = (
+        unique("inventory.stock"),
+        unique("audit.login"),
+        unique("usonly.ledger"),
+        unique("metrics.cpu"),
+        unique("unruled"),
+    )
+    eu.create_topic(inventory, partitions=4)
+    for t in (audit, usonly, metrics, other):
+        eu.create_topic(t, partitions=1)
+
+    r = client.produce(kw_eu.bootstrap, inventory, [record(b"a", b"p0", partition=0), record(b"b", b"p2", partition=2)])
+    assert [x["ok"] for x in r] == [True, False] and r[1]["error_code"] == INVALID_RECORD, r
+    assert values(eu.read_all(inventory)) == [b"p0"]
+
+    for topic, expect_ok in ((audit, True), (usonly, False), (metrics, True), (other, True)):
+        r = client.produce(kw_eu.bootstrap, topic, [record(None, b"v")])
+        assert r[0]["ok"] == expect_ok, (topic, r)
+        assert len(eu.read_all(topic)) == (1 if expect_ok else 0)
+
+
+def test_default_reject(keyward_with, eu):
+    kw = keyward_with("eu", TABLE.replace("default: allow", "default: reject"))
+    topic = unique("unruled")
+    eu.create_topic(topic, partitions=1)
+    before = kw.metric("keyward_produce_records_total", reason="default_reject")
+    r = JavaClient().produce(kw.bootstrap, topic, [record(b"k", b"v")])
+    assert r[0]["error_code"] == INVALID_RECORD, r
+    assert "matches no ownership rule and the table's default is reject" in r[0]["error_message"]
+    assert kw.metric("keyward_produce_records_total", reason="default_reject") > before
+    assert eu.read_all(topic) == []
+
+
+def test_audit_forwards_foreign_writes_and_counts_them(eu, kw_eu):
+    topic = unique("watched.orders")
+    eu.create_topic(topic, partitions=1)
+    foreign = keys_of(kw_eu, "us", 2, "aud")
+    before = kw_eu.metric("keyward_produce_records_total", rule="watched", decision="audited")
+    r = FranzClient().produce(kw_eu.bootstrap, topic, [record(k.encode(), b"v", partition=0) for k in foreign])
+    assert all(x["ok"] for x in r), r
+    assert len(eu.read_all(topic)) == 2
+    assert kw_eu.metric("keyward_produce_records_total", rule="watched", decision="audited") - before >= 2
+
+
+# --------------------------------------------------------------------------- frozen
+
+
+def test_frozen_writes_are_retried_until_the_delivery_timeout(client, keyward_with, eu):
+    """A frozen owner's writes get a retriable error: the client keeps retrying and fails only
+    when its own delivery timeout runs out; nothing is written meanwhile."""
+    kw = keyward_with("eu", TABLE + "frozen: [eu]\n")
+    topic = unique("orders.frozen")
+    eu.create_topic(topic, partitions=1)
+    key = keys_of(kw, "eu", 1, "frz")[0]
+    # franz-go retries a retriable produce error after a metadata refresh, and refreshes at
+    # most every 5 s (its MetadataMinAge), so it needs a longer window to show a retry.
+    timeout_ms = 12_000 if isinstance(client, FranzClient) else 4000
+    start = time.monotonic()
+    r = client.produce(
+        kw.bootstrap,
+        topic,
+        [record(key.encode(), b"held", partition=0)],
+        {"delivery_timeout_ms": timeout_ms, "request_timeout_ms": 1000},
+        timeout_s=30,
+    )
+    elapsed = time.monotonic() - start
+    assert not r[0]["ok"], r
+    assert r[0]["error_code"] != INVALID_RECORD, r
+    assert elapsed >= timeout_ms / 1000 * 0.8, (elapsed, r)
+    held = kw.metric("keyward_produce_records_total", decision="held", reason="frozen")
+    assert held >= 2, f"the client retried only {held} times"
+    assert eu.read_all(topic) == []
+
+
+# --------------------------------------------------------------------------- acks=0
+
+
+def _crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    n = (n << 1) ^ (n >> 63)  # zigzag
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _batch(key: bytes, value: bytes) -> bytes:
+    body = b"\x00" + _varint(0) + _varint(0) + _varint(len(key)) + key + _varint(len(value)) + value + _varint(0)
+    rec = _varint(len(body)) + body
+    now = int(time.time() * 1000)
+    after_crc = struct.pack(">hiqqqhii", 0, 0, now, now, -1, -1, -1, 1) + rec
+    after_len = struct.pack(">ib", -1, 2) + struct.pack(">I", _crc32c(after_crc)) + after_crc
+    return struct.pack(">qi", 0, len(after_len)) + after_len
+
+
+def _produce_v3(correlation_id: int, topic: str, key: bytes, acks: int) -> bytes:
+    client_id = b"raw-test"
+    header = struct.pack(">hhih", 0, 3, correlation_id, len(client_id)) + client_id
+    batch = _batch(key, b"raw")
+    t = topic.encode()
+    body = (
+        struct.pack(">hhi", -1, acks, 5000)
+        + struct.pack(">ih", 1, len(t))
+        + t
+        + struct.pack(">iii", 1, 0, len(batch))
+        + batch
+    )
+    msg = header + body
+    return struct.pack(">i", len(msg)) + msg
+
+
+def _api_versions_v0(correlation_id: int) -> bytes:
+    msg = struct.pack(">hhih", 18, 0, correlation_id, 0)
+    return struct.pack(">i", len(msg)) + msg
+
+
+def _recv_frame(sock: socket.socket) -> bytes:
+    def exact(n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = sock.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError("closed")
+            out += chunk
+        return out
+
+    (n,) = struct.unpack(">i", exact(4))
+    return exact(n)
+
+
+def test_acks0_rejection_closes_the_connection(eu, kw_eu):
+    """acks=0 is owed no response, so refusing it closes the connection, as a broker does when
+    an acks=0 produce fails; an accepted acks=0 produce keeps the connection open."""
+    topic = unique("orders.acks0")
+    eu.create_topic(topic, partitions=1)
+    owned, foreign = keys_of(kw_eu, "eu", 1, "a0")[0], keys_of(kw_eu, "us", 1, "a0")[0]
+    leader = eu.admin().list_topics(topic, timeout=10).topics[topic].partitions[0].leader
+    before = kw_eu.metric("keyward_acks0_rejections_total")
+
+    with socket.create_connection(("127.0.0.1", kw_eu.port_base + leader), timeout=10) as s:
+        s.sendall(_produce_v3(1, topic, owned.encode(), acks=0))
+        s.sendall(_api_versions_v0(2))
+        assert struct.unpack(">i", _recv_frame(s)[:4])[0] == 2  # still open, answers in order
+        s.sendall(_produce_v3(3, topic, foreign.encode(), acks=0))
+        with pytest.raises(ConnectionError):
+            _recv_frame(s)
+
+    # acks=0 returns before replication; wait until the record is readable (high watermark).
+    deadline = time.monotonic() + 15
+    while not (stored := eu.read_all(topic)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [r["key"] for r in stored] == [owned.encode()]
+    assert kw_eu.metric("keyward_acks0_rejections_total") == before + 1
+
+
+def test_malformed_frame_closes_only_that_connection(kw_eu, eu):
+    with socket.create_connection(("127.0.0.1", kw_eu.bootstrap_port), timeout=10) as bad:
+        bad.sendall(struct.pack(">i", 12) + b"\x00\x00\x00\x03garbage!")  # produce v3, truncated body
+        with pytest.raises(ConnectionError):
+            _recv_frame(bad)
+    # Everyone else is unaffected.
+    assert LibrdkafkaClient().metadata(kw_eu.bootstrap)
+
+
+# --------------------------------------------------------------------------- reads and groups
+
+
+def test_consumer_groups_work_through_keyward(client, eu, kw_eu):
+    topic = unique("orders.consume")
+    eu.create_topic(topic, partitions=4)
+    keys = keys_of(kw_eu, "eu", 20, "c")
+    produced = client.produce(kw_eu.bootstrap, topic, [record(k.encode(), k.encode()) for k in keys])
+    assert all(r["ok"] for r in produced)
+    group = unique("group")
+
+    got = client.consume(kw_eu.bootstrap, [topic], group, expected_count=20, timeout_s=45)
+    assert sorted(values(got)) == sorted(k.encode() for k in keys)
+
+    # The group's commit holds: a second member of the same group finds nothing new.
+    more = client.consume(kw_eu.bootstrap, [topic], group, expected_count=1, timeout_s=8)
+    assert more == []
+
+
+def test_a_group_rebalances_between_two_members(client, eu, kw_eu):
+    topic = unique("orders.rebalance")
+    eu.create_topic(topic, partitions=4)
+    keys = keys_of(kw_eu, "eu", 40, "rb")
+    assert all(r["ok"] for r in client.produce(kw_eu.bootstrap, topic, [record(k.encode(), k.encode()) for k in keys]))
+    group = unique("group")
+    results: list[list[dict]] = [[], []]
+
+    def member(i: int, delay: float) -> None:
+        time.sleep(delay)
+        results[i] = client.consume(kw_eu.bootstrap, [topic], group, expected_count=40, timeout_s=20)
+
+    threads = [threading.Thread(target=member, args=(0, 0)), threading.Thread(target=member, args=(1, 2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seen = {r["value"] for r in results[0] + results[1]}
+    assert seen == {k.encode() for k in keys}
+
+
+def test_clients_never_learn_a_real_broker_address(client, eu, kw_eu):
+    real = {(n.host, n.port) for n in eu.nodes}
+    brokers = client.metadata(kw_eu.bootstrap)
+    assert [b[0] for b in brokers] == [n.node_id for n in eu.nodes]
+    for node_id, host, port in brokers:
+        assert (host, port) not in real
+        assert (host, port) == ("127.0.0.1", kw_eu.port_base + node_id)
+
+
+def test_describe_cluster_and_find_coordinator_are_rewritten(eu, kw_eu):
+    """The admin APIs that carry addresses: DescribeCluster and FindCoordinator."""
+    topic = unique("orders.coord")
+    eu.create_topic(topic, partitions=1)
+    group = unique("coord-group")
+    LibrdkafkaClient().consume(kw_eu.bootstrap, [topic], group, expected_count=1, timeout_s=5)
+    admin = eu.admin(kw_eu.bootstrap)
+    virtual = kw_eu.virtual_ports()
+
+    cluster = admin.describe_cluster(request_timeout=10).result(timeout=15)
+    assert {(n.host, n.port) for n in cluster.nodes} <= {("127.0.0.1", p) for p in virtual}
+    assert (cluster.controller.host, cluster.controller.port) in {("127.0.0.1", p) for p in virtual}
+
+    desc = admin.describe_consumer_groups([group], request_timeout=10)[group].result(timeout=15)
+    assert (desc.coordinator.host, desc.coordinator.port) in {("127.0.0.1", p) for p in virtual}

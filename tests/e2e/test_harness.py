@@ -107,14 +107,17 @@ def test_broker_error_is_reported_and_the_producer_goes_on(client, eu):
     assert [r["value"] for r in eu.read_all(topic)] == [b"small 1", b"small 2", b"small 3"]
 
 
-def test_consumer_group_reads_and_commits(client, eu):
+@pytest.mark.parametrize("protocol", ["classic", "consumer"])
+def test_consumer_group_reads_and_commits(client, eu, protocol):
     topic = unique(f"group-{client.name}")
-    group = unique(f"g-{client.name}")
+    group = unique(f"g-{client.name}-{protocol}")
     eu.create_topic(topic, partitions=3)
     recs = sample_records(20, "group")
     assert all(r["ok"] for r in LibrdkafkaClient().produce(eu.bootstrap, topic, recs))
 
-    got = client.consume(eu.bootstrap, [topic], group, expected_count=len(recs))
+    got = client.consume(
+        eu.bootstrap, [topic], group, expected_count=len(recs), config={"group_protocol": protocol}
+    )
 
     assert as_set(got) == as_set(recs)
     admin = eu.admin()
@@ -125,6 +128,9 @@ def test_consumer_group_reads_and_commits(client, eu):
     assert {tp.partition: tp.offset for tp in committed.topic_partitions if tp.offset >= 0} == {
         p: e for p, e in ends.items() if e > 0
     }
+    # The client really spoke the group protocol it was asked for.
+    described = admin.describe_consumer_groups([group])[group].result(timeout=15)
+    assert described.type.name == protocol.upper(), described
 
 
 def test_read_all_of_an_empty_topic(eu, us):

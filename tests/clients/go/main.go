@@ -308,6 +308,15 @@ func consume(s *spec) (any, error) {
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
 		kgo.DisableAutoCommit(),
 	)
+	if p := s.Config.GroupProtocol; p != nil {
+		switch *p {
+		case "classic":
+		case "consumer": // KIP-848: the broker assigns partitions
+			opts = append(opts, kgo.ServerSideBalancer(), kgo.Balancers(kgo.RangeBalancer()))
+		default:
+			return nil, fmt.Errorf("bad group_protocol %q", *p)
+		}
+	}
 	cl, err := kgo.NewClient(opts...)
 	if err != nil {
 		return nil, err

@@ -102,7 +102,9 @@ impl Shared {
         let shared = self.clone();
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(async move {
-            let listener_addr = listener.local_addr().ok();
+            let listener_addr = listener
+                .local_addr()
+                .map_or_else(|_| "?".to_owned(), |a| a.to_string());
             loop {
                 let accepted = tokio::select! {
                     a = listener.accept() => a,

@@ -164,3 +164,19 @@ def test_not_enough_replicas_is_reported(clients, eu):
     finally:
         eu.start_node(victim)
     assert eu.read_all(topic) == []
+
+
+@pytest.mark.parametrize("acks", ["1", "0"])
+def test_non_idempotent_acks(client, us, acks):
+    topic = unique(f"acks{acks}-{client.name}")
+    us.create_topic(topic)
+    recs = sample_records(4, f"acks={acks}")
+
+    results = client.produce(us.bootstrap, topic, recs, config={"acks": acks, "compression": "lz4"})
+
+    assert all(r["ok"] for r in results), results
+    if acks == "0":
+        assert {r["offset"] for r in results} == {None}  # nobody knows the offset
+    else:
+        assert [r["offset"] for r in results] == list(range(len(recs)))
+    assert as_set(us.read_until(topic, len(recs))) == as_set(recs)

@@ -230,6 +230,9 @@ func produce(s *spec) (any, error) {
 		idx := i
 		cl.Produce(ctx, kr, func(r *kgo.Record, err error) {
 			d := report(r, err)
+			if d.OK && c.Acks == "0" {
+				d.Offset = nil // acks=0: the broker says nothing; franz-go counts on its own
+			}
 			mu.Lock()
 			results[idx] = d
 			mu.Unlock()

@@ -363,7 +363,11 @@ class LibrdkafkaClient(Client):
             producer.poll(0)
             if flush_every > 0 and (i + 1) % flush_every == 0:
                 producer.flush(max(0.0, deadline - time.monotonic()))
-        producer.flush(max(0.0, deadline - time.monotonic()))
+        if producer.flush(max(0.0, deadline - time.monotonic())) > 0:
+            # Out of time: fail what is left (_PURGE_QUEUE / _PURGE_INFLIGHT reports) rather
+            # than leave librdkafka holding messages while the handle is destroyed.
+            producer.purge()
+            producer.flush(5)
         for i, r in enumerate(results):
             if r is None:
                 results[i] = {

@@ -11,6 +11,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
@@ -79,9 +80,11 @@ def free_port() -> int:
 def pdeathsig_prefix() -> list[str]:
     """Prefix that makes a child die with this process (no orphaned JVMs after a crash).
 
-    Children must be spawned from the main thread: the signal follows the
-    thread that forked.
+    The kernel sends the signal when the THREAD that forked exits, so this is
+    only used from the main thread; elsewhere the child is on its own.
     """
+    if threading.current_thread() is not threading.main_thread():
+        return []
     setpriv = shutil.which("setpriv")
     if setpriv and _setpriv_has_pdeathsig(setpriv):
         return [setpriv, "--pdeathsig", "KILL", "--"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,7 +59,14 @@ class KafkaNode:
         return self.proc is not None and self.proc.poll() is None
 
     def logs(self, lines: int = 40) -> str:
+        """What to show when this node failed: its last ERROR lines, then the tails of its logs."""
+        try:
+            text = (self.dir / "server.log").read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            text = []
+        errors = [l for l in text if " ERROR " in l or " FATAL " in l][-10:]
         return (
+            f"--- node {self.node_id} server.log ERROR lines ---\n" + "\n".join(errors) + "\n"
             f"--- node {self.node_id} server.log (tail) ---\n{env.tail(self.dir / 'server.log', lines)}\n"
             f"--- node {self.node_id} stdout.log (tail) ---\n{env.tail(self.dir / 'stdout.log', lines)}"
         )
@@ -79,7 +87,12 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A Kafka Uuid in its base64 form. Like Kafka's own Uuid.randomUuid, never one that
+    starts with '-': the storage tool would take it for an option."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 LOG4J2 = """\
@@ -262,17 +275,45 @@ class KafkaCluster:
         log.info("%s: node %d pid %d on %s", self.name, node.node_id, node.proc.pid, node.address)
 
     def start(self, timeout_s: float = 120) -> "KafkaCluster":
-        """Start every node and wait until the cluster serves: see wait_ready."""
+        """Start every node and wait until the cluster serves: see wait_ready.
+
+        Ports are picked when the cluster is made and bound only seconds later; if another
+        process took one meanwhile, the cluster is rebuilt once on fresh ports.
+        """
         t0 = time.monotonic()
-        try:
-            self.launch()
-            self.wait_ready(timeout_s)
-        except BaseException:
-            self.stop(grace_s=2)
-            raise
+        for attempt in (1, 2):
+            try:
+                self.launch()
+                self.wait_ready(timeout_s)
+                break
+            except BaseException as e:
+                self.stop(grace_s=2)
+                if attempt == 2 or not isinstance(e, KafkaStartError) or not self._port_was_taken():
+                    raise
+                log.warning("%s: a port was taken before the brokers bound it; retrying on fresh ports", self.name)
+                self._reset()
         self.boot_seconds = time.monotonic() - t0
         log.info("%s: %d broker(s) ready in %.1fs", self.name, self.size, self.boot_seconds)
         return self
+
+    def _port_was_taken(self) -> bool:
+        for node in self.nodes:
+            for name in ("server.log", "stdout.log"):
+                try:
+                    if "Address already in use" in (node.dir / name).read_text(errors="replace"):
+                        return True
+                except FileNotFoundError:
+                    pass
+        return False
+
+    def _reset(self) -> None:
+        """Forget storage and ports: the next launch formats a new cluster on new ports."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.cluster_id = _cluster_id()
+        ports = _free_ports(2 * self.size)
+        for i, node in enumerate(self.nodes):
+            node.port, node.controller_port, node.proc = ports[2 * i], ports[2 * i + 1], None
+        self._formatted = False
 
     def wait_ready(self, timeout_s: float = 120, nodes: Iterable[KafkaNode] | None = None) -> None:
         """Wait until each given node (default: all) answers metadata that lists every
@@ -427,6 +468,16 @@ class KafkaCluster:
     def delete_topic(self, name: str, timeout_s: float = 30) -> None:
         admin = self.admin()
         admin.delete_topics([name], operation_timeout=timeout_s)[name].result(timeout=timeout_s)
+
+    def read_until(self, topic: str, count: int, timeout_s: float = 30) -> list[dict]:
+        """read_all, repeated until the topic holds at least `count` records (for writes nobody
+        acknowledged: acks=0, replication by another process). Returns the last read."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            records = self.read_all(topic, timeout_s=max(1.0, deadline - time.monotonic()))
+            if len(records) >= count or time.monotonic() > deadline:
+                return records
+            time.sleep(0.2)
 
     def read_all(self, topic: str, timeout_s: float = 30, isolation: str = "read_uncommitted") -> list[dict]:
         """Every record of `topic`, read directly from the cluster (no group, no commit).

@@ -332,7 +332,7 @@ def test_frozen_writes_are_retried_until_the_delivery_timeout(client, keyward_wi
     key = keys_of(kw, "eu", 1, "frz")[0]
     # franz-go retries a retriable produce error after a metadata refresh, and refreshes at
     # most every 5 s (its MetadataMinAge), so it needs a longer window to show a retry.
-    timeout_ms = 12_000 if isinstance(client, FranzClient) else 4000
+    timeout_ms = 16_000 if isinstance(client, FranzClient) else 4000
     start = time.monotonic()
     r = client.produce(
         kw.bootstrap,

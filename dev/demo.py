@@ -24,6 +24,8 @@ TOPICS = {"orders": 16, "tenant.billing": 3, "inventory": 12, "audit.login": 1, 
 
 
 def main() -> int:
+    # SIGTERM stops the demo as Ctrl-C does, so everything it started is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     workdir = Path(tempfile.mkdtemp(prefix="keyward-demo-"))
     clusters: dict[str, KafkaCluster] = {}
     proxies: list[subprocess.Popen] = []
@@ -40,13 +42,18 @@ def main() -> int:
         keyward = ROOT / "target/release/keyward"
         for region, (_, config) in REGIONS.items():
             log = open(workdir / f"keyward-{region}.log", "ab")
-            proxies.append(subprocess.Popen([str(keyward), "run", "--config", str(config)], stdout=log, stderr=log))
+            proxies.append(
+                subprocess.Popen(
+                    [*env.pdeathsig_prefix(), str(keyward), "run", "--config", str(config)], stdout=log, stderr=log
+                )
+            )
         time.sleep(1)
         for p in proxies:
             if p.poll() is not None:
                 raise RuntimeError(f"keyward exited; see {workdir}/keyward-*.log")
         print_instructions(workdir)
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        while True:
+            time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:

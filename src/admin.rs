@@ -1,25 +1,54 @@
-//! The admin HTTP server: Prometheus metrics and liveness, on `admin.listen` (loopback by
-//! default). It never sees client traffic and never changes what the proxy decides.
+//! The admin HTTP API, on `admin.listen` (loopback by default): metrics, health and readiness,
+//! the ownership table in force, "who owns this?", and reload. It never sees client traffic.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /metrics` | Prometheus text |
+//! | `GET /healthz` | 200 while the process runs |
+//! | `GET /readyz` | 200, or 503 with the reason (listener not bound, serving cluster down) |
+//! | `GET /ownership` | JSON: version, hash, loaded-at, source file, the canonical table, last reload error |
+//! | `GET /ownership/owner?topic=T&key=K` (or `header=NAME:VALUE`, `partition=N`, `null_key=true`) | the `keyward owner` line |
+//! | `POST /reload` | 200 with the outcome, or 422 with the validation error |
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::State;
-use axum::routing::get;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::ownership;
+use crate::proxy::Shared;
+use crate::reload::{Outcome, Trigger};
+
 /// Installs the process-wide Prometheus recorder. Call once, before any metric is touched.
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("keyward_request_duration_seconds".to_owned()),
+            LATENCY_BUCKETS,
+        )
+        .context("latency buckets")?
         .install_recorder()
         .context("installing the metrics recorder")
 }
+
+/// Request latency buckets (seconds): from 50 µs (keyward's own share of a request) to 10 s (a
+/// broker holding a fetch or a produce waiting for replicas).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
 
 /// Binds the admin listener; a proxy whose admin port is taken does not start.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -30,22 +59,132 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     Ok(listener)
 }
 
+#[derive(Clone)]
+struct AdminState {
+    metrics: PrometheusHandle,
+    shared: Arc<Shared>,
+}
+
 /// Serves the admin API until `shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     metrics: PrometheusHandle,
+    shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(Arc::new(metrics));
+        .route("/readyz", get(readyz))
+        .route("/ownership", get(ownership_json))
+        .route("/ownership/owner", get(owner))
+        .route("/reload", post(reload))
+        .with_state(AdminState { metrics, shared });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
         .context("admin server")
 }
 
-async fn render_metrics(State(metrics): State<Arc<PrometheusHandle>>) -> String {
-    metrics.render()
+async fn render_metrics(State(s): State<AdminState>) -> String {
+    s.metrics.render()
+}
+
+async fn readyz(State(s): State<AdminState>) -> Response {
+    match s.shared.not_ready() {
+        None => "ready\n".into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        )
+            .into_response(),
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+async fn ownership_json(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    let ownership = &s.shared.ownership;
+    let snapshot = ownership.snapshot();
+    let last_error = ownership.last_error().map(|e| {
+        json!({
+            "message": e.message,
+            "at": rfc3339(e.at),
+            "trigger": e.trigger.as_str(),
+        })
+    });
+    Json(json!({
+        "region": s.shared.config.region,
+        "version": snapshot.version,
+        "hash": snapshot.hash,
+        "loaded_at": rfc3339(snapshot.loaded_at),
+        "source": ownership.path().display().to_string(),
+        "last_reload_error": last_error,
+        "table": snapshot.table.canonical_json(),
+    }))
+}
+
+async fn owner(State(s): State<AdminState>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let Some(topic) = q.get("topic") else {
+        return (StatusCode::BAD_REQUEST, "topic is required\n").into_response();
+    };
+    let header = q.get("header").map(|h| h.split_once(':'));
+    let partition = q.get("partition").map(|p| p.parse::<i32>());
+    let query = match (q.get("key"), header, partition, q.get("null_key")) {
+        (Some(k), None, None, None) => ownership::Query::Key(Some(k.as_bytes())),
+        (None, Some(Some((name, value))), None, None) => ownership::Query::Header {
+            name,
+            value: value.as_bytes(),
+        },
+        (None, None, Some(Ok(p)), None) => ownership::Query::Partition(p),
+        (None, None, None, Some(v)) if v == "true" => ownership::Query::Key(None),
+        (None, None, None, None) => ownership::Query::None,
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "give at most one of key=K, header=NAME:VALUE, partition=N, null_key=true\n",
+            )
+                .into_response();
+        }
+    };
+    let snapshot = s.shared.ownership.snapshot();
+    format!(
+        "{}\n",
+        snapshot.table.explain(topic, &query, snapshot.local)
+    )
+    .into_response()
+}
+
+async fn reload(State(s): State<AdminState>) -> Response {
+    let ownership = s.shared.ownership.clone();
+    let outcome = match tokio::task::spawn_blocking(move || ownership.reload(Trigger::Api)).await {
+        Ok(o) => o,
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reload task failed: {e}\n"),
+            )
+                .into_response();
+        }
+    };
+    match outcome {
+        Outcome::Loaded {
+            version,
+            hash,
+            changes,
+        } => {
+            Json(json!({"result": "loaded", "version": version, "hash": hash, "changes": changes}))
+                .into_response()
+        }
+        Outcome::Unchanged { version, hash } => {
+            Json(json!({"result": "unchanged", "version": version, "hash": hash})).into_response()
+        }
+        Outcome::Failed(e) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({"result": "error", "error": e.to_string()})),
+        )
+            .into_response(),
+    }
 }

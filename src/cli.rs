@@ -3,11 +3,14 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use std::sync::Arc;
+
 use anyhow::Context;
 
 use crate::config::Config;
 use crate::ownership::{Query, Table};
 use crate::proxy::{self, Shared};
+use crate::reload::{self, Ownership};
 
 /// Loads the static config and the table it points to, validating both.
 pub fn load(config: &Path) -> anyhow::Result<(Config, Table)> {
@@ -65,31 +68,40 @@ pub fn owner(config: &Path, topic: &str, query: &OwnerQuery) -> anyhow::Result<S
 
 /// `keyward run`: serve until SIGINT or SIGTERM.
 pub fn run(config: &Path) -> anyhow::Result<()> {
-    let (config, table) = load(config)?;
+    let config = Config::load(config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     let metrics = crate::admin::install_recorder()?;
+    let ownership = Arc::new(Ownership::load(
+        &config.ownership_path(),
+        &config.regions(),
+        &config.region,
+    )?);
     runtime.block_on(async move {
-        let admin_addr = config.admin.listen;
-        let shared = Shared::new(config, table)?;
+        let admin_listener = crate::admin::bind(config.admin.listen).await?;
+        let shared = Shared::new(config, ownership.clone())?;
         let stop = shared.shutdown_token();
-        let admin_listener = crate::admin::bind(admin_addr).await?;
-        let admin = crate::admin::serve(admin_listener, metrics, stop.clone());
-        let admin = tokio::spawn(async move {
-            if let Err(e) = admin.await {
-                tracing::error!("{e:#}");
-            }
-        });
-        let stop = stop.clone();
+        let admin = tokio::spawn(crate::admin::serve(
+            admin_listener,
+            metrics,
+            shared.clone(),
+            stop.clone(),
+        ));
+        tokio::spawn(reload::watch_file(ownership.clone(), stop.clone()));
+        tokio::spawn(reload::watch_sighup(ownership, stop.clone()));
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("shutting down");
             stop.cancel();
         });
         let result = proxy::run(shared).await;
-        let _ = admin.await;
+        match admin.await {
+            Ok(Err(e)) => tracing::error!("{e:#}"),
+            Err(e) => tracing::error!("admin task: {e}"),
+            Ok(Ok(())) => {}
+        }
         result
     })
 }

@@ -5,6 +5,8 @@
 //! - [`config`]: the static config file (`keyward.yaml`): region, listeners, clusters.
 //! - [`ownership`]: the ownership table (`ownership.yaml`): parsing, validation, murmur2 and the
 //!   pure lookup "who owns this key / header / partition / topic".
+//! - [`reload`]: the table in force ([`reload::Snapshot`]) and its hot reload (file watch,
+//!   SIGHUP, admin API).
 //! - [`codec`]: Kafka framing, request/response headers and record-batch inspection. Pure parsing,
 //!   no sockets.
 //! - [`policy`]: pure decisions over a decoded Produce request and one ownership snapshot.
@@ -20,3 +22,4 @@ pub mod config;
 pub mod ownership;
 pub mod policy;
 pub mod proxy;
+pub mod reload;

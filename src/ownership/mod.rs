@@ -14,6 +14,8 @@
 //! - `glob`: topic patterns.
 //! - `rule`: [`Rule`] and the per-record claims (the hot path, allocation-free).
 //! - `table`: [`Table`]: rule lookup by topic, takeover and frozen, `explain` and `summary`.
+//! - `canonical`: the table as canonical JSON, its content hash (the same in every region that
+//!   runs the same table) and the one-line diff a reload logs.
 //!
 //! # Lookup, step by step
 //!
@@ -22,6 +24,7 @@
 //! 2. The rule's `claim_*` method for the record gives the raw owner ([`Claim`]).
 //! 3. [`Table::verdict`] applies takeover, then frozen, and compares with the local region.
 
+mod canonical;
 mod file;
 mod glob;
 pub mod murmur2;

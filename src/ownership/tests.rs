@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use std::path::Path;
 
 /// The example of the ownership file format, with regions eu and us.
-const EXAMPLE: &str = r#"
+pub(super) const EXAMPLE: &str = r#"
 rules:                            # first rule whose topics match wins
   - name: orders
     topics: ["orders", "orders.*"]   # exact names or globs (`*` any run of chars, `?` one char)
@@ -46,7 +46,7 @@ fn regions() -> Vec<String> {
     vec!["eu".to_owned(), "us".to_owned()]
 }
 
-fn parse(text: &str) -> Table {
+pub(super) fn parse(text: &str) -> Table {
     match Table::parse(text, Path::new("ownership.yaml"), &regions()) {
         Ok(table) => table,
         Err(e) => panic!("{e}\n{text}"),
@@ -62,7 +62,7 @@ fn rejected(text: &str) -> String {
 }
 
 /// The example with its `takeover:` and `frozen:` lines replaced.
-fn example_with(takeover: &str, frozen: &str) -> Table {
+pub(super) fn example_with(takeover: &str, frozen: &str) -> Table {
     let text = EXAMPLE
         .replace("takeover: {}", &format!("takeover: {takeover}"))
         .replace("frozen: []", &format!("frozen: {frozen}"));

@@ -310,7 +310,7 @@ struct Tally<'t> {
     audited: u32,
     refused: u32,
     /// The first refused record decides the reason and the headline message.
-    first_refusal: Option<(RejectKind, String, RegionId)>,
+    first_refusal: Option<(RejectKind, String, Option<RegionId>)>,
     record_errors: Vec<(i32, String)>,
     frozen: Option<(String, RegionId)>,
 }
@@ -345,11 +345,12 @@ impl<'t> Tally<'t> {
                     self.where_(claim),
                     self.table.region_name(self.local),
                 );
-                self.refuse(index, RejectKind::ForeignOwner, why, owner);
+                self.refuse(index, RejectKind::ForeignOwner, why, Some(owner));
             }
             Verdict::Reject(reason) => {
                 let why = self.describe_reject(reason, subject);
-                self.refuse(index, RejectKind::from_reason(reason), why, self.local);
+                // Refused whatever the region: there is no owner to name.
+                self.refuse(index, RejectKind::from_reason(reason), why, None);
             }
             Verdict::Frozen { owner } => {
                 if self.frozen.is_none() {
@@ -365,7 +366,7 @@ impl<'t> Tally<'t> {
         }
     }
 
-    fn refuse(&mut self, index: i32, kind: RejectKind, why: String, owner: RegionId) {
+    fn refuse(&mut self, index: i32, kind: RejectKind, why: String, owner: Option<RegionId>) {
         self.refused += 1;
         if self.record_errors.len() < MAX_RECORD_ERRORS {
             self.record_errors.push((index, why.clone()));
@@ -465,7 +466,7 @@ impl<'t> Tally<'t> {
                     record_errors: self.record_errors,
                 },
                 rule: None,
-                owner: Some(owner),
+                owner,
                 batches: 1,
                 records: self.records,
             };

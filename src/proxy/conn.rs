@@ -8,7 +8,7 @@
 //! responses leave in request order whether the broker or keyward produced them.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::ApiKey;
@@ -36,15 +36,24 @@ pub enum Target {
     Node(i32),
 }
 
+/// When a request arrived and when it went to the broker, for the latency histograms.
+#[derive(Clone, Copy)]
+struct Timing {
+    api_key: i16,
+    received: Instant,
+    sent: Instant,
+}
+
 /// What the response half does for one request.
 enum Slot {
     /// Read the broker's next response, handle it as `Handling` says, pass it on.
     Broker {
         correlation_id: i32,
         handling: Handling,
+        timing: Timing,
     },
     /// keyward answered this request itself.
-    Local(Bytes),
+    Local(Bytes, Timing),
     /// Close the client connection once everything before this is written (an acks=0 produce
     /// keyward refused: no response is owed, so closing is how the client learns).
     Close,
@@ -100,10 +109,11 @@ impl ConnError {
 }
 
 /// Serves one client connection until either side closes or something is malformed; only this
-/// connection is affected either way.
-pub async fn serve(shared: Arc<Shared>, client: TcpStream, target: Target) {
+/// connection is affected either way. Returns why it ended (a bounded metric label).
+pub async fn serve(shared: Arc<Shared>, client: TcpStream, target: Target) -> &'static str {
     let _ = client.set_nodelay(true);
     let timeout = Duration::from_millis(shared.config.limits.connect_timeout_ms);
+    let cluster = shared.config.region.clone();
     let upstream = match target {
         Target::Bootstrap => {
             super::upstream::connect_any(&shared.config.local_cluster().bootstrap, timeout).await
@@ -116,19 +126,34 @@ pub async fn serve(shared: Arc<Shared>, client: TcpStream, target: Target) {
         },
     };
     let upstream = match upstream {
-        Ok(u) => u,
+        Ok(u) => {
+            counter!("keyward_upstream_connections_opened_total", "cluster" => cluster)
+                .increment(1);
+            u
+        }
         Err(e) => {
             warn!(error = %e, "cannot reach the broker; closing the client connection");
-            counter!("keyward_upstream_connect_errors_total").increment(1);
-            return;
+            counter!("keyward_upstream_connect_errors_total", "cluster" => cluster).increment(1);
+            return "upstream_unreachable";
         }
     };
     match relay(&shared, client, upstream).await {
-        Ok(()) => debug!("connection closed"),
-        Err(ConnError::Io(e)) => debug!(error = %e, "connection closed"),
+        Ok(cause) => {
+            debug!(cause, "connection closed");
+            cause
+        }
+        Err(ConnError::Io(e)) => {
+            debug!(error = %e, "connection closed");
+            "io_error"
+        }
+        Err(ConnError::BrokerClosed) => {
+            debug!("the broker closed the connection");
+            "broker_closed"
+        }
         Err(e) => {
             counter!("keyward_protocol_errors_total", "kind" => e.kind()).increment(1);
             warn!(error = %e, "closing the connection");
+            "protocol_error"
         }
     }
 }
@@ -137,7 +162,7 @@ async fn relay(
     shared: &Arc<Shared>,
     client: TcpStream,
     upstream: TcpStream,
-) -> Result<(), ConnError> {
+) -> Result<&'static str, ConnError> {
     let (client_read, client_write) = client.into_split();
     let (upstream_read, upstream_write) = upstream.into_split();
     let (slots_tx, slots_rx) = mpsc::channel(shared.config.limits.max_in_flight);
@@ -173,18 +198,21 @@ async fn requests(
     mut client: tokio::net::tcp::OwnedReadHalf,
     mut upstream: tokio::net::tcp::OwnedWriteHalf,
     slots: mpsc::Sender<Slot>,
-) -> Result<(), ConnError> {
+) -> Result<&'static str, ConnError> {
     let reader = FrameReader::new(shared.config.limits.max_frame_bytes);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut inflater = Inflater::new(shared.config.limits.max_decompressed_bytes);
     loop {
         let frame = match read_frame(&reader, &mut client, &mut buf).await {
             Ok(Some(f)) => f,
-            Ok(None) => return Ok(()),
+            Ok(None) => return Ok("client_closed"),
             Err(Ok(e)) => return Err(ConnError::ClientFrame(e)),
             Err(Err(e)) => return Err(ConnError::Io(e)),
         };
+        let received = Instant::now();
+        shared.meters.bytes_received.increment(frame.len() as u64);
         let head = RequestHead::parse(&frame).map_err(ConnError::ClientRequest)?;
+        shared.meters.api(head.api_key).requests.increment(1);
         let step = match ApiKey::try_from(head.api_key) {
             Ok(ApiKey::Produce) => produce_step(shared, frame, head, &mut inflater)?,
             Ok(key) => Step::forward(frame, head.correlation_id, handling(key, head.api_version)),
@@ -192,7 +220,7 @@ async fn requests(
             // only a client ignoring ApiVersions sends it.
             Err(()) => Step::forward(frame, head.correlation_id, Handling::Passthrough),
         };
-        if matches!(step.slot, Some(Slot::Close)) {
+        if matches!(step.slot, Some(Pending::Close)) {
             // Whatever part was forwarded goes out first; then the response half flushes what
             // is owed and closes, and this half reads no further request.
             if let Some(bytes) = &step.upstream {
@@ -201,15 +229,27 @@ async fn requests(
             let _ = slots.send(Slot::Close).await;
             std::future::pending::<()>().await;
         }
-        // The slot goes first: a full queue stops keyward reading from this client, which is
-        // the backpressure that bounds a pipelining client's memory here.
-        if let Some(slot) = step.slot
-            && slots.send(slot).await.is_err()
-        {
-            return Ok(());
+        if let Some(bytes) = &step.upstream {
+            upstream.write_all(bytes).await?;
         }
-        if let Some(bytes) = step.upstream {
-            upstream.write_all(&bytes).await?;
+        let timing = Timing {
+            api_key: head.api_key,
+            received,
+            sent: Instant::now(),
+        };
+        // A full queue stops keyward reading from this client: the backpressure that bounds a
+        // pipelining client's memory here.
+        let slot = match step.slot {
+            Some(Pending::Broker(correlation_id, handling)) => Slot::Broker {
+                correlation_id,
+                handling,
+                timing,
+            },
+            Some(Pending::Local(bytes)) => Slot::Local(bytes, timing),
+            Some(Pending::Close) | None => continue,
+        };
+        if slots.send(slot).await.is_err() {
+            return Ok("client_closed");
         }
     }
 }
@@ -228,17 +268,21 @@ fn handling(key: ApiKey, version: i16) -> Handling {
 /// What one request turns into: bytes for the broker, and what the response half must do.
 struct Step {
     upstream: Option<Bytes>,
-    slot: Option<Slot>,
+    slot: Option<Pending>,
+}
+
+/// A response-half instruction before its timing is known.
+enum Pending {
+    Broker(i32, Handling),
+    Local(Bytes),
+    Close,
 }
 
 impl Step {
     fn forward(frame: Bytes, correlation_id: i32, handling: Handling) -> Self {
         Step {
             upstream: Some(frame),
-            slot: Some(Slot::Broker {
-                correlation_id,
-                handling,
-            }),
+            slot: Some(Pending::Broker(correlation_id, handling)),
         }
     }
 }
@@ -255,9 +299,9 @@ fn produce_step(
         frame::request_header_len(&frame, header_version).map_err(ConnError::ClientRequest)?;
     let request = produce::parse(&frame[LENGTH_PREFIX + header_len..], version)?;
     // One snapshot decides the whole request, even if a reload lands meanwhile.
-    let table = shared.table.load();
-    let plan = decide(&request, &table, shared.local, inflater);
-    record_decisions(shared, &table, &plan);
+    let snapshot = shared.ownership.snapshot();
+    let plan = decide(&request, &snapshot.table, snapshot.local, inflater);
+    record_decisions(shared, &snapshot.table, &plan);
 
     let acks0 = request.acks == 0;
     let path = if plan.all_forward() {
@@ -269,17 +313,17 @@ fn produce_step(
     };
     counter!("keyward_produce_requests_total", "path" => path).increment(1);
     if plan.all_forward() {
-        let slot = (!acks0).then_some(Slot::Broker {
-            correlation_id: head.correlation_id,
-            handling: Handling::Produce(version),
-        });
+        let slot = (!acks0).then_some(Pending::Broker(
+            head.correlation_id,
+            Handling::Produce(version),
+        ));
         return Ok(Step {
             upstream: Some(frame),
             slot,
         });
     }
 
-    let reply = ProduceReply::new(version, &request, &plan);
+    let reply = ProduceReply::new(version, &request, &plan, snapshot.short_hash());
     let upstream = if plan.none_forward() {
         None
     } else {
@@ -292,14 +336,11 @@ fn produce_step(
         warn!(
             "refused part of an acks=0 produce; closing the connection as a broker does, so the producer notices"
         );
-        Slot::Close
+        Pending::Close
     } else if upstream.is_some() {
-        Slot::Broker {
-            correlation_id: head.correlation_id,
-            handling: Handling::ProduceMerge(reply),
-        }
+        Pending::Broker(head.correlation_id, Handling::ProduceMerge(reply))
     } else {
-        Slot::Local(reply.local_response(head.correlation_id)?)
+        Pending::Local(reply.local_response(head.correlation_id)?)
     };
     Ok(Step {
         upstream,
@@ -343,19 +384,20 @@ async fn responses(
     mut upstream: tokio::net::tcp::OwnedReadHalf,
     mut client: tokio::net::tcp::OwnedWriteHalf,
     mut slots: mpsc::Receiver<Slot>,
-) -> Result<(), ConnError> {
+) -> Result<&'static str, ConnError> {
     let reader = FrameReader::new(shared.config.limits.max_frame_bytes);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     while let Some(slot) = slots.recv().await {
-        let out = match slot {
-            Slot::Local(bytes) => bytes,
+        let (out, timing, broker_wait, handled) = match slot {
+            Slot::Local(bytes, timing) => (bytes, timing, None, Instant::now()),
             Slot::Close => {
                 client.shutdown().await?;
-                return Ok(());
+                return Ok("acks0_rejected");
             }
             Slot::Broker {
                 correlation_id,
                 handling,
+                timing,
             } => {
                 let frame = match read_frame(&reader, &mut upstream, &mut buf).await {
                     Ok(Some(f)) => f,
@@ -363,6 +405,7 @@ async fn responses(
                     Err(Ok(e)) => return Err(ConnError::BrokerFrame(e)),
                     Err(Err(e)) => return Err(ConnError::Io(e)),
                 };
+                let arrived = Instant::now();
                 let got = frame::response_correlation_id(&frame)
                     .map_err(|e| ConnError::BrokerFrame(FrameError::Header(e)))?;
                 if got != correlation_id {
@@ -371,12 +414,26 @@ async fn responses(
                         got,
                     });
                 }
-                respond(shared, handling, frame)?
+                let out = respond(shared, handling, frame)?;
+                (out, timing, Some(arrived - timing.sent), arrived)
             }
         };
         client.write_all(&out).await?;
+        let meters = shared.meters.api(timing.api_key);
+        let done = Instant::now();
+        match broker_wait {
+            Some(wait) => {
+                meters.broker_seconds.record(wait.as_secs_f64());
+                let proxy = (timing.sent - timing.received) + (done - handled);
+                meters.proxy_seconds.record(proxy.as_secs_f64());
+            }
+            None => meters
+                .proxy_seconds
+                .record((done - timing.received).as_secs_f64()),
+        }
+        shared.meters.bytes_sent.increment(out.len() as u64);
     }
-    Ok(())
+    Ok("client_closed")
 }
 
 fn respond(shared: &Arc<Shared>, handling: Handling, frame: Bytes) -> Result<Bytes, RewriteError> {

@@ -7,6 +7,7 @@
 
 pub mod brokers;
 pub mod conn;
+pub mod meters;
 pub mod produce;
 pub mod rewrite;
 pub mod upstream;
@@ -14,31 +15,28 @@ pub mod versions;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
 use kafka_protocol::protocol::StrBytes;
-use metrics::counter;
+use metrics::{counter, gauge};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::Config;
-use crate::ownership::{RegionId, Table};
+use crate::reload::Ownership;
 use brokers::{BrokerMap, UnmappableNode};
 use conn::Target;
 
 /// State shared by every connection of one keyward process.
 pub struct Shared {
     pub config: Config,
-    /// The ownership table in force. A request loads it once and decides against that snapshot.
-    pub table: ArcSwap<Table>,
-    /// The region this instance writes for.
-    pub local: RegionId,
+    /// The ownership table in force. A request loads one snapshot and decides against it.
+    pub ownership: Arc<Ownership>,
     pub brokers: BrokerMap,
     advertised_host: StrBytes,
     bound: Mutex<HashSet<i32>>,
@@ -46,19 +44,21 @@ pub struct Shared {
     shutdown: CancellationToken,
     tasks: TaskTracker,
     pub rejection_log: RateLimit,
+    pub meters: meters::RequestMetrics,
+    bootstrap_bound: AtomicBool,
+    serving_cluster_up: AtomicBool,
 }
 
 impl Shared {
-    pub fn new(config: Config, table: Table) -> anyhow::Result<Arc<Self>> {
-        let local = table
-            .region_id(&config.region)
-            .with_context(|| format!("region {:?} is not in the ownership table", config.region))?;
+    pub fn new(config: Config, ownership: Arc<Ownership>) -> anyhow::Result<Arc<Self>> {
         Ok(Arc::new(Self {
             brokers: BrokerMap::new(config.listen.broker_port_base),
             advertised_host: StrBytes::from_string(config.listen.advertised_host.clone()),
             config,
-            table: ArcSwap::from_pointee(table),
-            local,
+            ownership,
+            meters: meters::RequestMetrics::new(),
+            bootstrap_bound: AtomicBool::new(false),
+            serving_cluster_up: AtomicBool::new(false),
             bound: Mutex::new(HashSet::new()),
             next_connection: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
@@ -114,16 +114,21 @@ impl Shared {
                     Ok((stream, peer)) => {
                         let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
                         counter!("keyward_client_connections_opened_total").increment(1);
+                        let open = gauge!("keyward_client_connections_open");
+                        open.increment(1.0);
                         let span =
                             info_span!("conn", id, client = %peer, listener = ?listener_addr);
                         let s = shared.clone();
                         let stop = shared.shutdown.clone();
                         shared.tasks.spawn(
                             async move {
-                                tokio::select! {
-                                    () = conn::serve(s, stream, target) => {}
-                                    () = stop.cancelled() => {}
-                                }
+                                let cause = tokio::select! {
+                                    cause = conn::serve(s, stream, target) => cause,
+                                    () = stop.cancelled() => "shutdown",
+                                };
+                                open.decrement(1.0);
+                                counter!("keyward_client_connections_closed_total", "cause" => cause)
+                                    .increment(1);
                             }
                             .instrument(span),
                         );
@@ -205,6 +210,7 @@ pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
     let timeout = Duration::from_millis(shared.config.limits.connect_timeout_ms);
     match upstream::fetch_brokers(cluster, timeout).await {
         Ok(found) => {
+            shared.serving_cluster_up.store(true, Ordering::Relaxed);
             for (node_id, host, port) in found {
                 if let Err(e) = shared.learn_broker(node_id, &host, port) {
                     error!(error = %e, "serving cluster broker cannot be mapped");
@@ -214,6 +220,8 @@ pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
         Err(e) => warn!(error = %e, "serving cluster not reachable yet"),
     }
     shared.spawn_accept(bootstrap, Target::Bootstrap);
+    shared.bootstrap_bound.store(true, Ordering::Relaxed);
+    shared.tasks.spawn(probe_clusters(shared.clone()));
 
     shared.shutdown.cancelled().await;
     shared.tasks.close();
@@ -229,5 +237,68 @@ pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
 impl Shared {
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+
+    /// Why this instance should not receive traffic, or `None` when it is ready: the bootstrap
+    /// listener is bound, a valid table is loaded (always true once started: an invalid table
+    /// stops keyward at start and never replaces a valid one), and the serving cluster answers.
+    pub fn not_ready(&self) -> Option<String> {
+        if !self.bootstrap_bound.load(Ordering::Relaxed) {
+            return Some("the bootstrap listener is not bound yet".to_owned());
+        }
+        if !self.serving_cluster_up.load(Ordering::Relaxed) {
+            return Some(format!(
+                "the serving cluster ({}) does not answer metadata requests",
+                self.config.region
+            ));
+        }
+        None
+    }
+}
+
+/// How often every cluster is asked for metadata. A probe is a Metadata request listing no
+/// topics: it shows the cluster answers, and on the serving cluster it also teaches keyward
+/// brokers that joined since start.
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
+async fn probe_clusters(shared: Arc<Shared>) {
+    let timeout =
+        Duration::from_millis(shared.config.limits.connect_timeout_ms).min(PROBE_INTERVAL);
+    loop {
+        for (region, cluster) in &shared.config.clusters {
+            let up = match upstream::fetch_brokers(&cluster.bootstrap, timeout).await {
+                Ok(brokers) => {
+                    if *region == shared.config.region {
+                        for (node_id, host, port) in brokers {
+                            if let Err(e) = shared.learn_broker(node_id, &host, port) {
+                                error!(error = %e, "serving cluster broker cannot be mapped");
+                            }
+                        }
+                    }
+                    true
+                }
+                Err(e) => {
+                    warn!(cluster = %region, error = %e, "cluster probe failed");
+                    false
+                }
+            };
+            if *region == shared.config.region {
+                shared.serving_cluster_up.store(up, Ordering::Relaxed);
+            }
+            gauge!("keyward_cluster_up", "cluster" => region.clone()).set(if up {
+                1.0
+            } else {
+                0.0
+            });
+        }
+        gauge!("keyward_ready").set(if shared.not_ready().is_none() {
+            1.0
+        } else {
+            0.0
+        });
+        tokio::select! {
+            () = tokio::time::sleep(PROBE_INTERVAL) => {}
+            () = shared.shutdown.cancelled() => return,
+        }
     }
 }

@@ -43,7 +43,15 @@ pub struct ProduceReply {
 pub type PartitionSlot = (i32, Option<LocalAnswer>);
 
 impl ProduceReply {
-    pub fn new(version: i16, request: &ProduceView<'_>, plan: &ProducePlan) -> Self {
+    /// `table_hash` (a prefix of the table's content hash) is appended to every message, so a
+    /// refused producer can tell which table refused it.
+    pub fn new(
+        version: i16,
+        request: &ProduceView<'_>,
+        plan: &ProducePlan,
+        table_hash: &str,
+    ) -> Self {
+        let tagged = |m: &str| format!("{m} [ownership table {table_hash}]");
         let mut actions = plan.partitions.iter();
         let topics = request
             .topics
@@ -61,12 +69,15 @@ impl ProduceReply {
                                 ..
                             }) => Some(LocalAnswer {
                                 error_code: *error_code,
-                                message: message.clone(),
-                                record_errors: record_errors.clone(),
+                                message: tagged(message),
+                                record_errors: record_errors
+                                    .iter()
+                                    .map(|(i, m)| (*i, tagged(m)))
+                                    .collect(),
                             }),
                             Some(Action::Hold { message }) => Some(LocalAnswer {
                                 error_code: crate::policy::produce::NOT_ENOUGH_REPLICAS,
-                                message: message.clone(),
+                                message: tagged(message),
                                 record_errors: Vec::new(),
                             }),
                             _ => None,

@@ -8,11 +8,13 @@ operators would see.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -59,7 +61,9 @@ class Keyward:
         *,
         name: str | None = None,
         extra_config: str = "",
+        args: tuple[str, ...] = (),
     ) -> None:
+        self.args = tuple(args)
         self.region = region
         self.clusters = clusters
         self.dir = Path(workdir) / (name or f"keyward-{region}")
@@ -100,7 +104,7 @@ ownership_file: ownership.yaml
     def start(self, timeout_s: float = 20) -> "Keyward":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [*env.pdeathsig_prefix(), str(binary()), "run", "--config", str(self.config_path)],
+            [*env.pdeathsig_prefix(), str(binary()), "run", "--config", str(self.config_path), *self.args],
             stdout=log,
             stderr=log,
             env={**os.environ, "KEYWARD_LOG": os.environ.get("KEYWARD_LOG", "info,keyward=debug")},
@@ -135,6 +139,20 @@ ownership_file: ownership.yaml
 
     def logs(self, lines: int = 80) -> str:
         return env.tail(self.log_path, lines)
+
+    def admin(self, path: str, method: str = "GET") -> tuple[int, str]:
+        """One admin API call: (status, body), error statuses included."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}", method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def ownership(self) -> dict:
+        status, body = self.admin("/ownership")
+        assert status == 200, body
+        return json.loads(body)
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5) as r:

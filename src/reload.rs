@@ -1,0 +1,366 @@
+//! The ownership table in force, and how it is replaced while keyward runs.
+//!
+//! A reload reads and validates the whole file first; only a valid table replaces the old one,
+//! in one atomic swap. A produce request loads one [`Snapshot`] and decides against it to the
+//! end, so no request ever sees two tables. An invalid file never replaces a valid table: the old
+//! one keeps serving and the error stays visible (log, metrics, `/ownership`) until a valid
+//! reload succeeds.
+//!
+//! Triggers: a change to the file (its directory is watched, so editors that write a new file
+//! and rename it, and Kubernetes ConfigMap volumes that swap a `..data` symlink, are both seen;
+//! bursts of events are debounced), SIGHUP, and `POST /reload` on the admin API.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use metrics::{counter, gauge};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::ownership::{RegionId, Table, TableError};
+
+/// One loaded table with what identifies it.
+pub struct Snapshot {
+    pub table: Table,
+    /// Counts successful loads in this process, from 1.
+    pub version: u64,
+    /// SHA-256 of the canonical table: equal across instances that run the same table.
+    pub hash: String,
+    pub loaded_at: SystemTime,
+    /// The region this instance writes for, as the table numbers it.
+    pub local: RegionId,
+}
+
+impl Snapshot {
+    /// The hash prefix shown in rejection messages and logs.
+    pub fn short_hash(&self) -> &str {
+        &self.hash[..self.hash.len().min(12)]
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Startup,
+    File,
+    Sighup,
+    Api,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Startup => "startup",
+            Trigger::File => "file",
+            Trigger::Sighup => "sighup",
+            Trigger::Api => "api",
+        }
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Loaded {
+        version: u64,
+        hash: String,
+        changes: String,
+    },
+    /// The file decodes to the table already in force; nothing was swapped.
+    Unchanged {
+        version: u64,
+        hash: String,
+    },
+    Failed(TableError),
+}
+
+/// The last failed reload, kept until a reload succeeds.
+#[derive(Debug, Clone)]
+pub struct ReloadError {
+    pub message: String,
+    pub at: SystemTime,
+    pub trigger: Trigger,
+}
+
+pub struct Ownership {
+    current: ArcSwap<Snapshot>,
+    path: PathBuf,
+    regions: Vec<String>,
+    local_region: String,
+    /// Serializes reloads (file, signal and API may fire together) and holds the last error.
+    state: Mutex<Option<ReloadError>>,
+}
+
+impl Ownership {
+    /// Loads the table at start; an invalid table here stops keyward from starting.
+    pub fn load(path: &Path, regions: &[String], local_region: &str) -> Result<Self, TableError> {
+        let table = Table::load(path, regions)?;
+        let snapshot = Self::snapshot_of(table, 1, local_region, path)?;
+        let ownership = Self {
+            current: ArcSwap::from_pointee(snapshot),
+            path: path.to_owned(),
+            regions: regions.to_vec(),
+            local_region: local_region.to_owned(),
+            state: Mutex::new(None),
+        };
+        ownership.publish(Trigger::Startup, "loaded", None);
+        Ok(ownership)
+    }
+
+    fn snapshot_of(
+        table: Table,
+        version: u64,
+        local_region: &str,
+        path: &Path,
+    ) -> Result<Snapshot, TableError> {
+        let local = table.region_id(local_region).ok_or_else(|| TableError {
+            file: path.to_owned(),
+            path: String::new(),
+            message: format!("region {local_region:?} is not one of the table's regions"),
+        })?;
+        Ok(Snapshot {
+            hash: table.content_hash(),
+            table,
+            version,
+            loaded_at: SystemTime::now(),
+            local,
+        })
+    }
+
+    /// The table in force. Load once per decision and keep the `Arc` for its duration.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn last_error(&self) -> Option<ReloadError> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads, validates and, if valid and different, swaps in the file's table.
+    pub fn reload(&self, trigger: Trigger) -> Outcome {
+        let mut last_error = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.current.load_full();
+        let loaded = Table::load(&self.path, &self.regions).and_then(|table| {
+            Self::snapshot_of(table, old.version + 1, &self.local_region, &self.path)
+        });
+        let outcome = match loaded {
+            Err(e) => {
+                error!(
+                    trigger = trigger.as_str(),
+                    version = old.version,
+                    hash = old.short_hash(),
+                    "ownership table reload failed; the old table keeps serving: {e}"
+                );
+                *last_error = Some(ReloadError {
+                    message: e.to_string(),
+                    at: SystemTime::now(),
+                    trigger,
+                });
+                Outcome::Failed(e)
+            }
+            Ok(new) if new.hash == old.hash => {
+                *last_error = None;
+                Outcome::Unchanged {
+                    version: old.version,
+                    hash: old.hash.clone(),
+                }
+            }
+            Ok(new) => {
+                let changes = new.table.diff_summary(&old.table);
+                info!(
+                    trigger = trigger.as_str(),
+                    version = new.version,
+                    hash = new.short_hash(),
+                    previous_hash = old.short_hash(),
+                    "ownership table loaded: {changes}"
+                );
+                let outcome = Outcome::Loaded {
+                    version: new.version,
+                    hash: new.hash.clone(),
+                    changes,
+                };
+                self.current.store(Arc::new(new));
+                *last_error = None;
+                outcome
+            }
+        };
+        let result = match &outcome {
+            Outcome::Loaded { .. } => "loaded",
+            Outcome::Unchanged { .. } => "unchanged",
+            Outcome::Failed(_) => "error",
+        };
+        let previous = matches!(outcome, Outcome::Loaded { .. }).then_some(old.hash.as_str());
+        drop(last_error);
+        self.publish(trigger, result, previous);
+        outcome
+    }
+
+    /// Brings the table metrics up to date with the table in force.
+    fn publish(&self, trigger: Trigger, result: &'static str, previous_hash: Option<&str>) {
+        counter!("keyward_table_reloads_total", "trigger" => trigger.as_str(), "result" => result)
+            .increment(1);
+        let current = self.current.load();
+        if let Some(previous) = previous_hash {
+            gauge!("keyward_table_info", "hash" => previous.to_owned()).set(0.0);
+        }
+        gauge!("keyward_table_info", "hash" => current.hash.clone()).set(1.0);
+        gauge!("keyward_table_version").set(current.version as f64);
+        if result != "error" {
+            let at = current
+                .loaded_at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default();
+            gauge!("keyward_table_last_reload_success_timestamp_seconds").set(at.as_secs_f64());
+        }
+        let failing = self.last_error().is_some();
+        gauge!("keyward_table_reload_failing").set(if failing { 1.0 } else { 0.0 });
+    }
+}
+
+/// Quiet time after the last file event before reloading: editors write in bursts.
+const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// Reloads whenever the table file's directory changes, until `shutdown`.
+pub async fn watch_file(ownership: Arc<Ownership>, shutdown: CancellationToken) {
+    let path = ownership.path().to_owned();
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    // One pending wake-up is all a burst needs; further events while one waits are dropped.
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let name = path.file_name().map(|n| n.to_owned());
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event
+            && concerns_table(&event, name.as_deref())
+        {
+            let _ = tx.try_send(());
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => {
+            warn!(error = %e, "cannot watch the ownership file; reload with SIGHUP or POST /reload");
+            return;
+        }
+    };
+    use notify::Watcher;
+    if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+        warn!(dir = %dir.display(), error = %e, "cannot watch the ownership file's directory; reload with SIGHUP or POST /reload");
+        return;
+    }
+    info!(file = %path.display(), "watching the ownership table for changes");
+    loop {
+        tokio::select! {
+            event = rx.recv() => if event.is_none() { return },
+            () = shutdown.cancelled() => return,
+        }
+        // Wait for the burst to end.
+        loop {
+            tokio::select! {
+                more = tokio::time::timeout(DEBOUNCE, rx.recv()) => match more {
+                    Ok(Some(())) => continue,
+                    Ok(None) => return,
+                    Err(_) => break,
+                },
+                () = shutdown.cancelled() => return,
+            }
+        }
+        let o = ownership.clone();
+        let _ = tokio::task::spawn_blocking(move || o.reload(Trigger::File)).await;
+    }
+}
+
+/// Whether a directory event can have changed the table: a change (not a read: keyward's own
+/// reloads read the table) to the table's own name, or to the `..data` symlink through which a
+/// Kubernetes ConfigMap volume swaps all its files at once. Other files in the directory (a log
+/// file, the static config) do not count.
+fn concerns_table(event: &notify::Event, name: Option<&std::ffi::OsStr>) -> bool {
+    use notify::EventKind::{Any, Create, Modify, Remove};
+    if !matches!(event.kind, Any | Create(_) | Modify(_) | Remove(_)) {
+        return false;
+    }
+    event.paths.is_empty()
+        || event.paths.iter().any(|p| {
+            let file = p.file_name();
+            file == name || file.is_some_and(|f| f.to_string_lossy().starts_with("..data"))
+        })
+}
+
+/// Reloads on every SIGHUP, until `shutdown`.
+pub async fn watch_sighup(ownership: Arc<Ownership>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGHUP");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            s = hup.recv() => if s.is_none() { return },
+            () = shutdown.cancelled() => return,
+        }
+        info!("SIGHUP: reloading the ownership table");
+        let o = ownership.clone();
+        let _ = tokio::task::spawn_blocking(move || o.reload(Trigger::Sighup)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TABLE: &str = "rules:\n  - name: orders\n    topics: [orders]\n    by: key\n    slots: 2\n    owners: { eu: [\"0\"], us: [\"1\"] }\n";
+
+    fn regions() -> Vec<String> {
+        vec!["eu".into(), "us".into()]
+    }
+
+    #[test]
+    fn an_invalid_table_never_replaces_a_valid_one() {
+        let dir = std::env::temp_dir().join(format!("keyward-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("ownership.yaml");
+        std::fs::write(&file, TABLE).unwrap();
+        let o = Ownership::load(&file, &regions(), "eu").unwrap();
+        let first = o.snapshot();
+        assert_eq!(first.version, 1);
+
+        std::fs::write(&file, TABLE.replace("[\"1\"]", "[\"0\"]")).unwrap();
+        match o.reload(Trigger::Api) {
+            Outcome::Failed(e) => assert!(e.to_string().contains("slot 0 is also owned"), "{e}"),
+            other => panic!("expected failure, got {other:?}"),
+        }
+        assert_eq!(o.snapshot().hash, first.hash, "the old table keeps serving");
+        assert!(o.last_error().is_some());
+
+        std::fs::write(&file, format!("# a comment\n{TABLE}")).unwrap();
+        assert!(matches!(
+            o.reload(Trigger::Sighup),
+            Outcome::Unchanged { version: 1, .. }
+        ));
+        assert!(o.last_error().is_none(), "a valid reload clears the error");
+
+        std::fs::write(
+            &file,
+            TABLE.replace("slots: 2", "slots: 2\n    null_key: local"),
+        )
+        .unwrap();
+        match o.reload(Trigger::File) {
+            Outcome::Loaded { version, .. } => assert_eq!(version, 2),
+            other => panic!("expected a load, got {other:?}"),
+        }
+        assert_ne!(o.snapshot().hash, first.hash);
+        // A snapshot taken before the swap is unaffected by it.
+        assert_eq!(first.version, 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -297,6 +297,96 @@ mod tests {
         }
     }
 
+    fn decode_body<T: Decodable>(out: &Bytes, api: ApiKey, version: i16) -> T {
+        let hl = frame::response_header_len(out, api.response_header_version(version)).unwrap();
+        let mut body = out.slice(4 + hl..);
+        T::decode(&mut body, version).unwrap()
+    }
+
+    #[test]
+    fn find_coordinator_is_rewritten_in_both_forms() {
+        use kafka_protocol::messages::find_coordinator_response::Coordinator;
+        for version in 0..=3 {
+            let r = FindCoordinatorResponse::default()
+                .with_node_id(BrokerId(1))
+                .with_host(StrBytes::from_static_str("10.0.0.1"))
+                .with_port(9092);
+            let f = response_frame(ApiKey::FindCoordinator, version, &r);
+            let back: FindCoordinatorResponse = decode_body(
+                &find_coordinator(&f, version, &To).unwrap(),
+                ApiKey::FindCoordinator,
+                version,
+            );
+            assert_eq!(
+                (back.host.as_str(), back.port),
+                ("proxy", 9001),
+                "v{version}"
+            );
+        }
+        for version in 4..=6 {
+            let r = FindCoordinatorResponse::default().with_coordinators(vec![
+                Coordinator::default()
+                    .with_key(StrBytes::from_static_str("group-a"))
+                    .with_node_id(BrokerId(2))
+                    .with_host(StrBytes::from_static_str("10.0.0.2"))
+                    .with_port(9092),
+                // A failed lookup carries no address to rewrite.
+                Coordinator::default()
+                    .with_key(StrBytes::from_static_str("group-b"))
+                    .with_node_id(BrokerId(-1))
+                    .with_error_code(15),
+            ]);
+            let f = response_frame(ApiKey::FindCoordinator, version, &r);
+            let back: FindCoordinatorResponse = decode_body(
+                &find_coordinator(&f, version, &To).unwrap(),
+                ApiKey::FindCoordinator,
+                version,
+            );
+            let c = &back.coordinators;
+            assert_eq!(
+                (c[0].host.as_str(), c[0].port),
+                ("proxy", 9002),
+                "v{version}"
+            );
+            assert_eq!((c[1].host.as_str(), c[1].error_code), ("", 15));
+        }
+    }
+
+    #[test]
+    fn describe_cluster_and_produce_endpoints_are_rewritten() {
+        use kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
+        use kafka_protocol::messages::produce_response::NodeEndpoint as ProduceEndpoint;
+        for version in 0..=2 {
+            let r = DescribeClusterResponse::default().with_brokers(vec![
+                DescribeClusterBroker::default()
+                    .with_broker_id(BrokerId(3))
+                    .with_host(StrBytes::from_static_str("10.0.0.3"))
+                    .with_port(9092),
+            ]);
+            let f = response_frame(ApiKey::DescribeCluster, version, &r);
+            let back: DescribeClusterResponse = decode_body(
+                &describe_cluster(&f, version, &To).unwrap(),
+                ApiKey::DescribeCluster,
+                version,
+            );
+            assert_eq!(
+                (back.brokers[0].host.as_str(), back.brokers[0].port),
+                ("proxy", 9003)
+            );
+        }
+        let mut r = ProduceResponse::default().with_node_endpoints(vec![
+            ProduceEndpoint::default()
+                .with_node_id(BrokerId(2))
+                .with_host(StrBytes::from_static_str("10.0.0.2"))
+                .with_port(9092),
+        ]);
+        produce_endpoints(&mut r, &To).unwrap();
+        assert_eq!(
+            (r.node_endpoints[0].host.as_str(), r.node_endpoints[0].port),
+            ("proxy", 9002)
+        );
+    }
+
     fn fetch_response(with_endpoints: bool) -> FetchResponse {
         let r = FetchResponse::default().with_responses(vec![
             FetchableTopicResponse::default().with_partitions(vec![

@@ -75,7 +75,7 @@ def print_instructions(workdir: Path) -> None:
 keyward two-region demo is up.
 
   region eu: Kafka 127.0.0.1:19092, keyward bootstrap 127.0.0.1:9192, admin http://127.0.0.1:9190/metrics
-  region us: Kafka 127.0.0.1:29092, keyward bootstrap 127.0.0.1:9292, admin http://127.0.0.1:9290/metrics
+  region us: Kafka 127.0.0.1:29092, keyward bootstrap 127.0.0.1:9492, admin http://127.0.0.1:9490/metrics
   ownership table: config/ownership.yaml (orders: slots 0-7 eu, 8-15 us); logs: {workdir}
 
 Who owns a key?

@@ -31,6 +31,8 @@ pub struct Config {
     pub ownership_file: PathBuf,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub reads: Reads,
     /// Where this config was read from (not a YAML field).
     #[serde(skip)]
     pub source: PathBuf,
@@ -48,6 +50,89 @@ pub struct Listen {
     /// The interface virtual broker ports bind to; defaults to the bootstrap's address.
     #[serde(default)]
     pub broker_bind: Option<std::net::IpAddr>,
+    /// Virtual node ids (and ports) reserved per cluster: the local cluster's node N is virtual
+    /// node N, the next cluster's is `ports_per_cluster + N`, and so on, so a client never
+    /// confuses brokers of two clusters. Real node ids must be below it.
+    #[serde(default = "Listen::default_ports_per_cluster")]
+    pub ports_per_cluster: u16,
+}
+
+impl Listen {
+    fn default_ports_per_cluster() -> u16 {
+        100
+    }
+}
+
+/// Where non-produce traffic goes: the first healthy cluster in preference order.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reads {
+    /// `[eu, us]` (nearest first), or `nearest` (lowest measured round-trip time). Default: the
+    /// local region first, then the others by name.
+    #[serde(default)]
+    pub prefer: Prefer,
+    /// How often every cluster is probed with a Metadata request.
+    #[serde(default = "Reads::default_probe_interval_ms")]
+    pub probe_interval_ms: u64,
+    /// How long a probe may take before the cluster counts as down.
+    #[serde(default = "Reads::default_probe_timeout_ms")]
+    pub probe_timeout_ms: u64,
+    /// How long a more preferred cluster must stay healthy before keyward switches back to it,
+    /// so a flapping cluster does not cause a reconnect storm.
+    #[serde(default = "Reads::default_hold_down_ms")]
+    pub hold_down_ms: u64,
+}
+
+impl Reads {
+    fn default_probe_interval_ms() -> u64 {
+        2_000
+    }
+    fn default_probe_timeout_ms() -> u64 {
+        1_000
+    }
+    fn default_hold_down_ms() -> u64 {
+        30_000
+    }
+}
+
+impl Default for Reads {
+    fn default() -> Self {
+        Self {
+            prefer: Prefer::default(),
+            probe_interval_ms: Self::default_probe_interval_ms(),
+            probe_timeout_ms: Self::default_probe_timeout_ms(),
+            hold_down_ms: Self::default_hold_down_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Prefer {
+    /// The local region first, then the others by name.
+    #[default]
+    LocalFirst,
+    /// These clusters only, nearest first (`[eu]` alone turns read failover off).
+    Order(Vec<String>),
+    /// Lowest measured round-trip time first.
+    Nearest,
+}
+
+impl<'de> Deserialize<'de> for Prefer {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Word(String),
+            List(Vec<String>),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Word(w) if w == "nearest" => Ok(Prefer::Nearest),
+            Raw::Word(w) => Err(serde::de::Error::custom(format!(
+                "expected a list of regions or `nearest`, got {w:?}"
+            ))),
+            Raw::List(l) => Ok(Prefer::Order(l)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -187,6 +272,47 @@ impl Config {
                 "must be at least 1024".into(),
             ));
         }
+        if let Prefer::Order(order) = &config.reads.prefer {
+            for (i, region) in order.iter().enumerate() {
+                if !config.clusters.contains_key(region) {
+                    return Err(error(
+                        &format!("reads.prefer[{i}]"),
+                        format!("{region:?} has no entry in clusters"),
+                    ));
+                }
+                if order[..i].contains(region) {
+                    return Err(error(
+                        &format!("reads.prefer[{i}]"),
+                        format!("{region:?} is listed twice"),
+                    ));
+                }
+            }
+        }
+        if config.reads.probe_interval_ms == 0 || config.reads.probe_timeout_ms == 0 {
+            return Err(error(
+                "reads",
+                "probe_interval_ms and probe_timeout_ms must be above 0".into(),
+            ));
+        }
+        if config.listen.ports_per_cluster == 0 {
+            return Err(error(
+                "listen.ports_per_cluster",
+                "must be at least 1".into(),
+            ));
+        }
+        let last_port = u32::from(config.listen.broker_port_base)
+            + u32::from(config.listen.ports_per_cluster) * config.clusters.len() as u32;
+        if last_port > 65_536 {
+            return Err(error(
+                "listen.broker_port_base",
+                format!(
+                    "{} clusters x ports_per_cluster {} from {} runs past port 65535",
+                    config.clusters.len(),
+                    config.listen.ports_per_cluster,
+                    config.listen.broker_port_base
+                ),
+            ));
+        }
         if config.limits.max_in_flight == 0 {
             return Err(error("limits.max_in_flight", "must be at least 1".into()));
         }
@@ -208,6 +334,14 @@ impl Config {
 
     pub fn local_cluster(&self) -> &Cluster {
         &self.clusters[&self.region]
+    }
+
+    /// Clusters in node-id order: the local region first (its node ids stay as they are), then
+    /// the others by name. A cluster's position times `ports_per_cluster` is its node-id offset.
+    pub fn clusters_in_id_order(&self) -> Vec<String> {
+        let mut order = vec![self.region.clone()];
+        order.extend(self.clusters.keys().filter(|r| **r != self.region).cloned());
+        order
     }
 
     pub fn broker_bind(&self) -> std::net::IpAddr {

@@ -71,6 +71,24 @@ impl RejectKind {
     }
 }
 
+/// Why a write is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldReason {
+    /// Its owner is frozen for a planned move.
+    Frozen,
+    /// Its owner is this region, whose cluster is down: keyward never writes it elsewhere.
+    LocalClusterDown,
+}
+
+impl HoldReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldReason::Frozen => "frozen",
+            HoldReason::LocalClusterDown => "local_cluster_down",
+        }
+    }
+}
+
 /// What happens to one partition of the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -85,8 +103,8 @@ pub enum Action {
         /// (index of the record in its batch, why).
         record_errors: Vec<(i32, String)>,
     },
-    /// Owned by a frozen region: answered with a retriable error so the client retries.
-    Hold { message: String },
+    /// Not writable right now: answered with a retriable error so the client retries.
+    Hold { message: String, reason: HoldReason },
 }
 
 impl Action {
@@ -105,6 +123,9 @@ pub struct PartitionDecision {
     pub owner: Option<RegionId>,
     pub batches: u32,
     pub records: u32,
+    /// The partition holds records this region owns (or audits), which may only be written to
+    /// this region's own cluster.
+    pub writes_local: bool,
 }
 
 /// Decisions for every partition of a request, in request order (topic by topic).
@@ -120,6 +141,20 @@ impl ProducePlan {
 
     pub fn none_forward(&self) -> bool {
         !self.partitions.iter().any(|p| p.action.is_forward())
+    }
+
+    /// Holds every forwarded partition that writes this region's records: used while this
+    /// region's cluster is down and another serves reads, so such writes get a retriable error
+    /// instead of landing in a cluster that does not own them.
+    pub fn hold_local_writes(&mut self, message: &str) {
+        for p in &mut self.partitions {
+            if p.writes_local && p.action.is_forward() {
+                p.action = Action::Hold {
+                    message: message.to_owned(),
+                    reason: HoldReason::LocalClusterDown,
+                };
+            }
+        }
     }
 }
 
@@ -166,6 +201,7 @@ fn decision(action: Action) -> PartitionDecision {
         owner: None,
         batches: 0,
         records: 0,
+        writes_local: false,
     }
 }
 
@@ -221,6 +257,7 @@ fn decide_rule(
         owner: Some(local),
         batches: 0,
         records: 0,
+        writes_local: false,
     };
     for batch in records::batches(records) {
         let batch = match batch {
@@ -239,6 +276,7 @@ fn decide_rule(
         let d = tally.finish(topic, partition);
         total.batches += 1;
         total.records += d.records;
+        total.writes_local |= d.writes_local;
         total.action = match (total.action, d.action) {
             (Action::Forward { audited: a }, Action::Forward { audited: b }) => {
                 Action::Forward { audited: a + b }
@@ -307,6 +345,7 @@ struct Tally<'t> {
     rule: &'t Rule,
     local: RegionId,
     records: u32,
+    owned: u32,
     audited: u32,
     refused: u32,
     /// The first refused record decides the reason and the headline message.
@@ -322,6 +361,7 @@ impl<'t> Tally<'t> {
             rule,
             local,
             records: 0,
+            owned: 0,
             audited: 0,
             refused: 0,
             first_refusal: None,
@@ -333,7 +373,8 @@ impl<'t> Tally<'t> {
     fn add(&mut self, index: i32, claim: Claim, subject: &Subject<'_, '_>) {
         self.records += 1;
         match self.table.verdict(claim, self.local) {
-            Verdict::Owned | Verdict::Any => {}
+            Verdict::Owned => self.owned += 1,
+            Verdict::Any => {}
             Verdict::Foreign { .. } if self.rule.on_foreign == OnForeign::Audit => {
                 self.audited += 1;
             }
@@ -442,6 +483,7 @@ impl<'t> Tally<'t> {
     }
 
     fn finish(self, _topic: &str, _partition: i32) -> PartitionDecision {
+        let writes_local = self.owned > 0 || self.audited > 0;
         let action = if let Some((kind, why, owner)) = self.first_refusal {
             let mixed = kind == RejectKind::ForeignOwner && self.refused < self.records;
             let kind = if mixed { RejectKind::MixedBatch } else { kind };
@@ -469,14 +511,19 @@ impl<'t> Tally<'t> {
                 owner,
                 batches: 1,
                 records: self.records,
+                writes_local,
             };
         } else if let Some((message, owner)) = self.frozen {
             return PartitionDecision {
-                action: Action::Hold { message },
+                action: Action::Hold {
+                    message,
+                    reason: HoldReason::Frozen,
+                },
                 rule: None,
                 owner: Some(owner),
                 batches: 1,
                 records: self.records,
+                writes_local,
             };
         } else {
             Action::Forward {
@@ -489,6 +536,7 @@ impl<'t> Tally<'t> {
             owner: Some(self.local),
             batches: 1,
             records: self.records,
+            writes_local,
         }
     }
 }
@@ -823,7 +871,7 @@ default: reject
         for region in ["us", "eu"] {
             let d = decide_one(&t, region, "orders", 0, &keys(&[Some(&us)]));
             match &d.action {
-                Action::Hold { message } => assert_eq!(
+                Action::Hold { message, .. } => assert_eq!(
                     message,
                     &format!(
                         "key \"{us}\" is owned by region us (rule orders, slot {}), which is frozen for a planned move; retry later",

@@ -32,8 +32,8 @@ use crate::policy::produce::{Action, ProducePlan, decide};
 pub enum Target {
     /// The bootstrap listener: any broker of the serving cluster.
     Bootstrap,
-    /// A virtual broker port: that node.
-    Node(i32),
+    /// A virtual broker port: that node of that cluster (by index, see `brokers::Clusters`).
+    Node(usize, i32),
 }
 
 /// When a request arrived and when it went to the broker, for the latency histograms.
@@ -113,31 +113,41 @@ impl ConnError {
 pub async fn serve(shared: Arc<Shared>, client: TcpStream, target: Target) -> &'static str {
     let _ = client.set_nodelay(true);
     let timeout = Duration::from_millis(shared.config.limits.connect_timeout_ms);
-    let cluster = shared.config.region.clone();
+    let cluster = match target {
+        Target::Bootstrap => shared.clusters.serving_index(),
+        Target::Node(cluster, _) => cluster,
+    };
+    if cluster != shared.clusters.serving_index() {
+        // A port of a cluster that is not serving: the client holds stale metadata. Closing
+        // sends it back to the bootstrap, which leads to the serving cluster.
+        debug!("connection to a broker of a cluster that is not serving; closing");
+        return "not_serving_cluster";
+    }
+    let state = shared.clusters.get(cluster);
     let upstream = match target {
-        Target::Bootstrap => {
-            super::upstream::connect_any(&shared.config.local_cluster().bootstrap, timeout).await
-        }
-        Target::Node(id) => match shared.brokers.real(id) {
+        Target::Bootstrap => super::upstream::connect_any(&state.bootstrap, timeout).await,
+        Target::Node(_, id) => match state.real(id) {
             Some(b) => super::upstream::connect(&b.addr(), timeout).await,
             None => Err(anyhow::anyhow!(
-                "node {id} is not a broker of the serving cluster"
+                "node {id} is not a known broker of cluster {}",
+                state.name
             )),
         },
     };
     let upstream = match upstream {
         Ok(u) => {
-            counter!("keyward_upstream_connections_opened_total", "cluster" => cluster)
+            counter!("keyward_upstream_connections_opened_total", "cluster" => state.name.clone())
                 .increment(1);
             u
         }
         Err(e) => {
             warn!(error = %e, "cannot reach the broker; closing the client connection");
-            counter!("keyward_upstream_connect_errors_total", "cluster" => cluster).increment(1);
+            counter!("keyward_upstream_connect_errors_total", "cluster" => state.name.clone())
+                .increment(1);
             return "upstream_unreachable";
         }
     };
-    match relay(&shared, client, upstream).await {
+    match relay(&shared, cluster, client, upstream).await {
         Ok(cause) => {
             debug!(cause, "connection closed");
             cause
@@ -160,14 +170,15 @@ pub async fn serve(shared: Arc<Shared>, client: TcpStream, target: Target) -> &'
 
 async fn relay(
     shared: &Arc<Shared>,
+    cluster: usize,
     client: TcpStream,
     upstream: TcpStream,
 ) -> Result<&'static str, ConnError> {
     let (client_read, client_write) = client.into_split();
     let (upstream_read, upstream_write) = upstream.into_split();
     let (slots_tx, slots_rx) = mpsc::channel(shared.config.limits.max_in_flight);
-    let requests = requests(shared, client_read, upstream_write, slots_tx);
-    let responses = responses(shared, upstream_read, client_write, slots_rx);
+    let requests = requests(shared, cluster, client_read, upstream_write, slots_tx);
+    let responses = responses(shared, cluster, upstream_read, client_write, slots_rx);
     tokio::select! {
         r = requests => r,
         r = responses => r,
@@ -195,6 +206,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
 
 async fn requests(
     shared: &Shared,
+    cluster: usize,
     mut client: tokio::net::tcp::OwnedReadHalf,
     mut upstream: tokio::net::tcp::OwnedWriteHalf,
     slots: mpsc::Sender<Slot>,
@@ -214,7 +226,7 @@ async fn requests(
         let head = RequestHead::parse(&frame).map_err(ConnError::ClientRequest)?;
         shared.meters.api(head.api_key).requests.increment(1);
         let step = match ApiKey::try_from(head.api_key) {
-            Ok(ApiKey::Produce) => produce_step(shared, frame, head, &mut inflater)?,
+            Ok(ApiKey::Produce) => produce_step(shared, cluster, frame, head, &mut inflater)?,
             Ok(key) => Step::forward(frame, head.correlation_id, handling(key, head.api_version)),
             // An API this build cannot name is relayed untouched; keyward never offers one, so
             // only a client ignoring ApiVersions sends it.
@@ -289,6 +301,7 @@ impl Step {
 
 fn produce_step(
     shared: &Shared,
+    cluster: usize,
     frame: Bytes,
     head: RequestHead,
     inflater: &mut Inflater,
@@ -300,7 +313,16 @@ fn produce_step(
     let request = produce::parse(&frame[LENGTH_PREFIX + header_len..], version)?;
     // One snapshot decides the whole request, even if a reload lands meanwhile.
     let snapshot = shared.ownership.snapshot();
-    let plan = decide(&request, &snapshot.table, snapshot.local, inflater);
+    let mut plan = decide(&request, &snapshot.table, snapshot.local, inflater);
+    if cluster != 0 {
+        // Reads are served by another region's cluster: this region's own writes wait for its
+        // cluster to return rather than land anywhere else.
+        let local = &shared.config.region;
+        plan.hold_local_writes(&format!(
+            "region {local}'s cluster is unreachable and keyward serves reads from {}; it never writes {local}-owned records to another cluster; retry later",
+            shared.clusters.get(cluster).name
+        ));
+    }
     record_decisions(shared, &snapshot.table, &plan);
 
     let acks0 = request.acks == 0;
@@ -361,7 +383,7 @@ fn record_decisions(shared: &Shared, table: &crate::ownership::Table, plan: &Pro
             Action::Forward { audited } if *audited > 0 => ("audited", "-"),
             Action::Forward { .. } => ("forwarded", "-"),
             Action::Reject { kind, .. } => ("rejected", kind.as_str()),
-            Action::Hold { .. } => ("held", "frozen"),
+            Action::Hold { reason, .. } => ("held", reason.as_str()),
         };
         let labels = [
             ("rule", rule.clone()),
@@ -371,7 +393,7 @@ fn record_decisions(shared: &Shared, table: &crate::ownership::Table, plan: &Pro
         ];
         counter!("keyward_produce_batches_total", &labels).increment(u64::from(p.batches));
         counter!("keyward_produce_records_total", &labels).increment(u64::from(p.records));
-        if let Action::Reject { message, .. } | Action::Hold { message } = &p.action
+        if let Action::Reject { message, .. } | Action::Hold { message, .. } = &p.action
             && shared.rejection_log.allow()
         {
             info!(rule, owner, decision, reason, "{message}");
@@ -381,6 +403,7 @@ fn record_decisions(shared: &Shared, table: &crate::ownership::Table, plan: &Pro
 
 async fn responses(
     shared: &Arc<Shared>,
+    cluster: usize,
     mut upstream: tokio::net::tcp::OwnedReadHalf,
     mut client: tokio::net::tcp::OwnedWriteHalf,
     mut slots: mpsc::Receiver<Slot>,
@@ -414,7 +437,7 @@ async fn responses(
                         got,
                     });
                 }
-                let out = respond(shared, handling, frame)?;
+                let out = respond(shared, cluster, handling, frame)?;
                 (out, timing, Some(arrived - timing.sent), arrived)
             }
         };
@@ -436,8 +459,13 @@ async fn responses(
     Ok("client_closed")
 }
 
-fn respond(shared: &Arc<Shared>, handling: Handling, frame: Bytes) -> Result<Bytes, RewriteError> {
-    let to = shared.advertiser();
+fn respond(
+    shared: &Arc<Shared>,
+    cluster: usize,
+    handling: Handling,
+    frame: Bytes,
+) -> Result<Bytes, RewriteError> {
+    let to = shared.advertiser(cluster);
     match handling {
         Handling::Passthrough => Ok(frame),
         Handling::ApiVersions(v) => rewrite::api_versions(&frame, v),

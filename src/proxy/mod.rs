@@ -1,9 +1,9 @@
 //! Listeners, upstream connections, the per-connection pipeline that keeps responses in request
-//! order, and the rewriting of broker addresses.
+//! order, the rewriting of broker addresses, and the choice of serving cluster.
 //!
-//! Clients bootstrap at `listen.bootstrap`; every broker of the serving cluster gets a virtual
-//! broker port (`broker_port_base + node id`, see [`brokers`]). Listeners for new brokers are
-//! opened as soon as keyward learns of them, at start and from any response that lists brokers.
+//! Clients bootstrap at `listen.bootstrap`; every broker of every cluster gets a virtual broker
+//! port (see [`brokers`]), opened as soon as keyward learns of the broker, from its probes and
+//! from any response that lists brokers. Only the serving cluster's ports accept connections.
 
 pub mod brokers;
 pub mod conn;
@@ -29,7 +29,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::Config;
 use crate::reload::Ownership;
-use brokers::{BrokerMap, UnmappableNode};
+use brokers::{Clusters, UnmappableNode};
 use conn::Target;
 
 /// State shared by every connection of one keyward process.
@@ -37,65 +37,71 @@ pub struct Shared {
     pub config: Config,
     /// The ownership table in force. A request loads one snapshot and decides against it.
     pub ownership: Arc<Ownership>,
-    pub brokers: BrokerMap,
+    pub clusters: Clusters,
     advertised_host: StrBytes,
-    bound: Mutex<HashSet<i32>>,
+    /// Virtual broker listeners opened so far: (cluster index, real node id).
+    bound: Mutex<HashSet<(usize, i32)>>,
     next_connection: AtomicU64,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     pub rejection_log: RateLimit,
     pub meters: meters::RequestMetrics,
     bootstrap_bound: AtomicBool,
-    serving_cluster_up: AtomicBool,
 }
 
 impl Shared {
     pub fn new(config: Config, ownership: Arc<Ownership>) -> anyhow::Result<Arc<Self>> {
         Ok(Arc::new(Self {
-            brokers: BrokerMap::new(config.listen.broker_port_base),
+            clusters: Clusters::new(&config),
             advertised_host: StrBytes::from_string(config.listen.advertised_host.clone()),
             config,
             ownership,
-            meters: meters::RequestMetrics::new(),
-            bootstrap_bound: AtomicBool::new(false),
-            serving_cluster_up: AtomicBool::new(false),
             bound: Mutex::new(HashSet::new()),
             next_connection: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             rejection_log: RateLimit::new(Duration::from_secs(1), 20),
+            meters: meters::RequestMetrics::new(),
+            bootstrap_bound: AtomicBool::new(false),
         }))
     }
 
-    /// What rewritten responses advertise in place of real brokers.
-    pub fn advertiser(self: &Arc<Self>) -> Advertiser<'_> {
-        Advertiser(self)
+    /// What responses from cluster `cluster` advertise in place of its real brokers.
+    pub fn advertiser(self: &Arc<Self>, cluster: usize) -> Advertiser<'_> {
+        Advertiser {
+            shared: self,
+            cluster,
+        }
     }
 
-    /// Learns a broker and makes sure its virtual port is listening.
+    /// Learns a broker of `cluster`, makes sure its virtual port is listening, and returns its
+    /// virtual node id and port.
     fn learn_broker(
         self: &Arc<Self>,
+        cluster: usize,
         node_id: i32,
         host: &str,
         port: i32,
-    ) -> Result<u16, UnmappableNode> {
-        let virtual_port = self.brokers.virtual_port(node_id)?;
-        self.brokers.learn(node_id, host, port);
+    ) -> Result<(i32, u16), UnmappableNode> {
+        let virtual_id = self.clusters.virtual_id(cluster, node_id)?;
+        let virtual_port = self.clusters.port(virtual_id);
+        self.clusters.get(cluster).learn(node_id, host, port);
         let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
-        if bound.insert(node_id) {
+        if bound.insert((cluster, node_id)) {
             let addr = SocketAddr::new(self.config.broker_bind(), virtual_port);
+            let name = &self.clusters.get(cluster).name;
             match bind(addr) {
                 Ok(listener) => {
-                    info!(node_id, %addr, real = %format!("{host}:{port}"), "virtual broker listening");
-                    self.spawn_accept(listener, Target::Node(node_id));
+                    info!(cluster = %name, node_id, virtual_id, %addr, real = %format!("{host}:{port}"), "virtual broker listening");
+                    self.spawn_accept(listener, Target::Node(cluster, node_id));
                 }
                 Err(e) => {
-                    bound.remove(&node_id);
-                    error!(node_id, %addr, error = %e, "cannot listen for virtual broker");
+                    bound.remove(&(cluster, node_id));
+                    error!(cluster = %name, node_id, %addr, error = %e, "cannot listen for virtual broker");
                 }
             }
         }
-        Ok(virtual_port)
+        Ok((virtual_id, virtual_port))
     }
 
     fn spawn_accept(self: &Arc<Self>, listener: TcpListener, target: Target) {
@@ -116,15 +122,16 @@ impl Shared {
                         counter!("keyward_client_connections_opened_total").increment(1);
                         let open = gauge!("keyward_client_connections_open");
                         open.increment(1.0);
-                        let span =
-                            info_span!("conn", id, client = %peer, listener = ?listener_addr);
+                        let span = info_span!("conn", id, client = %peer, listener = %listener_addr);
                         let s = shared.clone();
                         let stop = shared.shutdown.clone();
+                        let switched = shared.clusters.epoch();
                         shared.tasks.spawn(
                             async move {
                                 let cause = tokio::select! {
                                     cause = conn::serve(s, stream, target) => cause,
                                     () = stop.cancelled() => "shutdown",
+                                    () = switched.cancelled() => "serving_cluster_changed",
                                 };
                                 open.decrement(1.0);
                                 counter!("keyward_client_connections_closed_total", "cause" => cause)
@@ -142,10 +149,34 @@ impl Shared {
             }
         });
     }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Why this instance should not receive traffic, or `None` when it is ready: the bootstrap
+    /// listener is bound, a valid table is loaded (always true once started: an invalid table
+    /// stops keyward at start and never replaces a valid one), and the serving cluster answers.
+    pub fn not_ready(&self) -> Option<String> {
+        if !self.bootstrap_bound.load(Ordering::Relaxed) {
+            return Some("the bootstrap listener is not bound yet".to_owned());
+        }
+        let serving = self.clusters.serving();
+        if !serving.is_up() {
+            return Some(format!(
+                "the serving cluster ({}) does not answer metadata requests",
+                serving.name
+            ));
+        }
+        None
+    }
 }
 
-/// Advertises keyward's virtual brokers in place of real ones.
-pub struct Advertiser<'a>(&'a Arc<Shared>);
+/// Advertises keyward's virtual brokers in place of one cluster's real ones.
+pub struct Advertiser<'a> {
+    shared: &'a Arc<Shared>,
+    cluster: usize,
+}
 
 impl rewrite::Advertise for Advertiser<'_> {
     fn advertise(
@@ -153,9 +184,23 @@ impl rewrite::Advertise for Advertiser<'_> {
         node_id: i32,
         real_host: &str,
         real_port: i32,
-    ) -> Result<(StrBytes, i32), UnmappableNode> {
-        let port = self.0.learn_broker(node_id, real_host, real_port)?;
-        Ok((self.0.advertised_host.clone(), i32::from(port)))
+    ) -> Result<(i32, StrBytes, i32), UnmappableNode> {
+        let (virtual_id, port) =
+            self.shared
+                .learn_broker(self.cluster, node_id, real_host, real_port)?;
+        Ok((
+            virtual_id,
+            self.shared.advertised_host.clone(),
+            i32::from(port),
+        ))
+    }
+
+    fn node_id(&self, node_id: i32) -> Result<i32, UnmappableNode> {
+        self.shared.clusters.virtual_id(self.cluster, node_id)
+    }
+
+    fn renumbers(&self) -> bool {
+        self.shared.clusters.get(self.cluster).node_offset != 0
     }
 }
 
@@ -204,23 +249,16 @@ pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", shared.config.listen.bootstrap))?;
     info!(addr = %shared.config.listen.bootstrap, region = %shared.config.region, "bootstrap listening");
 
-    // Learn the serving cluster's brokers up front, so their ports listen before any client
-    // asks; if the cluster is not reachable yet, they are learned from the first metadata.
-    let cluster = &shared.config.local_cluster().bootstrap;
-    let timeout = Duration::from_millis(shared.config.limits.connect_timeout_ms);
-    match upstream::fetch_brokers(cluster, timeout).await {
-        Ok(found) => {
-            shared.serving_cluster_up.store(true, Ordering::Relaxed);
-            for (node_id, host, port) in found {
-                if let Err(e) = shared.learn_broker(node_id, &host, port) {
-                    error!(error = %e, "serving cluster broker cannot be mapped");
-                }
-            }
-        }
-        Err(e) => warn!(error = %e, "serving cluster not reachable yet"),
-    }
+    // One probe round before accepting clients: brokers are learned (their ports listen before
+    // any client asks) and, if the local cluster is down, reads start on the next healthy one.
+    probe_round(&shared).await;
     shared.spawn_accept(bootstrap, Target::Bootstrap);
     shared.bootstrap_bound.store(true, Ordering::Relaxed);
+    gauge!("keyward_ready").set(if shared.not_ready().is_none() {
+        1.0
+    } else {
+        0.0
+    });
     shared.tasks.spawn(probe_clusters(shared.clone()));
 
     shared.shutdown.cancelled().await;
@@ -234,71 +272,72 @@ pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
     Ok(())
 }
 
-impl Shared {
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
-    }
-
-    /// Why this instance should not receive traffic, or `None` when it is ready: the bootstrap
-    /// listener is bound, a valid table is loaded (always true once started: an invalid table
-    /// stops keyward at start and never replaces a valid one), and the serving cluster answers.
-    pub fn not_ready(&self) -> Option<String> {
-        if !self.bootstrap_bound.load(Ordering::Relaxed) {
-            return Some("the bootstrap listener is not bound yet".to_owned());
-        }
-        if !self.serving_cluster_up.load(Ordering::Relaxed) {
-            return Some(format!(
-                "the serving cluster ({}) does not answer metadata requests",
-                self.config.region
-            ));
-        }
-        None
-    }
-}
-
-/// How often every cluster is asked for metadata. A probe is a Metadata request listing no
-/// topics: it shows the cluster answers, and on the serving cluster it also teaches keyward
-/// brokers that joined since start.
-const PROBE_INTERVAL: Duration = Duration::from_secs(5);
-
-async fn probe_clusters(shared: Arc<Shared>) {
-    let timeout =
-        Duration::from_millis(shared.config.limits.connect_timeout_ms).min(PROBE_INTERVAL);
-    loop {
-        for (region, cluster) in &shared.config.clusters {
-            let up = match upstream::fetch_brokers(&cluster.bootstrap, timeout).await {
-                Ok(brokers) => {
-                    if *region == shared.config.region {
-                        for (node_id, host, port) in brokers {
-                            if let Err(e) = shared.learn_broker(node_id, &host, port) {
-                                error!(error = %e, "serving cluster broker cannot be mapped");
-                            }
-                        }
+/// Probes every cluster with a Metadata request listing no topics: it shows the cluster
+/// answers, measures its round trip, and teaches keyward brokers that joined since start.
+/// Then it serves from the cluster whose turn it is.
+async fn probe_round(shared: &Arc<Shared>) {
+    let timeout = Duration::from_millis(shared.config.reads.probe_timeout_ms);
+    for (index, cluster) in shared.clusters.all().iter().enumerate() {
+        let started = Instant::now();
+        let up = match upstream::fetch_brokers(&cluster.bootstrap, timeout).await {
+            Ok(brokers) => {
+                for (node_id, host, port) in brokers {
+                    if let Err(e) = shared.learn_broker(index, node_id, &host, port) {
+                        error!(error = %e, "broker cannot be mapped");
                     }
-                    true
                 }
-                Err(e) => {
-                    warn!(cluster = %region, error = %e, "cluster probe failed");
-                    false
-                }
-            };
-            if *region == shared.config.region {
-                shared.serving_cluster_up.store(up, Ordering::Relaxed);
+                true
             }
-            gauge!("keyward_cluster_up", "cluster" => region.clone()).set(if up {
-                1.0
-            } else {
-                0.0
-            });
-        }
-        gauge!("keyward_ready").set(if shared.not_ready().is_none() {
+            Err(e) => {
+                if cluster.is_up() {
+                    warn!(cluster = %cluster.name, error = %e, "cluster probe failed");
+                }
+                false
+            }
+        };
+        let now = Instant::now();
+        cluster.probed(up, (now - started).as_micros() as u64, now);
+        gauge!("keyward_cluster_up", "cluster" => cluster.name.clone()).set(if up {
             1.0
         } else {
             0.0
         });
+    }
+
+    let hold_down = Duration::from_millis(shared.config.reads.hold_down_ms);
+    let current = shared.clusters.serving_index();
+    let next = shared.clusters.choose(Instant::now(), hold_down);
+    if next != current {
+        let (from, to) = (
+            &shared.clusters.get(current).name,
+            &shared.clusters.get(next).name,
+        );
+        warn!(from = %from, to = %to, "serving cluster changes; closing client connections so they reconnect to it");
+        counter!("keyward_serving_cluster_switches_total", "to" => to.clone()).increment(1);
+        shared.clusters.switch_to(next);
+    }
+    for (index, cluster) in shared.clusters.all().iter().enumerate() {
+        let serving = shared.clusters.serving_index() == index;
+        gauge!("keyward_serving_cluster", "cluster" => cluster.name.clone()).set(if serving {
+            1.0
+        } else {
+            0.0
+        });
+    }
+    gauge!("keyward_ready").set(if shared.not_ready().is_none() {
+        1.0
+    } else {
+        0.0
+    });
+}
+
+async fn probe_clusters(shared: Arc<Shared>) {
+    let interval = Duration::from_millis(shared.config.reads.probe_interval_ms);
+    loop {
         tokio::select! {
-            () = tokio::time::sleep(PROBE_INTERVAL) => {}
+            () = tokio::time::sleep(interval) => {}
             () = shared.shutdown.cancelled() => return,
         }
+        probe_round(&shared).await;
     }
 }

@@ -75,7 +75,7 @@ impl ProduceReply {
                                     .map(|(i, m)| (*i, tagged(m)))
                                     .collect(),
                             }),
-                            Some(Action::Hold { message }) => Some(LocalAnswer {
+                            Some(Action::Hold { message, .. }) => Some(LocalAnswer {
                                 error_code: crate::policy::produce::NOT_ENOUGH_REPLICAS,
                                 message: tagged(message),
                                 record_errors: Vec::new(),

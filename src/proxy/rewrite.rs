@@ -7,8 +7,8 @@
 
 use bytes::Bytes;
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsResponse, DescribeClusterResponse, FetchResponse, FindCoordinatorResponse,
-    MetadataResponse, ProduceResponse,
+    ApiKey, ApiVersionsResponse, BrokerId, DescribeClusterResponse, FetchResponse,
+    FindCoordinatorResponse, MetadataResponse, ProduceResponse,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 
@@ -37,15 +37,28 @@ pub enum RewriteError {
     Header(#[from] WireError),
 }
 
-/// Where clients must be sent instead of a real broker.
+/// Where clients must be sent instead of a real broker, and the node ids they must see.
 pub trait Advertise {
-    /// Learns node `node_id`'s real address and returns the host and port clients use for it.
+    /// Learns node `node_id`'s real address and returns the virtual node id, host and port
+    /// clients use for it.
     fn advertise(
         &self,
         node_id: i32,
         real_host: &str,
         real_port: i32,
-    ) -> Result<(StrBytes, i32), UnmappableNode>;
+    ) -> Result<(i32, StrBytes, i32), UnmappableNode>;
+    /// The virtual id of a node named without an address (a leader, a replica); -1 stays -1.
+    fn node_id(&self, node_id: i32) -> Result<i32, UnmappableNode>;
+    /// Whether virtual node ids differ from real ones for this cluster (reads failed over to a
+    /// cluster other than the local one), so every node id in a response must be mapped.
+    fn renumbers(&self) -> bool;
+}
+
+fn map_ids(ids: &mut [BrokerId], to: &dyn Advertise) -> Result<(), UnmappableNode> {
+    for id in ids {
+        id.0 = to.node_id(id.0)?;
+    }
+    Ok(())
 }
 
 /// Decodes a response body, lets `edit` change it, and re-encodes it behind the original header.
@@ -127,7 +140,16 @@ pub fn metadata(frame: &Bytes, version: i16, to: &dyn Advertise) -> Result<Bytes
         version,
         |r: &mut MetadataResponse| {
             for b in &mut r.brokers {
-                (b.host, b.port) = to.advertise(b.node_id.0, &b.host, b.port)?;
+                (b.node_id.0, b.host, b.port) = to.advertise(b.node_id.0, &b.host, b.port)?;
+            }
+            if to.renumbers() {
+                r.controller_id.0 = to.node_id(r.controller_id.0)?;
+                for p in r.topics.iter_mut().flat_map(|t| t.partitions.iter_mut()) {
+                    p.leader_id.0 = to.node_id(p.leader_id.0)?;
+                    map_ids(&mut p.replica_nodes, to)?;
+                    map_ids(&mut p.isr_nodes, to)?;
+                    map_ids(&mut p.offline_replicas, to)?;
+                }
             }
             Ok(())
         },
@@ -145,8 +167,9 @@ pub fn describe_cluster(
         version,
         |r: &mut DescribeClusterResponse| {
             for b in &mut r.brokers {
-                (b.host, b.port) = to.advertise(b.broker_id.0, &b.host, b.port)?;
+                (b.broker_id.0, b.host, b.port) = to.advertise(b.broker_id.0, &b.host, b.port)?;
             }
+            r.controller_id.0 = to.node_id(r.controller_id.0)?;
             Ok(())
         },
     )
@@ -165,12 +188,13 @@ pub fn find_coordinator(
             // v0-3 answer one coordinator in the top-level fields, v4+ a list.
             if version < 4 {
                 if r.error_code == 0 && r.node_id.0 >= 0 {
-                    (r.host, r.port) = to.advertise(r.node_id.0, &r.host, r.port)?;
+                    (r.node_id.0, r.host, r.port) = to.advertise(r.node_id.0, &r.host, r.port)?;
                 }
             } else {
                 for c in &mut r.coordinators {
                     if c.error_code == 0 && c.node_id.0 >= 0 {
-                        (c.host, c.port) = to.advertise(c.node_id.0, &c.host, c.port)?;
+                        (c.node_id.0, c.host, c.port) =
+                            to.advertise(c.node_id.0, &c.host, c.port)?;
                     }
                 }
             }
@@ -182,7 +206,16 @@ pub fn find_coordinator(
 /// Rewrites the KIP-951 node endpoints a Produce response (v10+) may carry.
 pub fn produce_endpoints(r: &mut ProduceResponse, to: &dyn Advertise) -> Result<(), RewriteError> {
     for e in &mut r.node_endpoints {
-        (e.host, e.port) = to.advertise(e.node_id.0, &e.host, e.port)?;
+        (e.node_id.0, e.host, e.port) = to.advertise(e.node_id.0, &e.host, e.port)?;
+    }
+    if to.renumbers() {
+        for p in r
+            .responses
+            .iter_mut()
+            .flat_map(|t| t.partition_responses.iter_mut())
+        {
+            p.current_leader.leader_id.0 = to.node_id(p.current_leader.leader_id.0)?;
+        }
     }
     Ok(())
 }
@@ -192,19 +225,27 @@ const FETCH_NODE_ENDPOINTS: i16 = 16;
 
 /// Fetch responses carry the records consumers read, so they are only re-encoded in the rare
 /// case the broker attached node endpoints (a leader moved); otherwise the original bytes leave
-/// untouched. Finding out walks the response structure without copying any record.
+/// untouched. Finding out walks the response structure without copying any record. While reads
+/// are failed over to another cluster (node ids renumbered), every Fetch response is re-encoded,
+/// since it names leaders and preferred read replicas by node id.
 pub fn fetch(frame: &Bytes, version: i16, to: &dyn Advertise) -> Result<Bytes, RewriteError> {
-    if version < FETCH_NODE_ENDPOINTS {
-        return Ok(frame.clone());
-    }
-    let header_len =
-        frame::response_header_len(frame, ApiKey::Fetch.response_header_version(version))?;
-    if !fetch_has_node_endpoints(&frame[LENGTH_PREFIX + header_len..])? {
-        return Ok(frame.clone());
+    if !to.renumbers() {
+        if version < FETCH_NODE_ENDPOINTS {
+            return Ok(frame.clone());
+        }
+        let header_len =
+            frame::response_header_len(frame, ApiKey::Fetch.response_header_version(version))?;
+        if !fetch_has_node_endpoints(&frame[LENGTH_PREFIX + header_len..])? {
+            return Ok(frame.clone());
+        }
     }
     recode(frame, ApiKey::Fetch, version, |r: &mut FetchResponse| {
         for e in &mut r.node_endpoints {
-            (e.host, e.port) = to.advertise(e.node_id.0, &e.host, e.port)?;
+            (e.node_id.0, e.host, e.port) = to.advertise(e.node_id.0, &e.host, e.port)?;
+        }
+        for p in r.responses.iter_mut().flat_map(|t| t.partitions.iter_mut()) {
+            p.current_leader.leader_id.0 = to.node_id(p.current_leader.leader_id.0)?;
+            p.preferred_read_replica.0 = to.node_id(p.preferred_read_replica.0)?;
         }
         Ok(())
     })
@@ -260,9 +301,79 @@ mod tests {
             node_id: i32,
             _: &str,
             _: i32,
-        ) -> Result<(StrBytes, i32), UnmappableNode> {
-            Ok((StrBytes::from_static_str("proxy"), 9000 + node_id))
+        ) -> Result<(i32, StrBytes, i32), UnmappableNode> {
+            Ok((node_id, StrBytes::from_static_str("proxy"), 9000 + node_id))
         }
+        fn node_id(&self, node_id: i32) -> Result<i32, UnmappableNode> {
+            Ok(node_id)
+        }
+        fn renumbers(&self) -> bool {
+            false
+        }
+    }
+
+    /// Reads failed over to a cluster whose node ids are offset by 100.
+    struct Renumbered;
+    impl Advertise for Renumbered {
+        fn advertise(
+            &self,
+            node_id: i32,
+            _: &str,
+            _: i32,
+        ) -> Result<(i32, StrBytes, i32), UnmappableNode> {
+            Ok((
+                100 + node_id,
+                StrBytes::from_static_str("proxy"),
+                9100 + node_id,
+            ))
+        }
+        fn node_id(&self, node_id: i32) -> Result<i32, UnmappableNode> {
+            Ok(if node_id < 0 { node_id } else { 100 + node_id })
+        }
+        fn renumbers(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_failed_over_cluster_is_renumbered_everywhere_it_names_a_node() {
+        use kafka_protocol::messages::metadata_response::{
+            MetadataResponsePartition, MetadataResponseTopic,
+        };
+        let m = MetadataResponse::default()
+            .with_controller_id(BrokerId(2))
+            .with_brokers(vec![
+                MetadataResponseBroker::default()
+                    .with_node_id(BrokerId(1))
+                    .with_host(StrBytes::from_static_str("10.1.2.3"))
+                    .with_port(9092),
+            ])
+            .with_topics(vec![MetadataResponseTopic::default().with_partitions(
+                vec![
+                MetadataResponsePartition::default()
+                    .with_leader_id(BrokerId(1))
+                    .with_replica_nodes(vec![BrokerId(1), BrokerId(2)])
+                    .with_isr_nodes(vec![BrokerId(2)]),
+                MetadataResponsePartition::default().with_leader_id(BrokerId(-1)),
+            ],
+            )]);
+        let out = metadata(&response_frame(ApiKey::Metadata, 12, &m), 12, &Renumbered).unwrap();
+        let back: MetadataResponse = decode_body(&out, ApiKey::Metadata, 12);
+        assert_eq!(back.brokers[0].node_id.0, 101);
+        assert_eq!(back.controller_id.0, 102);
+        let p = &back.topics[0].partitions;
+        assert_eq!(p[0].leader_id.0, 101);
+        assert_eq!(p[0].replica_nodes, vec![BrokerId(101), BrokerId(102)]);
+        assert_eq!(p[0].isr_nodes, vec![BrokerId(102)]);
+        assert_eq!(p[1].leader_id.0, -1);
+
+        let f = response_frame(ApiKey::Fetch, 12, &fetch_response(false));
+        let out = fetch(&f, 12, &Renumbered).unwrap();
+        assert_ne!(
+            out.as_ptr(),
+            f.as_ptr(),
+            "renumbered fetches are re-encoded"
+        );
     }
 
     fn response_frame<T: Encodable>(api: ApiKey, version: i16, body: &T) -> Bytes {

@@ -236,7 +236,14 @@ def test_readiness_follows_the_serving_cluster(tmp_path, us):
     region = KafkaCluster("ready", 1, tmp_path)
     region.start()
     try:
-        kw = Keyward(tmp_path, "eu", {"eu": region, "us": us}, TABLE)
+        # Reads may only come from eu: with eu down there is nowhere to serve from.
+        kw = Keyward(
+            tmp_path,
+            "eu",
+            {"eu": region, "us": us},
+            TABLE,
+            extra_config="reads: { prefer: [eu], probe_interval_ms: 500 }\n",
+        )
         with kw:
             assert kw.admin("/readyz") == (200, "ready\n")
             assert kw.admin("/healthz")[0] == 200

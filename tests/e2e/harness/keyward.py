@@ -42,11 +42,16 @@ def _port_range_free(first: int, count: int) -> bool:
     return True
 
 
-def free_port_base(nodes: int) -> int:
-    """A base such that base+1 .. base+nodes are free (node ids start at 1)."""
+PORTS_PER_CLUSTER = 100  # keyward's listen.ports_per_cluster default
+
+
+def free_port_base(clusters: int) -> int:
+    """A base such that every virtual broker port of `clusters` clusters is free: keyward puts
+    node N of the c-th cluster at base + c * 100 + N."""
+    span = clusters * PORTS_PER_CLUSTER
     for _ in range(200):
         base = env.free_port()
-        if base + nodes < 65536 and _port_range_free(base + 1, nodes):
+        if base + span < 65536 and _port_range_free(base + 1, span):
             return base
     raise RuntimeError("no free port range for virtual brokers")
 
@@ -74,7 +79,7 @@ class Keyward:
         self.table_path.write_text(table)
         self.bootstrap_port = env.free_port()
         self.admin_port = env.free_port()
-        self.port_base = free_port_base(max(c.size for c in clusters.values()))
+        self.port_base = free_port_base(len(clusters))
         cluster_lines = "\n".join(
             f'  {name}: {{ bootstrap: [{", ".join(repr(a) for a in c.addresses)}] }}'
             for name, c in clusters.items()

@@ -1,0 +1,623 @@
+"""The side-by-side benchmark; started by dev/bench (which installs and builds what it needs).
+
+One 1-broker Kafka cluster with two listeners: PLAINTEXT (clients and keyward connect to it
+directly) and RELAY, whose advertised address is haproxy's port, so a client bootstrapping at
+haproxy is told to keep talking to haproxy. One haproxy (TCP mode) in front of RELAY, one keyward
+(the release binary) in front of PLAINTEXT with an ownership table that has a `by: key` rule
+(topics key.*), a `by: header` rule (topics hdr.*), and `default: allow` for everything else
+(topics plain.*: the passthrough case).
+
+Each round runs, for each load (record size x compression), every path in a rotated order: a
+full-load produce run, then a produce run paced at half of this round's direct full-load rate,
+then (uncompressed loads) a consumer run reading the data back through the same path. The load
+is dev/loadgen.c (librdkafka). Ratios to direct are taken within a round, then the median over
+rounds is reported. See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests/e2e"))
+
+from harness import env  # noqa: E402
+from harness.kafka import KafkaCluster  # noqa: E402
+from harness.keyward import Keyward  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+TENANTS = 16
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ settings
+
+
+@dataclass
+class Settings:
+    rounds: int
+    seconds: float  # full-load produce run
+    half_seconds: float  # paced produce run
+    consume_seconds: float  # minimum consumer run
+    sizes: list[int]
+    compressions: list[str]  # besides none
+    compressed_sizes: list[int]
+    partitions: int
+    idle_connections: int
+    out: Path
+    quick: bool
+
+    @staticmethod
+    def from_env(quick: bool) -> "Settings":
+        def get(name: str, full: str, fast: str) -> str:
+            return os.environ.get(f"KEYWARD_BENCH_{name}", fast if quick else full)
+
+        def ints(text: str) -> list[int]:
+            return [int(x) for x in text.split(",") if x.strip()]
+
+        return Settings(
+            rounds=int(get("ROUNDS", "3", "3")),
+            seconds=float(get("SECONDS", "6", "1.5")),
+            half_seconds=float(get("HALF_SECONDS", "4", "1")),
+            consume_seconds=float(get("CONSUME_SECONDS", "2", "0.5")),
+            sizes=ints(get("SIZES", "100,1024", "100,1024")),
+            compressions=[c for c in get("COMPRESSIONS", "lz4,zstd", "lz4,zstd").split(",") if c],
+            compressed_sizes=ints(get("COMPRESSED_SIZES", "100,1024", "1024")),
+            partitions=int(get("PARTITIONS", "4", "4")),
+            idle_connections=int(get("IDLE_CONNECTIONS", "1000", "1000")),
+            out=Path(os.environ.get("KEYWARD_BENCH_OUT", ROOT / "target/bench")),
+            quick=quick,
+        )
+
+
+@dataclass(frozen=True)
+class Load:
+    size: int
+    compression: str
+
+    @property
+    def name(self) -> str:
+        size = f"{self.size // 1024} KiB" if self.size % 1024 == 0 else f"{self.size} B"
+        return f"{size} {self.compression}"
+
+
+# A path: how the load reaches the broker. `prefix` picks the ownership rule on keyward's paths.
+PATHS = {
+    "direct": ("direct", "plain"),
+    "haproxy": ("haproxy (TCP)", "plain"),
+    "passthrough": ("keyward, no rule", "plain"),
+    "key": ("keyward, by: key", "key"),
+    "header": ("keyward, by: header", "hdr"),
+}
+
+
+def paths_for(load: Load) -> list[str]:
+    if load.compression == "none":
+        return ["direct", "haproxy", "passthrough", "key", "header"]
+    return ["direct", "key"]
+
+
+# ------------------------------------------------------------------ processes
+
+
+class BenchCluster(KafkaCluster):
+    """The harness's 1-node cluster plus a second listener advertised at haproxy's port, and
+    the JIT's full (C2) tiers: the harness limits brokers to C1 to start fast, a benchmark wants
+    the broker as fast as it gets."""
+
+    def __init__(self, workdir: Path, relay_port: int, haproxy_port: int) -> None:
+        super().__init__("bench", 1, workdir, heap="1g")
+        self.relay_port = relay_port
+        self.haproxy_port = haproxy_port
+
+    def server_properties(self, node):
+        p = super().server_properties(node)
+        p["listeners"] += f",RELAY://127.0.0.1:{self.relay_port}"
+        p["advertised.listeners"] += f",RELAY://127.0.0.1:{self.haproxy_port}"
+        p["listener.security.protocol.map"] += ",RELAY:PLAINTEXT"
+        return p
+
+    def _jvm(self, node, heap):
+        return [a for a in super()._jvm(node, heap) if a != "-XX:TieredStopAtLevel=1"]
+
+
+def start_haproxy(workdir: Path, port: int, relay_port: int) -> subprocess.Popen:
+    cfg = workdir / "haproxy.cfg"
+    cfg.write_text(
+        f"""global
+    maxconn 8192
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+frontend kafka
+    bind 127.0.0.1:{port}
+    default_backend broker
+backend broker
+    server broker 127.0.0.1:{relay_port}
+"""
+    )
+    out = open(workdir / "haproxy.log", "ab")
+    proc = subprocess.Popen(
+        [*env.pdeathsig_prefix(), "haproxy", "-db", "-f", str(cfg)], stdout=out, stderr=out, stdin=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"haproxy exited with {proc.returncode}: {(workdir / 'haproxy.log').read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("haproxy did not start")
+
+
+OWNERSHIP = f"""\
+rules:
+  - name: bench-key
+    topics: ["key.*"]
+    by: key
+    slots: 16
+    owners: {{ eu: ["0-15"] }}
+    null_key: reject
+  - name: bench-header
+    topics: ["hdr.*"]
+    by: header
+    header: tenant
+    owners: {{ eu: [{", ".join(f"t{i:02d}" for i in range(TENANTS))}] }}
+    unmatched: reject
+default: allow
+"""
+
+
+# ------------------------------------------------------------------ /proc
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of pid, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Writing 5 to clear_refs resets VmHWM to the current RSS (Linux 4.0+)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError as e:
+        log(f"cannot reset peak RSS of {pid}: {e}")
+
+
+# ------------------------------------------------------------------ runs
+
+
+class Bench:
+    def __init__(self, settings: Settings, workdir: Path, loadgen: Path) -> None:
+        self.s = settings
+        self.workdir = workdir
+        self.loadgen = loadgen
+        self.runs: list[dict] = []
+        self.topic_seq = 0
+
+    # -- setup / teardown
+    def start(self) -> None:
+        relay_port, self.haproxy_port = env.free_port(), env.free_port()
+        self.cluster = BenchCluster(self.workdir, relay_port, self.haproxy_port)
+        log("starting Kafka (1 broker, KRaft)")
+        self.cluster.start()
+        log(f"broker {self.cluster.bootstrap}, relay listener 127.0.0.1:{relay_port}")
+        self.haproxy = start_haproxy(self.workdir, self.haproxy_port, relay_port)
+        log(f"haproxy 127.0.0.1:{self.haproxy_port} (pid {self.haproxy.pid})")
+        self.keyward = Keyward(self.workdir, "eu", {"eu": self.cluster}, OWNERSHIP, name="keyward")
+        self.keyward.start()
+        log(f"keyward {self.keyward.bootstrap} (pid {self.keyward.proc.pid}, {self.keyward_binary()})")
+
+    def keyward_binary(self) -> str:
+        return os.environ["KEYWARD_BIN"]
+
+    def stop(self) -> None:
+        for name in ("keyward",):
+            k = getattr(self, name, None)
+            if k:
+                k.stop()
+        h = getattr(self, "haproxy", None)
+        if h and h.poll() is None:
+            h.terminate()
+            h.wait(timeout=10)
+        c = getattr(self, "cluster", None)
+        if c:
+            c.stop()
+
+    def bootstrap(self, path: str) -> str:
+        if path == "direct":
+            return self.cluster.bootstrap
+        if path == "haproxy":
+            return f"127.0.0.1:{self.haproxy_port}"
+        return self.keyward.bootstrap
+
+    def relay_pid(self, path: str) -> int | None:
+        if path == "direct":
+            return None
+        if path == "haproxy":
+            return self.haproxy.pid
+        return self.keyward.proc.pid
+
+    def new_topic(self, path: str, load: Load, rnd: int) -> str:
+        self.topic_seq += 1
+        name = f"{PATHS[path][1]}.r{rnd}.{load.size}.{load.compression}.{path}.{self.topic_seq}"
+        self.cluster.create_topic(name, self.s.partitions, replication=1)
+        return name
+
+    def delete_topic(self, name: str) -> None:
+        try:
+            self.cluster.delete_topic(name)
+        except Exception as e:  # a leftover topic only costs disk
+            log(f"delete {name}: {e}")
+
+    # -- one loadgen run, with the relay's CPU and peak RSS around it
+    def loadgen_run(self, args: list[str], path: str) -> dict:
+        relay = self.relay_pid(path)
+        broker = self.cluster.nodes[0].proc.pid
+        if relay:
+            reset_peak_rss(relay)
+            relay_cpu0 = cpu_seconds(relay)
+        broker_cpu0 = cpu_seconds(broker)
+        children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.monotonic()
+        proc = subprocess.Popen([str(self.loadgen), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = proc.communicate(timeout=300)
+        wall = time.monotonic() - t0
+        children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        result: dict = {
+            "ok": proc.returncode == 0,
+            "wall_s": wall,
+            # only the load generator is reaped meanwhile, so this is its CPU
+            "client_cpu_s": (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime),
+        }
+        try:
+            result.update(json.loads(out.decode().strip().splitlines()[-1]))
+        except (ValueError, IndexError):
+            result["ok"] = False
+        if not result["ok"]:
+            result["stderr"] = err.decode(errors="replace")[-2000:]
+            log(f"  FAILED: {' '.join(args)}\n{result.get('stderr', '')}")
+        result["broker_cpu_s"] = cpu_seconds(broker) - broker_cpu0
+        if relay:
+            result["relay_cpu_s"] = cpu_seconds(relay) - relay_cpu0
+            result["relay_peak_rss_kib"] = status_kib(relay, "VmHWM")
+            result["relay_rss_kib"] = status_kib(relay, "VmRSS")
+        return result
+
+    def produce(self, path: str, load: Load, topic: str, seconds: float, rate: float = 0) -> dict:
+        args = ["produce", "--bootstrap", self.bootstrap(path), "--topic", topic, "--size", str(load.size),
+                "--compression", load.compression, "--seconds", str(seconds), "--tenants", str(TENANTS)]
+        if rate:
+            args += ["--rate", f"{rate:.0f}"]
+        return self.loadgen_run(args, path)
+
+    def consume(self, path: str, topic: str) -> dict:
+        args = ["consume", "--bootstrap", self.bootstrap(path), "--topic", topic,
+                "--min-seconds", str(self.s.consume_seconds)]
+        return self.loadgen_run(args, path)
+
+    def keyward_records(self, rule: str) -> float:
+        return self.keyward.metric("keyward_produce_records_total", rule=rule, decision="forwarded")
+
+    def record(self, rnd: int, load: Load, path: str, kind: str, result: dict) -> None:
+        result.update(round=rnd, size=load.size, compression=load.compression, path=path, kind=kind)
+        self.runs.append(result)
+        if kind == "consume":
+            summary = f"{result.get('mb_per_s', 0):8.1f} MB/s consumed"
+        else:
+            summary = (
+                f"{result.get('msgs_per_s', 0):10.0f} msg/s {result.get('mb_per_s', 0):7.1f} MB/s "
+                f"p50 {result.get('p50_ms', 0):7.2f} ms p99 {result.get('p99_ms', 0):7.2f} ms"
+            )
+            if "relay_cpu_s" in result and result.get("bytes"):
+                summary += f" relay {result['relay_cpu_s'] / (result['bytes'] / 1e9):5.2f} CPU-s/GB"
+        log(f"  r{rnd} {load.name:>10} {kind:7} {PATHS[path][0]:22} {summary}")
+
+    # -- the rounds
+    def loads(self) -> list[Load]:
+        loads = [Load(size, "none") for size in self.s.sizes]
+        loads += [Load(size, c) for c in self.s.compressions for size in self.s.compressed_sizes]
+        return loads
+
+    def run_round(self, rnd: int) -> None:
+        for load in self.loads():
+            paths = paths_for(load)
+            k = rnd % len(paths)
+            order = paths[k:] + paths[:k]  # rotate, so no path always runs first or last
+            topics = {}
+            direct_rate = None
+            for path in order:
+                topics[path] = self.new_topic(path, load, rnd)
+                before = self.keyward_records(f"bench-{path}") if path in ("key", "header") else None
+                r = self.produce(path, load, topics[path], self.s.seconds)
+                if before is not None:
+                    r["inspected_records"] = self.keyward_records(f"bench-{path}") - before
+                self.record(rnd, load, path, "full", r)
+                if path == "direct":
+                    direct_rate = r.get("msgs_per_s")
+            if direct_rate:
+                for path in order:
+                    r = self.produce(path, load, topics[path], self.s.half_seconds, rate=direct_rate / 2)
+                    self.record(rnd, load, path, "half", r)
+            if load.compression == "none":
+                for path in order:
+                    self.record(rnd, load, path, "consume", self.consume(path, topics[path]))
+            for topic in topics.values():
+                self.delete_topic(topic)
+
+    def idle_connections(self, path: str, count: int) -> dict:
+        """Opens `count` client connections through `path`, each one having asked ApiVersions
+        (what every client does first) and then idle; returns the relay's RSS then."""
+        pid = self.relay_pid(path)
+        port = int(self.bootstrap(path).rsplit(":", 1)[1])
+        rss_before = status_kib(pid, "VmRSS")
+        # ApiVersions v0: length, api key 18, version 0, correlation id, null client id.
+        request = struct.pack(">ihhih", 10, 18, 0, 1, -1)
+        socks = []
+        try:
+            for _ in range(count):
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                s.sendall(request)
+                socks.append(s)
+            for s in socks:
+                (length,) = struct.unpack(">i", _read_exact(s, 4))
+                _read_exact(s, length)
+            time.sleep(1)
+            rss = status_kib(pid, "VmRSS")
+        finally:
+            for s in socks:
+                s.close()
+        return {"path": path, "connections": count, "rss_before_kib": rss_before, "rss_kib": rss}
+
+
+def _read_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+    return buf
+
+
+# ------------------------------------------------------------------ report
+
+
+def median(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def summarize(runs: list[dict], loads: list[Load], rounds: int) -> list[dict]:
+    """One row per (load, path): medians over rounds, ratios to direct taken round by round."""
+    def get(rnd, load, path, kind):
+        for r in runs:
+            if (r["round"], r["size"], r["compression"], r["path"], r["kind"]) == (
+                rnd, load.size, load.compression, path, kind,
+            ) and r.get("ok"):
+                return r
+        return None
+
+    rows = []
+    for load in loads:
+        for path in paths_for(load):
+            per = {k: [get(i, load, path, k) for i in range(rounds)] for k in ("full", "half", "consume")}
+            direct = {k: [get(i, load, "direct", k) for i in range(rounds)] for k in ("full", "half", "consume")}
+
+            def med(kind, field):
+                return median([r[field] for r in per[kind] if r and field in r])
+
+            def ratio(kind, field):
+                return median([
+                    p[field] / d[field] for p, d in zip(per[kind], direct[kind]) if p and d and d.get(field)
+                ])
+
+            def added(kind, field):
+                return median([p[field] - d[field] for p, d in zip(per[kind], direct[kind]) if p and d])
+
+            cpu_per_gb = median([
+                r["relay_cpu_s"] / (r["bytes"] / 1e9) for r in per["full"] if r and "relay_cpu_s" in r and r["bytes"]
+            ])
+            inspected = [r.get("inspected_records") for r in per["full"] if r and "inspected_records" in r]
+            delivered = [r.get("delivered") for r in per["full"] if r and "inspected_records" in r]
+            rows.append({
+                "load": load.name, "size": load.size, "compression": load.compression, "path": path,
+                "rounds_ok": sum(1 for r in per["full"] if r),
+                "msgs_per_s": med("full", "msgs_per_s"), "mb_per_s": med("full", "mb_per_s"),
+                "ratio": ratio("full", "msgs_per_s"),
+                "p50_full": med("full", "p50_ms"), "p99_full": med("full", "p99_ms"),
+                "p50_half": med("half", "p50_ms"), "p99_half": med("half", "p99_ms"),
+                "added_p99_half": added("half", "p99_ms"),
+                "cpu_s_per_gb": cpu_per_gb,
+                "peak_rss_mib": median([r["relay_peak_rss_kib"] / 1024 for r in per["full"] if r and "relay_peak_rss_kib" in r]),
+                "broker_cpu_s_per_gb": median([r["broker_cpu_s"] / (r["bytes"] / 1e9) for r in per["full"] if r and r["bytes"]]),
+                "consume_mb_per_s": med("consume", "mb_per_s"),
+                "consume_ratio": ratio("consume", "mb_per_s"),
+                "all_inspected": (inspected == delivered) if inspected else None,
+            })
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| load | path | msg/s | MB/s | × direct | p50 / p99 full (ms) | p50 / p99 half (ms) | "
+        "p99 half − direct (ms) | relay CPU-s/GB | relay peak RSS (MiB) | consumer MB/s | consumer × direct |\n"
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n"
+    )
+    lines = []
+    for r in rows:
+        direct = r["path"] == "direct"
+        lines.append(
+            f"| {r['load']} | {PATHS[r['path']][0]} | {fmt(r['msgs_per_s'], ',.0f')} | {fmt(r['mb_per_s'], '.1f')} "
+            f"| {'1' if direct else fmt(r['ratio'], '.3f')} "
+            f"| {fmt(r['p50_full'], '.1f')} / {fmt(r['p99_full'], '.1f')} "
+            f"| {fmt(r['p50_half'], '.2f')} / {fmt(r['p99_half'], '.2f')} "
+            f"| {'' if direct else fmt(r['added_p99_half'], '+.2f')} "
+            f"| {'' if direct else fmt(r['cpu_s_per_gb'], '.2f')} "
+            f"| {'' if direct else fmt(r['peak_rss_mib'], '.1f')} "
+            f"| {fmt(r['consume_mb_per_s'], '.1f')} "
+            f"| {'' if direct or r['consume_mb_per_s'] is None else fmt(r['consume_ratio'], '.3f')} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def targets(rows: list[dict], idle: list[dict]) -> str:
+    """The issue's targets, each checked against this run."""
+    out = []
+
+    def check(label, value, ok, shown):
+        mark = "n/a" if value is None else ("met" if ok(value) else "MISSED")
+        out.append(f"| {label} | {shown(value) if value is not None else '-'} | {mark} |")
+
+    def rows_of(path, compressions):
+        return [r for r in rows if r["path"] == path and r["compression"] in compressions]
+
+    for r in rows_of("passthrough", ("none",)) + rows_of("key", ("none",)):
+        check(f"throughput {PATHS[r['path']][0]}, {r['load']} ≥ 0.95 × direct", r["ratio"], lambda v: v >= 0.95, lambda v: f"{v:.3f}")
+    for r in [r for r in rows if r["path"] == "key" and r["compression"] != "none"]:
+        check(f"throughput {PATHS[r['path']][0]}, {r['load']} ≥ 0.90 × direct", r["ratio"], lambda v: v >= 0.90, lambda v: f"{v:.3f}")
+    for r in rows_of("passthrough", ("none",)):
+        check(f"consumer throughput via keyward, {r['load']} ≥ 0.95 × direct", r["consume_ratio"], lambda v: v >= 0.95, lambda v: f"{v:.3f}")
+    for r in rows_of("passthrough", ("none",)):
+        check(f"CPU passthrough, {r['load']} ≤ 1 CPU-s/GB", r["cpu_s_per_gb"], lambda v: v <= 1, lambda v: f"{v:.2f}")
+    for r in rows_of("key", ("none",)):
+        check(f"CPU by: key, {r['load']} ≤ 2 CPU-s/GB", r["cpu_s_per_gb"], lambda v: v <= 2, lambda v: f"{v:.2f}")
+    for r in rows_of("key", ("zstd",)):
+        check(f"CPU by: key, {r['load']} ≤ 4 CPU-s/GB", r["cpu_s_per_gb"], lambda v: v <= 4, lambda v: f"{v:.2f}")
+    for r in [r for r in rows if r["path"] in ("passthrough", "key", "header")]:
+        check(f"added p99 at half load, {PATHS[r['path']][0]}, {r['load']} ≤ 1 ms", r["added_p99_half"], lambda v: v <= 1, lambda v: f"{v:+.2f} ms")
+    full_1k = [r["peak_rss_mib"] for r in rows if r["path"] in ("passthrough", "key", "header") and r["size"] >= 1024 and r["peak_rss_mib"]]
+    check("peak RSS under full 1 KiB load ≤ 64 MiB (worst keyward case)", max(full_1k) if full_1k else None, lambda v: v <= 64, lambda v: f"{v:.1f} MiB")
+    for i in idle:
+        if i["path"] != "haproxy":
+            check(f"RSS with {i['connections']} idle client connections ≤ 64 MiB", i["rss_kib"] / 1024, lambda v: v <= 64, lambda v: f"{v:.1f} MiB")
+    out.append("| memory bounded when the broker stalls under full load | not measured by dev/bench | n/a |")
+    return "| target | measured | |\n|---|--:|---|\n" + "\n".join(out) + "\n"
+
+
+def report(settings: Settings, bench: Bench, idle: list[dict], started: float) -> str:
+    rows = summarize(bench.runs, bench.loads(), settings.rounds)
+    failed = [r for r in bench.runs if not r.get("ok")]
+    lines = [
+        f"# dev/bench results ({'quick' if settings.quick else 'full'} run)",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {time.monotonic() - started:.0f} s, {os.cpu_count()} CPUs, "
+        f"load average at the end {os.getloadavg()[0]:.2f}. {settings.rounds} rounds; full-load runs "
+        f"{settings.seconds:g} s, half-load runs {settings.half_seconds:g} s, consumer runs ≥ {settings.consume_seconds:g} s; "
+        f"{settings.partitions} partitions, 1 broker; librdkafka {librdkafka_version()} producer "
+        "(linger.ms 5, acks=all); keyward = target/release/keyward.",
+        "",
+        "Medians over rounds; \"× direct\" and \"p99 half − direct\" are computed round by round (same round, "
+        "same load), then the median is taken. MB/s are record value bytes. CPU-s/GB = the relay's (haproxy's "
+        "or keyward's) utime+stime during the full-load run / value GB delivered. Peak RSS = VmHWM during that run.",
+        "",
+        table(rows),
+    ]
+    if any(r["all_inspected"] is False for r in rows):
+        lines.append("**Warning:** keyward's `keyward_produce_records_total` did not count every delivered record "
+                     "on a by: key / by: header run.\n")
+    elif any(r["all_inspected"] for r in rows):
+        lines.append("keyward's `keyward_produce_records_total{decision=\"forwarded\"}` counted exactly the delivered "
+                     "records on every by: key / by: header run (every record's key or header was inspected).\n")
+    if idle:
+        lines.append("Idle connections (each sent ApiVersions, then idle): " + "; ".join(
+            f"{PATHS[i['path']][0]}: {i['connections']} connections, RSS {i['rss_before_kib'] / 1024:.1f} → "
+            f"{i['rss_kib'] / 1024:.1f} MiB" for i in idle) + "\n")
+    if failed:
+        lines.append(f"**{len(failed)} run(s) failed** (left out of the medians): " + ", ".join(
+            f"r{r['round']} {r['size']} {r['compression']} {r['path']} {r['kind']}" for r in failed) + "\n")
+    lines += ["## Targets (issue 5)", "", targets(rows, idle)]
+    return "\n".join(lines)
+
+
+def librdkafka_version() -> str:
+    try:
+        out = subprocess.run(["pkg-config", "--modversion", "rdkafka"], capture_output=True, text=True)
+        return out.stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short runs (~3 minutes in all), for trying it out")
+    ap.add_argument("--loadgen", required=True, type=Path)
+    args = ap.parse_args()
+    settings = Settings.from_env(args.quick)
+    started = time.monotonic()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # keyward inherits this: 1,000 idle clients are 2,000 sockets in keyward.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+    os.environ.setdefault("KEYWARD_LOG", "info")
+    settings.out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="keyward-bench-"))
+    bench = Bench(settings, workdir, args.loadgen)
+    idle: list[dict] = []
+    try:
+        bench.start()
+        # Warm-up (JIT of the broker, page cache), not counted.
+        warm = Load(1024, "none")
+        for path in ("direct", "key"):
+            topic = bench.new_topic(path, warm, -1)
+            bench.produce(path, warm, topic, max(1.0, settings.seconds / 2))
+            bench.delete_topic(topic)
+        for rnd in range(settings.rounds):
+            log(f"round {rnd + 1}/{settings.rounds}")
+            bench.run_round(rnd)
+        if settings.idle_connections:
+            for path in ("passthrough", "haproxy"):
+                idle.append(bench.idle_connections(path, settings.idle_connections))
+                log(f"idle: {idle[-1]}")
+    except KeyboardInterrupt:
+        log("interrupted; reporting what ran")
+    finally:
+        bench.stop()
+    text = report(settings, bench, idle, started)
+    (settings.out / "results.md").write_text(text)
+    (settings.out / "results.json").write_text(json.dumps({"settings": {**settings.__dict__, "out": str(settings.out)},
+                                                           "runs": bench.runs, "idle": idle}, indent=1))
+    print(text)
+    log(f"wrote {settings.out / 'results.md'} and results.json (work dir {workdir})")
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if bench.runs and all(r.get("ok") for r in bench.runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

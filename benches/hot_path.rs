@@ -33,7 +33,7 @@ use keyward::codec::records::Inflater;
 use keyward::ownership::{Claim, Table};
 use keyward::policy::produce::decide;
 use keyward::proxy::brokers::UnmappableNode;
-use keyward::proxy::produce::{ProduceReply, forwarded_request};
+use keyward::proxy::produce::{ProduceReply, Route, forwarded_request};
 use keyward::proxy::rewrite::Advertise;
 
 /// The table of the end-to-end benchmark (dev/bench.py) plus a split key rule for the merge
@@ -104,7 +104,7 @@ fn value(size: usize, seed: u64) -> Bytes {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if x % 3 == 0 {
+        if x.is_multiple_of(3) {
             v.extend_from_slice(format!("{},", (x >> 20) % 100_000).as_bytes());
         } else {
             v.extend_from_slice(WORDS[(x >> 8) as usize % WORDS.len()].as_bytes());
@@ -333,7 +333,17 @@ fn merge(c: &mut Criterion) {
         .map(|p| p.action.is_forward())
         .collect();
     assert_eq!(forwarded, [true, false, true, false]);
-    let reply = ProduceReply::new(VERSION, &view, &plan, "41d6d7369d14");
+    let routes = || -> Vec<Route> {
+        plan.partitions
+            .iter()
+            .map(|d| Route::from_action(&d.action).expect("no redirect rule here"))
+            .collect()
+    };
+    let upstream = routes();
+    let reply = ProduceReply::new(VERSION, &view, routes(), "41d6d7369d14");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
 
     // The broker's answer for the two forwarded partitions.
     let broker = ProduceResponse::default().with_responses(vec![
@@ -364,16 +374,23 @@ fn merge(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.bench_function("forwarded_request", |b| {
         b.iter(|| {
-            forwarded_request(black_box(&frame), header_len, VERSION, &view, &plan)
+            forwarded_request(black_box(&frame), header_len, VERSION, &view, &upstream)
                 .unwrap()
                 .len()
         })
     });
     g.bench_function("reply_new", |b| {
-        b.iter(|| ProduceReply::new(VERSION, black_box(&view), &plan, "41d6d7369d14"))
+        b.iter(|| ProduceReply::new(VERSION, black_box(&view), routes(), "41d6d7369d14"))
     });
     g.bench_function("merge_response", |b| {
-        b.iter(|| reply.merge(black_box(&response), &Proxy).unwrap().len())
+        b.iter(|| {
+            let (correlation_id, broker) =
+                reply.broker_response(black_box(&response), &Proxy).unwrap();
+            runtime
+                .block_on(reply.respond(correlation_id, broker))
+                .unwrap()
+                .len()
+        })
     });
     g.finish();
 }

@@ -5,6 +5,8 @@
 //! - [`config`]: the static config file (`keyward.yaml`): region, listeners, clusters.
 //! - [`ownership`]: the ownership table (`ownership.yaml`): parsing, validation, murmur2 and the
 //!   pure lookup "who owns this key / header / partition / topic".
+//! - [`redirect`]: `on_foreign: redirect`: keyward's own producer on other regions' clusters,
+//!   and the sequence bookkeeping that keeps idempotent producers whole.
 //! - [`reload`]: the table in force ([`reload::Snapshot`]) and its hot reload (file watch,
 //!   SIGHUP, admin API).
 //! - [`codec`]: Kafka framing, request/response headers and record-batch inspection. Pure parsing,
@@ -22,4 +24,5 @@ pub mod config;
 pub mod ownership;
 pub mod policy;
 pub mod proxy;
+pub mod redirect;
 pub mod reload;

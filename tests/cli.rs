@@ -64,13 +64,13 @@ fn check_names_file_field_and_problem() {
         )
     );
 
-    let config = broken_copy("redirect", |t| {
-        t.replacen("on_foreign: reject", "on_foreign: redirect", 1)
+    let config = broken_copy("on-foreign", |t| {
+        t.replacen("on_foreign: reject", "on_foreign: forward", 1)
     });
     let out = keyward(&["check", "--config", config.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("on_foreign: redirect is not supported yet"),
+        stderr(&out).contains("rules[0].on_foreign: unknown variant `forward`"),
         "{}",
         stderr(&out)
     );

@@ -694,11 +694,9 @@ fn unknown_fields_and_bad_yaml_are_named_with_path_and_position() {
 }
 
 #[test]
-fn redirect_is_known_but_not_supported_yet() {
-    assert_eq!(
-        rejected(&EXAMPLE.replacen("on_foreign: reject", "on_foreign: redirect", 1)),
-        "ownership.yaml: rules[0].on_foreign: on_foreign: redirect is not supported yet"
-    );
+fn on_foreign_takes_each_of_its_values() {
+    let table = parse(&EXAMPLE.replacen("on_foreign: reject", "on_foreign: redirect", 1));
+    assert_eq!(key_rule(&table).on_foreign, OnForeign::Redirect);
     let table = parse(&EXAMPLE.replacen("on_foreign: reject", "on_foreign: audit", 1));
     assert_eq!(key_rule(&table).on_foreign, OnForeign::Audit);
 }

@@ -18,10 +18,6 @@ const MAX_SLOTS: u32 = 65_536;
 /// Words that mean something else where the file expects a region name.
 const KEYWORDS: [&str; 3] = ["any", "local", "reject"];
 
-/// Whether `on_foreign: redirect` is accepted. The format already knows the value; the proxy
-/// does not implement it yet.
-const REDIRECT_SUPPORTED: bool = false;
-
 /// At most this many missing-slot ranges are named in one error; the rest are counted.
 const MAX_RANGES_NAMED: usize = 10;
 
@@ -260,13 +256,7 @@ impl Cx<'_> {
         let on_foreign = match on_foreign {
             None | Some(RawOnForeign::Reject) => OnForeign::Reject,
             Some(RawOnForeign::Audit) => OnForeign::Audit,
-            Some(RawOnForeign::Redirect) if REDIRECT_SUPPORTED => OnForeign::Redirect,
-            Some(RawOnForeign::Redirect) => {
-                return Err(self.error(
-                    format!("{at}.on_foreign"),
-                    "on_foreign: redirect is not supported yet",
-                ));
-            }
+            Some(RawOnForeign::Redirect) => OnForeign::Redirect,
         };
 
         let owners_of = |owners: Option<Pairs<Vec<Item>>>| match owners {

@@ -105,6 +105,9 @@ pub enum Action {
     },
     /// Not writable right now: answered with a retriable error so the client retries.
     Hold { message: String, reason: HoldReason },
+    /// Every record is owned by `owner` and the rule says `on_foreign: redirect`: produced to
+    /// the owner's cluster instead of the local one.
+    Redirect { owner: RegionId },
 }
 
 impl Action {
@@ -292,6 +295,23 @@ fn decide_rule(
                 total.owner = d.owner;
                 hold
             }
+            // Several batches of one partition go to one place or not at all.
+            (Action::Redirect { owner: a }, Action::Redirect { owner: b }) if a == b => {
+                Action::Redirect { owner: a }
+            }
+            (Action::Forward { .. }, redirect @ Action::Redirect { .. }) if total.batches == 1 => {
+                total.owner = d.owner;
+                redirect
+            }
+            (first, second) => {
+                let _ = (first, second);
+                Action::Reject {
+                    kind: RejectKind::MixedBatch,
+                    error_code: INVALID_RECORD,
+                    message: "the partition's batches belong to different regions; keyward never splits a request's partition".to_owned(),
+                    record_errors: Vec::new(),
+                }
+            }
         };
     }
     total
@@ -352,6 +372,10 @@ struct Tally<'t> {
     first_refusal: Option<(RejectKind, String, Option<RegionId>)>,
     record_errors: Vec<(i32, String)>,
     frozen: Option<(String, RegionId)>,
+    /// Under `on_foreign: redirect`: the one owner every foreign record has, and those records.
+    redirect_to: Option<RegionId>,
+    redirected: Vec<(i32, String)>,
+    redirected_count: u32,
 }
 
 impl<'t> Tally<'t> {
@@ -367,6 +391,9 @@ impl<'t> Tally<'t> {
             first_refusal: None,
             record_errors: Vec::new(),
             frozen: None,
+            redirect_to: None,
+            redirected: Vec::new(),
+            redirected_count: 0,
         }
     }
 
@@ -386,7 +413,17 @@ impl<'t> Tally<'t> {
                     self.where_(claim),
                     self.table.region_name(self.local),
                 );
-                self.refuse(index, RejectKind::ForeignOwner, why, Some(owner));
+                let redirectable = self.rule.on_foreign == OnForeign::Redirect
+                    && self.redirect_to.is_none_or(|to| to == owner);
+                if redirectable {
+                    self.redirect_to = Some(owner);
+                    self.redirected_count += 1;
+                    if self.redirected.len() < MAX_RECORD_ERRORS {
+                        self.redirected.push((index, why));
+                    }
+                } else {
+                    self.refuse(index, RejectKind::ForeignOwner, why, Some(owner));
+                }
             }
             Verdict::Reject(reason) => {
                 let why = self.describe_reject(reason, subject);
@@ -482,8 +519,25 @@ impl<'t> Tally<'t> {
         }
     }
 
-    fn finish(self, _topic: &str, _partition: i32) -> PartitionDecision {
+    fn finish(mut self, _topic: &str, _partition: i32) -> PartitionDecision {
         let writes_local = self.owned > 0 || self.audited > 0;
+        if self.redirected_count > 0 && (writes_local || self.first_refusal.is_some()) {
+            // Records bound for another cluster share the batch with records that are not:
+            // the batch cannot go anywhere whole.
+            let redirected = std::mem::take(&mut self.redirected);
+            let count = self.redirected_count;
+            for (i, (index, why)) in redirected.into_iter().enumerate() {
+                if i == 0 && self.first_refusal.is_none() {
+                    self.first_refusal =
+                        Some((RejectKind::ForeignOwner, why.clone(), self.redirect_to));
+                }
+                if self.record_errors.len() < MAX_RECORD_ERRORS {
+                    self.record_errors.push((index, why));
+                }
+            }
+            self.record_errors.sort_by_key(|(i, _)| *i);
+            self.refused += count;
+        }
         let action = if let Some((kind, why, owner)) = self.first_refusal {
             let mixed = kind == RejectKind::ForeignOwner && self.refused < self.records;
             let kind = if mixed { RejectKind::MixedBatch } else { kind };
@@ -519,6 +573,15 @@ impl<'t> Tally<'t> {
                     message,
                     reason: HoldReason::Frozen,
                 },
+                rule: None,
+                owner: Some(owner),
+                batches: 1,
+                records: self.records,
+                writes_local,
+            };
+        } else if let Some(owner) = self.redirect_to {
+            return PartitionDecision {
+                action: Action::Redirect { owner },
                 rule: None,
                 owner: Some(owner),
                 batches: 1,

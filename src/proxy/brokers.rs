@@ -157,6 +157,11 @@ impl Clusters {
         &self.list
     }
 
+    /// The index of region `name`'s cluster.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.list.iter().position(|c| c.name == name)
+    }
+
     pub fn get(&self, index: usize) -> &ClusterState {
         &self.list[index]
     }

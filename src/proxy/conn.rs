@@ -19,13 +19,14 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::Shared;
-use super::produce::{ProduceReply, forwarded_request};
+use super::produce::{LocalAnswer, ProduceReply, Route, forwarded_request};
 use super::rewrite::{self, RewriteError};
 use crate::codec::frame::{self, FrameError, FrameReader, LENGTH_PREFIX, RequestHead};
 use crate::codec::produce::{self, ProduceParseError};
+use crate::codec::records;
 use crate::codec::records::Inflater;
 use crate::codec::wire::WireError;
-use crate::policy::produce::{Action, ProducePlan, decide};
+use crate::policy::produce::{Action, INVALID_RECORD, ProducePlan, decide};
 
 /// Which real broker a client connection is relayed to.
 #[derive(Debug, Clone, Copy)]
@@ -52,14 +53,23 @@ enum Slot {
         handling: Handling,
         timing: Timing,
     },
-    /// keyward answered this request itself.
-    Local(Bytes, Timing),
+    /// keyward answers this Produce itself (refusals, redirected writes), once every part of
+    /// the answer is known.
+    Reply(i32, ProduceReply, Timing),
     /// Close the client connection once everything before this is written (an acks=0 produce
     /// keyward refused: no response is owed, so closing is how the client learns).
     Close,
 }
 
 enum Handling {
+    /// Rewritten (or not) as it passes.
+    Rewrite(Rewrite),
+    /// A produce keyward forwarded in part: merge its own answers into the broker's.
+    ProduceMerge(ProduceReply),
+}
+
+/// What a broker response needs on its way to the client.
+enum Rewrite {
     Passthrough,
     ApiVersions(i16),
     Metadata(i16),
@@ -68,8 +78,6 @@ enum Handling {
     Fetch(i16),
     /// A produce keyward forwarded whole (v10+ responses may carry node endpoints).
     Produce(i16),
-    /// A produce keyward forwarded in part: merge its own answers into the broker's.
-    ProduceMerge(ProduceReply),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -226,11 +234,17 @@ async fn requests(
         let head = RequestHead::parse(&frame).map_err(ConnError::ClientRequest)?;
         shared.meters.api(head.api_key).requests.increment(1);
         let step = match ApiKey::try_from(head.api_key) {
-            Ok(ApiKey::Produce) => produce_step(shared, cluster, frame, head, &mut inflater)?,
+            Ok(ApiKey::Produce) => {
+                produce_step(shared, cluster, frame, head, &mut inflater).await?
+            }
             Ok(key) => Step::forward(frame, head.correlation_id, handling(key, head.api_version)),
             // An API this build cannot name is relayed untouched; keyward never offers one, so
             // only a client ignoring ApiVersions sends it.
-            Err(()) => Step::forward(frame, head.correlation_id, Handling::Passthrough),
+            Err(()) => Step::forward(
+                frame,
+                head.correlation_id,
+                Handling::Rewrite(Rewrite::Passthrough),
+            ),
         };
         if matches!(step.slot, Some(Pending::Close)) {
             // Whatever part was forwarded goes out first; then the response half flushes what
@@ -257,7 +271,9 @@ async fn requests(
                 handling,
                 timing,
             },
-            Some(Pending::Local(bytes)) => Slot::Local(bytes, timing),
+            Some(Pending::Reply(correlation_id, reply)) => {
+                Slot::Reply(correlation_id, reply, timing)
+            }
             Some(Pending::Close) | None => continue,
         };
         if slots.send(slot).await.is_err() {
@@ -267,14 +283,14 @@ async fn requests(
 }
 
 fn handling(key: ApiKey, version: i16) -> Handling {
-    match key {
-        ApiKey::ApiVersions => Handling::ApiVersions(version),
-        ApiKey::Metadata => Handling::Metadata(version),
-        ApiKey::FindCoordinator => Handling::FindCoordinator(version),
-        ApiKey::DescribeCluster => Handling::DescribeCluster(version),
-        ApiKey::Fetch => Handling::Fetch(version),
-        _ => Handling::Passthrough,
-    }
+    Handling::Rewrite(match key {
+        ApiKey::ApiVersions => Rewrite::ApiVersions(version),
+        ApiKey::Metadata => Rewrite::Metadata(version),
+        ApiKey::FindCoordinator => Rewrite::FindCoordinator(version),
+        ApiKey::DescribeCluster => Rewrite::DescribeCluster(version),
+        ApiKey::Fetch => Rewrite::Fetch(version),
+        _ => Rewrite::Passthrough,
+    })
 }
 
 /// What one request turns into: bytes for the broker, and what the response half must do.
@@ -286,7 +302,7 @@ struct Step {
 /// A response-half instruction before its timing is known.
 enum Pending {
     Broker(i32, Handling),
-    Local(Bytes),
+    Reply(i32, ProduceReply),
     Close,
 }
 
@@ -299,7 +315,7 @@ impl Step {
     }
 }
 
-fn produce_step(
+async fn produce_step(
     shared: &Shared,
     cluster: usize,
     frame: Bytes,
@@ -325,19 +341,75 @@ fn produce_step(
     }
     record_decisions(shared, &snapshot.table, &plan);
 
+    let mut routes = Vec::with_capacity(plan.partitions.len());
+    let mut decisions = plan.partitions.iter();
+    for topic in &request.topics {
+        for p in &topic.partitions {
+            let Some(d) = decisions.next() else { break };
+            let route = match Route::from_action(&d.action) {
+                Ok(Route::Upstream(_)) => Route::Upstream(
+                    p.records
+                        .and_then(|r| shared.redirector.local_batch(topic.name, p.index, r)),
+                ),
+                Ok(route) => route,
+                Err(owner) => {
+                    let owner = snapshot.table.region_name(owner);
+                    match shared.clusters.index_of(owner) {
+                        // The owner's cluster is the one this connection writes to (reads
+                        // failed over to it): the client's producer id is valid there.
+                        Some(target) if target == cluster => Route::Upstream(None),
+                        Some(target) => match redirectable(p.records.unwrap_or_default()) {
+                            Ok(batch) => Route::Redirect(
+                                shared
+                                    .redirector
+                                    .redirect(
+                                        target,
+                                        topic.name,
+                                        p.index,
+                                        frame.slice_ref(batch),
+                                        request.acks,
+                                        request.timeout_ms,
+                                    )
+                                    .await,
+                            ),
+                            Err(why) => Route::Answer(LocalAnswer {
+                                error_code: INVALID_RECORD,
+                                message: format!(
+                                    "the batch is owned by region {owner} but cannot be redirected to its cluster: {why}"
+                                ),
+                                record_errors: Vec::new(),
+                            }),
+                        },
+                        None => Route::Answer(LocalAnswer {
+                            error_code: INVALID_RECORD,
+                            message: format!(
+                                "the batch is owned by region {owner}, which has no cluster in this proxy's config"
+                            ),
+                            record_errors: Vec::new(),
+                        }),
+                    }
+                }
+            };
+            routes.push(route);
+        }
+    }
+
     let acks0 = request.acks == 0;
-    let path = if plan.all_forward() {
+    let untouched = routes.iter().all(Route::is_untouched);
+    let any_upstream = routes.iter().any(Route::is_upstream);
+    let answered = routes.iter().any(|r| matches!(r, Route::Answer(_)));
+    let path = if untouched {
         "forwarded"
-    } else if plan.none_forward() {
+    } else if !any_upstream {
         "answered"
     } else {
         "partial"
     };
     counter!("keyward_produce_requests_total", "path" => path).increment(1);
-    if plan.all_forward() {
+    if untouched {
         let slot = (!acks0).then_some(Pending::Broker(
             head.correlation_id,
-            Handling::Produce(version),
+            Handling::Rewrite(Rewrite::Produce(version)),
         ));
         return Ok(Step {
             upstream: Some(frame),
@@ -345,29 +417,48 @@ fn produce_step(
         });
     }
 
-    let reply = ProduceReply::new(version, &request, &plan, snapshot.short_hash());
-    let upstream = if plan.none_forward() {
-        None
-    } else {
+    let upstream = if any_upstream {
         Some(forwarded_request(
-            &frame, header_len, version, &request, &plan,
+            &frame, header_len, version, &request, &routes,
         )?)
-    };
-    let slot = if acks0 {
-        counter!("keyward_acks0_rejections_total").increment(1);
-        warn!(
-            "refused part of an acks=0 produce; closing the connection as a broker does, so the producer notices"
-        );
-        Pending::Close
-    } else if upstream.is_some() {
-        Pending::Broker(head.correlation_id, Handling::ProduceMerge(reply))
     } else {
-        Pending::Local(reply.local_response(head.correlation_id)?)
+        None
     };
-    Ok(Step {
-        upstream,
-        slot: Some(slot),
-    })
+    let reply = ProduceReply::new(version, &request, routes, snapshot.short_hash());
+    let slot = if acks0 {
+        if answered {
+            counter!("keyward_acks0_rejections_total").increment(1);
+            warn!(
+                "refused part of an acks=0 produce; closing the connection as a broker does, so the producer notices"
+            );
+            Some(Pending::Close)
+        } else {
+            None
+        }
+    } else if upstream.is_some() {
+        Some(Pending::Broker(
+            head.correlation_id,
+            Handling::ProduceMerge(reply),
+        ))
+    } else {
+        Some(Pending::Reply(head.correlation_id, reply))
+    };
+    Ok(Step { upstream, slot })
+}
+
+/// The one batch of a partition, if keyward may send it to another cluster.
+fn redirectable(records: &[u8]) -> Result<&[u8], &'static str> {
+    let mut batches = records::batches(records);
+    let batch = match (batches.next(), batches.next()) {
+        (Some(Ok(b)), None) => b,
+        (None, _) => return Err("the partition holds no record batch"),
+        (Some(Err(_)), _) => return Err("the record batch is malformed"),
+        (Some(Ok(_)), Some(_)) => return Err("the partition holds more than one record batch"),
+    };
+    if batch.header.is_transactional() {
+        return Err("a transaction cannot span clusters");
+    }
+    Ok(batch.raw())
 }
 
 fn record_decisions(shared: &Shared, table: &crate::ownership::Table, plan: &ProducePlan) {
@@ -384,6 +475,7 @@ fn record_decisions(shared: &Shared, table: &crate::ownership::Table, plan: &Pro
             Action::Forward { .. } => ("forwarded", "-"),
             Action::Reject { kind, .. } => ("rejected", kind.as_str()),
             Action::Hold { reason, .. } => ("held", reason.as_str()),
+            Action::Redirect { .. } => ("redirected", "-"),
         };
         let labels = [
             ("rule", rule.clone()),
@@ -412,7 +504,10 @@ async fn responses(
     let mut buf = BytesMut::with_capacity(64 * 1024);
     while let Some(slot) = slots.recv().await {
         let (out, timing, broker_wait, handled) = match slot {
-            Slot::Local(bytes, timing) => (bytes, timing, None, Instant::now()),
+            Slot::Reply(correlation_id, reply, timing) => {
+                let out = reply.respond(correlation_id, Default::default()).await?;
+                (out, timing, None, Instant::now())
+            }
             Slot::Close => {
                 client.shutdown().await?;
                 return Ok("acks0_rejected");
@@ -437,7 +532,14 @@ async fn responses(
                         got,
                     });
                 }
-                let out = respond(shared, cluster, handling, frame)?;
+                let out = match handling {
+                    Handling::ProduceMerge(reply) => {
+                        let (correlation_id, broker) =
+                            reply.broker_response(&frame, &shared.advertiser(cluster))?;
+                        reply.respond(correlation_id, broker).await?
+                    }
+                    Handling::Rewrite(rewrite) => respond(shared, cluster, rewrite, frame)?,
+                };
                 (out, timing, Some(arrived - timing.sent), arrived)
             }
         };
@@ -462,25 +564,24 @@ async fn responses(
 fn respond(
     shared: &Arc<Shared>,
     cluster: usize,
-    handling: Handling,
+    rewrite: Rewrite,
     frame: Bytes,
 ) -> Result<Bytes, RewriteError> {
     let to = shared.advertiser(cluster);
-    match handling {
-        Handling::Passthrough => Ok(frame),
-        Handling::ApiVersions(v) => rewrite::api_versions(&frame, v),
-        Handling::Metadata(v) => rewrite::metadata(&frame, v, &to),
-        Handling::FindCoordinator(v) => rewrite::find_coordinator(&frame, v, &to),
-        Handling::DescribeCluster(v) => rewrite::describe_cluster(&frame, v, &to),
-        Handling::Fetch(v) => rewrite::fetch(&frame, v, &to),
-        Handling::Produce(v) if v >= FIRST_PRODUCE_NODE_ENDPOINTS => rewrite::recode(
+    match rewrite {
+        Rewrite::Passthrough => Ok(frame),
+        Rewrite::ApiVersions(v) => rewrite::api_versions(&frame, v),
+        Rewrite::Metadata(v) => rewrite::metadata(&frame, v, &to),
+        Rewrite::FindCoordinator(v) => rewrite::find_coordinator(&frame, v, &to),
+        Rewrite::DescribeCluster(v) => rewrite::describe_cluster(&frame, v, &to),
+        Rewrite::Fetch(v) => rewrite::fetch(&frame, v, &to),
+        Rewrite::Produce(v) if v >= FIRST_PRODUCE_NODE_ENDPOINTS => rewrite::recode(
             &frame,
             ApiKey::Produce,
             v,
             |r: &mut kafka_protocol::messages::ProduceResponse| rewrite::produce_endpoints(r, &to),
         ),
-        Handling::Produce(_) => Ok(frame),
-        Handling::ProduceMerge(reply) => reply.merge(&frame, &to),
+        Rewrite::Produce(_) => Ok(frame),
     }
 }
 

@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::Config;
+use crate::redirect::Redirector;
 use crate::reload::Ownership;
 use brokers::{Clusters, UnmappableNode};
 use conn::Target;
@@ -46,13 +47,24 @@ pub struct Shared {
     tasks: TaskTracker,
     pub rejection_log: RateLimit,
     pub meters: meters::RequestMetrics,
+    /// keyward's own producer on the other regions' clusters (`on_foreign: redirect`).
+    pub redirector: Redirector,
     bootstrap_bound: AtomicBool,
 }
 
 impl Shared {
     pub fn new(config: Config, ownership: Arc<Ownership>) -> anyhow::Result<Arc<Self>> {
+        let clusters = Clusters::new(&config);
+        let redirector = Redirector::new(
+            clusters
+                .all()
+                .iter()
+                .map(|c| (c.name.clone(), c.bootstrap.clone())),
+            Duration::from_millis(config.limits.connect_timeout_ms),
+        );
         Ok(Arc::new(Self {
-            clusters: Clusters::new(&config),
+            clusters,
+            redirector,
             advertised_host: StrBytes::from_string(config.listen.advertised_host.clone()),
             config,
             ownership,

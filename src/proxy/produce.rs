@@ -1,7 +1,7 @@
-//! Turns a [`ProducePlan`] into bytes on the wire: the request forwarded to the broker (the
-//! original frame when nothing changes, or a copy holding only the forwarded partitions), and
-//! the response the client gets (the broker's, keyward's own, or the two merged in the order the
-//! client asked).
+//! Turns the decision for a Produce request into bytes on the wire: the request forwarded to the
+//! broker (the original frame when nothing changes, or a new one holding only the partitions that
+//! go there), and the response the client gets (the broker's, keyward's own, the results of
+//! redirected writes, or all of them merged in the order the client asked).
 
 use std::collections::HashMap;
 
@@ -16,7 +16,9 @@ use kafka_protocol::protocol::{Encodable, StrBytes};
 use super::rewrite::{self, Advertise, RewriteError};
 use crate::codec::frame::{self, LENGTH_PREFIX};
 use crate::codec::produce::ProduceView;
-use crate::policy::produce::{Action, ProducePlan};
+use crate::ownership::RegionId;
+use crate::policy::produce::{Action, NOT_ENOUGH_REPLICAS};
+use crate::redirect::sequences::Outcome;
 
 /// First Produce version whose responses carry `record_errors` and `error_message` (KIP-467).
 const FIRST_RECORD_ERRORS: i16 = 8;
@@ -31,28 +33,77 @@ pub struct LocalAnswer {
     pub record_errors: Vec<(i32, String)>,
 }
 
-/// The shape of the client's request, remembered until its response is assembled: every
-/// topic and partition in request order, with keyward's answer for those it did not forward.
-#[derive(Debug, Clone)]
-pub struct ProduceReply {
-    pub version: i16,
-    pub topics: Vec<(StrBytes, Vec<PartitionSlot>)>,
+/// Where one partition of a Produce request goes.
+pub enum Route {
+    /// To the broker this connection relays to; with a replacement batch when its sequence
+    /// numbers had to be renumbered.
+    Upstream(Option<Bytes>),
+    /// Answered by keyward.
+    Answer(LocalAnswer),
+    /// Produced to another region's cluster; the result arrives here.
+    Redirect(Outcome),
 }
 
-/// A partition of the request: its index, and keyward's answer if it was not forwarded.
-pub type PartitionSlot = (i32, Option<LocalAnswer>);
+impl Route {
+    /// The route of a partition the plan forwards, refuses or holds; for a redirect, the owner
+    /// whose cluster the batch goes to (the redirector routes it, see `proxy::conn`).
+    pub fn from_action(action: &Action) -> Result<Route, RegionId> {
+        match action {
+            Action::Forward { .. } => Ok(Route::Upstream(None)),
+            Action::Reject {
+                error_code,
+                message,
+                record_errors,
+                ..
+            } => Ok(Route::Answer(LocalAnswer {
+                error_code: *error_code,
+                message: message.clone(),
+                record_errors: record_errors.clone(),
+            })),
+            Action::Hold { message, .. } => Ok(Route::Answer(LocalAnswer {
+                error_code: NOT_ENOUGH_REPLICAS,
+                message: message.clone(),
+                record_errors: Vec::new(),
+            })),
+            Action::Redirect { owner } => Err(*owner),
+        }
+    }
+
+    pub fn is_upstream(&self) -> bool {
+        matches!(self, Route::Upstream(_))
+    }
+
+    /// Upstream with the client's own bytes.
+    pub fn is_untouched(&self) -> bool {
+        matches!(self, Route::Upstream(None))
+    }
+}
+
+enum Answer {
+    Broker,
+    Local(LocalAnswer),
+    Redirected(Outcome),
+}
+
+/// The shape of the client's request, remembered until its response is assembled: every topic
+/// and partition in request order, with where its answer comes from.
+pub struct ProduceReply {
+    version: i16,
+    topics: Vec<(StrBytes, Vec<(i32, Answer)>)>,
+}
 
 impl ProduceReply {
-    /// `table_hash` (a prefix of the table's content hash) is appended to every message, so a
-    /// refused producer can tell which table refused it.
+    /// `routes` are in request order (topic by topic). `table_hash` (a prefix of the table's
+    /// content hash) is appended to keyward's messages, so a refused producer can tell which
+    /// table refused it.
     pub fn new(
         version: i16,
         request: &ProduceView<'_>,
-        plan: &ProducePlan,
+        routes: Vec<Route>,
         table_hash: &str,
     ) -> Self {
         let tagged = |m: &str| format!("{m} [ownership table {table_hash}]");
-        let mut actions = plan.partitions.iter();
+        let mut routes = routes.into_iter();
         let topics = request
             .topics
             .iter()
@@ -61,26 +112,18 @@ impl ProduceReply {
                     .partitions
                     .iter()
                     .map(|p| {
-                        let answer = match actions.next().map(|d| &d.action) {
-                            Some(Action::Reject {
-                                error_code,
-                                message,
-                                record_errors,
-                                ..
-                            }) => Some(LocalAnswer {
-                                error_code: *error_code,
-                                message: tagged(message),
-                                record_errors: record_errors
+                        let answer = match routes.next() {
+                            Some(Route::Answer(a)) => Answer::Local(LocalAnswer {
+                                error_code: a.error_code,
+                                message: tagged(&a.message),
+                                record_errors: a
+                                    .record_errors
                                     .iter()
                                     .map(|(i, m)| (*i, tagged(m)))
                                     .collect(),
                             }),
-                            Some(Action::Hold { message, .. }) => Some(LocalAnswer {
-                                error_code: crate::policy::produce::NOT_ENOUGH_REPLICAS,
-                                message: tagged(message),
-                                record_errors: Vec::new(),
-                            }),
-                            _ => None,
+                            Some(Route::Redirect(o)) => Answer::Redirected(o),
+                            Some(Route::Upstream(_)) | None => Answer::Broker,
                         };
                         (p.index, answer)
                     })
@@ -116,49 +159,66 @@ impl ProduceReply {
         p
     }
 
-    /// The full response in request order, taking forwarded partitions from `broker`.
-    fn assemble(&self, mut broker: ProduceResponse) -> ProduceResponse {
+    /// The full response in request order, taking forwarded partitions from `broker` and
+    /// redirected ones from their outcomes (waiting for them).
+    async fn assemble(&self, mut broker: ProduceResponse) -> ProduceResponse {
         let mut from_broker: HashMap<(StrBytes, i32), PartitionProduceResponse> = HashMap::new();
         for topic in broker.responses.drain(..) {
             for p in topic.partition_responses {
                 from_broker.insert((topic.name.0.clone(), p.index), p);
             }
         }
-        let responses = self
-            .topics
-            .iter()
-            .map(|(name, partitions)| {
-                let partition_responses = partitions
-                    .iter()
-                    .map(|(index, answer)| match answer {
-                        Some(answer) => self.local_partition(*index, answer),
-                        None => from_broker
-                            .remove(&(name.clone(), *index))
-                            .unwrap_or_else(|| {
-                                self.local_partition(
-                                    *index,
-                                    &LocalAnswer {
-                                        error_code: UNKNOWN_SERVER_ERROR,
-                                        message: "the broker's response left this partition out"
-                                            .to_owned(),
-                                        record_errors: Vec::new(),
-                                    },
-                                )
-                            }),
-                    })
-                    .collect();
+        let missing = LocalAnswer {
+            error_code: UNKNOWN_SERVER_ERROR,
+            message: "the broker's response left this partition out".to_owned(),
+            record_errors: Vec::new(),
+        };
+        let mut responses = Vec::with_capacity(self.topics.len());
+        for (name, partitions) in &self.topics {
+            let mut partition_responses = Vec::with_capacity(partitions.len());
+            for (index, answer) in partitions {
+                let p = match answer {
+                    Answer::Local(a) => self.local_partition(*index, a),
+                    Answer::Broker => from_broker
+                        .remove(&(name.clone(), *index))
+                        .unwrap_or_else(|| self.local_partition(*index, &missing)),
+                    Answer::Redirected(outcome) => {
+                        let mut outcome = outcome.clone();
+                        let result = match outcome.wait_for(Option::is_some).await {
+                            Ok(r) => r.clone().unwrap_or_default(),
+                            Err(_) => PartitionProduceResponse::default()
+                                .with_error_code(UNKNOWN_SERVER_ERROR),
+                        };
+                        // Only the fields every version has: offsets and the error.
+                        let mut p = PartitionProduceResponse::default()
+                            .with_index(*index)
+                            .with_error_code(result.error_code)
+                            .with_base_offset(result.base_offset)
+                            .with_log_append_time_ms(result.log_append_time_ms)
+                            .with_log_start_offset(result.log_start_offset);
+                        if self.version >= FIRST_RECORD_ERRORS && result.error_code != 0 {
+                            p = p.with_error_message(result.error_message.clone());
+                        }
+                        p
+                    }
+                };
+                partition_responses.push(p);
+            }
+            responses.push(
                 TopicProduceResponse::default()
                     .with_name(TopicName(name.clone()))
-                    .with_partition_responses(partition_responses)
-            })
-            .collect();
+                    .with_partition_responses(partition_responses),
+            );
+        }
         broker.responses = responses;
         broker
     }
 
-    /// keyward's whole answer when no partition was forwarded.
-    pub fn local_response(&self, correlation_id: i32) -> Result<Bytes, RewriteError> {
-        let response = self.assemble(ProduceResponse::default());
+    fn encode(
+        &self,
+        correlation_id: i32,
+        response: &ProduceResponse,
+    ) -> Result<Bytes, RewriteError> {
         let mut header = correlation_id.to_be_bytes().to_vec();
         if ApiKey::Produce.response_header_version(self.version) >= 1 {
             header.push(0); // no tagged fields
@@ -174,42 +234,54 @@ impl ProduceReply {
         Ok(frame::assemble(&header, &body))
     }
 
-    /// The broker's answer for the forwarded partitions merged with keyward's for the rest.
-    pub fn merge(&self, frame: &Bytes, to: &dyn Advertise) -> Result<Bytes, RewriteError> {
-        rewrite::recode(
-            frame,
-            ApiKey::Produce,
-            self.version,
-            |r: &mut ProduceResponse| {
-                rewrite::produce_endpoints(r, to)?;
-                *r = self.assemble(std::mem::take(r));
-                Ok(())
-            },
-        )
+    /// The broker's response to the forwarded partitions, decoded and with its addresses
+    /// rewritten; pass it to [`Self::respond`].
+    pub fn broker_response(
+        &self,
+        frame: &Bytes,
+        to: &dyn Advertise,
+    ) -> Result<(i32, ProduceResponse), RewriteError> {
+        let mut response: ProduceResponse = rewrite::decode(frame, ApiKey::Produce, self.version)?;
+        rewrite::produce_endpoints(&mut response, to)?;
+        Ok((frame::response_correlation_id(frame)?, response))
+    }
+
+    /// The client's response: `broker`'s answers for the forwarded partitions (an empty
+    /// response when none was forwarded) merged with keyward's and the redirected writes'.
+    pub async fn respond(
+        &self,
+        correlation_id: i32,
+        broker: ProduceResponse,
+    ) -> Result<Bytes, RewriteError> {
+        let response = self.assemble(broker).await;
+        self.encode(correlation_id, &response)
     }
 }
 
-/// A new request holding only the partitions the plan forwards. This is the one path that
-/// copies record batches (once, into the new frame); requests that need no change are forwarded
-/// as their original bytes.
+/// A new request holding only the partitions routed upstream, with their replacement batches.
+/// This is the one path that copies record batches (once, into the new frame); a request that
+/// needs no change is forwarded as its original bytes.
 pub fn forwarded_request(
     frame: &Bytes,
     header_len: usize,
     version: i16,
     request: &ProduceView<'_>,
-    plan: &ProducePlan,
+    routes: &[Route],
 ) -> Result<Bytes, RewriteError> {
-    let mut decisions = plan.partitions.iter();
+    let mut routes = routes.iter();
     let mut topic_data = Vec::new();
     for t in &request.topics {
         let mut partition_data = Vec::new();
         for p in &t.partitions {
-            let forward = decisions.next().is_some_and(|d| d.action.is_forward());
-            if forward {
+            if let Some(Route::Upstream(replacement)) = routes.next() {
+                let records = match replacement {
+                    Some(b) => Some(b.clone()),
+                    None => p.records.map(|r| frame.slice_ref(r)),
+                };
                 partition_data.push(
                     PartitionProduceData::default()
                         .with_index(p.index)
-                        .with_records(p.records.map(|r| frame.slice_ref(r))),
+                        .with_records(records),
                 );
             }
         }

@@ -61,6 +61,17 @@ fn map_ids(ids: &mut [BrokerId], to: &dyn Advertise) -> Result<(), UnmappableNod
     Ok(())
 }
 
+/// Decodes a response body.
+pub fn decode<T: Decodable>(frame: &Bytes, api: ApiKey, version: i16) -> Result<T, RewriteError> {
+    let header_len = frame::response_header_len(frame, api.response_header_version(version))?;
+    let mut body = frame.slice(LENGTH_PREFIX + header_len..);
+    T::decode(&mut body, version).map_err(|source| RewriteError::Decode {
+        api,
+        version,
+        source,
+    })
+}
+
 /// Decodes a response body, lets `edit` change it, and re-encodes it behind the original header.
 pub fn recode<T, F>(
     frame: &Bytes,

@@ -1,0 +1,331 @@
+//! keyward's own client of one cluster, for redirected writes: a metadata cache (topic ->
+//! partition leaders), one reused connection per broker, and the three requests redirect needs
+//! (Metadata, InitProducerId, Produce).
+//!
+//! Requests on one broker connection are exchanged one at a time; redirected writes to one
+//! partition are serialized anyway (see `pipeline`), and different partitions use different
+//! leaders or wait briefly for the connection.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use kafka_protocol::messages::produce_response::PartitionProduceResponse;
+use kafka_protocol::messages::{
+    ApiKey, InitProducerIdRequest, InitProducerIdResponse, MetadataRequest, MetadataResponse,
+    ProduceRequest, ProduceResponse, RequestHeader, TopicName,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+use crate::codec::frame::{self, FrameReader};
+use crate::proxy::upstream;
+
+const METADATA_VERSION: i16 = 12;
+const INIT_PRODUCER_ID_VERSION: i16 = 4;
+const PRODUCE_VERSION: i16 = 9;
+
+/// Where one partition's leader is.
+#[derive(Debug, Clone)]
+struct Leader {
+    node_id: i32,
+    error_code: i16,
+}
+
+pub struct ClusterClient {
+    pub name: String,
+    bootstrap: Vec<String>,
+    timeout: Duration,
+    /// node id -> address
+    brokers: std::sync::Mutex<HashMap<i32, String>>,
+    /// topic -> partition -> leader
+    leaders: std::sync::Mutex<HashMap<String, HashMap<i32, Leader>>>,
+    conns: std::sync::Mutex<HashMap<i32, Arc<Mutex<Option<TcpStream>>>>>,
+    correlation: AtomicI32,
+}
+
+impl ClusterClient {
+    pub fn new(name: String, bootstrap: Vec<String>, timeout: Duration) -> Self {
+        Self {
+            name,
+            bootstrap,
+            timeout,
+            brokers: std::sync::Mutex::new(HashMap::new()),
+            leaders: std::sync::Mutex::new(HashMap::new()),
+            conns: std::sync::Mutex::new(HashMap::new()),
+            correlation: AtomicI32::new(1),
+        }
+    }
+
+    fn header(&self, api: ApiKey, version: i16) -> RequestHeader {
+        RequestHeader::default()
+            .with_request_api_key(api as i16)
+            .with_request_api_version(version)
+            .with_correlation_id(self.correlation.fetch_add(1, Ordering::Relaxed))
+            .with_client_id(Some(StrBytes::from_static_str("keyward-redirect")))
+    }
+
+    /// One request/response exchange on `stream`.
+    async fn exchange<Req: Encodable, Resp: Decodable>(
+        &self,
+        stream: &mut TcpStream,
+        api: ApiKey,
+        version: i16,
+        request: &Req,
+    ) -> anyhow::Result<Resp> {
+        let header = self.header(api, version);
+        let mut body = Vec::new();
+        header.encode(&mut body, api.request_header_version(version))?;
+        request.encode(&mut body, version)?;
+        let mut out = Vec::with_capacity(4 + body.len());
+        out.extend_from_slice(&(body.len() as i32).to_be_bytes());
+        out.extend_from_slice(&body);
+        let exchange = async {
+            stream.write_all(&out).await?;
+            let reader = FrameReader::new(100 * 1024 * 1024);
+            let mut buf = BytesMut::new();
+            loop {
+                if let Some(frame) = reader.next_frame(&mut buf)? {
+                    return anyhow::Ok(frame);
+                }
+                if stream.read_buf(&mut buf).await? == 0 {
+                    bail!("the broker closed the connection");
+                }
+            }
+        };
+        let frame: Bytes = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| anyhow!("no answer within {:?}", self.timeout))??;
+        if frame::response_correlation_id(&frame)? != header.correlation_id {
+            bail!("the broker answered another request");
+        }
+        let header_len = frame::response_header_len(&frame, api.response_header_version(version))?;
+        let mut body = frame.slice(frame::LENGTH_PREFIX + header_len..);
+        Resp::decode(&mut body, version)
+    }
+
+    /// Sends one request to node `node_id` (or any bootstrap broker for `None`), on the reused
+    /// connection to it; a broken connection is dropped and reopened on the next request.
+    async fn call<Req: Encodable, Resp: Decodable>(
+        &self,
+        node_id: Option<i32>,
+        api: ApiKey,
+        version: i16,
+        request: &Req,
+    ) -> anyhow::Result<Resp> {
+        let key = node_id.unwrap_or(-1);
+        let slot = {
+            let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            conns.entry(key).or_default().clone()
+        };
+        let mut conn = slot.lock().await;
+        if conn.is_none() {
+            let stream = match node_id {
+                None => upstream::connect_any(&self.bootstrap, self.timeout).await?,
+                Some(id) => {
+                    let addr = self
+                        .brokers
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&id)
+                        .cloned()
+                        .ok_or_else(|| {
+                            anyhow!("broker {id} of cluster {} is unknown", self.name)
+                        })?;
+                    upstream::connect(&addr, self.timeout).await?
+                }
+            };
+            *conn = Some(stream);
+        }
+        let stream = conn.as_mut().expect("connected above");
+        let result = self.exchange(stream, api, version, request).await;
+        if result.is_err() {
+            *conn = None;
+        }
+        result
+    }
+
+    /// Refreshes the leaders of `topic`.
+    pub async fn refresh(&self, topic: &str) -> anyhow::Result<()> {
+        let request = MetadataRequest::default()
+            .with_topics(Some(vec![MetadataRequestTopic::default().with_name(Some(
+                TopicName(StrBytes::from_string(topic.to_owned())),
+            ))]));
+        let response: MetadataResponse = self
+            .call(None, ApiKey::Metadata, METADATA_VERSION, &request)
+            .await
+            .with_context(|| format!("metadata from cluster {}", self.name))?;
+        {
+            let mut brokers = self.brokers.lock().unwrap_or_else(|e| e.into_inner());
+            for b in &response.brokers {
+                let addr = if b.host.contains(':') {
+                    format!("[{}]:{}", b.host.as_str(), b.port)
+                } else {
+                    format!("{}:{}", b.host.as_str(), b.port)
+                };
+                brokers.insert(b.node_id.0, addr);
+            }
+        }
+        let mut leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
+        for t in &response.topics {
+            let Some(name) = &t.name else { continue };
+            let partitions = if t.error_code != 0 {
+                // Remember the topic's error (no such topic, say) for every partition asked.
+                HashMap::from([(
+                    -1,
+                    Leader {
+                        node_id: -1,
+                        error_code: t.error_code,
+                    },
+                )])
+            } else {
+                t.partitions
+                    .iter()
+                    .map(|p| {
+                        (
+                            p.partition_index,
+                            Leader {
+                                node_id: p.leader_id.0,
+                                error_code: p.error_code,
+                            },
+                        )
+                    })
+                    .collect()
+            };
+            leaders.insert(name.0.to_string(), partitions);
+        }
+        Ok(())
+    }
+
+    /// The leader of a partition, or the Kafka error that says why there is none.
+    async fn leader(
+        &self,
+        topic: &str,
+        partition: i32,
+        refresh: bool,
+    ) -> anyhow::Result<Result<i32, i16>> {
+        let cached = |this: &Self| {
+            let leaders = this.leaders.lock().unwrap_or_else(|e| e.into_inner());
+            leaders
+                .get(topic)
+                .map(|t| match (t.get(&partition), t.get(&-1)) {
+                    (Some(l), _) if l.error_code == 0 && l.node_id >= 0 => Ok(l.node_id),
+                    (Some(l), _) if l.error_code != 0 => Err(l.error_code),
+                    (Some(_), _) => Err(LEADER_NOT_AVAILABLE),
+                    (None, Some(t)) => Err(t.error_code),
+                    (None, None) => Err(UNKNOWN_TOPIC_OR_PARTITION),
+                })
+        };
+        if !refresh && let Some(found) = cached(self) {
+            return Ok(found);
+        }
+        self.refresh(topic).await?;
+        Ok(cached(self).unwrap_or(Err(UNKNOWN_TOPIC_OR_PARTITION)))
+    }
+
+    /// A producer id for keyward itself on this cluster.
+    pub async fn init_producer_id(&self) -> anyhow::Result<(i64, i16)> {
+        // Not transactional: the id must be null (the message's default is an empty string,
+        // which brokers refuse as an invalid transactional id).
+        let request = InitProducerIdRequest::default()
+            .with_transactional_id(None)
+            .with_transaction_timeout_ms(60_000)
+            .with_producer_id((-1).into())
+            .with_producer_epoch(-1);
+        let response: InitProducerIdResponse = self
+            .call(
+                None,
+                ApiKey::InitProducerId,
+                INIT_PRODUCER_ID_VERSION,
+                &request,
+            )
+            .await
+            .with_context(|| format!("producer id from cluster {}", self.name))?;
+        if response.error_code != 0 {
+            bail!(
+                "cluster {} refused a producer id (error {})",
+                self.name,
+                response.error_code
+            );
+        }
+        Ok((response.producer_id.0, response.producer_epoch))
+    }
+
+    /// Produces one batch to its partition's leader. A missing leader is looked up again once;
+    /// errors the broker answers come back in the partition response for the caller to judge.
+    pub async fn produce(
+        &self,
+        topic: &str,
+        partition: i32,
+        batch: Bytes,
+        acks: i16,
+        timeout_ms: i32,
+    ) -> anyhow::Result<PartitionProduceResponse> {
+        let mut refresh = false;
+        for _ in 0..2 {
+            let leader = match self.leader(topic, partition, refresh).await? {
+                Ok(node) => node,
+                Err(code) if !refresh => {
+                    let _ = code;
+                    refresh = true;
+                    continue;
+                }
+                Err(code) => return Ok(error_response(partition, code)),
+            };
+            let request = ProduceRequest::default()
+                .with_acks(acks)
+                .with_timeout_ms(timeout_ms)
+                .with_topic_data(vec![
+                    TopicProduceData::default()
+                        .with_name(TopicName(StrBytes::from_string(topic.to_owned())))
+                        .with_partition_data(vec![
+                            PartitionProduceData::default()
+                                .with_index(partition)
+                                .with_records(Some(batch.clone())),
+                        ]),
+                ]);
+            let response: ProduceResponse = self
+                .call(Some(leader), ApiKey::Produce, PRODUCE_VERSION, &request)
+                .await?;
+            let found = response
+                .responses
+                .into_iter()
+                .flat_map(|t| t.partition_responses)
+                .find(|p| p.index == partition)
+                .ok_or_else(|| {
+                    anyhow!("cluster {} left the partition out of its answer", self.name)
+                })?;
+            if is_stale_leader(found.error_code) && !refresh {
+                refresh = true;
+                continue;
+            }
+            return Ok(found);
+        }
+        Ok(error_response(partition, LEADER_NOT_AVAILABLE))
+    }
+}
+
+pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
+pub const LEADER_NOT_AVAILABLE: i16 = 5;
+pub const NOT_LEADER_OR_FOLLOWER: i16 = 6;
+
+fn is_stale_leader(code: i16) -> bool {
+    matches!(
+        code,
+        UNKNOWN_TOPIC_OR_PARTITION | LEADER_NOT_AVAILABLE | NOT_LEADER_OR_FOLLOWER
+    )
+}
+
+fn error_response(partition: i32, code: i16) -> PartitionProduceResponse {
+    PartitionProduceResponse::default()
+        .with_index(partition)
+        .with_error_code(code)
+        .with_base_offset(-1)
+}

@@ -1,0 +1,410 @@
+//! `on_foreign: redirect`: batches owned by another region are produced to that region's
+//! cluster, through keyward's own connections to it.
+//!
+//! A redirected batch cannot keep the client's producer id: that id was issued by the local
+//! cluster. keyward produces it under a producer id it obtains from the target cluster itself,
+//! rewriting the batch header (producer id, epoch, base sequence, CRC). Writes to one target
+//! partition go through one pipeline task, one at a time, in the order the client sent them, so
+//! keyward's own sequence numbers on the target never have a gap and a client producer's order
+//! per partition holds. The client's own sequence numbers stay whole on the local cluster too
+//! (see [`sequences`]).
+//!
+//! Transactional batches are never redirected: a transaction cannot span clusters.
+
+pub mod client;
+pub mod sequences;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::produce_response::PartitionProduceResponse;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, warn};
+
+use client::ClusterClient;
+use sequences::{Outcome, Redirect, SequenceBook, StreamKey};
+
+/// Kafka error codes the pipeline acts on.
+const REQUEST_TIMED_OUT: i16 = 7;
+const NOT_ENOUGH_REPLICAS: i16 = 19;
+const NOT_ENOUGH_REPLICAS_AFTER_APPEND: i16 = 20;
+const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
+const DUPLICATE_SEQUENCE_NUMBER: i16 = 46;
+const INVALID_PRODUCER_EPOCH: i16 = 47;
+const UNKNOWN_PRODUCER_ID: i16 = 59;
+
+/// Batches waiting per target partition before the client connection stops being read: enough
+/// for every in-flight batch of a few producers (5 each with idempotence).
+const PIPELINE_DEPTH: usize = 64;
+
+/// One redirected batch for a pipeline.
+struct Job {
+    batch: Bytes,
+    records: i32,
+    acks: i16,
+    timeout_ms: i32,
+    done: watch::Sender<Option<PartitionProduceResponse>>,
+}
+
+/// keyward's producer identity on one target cluster.
+#[derive(Default)]
+struct ProducerState {
+    id: Option<(i64, i16)>,
+    /// Bumped whenever the id is replaced; pipelines restart their sequences at 0 then.
+    generation: u64,
+}
+
+struct Target {
+    client: ClusterClient,
+    producer: tokio::sync::Mutex<ProducerState>,
+    pipelines: Mutex<HashMap<(String, i32), mpsc::Sender<Job>>>,
+}
+
+impl Target {
+    async fn producer_id(&self) -> anyhow::Result<(i64, i16, u64)> {
+        let mut p = self.producer.lock().await;
+        if p.id.is_none() {
+            p.id = Some(self.client.init_producer_id().await?);
+            p.generation += 1;
+            debug!(cluster = %self.client.name, id = ?p.id, "keyward producer id for redirected writes");
+        }
+        let (id, epoch) = p.id.expect("set above");
+        Ok((id, epoch, p.generation))
+    }
+
+    /// Drops the producer id if it is still the one of `generation`.
+    async fn reset_producer(&self, generation: u64) {
+        let mut p = self.producer.lock().await;
+        if p.generation == generation {
+            p.id = None;
+        }
+    }
+}
+
+/// All redirect state of one keyward process.
+pub struct Redirector {
+    /// By cluster index (see `proxy::brokers::Clusters`); `None` for the serving cluster itself,
+    /// which is never a redirect target.
+    targets: Vec<Arc<Target>>,
+    book: Mutex<SequenceBook>,
+    /// Set once any idempotent producer's batch was redirected: until then local writes skip
+    /// the sequence book entirely (no lock, no lookup on the hot path).
+    active: AtomicBool,
+}
+
+impl Redirector {
+    pub fn new(
+        clusters: impl IntoIterator<Item = (String, Vec<String>)>,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            targets: clusters
+                .into_iter()
+                .map(|(name, bootstrap)| {
+                    Arc::new(Target {
+                        client: ClusterClient::new(name, bootstrap, timeout),
+                        producer: tokio::sync::Mutex::new(ProducerState::default()),
+                        pipelines: Mutex::new(HashMap::new()),
+                    })
+                })
+                .collect(),
+            book: Mutex::new(SequenceBook::default()),
+            active: AtomicBool::new(false),
+        }
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, SequenceBook> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The batch a local write must carry: the client's own, or a copy renumbered because some
+    /// of this producer's batches for the partition went to another cluster.
+    pub fn local_batch(&self, topic: &str, partition: i32, batch: &[u8]) -> Option<Bytes> {
+        if !self.active.load(Ordering::Relaxed) {
+            return None;
+        }
+        let h = header(batch)?;
+        if h.producer_id < 0 {
+            return None;
+        }
+        let mut book = self.book();
+        if !book.knows(h.producer_id, h.epoch) {
+            return None;
+        }
+        let key = StreamKey {
+            producer_id: h.producer_id,
+            epoch: h.epoch,
+            topic: topic.to_owned(),
+            partition,
+        };
+        let seq = book.local(&key, h.base_sequence, Instant::now())?;
+        Some(rewrite(batch, None, seq))
+    }
+
+    /// Sends `batch` to partition `partition` of `topic` on cluster `target`; the outcome
+    /// arrives on the returned receiver. Waits only if the partition's pipeline is full.
+    pub async fn redirect(
+        &self,
+        target: usize,
+        topic: &str,
+        partition: i32,
+        batch: Bytes,
+        acks: i16,
+        timeout_ms: i32,
+    ) -> Outcome {
+        let (client_producer, client_seq, records) = match header(&batch) {
+            Some(h) => (
+                (h.producer_id >= 0).then_some((h.producer_id, h.epoch)),
+                h.base_sequence,
+                h.records,
+            ),
+            None => (None, -1, 0),
+        };
+        let key = client_producer.map(|(producer_id, epoch)| StreamKey {
+            producer_id,
+            epoch,
+            topic: topic.to_owned(),
+            partition,
+        });
+        if let Some(key) = &key {
+            self.active.store(true, Ordering::Relaxed);
+            match self
+                .book()
+                .redirect(key, client_seq, records, Instant::now())
+            {
+                Redirect::Existing(outcome) => return outcome,
+                Redirect::Send => {}
+            }
+        }
+        let (done, outcome) = watch::channel(None);
+        if let Some(key) = &key {
+            self.book().attach(key, client_seq, outcome.clone());
+        }
+        let pipeline = self.pipeline(target, topic, partition);
+        let job = Job {
+            batch,
+            records,
+            // acks=0 clients get no answer, but keyward needs one to keep its own numbering.
+            acks: if acks == 0 { 1 } else { acks },
+            timeout_ms,
+            done,
+        };
+        if let Err(mpsc::error::SendError(job)) = pipeline.send(job).await {
+            let _ = job
+                .done
+                .send(Some(error_response(partition, REQUEST_TIMED_OUT)));
+        }
+        outcome
+    }
+
+    fn pipeline(&self, target: usize, topic: &str, partition: i32) -> mpsc::Sender<Job> {
+        let t = &self.targets[target];
+        let mut pipelines = t.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (topic.to_owned(), partition);
+        if let Some(tx) = pipelines.get(&key)
+            && !tx.is_closed()
+        {
+            return tx.clone();
+        }
+        let (tx, rx) = mpsc::channel(PIPELINE_DEPTH);
+        tokio::spawn(run_pipeline(t.clone(), topic.to_owned(), partition, rx));
+        pipelines.insert(key, tx.clone());
+        tx
+    }
+}
+
+fn retriable(code: i16) -> bool {
+    matches!(
+        code,
+        REQUEST_TIMED_OUT | NOT_ENOUGH_REPLICAS | NOT_ENOUGH_REPLICAS_AFTER_APPEND
+    ) || matches!(
+        code,
+        client::LEADER_NOT_AVAILABLE | client::NOT_LEADER_OR_FOLLOWER
+    )
+}
+
+/// Writes one target partition's redirected batches one at a time, in order.
+async fn run_pipeline(
+    target: Arc<Target>,
+    topic: String,
+    partition: i32,
+    mut jobs: mpsc::Receiver<Job>,
+) {
+    let mut next_seq: i32 = 0;
+    let mut generation_seen = 0;
+    while let Some(job) = jobs.recv().await {
+        // Answer before the client's own request times out.
+        let budget = Duration::from_millis((job.timeout_ms.clamp(1_000, 120_000) as u64) * 4 / 5);
+        let deadline = Instant::now() + budget;
+        let outcome = loop {
+            let in_time = Instant::now() < deadline;
+            let (id, epoch, generation) = match target.producer_id().await {
+                Ok(p) => p,
+                Err(e) if in_time => {
+                    warn!(cluster = %target.client.name, error = %e, "no producer id for redirected writes yet");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Err(_) => break error_response(partition, REQUEST_TIMED_OUT),
+            };
+            if generation != generation_seen {
+                next_seq = 0;
+                generation_seen = generation;
+            }
+            let batch = rewrite(&job.batch, Some((id, epoch)), next_seq);
+            match target
+                .client
+                .produce(&topic, partition, batch, job.acks, job.timeout_ms)
+                .await
+            {
+                Ok(r) if r.error_code == 0 || r.error_code == DUPLICATE_SEQUENCE_NUMBER => {
+                    next_seq = next_seq.wrapping_add(job.records);
+                    break r.with_error_code(0);
+                }
+                Ok(r)
+                    if matches!(
+                        r.error_code,
+                        OUT_OF_ORDER_SEQUENCE_NUMBER | UNKNOWN_PRODUCER_ID | INVALID_PRODUCER_EPOCH
+                    ) && in_time =>
+                {
+                    // The cluster lost or fenced keyward's producer state: start a new one.
+                    warn!(cluster = %target.client.name, code = r.error_code, "redirect producer state reset");
+                    target.reset_producer(generation).await;
+                }
+                Ok(r) if retriable(r.error_code) && in_time => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(r) => break r,
+                Err(e) if in_time => {
+                    // Outcome unknown: the same id and sequence again let the broker drop a
+                    // duplicate if the first attempt did land.
+                    debug!(cluster = %target.client.name, error = %e, "redirected write failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    warn!(cluster = %target.client.name, error = %e, "redirected write failed");
+                    // Whether it landed is unknown: a new producer id keeps the next batch from
+                    // being mistaken for a duplicate of this one.
+                    target.reset_producer(generation).await;
+                    break error_response(partition, REQUEST_TIMED_OUT);
+                }
+            }
+        };
+        let _ = job.done.send(Some(outcome));
+    }
+}
+
+fn error_response(partition: i32, code: i16) -> PartitionProduceResponse {
+    PartitionProduceResponse::default()
+        .with_index(partition)
+        .with_error_code(code)
+        .with_base_offset(-1)
+}
+
+/// The header fields redirect reads from a v2 record batch.
+struct BatchFields {
+    producer_id: i64,
+    epoch: i16,
+    base_sequence: i32,
+    records: i32,
+}
+
+const CRC_AT: usize = 17;
+const ATTRIBUTES_AT: usize = 21;
+const PRODUCER_ID_AT: usize = 43;
+const EPOCH_AT: usize = 51;
+const BASE_SEQUENCE_AT: usize = 53;
+const RECORDS_COUNT_AT: usize = 57;
+const HEADER_LEN: usize = 61;
+
+fn header(batch: &[u8]) -> Option<BatchFields> {
+    if batch.len() < HEADER_LEN || batch[16] != 2 {
+        return None;
+    }
+    let i64_at = |at: usize| i64::from_be_bytes(batch[at..at + 8].try_into().expect("8 bytes"));
+    let i32_at = |at: usize| i32::from_be_bytes(batch[at..at + 4].try_into().expect("4 bytes"));
+    Some(BatchFields {
+        producer_id: i64_at(PRODUCER_ID_AT),
+        epoch: i16::from_be_bytes([batch[EPOCH_AT], batch[EPOCH_AT + 1]]),
+        base_sequence: i32_at(BASE_SEQUENCE_AT),
+        records: i32_at(RECORDS_COUNT_AT),
+    })
+}
+
+/// A copy of `batch` with a new base sequence (and producer id and epoch, if given) and the CRC
+/// that matches them. The records themselves are copied, not re-encoded.
+pub fn rewrite(batch: &[u8], producer: Option<(i64, i16)>, base_sequence: i32) -> Bytes {
+    let mut out = BytesMut::from(batch);
+    if let Some((id, epoch)) = producer {
+        out[PRODUCER_ID_AT..PRODUCER_ID_AT + 8].copy_from_slice(&id.to_be_bytes());
+        out[EPOCH_AT..EPOCH_AT + 2].copy_from_slice(&epoch.to_be_bytes());
+    }
+    out[BASE_SEQUENCE_AT..BASE_SEQUENCE_AT + 4].copy_from_slice(&base_sequence.to_be_bytes());
+    let crc = crc32c::crc32c(&out[ATTRIBUTES_AT..]);
+    out[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::records;
+    use kafka_protocol::protocol::StrBytes;
+    use kafka_protocol::records::{
+        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+    };
+
+    #[test]
+    fn a_rewritten_batch_carries_the_new_producer_and_a_valid_crc() {
+        let records: Vec<Record> = (0..3)
+            .map(|i| Record {
+                transactional: false,
+                control: false,
+                delete_horizon: false,
+                partition_leader_epoch: -1,
+                producer_id: 7,
+                producer_epoch: 2,
+                timestamp_type: TimestampType::Creation,
+                offset: i,
+                sequence: 10 + i as i32,
+                timestamp: 0,
+                key: Some(Bytes::from_static(b"k")),
+                value: Some(Bytes::from_static(b"v")),
+                headers: [(StrBytes::from_static_str("h"), None)]
+                    .into_iter()
+                    .collect(),
+            })
+            .collect();
+        let mut buf = BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut buf,
+            &records,
+            &RecordEncodeOptions {
+                version: 2,
+                compression: Compression::Lz4,
+            },
+        )
+        .unwrap();
+        let fields = header(&buf).unwrap();
+        assert_eq!(
+            (
+                fields.producer_id,
+                fields.epoch,
+                fields.base_sequence,
+                fields.records
+            ),
+            (7, 2, 10, 3)
+        );
+
+        let out = rewrite(&buf, Some((99, 4)), 500);
+        let batch = records::batches(&out).next().unwrap().unwrap();
+        assert!(batch.verify_crc());
+        assert_eq!(batch.header.producer_id, 99);
+        assert_eq!(batch.header.producer_epoch, 4);
+        assert_eq!(batch.header.base_sequence, 500);
+        assert_eq!(&out[HEADER_LEN..], &buf[HEADER_LEN..], "records untouched");
+    }
+}

@@ -1,0 +1,226 @@
+//! Keeping idempotent producers' sequence numbers whole when some of their batches go to another
+//! cluster.
+//!
+//! An idempotent producer numbers its records per partition: 0, 1, 2, ... across all its
+//! batches. When keyward sends some of a partition's batches to another region's cluster, the
+//! local cluster would see gaps in that numbering and answer OUT_OF_ORDER_SEQUENCE_NUMBER. So for
+//! every (producer id, epoch, topic, partition) that has had a batch redirected, keyward keeps a
+//! *stream*: how many records went elsewhere (the shift subtracted from later local batches), the
+//! numbers it gave recent local batches (a retry gets the same number again, so the broker can
+//! deduplicate it), and the recent redirected batches with their outcome (a retry of a batch
+//! already written elsewhere gets that outcome, not a second write).
+//!
+//! Streams live in memory only: an idle stream is forgotten after [`STREAM_IDLE`], and a restart
+//! of keyward forgets them all (see the README for what producers then see).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use kafka_protocol::messages::produce_response::PartitionProduceResponse;
+use tokio::sync::watch;
+
+/// How long a stream with no traffic is remembered.
+pub const STREAM_IDLE: Duration = Duration::from_secs(15 * 60);
+/// Recent batches remembered per stream, for retries. A producer has at most 5 batches in
+/// flight per partition with idempotence on (Java and librdkafka both enforce it).
+const RECENT: usize = 16;
+
+/// The outcome of one redirected batch, once known.
+pub type Outcome = watch::Receiver<Option<PartitionProduceResponse>>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StreamKey {
+    pub producer_id: i64,
+    pub epoch: i16,
+    pub topic: String,
+    pub partition: i32,
+}
+
+struct Stream {
+    /// Records of this stream written elsewhere so far.
+    shift: i32,
+    /// (client base sequence, local base sequence) of recent local batches.
+    local: VecDeque<(i32, i32)>,
+    /// (client base sequence, outcome) of recent redirected batches.
+    redirected: VecDeque<(i32, Outcome)>,
+    last_used: Instant,
+}
+
+impl Stream {
+    fn new(now: Instant) -> Self {
+        Self {
+            shift: 0,
+            local: VecDeque::new(),
+            redirected: VecDeque::new(),
+            last_used: now,
+        }
+    }
+}
+
+/// What a redirected batch should do.
+pub enum Redirect {
+    /// A retry of a batch already sent: wait for (or reuse) that outcome.
+    Existing(Outcome),
+    /// Send it; call [`SequenceBook::attach`] with the outcome's receiver.
+    Send,
+}
+
+#[derive(Default)]
+pub struct SequenceBook {
+    streams: HashMap<StreamKey, Stream>,
+    /// Producers with at least one stream: the fast check on the hot path.
+    producers: HashSet<(i64, i16)>,
+    calls: u64,
+}
+
+impl SequenceBook {
+    /// Whether any batch of this producer was ever redirected (cheap; no allocation).
+    pub fn knows(&self, producer_id: i64, epoch: i16) -> bool {
+        self.producers.contains(&(producer_id, epoch))
+    }
+
+    /// The base sequence a local batch must carry, or `None` to leave it as the client wrote it.
+    pub fn local(&mut self, key: &StreamKey, client_seq: i32, now: Instant) -> Option<i32> {
+        let stream = self.streams.get_mut(key)?;
+        stream.last_used = now;
+        if let Some(&(_, local)) = stream.local.iter().find(|(c, _)| *c == client_seq) {
+            return Some(local);
+        }
+        let local = client_seq.wrapping_sub(stream.shift);
+        if stream.local.len() == RECENT {
+            stream.local.pop_front();
+        }
+        stream.local.push_back((client_seq, local));
+        (local != client_seq).then_some(local)
+    }
+
+    /// Books a batch for redirect: a new one shifts every later local batch of its stream.
+    pub fn redirect(
+        &mut self,
+        key: &StreamKey,
+        client_seq: i32,
+        records: i32,
+        now: Instant,
+    ) -> Redirect {
+        self.prune(now);
+        let stream = self
+            .streams
+            .entry(key.clone())
+            .or_insert_with(|| Stream::new(now));
+        self.producers.insert((key.producer_id, key.epoch));
+        stream.last_used = now;
+        if let Some((_, outcome)) = stream.redirected.iter().find(|(c, _)| *c == client_seq) {
+            let failed = outcome.borrow().as_ref().is_some_and(|r| r.error_code != 0);
+            if !failed {
+                return Redirect::Existing(outcome.clone());
+            }
+            // The earlier attempt failed: send again, without counting its records twice.
+            stream.redirected.retain(|(c, _)| *c != client_seq);
+        } else {
+            stream.shift = stream.shift.wrapping_add(records);
+        }
+        Redirect::Send
+    }
+
+    /// Remembers the outcome of a batch booked with [`Self::redirect`].
+    pub fn attach(&mut self, key: &StreamKey, client_seq: i32, outcome: Outcome) {
+        if let Some(stream) = self.streams.get_mut(key) {
+            if stream.redirected.len() == RECENT {
+                stream.redirected.pop_front();
+            }
+            stream.redirected.push_back((client_seq, outcome));
+        }
+    }
+
+    fn prune(&mut self, now: Instant) {
+        self.calls += 1;
+        if !self.calls.is_multiple_of(1024) {
+            return;
+        }
+        self.streams
+            .retain(|_, s| now.duration_since(s.last_used) < STREAM_IDLE);
+        self.producers = self
+            .streams
+            .keys()
+            .map(|k| (k.producer_id, k.epoch))
+            .collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> StreamKey {
+        StreamKey {
+            producer_id: 7,
+            epoch: 0,
+            topic: "orders".into(),
+            partition: 0,
+        }
+    }
+
+    #[test]
+    fn local_batches_after_a_redirect_close_the_gap() {
+        let mut book = SequenceBook::default();
+        let now = Instant::now();
+        // Batches: [0..2) local, [2..5) redirected, [5..6) local, [6..8) local.
+        assert_eq!(book.local(&key(), 0, now), None, "no stream yet: untouched");
+        assert!(matches!(book.redirect(&key(), 2, 3, now), Redirect::Send));
+        assert!(book.knows(7, 0));
+        assert_eq!(book.local(&key(), 5, now), Some(2));
+        assert_eq!(book.local(&key(), 6, now), Some(3));
+        // A retry of a local batch gets the same number.
+        assert_eq!(book.local(&key(), 5, now), Some(2));
+    }
+
+    #[test]
+    fn a_retried_redirect_reuses_its_outcome_and_is_counted_once() {
+        let mut book = SequenceBook::default();
+        let now = Instant::now();
+        assert!(matches!(book.redirect(&key(), 0, 4, now), Redirect::Send));
+        let (tx, rx) = watch::channel(None);
+        book.attach(&key(), 0, rx);
+        // In flight: wait for the same outcome.
+        assert!(matches!(
+            book.redirect(&key(), 0, 4, now),
+            Redirect::Existing(_)
+        ));
+        tx.send(Some(
+            PartitionProduceResponse::default().with_base_offset(42),
+        ))
+        .unwrap();
+        match book.redirect(&key(), 0, 4, now) {
+            Redirect::Existing(o) => assert_eq!(o.borrow().as_ref().unwrap().base_offset, 42),
+            Redirect::Send => panic!("a written batch must not be sent twice"),
+        }
+        assert_eq!(book.local(&key(), 4, now), Some(0), "shift counted once");
+    }
+
+    #[test]
+    fn a_failed_redirect_is_sent_again_without_shifting_twice() {
+        let mut book = SequenceBook::default();
+        let now = Instant::now();
+        assert!(matches!(book.redirect(&key(), 0, 2, now), Redirect::Send));
+        let (tx, rx) = watch::channel(None);
+        book.attach(&key(), 0, rx);
+        tx.send(Some(PartitionProduceResponse::default().with_error_code(7)))
+            .unwrap();
+        assert!(matches!(book.redirect(&key(), 0, 2, now), Redirect::Send));
+        assert_eq!(book.local(&key(), 2, now), Some(0));
+    }
+
+    #[test]
+    fn other_epochs_and_partitions_are_other_streams() {
+        let mut book = SequenceBook::default();
+        let now = Instant::now();
+        book.redirect(&key(), 0, 3, now);
+        let bumped = StreamKey { epoch: 1, ..key() };
+        assert_eq!(book.local(&bumped, 3, now), None);
+        let other = StreamKey {
+            partition: 1,
+            ..key()
+        };
+        assert_eq!(book.local(&other, 3, now), None);
+    }
+}

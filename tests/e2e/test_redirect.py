@@ -1,0 +1,120 @@
+"""`on_foreign: redirect`: a batch owned by another region is produced to that region's cluster,
+under a producer id keyward obtains there, while the client's own idempotent numbering stays
+whole on the local cluster. Checked in both clusters, read directly, with all three clients.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import LibrdkafkaClient, record, unique
+from harness.keyward import Keyward
+
+from test_keyward import INVALID_RECORD, keys_of
+
+TABLE = """
+rules:
+  - name: orders
+    topics: ["orders.*"]
+    by: key
+    slots: 16
+    owners: { eu: ["0-7"], us: ["8-15"] }
+    on_foreign: redirect
+default: allow
+"""
+
+
+@pytest.fixture(scope="module")
+def kw(tmp_path_factory, eu, us):
+    with Keyward(tmp_path_factory.mktemp("kw"), "eu", {"eu": eu, "us": us}, TABLE) as kw:
+        yield kw
+
+
+def make_topic(eu, us, prefix: str, partitions: int = 1) -> str:
+    topic = unique(prefix)
+    eu.create_topic(topic, partitions=partitions)
+    us.create_topic(topic, partitions=partitions)
+    return topic
+
+
+def test_interleaved_writes_land_in_their_owners_clusters_in_order(client, eu, us, kw):
+    """One idempotent producer, one partition, keys of both regions in turn: every write is
+    acknowledged, each lands once in its owner's cluster, in the order it was sent. The local
+    cluster never sees a gap in the producer's sequence numbers (it would refuse the write)."""
+    topic = make_topic(eu, us, "orders.redirect")
+    eu_keys, us_keys = keys_of(kw, "eu", 5, "rd"), keys_of(kw, "us", 5, "rd")
+    order = [k for pair in zip(eu_keys, us_keys) for k in pair]
+    before = kw.metric("keyward_produce_records_total", rule="orders", decision="redirected", owner="us")
+
+    results = client.produce(
+        kw.bootstrap,
+        topic,
+        [record(k.encode(), f"v{i}".encode(), partition=0) for i, k in enumerate(order)],
+        {"acks": "all", "idempotence": True},
+        flush_every=1,
+    )
+
+    assert all(r["ok"] for r in results), results
+    assert [r["key"] for r in eu.read_all(topic)] == [k.encode() for k in eu_keys]
+    assert [r["key"] for r in us.read_all(topic)] == [k.encode() for k in us_keys]
+    # The client was told the owner cluster's offsets.
+    us_offsets = [r["offset"] for k, r in zip(order, results) if k in us_keys]
+    assert us_offsets == [r["offset"] for r in us.read_all(topic)]
+    after = kw.metric("keyward_produce_records_total", rule="orders", decision="redirected", owner="us")
+    assert after - before == 5
+
+
+def test_a_whole_batch_of_foreign_keys_is_redirected(eu, us, kw):
+    topic = make_topic(eu, us, "orders.batch", partitions=2)
+    us_keys = keys_of(kw, "us", 20, "rb")
+    results = LibrdkafkaClient().produce(
+        kw.bootstrap,
+        topic,
+        [record(k.encode(), b"x" * 200, partition=1) for k in us_keys],
+        {"linger_ms": 100, "compression": "zstd"},
+    )
+    assert all(r["ok"] for r in results), results
+    assert sorted(r["key"] for r in us.read_all(topic)) == sorted(k.encode() for k in us_keys)
+    assert eu.read_all(topic) == []
+
+
+def test_non_idempotent_producers_are_redirected_too(eu, us, kw):
+    topic = make_topic(eu, us, "orders.plain")
+    us_key, eu_key = keys_of(kw, "us", 1, "np")[0], keys_of(kw, "eu", 1, "np")[0]
+    results = LibrdkafkaClient().produce(
+        kw.bootstrap,
+        topic,
+        [record(us_key.encode(), b"a", partition=0), record(eu_key.encode(), b"b", partition=0)],
+        {"acks": "1", "idempotence": False},
+        flush_every=1,
+    )
+    assert all(r["ok"] for r in results), results
+    assert [r["value"] for r in us.read_all(topic)] == [b"a"]
+    assert [r["value"] for r in eu.read_all(topic)] == [b"b"]
+
+
+def test_a_batch_mixing_owners_is_still_refused(eu, us, kw):
+    topic = make_topic(eu, us, "orders.mixed")
+    keys = keys_of(kw, "eu", 2, "mx") + keys_of(kw, "us", 2, "mx")
+    results = LibrdkafkaClient().produce(
+        kw.bootstrap, topic, [record(k.encode(), b"v", partition=0) for k in keys], {"linger_ms": 200}
+    )
+    assert not any(r["ok"] for r in results), results
+    # The records keyward names get INVALID_RECORD; librdkafka fails their batch mates with its
+    # own _INVALID_DIFFERENT_RECORD (KIP-467).
+    assert [r["error_code"] for r in results[2:]] == [INVALID_RECORD] * 2, results
+    assert eu.read_all(topic) == [] and us.read_all(topic) == []
+
+
+def test_a_topic_missing_in_the_owners_cluster_is_an_error_not_a_drop(eu, us, kw):
+    topic = unique("orders.only-eu")
+    eu.create_topic(topic, partitions=1)
+    us_key = keys_of(kw, "us", 1, "miss")[0]
+    results = LibrdkafkaClient().produce(
+        kw.bootstrap,
+        topic,
+        [record(us_key.encode(), b"v", partition=0)],
+        {"delivery_timeout_ms": 4000, "request_timeout_ms": 2000},
+    )
+    assert not results[0]["ok"], results
+    assert eu.read_all(topic) == []

@@ -89,3 +89,134 @@ def test_reads_fail_over_to_the_next_healthy_cluster_and_come_back(tmp_path, us)
             assert [x["key"] for x in eu.read_all(topic)][-1] == eu_key.encode()
     finally:
         eu.stop(grace_s=2)
+
+
+REDIRECT_TABLE = """
+rules:
+  - name: orders
+    topics: ["orders", "orders.*"]
+    by: key
+    slots: 16
+    owners: { eu: ["0-7"], us: ["8-15"] }
+    on_foreign: redirect
+default: allow
+"""
+
+
+def replicated(cluster: KafkaCluster, topic: str) -> list[dict]:
+    """What MirrorMaker has copied so far: nothing until it has created the topic."""
+    from confluent_kafka import KafkaException
+
+    try:
+        return cluster.read_all(topic, timeout_s=10)
+    except (KafkaException, TimeoutError):
+        return []
+
+
+def test_failover_and_failback_with_mirrormaker(tmp_path):
+    """Two regions, MirrorMaker 2 replicating both ways, a keyward in front of each, the same
+    table everywhere: normal operation, us fails, us is handed to eu, us returns behind a
+    freeze, and ownership goes back. Every acknowledged write is in its owner's cluster exactly
+    once at the end, in order per key."""
+    from harness.mirror import MirrorMaker
+
+    clusters = {"eu": KafkaCluster("fo-eu", 1, tmp_path), "us": KafkaCluster("fo-us", 1, tmp_path)}
+    for c in clusters.values():
+        c.start()
+    eu, us = clusters["eu"], clusters["us"]
+    mm2 = None
+    proxies: dict[str, Keyward] = {}
+    try:
+        for c in clusters.values():
+            c.create_topic("orders", partitions=1)
+        mm2 = MirrorMaker(tmp_path, clusters, topics="orders").start()
+        reads = "reads: {{ prefer: [{0}, {1}], probe_interval_ms: 300, probe_timeout_ms: 1000, hold_down_ms: 2000 }}\n"
+        proxies = {
+            "eu": Keyward(tmp_path, "eu", clusters, REDIRECT_TABLE, extra_config=reads.format("eu", "us")).start(),
+            "us": Keyward(tmp_path, "us", clusters, REDIRECT_TABLE, extra_config=reads.format("us", "eu")).start(),
+        }
+        kw_eu, kw_us = proxies["eu"], proxies["us"]
+        client = LibrdkafkaClient()
+        eu_keys, us_keys = keys_of(kw_eu, "eu", 3, "fk"), keys_of(kw_eu, "us", 3, "fk")
+        acked: list[tuple[str, bytes, str]] = []  # (key, value, cluster it must be in)
+
+        def produce(kw: Keyward, keys: list[str], period: int, timeout_ms: int = 20_000) -> list[dict]:
+            recs = [record(k.encode(), f"{k}|{period}".encode(), partition=0) for k in keys]
+            return client.produce(
+                kw.bootstrap, "orders", recs, {"delivery_timeout_ms": timeout_ms}, timeout_s=60, flush_every=1
+            )
+
+        def must_land(kw, keys, period, cluster):
+            results = produce(kw, keys, period)
+            assert all(r["ok"] for r in results), (period, results, kw.logs(30))
+            acked.extend((k, f"{k}|{period}".encode(), cluster) for k in keys)
+
+        def must_wait(kw, keys, period):
+            results = produce(kw, keys, period, timeout_ms=3000)
+            assert not any(r["ok"] for r in results), (period, results)
+            assert all(r["error_code"] != INVALID_RECORD for r in results), results
+
+        def flip(table: str):
+            versions = {r: kw.ownership()["version"] for r, kw in proxies.items()}
+            for kw in proxies.values():
+                kw.table_path.write_text(table)
+            for r, kw in proxies.items():
+                wait_for(lambda: kw.ownership()["version"] > versions[r], 2, f"{r} to load the new table")
+
+        # 1. Normal: every write lands in its owner's cluster, whichever proxy it came through;
+        #    each region reads both regions' data (its own topic and the replicated copy).
+        must_land(kw_eu, eu_keys, 1, "eu")
+        must_land(kw_eu, us_keys, 1, "us")
+        must_land(kw_us, us_keys, 2, "us")
+        must_land(kw_us, eu_keys, 2, "eu")
+        wait_for(lambda: len(replicated(us, "eu.orders")) >= 6, 90, "eu's writes replicated to us")
+        wait_for(lambda: len(replicated(eu, "us.orders")) >= 6, 90, "us's writes replicated to eu")
+        seen = client.consume(kw_eu.bootstrap, ["orders", "us.orders"], unique("eu-readers"), 12, timeout_s=30)
+        assert len({r["value"] for r in seen}) == 12
+
+        # 2. us fails: its proxy serves reads from eu; us-owned writes are held, not lost.
+        us.stop(grace_s=2)
+        wait_for(lambda: kw_us.metric("keyward_serving_cluster", cluster="eu") == 1, 10, "us proxy to read from eu")
+        must_wait(kw_us, us_keys, 3)
+        got = client.consume(kw_us.bootstrap, ["orders"], unique("us-readers"), 6, timeout_s=30)
+        assert {r["value"] for r in got} >= {f"{k}|1".encode() for k in eu_keys}
+
+        # 3. Failover: eu takes over everything us owns, through either proxy.
+        flip(REDIRECT_TABLE + "takeover: { us: eu }\n")
+        must_land(kw_eu, us_keys, 4, "eu")
+        must_land(kw_us, us_keys, 5, "eu")
+
+        # 4. Failback: us returns; a freeze fences us-owned keys everywhere while replication
+        #    brings eu's takeover-period writes over; then ownership goes back to us.
+        us.start_node(1)
+        flip(REDIRECT_TABLE + "frozen: [us]\n")
+        must_wait(kw_eu, us_keys, 6)
+        wait_for(
+            lambda: {f"{k}|{p}".encode() for k in us_keys for p in (4, 5)}
+            <= {r["value"] for r in replicated(us, "eu.orders")},
+            60,
+            "the takeover-period writes to be replicated back to us",
+        )
+        flip(REDIRECT_TABLE)
+        wait_for(lambda: kw_us.metric("keyward_serving_cluster", cluster="us") == 1, 15, "us proxy back on us")
+        must_land(kw_us, us_keys, 7, "us")
+        must_land(kw_eu, us_keys, 8, "us")
+
+        # Every acknowledged record exactly once in its owner's cluster, in order per key; no
+        # held record anywhere.
+        for name, cluster in clusters.items():
+            stored = [(r["key"].decode(), r["value"]) for r in cluster.read_all("orders")]
+            expected = [(k, v) for k, v, c in acked if c == name]
+            assert sorted(stored) == sorted(expected), name
+            assert len(stored) == len(set(stored)), f"duplicates in {name}"
+            for key in {k for k, _ in stored}:
+                periods = [int(v.decode().split("|")[1]) for k, v in stored if k == key]
+                assert periods == sorted(periods), (name, key, periods)
+            assert not any(v.endswith((b"|3", b"|6")) for _, v in stored)
+    finally:
+        for kw in proxies.values():
+            kw.stop()
+        if mm2:
+            mm2.stop()
+        for c in clusters.values():
+            c.stop(grace_s=2)

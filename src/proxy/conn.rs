@@ -587,3 +587,64 @@ fn respond(
 
 /// First Produce version whose responses may carry node endpoints (KIP-951).
 const FIRST_PRODUCE_NODE_ENDPOINTS: i16 = 10;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use kafka_protocol::records::{
+        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+    };
+
+    fn batch(transactional: bool) -> Vec<u8> {
+        let record = Record {
+            transactional,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: -1,
+            producer_id: 5,
+            producer_epoch: 0,
+            timestamp_type: TimestampType::Creation,
+            offset: 0,
+            sequence: 0,
+            timestamp: 0,
+            key: Some(Bytes::from_static(b"k")),
+            value: None,
+            headers: Default::default(),
+        };
+        let mut buf = BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut buf,
+            [&record],
+            &RecordEncodeOptions {
+                version: 2,
+                compression: Compression::None,
+            },
+        )
+        .unwrap();
+        buf.to_vec()
+    }
+
+    #[test]
+    fn only_single_non_transactional_batches_are_redirected() {
+        let one = batch(false);
+        assert_eq!(redirectable(&one), Ok(&one[..]));
+        assert_eq!(
+            redirectable(&batch(true)),
+            Err("a transaction cannot span clusters")
+        );
+        let two = [one.clone(), one.clone()].concat();
+        assert_eq!(
+            redirectable(&two),
+            Err("the partition holds more than one record batch")
+        );
+        assert_eq!(
+            redirectable(&[]),
+            Err("the partition holds no record batch")
+        );
+        assert_eq!(
+            redirectable(&one[..20]),
+            Err("the record batch is malformed")
+        );
+    }
+}

@@ -179,6 +179,16 @@ pub struct Limits {
     /// Requests one client connection may have in flight before keyward stops reading from it.
     #[serde(default = "Limits::default_max_in_flight")]
     pub max_in_flight: usize,
+    /// Client connections open at once; one more is accepted and closed at once, and counted.
+    #[serde(default = "Limits::default_max_connections")]
+    pub max_connections: usize,
+    /// A client connection that sends nothing for this long is closed (Kafka brokers'
+    /// `connections.max.idle.ms` is 10 minutes too).
+    #[serde(default = "Limits::default_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+    /// On SIGTERM: how long to wait for in-flight requests to be answered before exiting.
+    #[serde(default = "Limits::default_shutdown_grace_secs")]
+    pub shutdown_grace_secs: u64,
 }
 
 impl Limits {
@@ -190,6 +200,15 @@ impl Limits {
     }
     fn default_connect_timeout_ms() -> u64 {
         10_000
+    }
+    fn default_max_connections() -> usize {
+        10_000
+    }
+    fn default_idle_timeout_secs() -> u64 {
+        600
+    }
+    fn default_shutdown_grace_secs() -> u64 {
+        10
     }
     fn default_max_in_flight() -> usize {
         // Kafka clients pipeline few requests per connection (Java: 5 by default); librdkafka
@@ -205,6 +224,9 @@ impl Default for Limits {
             max_decompressed_bytes: Self::default_max_decompressed_bytes(),
             connect_timeout_ms: Self::default_connect_timeout_ms(),
             max_in_flight: Self::default_max_in_flight(),
+            max_connections: Self::default_max_connections(),
+            idle_timeout_secs: Self::default_idle_timeout_secs(),
+            shutdown_grace_secs: Self::default_shutdown_grace_secs(),
         }
     }
 }
@@ -315,6 +337,15 @@ impl Config {
         }
         if config.limits.max_in_flight == 0 {
             return Err(error("limits.max_in_flight", "must be at least 1".into()));
+        }
+        if config.limits.max_connections == 0 {
+            return Err(error("limits.max_connections", "must be at least 1".into()));
+        }
+        if config.limits.idle_timeout_secs == 0 {
+            return Err(error(
+                "limits.idle_timeout_secs",
+                "must be at least 1".into(),
+            ));
         }
         Ok(config)
     }

@@ -187,9 +187,15 @@ async fn relay(
     let (slots_tx, slots_rx) = mpsc::channel(shared.config.limits.max_in_flight);
     let requests = requests(shared, cluster, client_read, upstream_write, slots_tx);
     let responses = responses(shared, cluster, upstream_read, client_write, slots_rx);
+    tokio::pin!(requests, responses);
     tokio::select! {
-        r = requests => r,
-        r = responses => r,
+        r = &mut requests => match r {
+            // Stop reading, but answer what is in flight: the request half has dropped its end
+            // of the queue, so the response half ends once it has drained it.
+            Ok("shutdown") => responses.await.map(|_| "shutdown"),
+            other => other,
+        },
+        r = &mut responses => r,
     }
 }
 
@@ -222,12 +228,19 @@ async fn requests(
     let reader = FrameReader::new(shared.config.limits.max_frame_bytes);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut inflater = Inflater::new(shared.config.limits.max_decompressed_bytes);
+    let idle = Duration::from_secs(shared.config.limits.idle_timeout_secs);
+    let stop = shared.shutdown_token();
     loop {
-        let frame = match read_frame(&reader, &mut client, &mut buf).await {
-            Ok(Some(f)) => f,
-            Ok(None) => return Ok("client_closed"),
-            Err(Ok(e)) => return Err(ConnError::ClientFrame(e)),
-            Err(Err(e)) => return Err(ConnError::Io(e)),
+        let read = tokio::select! {
+            read = tokio::time::timeout(idle, read_frame(&reader, &mut client, &mut buf)) => read,
+            () = stop.cancelled() => return Ok("shutdown"),
+        };
+        let frame = match read {
+            Err(_) => return Ok("idle"),
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => return Ok("client_closed"),
+            Ok(Err(Ok(e))) => return Err(ConnError::ClientFrame(e)),
+            Ok(Err(Err(e))) => return Err(ConnError::Io(e)),
         };
         let received = Instant::now();
         shared.meters.bytes_received.increment(frame.len() as u64);

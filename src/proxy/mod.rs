@@ -23,6 +23,7 @@ use anyhow::Context;
 use kafka_protocol::protocol::StrBytes;
 use metrics::{counter, gauge};
 use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -46,6 +47,9 @@ pub struct Shared {
     shutdown: CancellationToken,
     tasks: TaskTracker,
     pub rejection_log: RateLimit,
+    refusal_log: RateLimit,
+    /// One per open client connection, up to `limits.max_connections`.
+    connection_permits: Arc<Semaphore>,
     pub meters: meters::RequestMetrics,
     /// keyward's own producer on the other regions' clusters (`on_foreign: redirect`).
     pub redirector: Redirector,
@@ -55,6 +59,7 @@ pub struct Shared {
 impl Shared {
     pub fn new(config: Config, ownership: Arc<Ownership>) -> anyhow::Result<Arc<Self>> {
         let clusters = Clusters::new(&config);
+        let max_connections = config.limits.max_connections;
         let redirector = Redirector::new(
             clusters
                 .all()
@@ -73,6 +78,8 @@ impl Shared {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             rejection_log: RateLimit::new(Duration::from_secs(1), 20),
+            refusal_log: RateLimit::new(Duration::from_secs(10), 1),
+            connection_permits: Arc::new(Semaphore::new(max_connections)),
             meters: meters::RequestMetrics::new(),
             bootstrap_bound: AtomicBool::new(false),
         }))
@@ -130,19 +137,29 @@ impl Shared {
                 };
                 match accepted {
                     Ok((stream, peer)) => {
+                        // The permit lives as long as the connection's task: the limit is real.
+                        let Ok(permit) = shared.connection_permits.clone().try_acquire_owned() else {
+                            counter!("keyward_client_connections_refused_total").increment(1);
+                            if shared.refusal_log.allow() {
+                                warn!(client = %peer, limit = shared.config.limits.max_connections, "connection refused: limits.max_connections reached");
+                            }
+                            drop(stream);
+                            continue;
+                        };
                         let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
                         counter!("keyward_client_connections_opened_total").increment(1);
                         let open = gauge!("keyward_client_connections_open");
                         open.increment(1.0);
                         let span = info_span!("conn", id, client = %peer, listener = %listener_addr);
                         let s = shared.clone();
-                        let stop = shared.shutdown.clone();
                         let switched = shared.clusters.epoch();
                         shared.tasks.spawn(
                             async move {
+                                let _permit = permit;
+                                // Shutdown is handled inside: stop reading, answer what is in
+                                // flight. A switch of serving cluster closes at once.
                                 let cause = tokio::select! {
                                     cause = conn::serve(s, stream, target) => cause,
-                                    () = stop.cancelled() => "shutdown",
                                     () = switched.cancelled() => "serving_cluster_changed",
                                 };
                                 open.decrement(1.0);
@@ -274,8 +291,10 @@ pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
     shared.tasks.spawn(probe_clusters(shared.clone()));
 
     shared.shutdown.cancelled().await;
+    info!("shutting down: no new connections; answering what is in flight");
     shared.tasks.close();
-    if tokio::time::timeout(Duration::from_secs(5), shared.tasks.wait())
+    let grace = Duration::from_secs(shared.config.limits.shutdown_grace_secs);
+    if tokio::time::timeout(grace, shared.tasks.wait())
         .await
         .is_err()
     {

@@ -1,0 +1,101 @@
+"""Limits and shutdown: a connection limit that is real and counted, idle connections closed,
+and SIGTERM that stops accepting, answers what is in flight, and exits within its grace period.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import struct
+import time
+
+from harness import LibrdkafkaClient, unique
+from harness.keyward import Keyward
+
+from test_keyward import TABLE, _api_versions_v0, _recv_frame
+from test_operator import wait_for
+
+
+def _fetch_v4(correlation_id: int, topic: str, max_wait_ms: int) -> bytes:
+    """A Fetch that the broker holds for max_wait_ms when there is nothing to read."""
+    client_id = b"raw-test"
+    t = topic.encode()
+    header = struct.pack(">hhih", 1, 4, correlation_id, len(client_id)) + client_id
+    body = struct.pack(">iiiib", -1, max_wait_ms, 1, 1 << 20, 0)
+    body += struct.pack(">ih", 1, len(t)) + t + struct.pack(">iiqi", 1, 0, 0, 1 << 20)
+    msg = header + body
+    return struct.pack(">i", len(msg)) + msg
+
+
+def _closed(sock: socket.socket, timeout_s: float = 5) -> bool:
+    sock.settimeout(timeout_s)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_the_connection_limit_is_real_and_counted(tmp_path, eu, us):
+    with Keyward(
+        tmp_path, "eu", {"eu": eu, "us": us}, TABLE, extra_config="limits: { max_connections: 3 }\n"
+    ) as kw:
+        held = [socket.create_connection(("127.0.0.1", kw.bootstrap_port), timeout=5) for _ in range(3)]
+        wait_for(lambda: kw.metric("keyward_client_connections_open") == 3, 5, "three open connections")
+        extra = socket.create_connection(("127.0.0.1", kw.bootstrap_port), timeout=5)
+        assert _closed(extra), "a fourth connection must be closed"
+        assert kw.metric("keyward_client_connections_refused_total") == 1
+        # The held ones still work, and a freed place is taken again.
+        held[0].sendall(_api_versions_v0(5))
+        assert struct.unpack(">i", _recv_frame(held[0])[:4])[0] == 5
+        held.pop().close()
+        wait_for(lambda: kw.metric("keyward_client_connections_open") == 2, 5, "a place to free up")
+        again = socket.create_connection(("127.0.0.1", kw.bootstrap_port), timeout=5)
+        again.sendall(_api_versions_v0(6))
+        assert struct.unpack(">i", _recv_frame(again)[:4])[0] == 6
+        for s in [*held, again, extra]:
+            s.close()
+
+
+def test_idle_connections_are_closed(tmp_path, eu, us):
+    with Keyward(
+        tmp_path, "eu", {"eu": eu, "us": us}, TABLE, extra_config="limits: { idle_timeout_secs: 1 }\n"
+    ) as kw:
+        with socket.create_connection(("127.0.0.1", kw.bootstrap_port), timeout=5) as s:
+            started = time.monotonic()
+            assert _closed(s, 5)
+            assert 0.8 <= time.monotonic() - started < 4
+        wait_for(lambda: kw.metric("keyward_client_connections_closed_total", cause="idle") == 1, 5, "idle count")
+
+
+def test_sigterm_answers_in_flight_requests_then_exits(tmp_path, eu, us):
+    topic = unique("orders.drain")
+    eu.create_topic(topic, partitions=1)
+    kw = Keyward(
+        tmp_path, "eu", {"eu": eu, "us": us}, TABLE, extra_config="limits: { shutdown_grace_secs: 8 }\n"
+    ).start()
+    try:
+        leader = eu.admin().list_topics(topic, timeout=10).topics[topic].partitions[0].leader
+        with socket.create_connection(("127.0.0.1", kw.port_base + leader), timeout=10) as s:
+            s.sendall(_fetch_v4(21, topic, max_wait_ms=2000))
+            time.sleep(0.3)  # the Fetch is now waiting in the broker
+            sent_term = time.monotonic()
+            kw.proc.send_signal(signal.SIGTERM)
+            # The held Fetch is still answered...
+            frame = _recv_frame(s)
+            assert struct.unpack(">i", frame[:4])[0] == 21
+            # ...and then the connection closes and the process exits, well within the grace.
+            assert _closed(s, 5)
+        assert kw.proc.wait(timeout=10) == 0
+        assert time.monotonic() - sent_term < 8
+        # Nothing listens any more.
+        try:
+            socket.create_connection(("127.0.0.1", kw.bootstrap_port), timeout=2).close()
+            listening = True
+        except OSError:
+            listening = False
+        assert not listening
+        assert "shutting down" in kw.logs(50)
+    finally:
+        kw.stop()
+    # The cluster is untouched by the proxy's exit.
+    assert LibrdkafkaClient().metadata(eu.bootstrap)

@@ -17,14 +17,11 @@ use crate::codec::records::{self, Inflater, RecordView};
 use crate::ownership::{By, Claim, DefaultPolicy, OnForeign, RejectReason, Rule, Table, Verdict};
 use crate::ownership::{Query, RegionId};
 
-/// Kafka's INVALID_RECORD: non-retriable, and carries per-record errors (KIP-467).
-pub const INVALID_RECORD: i16 = 87;
-/// Kafka's CORRUPT_MESSAGE: the batch could not be read.
-pub const CORRUPT_MESSAGE: i16 = 2;
-/// Kafka's NOT_ENOUGH_REPLICAS: retriable, and "not persisted" for every client, so the Java
-/// client, librdkafka and franz-go retry a held (frozen) write until their delivery timeout
-/// without refreshing metadata or treating the outcome as unknown.
-pub const NOT_ENOUGH_REPLICAS: i16 = 19;
+/// A held write is answered with NOT_ENOUGH_REPLICAS: retriable, and "not persisted" for every
+/// client, so the Java client, librdkafka and franz-go retry it until their delivery timeout
+/// without refreshing metadata or treating the outcome as unknown. A refused one with
+/// INVALID_RECORD (non-retriable, with per-record errors); an unreadable one with CORRUPT_MESSAGE.
+pub use crate::codec::errors::{CORRUPT_MESSAGE, INVALID_RECORD, NOT_ENOUGH_REPLICAS};
 
 /// At most this many records of one batch are listed in `record_errors`; a batch of ten
 /// thousand foreign records must not turn into a megabyte of error text.

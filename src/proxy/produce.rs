@@ -14,6 +14,7 @@ use kafka_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, TopicNam
 use kafka_protocol::protocol::{Encodable, StrBytes};
 
 use super::rewrite::{self, Advertise, RewriteError};
+use crate::codec::errors::UNKNOWN_SERVER_ERROR;
 use crate::codec::frame::{self, LENGTH_PREFIX};
 use crate::codec::produce::ProduceView;
 use crate::ownership::RegionId;
@@ -22,8 +23,6 @@ use crate::redirect::sequences::Outcome;
 
 /// First Produce version whose responses carry `record_errors` and `error_message` (KIP-467).
 const FIRST_RECORD_ERRORS: i16 = 8;
-/// Kafka's UNKNOWN_SERVER_ERROR, for a partition the broker left out of its answer.
-const UNKNOWN_SERVER_ERROR: i16 = -1;
 
 /// keyward's own answer for one partition.
 #[derive(Debug, Clone)]

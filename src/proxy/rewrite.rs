@@ -14,6 +14,7 @@ use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 
 use super::brokers::UnmappableNode;
 use super::versions;
+use crate::codec::errors::UNSUPPORTED_VERSION;
 use crate::codec::frame::{self, LENGTH_PREFIX};
 use crate::codec::wire::{Reader, WireError};
 
@@ -119,9 +120,6 @@ where
         })?;
     Ok(frame::assemble(header, &encoded))
 }
-
-/// Kafka's UNSUPPORTED_VERSION, which a broker answers with a v0 ApiVersions body.
-const UNSUPPORTED_VERSION: i16 = 35;
 
 pub fn api_versions(frame: &Bytes, version: i16) -> Result<Bytes, RewriteError> {
     let api = ApiKey::ApiVersions;

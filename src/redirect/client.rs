@@ -25,6 +25,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
+use crate::codec::errors::{
+    LEADER_NOT_AVAILABLE, NOT_LEADER_OR_FOLLOWER, UNKNOWN_TOPIC_OR_PARTITION,
+};
 use crate::codec::frame::{self, FrameReader};
 use crate::proxy::upstream;
 
@@ -311,10 +314,6 @@ impl ClusterClient {
         Ok(error_response(partition, LEADER_NOT_AVAILABLE))
     }
 }
-
-pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
-pub const LEADER_NOT_AVAILABLE: i16 = 5;
-pub const NOT_LEADER_OR_FOLLOWER: i16 = 6;
 
 fn is_stale_leader(code: i16) -> bool {
     matches!(

@@ -24,17 +24,14 @@ use kafka_protocol::messages::produce_response::PartitionProduceResponse;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
+use crate::codec::errors::{
+    DUPLICATE_SEQUENCE_NUMBER, INVALID_PRODUCER_EPOCH, LEADER_NOT_AVAILABLE, NOT_ENOUGH_REPLICAS,
+    NOT_ENOUGH_REPLICAS_AFTER_APPEND, NOT_LEADER_OR_FOLLOWER, OUT_OF_ORDER_SEQUENCE_NUMBER,
+    REQUEST_TIMED_OUT, UNKNOWN_PRODUCER_ID,
+};
+use crate::codec::records;
 use client::ClusterClient;
 use sequences::{Outcome, Redirect, SequenceBook, StreamKey};
-
-/// Kafka error codes the pipeline acts on.
-const REQUEST_TIMED_OUT: i16 = 7;
-const NOT_ENOUGH_REPLICAS: i16 = 19;
-const NOT_ENOUGH_REPLICAS_AFTER_APPEND: i16 = 20;
-const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
-const DUPLICATE_SEQUENCE_NUMBER: i16 = 46;
-const INVALID_PRODUCER_EPOCH: i16 = 47;
-const UNKNOWN_PRODUCER_ID: i16 = 59;
 
 /// Batches waiting per target partition before the client connection stops being read: enough
 /// for every in-flight batch of a few producers (5 each with idempotence).
@@ -220,10 +217,7 @@ fn retriable(code: i16) -> bool {
     matches!(
         code,
         REQUEST_TIMED_OUT | NOT_ENOUGH_REPLICAS | NOT_ENOUGH_REPLICAS_AFTER_APPEND
-    ) || matches!(
-        code,
-        client::LEADER_NOT_AVAILABLE | client::NOT_LEADER_OR_FOLLOWER
-    )
+    ) || matches!(code, LEADER_NOT_AVAILABLE | NOT_LEADER_OR_FOLLOWER)
 }
 
 /// Writes one target partition's redirected batches one at a time, in order.
@@ -312,25 +306,20 @@ struct BatchFields {
     records: i32,
 }
 
+/// Where `rewrite` writes, in a v2 batch header (see `codec::records`).
 const CRC_AT: usize = 17;
 const ATTRIBUTES_AT: usize = 21;
 const PRODUCER_ID_AT: usize = 43;
 const EPOCH_AT: usize = 51;
 const BASE_SEQUENCE_AT: usize = 53;
-const RECORDS_COUNT_AT: usize = 57;
-const HEADER_LEN: usize = 61;
 
 fn header(batch: &[u8]) -> Option<BatchFields> {
-    if batch.len() < HEADER_LEN || batch[16] != 2 {
-        return None;
-    }
-    let i64_at = |at: usize| i64::from_be_bytes(batch[at..at + 8].try_into().expect("8 bytes"));
-    let i32_at = |at: usize| i32::from_be_bytes(batch[at..at + 4].try_into().expect("4 bytes"));
+    let h = records::BatchHeader::parse(batch).ok()?;
     Some(BatchFields {
-        producer_id: i64_at(PRODUCER_ID_AT),
-        epoch: i16::from_be_bytes([batch[EPOCH_AT], batch[EPOCH_AT + 1]]),
-        base_sequence: i32_at(BASE_SEQUENCE_AT),
-        records: i32_at(RECORDS_COUNT_AT),
+        producer_id: h.producer_id,
+        epoch: h.producer_epoch,
+        base_sequence: h.base_sequence,
+        records: h.records_count,
     })
 }
 
@@ -351,7 +340,6 @@ pub fn rewrite(batch: &[u8], producer: Option<(i64, i16)>, base_sequence: i32) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::records;
     use kafka_protocol::protocol::StrBytes;
     use kafka_protocol::records::{
         Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
@@ -405,6 +393,7 @@ mod tests {
         assert_eq!(batch.header.producer_id, 99);
         assert_eq!(batch.header.producer_epoch, 4);
         assert_eq!(batch.header.base_sequence, 500);
-        assert_eq!(&out[HEADER_LEN..], &buf[HEADER_LEN..], "records untouched");
+        let header_len = records::BATCH_HEADER_LEN;
+        assert_eq!(&out[header_len..], &buf[header_len..], "records untouched");
     }
 }

@@ -60,6 +60,7 @@ impl Shared {
     pub fn new(config: Config, ownership: Arc<Ownership>) -> anyhow::Result<Arc<Self>> {
         let clusters = Clusters::new(&config);
         let max_connections = config.limits.max_connections;
+        register_metrics(&clusters);
         let redirector = Redirector::new(
             clusters
                 .all()
@@ -199,6 +200,28 @@ impl Shared {
         }
         None
     }
+}
+
+/// Exports every counter whose labels are known at start, at 0, so dashboards and alerts see
+/// the series before the first event (a rate over a missing series is no data, not zero).
+fn register_metrics(clusters: &Clusters) {
+    for c in clusters.all() {
+        for name in [
+            "keyward_upstream_connections_opened_total",
+            "keyward_upstream_connect_errors_total",
+        ] {
+            counter!(name, "cluster" => c.name.clone()).absolute(0);
+        }
+        gauge!("keyward_cluster_up", "cluster" => c.name.clone()).set(0.0);
+    }
+    for name in [
+        "keyward_client_connections_opened_total",
+        "keyward_client_connections_refused_total",
+        "keyward_acks0_rejections_total",
+    ] {
+        counter!(name).absolute(0);
+    }
+    gauge!("keyward_client_connections_open").set(0.0);
 }
 
 /// Advertises keyward's virtual brokers in place of one cluster's real ones.

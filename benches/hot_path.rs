@@ -126,7 +126,8 @@ fn batch(keys: &[Vec<u8>], count: usize, size: usize, compression: Compression) 
             producer_epoch: -1,
             timestamp_type: TimestampType::Creation,
             offset: i as i64,
-            sequence: -1,
+            // kafka-protocol starts a new batch wherever offset - sequence changes.
+            sequence: i as i32,
             timestamp: 1_700_000_000_000 + i as i64,
             key: Some(Bytes::copy_from_slice(&keys[i % keys.len()])),
             value: Some(value(size, i as u64)),
@@ -148,7 +149,13 @@ fn batch(keys: &[Vec<u8>], count: usize, size: usize, compression: Compression) 
         },
     )
     .expect("encodable batch");
-    buf.freeze()
+    let buf = buf.freeze();
+    assert_eq!(
+        keyward::codec::records::batches(&buf).count(),
+        1,
+        "one batch"
+    );
+    buf
 }
 
 /// A whole Produce request frame (length prefix, v2 header, body), one batch per partition.

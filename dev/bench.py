@@ -7,11 +7,11 @@ haproxy is told to keep talking to haproxy. One haproxy (TCP mode) in front of R
 (topics key.*), a `by: header` rule (topics hdr.*), and `default: allow` for everything else
 (topics plain.*: the passthrough case).
 
-Each round runs, for each load (record size x compression), every path in a rotated order: a
-full-load produce run, then a produce run paced at half of this round's direct full-load rate,
-then (uncompressed loads) a consumer run reading the data back through the same path. The load
-is dev/loadgen.c (librdkafka). Ratios to direct are taken within a round, then the median over
-rounds is reported. See docs/performance.md.
+First come the full-load rounds: in each, for each load (record size x compression), every
+path in a rotated order gets a full-load produce run, and (uncompressed loads) a consumer run
+reading that data back through the same path. Then the half-load rounds: produce runs paced at
+half of the median direct full-load rate. The load is dev/loadgen.c (librdkafka). Ratios to
+direct are taken within a round, then the median over rounds is reported. See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -108,6 +108,11 @@ PATHS = {
 }
 
 
+def rotated(paths: list[str], k: int) -> list[str]:
+    k %= len(paths)
+    return paths[k:] + paths[:k]
+
+
 def paths_for(load: Load) -> list[str]:
     if load.compression == "none":
         return ["direct", "haproxy", "passthrough", "key", "header"]
@@ -198,6 +203,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def machine_busy_seconds() -> float:
+    """CPU time this machine's processes kept all CPUs busy: user, nice, system, irq, softirq
+    (the kernel charges irq and softirq ticks to the running task too, without
+    CONFIG_IRQ_TIME_ACCOUNTING); not idle, iowait or steal (the hypervisor's)."""
+    user, nice, system, _idle, _iowait, irq, softirq = (
+        int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]
+    )
+    return (user + nice + system + irq + softirq) / CLK_TCK
+
+
 def status_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -235,16 +250,12 @@ class Bench:
         log(f"haproxy 127.0.0.1:{self.haproxy_port} (pid {self.haproxy.pid})")
         self.keyward = Keyward(self.workdir, "eu", {"eu": self.cluster}, OWNERSHIP, name="keyward")
         self.keyward.start()
-        log(f"keyward {self.keyward.bootstrap} (pid {self.keyward.proc.pid}, {self.keyward_binary()})")
-
-    def keyward_binary(self) -> str:
-        return os.environ["KEYWARD_BIN"]
+        log(f"keyward {self.keyward.bootstrap} (pid {self.keyward.proc.pid}, {os.environ['KEYWARD_BIN']})")
 
     def stop(self) -> None:
-        for name in ("keyward",):
-            k = getattr(self, name, None)
-            if k:
-                k.stop()
+        k = getattr(self, "keyward", None)
+        if k:
+            k.stop()
         h = getattr(self, "haproxy", None)
         if h and h.poll() is None:
             h.terminate()
@@ -287,9 +298,12 @@ class Bench:
             reset_peak_rss(relay)
             relay_cpu0 = cpu_seconds(relay)
         broker_cpu0 = cpu_seconds(broker)
+        busy0 = machine_busy_seconds()
         children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
-        proc = subprocess.Popen([str(self.loadgen), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [*env.pdeathsig_prefix(), str(self.loadgen), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         out, err = proc.communicate(timeout=300)
         wall = time.monotonic() - t0
         children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -307,10 +321,14 @@ class Bench:
             result["stderr"] = err.decode(errors="replace")[-2000:]
             log(f"  FAILED: {' '.join(args)}\n{result.get('stderr', '')}")
         result["broker_cpu_s"] = cpu_seconds(broker) - broker_cpu0
+        ours = result["broker_cpu_s"] + result["client_cpu_s"]
         if relay:
             result["relay_cpu_s"] = cpu_seconds(relay) - relay_cpu0
             result["relay_peak_rss_kib"] = status_kib(relay, "VmHWM")
             result["relay_rss_kib"] = status_kib(relay, "VmRSS")
+            ours += result["relay_cpu_s"]
+        # What the rest of the machine (other people's builds and tests) took meanwhile, in cores.
+        result["others_cores"] = max(0.0, machine_busy_seconds() - busy0 - ours) / wall
         return result
 
     def produce(self, path: str, load: Load, topic: str, seconds: float, rate: float = 0) -> dict:
@@ -348,30 +366,39 @@ class Bench:
         loads += [Load(size, c) for c in self.s.compressions for size in self.s.compressed_sizes]
         return loads
 
-    def run_round(self, rnd: int) -> None:
+    def full_round(self, rnd: int) -> None:
+        """Full-load produce runs, then consumer runs reading the same data back, every path
+        of every load in a rotated order (so no path always runs first or last)."""
         for load in self.loads():
-            paths = paths_for(load)
-            k = rnd % len(paths)
-            order = paths[k:] + paths[:k]  # rotate, so no path always runs first or last
             topics = {}
-            direct_rate = None
-            for path in order:
+            for path in rotated(paths_for(load), rnd):
                 topics[path] = self.new_topic(path, load, rnd)
                 before = self.keyward_records(f"bench-{path}") if path in ("key", "header") else None
                 r = self.produce(path, load, topics[path], self.s.seconds)
                 if before is not None:
                     r["inspected_records"] = self.keyward_records(f"bench-{path}") - before
                 self.record(rnd, load, path, "full", r)
-                if path == "direct":
-                    direct_rate = r.get("msgs_per_s")
-            if direct_rate:
-                for path in order:
-                    r = self.produce(path, load, topics[path], self.s.half_seconds, rate=direct_rate / 2)
-                    self.record(rnd, load, path, "half", r)
             if load.compression == "none":
-                for path in order:
+                for path in rotated(paths_for(load), rnd + 1):
                     self.record(rnd, load, path, "consume", self.consume(path, topics[path]))
             for topic in topics.values():
+                self.delete_topic(topic)
+
+    def half_round(self, rnd: int) -> None:
+        """Produce runs paced at half of the direct maximum: half the median of every round's
+        direct full-load rate, so one lucky (or unlucky) direct run does not set the pace."""
+        for load in self.loads():
+            direct = [
+                r["msgs_per_s"] for r in self.runs
+                if r.get("ok") and r["kind"] == "full" and r["path"] == "direct"
+                and (r["size"], r["compression"]) == (load.size, load.compression)
+            ]
+            if not direct:
+                continue
+            rate = statistics.median(direct) / 2
+            for path in rotated(paths_for(load), rnd):
+                topic = self.new_topic(path, load, rnd)
+                self.record(rnd, load, path, "half", self.produce(path, load, topic, self.s.half_seconds, rate=rate))
                 self.delete_topic(topic)
 
     def idle_connections(self, path: str, count: int) -> dict:
@@ -546,6 +573,14 @@ def report(settings: Settings, bench: Bench, idle: list[dict], started: float) -
         "",
         table(rows),
     ]
+    others = sorted(r["others_cores"] for r in bench.runs if "others_cores" in r and r["kind"] != "consume")
+    if others:
+        lines.append(
+            f"CPU taken by other processes on the machine during the produce runs (cores of 2): median "
+            f"{statistics.median(others):.2f}, 90th percentile {others[int(0.9 * (len(others) - 1))]:.2f}, "
+            f"max {others[-1]:.2f}. Client (librdkafka) CPU in the full-load runs: median "
+            f"{statistics.median([r['client_cpu_s'] / r['wall_s'] for r in bench.runs if r['kind'] == 'full']):.2f} cores.\n"
+        )
     if any(r["all_inspected"] is False for r in rows):
         lines.append("**Warning:** keyward's `keyward_produce_records_total` did not count every delivered record "
                      "on a by: key / by: header run.\n")
@@ -571,6 +606,52 @@ def librdkafka_version() -> str:
         return "?"
 
 
+# ------------------------------------------------------------------ perf
+
+
+def profile(bench: Bench, settings: Settings, case: str) -> int:
+    """One full-load run of `case` with `perf record` (DWARF call graphs) attached to keyward."""
+    path, size, codec = case.split("/")
+    if path not in ("passthrough", "key", "header"):
+        raise SystemExit(f"--perf profiles keyward: path must be passthrough, key or header, not {path}")
+    load = Load(int(size), codec)
+    seconds = float(os.environ.get("KEYWARD_BENCH_PERF_SECONDS", "10"))
+    warm = bench.new_topic(path, load, -1)
+    bench.produce(path, load, warm, 3)
+    topic = bench.new_topic(path, load, 0)
+    name = f"perf-{path}-{size}-{codec}"
+    data = settings.out / f"{name}.data"
+    perf = subprocess.Popen(
+        ["perf", "record", "-F", "997", "--call-graph", "dwarf,16384", "-o", str(data),
+         "-p", str(bench.keyward.proc.pid)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    time.sleep(1)
+    result = bench.produce(path, load, topic, seconds)
+    perf.send_signal(signal.SIGINT)
+    perf.wait(timeout=60)
+    log(f"{case}: {result.get('msgs_per_s', 0):.0f} msg/s, relay CPU {result.get('relay_cpu_s', 0):.2f} s")
+    reports = []
+    views = (
+        ("self time by symbol", ["--no-children", "--sort", "symbol"], None),
+        ("self time by shared object", ["--no-children", "--sort", "dso"], None),
+        ("inclusive time of keyward's own functions", ["--children", "--sort", "symbol"], "keyward::"),
+    )
+    for title, flags, only in views:
+        out = subprocess.run(
+            ["perf", "report", "-i", str(data), "--stdio", "-g", "none", "--percent-limit", "0.5", *flags],
+            capture_output=True, text=True,
+        )
+        lines = [l[:160].rstrip(" -") for l in out.stdout.splitlines() if l.strip() and not l.startswith("#")]
+        lines = [l for l in lines if only is None or only in l]
+        reports.append(f"## {title}\n\n" + "\n".join(lines[:40]))
+    text = (f"# perf profile of keyward: {case}, {seconds:g} s full load\n\n"
+            f"loadgen: {json.dumps(result)}\n\n" + "\n\n".join(reports) + "\n")
+    (settings.out / f"{name}.txt").write_text(text)
+    print(text)
+    return 0
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -578,6 +659,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short runs (~3 minutes in all), for trying it out")
     ap.add_argument("--loadgen", required=True, type=Path)
+    ap.add_argument(
+        "--perf",
+        metavar="PATH/SIZE/CODEC",
+        help="instead of the benchmark: one full-load run (e.g. key/100/none) with `perf record` on "
+        "keyward; writes target/bench/perf-*.txt",
+    )
     args = ap.parse_args()
     settings = Settings.from_env(args.quick)
     started = time.monotonic()
@@ -586,10 +673,18 @@ def main() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     os.environ.setdefault("KEYWARD_LOG", "info")
+    os.environ.setdefault("KEYWARD_BIN", str(ROOT / "target/release/keyward"))
     settings.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="keyward-bench-"))
     bench = Bench(settings, workdir, args.loadgen)
     idle: list[dict] = []
+    if args.perf:
+        try:
+            bench.start()
+            return profile(bench, settings, args.perf)
+        finally:
+            bench.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
     try:
         bench.start()
         # Warm-up (JIT of the broker, page cache), not counted.
@@ -599,8 +694,11 @@ def main() -> int:
             bench.produce(path, warm, topic, max(1.0, settings.seconds / 2))
             bench.delete_topic(topic)
         for rnd in range(settings.rounds):
-            log(f"round {rnd + 1}/{settings.rounds}")
-            bench.run_round(rnd)
+            log(f"full-load round {rnd + 1}/{settings.rounds}")
+            bench.full_round(rnd)
+        for rnd in range(settings.rounds):
+            log(f"half-load round {rnd + 1}/{settings.rounds}")
+            bench.half_round(rnd)
         if settings.idle_connections:
             for path in ("passthrough", "haproxy"):
                 idle.append(bench.idle_connections(path, settings.idle_connections))

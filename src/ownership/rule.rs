@@ -34,7 +34,9 @@ pub enum By {
     /// value as it sits in the record, without decoding or allocating.
     Header {
         header: String,
-        owners: HashMap<Box<[u8]>, RegionId>,
+        /// A fast hasher: the map is built once from the table and only read on the hot path
+        /// (lookups of client-chosen values cannot degrade a map they cannot insert into).
+        owners: HashMap<Box<[u8]>, RegionId, foldhash::fast::RandomState>,
         unmatched: Fallback,
     },
     /// Sorted, disjoint ranges; a partition in none of them is rejected.

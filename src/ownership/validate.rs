@@ -393,7 +393,8 @@ impl Cx<'_> {
         owners: Vec<(String, Vec<Item>)>,
         unmatched: Fallback,
     ) -> Result<By, TableError> {
-        let mut values: HashMap<Box<[u8]>, RegionId> = HashMap::new();
+        let mut values: HashMap<Box<[u8]>, RegionId, foldhash::fast::RandomState> =
+            HashMap::default();
         for (name, items) in &owners {
             let path = format!("{at}.owners.{name}");
             let region = self.region(&path, name, Also::Nothing)?;

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::ApiKey;
-use metrics::counter;
+use std::collections::HashMap;
+
+use metrics::{Counter, counter};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -26,7 +28,9 @@ use crate::codec::produce::{self, ProduceParseError};
 use crate::codec::records;
 use crate::codec::records::Inflater;
 use crate::codec::wire::WireError;
+use crate::ownership::RegionId;
 use crate::policy::produce::{Action, INVALID_RECORD, ProducePlan, decide};
+use crate::reload::Snapshot;
 
 /// Which real broker a client connection is relayed to.
 #[derive(Debug, Clone, Copy)]
@@ -228,6 +232,7 @@ async fn requests(
     let reader = FrameReader::new(shared.config.limits.max_frame_bytes);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut inflater = Inflater::new(shared.config.limits.max_decompressed_bytes);
+    let mut meters = DecisionMeters::default();
     let idle = Duration::from_secs(shared.config.limits.idle_timeout_secs);
     let stop = shared.shutdown_token();
     loop {
@@ -248,7 +253,7 @@ async fn requests(
         shared.meters.api(head.api_key).requests.increment(1);
         let step = match ApiKey::try_from(head.api_key) {
             Ok(ApiKey::Produce) => {
-                produce_step(shared, cluster, frame, head, &mut inflater).await?
+                produce_step(shared, cluster, frame, head, &mut inflater, &mut meters).await?
             }
             Ok(key) => Step::forward(frame, head.correlation_id, handling(key, head.api_version)),
             // An API this build cannot name is relayed untouched; keyward never offers one, so
@@ -334,6 +339,7 @@ async fn produce_step(
     frame: Bytes,
     head: RequestHead,
     inflater: &mut Inflater,
+    meters: &mut DecisionMeters,
 ) -> Result<Step, ConnError> {
     let version = head.api_version;
     let header_version = ApiKey::Produce.request_header_version(version);
@@ -352,7 +358,7 @@ async fn produce_step(
             shared.clusters.get(cluster).name
         ));
     }
-    record_decisions(shared, &snapshot.table, &plan);
+    record_decisions(shared, &snapshot, &plan, meters);
 
     let mut routes = Vec::with_capacity(plan.partitions.len());
     let mut decisions = plan.partitions.iter();
@@ -474,15 +480,29 @@ fn redirectable(records: &[u8]) -> Result<&[u8], &'static str> {
     Ok(batch.raw())
 }
 
-fn record_decisions(shared: &Shared, table: &crate::ownership::Table, plan: &ProducePlan) {
+/// Per-connection cache of the decision counters, so deciding a partition increments two
+/// atomics instead of building label strings and looking counters up in the registry. Emptied
+/// when the table changes (rule numbers may mean other rules then).
+#[derive(Default)]
+struct DecisionMeters {
+    table_version: u64,
+    handles: HashMap<DecisionLabels, (Counter, Counter)>,
+}
+
+type DecisionLabels = (Option<usize>, Option<RegionId>, &'static str, &'static str);
+
+fn record_decisions(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    plan: &ProducePlan,
+    meters: &mut DecisionMeters,
+) {
+    let table = &snapshot.table;
+    if meters.table_version != snapshot.version {
+        meters.handles.clear();
+        meters.table_version = snapshot.version;
+    }
     for p in &plan.partitions {
-        let rule = p
-            .rule
-            .and_then(|i| table.rules().get(i))
-            .map_or_else(|| "-".to_owned(), |r| r.name.clone());
-        let owner = p
-            .owner
-            .map_or_else(|| "-".to_owned(), |o| table.region_name(o).to_owned());
         let (decision, reason) = match &p.action {
             Action::Forward { audited } if *audited > 0 => ("audited", "-"),
             Action::Forward { .. } => ("forwarded", "-"),
@@ -490,18 +510,39 @@ fn record_decisions(shared: &Shared, table: &crate::ownership::Table, plan: &Pro
             Action::Hold { reason, .. } => ("held", reason.as_str()),
             Action::Redirect { .. } => ("redirected", "-"),
         };
-        let labels = [
-            ("rule", rule.clone()),
-            ("owner", owner.clone()),
-            ("decision", decision.to_owned()),
-            ("reason", reason.to_owned()),
-        ];
-        counter!("keyward_produce_batches_total", &labels).increment(u64::from(p.batches));
-        counter!("keyward_produce_records_total", &labels).increment(u64::from(p.records));
+        let rule_name = || {
+            p.rule
+                .and_then(|i| table.rules().get(i))
+                .map_or("-", |r| r.name.as_str())
+        };
+        let owner_name = || p.owner.map_or("-", |o| table.region_name(o));
+        let (batches, records) = meters
+            .handles
+            .entry((p.rule, p.owner, decision, reason))
+            .or_insert_with(|| {
+                let labels = [
+                    ("rule", rule_name().to_owned()),
+                    ("owner", owner_name().to_owned()),
+                    ("decision", decision.to_owned()),
+                    ("reason", reason.to_owned()),
+                ];
+                (
+                    counter!("keyward_produce_batches_total", &labels),
+                    counter!("keyward_produce_records_total", &labels),
+                )
+            });
+        batches.increment(u64::from(p.batches));
+        records.increment(u64::from(p.records));
         if let Action::Reject { message, .. } | Action::Hold { message, .. } = &p.action
             && shared.rejection_log.allow()
         {
-            info!(rule, owner, decision, reason, "{message}");
+            info!(
+                rule = rule_name(),
+                owner = owner_name(),
+                decision,
+                reason,
+                "{message}"
+            );
         }
     }
 }

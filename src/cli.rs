@@ -74,6 +74,7 @@ pub fn run(config: &Path) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     let metrics = crate::admin::install_recorder()?;
+    install_panic_hook();
     let ownership = Arc::new(Ownership::load(
         &config.ownership_path(),
         &config.regions(),
@@ -104,6 +105,17 @@ pub fn run(config: &Path) -> anyhow::Result<()> {
         }
         result
     })
+}
+
+/// keyward must not panic on any input; if it ever does, the task of that one connection ends
+/// (tokio contains the panic) and this makes it visible: logged through tracing and counted.
+fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        metrics::counter!("keyward_panics_total").increment(1);
+        tracing::error!(panic = %info, "a task panicked; its connection is closed");
+        default(info);
+    }));
 }
 
 async fn wait_for_signal() {

@@ -207,15 +207,26 @@ fn decision(action: Action) -> PartitionDecision {
 
 /// Fills in the batch and record counts of a decision made without decoding records, from the
 /// batch headers alone.
+///
+/// The header's record count is the client's word, unchecked here, so it is believed only as
+/// far as the batch's bytes could hold that many records: a lying count cannot inflate the
+/// metrics (or overflow them).
 fn counted(mut d: PartitionDecision, records: &[u8]) -> PartitionDecision {
     d.batches = 0;
     d.records = 0;
     for batch in records::batches(records).flatten() {
-        d.batches += 1;
-        d.records += batch.header.records_count.max(0) as u32;
+        let room = batch.raw().len().saturating_sub(records::BATCH_HEADER_LEN) / MIN_RECORD_LEN;
+        let claimed = usize::try_from(batch.header.records_count).unwrap_or(0);
+        let count = u32::try_from(claimed.min(room)).unwrap_or(u32::MAX);
+        d.batches = d.batches.saturating_add(1);
+        d.records = d.records.saturating_add(count);
     }
     d
 }
+
+/// The smallest a record can be on the wire: length, attributes, timestamp delta, offset
+/// delta, key length, value length and header count, one byte each.
+const MIN_RECORD_LEN: usize = 7;
 
 fn decide_default(table: &Table, topic: &str) -> PartitionDecision {
     match table.default_policy() {
@@ -274,8 +285,8 @@ fn decide_rule(
             return malformed(total, topic, partition, &e);
         }
         let d = tally.finish(topic, partition);
-        total.batches += 1;
-        total.records += d.records;
+        total.batches = total.batches.saturating_add(1);
+        total.records = total.records.saturating_add(d.records);
         total.writes_local |= d.writes_local;
         total.action = match (total.action, d.action) {
             (Action::Forward { audited: a }, Action::Forward { audited: b }) => {
@@ -1001,6 +1012,20 @@ default: reject
         b.truncate(b.len() - 3);
         let d = decide_one(&t, "eu", "orders", 0, &b);
         assert_eq!(reject_of(&d).0, RejectKind::MalformedBatch);
+    }
+
+    #[test]
+    fn a_lying_record_count_is_believed_only_as_far_as_the_bytes_go() {
+        let t = table("");
+        // A bare batch header (no records) claiming two billion records, three times over.
+        let mut one = vec![0u8; 61];
+        one[8..12].copy_from_slice(&49i32.to_be_bytes());
+        one[16] = 2;
+        one[57..61].copy_from_slice(&i32::MAX.to_be_bytes());
+        let three = [one.clone(), one.clone(), one].concat();
+        let d = decide_one(&t, "eu", "inventory", 0, &three);
+        assert!(d.action.is_forward());
+        assert_eq!((d.batches, d.records), (3, 0));
     }
 
     #[test]

@@ -218,6 +218,7 @@ fn register_metrics(clusters: &Clusters) {
         "keyward_client_connections_opened_total",
         "keyward_client_connections_refused_total",
         "keyward_acks0_rejections_total",
+        "keyward_panics_total",
     ] {
         counter!(name).absolute(0);
     }

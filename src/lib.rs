@@ -26,3 +26,5 @@ pub mod policy;
 pub mod proxy;
 pub mod redirect;
 pub mod reload;
+#[cfg(test)]
+mod testkit;

@@ -642,11 +642,9 @@ mod tests {
     use super::*;
     use crate::codec::produce::{PartitionView, TopicView};
     use crate::ownership::murmur2::{murmur2, to_positive};
-    use bytes::{Bytes, BytesMut};
-    use kafka_protocol::protocol::StrBytes;
-    use kafka_protocol::records::{
-        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-    };
+    use crate::testkit;
+    use bytes::Bytes;
+    use kafka_protocol::records::{Compression, Record};
     use std::path::Path;
 
     const TABLE: &str = r#"
@@ -706,42 +704,15 @@ default: reject
     fn batch(records: &[TestRecord<'_>], compression: Compression) -> Bytes {
         let records: Vec<Record> = records
             .iter()
-            .enumerate()
-            .map(|(i, (key, headers))| Record {
-                transactional: false,
-                control: false,
-                delete_horizon: false,
-                partition_leader_epoch: -1,
-                producer_id: 7,
-                producer_epoch: 0,
-                timestamp_type: TimestampType::Creation,
-                offset: i as i64,
-                sequence: i as i32,
-                timestamp: 1_700_000_000_000,
-                key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
-                value: Some(Bytes::from_static(b"value")),
-                headers: headers
+            .map(|(key, headers)| {
+                let headers: Vec<(&str, Option<&[u8]>)> = headers
                     .iter()
-                    .map(|(n, v)| {
-                        (
-                            StrBytes::from_string((*n).to_owned()),
-                            Some(Bytes::copy_from_slice(v.as_bytes())),
-                        )
-                    })
-                    .collect(),
+                    .map(|(n, v)| (*n, Some(v.as_bytes())))
+                    .collect();
+                testkit::record(key.map(str::as_bytes), Some(b"value"), &headers)
             })
             .collect();
-        let mut buf = BytesMut::new();
-        RecordBatchEncoder::encode(
-            &mut buf,
-            &records,
-            &RecordEncodeOptions {
-                version: 2,
-                compression,
-            },
-        )
-        .unwrap();
-        buf.freeze()
+        testkit::batch(&records, compression)
     }
 
     fn keys(keys: &[Option<&str>]) -> Bytes {

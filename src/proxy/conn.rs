@@ -645,38 +645,18 @@ const FIRST_PRODUCE_NODE_ENDPOINTS: i16 = 10;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::BytesMut;
-    use kafka_protocol::records::{
-        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-    };
+    use crate::testkit;
+    use kafka_protocol::records::{Compression, Record};
 
     fn batch(transactional: bool) -> Vec<u8> {
         let record = Record {
             transactional,
-            control: false,
-            delete_horizon: false,
-            partition_leader_epoch: -1,
             producer_id: 5,
             producer_epoch: 0,
-            timestamp_type: TimestampType::Creation,
-            offset: 0,
             sequence: 0,
-            timestamp: 0,
-            key: Some(Bytes::from_static(b"k")),
-            value: None,
-            headers: Default::default(),
+            ..testkit::record(Some(b"k"), None, &[])
         };
-        let mut buf = BytesMut::new();
-        RecordBatchEncoder::encode(
-            &mut buf,
-            [&record],
-            &RecordEncodeOptions {
-                version: 2,
-                compression: Compression::None,
-            },
-        )
-        .unwrap();
-        buf.to_vec()
+        testkit::batch(&[record], Compression::None).to_vec()
     }
 
     #[test]

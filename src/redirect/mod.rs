@@ -340,42 +340,18 @@ pub fn rewrite(batch: &[u8], producer: Option<(i64, i16)>, base_sequence: i32) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kafka_protocol::protocol::StrBytes;
-    use kafka_protocol::records::{
-        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-    };
+    use crate::testkit;
+    use kafka_protocol::records::{Compression, Record};
 
     #[test]
     fn a_rewritten_batch_carries_the_new_producer_and_a_valid_crc() {
-        let records: Vec<Record> = (0..3)
-            .map(|i| Record {
-                transactional: false,
-                control: false,
-                delete_horizon: false,
-                partition_leader_epoch: -1,
-                producer_id: 7,
-                producer_epoch: 2,
-                timestamp_type: TimestampType::Creation,
-                offset: i,
-                sequence: 10 + i as i32,
-                timestamp: 0,
-                key: Some(Bytes::from_static(b"k")),
-                value: Some(Bytes::from_static(b"v")),
-                headers: [(StrBytes::from_static_str("h"), None)]
-                    .into_iter()
-                    .collect(),
-            })
-            .collect();
-        let mut buf = BytesMut::new();
-        RecordBatchEncoder::encode(
-            &mut buf,
-            &records,
-            &RecordEncodeOptions {
-                version: 2,
-                compression: Compression::Lz4,
-            },
-        )
-        .unwrap();
+        let first = Record {
+            producer_id: 7,
+            producer_epoch: 2,
+            sequence: 10,
+            ..testkit::record(Some(b"k"), Some(b"v"), &[("h", None)])
+        };
+        let buf = testkit::batch(&[first.clone(), first.clone(), first], Compression::Lz4);
         let fields = header(&buf).unwrap();
         assert_eq!(
             (

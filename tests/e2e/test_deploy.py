@@ -20,23 +20,11 @@ import pytest
 from harness import LibrdkafkaClient, env, record, unique
 from harness.keyward import Keyward
 
+from test_keyward import INVALID_RECORD, TABLE
+
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "keyward-dashboard.json"
 ALERTS = DEPLOY / "prometheus" / "keyward-alerts.yaml"
-
-INVALID_RECORD = 87
-
-# The `orders` rule of test_keyward.py's table: ownership by key, 8 slots each.
-TABLE = """
-rules:
-  - name: orders
-    topics: ["orders.*"]
-    by: key
-    slots: 16
-    owners: { eu: ["0-7"], us: ["8-15"] }
-    null_key: reject
-default: allow
-"""
 
 # A metric name in a PromQL expression (not part of a longer identifier such as a recording
 # rule `x:keyward_y`). `up` and functions never match: only keyward's own metrics are checked.

@@ -8,7 +8,7 @@
 //! | `GET /readyz` | 200, or 503 with the reason (listener not bound, serving cluster down) |
 //! | `GET /ownership` | JSON: version, hash, loaded-at, source file, the canonical table, last reload error |
 //! | `GET /ownership/owner?topic=T&key=K` (or `header=NAME:VALUE`, `partition=N`, `null_key=true`) | the `keyward owner` line |
-//! | `POST /reload` | 200 with the outcome, or 422 with the validation error |
+//! | `POST /reload` | 200 with the outcome, or 422 with the validation error; 401 without the bearer token when `admin.reload_token_file` is set |
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,18 +18,19 @@ use std::time::SystemTime;
 use anyhow::Context;
 use axum::Router;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::ownership;
 use crate::proxy::Shared;
 use crate::reload::{Outcome, Trigger};
+use crate::security;
 
 /// Installs the process-wide Prometheus recorder. Call once, before any metric is touched.
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
@@ -157,9 +158,29 @@ async fn owner(State(s): State<AdminState>, Query(q): Query<HashMap<String, Stri
     .into_response()
 }
 
-async fn reload(State(s): State<AdminState>) -> Response {
-    let ownership = s.shared.ownership.clone();
-    let outcome = match tokio::task::spawn_blocking(move || ownership.reload(Trigger::Api)).await {
+async fn reload(State(s): State<AdminState>, headers: HeaderMap) -> Response {
+    if let Some(token) = s.shared.security.reload_token() {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.expose().as_bytes())) {
+            metrics::counter!("keyward_admin_unauthorized_total").increment(1);
+            warn!("POST /reload without the right bearer token; refused");
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "POST /reload needs Authorization: Bearer <the token in admin.reload_token_file>\n",
+            )
+                .into_response();
+        }
+    }
+    let (ownership, security) = (s.shared.ownership.clone(), s.shared.security.clone());
+    let reloaded = tokio::task::spawn_blocking(move || {
+        crate::reload::reload_all(&ownership, &security, Trigger::Api)
+    })
+    .await;
+    let (table, tls) = match reloaded {
         Ok(o) => o,
         Err(e) => {
             return (
@@ -169,22 +190,33 @@ async fn reload(State(s): State<AdminState>) -> Response {
                 .into_response();
         }
     };
-    match outcome {
+    let tls_json = match &tls {
+        security::Outcome::Failed(e) => json!({"result": "error", "error": e}),
+        other => json!({"result": other.as_str()}),
+    };
+    let mut body = match table {
         Outcome::Loaded {
             version,
             hash,
             changes,
-        } => {
-            Json(json!({"result": "loaded", "version": version, "hash": hash, "changes": changes}))
-                .into_response()
-        }
+        } => json!({"result": "loaded", "version": version, "hash": hash, "changes": changes}),
         Outcome::Unchanged { version, hash } => {
-            Json(json!({"result": "unchanged", "version": version, "hash": hash})).into_response()
+            json!({"result": "unchanged", "version": version, "hash": hash})
         }
-        Outcome::Failed(e) => (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            Json(json!({"result": "error", "error": e.to_string()})),
-        )
-            .into_response(),
-    }
+        Outcome::Failed(e) => json!({"result": "error", "error": e.to_string()}),
+    };
+    let failed = body["result"] == "error" || matches!(tls, security::Outcome::Failed(_));
+    body["tls"] = tls_json;
+    let status = if failed {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(body)).into_response()
+}
+
+/// Compares without an early exit, so response timing does not reveal how much of a guessed
+/// token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

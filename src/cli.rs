@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::ownership::{Query, Table};
 use crate::proxy::{self, Shared};
 use crate::reload::{self, Ownership};
+use crate::security::Security;
 
 /// Loads the static config and the table it points to, validating both.
 pub fn load(config: &Path) -> anyhow::Result<(Config, Table)> {
@@ -19,9 +20,11 @@ pub fn load(config: &Path) -> anyhow::Result<(Config, Table)> {
     Ok((config, table))
 }
 
-/// `keyward check`: the summary printed when both files are valid.
+/// `keyward check`: the summary printed when the config, the table and every certificate,
+/// key and secret it names are valid.
 pub fn check(config: &Path) -> anyhow::Result<String> {
     let (config, table) = load(config)?;
+    Security::load(&config)?;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -31,6 +34,9 @@ pub fn check(config: &Path) -> anyhow::Result<String> {
         config.listen.bootstrap,
         config.regions().join(", ")
     );
+    if config.listen.tls.is_some() {
+        let _ = writeln!(out, "client listeners speak TLS; certificates are valid");
+    }
     let _ = writeln!(out, "ownership table {} is valid", table.source().display());
     out.push_str(&table.summary());
     if !out.ends_with('\n') {
@@ -80,9 +86,10 @@ pub fn run(config: &Path) -> anyhow::Result<()> {
         &config.regions(),
         &config.region,
     )?);
+    let security = Arc::new(Security::load(&config)?);
     runtime.block_on(async move {
         let admin_listener = crate::admin::bind(config.admin.listen).await?;
-        let shared = Shared::new(config, ownership.clone())?;
+        let shared = Shared::new(config, ownership.clone(), security.clone())?;
         let stop = shared.shutdown_token();
         let admin = tokio::spawn(crate::admin::serve(
             admin_listener,
@@ -90,8 +97,12 @@ pub fn run(config: &Path) -> anyhow::Result<()> {
             shared.clone(),
             stop.clone(),
         ));
-        tokio::spawn(reload::watch_file(ownership.clone(), stop.clone()));
-        tokio::spawn(reload::watch_sighup(ownership, stop.clone()));
+        tokio::spawn(reload::watch_file(
+            ownership.clone(),
+            security.clone(),
+            stop.clone(),
+        ));
+        tokio::spawn(reload::watch_sighup(ownership, security, stop.clone()));
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("shutting down");

@@ -55,6 +55,34 @@ pub struct Listen {
     /// confuses brokers of two clusters. Real node ids must be below it.
     #[serde(default = "Listen::default_ports_per_cluster")]
     pub ports_per_cluster: u16,
+    /// When present, every client listener (bootstrap and virtual brokers) speaks TLS.
+    #[serde(default)]
+    pub tls: Option<ListenTls>,
+}
+
+/// Client-facing TLS. Files are PEM, relative to the config file, and re-read on every reload.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenTls {
+    /// keyward's certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key of the leaf certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by one of these CAs (mTLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Lowest TLS version offered to clients.
+    #[serde(default)]
+    pub min_version: TlsVersion,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
 }
 
 impl Listen {
@@ -141,6 +169,10 @@ pub struct Admin {
     /// Admin HTTP listener (metrics); loopback by default.
     #[serde(default = "Admin::default_listen")]
     pub listen: SocketAddr,
+    /// When set, `POST /reload` requires `Authorization: Bearer <token>` with the token this
+    /// file holds (re-read on every reload). Reads (metrics, ownership) stay open.
+    #[serde(default)]
+    pub reload_token_file: Option<PathBuf>,
 }
 
 impl Admin {
@@ -153,6 +185,7 @@ impl Default for Admin {
     fn default() -> Self {
         Self {
             listen: Self::default_listen(),
+            reload_token_file: None,
         }
     }
 }
@@ -162,6 +195,67 @@ impl Default for Admin {
 pub struct Cluster {
     /// `host:port` of one or more brokers, tried in order.
     pub bootstrap: Vec<String>,
+    /// TLS to this cluster's brokers, for client connections keyward relays and its own.
+    #[serde(default)]
+    pub tls: Option<ClusterTls>,
+    /// Credentials for keyward's own connections (probes, redirected writes). Client
+    /// connections carry the client's own SASL exchange through untouched.
+    #[serde(default)]
+    pub sasl: Option<Sasl>,
+}
+
+/// Cluster-facing TLS. Broker certificates are always verified, host names included.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTls {
+    /// CA bundle (PEM) that signs the brokers' certificates; the system roots when absent.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// keyward's client certificate chain and key, for brokers that require one.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+/// SASL credentials keyward uses for its own connections to one cluster. The password is read
+/// from a file or an environment variable, never from this file, and never logged or shown.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sasl {
+    pub mechanism: SaslMechanism,
+    /// The user name: inline, from a file, or from an environment variable (exactly one).
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub username_file: Option<PathBuf>,
+    #[serde(default)]
+    pub username_env: Option<String>,
+    /// The password: from a file or from an environment variable (exactly one).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -173,9 +267,12 @@ pub struct Limits {
     /// Cap on the decompressed size of one record batch keyward inspects.
     #[serde(default = "Limits::default_max_decompressed_bytes")]
     pub max_decompressed_bytes: usize,
-    /// Timeout for connecting to a broker.
+    /// Timeout for connecting to a broker (TCP, TLS and SASL together).
     #[serde(default = "Limits::default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// A client that has not completed its TLS handshake this long after connecting is closed.
+    #[serde(default = "Limits::default_tls_handshake_timeout_ms")]
+    pub tls_handshake_timeout_ms: u64,
     /// Requests one client connection may have in flight before keyward stops reading from it.
     #[serde(default = "Limits::default_max_in_flight")]
     pub max_in_flight: usize,
@@ -201,6 +298,9 @@ impl Limits {
     fn default_connect_timeout_ms() -> u64 {
         10_000
     }
+    fn default_tls_handshake_timeout_ms() -> u64 {
+        10_000
+    }
     fn default_max_connections() -> usize {
         10_000
     }
@@ -223,6 +323,7 @@ impl Default for Limits {
             max_frame_bytes: Self::default_max_frame_bytes(),
             max_decompressed_bytes: Self::default_max_decompressed_bytes(),
             connect_timeout_ms: Self::default_connect_timeout_ms(),
+            tls_handshake_timeout_ms: Self::default_tls_handshake_timeout_ms(),
             max_in_flight: Self::default_max_in_flight(),
             max_connections: Self::default_max_connections(),
             idle_timeout_secs: Self::default_idle_timeout_secs(),
@@ -274,6 +375,34 @@ impl Config {
                 return Err(error(
                     &format!("clusters.{name}.bootstrap"),
                     "at least one host:port is required".into(),
+                ));
+            }
+            if let Some(sasl) = &cluster.sasl {
+                let field = |f: &str| format!("clusters.{name}.sasl.{f}");
+                let usernames = [
+                    sasl.username.is_some(),
+                    sasl.username_file.is_some(),
+                    sasl.username_env.is_some(),
+                ];
+                if usernames.iter().filter(|s| **s).count() != 1 {
+                    return Err(error(
+                        &field("username"),
+                        "give exactly one of username, username_file, username_env".into(),
+                    ));
+                }
+                if sasl.password_file.is_some() == sasl.password_env.is_some() {
+                    return Err(error(
+                        &field("password_file"),
+                        "give exactly one of password_file, password_env (a password never goes in this file)".into(),
+                    ));
+                }
+            }
+            if let Some(tls) = &cluster.tls
+                && tls.cert.is_some() != tls.key.is_some()
+            {
+                return Err(error(
+                    &format!("clusters.{name}.tls"),
+                    "cert and key go together: give both or neither".into(),
                 ));
             }
             for (i, addr) in cluster.bootstrap.iter().enumerate() {
@@ -341,6 +470,12 @@ impl Config {
         if config.limits.max_connections == 0 {
             return Err(error("limits.max_connections", "must be at least 1".into()));
         }
+        if config.limits.tls_handshake_timeout_ms == 0 {
+            return Err(error(
+                "limits.tls_handshake_timeout_ms",
+                "must be above 0".into(),
+            ));
+        }
         if config.limits.idle_timeout_secs == 0 {
             return Err(error(
                 "limits.idle_timeout_secs",
@@ -352,9 +487,14 @@ impl Config {
 
     /// The ownership table's path, resolved against the directory of this config file.
     pub fn ownership_path(&self) -> PathBuf {
+        self.resolve(&self.ownership_file)
+    }
+
+    /// A path from this file (table, certificates, secrets), resolved against its directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
         match self.source.parent() {
-            Some(dir) if self.ownership_file.is_relative() => dir.join(&self.ownership_file),
-            _ => self.ownership_file.clone(),
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_owned(),
         }
     }
 

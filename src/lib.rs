@@ -26,5 +26,6 @@ pub mod policy;
 pub mod proxy;
 pub mod redirect;
 pub mod reload;
+pub mod security;
 #[cfg(test)]
 mod testkit;

@@ -9,6 +9,9 @@
 //! Triggers: a change to the file (its directory is watched, so editors that write a new file
 //! and rename it, and Kubernetes ConfigMap volumes that swap a `..data` symlink, are both seen;
 //! bursts of events are debounced), SIGHUP, and `POST /reload` on the admin API.
+//!
+//! Every trigger also re-reads the TLS material and secrets ([`crate::security`]), and changes
+//! to those files trigger a reload too, so a rotated certificate needs no restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -21,6 +24,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::ownership::{RegionId, Table, TableError};
+use crate::security::{self, Security};
+
+/// One reload of everything reloadable: the table, then the TLS material and secrets. Each is
+/// swapped or kept on its own; a failure of one does not hold back the other.
+pub fn reload_all(
+    ownership: &Ownership,
+    security: &Security,
+    trigger: Trigger,
+) -> (Outcome, security::Outcome) {
+    (ownership.reload(trigger), security.reload(trigger))
+}
 
 /// One loaded table with what identifies it.
 pub struct Snapshot {
@@ -226,19 +240,35 @@ impl Ownership {
 /// Quiet time after the last file event before reloading: editors write in bursts.
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
-/// Reloads whenever the table file's directory changes, until `shutdown`.
-pub async fn watch_file(ownership: Arc<Ownership>, shutdown: CancellationToken) {
+/// Reloads whenever the table file, or a certificate, key or secret file, changes, until
+/// `shutdown`. The directories holding them are watched.
+pub async fn watch_file(
+    ownership: Arc<Ownership>,
+    security: Arc<Security>,
+    shutdown: CancellationToken,
+) {
     let path = ownership.path().to_owned();
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
-    };
+    let files: Vec<PathBuf> = std::iter::once(path.clone())
+        .chain(security.files())
+        .collect();
+    let mut dirs: Vec<PathBuf> = files
+        .iter()
+        .map(|f| match f.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+            _ => PathBuf::from("."),
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
     // One pending wake-up is all a burst needs; further events while one waits are dropped.
     let (tx, mut rx) = mpsc::channel::<()>(1);
-    let name = path.file_name().map(|n| n.to_owned());
+    let names: Vec<std::ffi::OsString> = files
+        .iter()
+        .filter_map(|f| f.file_name().map(|n| n.to_owned()))
+        .collect();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event
-            && concerns_table(&event, name.as_deref())
+            && concerns(&event, &names)
         {
             let _ = tx.try_send(());
         }
@@ -251,9 +281,11 @@ pub async fn watch_file(ownership: Arc<Ownership>, shutdown: CancellationToken) 
         }
     };
     use notify::Watcher;
-    if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
-        warn!(dir = %dir.display(), error = %e, "cannot watch the ownership file's directory; reload with SIGHUP or POST /reload");
-        return;
+    for dir in &dirs {
+        if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+            warn!(dir = %dir.display(), error = %e, "cannot watch a directory of reloadable files; reload with SIGHUP or POST /reload");
+            return;
+        }
     }
     info!(file = %path.display(), "watching the ownership table for changes");
     loop {
@@ -272,29 +304,34 @@ pub async fn watch_file(ownership: Arc<Ownership>, shutdown: CancellationToken) 
                 () = shutdown.cancelled() => return,
             }
         }
-        let o = ownership.clone();
-        let _ = tokio::task::spawn_blocking(move || o.reload(Trigger::File)).await;
+        let (o, s) = (ownership.clone(), security.clone());
+        let _ = tokio::task::spawn_blocking(move || reload_all(&o, &s, Trigger::File)).await;
     }
 }
 
-/// Whether a directory event can have changed the table: a change (not a read: keyward's own
-/// reloads read the table) to the table's own name, or to the `..data` symlink through which a
-/// Kubernetes ConfigMap volume swaps all its files at once. Other files in the directory (a log
-/// file, the static config) do not count.
-fn concerns_table(event: &notify::Event, name: Option<&std::ffi::OsStr>) -> bool {
+/// Whether a directory event can have changed a reloadable file: a change (not a read:
+/// keyward's own reloads read the files) to one of their names, or to the `..data` symlink
+/// through which a Kubernetes ConfigMap or Secret volume swaps all its files at once. Other
+/// files in the directory (a log file, the static config) do not count.
+fn concerns(event: &notify::Event, names: &[std::ffi::OsString]) -> bool {
     use notify::EventKind::{Any, Create, Modify, Remove};
     if !matches!(event.kind, Any | Create(_) | Modify(_) | Remove(_)) {
         return false;
     }
     event.paths.is_empty()
         || event.paths.iter().any(|p| {
-            let file = p.file_name();
-            file == name || file.is_some_and(|f| f.to_string_lossy().starts_with("..data"))
+            p.file_name().is_some_and(|f| {
+                names.iter().any(|n| n == f) || f.to_string_lossy().starts_with("..data")
+            })
         })
 }
 
 /// Reloads on every SIGHUP, until `shutdown`.
-pub async fn watch_sighup(ownership: Arc<Ownership>, shutdown: CancellationToken) {
+pub async fn watch_sighup(
+    ownership: Arc<Ownership>,
+    security: Arc<Security>,
+    shutdown: CancellationToken,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -308,9 +345,9 @@ pub async fn watch_sighup(ownership: Arc<Ownership>, shutdown: CancellationToken
             s = hup.recv() => if s.is_none() { return },
             () = shutdown.cancelled() => return,
         }
-        info!("SIGHUP: reloading the ownership table");
-        let o = ownership.clone();
-        let _ = tokio::task::spawn_blocking(move || o.reload(Trigger::Sighup)).await;
+        info!("SIGHUP: reloading the ownership table, TLS material and credentials");
+        let (o, s) = (ownership.clone(), security.clone());
+        let _ = tokio::task::spawn_blocking(move || reload_all(&o, &s, Trigger::Sighup)).await;
     }
 }
 

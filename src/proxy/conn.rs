@@ -16,13 +16,13 @@ use std::collections::HashMap;
 
 use metrics::{Counter, counter};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::Shared;
 use super::produce::{LocalAnswer, ProduceReply, Route, forwarded_request};
 use super::rewrite::{self, RewriteError};
+use super::stream::{ReadHalf, Stream, WriteHalf};
 use crate::codec::frame::{self, FrameError, FrameReader, LENGTH_PREFIX, RequestHead};
 use crate::codec::produce::{self, ProduceParseError};
 use crate::codec::records;
@@ -122,9 +122,7 @@ impl ConnError {
 
 /// Serves one client connection until either side closes or something is malformed; only this
 /// connection is affected either way. Returns why it ended (a bounded metric label).
-pub async fn serve(shared: Arc<Shared>, client: TcpStream, target: Target) -> &'static str {
-    let _ = client.set_nodelay(true);
-    let timeout = Duration::from_millis(shared.config.limits.connect_timeout_ms);
+pub async fn serve(shared: Arc<Shared>, client: Stream, target: Target) -> &'static str {
     let cluster = match target {
         Target::Bootstrap => shared.clusters.serving_index(),
         Target::Node(cluster, _) => cluster,
@@ -136,10 +134,11 @@ pub async fn serve(shared: Arc<Shared>, client: TcpStream, target: Target) -> &'
         return "not_serving_cluster";
     }
     let state = shared.clusters.get(cluster);
+    let dialer = &shared.dialers[cluster];
     let upstream = match target {
-        Target::Bootstrap => super::upstream::connect_any(&state.bootstrap, timeout).await,
+        Target::Bootstrap => dialer.connect_any(&state.bootstrap).await,
         Target::Node(_, id) => match state.real(id) {
-            Some(b) => super::upstream::connect(&b.addr(), timeout).await,
+            Some(b) => dialer.connect(&b.addr()).await,
             None => Err(anyhow::anyhow!(
                 "node {id} is not a known broker of cluster {}",
                 state.name
@@ -153,7 +152,10 @@ pub async fn serve(shared: Arc<Shared>, client: TcpStream, target: Target) -> &'
             u
         }
         Err(e) => {
-            warn!(error = %e, "cannot reach the broker; closing the client connection");
+            warn!(
+                error = format!("{e:#}"),
+                "cannot reach the broker; closing the client connection"
+            );
             counter!("keyward_upstream_connect_errors_total", "cluster" => state.name.clone())
                 .increment(1);
             return "upstream_unreachable";
@@ -183,8 +185,8 @@ pub async fn serve(shared: Arc<Shared>, client: TcpStream, target: Target) -> &'
 async fn relay(
     shared: &Arc<Shared>,
     cluster: usize,
-    client: TcpStream,
-    upstream: TcpStream,
+    client: Stream,
+    upstream: Stream,
 ) -> Result<&'static str, ConnError> {
     let (client_read, client_write) = client.into_split();
     let (upstream_read, upstream_write) = upstream.into_split();
@@ -225,8 +227,8 @@ async fn read_frame<R: AsyncRead + Unpin>(
 async fn requests(
     shared: &Shared,
     cluster: usize,
-    mut client: tokio::net::tcp::OwnedReadHalf,
-    mut upstream: tokio::net::tcp::OwnedWriteHalf,
+    mut client: ReadHalf,
+    mut upstream: WriteHalf,
     slots: mpsc::Sender<Slot>,
 ) -> Result<&'static str, ConnError> {
     let reader = FrameReader::new(shared.config.limits.max_frame_bytes);
@@ -269,12 +271,14 @@ async fn requests(
             // is owed and closes, and this half reads no further request.
             if let Some(bytes) = &step.upstream {
                 upstream.write_all(bytes).await?;
+                upstream.flush().await?;
             }
             let _ = slots.send(Slot::Close).await;
             std::future::pending::<()>().await;
         }
         if let Some(bytes) = &step.upstream {
             upstream.write_all(bytes).await?;
+            upstream.flush().await?;
         }
         let timing = Timing {
             api_key: head.api_key,
@@ -550,8 +554,8 @@ fn record_decisions(
 async fn responses(
     shared: &Arc<Shared>,
     cluster: usize,
-    mut upstream: tokio::net::tcp::OwnedReadHalf,
-    mut client: tokio::net::tcp::OwnedWriteHalf,
+    mut upstream: ReadHalf,
+    mut client: WriteHalf,
     mut slots: mpsc::Receiver<Slot>,
 ) -> Result<&'static str, ConnError> {
     let reader = FrameReader::new(shared.config.limits.max_frame_bytes);
@@ -598,6 +602,7 @@ async fn responses(
             }
         };
         client.write_all(&out).await?;
+        client.flush().await?;
         let meters = shared.meters.api(timing.api_key);
         let done = Instant::now();
         match broker_wait {

@@ -10,6 +10,8 @@ pub mod conn;
 pub mod meters;
 pub mod produce;
 pub mod rewrite;
+pub mod sasl;
+pub mod stream;
 pub mod upstream;
 pub mod versions;
 
@@ -31,15 +33,22 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::config::Config;
 use crate::redirect::Redirector;
 use crate::reload::Ownership;
+use crate::security::Security;
 use brokers::{Clusters, UnmappableNode};
 use conn::Target;
+use stream::Stream;
+use upstream::Dialer;
 
 /// State shared by every connection of one keyward process.
 pub struct Shared {
     pub config: Config,
     /// The ownership table in force. A request loads one snapshot and decides against it.
     pub ownership: Arc<Ownership>,
+    /// TLS material and credentials in force (reloaded with the table).
+    pub security: Arc<Security>,
     pub clusters: Clusters,
+    /// How to reach each cluster, by cluster index.
+    pub dialers: Vec<Dialer>,
     advertised_host: StrBytes,
     /// Virtual broker listeners opened so far: (cluster index, real node id).
     bound: Mutex<HashSet<(usize, i32)>>,
@@ -57,19 +66,31 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Config, ownership: Arc<Ownership>) -> anyhow::Result<Arc<Self>> {
+    pub fn new(
+        config: Config,
+        ownership: Arc<Ownership>,
+        security: Arc<Security>,
+    ) -> anyhow::Result<Arc<Self>> {
         let clusters = Clusters::new(&config);
         let max_connections = config.limits.max_connections;
-        register_metrics(&clusters);
+        register_metrics(&clusters, security.listener().is_some());
+        let timeout = Duration::from_millis(config.limits.connect_timeout_ms);
+        let dialers: Vec<Dialer> = clusters
+            .all()
+            .iter()
+            .map(|c| Dialer::new(c.name.clone(), security.clone(), timeout))
+            .collect();
         let redirector = Redirector::new(
             clusters
                 .all()
                 .iter()
-                .map(|c| (c.name.clone(), c.bootstrap.clone())),
-            Duration::from_millis(config.limits.connect_timeout_ms),
+                .zip(&dialers)
+                .map(|(c, d)| (c.bootstrap.clone(), d.clone())),
         );
         Ok(Arc::new(Self {
             clusters,
+            dialers,
+            security,
             redirector,
             advertised_host: StrBytes::from_string(config.listen.advertised_host.clone()),
             config,
@@ -159,8 +180,14 @@ impl Shared {
                                 let _permit = permit;
                                 // Shutdown is handled inside: stop reading, answer what is in
                                 // flight. A switch of serving cluster closes at once.
+                                let serve = async {
+                                    match s.handshake(stream).await {
+                                        Ok(client) => conn::serve(s.clone(), client, target).await,
+                                        Err(cause) => cause,
+                                    }
+                                };
                                 let cause = tokio::select! {
-                                    cause = conn::serve(s, stream, target) => cause,
+                                    cause = serve => cause,
                                     () = switched.cancelled() => "serving_cluster_changed",
                                 };
                                 open.decrement(1.0);
@@ -178,6 +205,30 @@ impl Shared {
                 }
             }
         });
+    }
+
+    /// The client's side of the connection: TLS when the listeners speak it, with the
+    /// handshake bounded by `limits.tls_handshake_timeout_ms`. Errs with the close cause.
+    async fn handshake(&self, tcp: tokio::net::TcpStream) -> Result<Stream, &'static str> {
+        let _ = tcp.set_nodelay(true);
+        let Some(config) = self.security.listener() else {
+            return Ok(Stream::Plain(tcp));
+        };
+        let timeout = Duration::from_millis(self.config.limits.tls_handshake_timeout_ms);
+        let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+        let (result, cause) = match tokio::time::timeout(timeout, accept).await {
+            Ok(Ok(tls)) => {
+                counter!("keyward_tls_handshakes_total", "result" => "ok").increment(1);
+                return Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))));
+            }
+            Ok(Err(e)) => ("error", e.to_string()),
+            Err(_) => ("timeout", format!("no handshake within {timeout:?}")),
+        };
+        counter!("keyward_tls_handshakes_total", "result" => result).increment(1);
+        if self.refusal_log.allow() {
+            warn!(error = %cause, "client TLS handshake failed; closing the connection");
+        }
+        Err("tls_handshake_failed")
     }
 
     pub fn shutdown_token(&self) -> CancellationToken {
@@ -204,7 +255,12 @@ impl Shared {
 
 /// Exports every counter whose labels are known at start, at 0, so dashboards and alerts see
 /// the series before the first event (a rate over a missing series is no data, not zero).
-fn register_metrics(clusters: &Clusters) {
+fn register_metrics(clusters: &Clusters, tls: bool) {
+    if tls {
+        for result in ["ok", "error", "timeout"] {
+            counter!("keyward_tls_handshakes_total", "result" => result).absolute(0);
+        }
+    }
     for c in clusters.all() {
         for name in [
             "keyward_upstream_connections_opened_total",
@@ -219,6 +275,7 @@ fn register_metrics(clusters: &Clusters) {
         "keyward_client_connections_refused_total",
         "keyward_acks0_rejections_total",
         "keyward_panics_total",
+        "keyward_admin_unauthorized_total",
     ] {
         counter!(name).absolute(0);
     }
@@ -334,7 +391,11 @@ async fn probe_round(shared: &Arc<Shared>) {
     let timeout = Duration::from_millis(shared.config.reads.probe_timeout_ms);
     for (index, cluster) in shared.clusters.all().iter().enumerate() {
         let started = Instant::now();
-        let up = match upstream::fetch_brokers(&cluster.bootstrap, timeout).await {
+        let probe = upstream::fetch_brokers(&shared.dialers[index], &cluster.bootstrap);
+        let answer = tokio::time::timeout(timeout, probe)
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {timeout:?}")));
+        let up = match answer {
             Ok(brokers) => {
                 for (node_id, host, port) in brokers {
                     if let Err(e) = shared.learn_broker(index, node_id, &host, port) {
@@ -345,7 +406,7 @@ async fn probe_round(shared: &Arc<Shared>) {
             }
             Err(e) => {
                 if cluster.is_up() {
-                    warn!(cluster = %cluster.name, error = %e, "cluster probe failed");
+                    warn!(cluster = %cluster.name, error = format!("{e:#}"), "cluster probe failed");
                 }
                 false
             }

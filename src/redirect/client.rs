@@ -2,38 +2,35 @@
 //! partition leaders), one reused connection per broker, and the three requests redirect needs
 //! (Metadata, InitProducerId, Produce).
 //!
-//! Requests on one broker connection are exchanged one at a time; redirected writes to one
+//! Connections are made by the cluster's [`Dialer`], so they use its TLS and keyward's SASL
+//! credentials for it. Requests on one broker connection are exchanged one at a time; redirected writes to one
 //! partition are serialized anyway (see `pipeline`), and different partitions use different
 //! leaders or wait briefly for the connection.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::produce_response::PartitionProduceResponse;
 use kafka_protocol::messages::{
     ApiKey, InitProducerIdRequest, InitProducerIdResponse, MetadataRequest, MetadataResponse,
-    ProduceRequest, ProduceResponse, RequestHeader, TopicName,
+    ProduceRequest, ProduceResponse, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
 use crate::codec::errors::{
     LEADER_NOT_AVAILABLE, NOT_LEADER_OR_FOLLOWER, UNKNOWN_TOPIC_OR_PARTITION,
 };
-use crate::codec::frame::{self, FrameReader};
-use crate::proxy::upstream;
+use crate::proxy::upstream::{Dialer, Session};
 
 const METADATA_VERSION: i16 = 12;
 const INIT_PRODUCER_ID_VERSION: i16 = 4;
 const PRODUCE_VERSION: i16 = 9;
+const CLIENT_ID: &str = "keyward-redirect";
 
 /// Where one partition's leader is.
 #[derive(Debug, Clone)]
@@ -45,77 +42,29 @@ struct Leader {
 pub struct ClusterClient {
     pub name: String,
     bootstrap: Vec<String>,
-    timeout: Duration,
+    dialer: Dialer,
     /// node id -> address
     brokers: std::sync::Mutex<HashMap<i32, String>>,
     /// topic -> partition -> leader
     leaders: std::sync::Mutex<HashMap<String, HashMap<i32, Leader>>>,
-    conns: std::sync::Mutex<HashMap<i32, Arc<Mutex<Option<TcpStream>>>>>,
-    correlation: AtomicI32,
+    conns: std::sync::Mutex<HashMap<i32, Arc<Mutex<Option<Session>>>>>,
 }
 
 impl ClusterClient {
-    pub fn new(name: String, bootstrap: Vec<String>, timeout: Duration) -> Self {
+    pub fn new(bootstrap: Vec<String>, dialer: Dialer) -> Self {
         Self {
-            name,
+            name: dialer.cluster.clone(),
             bootstrap,
-            timeout,
+            dialer,
             brokers: std::sync::Mutex::new(HashMap::new()),
             leaders: std::sync::Mutex::new(HashMap::new()),
             conns: std::sync::Mutex::new(HashMap::new()),
-            correlation: AtomicI32::new(1),
         }
-    }
-
-    fn header(&self, api: ApiKey, version: i16) -> RequestHeader {
-        RequestHeader::default()
-            .with_request_api_key(api as i16)
-            .with_request_api_version(version)
-            .with_correlation_id(self.correlation.fetch_add(1, Ordering::Relaxed))
-            .with_client_id(Some(StrBytes::from_static_str("keyward-redirect")))
-    }
-
-    /// One request/response exchange on `stream`.
-    async fn exchange<Req: Encodable, Resp: Decodable>(
-        &self,
-        stream: &mut TcpStream,
-        api: ApiKey,
-        version: i16,
-        request: &Req,
-    ) -> anyhow::Result<Resp> {
-        let header = self.header(api, version);
-        let mut body = Vec::new();
-        header.encode(&mut body, api.request_header_version(version))?;
-        request.encode(&mut body, version)?;
-        let mut out = Vec::with_capacity(4 + body.len());
-        out.extend_from_slice(&(body.len() as i32).to_be_bytes());
-        out.extend_from_slice(&body);
-        let exchange = async {
-            stream.write_all(&out).await?;
-            let reader = FrameReader::new(100 * 1024 * 1024);
-            let mut buf = BytesMut::new();
-            loop {
-                if let Some(frame) = reader.next_frame(&mut buf)? {
-                    return anyhow::Ok(frame);
-                }
-                if stream.read_buf(&mut buf).await? == 0 {
-                    bail!("the broker closed the connection");
-                }
-            }
-        };
-        let frame: Bytes = tokio::time::timeout(self.timeout, exchange)
-            .await
-            .map_err(|_| anyhow!("no answer within {:?}", self.timeout))??;
-        if frame::response_correlation_id(&frame)? != header.correlation_id {
-            bail!("the broker answered another request");
-        }
-        let header_len = frame::response_header_len(&frame, api.response_header_version(version))?;
-        let mut body = frame.slice(frame::LENGTH_PREFIX + header_len..);
-        Resp::decode(&mut body, version)
     }
 
     /// Sends one request to node `node_id` (or any bootstrap broker for `None`), on the reused
-    /// connection to it; a broken connection is dropped and reopened on the next request.
+    /// connection to it; a broken connection, or one whose authentication is about to expire,
+    /// is replaced by a new one.
     async fn call<Req: Encodable, Resp: Decodable>(
         &self,
         node_id: Option<i32>,
@@ -129,9 +78,9 @@ impl ClusterClient {
             conns.entry(key).or_default().clone()
         };
         let mut conn = slot.lock().await;
-        if conn.is_none() {
-            let stream = match node_id {
-                None => upstream::connect_any(&self.bootstrap, self.timeout).await?,
+        if !conn.as_ref().is_some_and(Session::is_fresh) {
+            let session = match node_id {
+                None => self.dialer.session_any(&self.bootstrap, CLIENT_ID).await?,
                 Some(id) => {
                     let addr = self
                         .brokers
@@ -142,13 +91,13 @@ impl ClusterClient {
                         .ok_or_else(|| {
                             anyhow!("broker {id} of cluster {} is unknown", self.name)
                         })?;
-                    upstream::connect(&addr, self.timeout).await?
+                    self.dialer.session(&addr, CLIENT_ID).await?
                 }
             };
-            *conn = Some(stream);
+            *conn = Some(session);
         }
-        let stream = conn.as_mut().expect("connected above");
-        let result = self.exchange(stream, api, version, request).await;
+        let session = conn.as_mut().expect("connected above");
+        let result = session.call(api, version, request).await;
         if result.is_err() {
             *conn = None;
         }

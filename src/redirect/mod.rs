@@ -30,6 +30,7 @@ use crate::codec::errors::{
     REQUEST_TIMED_OUT, UNKNOWN_PRODUCER_ID,
 };
 use crate::codec::records;
+use crate::proxy::upstream::Dialer;
 use client::ClusterClient;
 use sequences::{Outcome, Redirect, SequenceBook, StreamKey};
 
@@ -93,16 +94,14 @@ pub struct Redirector {
 }
 
 impl Redirector {
-    pub fn new(
-        clusters: impl IntoIterator<Item = (String, Vec<String>)>,
-        timeout: Duration,
-    ) -> Self {
+    /// One target per cluster: its bootstrap addresses and how to connect to it.
+    pub fn new(clusters: impl IntoIterator<Item = (Vec<String>, Dialer)>) -> Self {
         Self {
             targets: clusters
                 .into_iter()
-                .map(|(name, bootstrap)| {
+                .map(|(bootstrap, dialer)| {
                     Arc::new(Target {
-                        client: ClusterClient::new(name, bootstrap, timeout),
+                        client: ClusterClient::new(bootstrap, dialer),
                         producer: tokio::sync::Mutex::new(ProducerState::default()),
                         pipelines: Mutex::new(HashMap::new()),
                     })

@@ -2,14 +2,19 @@
 
   eu       3-broker KRaft cluster (node ids 1..3)
   us       1-broker KRaft cluster (node id 1)
+  pki      the test CA (harness.certs.Pki): `pki.issue(name)` for more certificates
+  secure   1-broker cluster whose client listener is SASL_SSL (users alice/alice-secret,
+           keyward/keyward-secret; PLAIN, SCRAM-SHA-256, SCRAM-SHA-512) plus an mTLS
+           listener (mtls_bootstrap); its broker certificate comes from `pki`
   clients  [JavaClient, LibrdkafkaClient, FranzClient]
   client   the same three as a parametrized fixture: one run of the test per client
+  summary  summary(section, line): a line for the terminal summary (the fault suite's figures)
 
 Each cluster starts the first time a test asks for it and stops at the end of
 the session. (Booting both side by side was measured slower and less steady on
 2 cores than one after the other: 4 JVMs starting at once delay the Raft
 elections.) Logs stay under pytest's basetemp:
-/tmp/pytest-of-$USER/pytest-N/kafka0/{eu,us}/node-*/server.log
+/tmp/pytest-of-$USER/pytest-N/kafka0/{eu,us,secure}/node-*/server.log
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import ALL_CLIENTS, KafkaCluster  # noqa: E402
+from harness import ALL_CLIENTS, KafkaCluster, KafkaSecurity, Pki  # noqa: E402
 
 _boot_report: list[str] = []
+_summary: dict[str, list[str]] = {}
 
 
 @pytest.fixture(scope="session")
@@ -31,8 +37,8 @@ def kafka_workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("kafka")
 
 
-def _cluster(name: str, brokers: int, workdir: Path):
-    cluster = KafkaCluster(name, brokers, workdir)
+def _cluster(name: str, brokers: int, workdir: Path, security: KafkaSecurity | None = None):
+    cluster = KafkaCluster(name, brokers, workdir, security=security)
     cluster.start()
     _boot_report.append(f"{name}: {brokers} broker(s) ready in {cluster.boot_seconds:.1f}s ({cluster.bootstrap})")
     yield cluster
@@ -52,6 +58,17 @@ def us(kafka_workdir):
 
 
 @pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def secure(kafka_workdir, pki):
+    users = {"alice": "alice-secret", "keyward": "keyward-secret"}
+    yield from _cluster("secure", 1, kafka_workdir, KafkaSecurity(pki, users, mtls=True))
+
+
+@pytest.fixture(scope="session")
 def clients():
     return list(ALL_CLIENTS)
 
@@ -61,8 +78,19 @@ def client(request):
     return request.param
 
 
+@pytest.fixture(scope="session")
+def summary():
+    """summary(section, line) shows `line` under `section` in the terminal summary, so figures a
+    test measured are visible whether or not pytest captures its output."""
+    return lambda section, line: _summary.setdefault(section, []).append(line)
+
+
 def pytest_terminal_summary(terminalreporter):
     if _boot_report:
         terminalreporter.write_sep("-", "kafka clusters")
         for line in _boot_report:
+            terminalreporter.write_line(line)
+    for section, lines in _summary.items():
+        terminalreporter.write_sep("-", section)
+        for line in lines:
             terminalreporter.write_line(line)

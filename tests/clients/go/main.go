@@ -11,6 +11,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -23,6 +25,9 @@ import (
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/sasl"
+	"github.com/twmb/franz-go/pkg/sasl/plain"
+	"github.com/twmb/franz-go/pkg/sasl/scram"
 )
 
 type header struct {
@@ -52,7 +57,19 @@ type config struct {
 	MaxInFlight       *int           `json:"max_in_flight"`
 	ClientID          *string        `json:"client_id"`
 	GroupProtocol     *string        `json:"group_protocol"`
+	Security          *security      `json:"security"`
 	Native            map[string]any `json:"native"`
+}
+
+// security is the harness's security knob (see clients.py); nil means PLAINTEXT.
+type security struct {
+	Protocol  string  `json:"protocol"`
+	CA        *string `json:"ca"`
+	Cert      *string `json:"cert"`
+	Key       *string `json:"key"`
+	Mechanism *string `json:"mechanism"`
+	Username  string  `json:"username"`
+	Password  string  `json:"password"`
 }
 
 type spec struct {
@@ -125,7 +142,7 @@ func fail(err error) {
 	os.Exit(1)
 }
 
-func commonOpts(s *spec) []kgo.Opt {
+func commonOpts(s *spec) ([]kgo.Opt, error) {
 	level := kgo.LogLevelWarn
 	if os.Getenv("KEYWARD_CLIENT_LOG") == "debug" {
 		level = kgo.LogLevelDebug
@@ -139,7 +156,64 @@ func commonOpts(s *spec) []kgo.Opt {
 	if s.Config.ClientID != nil {
 		opts = append(opts, kgo.ClientID(*s.Config.ClientID))
 	}
-	return opts
+	if s.Config.Security != nil {
+		sec, err := securityOpts(s.Config.Security)
+		if err != nil {
+			return nil, err
+		}
+		opts = append(opts, sec...)
+	}
+	return opts, nil
+}
+
+// securityOpts maps the security knob onto franz-go: TLS with the given roots and
+// optional client certificate, and a SASL mechanism. ServerName stays empty: franz-go
+// then sets it to the host of each broker it dials, so the server's name is verified.
+func securityOpts(sec *security) ([]kgo.Opt, error) {
+	var opts []kgo.Opt
+	switch sec.Protocol {
+	case "SSL", "SASL_SSL":
+		cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+		if sec.CA != nil {
+			pem, err := os.ReadFile(*sec.CA)
+			if err != nil {
+				return nil, err
+			}
+			cfg.RootCAs = x509.NewCertPool()
+			if !cfg.RootCAs.AppendCertsFromPEM(pem) {
+				return nil, fmt.Errorf("no certificate in %s", *sec.CA)
+			}
+		}
+		if sec.Cert != nil && sec.Key != nil {
+			cert, err := tls.LoadX509KeyPair(*sec.Cert, *sec.Key)
+			if err != nil {
+				return nil, err
+			}
+			cfg.Certificates = []tls.Certificate{cert}
+		}
+		opts = append(opts, kgo.DialTLSConfig(cfg))
+	case "SASL_PLAINTEXT":
+	default:
+		return nil, fmt.Errorf("bad security protocol %q", sec.Protocol)
+	}
+	if sec.Protocol == "SSL" {
+		return opts, nil
+	}
+	if sec.Mechanism == nil {
+		return nil, fmt.Errorf("%s needs a SASL mechanism", sec.Protocol)
+	}
+	var m sasl.Mechanism
+	switch *sec.Mechanism {
+	case "PLAIN":
+		m = plain.Auth{User: sec.Username, Pass: sec.Password}.AsMechanism()
+	case "SCRAM-SHA-256":
+		m = scram.Auth{User: sec.Username, Pass: sec.Password}.AsSha256Mechanism()
+	case "SCRAM-SHA-512":
+		m = scram.Auth{User: sec.Username, Pass: sec.Password}.AsSha512Mechanism()
+	default:
+		return nil, fmt.Errorf("bad SASL mechanism %q", *sec.Mechanism)
+	}
+	return append(opts, kgo.SASL(m)), nil
 }
 
 // ---------------------------------------------------------------- produce
@@ -149,7 +223,10 @@ func produce(s *spec) (any, error) {
 	if len(c.Native) > 0 {
 		return nil, fmt.Errorf("franz-go takes no raw properties (native: %v)", c.Native)
 	}
-	opts := commonOpts(s)
+	opts, err := commonOpts(s)
+	if err != nil {
+		return nil, err
+	}
 	switch c.Acks {
 	case "all", "-1", "":
 		opts = append(opts, kgo.RequiredAcks(kgo.AllISRAcks()))
@@ -305,7 +382,11 @@ func consume(s *spec) (any, error) {
 	if len(s.Config.Native) > 0 {
 		return nil, fmt.Errorf("franz-go takes no raw properties (native: %v)", s.Config.Native)
 	}
-	opts := append(commonOpts(s),
+	opts, err := commonOpts(s)
+	if err != nil {
+		return nil, err
+	}
+	opts = append(opts,
 		kgo.ConsumerGroup(s.GroupID),
 		kgo.ConsumeTopics(s.Topics...),
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
@@ -358,7 +439,11 @@ func consume(s *spec) (any, error) {
 // ---------------------------------------------------------------- metadata
 
 func metadata(s *spec) (any, error) {
-	cl, err := kgo.NewClient(commonOpts(s)...)
+	opts, err := commonOpts(s)
+	if err != nil {
+		return nil, err
+	}
+	cl, err := kgo.NewClient(opts...)
 	if err != nil {
 		return nil, err
 	}

@@ -15,6 +15,17 @@ Shapes (plain dicts, so tests compare them directly):
                "error_code": int|None, "error_name": str|None, "error_message": str|None}
               one per input record, in input order.
   record out  {"topic", "partition", "offset", "timestamp", "key", "value", "headers"}
+  security    {"protocol": "SSL" | "SASL_SSL" | "SASL_PLAINTEXT",
+               "ca": path|None,         PEM bundle the server's certificate must chain to
+                                        (None: the client's default trust store); the
+                                        server's name (host or IP dialed) is always verified
+               "cert": path|None, "key": path|None,   client certificate (PEM) and its
+                                        unencrypted PKCS#8 key, for mTLS; both or neither
+               "mechanism": "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512",  SASL_* only
+               "username": str, "password": str}                          SASL_* only
+              the `security` knob of producer and consumer config and the `security`
+              argument of metadata(); None (the default) is PLAINTEXT. Paths may be str or
+              Path; they are passed on absolute.
 
 Error codes: broker errors carry the Kafka protocol's code and name
 (INVALID_RECORD = 87, NOT_ENOUGH_REPLICAS = 19, ...; see errors.py) in every client. Errors
@@ -30,9 +41,14 @@ The JSON spec the Java and Go CLIs read (one document, file or stdin):
   {"op": "consume", "bootstrap": str, "topics": [str], "group_id": str,
    "expected_count": int, "timeout_ms": int, "commit": bool, "config": {...}}
   {"op": "metadata", "bootstrap": str, "timeout_ms": int, "config": {...}}
-with bytes as standard base64 and headers as [{"key": str, "value": b64|null}].
+with bytes as standard base64 and headers as [{"key": str, "value": b64|null}]; the
+metadata op's config holds only {"security": ...}.
 They answer {"results": [delivery]}, {"records": [wire record]} or
 {"cluster_id", "controller_id", "brokers": [{"node_id", "host", "port"}]}.
+
+A client that cannot authenticate or does not trust the server (or is refused by it) fails
+within the call's timeout: produce reports an error for every record, consume and metadata
+raise ClientError.
 """
 
 from __future__ import annotations
@@ -45,6 +61,7 @@ import subprocess
 import time
 import uuid
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, Iterable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
@@ -57,6 +74,8 @@ log = logging.getLogger("harness.clients")
 
 ACKS = ("all", "1", "0")
 COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
+SECURITY_PROTOCOLS = ("SSL", "SASL_SSL", "SASL_PLAINTEXT")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 # Common knobs, with None meaning "the client's own default".
 PRODUCER_DEFAULTS: dict[str, Any] = {
@@ -70,11 +89,13 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "batch_size": None,  # bytes per partition batch
     "max_in_flight": None,
     "client_id": None,
+    "security": None,  # see "security" in the module docstring
     "native": {},  # raw properties of this one client (java, librdkafka only)
 }
 CONSUMER_DEFAULTS: dict[str, Any] = {
     "client_id": None,
     "group_protocol": None,  # "classic" | "consumer" (java, librdkafka)
+    "security": None,
     "native": {},
 }
 
@@ -105,6 +126,7 @@ def normalize_producer_config(config: dict | None, timeout_s: float) -> dict:
         cfg["request_timeout_ms"] = min(30_000, cfg["delivery_timeout_ms"] // 2)
     # Java refuses delivery.timeout.ms < linger.ms + request.timeout.ms.
     cfg["request_timeout_ms"] = min(cfg["request_timeout_ms"], cfg["delivery_timeout_ms"] - (cfg["linger_ms"] or 0))
+    cfg["security"] = normalize_security(cfg["security"])
     return cfg
 
 
@@ -114,7 +136,59 @@ def normalize_consumer_config(config: dict | None) -> dict:
     if unknown:
         raise ValueError(f"unknown consumer config keys {sorted(unknown)}; known: {sorted(cfg)}")
     cfg.update(config or {})
+    cfg["security"] = normalize_security(cfg["security"])
     return cfg
+
+
+def normalize_security(security: dict | None) -> dict | None:
+    """Check a `security` dict (module docstring) and return it with every key present,
+    paths as absolute strings; None stays None."""
+    if security is None:
+        return None
+    keys = ("protocol", "ca", "cert", "key", "mechanism", "username", "password")
+    unknown = set(security) - set(keys)
+    if unknown:
+        raise ValueError(f"unknown security keys {sorted(unknown)}; known: {list(keys)}")
+    sec = {k: security.get(k) for k in keys}
+    protocol = sec["protocol"]
+    if protocol not in SECURITY_PROTOCOLS:
+        raise ValueError(f"security protocol must be one of {SECURITY_PROTOCOLS}, not {protocol!r}")
+    for k in ("ca", "cert", "key"):
+        if sec[k] is not None:
+            if protocol == "SASL_PLAINTEXT":
+                raise ValueError(f"security {k!r} needs a TLS protocol (SSL, SASL_SSL)")
+            sec[k] = str(Path(sec[k]).resolve())
+    if (sec["cert"] is None) != (sec["key"] is None):
+        raise ValueError("security 'cert' and 'key' go together")
+    sasl = ("mechanism", "username", "password")
+    if protocol.startswith("SASL_"):
+        if sec["mechanism"] not in SASL_MECHANISMS:
+            raise ValueError(f"security mechanism must be one of {SASL_MECHANISMS}, not {sec['mechanism']!r}")
+        if sec["username"] is None or sec["password"] is None:
+            raise ValueError(f"{protocol} needs a username and a password")
+    elif any(sec[k] is not None for k in sasl):
+        raise ValueError(f"{protocol} takes no {'/'.join(sasl)}")
+    return sec
+
+
+def librdkafka_security(security: dict | None) -> dict[str, str]:
+    """librdkafka properties for a `security` dict, hostname verification on."""
+    sec = normalize_security(security)
+    if sec is None:
+        return {}
+    conf = {"security.protocol": sec["protocol"]}
+    if sec["protocol"] != "SASL_PLAINTEXT":
+        conf["ssl.endpoint.identification.algorithm"] = "https"
+        if sec["ca"] is not None:
+            conf["ssl.ca.location"] = sec["ca"]
+        if sec["cert"] is not None:
+            conf["ssl.certificate.location"] = sec["cert"]
+            conf["ssl.key.location"] = sec["key"]
+    if sec["protocol"] != "SSL":
+        conf["sasl.mechanisms"] = sec["mechanism"]
+        conf["sasl.username"] = sec["username"]
+        conf["sasl.password"] = sec["password"]
+    return conf
 
 
 def record(key: bytes | None, value: bytes | None, headers: Iterable = (), partition: int | None = None) -> dict:
@@ -159,8 +233,9 @@ class Client(ABC):
         then commit synchronously (commit=True) and leave. Returns what was consumed."""
 
     @abstractmethod
-    def metadata(self, bootstrap: str, timeout_s: float = 15) -> list[tuple[int, str, int]]:
-        """Brokers as this client sees them: sorted [(node_id, host, port)]."""
+    def metadata(self, bootstrap: str, timeout_s: float = 15, security: dict | None = None) -> list[tuple[int, str, int]]:
+        """Brokers as this client sees them: sorted [(node_id, host, port)]. `security` as in
+        the module docstring."""
 
     def __repr__(self) -> str:
         return self.name
@@ -253,8 +328,14 @@ class _CliClient(Client):
         }
         return [_from_wire(r) for r in self._run(spec, timeout_s)["records"]]
 
-    def metadata(self, bootstrap, timeout_s=15):
-        out = self._run({"op": "metadata", "bootstrap": bootstrap, "timeout_ms": int(timeout_s * 1000)}, timeout_s)
+    def metadata(self, bootstrap, timeout_s=15, security=None):
+        spec = {
+            "op": "metadata",
+            "bootstrap": bootstrap,
+            "timeout_ms": int(timeout_s * 1000),
+            "config": {"security": normalize_security(security)},
+        }
+        out = self._run(spec, timeout_s)
         return sorted((b["node_id"], b["host"], b["port"]) for b in out["brokers"])
 
 
@@ -327,6 +408,7 @@ class LibrdkafkaClient(Client):
         for knob, prop in optional.items():
             if cfg[knob] is not None:
                 conf[prop] = cfg[knob]
+        conf.update(librdkafka_security(cfg["security"]))
         conf.update(cfg["native"])
 
         results: list[dict | None] = [None] * len(records)
@@ -393,6 +475,7 @@ class LibrdkafkaClient(Client):
             conf["client.id"] = cfg["client_id"]
         if cfg["group_protocol"] is not None:
             conf["group.protocol"] = cfg["group_protocol"]
+        conf.update(librdkafka_security(cfg["security"]))
         conf.update(cfg["native"])
         try:
             c = Consumer(conf)
@@ -426,10 +509,25 @@ class LibrdkafkaClient(Client):
             c.close()
         return out
 
-    def metadata(self, bootstrap, timeout_s=15):
-        admin = AdminClient({"bootstrap.servers": bootstrap, "logger": self._log})
-        md = admin.list_topics(timeout=timeout_s)
-        return sorted((b.id, b.host, b.port) for b in md.brokers.values())
+    def metadata(self, bootstrap, timeout_s=15, security=None):
+        """See Client.metadata. librdkafka retries failed authentications and TLS handshakes
+        until the timeout; this gives up at the first one (like the Java and Go clients) and
+        raises ClientError with librdkafka's last error."""
+        errors: list[KafkaError] = []
+        admin = AdminClient(
+            {"bootstrap.servers": bootstrap, "logger": self._log, "error_cb": errors.append, **librdkafka_security(security)}
+        )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                md = admin.list_topics(timeout=max(0.01, min(0.5, deadline - time.monotonic())))
+                return sorted((b.id, b.host, b.port) for b in md.brokers.values())
+            except KafkaException as e:
+                admin.poll(0)  # serve error_cb
+                fatal = [x for x in errors if x.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL)]
+                if fatal or time.monotonic() >= deadline:
+                    last = (fatal or errors or [e.args[0]])[-1]
+                    raise ClientError(f"librdkafka: metadata failed: {last.name()}: {last.str()}") from None
 
 
 def _rd_delivery(err: KafkaError | None, msg) -> dict:

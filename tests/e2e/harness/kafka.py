@@ -8,6 +8,13 @@ Layout: every node is a combined broker+controller (`process.roles=broker,contro
 with a static voter set, so a 3-node cluster is 3 JVMs, a 1-node cluster is 1.
 Node ids are 1..N. All ports are picked free on 127.0.0.1 when the cluster is
 created and kept across node restarts.
+
+Security (optional, `security=KafkaSecurity(...)`): the client listener on `node.port` then
+speaks SASL_SSL (PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512, every user known to all three), and
+with `mtls=True` a second client listener on `node.mtls_port` speaks SSL and requires a client
+certificate from the same CA. Inter-broker traffic and the controller stay PLAINTEXT on
+loopback ports of their own, so only the client-facing listeners are secure. The harness's
+own clients (readiness, admin, read_all) authenticate as HARNESS_USER over SCRAM-SHA-512.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,6 +37,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from . import env
+from .certs import Leaf, Pki
+from .clients import SASL_MECHANISMS, librdkafka_security
 
 log = logging.getLogger("harness.kafka")
 _rdkafka_log = logging.getLogger("harness.librdkafka")
@@ -38,6 +48,37 @@ class KafkaStartError(RuntimeError):
     pass
 
 
+# The user the harness's own clients authenticate as on a secure cluster.
+HARNESS_USER = ("harness", "harness-secret")
+
+
+@dataclass
+class KafkaSecurity:
+    """How a cluster secures its client listeners (see the module docstring).
+
+    `users` maps user name to password; the broker certificate is issued by `pki`, which is
+    also the CA clients must trust and the CA client certificates must come from. Names and
+    passwords are plain tokens (letters, digits, '.', '_', '-'): they go unquoted into JAAS
+    and into the storage tool's SCRAM syntax.
+    """
+
+    pki: Pki
+    users: dict[str, str]
+    mtls: bool = False
+
+    def __post_init__(self) -> None:
+        if HARNESS_USER[0] in self.users:
+            raise ValueError(f"user name {HARNESS_USER[0]!r} is the harness's own")
+        for name, password in self.users.items():
+            if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or not re.fullmatch(r"[A-Za-z0-9._-]+", password):
+                raise ValueError(f"user {name!r}: use letters, digits, '.', '_', '-' in names and passwords")
+
+    @property
+    def all_users(self) -> dict[str, str]:
+        """`users` plus the harness's own user."""
+        return {**self.users, HARNESS_USER[0]: HARNESS_USER[1]}
+
+
 @dataclass
 class KafkaNode:
     node_id: int
@@ -45,6 +86,9 @@ class KafkaNode:
     controller_port: int
     dir: Path
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    # Secure clusters only: the PLAINTEXT inter-broker listener, and the mTLS client listener.
+    internal_port: int | None = None
+    mtls_port: int | None = None
 
     @property
     def host(self) -> str:
@@ -53,6 +97,12 @@ class KafkaNode:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def mtls_address(self) -> str:
+        if self.mtls_port is None:
+            raise ValueError(f"node {self.node_id} has no mTLS listener")
+        return f"127.0.0.1:{self.mtls_port}"
 
     @property
     def running(self) -> bool:
@@ -114,7 +164,8 @@ logger.state.level = WARN
 class KafkaCluster:
     """A KRaft cluster of `brokers` combined broker+controller nodes.
 
-    `properties` are extra/overriding server properties for every node.
+    `properties` are extra/overriding server properties for every node; `security` makes
+    the client listeners SASL_SSL (and mTLS): see KafkaSecurity.
     """
 
     def __init__(
@@ -125,6 +176,7 @@ class KafkaCluster:
         *,
         heap: str = "448m",
         properties: dict[str, str | int | bool] | None = None,
+        security: KafkaSecurity | None = None,
     ) -> None:
         if brokers < 1:
             raise ValueError("a cluster needs at least one broker")
@@ -133,12 +185,12 @@ class KafkaCluster:
         self.dir = Path(workdir) / name
         self.heap = heap
         self.extra_properties = dict(properties or {})
+        self.security = security
+        # One certificate (SANs localhost, 127.0.0.1) for every node's secure listeners.
+        self.broker_cert: Leaf | None = security.pki.issue(f"{name}-broker") if security else None
         self.cluster_id = _cluster_id()
-        ports = _free_ports(2 * brokers)
-        self.nodes = [
-            KafkaNode(i + 1, ports[2 * i], ports[2 * i + 1], self.dir / f"node-{i + 1}")
-            for i in range(brokers)
-        ]
+        self.nodes = [KafkaNode(i + 1, 0, 0, self.dir / f"node-{i + 1}") for i in range(brokers)]
+        self._assign_ports()
         self._formatted = False
         self.boot_seconds: float | None = None
 
@@ -153,6 +205,41 @@ class KafkaCluster:
     def addresses(self) -> list[str]:
         """Per-node 'host:port', in node-id order."""
         return [n.address for n in self.nodes]
+
+    @property
+    def mtls_bootstrap(self) -> str:
+        """Like bootstrap, for the mTLS listener (security with mtls=True only)."""
+        return ",".join(self.mtls_addresses)
+
+    @property
+    def mtls_addresses(self) -> list[str]:
+        """Per-node 'host:port' of the mTLS listener, in node-id order."""
+        return [n.mtls_address for n in self.nodes]
+
+    def client_security(self, mechanism: str = "SCRAM-SHA-512", user: str | None = None) -> dict:
+        """The clients' `security` dict for the SASL_SSL listener (see clients.py): trust
+        the cluster's CA, log in as `user` (default: the first of security.users) with
+        `mechanism`."""
+        if self.security is None:
+            raise ValueError(f"{self.name} is a plaintext cluster")
+        if mechanism not in SASL_MECHANISMS:
+            raise ValueError(f"mechanism must be one of {SASL_MECHANISMS}")
+        users = self.security.all_users
+        user = user if user is not None else next(iter(users))
+        return {
+            "protocol": "SASL_SSL",
+            "ca": str(self.security.pki.ca),
+            "mechanism": mechanism,
+            "username": user,
+            "password": users[user],
+        }
+
+    def client_conf(self) -> dict[str, str]:
+        """librdkafka properties (beyond bootstrap.servers) of the harness's own clients:
+        none for a plaintext cluster, SASL_SSL with SCRAM-SHA-512 as HARNESS_USER otherwise."""
+        if self.security is None:
+            return {}
+        return librdkafka_security(self.client_security("SCRAM-SHA-512", HARNESS_USER[0]))
 
     def node(self, node_id: int) -> KafkaNode:
         return self.nodes[node_id - 1]
@@ -170,11 +257,8 @@ class KafkaCluster:
             "process.roles": "broker,controller",
             "node.id": node.node_id,
             "controller.quorum.voters": voters,
-            "listeners": f"PLAINTEXT://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.port}",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            **self._listener_properties(node),
             "controller.listener.names": "CONTROLLER",
-            "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(node.dir / "data"),
             # Tests create their topics explicitly.
             "auto.create.topics.enable": False,
@@ -205,6 +289,45 @@ class KafkaCluster:
         props.update(self.extra_properties)
         return {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in props.items()}
 
+    def _listener_properties(self, node: KafkaNode) -> dict[str, str]:
+        controller = f"CONTROLLER://127.0.0.1:{node.controller_port}"
+        if self.security is None:
+            return {
+                "listeners": f"PLAINTEXT://127.0.0.1:{node.port},{controller}",
+                "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.port}",
+                "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                "inter.broker.listener.name": "PLAINTEXT",
+            }
+        # name -> (security protocol, port)
+        listeners = {"CLIENT": ("SASL_SSL", node.port), "INTERNAL": ("PLAINTEXT", node.internal_port)}
+        if self.security.mtls:
+            listeners["MTLS"] = ("SSL", node.mtls_port)
+        advertised = ",".join(f"{name}://127.0.0.1:{port}" for name, (_, port) in listeners.items())
+        users = " ".join(f'user_{u}="{p}"' for u, p in self.security.all_users.items())
+        plain = f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};"
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        props = {
+            "listeners": f"{advertised},{controller}",
+            "advertised.listeners": advertised,
+            "listener.security.protocol.map": ",".join(
+                [f"{name}:{protocol}" for name, (protocol, _) in listeners.items()] + ["CONTROLLER:PLAINTEXT"]
+            ),
+            "inter.broker.listener.name": "INTERNAL",
+            "sasl.enabled.mechanisms": ",".join(SASL_MECHANISMS),
+            "listener.name.client.plain.sasl.jaas.config": plain,
+            "listener.name.client.scram-sha-256.sasl.jaas.config": scram,
+            "listener.name.client.scram-sha-512.sasl.jaas.config": scram,
+            # PEM inline: Kafka reads an unencrypted key only this way, not from a file.
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.certificate.chain": self.broker_cert.chain.read_text(),
+            "ssl.keystore.key": self.broker_cert.key.read_text(),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(self.security.pki.ca),
+        }
+        if self.security.mtls:
+            props["listener.name.mtls.ssl.client.auth"] = "required"
+        return props
+
     def _jvm(self, node: KafkaNode, heap: str) -> list[str]:
         return [
             env.java_bin(),
@@ -226,7 +349,7 @@ class KafkaCluster:
         (self.dir / "log4j2.properties").write_text(LOG4J2)
         for node in self.nodes:
             node.dir.mkdir(parents=True, exist_ok=True)
-            text = "".join(f"{k}={v}\n" for k, v in self.server_properties(node).items())
+            text = "".join(f"{k}={_escape(v)}\n" for k, v in self.server_properties(node).items())
             (node.dir / "server.properties").write_text(text)
 
     def format(self) -> None:
@@ -245,6 +368,9 @@ class KafkaCluster:
                 str(node.dir / "server.properties"),
                 "--ignore-formatted",
             ]
+            for user, password in (self.security.all_users if self.security else {}).items():
+                for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+                    cmd += ["--add-scram", f"{mechanism}=[name={user},password={password}]"]
             out = open(node.dir / "format.log", "wb")
             procs.append((node, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT), out))
         failed = []
@@ -310,10 +436,20 @@ class KafkaCluster:
         """Forget storage and ports: the next launch formats a new cluster on new ports."""
         shutil.rmtree(self.dir, ignore_errors=True)
         self.cluster_id = _cluster_id()
-        ports = _free_ports(2 * self.size)
-        for i, node in enumerate(self.nodes):
-            node.port, node.controller_port, node.proc = ports[2 * i], ports[2 * i + 1], None
+        self._assign_ports()
+        for node in self.nodes:
+            node.proc = None
         self._formatted = False
+
+    def _assign_ports(self) -> None:
+        """Fresh free ports for every listener of every node."""
+        secure = self.security is not None
+        mtls = secure and self.security.mtls
+        ports = iter(_free_ports(self.size * (2 + secure + mtls)))
+        for node in self.nodes:
+            node.port, node.controller_port = next(ports), next(ports)
+            node.internal_port = next(ports) if secure else None
+            node.mtls_port = next(ports) if mtls else None
 
     def wait_ready(self, timeout_s: float = 120, nodes: Iterable[KafkaNode] | None = None) -> None:
         """Wait until each given node (default: all) answers metadata that lists every
@@ -397,7 +533,7 @@ class KafkaCluster:
     # ------------------------------------------------------------ admin
 
     def _client_conf(self, bootstrap: str | None = None) -> dict:
-        return {"bootstrap.servers": bootstrap or self.bootstrap, "logger": _rdkafka_log}
+        return {"bootstrap.servers": bootstrap or self.bootstrap, "logger": _rdkafka_log, **self.client_conf()}
 
     def admin(self, bootstrap: str | None = None) -> AdminClient:
         """An AdminClient talking to this cluster directly."""
@@ -539,6 +675,11 @@ class KafkaCluster:
             return records
         finally:
             c.close()
+
+
+def _escape(value: str) -> str:
+    """A value for a Java properties file: backslashes and line breaks (PEM) escaped."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n")
 
 
 def _port_open(port: int) -> bool:

@@ -3,7 +3,8 @@
 `Keyward(workdir, region, clusters, table)` writes a static config and an ownership table,
 starts `$KEYWARD_BIN run` on free loopback ports and waits until the bootstrap port and the
 admin API answer. `metric(name, **labels)` reads its Prometheus text, so tests assert on what
-operators would see.
+operators would see. For fault tests: `kill()` (SIGKILL), `terminate()` (SIGTERM, timed), a
+second `start()` on the same ports, and `rss_bytes()` / `open_fds()` read from /proc.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -135,6 +137,37 @@ ownership_file: ownership.yaml
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown at all, as a crash or an OOM kill. start() brings it back on the
+        same ports, appending to the same log."""
+        assert self.proc is not None and self.proc.poll() is None, "keyward is not running"
+        self.proc.kill()
+        self.proc.wait()
+
+    def terminate(self, timeout_s: float = 30) -> tuple[int, float]:
+        """SIGTERM and wait for the exit: (exit code, seconds from the signal to the exit)."""
+        assert self.proc is not None and self.proc.poll() is None, "keyward is not running"
+        sent = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=timeout_s)
+        return code, time.monotonic() - sent
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None and self.proc.poll() is None, "keyward is not running"
+        return self.proc.pid
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the running process (VmRSS)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no VmRSS in /proc/{self.pid}/status")
+
+    def open_fds(self) -> int:
+        """File descriptors the running process holds (sockets, listeners, files, epoll...)."""
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
 
     def __enter__(self) -> "Keyward":
         return self.start()

@@ -4,6 +4,7 @@ import com.fasterxml.jackson.databind.JsonNode;
 import com.fasterxml.jackson.databind.ObjectMapper;
 import com.fasterxml.jackson.databind.node.ArrayNode;
 import com.fasterxml.jackson.databind.node.ObjectNode;
+import java.io.IOException;
 import java.io.InputStream;
 import java.io.PrintStream;
 import java.nio.file.Files;
@@ -20,6 +21,7 @@ import java.util.concurrent.CompletionException;
 import java.util.concurrent.ExecutionException;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.atomic.AtomicReferenceArray;
+import org.apache.kafka.clients.CommonClientConfigs;
 import org.apache.kafka.clients.admin.Admin;
 import org.apache.kafka.clients.admin.AdminClientConfig;
 import org.apache.kafka.clients.admin.DescribeClusterResult;
@@ -31,6 +33,8 @@ import org.apache.kafka.clients.producer.ProducerConfig;
 import org.apache.kafka.clients.producer.ProducerRecord;
 import org.apache.kafka.clients.producer.RecordMetadata;
 import org.apache.kafka.common.Node;
+import org.apache.kafka.common.config.SaslConfigs;
+import org.apache.kafka.common.config.SslConfigs;
 import org.apache.kafka.common.header.Header;
 import org.apache.kafka.common.header.internals.RecordHeaders;
 import org.apache.kafka.common.protocol.Errors;
@@ -102,6 +106,7 @@ public final class Main {
     putIfSet(p, ProducerConfig.BATCH_SIZE_CONFIG, c.get("batch_size"));
     putIfSet(p, ProducerConfig.MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION, c.get("max_in_flight"));
     putIfSet(p, ProducerConfig.CLIENT_ID_CONFIG, c.get("client_id"));
+    putSecurity(p, c.path("security"));
     // send() blocks for metadata at most this long; never longer than the whole run.
     p.put(ProducerConfig.MAX_BLOCK_MS_CONFIG, String.valueOf(c.path("delivery_timeout_ms").asLong(timeoutMs)));
     putNative(p, c.path("native"));
@@ -187,7 +192,7 @@ public final class Main {
 
   // ---------------------------------------------------------------- consume
 
-  private static ObjectNode consume(JsonNode spec) {
+  private static ObjectNode consume(JsonNode spec) throws IOException {
     JsonNode c = spec.path("config");
     Properties p = new Properties();
     p.put(ConsumerConfig.BOOTSTRAP_SERVERS_CONFIG, spec.path("bootstrap").asText());
@@ -198,6 +203,7 @@ public final class Main {
     p.put(ConsumerConfig.ENABLE_AUTO_COMMIT_CONFIG, "false");
     putIfSet(p, ConsumerConfig.CLIENT_ID_CONFIG, c.get("client_id"));
     putIfSet(p, ConsumerConfig.GROUP_PROTOCOL_CONFIG, c.get("group_protocol"));
+    putSecurity(p, c.path("security"));
     putNative(p, c.path("native"));
 
     List<String> topics = new ArrayList<>();
@@ -247,6 +253,7 @@ public final class Main {
     p.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, spec.path("bootstrap").asText());
     p.put(AdminClientConfig.DEFAULT_API_TIMEOUT_MS_CONFIG, String.valueOf(timeoutMs));
     p.put(AdminClientConfig.REQUEST_TIMEOUT_MS_CONFIG, String.valueOf(Math.min(timeoutMs, 30_000)));
+    putSecurity(p, spec.path("config").path("security"));
     putNative(p, spec.path("config").path("native"));
     ObjectNode out = JSON.createObjectNode();
     try (Admin admin = Admin.create(p)) {
@@ -288,6 +295,46 @@ public final class Main {
     if (v != null && !v.isNull()) {
       p.put(key, v.asText());
     }
+  }
+
+  /**
+   * The harness's {@code security} knob (see clients.py): TLS trusting the PEM bundle "ca" with
+   * hostname verification (the client's default, endpoint identification "https"), a client
+   * certificate from the PEM files "cert"/"key", SASL "mechanism" with "username"/"password".
+   * Absent or null: PLAINTEXT.
+   */
+  private static void putSecurity(Properties p, JsonNode sec) throws IOException {
+    if (sec.isMissingNode() || sec.isNull()) {
+      return;
+    }
+    p.put(CommonClientConfigs.SECURITY_PROTOCOL_CONFIG, sec.path("protocol").asText());
+    if (sec.hasNonNull("ca")) {
+      p.put(SslConfigs.SSL_TRUSTSTORE_TYPE_CONFIG, "PEM");
+      p.put(SslConfigs.SSL_TRUSTSTORE_LOCATION_CONFIG, sec.get("ca").asText());
+    }
+    if (sec.hasNonNull("cert")) {
+      // Inline PEM: the only way kafka-clients takes an unencrypted key.
+      p.put(SslConfigs.SSL_KEYSTORE_TYPE_CONFIG, "PEM");
+      p.put(SslConfigs.SSL_KEYSTORE_CERTIFICATE_CHAIN_CONFIG, Files.readString(Path.of(sec.get("cert").asText())));
+      p.put(SslConfigs.SSL_KEYSTORE_KEY_CONFIG, Files.readString(Path.of(sec.get("key").asText())));
+    }
+    if (sec.hasNonNull("mechanism")) {
+      String mechanism = sec.get("mechanism").asText();
+      String module =
+          mechanism.equals("PLAIN")
+              ? "org.apache.kafka.common.security.plain.PlainLoginModule"
+              : "org.apache.kafka.common.security.scram.ScramLoginModule";
+      p.put(SaslConfigs.SASL_MECHANISM, mechanism);
+      p.put(
+          SaslConfigs.SASL_JAAS_CONFIG,
+          module
+              + " required username=" + jaasQuote(sec.path("username").asText())
+              + " password=" + jaasQuote(sec.path("password").asText()) + ";");
+    }
+  }
+
+  private static String jaasQuote(String s) {
+    return '"' + s.replace("\\", "\\\\").replace("\"", "\\\"") + '"';
   }
 
   /** Raw client properties, passed through untouched: the escape hatch for one-off knobs. */

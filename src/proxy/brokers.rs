@@ -61,6 +61,8 @@ pub struct ClusterState {
     /// When the cluster last came up (for the hold-down before switching back to it).
     up_since: Mutex<Option<Instant>>,
     rtt_micros: AtomicU64,
+    /// Probes failed since the last one that succeeded.
+    failed_probes: AtomicU64,
 }
 
 impl ClusterState {
@@ -95,8 +97,15 @@ impl ClusterState {
         self.rtt_micros.load(Ordering::Relaxed)
     }
 
-    /// Records a probe's outcome.
-    pub fn probed(&self, up: bool, rtt_micros: u64, now: Instant) {
+    /// Records a probe's outcome. Returns whether a failure is worth a log line: the first of
+    /// a run, and then one in 30, so a cluster that stays down keeps saying why.
+    pub fn probed(&self, up: bool, rtt_micros: u64, now: Instant) -> bool {
+        let failed = if up {
+            self.failed_probes.store(0, Ordering::Relaxed);
+            0
+        } else {
+            self.failed_probes.fetch_add(1, Ordering::Relaxed) + 1
+        };
         let was_up = self.up.swap(up, Ordering::Relaxed);
         let mut since = self.up_since.lock().unwrap_or_else(|e| e.into_inner());
         match (was_up, up) {
@@ -107,6 +116,7 @@ impl ClusterState {
         if up {
             self.rtt_micros.store(rtt_micros, Ordering::Relaxed);
         }
+        failed % 30 == 1
     }
 
     fn up_since(&self) -> Option<Instant> {
@@ -141,6 +151,7 @@ impl Clusters {
                 up: AtomicBool::new(false),
                 up_since: Mutex::new(None),
                 rtt_micros: AtomicU64::new(0),
+                failed_probes: AtomicU64::new(0),
             })
             .collect();
         Self {

@@ -395,24 +395,24 @@ async fn probe_round(shared: &Arc<Shared>) {
         let answer = tokio::time::timeout(timeout, probe)
             .await
             .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {timeout:?}")));
-        let up = match answer {
+        let failure = match answer {
             Ok(brokers) => {
                 for (node_id, host, port) in brokers {
                     if let Err(e) = shared.learn_broker(index, node_id, &host, port) {
                         error!(error = %e, "broker cannot be mapped");
                     }
                 }
-                true
+                None
             }
-            Err(e) => {
-                if cluster.is_up() {
-                    warn!(cluster = %cluster.name, error = format!("{e:#}"), "cluster probe failed");
-                }
-                false
-            }
+            Err(e) => Some(e),
         };
+        let up = failure.is_none();
         let now = Instant::now();
-        cluster.probed(up, (now - started).as_micros() as u64, now);
+        if cluster.probed(up, (now - started).as_micros() as u64, now)
+            && let Some(e) = failure
+        {
+            warn!(cluster = %cluster.name, error = format!("{e:#}"), "cluster probe failed");
+        }
         gauge!("keyward_cluster_up", "cluster" => cluster.name.clone()).set(if up {
             1.0
         } else {

@@ -2,10 +2,11 @@
 
   eu       3-broker KRaft cluster (node ids 1..3)
   us       1-broker KRaft cluster (node id 1)
-  pki      the test CA (harness.certs.Pki): `pki.issue(name)` for more certificates
+  pki      the session's test CA (harness.certs.Pki): `pki.issue(name)` for more certificates
   secure   1-broker cluster whose client listener is SASL_SSL (users alice/alice-secret,
            keyward/keyward-secret; PLAIN, SCRAM-SHA-256, SCRAM-SHA-512) plus an mTLS
-           listener (mtls_bootstrap); its broker certificate comes from `pki`
+           listener (mtls_bootstrap); its CA, `secure.security.pki`, is the session's `pki`
+           (also where a module overrides `pki`)
   clients  [JavaClient, LibrdkafkaClient, FranzClient]
   client   the same three as a parametrized fixture: one run of the test per client
   summary  summary(section, line): a line for the terminal summary (the fault suite's figures)
@@ -58,14 +59,21 @@ def us(kafka_workdir):
 
 
 @pytest.fixture(scope="session")
-def pki(tmp_path_factory) -> Pki:
+def _session_ca(tmp_path_factory) -> Pki:
+    """The session's CA. `secure` asks for it by this name, so that a test module may
+    override `pki` with a CA of its own without a scope mismatch."""
     return Pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="session")
-def secure(kafka_workdir, pki):
+def pki(_session_ca) -> Pki:
+    return _session_ca
+
+
+@pytest.fixture(scope="session")
+def secure(kafka_workdir, _session_ca):
     users = {"alice": "alice-secret", "keyward": "keyward-secret"}
-    yield from _cluster("secure", 1, kafka_workdir, KafkaSecurity(pki, users, mtls=True))
+    yield from _cluster("secure", 1, kafka_workdir, KafkaSecurity(_session_ca, users, mtls=True))
 
 
 @pytest.fixture(scope="session")

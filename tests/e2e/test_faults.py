@@ -11,6 +11,8 @@ each, one unique value per record, keys chosen so that every partition holds one
                                     exit is clean and within the grace period) and restarted
   test_ownership_flips_every_100ms  the table is rewritten (rename over) and reloaded every
                                     100 ms, flipping some slots between eu and us
+  test_redirect_under_ownership_flips  the same with `on_foreign: redirect` (never combined with
+                                    a keyward restart: redirect bookkeeping lives in memory)
   test_slow_consumer_and_stalled_clients  a consumer reads through keyward with tiny fetches and
                                     pauses, and raw clients send half a frame and stall
 
@@ -40,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka.admin import OffsetSpec
 
 from harness import Client, FranzClient, JavaClient, KafkaCluster, LibrdkafkaClient, record, unique
 from harness.keyward import Keyward
@@ -51,37 +54,43 @@ from test_operator import wait_for
 
 SLOTS = 16  # slots of every rule here, and partitions of every topic: partition N holds slot N
 
-# `fixed` never changes. `flip` is the rule the reload test flips: in FLIPPED, slots 4-7 move
-# from eu to us and slots 12-15 from us to eu; slots 0-3 stay eu and 8-11 stay us throughout.
-TABLE = """
+STEADY = '{ eu: ["0-7"], us: ["8-15"] }'
+SWAPPED = '{ eu: ["0-3", "12-15"], us: ["4-11"] }'
+
+
+def table(flipped: bool = False) -> str:
+    """`fixed` never changes. `flip` (refusing foreign writes) and `rflip` (redirecting them)
+    are the rules the reload test flips: when flipped, slots 4-7 move from eu to us and slots
+    12-15 from us to eu; slots 0-3 stay eu's and 8-11 us's throughout."""
+    moving = SWAPPED if flipped else STEADY
+    return f"""
 rules:
   - name: fixed
     topics: ["fixed.*"]
     by: key
     slots: 16
-    owners: { eu: ["0-7"], us: ["8-15"] }
+    owners: {STEADY}
     on_foreign: reject
   - name: flip
     topics: ["flip.*"]
     by: key
     slots: 16
-    owners: { eu: ["0-7"], us: ["8-15"] }
+    owners: {moving}
     on_foreign: reject
+  - name: rflip
+    topics: ["rflip.*"]
+    by: key
+    slots: 16
+    owners: {moving}
+    on_foreign: redirect
 default: allow
 """
-FLIPPED = TABLE.replace(
-    'owners: { eu: ["0-7"], us: ["8-15"] }\n    on_foreign: reject\ndefault',
-    'owners: { eu: ["0-3", "12-15"], us: ["4-11"] }\n    on_foreign: reject\ndefault',
-)
-assert FLIPPED != TABLE
 
 
-def fixed_owner(slot: int) -> str:
-    return "eu" if slot < 8 else "us"
-
-
-def flip_owner(slot: int) -> str:
-    """eu or us when the slot keeps its owner in both tables, "flip" when it changes."""
+def owner_of(rule: str, slot: int) -> str:
+    """eu or us for a slot whose owner never changes, "flip" for one the reload test moves."""
+    if rule == "fixed":
+        return "eu" if slot < 8 else "us"
     return {0: "eu", 1: "flip", 2: "us", 3: "flip"}[slot // 4]
 
 
@@ -99,7 +108,9 @@ PRODUCE_CALL_S = 150  # bound on one produce() call (the client's own timeouts c
 N = 3200  # records per producer: half of them owned by eu, so acknowledged
 
 RSS_SLACK = 16 * 1024 * 1024
-FD_SLACK = 2  # a cluster probe may hold a socket for a moment
+# A cluster probe may hold a socket for a moment, and after redirects keyward keeps its own
+# connection to the owner's cluster (README, "Redirect": one reused connection per broker).
+FD_SLACK = 2
 
 
 # --------------------------------------------------------------------------- keys and streams
@@ -137,6 +148,7 @@ class Stream:
     records: list[dict]
     owners: list[str]  # per record: "eu", "us", or "flip" (decided by the table in force)
     flush_every: int
+    redirect: bool  # on_foreign: redirect (else reject)
     results: list[dict] | None = None
     error: BaseException | None = None
     seconds: float = 0.0
@@ -187,13 +199,12 @@ def make_stream(
     for cluster in (eu, us):
         cluster.create_topic(topic, partitions=SLOTS)
     run = uuid.uuid4().hex[:8]
-    owner = fixed_owner if rule == "fixed" else flip_owner
     records, owners = [], []
     for i in range(count):
         slot = i % SLOTS
         records.append(record(keys[slot].encode(), f"{run}-{i}".encode(), partition=slot))
-        owners.append(owner(slot))
-    return Stream(label, client, topic, records, owners, flush_every)
+        owners.append(owner_of(rule, slot))
+    return Stream(label, client, topic, records, owners, flush_every, redirect=rule == "rflip")
 
 
 # --------------------------------------------------------------------------- counting
@@ -209,9 +220,10 @@ class Tally:
     found: int  # acknowledged records found in their owner's cluster
     duplicates: int
     lost: int
-    misplaced: int
+    misplaced: int  # occurrences, outside refused records, in a cluster that never owned them
     rejected_present: int
     stray: int  # records in the topic that this stream did not write
+    flipping: str  # how the records of flipping slots went
     failures: Counter
     seconds: float
 
@@ -219,47 +231,68 @@ class Tally:
         text = (
             f"faults[{self.label}]: sent={self.sent} acked={self.acked} rejected={self.rejected} "
             f"failed={self.failed} found={self.found} duplicates={self.duplicates} lost={self.lost} "
-            f"misplaced={self.misplaced} rejected_present={self.rejected_present} seconds={self.seconds:.1f}"
+            f"misplaced={self.misplaced} rejected_present={self.rejected_present}"
         )
         if self.stray:
             text += f" stray={self.stray}"
         if self.failures:
             text += f" failures={dict(self.failures)}"
-        return text
+        if self.flipping:
+            text += f" flipping[{self.flipping}]"
+        return text + f" seconds={self.seconds:.1f}"
+
+
+def allowed(stream: Stream, owner: str) -> set[str]:
+    """Where a record of this owner may be. keyward runs as region eu: with `reject` it writes
+    only to eu (so a us-owned record nowhere); with `redirect` a record goes to the cluster of
+    its owner at the time, so a flipping slot's record to either (but only one)."""
+    if not stream.redirect:
+        return {"eu"} if owner in ("eu", "flip") else set()
+    return {"eu", "us"} if owner == "flip" else {owner}
 
 
 def tally(stream: Stream, eu: KafkaCluster, us: KafkaCluster) -> Tally:
-    """Counts one stream's outcome against both clusters, read directly.
-
-    keyward here runs as region eu with `on_foreign: reject`, so an acknowledged record's owner
-    (when keyward decided) was eu: it must be in eu exactly once and nowhere else. A record of a
-    slot us owns throughout must be refused, and found in neither cluster.
-    """
+    """Counts one stream's outcome against both clusters, read directly."""
     results = stream.finish()
     values = [r["value"] for r in stream.records]
-    in_eu = Counter(r["value"] for r in eu.read_all(stream.topic, timeout_s=60))
-    in_us = Counter(r["value"] for r in us.read_all(stream.topic, timeout_s=60))
+    found_in = {
+        "eu": Counter(r["value"] for r in eu.read_all(stream.topic, timeout_s=60)),
+        "us": Counter(r["value"] for r in us.read_all(stream.topic, timeout_s=60)),
+    }
+    both = found_in["eu"] + found_in["us"]
     ours = set(values)
-    acked = [v for v, r in zip(values, results) if r["ok"]]
-    rejected = [v for v, r in zip(values, results) if not r["ok"] and r["error_code"] == INVALID_RECORD]
-    failures = Counter(
-        r["error_name"] or str(r["error_code"])
-        for r in results
-        if not r["ok"] and r["error_code"] != INVALID_RECORD
-    )
-    us_only = {v for v, o in zip(values, stream.owners) if o == "us"}
+    acked = rejected = found = lost = misplaced = rejected_present = 0
+    failures: Counter = Counter()
+    flips: Counter = Counter()
+    for value, owner, r in zip(values, stream.owners, results):
+        ok = allowed(stream, owner)
+        where = [c for c in ("eu", "us") if found_in[c][value]]
+        if r["ok"]:
+            acked += 1
+            found += any(c in ok for c in where)
+            lost += not any(c in ok for c in where)
+        elif r["error_code"] == INVALID_RECORD:
+            rejected += 1
+            rejected_present += bool(where)
+        else:
+            failures[r["error_name"] or str(r["error_code"])] += 1
+        if r["ok"] or r["error_code"] != INVALID_RECORD:
+            misplaced += sum(found_in[c][value] for c in ("eu", "us") if c not in ok)
+        if owner == "flip":
+            flips["in_" + "+".join(where) if where else ("refused" if not r["ok"] else "acked_nowhere")] += 1
     return Tally(
         label=stream.label,
         sent=len(values),
-        acked=len(acked),
-        rejected=len(rejected),
+        acked=acked,
+        rejected=rejected,
         failed=sum(failures.values()),
-        found=sum(1 for v in acked if in_eu[v] >= 1),
-        duplicates=sum(n - 1 for n in (in_eu + in_us).values() if n > 1),
-        lost=sum(1 for v in acked if in_eu[v] == 0),
-        misplaced=sum(in_us.values()) + sum(in_eu[v] for v in us_only),
-        rejected_present=sum(1 for v in rejected if in_eu[v] or in_us[v]),
-        stray=sum(n for v, n in (in_eu + in_us).items() if v not in ours),
+        found=found,
+        duplicates=sum(n - 1 for n in both.values() if n > 1),
+        lost=lost,
+        misplaced=misplaced,
+        rejected_present=rejected_present,
+        stray=sum(n for v, n in both.items() if v not in ours),
+        flipping=" ".join(f"{k}={n}" for k, n in sorted(flips.items())),
         failures=failures,
         seconds=stream.seconds,
     )
@@ -277,7 +310,10 @@ def check(stream: Stream, t: Tally) -> None:
     summary = f"{t.line()}\nby owner: { {o: dict(c) for o, c in by_owner.items()} }"
     assert t.failed == 0, f"records failed other than by keyward's refusal\n{summary}"
     assert by_owner["eu"]["acked"] == sent["eu"], f"an eu-owned record was not acknowledged\n{summary}"
-    assert by_owner["us"]["refused"] == sent["us"], f"a us-owned record was acknowledged\n{summary}"
+    if stream.redirect:
+        assert t.acked == t.sent, f"a record was not redirected\n{summary}"
+    else:
+        assert by_owner["us"]["refused"] == sent["us"], f"a us-owned record was acknowledged\n{summary}"
     assert t.acked + t.rejected == t.sent, summary
     assert (t.found, t.lost, t.duplicates) == (t.acked, 0, 0), summary
     assert (t.misplaced, t.rejected_present, t.stray) == (0, 0, 0), summary
@@ -335,16 +371,53 @@ def report(request, tmp_path, tmp_path_factory, summary):
 # --------------------------------------------------------------------------- helpers
 
 
-def forwarded(kw: Keyward) -> float:
-    return kw.metric("keyward_produce_records_total", decision="forwarded")
+def forwarded(kw: Keyward) -> int:
+    """Records this keyward process forwarded, retries of the same record included."""
+    return int(kw.metric("keyward_produce_records_total", decision="forwarded"))
 
 
-def wait_forwarded(kw: Keyward, count: float, timeout_s: float = 60) -> None:
-    wait_for(lambda: forwarded(kw) >= count, timeout_s, f"keyward to forward {count:.0f} records")
+class Progress:
+    """How far each stream got: the records its topic holds in eu (high watermarks, read from
+    the cluster directly), so a fault is injected only once every client is writing."""
+
+    def __init__(self, cluster: KafkaCluster, streams: list[Stream]) -> None:
+        self.cluster = cluster
+        self.streams = streams
+
+    def written(self) -> list[int] | None:
+        # A new admin client each time: one kept across a broker's death goes on asking the
+        # dead leader (and answers -1 for its partitions).
+        admin = self.cluster.admin()
+        out = []
+        for s in self.streams:
+            futures = admin.list_offsets(
+                {TopicPartition(s.topic, p): OffsetSpec.latest() for p in range(SLOTS)}, request_timeout=5
+            )
+            try:
+                offsets = [f.result().offset for f in futures.values()]
+            except KafkaException:
+                return None
+            if min(offsets) < 0:
+                return None  # a leader is moving: ask again
+            out.append(sum(offsets))
+        return out
+
+    def wait_each(self, more_than: list[int] | int, timeout_s: float = 60) -> list[int]:
+        """Waits until every stream has written more than `more_than` (one count for all, or
+        one per stream); returns the counts, and checks that no producer has finished yet."""
+        floor = more_than if isinstance(more_than, list) else [more_than] * len(self.streams)
+        got = wait_for(
+            lambda: (w := self.written()) is not None and all(a > b for a, b in zip(w, floor)) and w,
+            timeout_s,
+            f"every stream to write more than {floor}",
+        )
+        finished = [s.label for s in self.streams if not s.running]
+        assert not finished, f"{finished} finished before the fault: nothing would be tested"
+        return got
 
 
 def start_keyward(tmp_path: Path, eu, us, extra_config: str = "") -> Keyward:
-    return Keyward(tmp_path, "eu", {"eu": eu, "us": us}, TABLE, extra_config=extra_config).start()
+    return Keyward(tmp_path, "eu", {"eu": eu, "us": us}, table(), extra_config=extra_config).start()
 
 
 @contextmanager
@@ -380,27 +453,28 @@ def test_a_broker_restart(tmp_path, eu, us, report):
         keys = key_per_slot(kw)
         idle = Resources.idle(kw)
         streams = [
-            make_stream("broker-restart/java", JavaClient(), eu, us, keys, "fixed", N, 2),
-            make_stream("broker-restart/librdkafka", LibrdkafkaClient(), eu, us, keys, "fixed", N, 1),
-            make_stream("broker-restart/franz", FranzClient(), eu, us, keys, "fixed", N, 2),
+            # Longer streams: the broker must be back and in sync while they still write.
+            make_stream("broker-restart/java", JavaClient(), eu, us, keys, "fixed", 2 * N, 1),
+            make_stream("broker-restart/librdkafka", LibrdkafkaClient(), eu, us, keys, "fixed", 2 * N, 1),
+            make_stream("broker-restart/franz", FranzClient(), eu, us, keys, "fixed", 2 * N, 1),
         ]
         victim = eu.partitions(streams[0].topic)[0]["leader"]
+        progress = Progress(eu, streams)
         with restored(eu):
             for s in streams:
                 s.start(kw.bootstrap)
-            wait_forwarded(kw, 200)
-            assert all(s.running for s in streams), "a producer finished before the fault"
+            at_kill = progress.wait_each(100)
             eu.stop_node(victim, kill=True)
-            at_kill = forwarded(kw)
-            wait_forwarded(kw, at_kill + 200)  # writes go on without it
+            progress.wait_each([n + 100 for n in at_kill])  # the writes go on without it
             eu.start_node(victim, timeout_s=90)
-            at_back = forwarded(kw)
-            assert all(s.running for s in streams), "a producer finished before the broker was back"
+            at_back = progress.wait_each(0)
             tallies = finish_all(streams, eu, us, report)
         idle.back_to_idle(kw)
+        acked = sum(t.acked for t in tallies)
         report(
-            f"faults[broker-restart/keyward]: killed=node{victim} forwarded_at_kill={at_kill:.0f} "
-            f"forwarded_when_back={at_back:.0f} forwarded_total={forwarded(kw):.0f}"
+            f"faults[broker-restart/keyward]: killed=node{victim} written_at_kill={at_kill} "
+            f"written_when_back={at_back} forwarded={forwarded(kw)} acked={acked} "
+            f"(forwarded again after the kill and deduplicated by the broker: {forwarded(kw) - acked})"
         )
         report(idle.line("broker-restart"))
         for s, t in zip(streams, tallies):
@@ -423,14 +497,13 @@ def test_keyward_sigkill_and_sigterm(tmp_path, eu, us, report):
             make_stream("keyward-restarts/java", JavaClient(), eu, us, keys, "fixed", N, 1),
             make_stream("keyward-restarts/librdkafka", LibrdkafkaClient(), eu, us, keys, "fixed", N, 1),
         ]
+        progress = Progress(eu, streams)
         for s in streams:
             s.start(kw.bootstrap)
-        wait_forwarded(kw, 200)
-        assert all(s.running for s in streams), "a producer finished before the fault"
+        at_kill = progress.wait_each(100)
         kw.kill()
         kw.start()
-        wait_forwarded(kw, 200)  # counted by the new process
-        assert all(s.running for s in streams), "a producer finished before SIGTERM"
+        at_term = progress.wait_each([n + 100 for n in at_kill])  # written through the new process
 
         # A Fetch the broker holds for 2 s (its topic is empty) is in flight when SIGTERM comes:
         # it must be answered.
@@ -449,8 +522,12 @@ def test_keyward_sigkill_and_sigterm(tmp_path, eu, us, report):
         assert "shutting down: no new connections; answering what is in flight" in logs
         assert "connections still open after the grace period" not in logs
         kw.start()
+        progress.wait_each(0)
         tallies = finish_all(streams, eu, us, report)
-        report(f"faults[keyward-restarts/keyward]: sigterm_exit={code} sigterm_seconds={took:.2f} grace={grace_s}s")
+        report(
+            f"faults[keyward-restarts/keyward]: written_at_sigkill={at_kill} written_at_sigterm={at_term} "
+            f"sigterm_exit={code} sigterm_seconds={took:.2f} grace={grace_s}s"
+        )
         for s, t in zip(streams, tallies):
             check(s, t)
         assert "panicked" not in kw.log_path.read_text()
@@ -458,12 +535,56 @@ def test_keyward_sigkill_and_sigterm(tmp_path, eu, us, report):
         kw.stop()
 
 
+class Flipper:
+    """Rewrites the table (a new file renamed over the old) and reloads it (POST /reload) every
+    100 ms, alternating table(flipped=True) and table(), until stopped."""
+
+    def __init__(self, kw: Keyward) -> None:
+        self.kw = kw
+        self.flips = 0
+        self.answers: Counter = Counter()
+        self.version0 = kw.ownership()["version"]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="flipper", daemon=True)
+
+    def _run(self) -> None:
+        tmp = self.kw.dir / ".ownership.yaml.new"
+        while not self._stop.is_set():
+            started = time.monotonic()
+            tmp.write_text(table(flipped=self.flips % 2 == 0))
+            tmp.rename(self.kw.table_path)
+            self.flips += 1
+            status, body = self.kw.admin("/reload", "POST")
+            self.answers[f"{status} {json.loads(body).get('result')}"] += 1
+            self._stop.wait(max(0.0, 0.1 - (time.monotonic() - started)))
+
+    def __enter__(self) -> "Flipper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def check(self, report, label: str) -> None:
+        """Every rewrite was a change and was loaded exactly once: by the API call, or by the
+        file watcher first (the API then finds it unchanged)."""
+        wait_for(
+            lambda: self.kw.ownership()["version"] == self.version0 + self.flips, 5, "the last flip to be in force"
+        )
+        report(
+            f"faults[{label}/keyward]: flips={self.flips} table_version={self.kw.ownership()['version']} "
+            f"reload_answers={dict(self.answers)}"
+        )
+        assert set(self.answers) <= {"200 loaded", "200 unchanged"}, self.answers
+        assert self.flips >= 40, f"only {self.flips} flips: the producers were done too soon"
+
+
 def test_ownership_flips_every_100ms(tmp_path, eu, us, report):
-    """The table is rewritten (a new file renamed over the old) and reloaded (POST /reload)
-    every 100 ms, flipping slots 4-7 and 12-15 between eu and us, while three clients write the
-    flipping rule and one writes a rule that never changes. Each request is decided against one
-    table: a flipping record is either acknowledged and in eu once, or refused and nowhere;
-    slots that keep their owner are unaffected."""
+    """The table flips slots 4-7 and 12-15 between eu and us every 100 ms while three clients
+    write the flipping rule (`on_foreign: reject`) and one writes a rule that never changes.
+    Each request is decided against one table: a flipping record is either acknowledged and in
+    eu once, or refused and nowhere; slots that keep their owner are unaffected."""
     kw = start_keyward(tmp_path, eu, us)
     try:
         keys = key_per_slot(kw)
@@ -474,49 +595,50 @@ def test_ownership_flips_every_100ms(tmp_path, eu, us, report):
             make_stream("reload-flips/franz", FranzClient(), eu, us, keys, "flip", N, 8),
             make_stream("reload-flips/fixed-librdkafka", LibrdkafkaClient(), eu, us, keys, "fixed", N, 4),
         ]
-        version0 = kw.ownership()["version"]
-        flips, answers = 0, Counter()
-        stop = threading.Event()
-
-        def flipper() -> None:
-            nonlocal flips
-            tmp = kw.dir / ".ownership.yaml.new"
-            while not stop.is_set():
-                started = time.monotonic()
-                tmp.write_text(FLIPPED if flips % 2 == 0 else TABLE)
-                tmp.rename(kw.table_path)
-                flips += 1
-                status, body = kw.admin("/reload", "POST")
-                answers[(status, json.loads(body)["result"])] += 1
-                stop.wait(max(0.0, 0.1 - (time.monotonic() - started)))
-
-        flipping = threading.Thread(target=flipper, name="flipper", daemon=True)
-        flipping.start()
-        try:
+        with Flipper(kw) as flipper:
             for s in streams:
                 s.start(kw.bootstrap)
             for s in streams:
                 s.finish()
-        finally:
-            stop.set()
-            flipping.join(10)
         tallies = finish_all(streams, eu, us, report)
-        wait_for(lambda: kw.ownership()["version"] == version0 + flips, 5, "the last flip to be in force")
+        flipper.check(report, "reload-flips")
         idle.back_to_idle(kw)
-        report(
-            f"faults[reload-flips/keyward]: flips={flips} version={kw.ownership()['version']} "
-            f"reload_answers={ {f'{s} {r}': n for (s, r), n in answers.items()} }"
-        )
         report(idle.line("reload-flips"))
-        # Every rewrite was a change, and each was loaded exactly once (by the API call, or by
-        # the file watcher first, in which case the API found it unchanged).
-        assert set(answers) <= {(200, "loaded"), (200, "unchanged")}, answers
-        assert flips >= 50, f"only {flips} flips"
         for s, t in zip(streams, tallies):
             check(s, t)
-        for s, t in zip(streams[:3], tallies):
-            flip_results = [r["ok"] for o, r in zip(s.owners, s.results) if o == "flip"]
-            assert any(flip_results) and not all(flip_results), f"{s.label}: the flips decided nothing"
+        for s in streams[:3]:
+            flipping = [r["ok"] for o, r in zip(s.owners, s.results) if o == "flip"]
+            assert any(flipping) and not all(flipping), f"{s.label}: the flips decided nothing"
+    finally:
+        kw.stop()
+
+
+def test_redirect_under_ownership_flips(tmp_path, eu, us, report):
+    """The same flips with `on_foreign: redirect`: every record is acknowledged and lands once,
+    in the cluster that owned it when keyward decided (slots 0-3 in eu, 8-11 in us, the
+    flipping ones in one of the two). keyward renumbers the clients' local batches around the
+    redirected ones, and the partitions switch between local and redirected every 100 ms."""
+    kw = start_keyward(tmp_path, eu, us)
+    try:
+        keys = key_per_slot(kw)
+        idle = Resources.idle(kw)
+        streams = [
+            make_stream("redirect-flips/java", JavaClient(), eu, us, keys, "rflip", N, 8),
+            make_stream("redirect-flips/librdkafka", LibrdkafkaClient(), eu, us, keys, "rflip", N, 4),
+            make_stream("redirect-flips/franz", FranzClient(), eu, us, keys, "rflip", N, 8),
+        ]
+        with Flipper(kw) as flipper:
+            for s in streams:
+                s.start(kw.bootstrap)
+            for s in streams:
+                s.finish()
+        tallies = finish_all(streams, eu, us, report)
+        flipper.check(report, "redirect-flips")
+        idle.back_to_idle(kw)
+        report(idle.line("redirect-flips"))
+        for s, t in zip(streams, tallies):
+            check(s, t)
+            assert "in_eu=" in t.flipping and "in_us=" in t.flipping, f"{s.label}: the flips decided nothing"
     finally:
         kw.stop()
 
@@ -538,6 +660,7 @@ def test_slow_consumer_and_stalled_clients(tmp_path, eu, us, report):
         ]
         read_topic = streams[0].topic
         consumed: dict[tuple[int, int], bytes] = {}
+        consumer_seconds: list[float] = []
         consumer_done = threading.Event()
         want: list[int] = []  # set once the producers are done: how many records to read
 
@@ -555,6 +678,7 @@ def test_slow_consumer_and_stalled_clients(tmp_path, eu, us, report):
                     "fetch.wait.max.ms": 100,
                 }
             )
+            started = time.monotonic()
             try:
                 c.assign([TopicPartition(read_topic, p, OFFSET_BEGINNING) for p in range(SLOTS)])
                 deadline = time.monotonic() + PRODUCE_CALL_S
@@ -569,13 +693,14 @@ def test_slow_consumer_and_stalled_clients(tmp_path, eu, us, report):
                         time.sleep(1)  # a pause, shorter than the idle timeout
             finally:
                 c.close()
+                consumer_seconds.append(time.monotonic() - started)
                 consumer_done.set()
 
         reader = threading.Thread(target=slow_consumer, name="slow-consumer", daemon=True)
         for s in streams:
             s.start(kw.bootstrap)
         reader.start()
-        wait_forwarded(kw, 200)
+        Progress(eu, streams).wait_each(100)
 
         # Half of a 1 MiB produce frame, on the bootstrap and on a virtual broker port.
         idle_before = kw.metric("keyward_client_connections_closed_total", cause="idle")
@@ -587,7 +712,6 @@ def test_slow_consumer_and_stalled_clients(tmp_path, eu, us, report):
             s.sendall(half)
             stalled.append(s)
         sent_at = time.monotonic()
-        assert all(s.running for s in streams), "a producer finished before the stalled clients"
         for s in stalled:
             assert _closed(s, idle_timeout_s + 5), "a stalled connection stayed open"
         closed_after = time.monotonic() - sent_at
@@ -608,6 +732,7 @@ def test_slow_consumer_and_stalled_clients(tmp_path, eu, us, report):
         idle.back_to_idle(kw)
         report(
             f"faults[slow-and-stalled/consumer]: read={len(consumed)} distinct={len(set(consumed.values()))} "
+            f"seconds={consumer_seconds[0]:.1f} fetches={kw.metric('keyward_requests_total', api='Fetch'):.0f} "
             f"stalled_closed_after={closed_after:.1f}s idle_timeout={idle_timeout_s}s"
         )
         report(idle.line("slow-and-stalled"))

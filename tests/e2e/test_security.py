@@ -24,17 +24,13 @@ import urllib.request
 
 import pytest
 
-from harness import record, unique
+from harness import LibrdkafkaClient, record, unique
+from harness.clients import ClientError
 from harness.certs import Pki
 from harness.keyward import Keyward
 
 from test_keyward import INVALID_RECORD, TABLE, _api_versions_v0, _recv_frame, keys_of
 from test_operator import wait_for
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Pki:
-    return Pki(tmp_path_factory.mktemp("pki"), "keyward-test-ca")
 
 
 def _listen_tls(cert, key, client_ca=None, min_version=None) -> str:
@@ -241,3 +237,159 @@ def test_reload_requires_the_bearer_token(tmp_path, eu, us):
         assert _post_reload(kw, "s3cret-token") == 401
         assert _post_reload(kw, "rotated") == 200
         assert "s3cret-token" not in kw.logs(500)
+
+
+# --------------------------------------------------------------- a SASL_SSL cluster behind keyward
+
+SEC_TABLE = """
+rules:
+  - name: orders
+    topics: ["orders.*"]
+    by: key
+    slots: 16
+    owners: { sec: ["0-7"], eu: ["8-15"] }
+    on_foreign: redirect
+default: allow
+"""
+
+KEYWARD_USER, KEYWARD_PASSWORD = "keyward", "keyward-secret"
+
+# Every SASL mechanism through keyward, each with another client implementation.
+MECHANISM_OF = {"java": "SCRAM-SHA-512", "librdkafka": "PLAIN", "franz": "SCRAM-SHA-256"}
+
+
+def _secure_cluster_yaml(secure, password_file, addresses=None, sasl=True, cert=None) -> str:
+    """The `sec` cluster's entry: TLS trusting the test CA, keyward's own SCRAM login."""
+    tls = f"ca: {secure.security.pki.ca}"
+    if cert:
+        tls += f", cert: {cert.cert}, key: {cert.key}"
+    entry = f"bootstrap: [{', '.join(repr(a) for a in (addresses or secure.addresses))}], tls: {{ {tls} }}"
+    if sasl:
+        entry += f", sasl: {{ mechanism: SCRAM-SHA-512, username: {KEYWARD_USER}, password_file: {password_file} }}"
+    return "{ " + entry + " }"
+
+
+@pytest.fixture(scope="module")
+def kw_sec(tmp_path_factory, pki, secure, eu):
+    """keyward for region `sec`, whose cluster is SASL_SSL only, serving clients over TLS."""
+    d = tmp_path_factory.mktemp("kw-sec")
+    password = d / "sec-password"
+    password.write_text(KEYWARD_PASSWORD + "\n")
+    proxy = pki.issue("proxy-sec")
+    with Keyward(
+        d,
+        "sec",
+        {"sec": secure, "eu": eu},
+        SEC_TABLE,
+        listen_extra=_listen_tls(proxy.cert, proxy.key),
+        cluster_yaml={"sec": _secure_cluster_yaml(secure, password)},
+    ) as kw:
+        yield kw
+
+
+def test_client_sasl_passes_through_keyward_to_the_broker(client, pki, secure, eu, kw_sec):
+    """The client logs in to the broker through keyward (SASL_SSL to keyward, TLS from keyward
+    to the broker); keyward enforces ownership on the authenticated connection."""
+    topic = unique("orders.sasl")
+    secure.create_topic(topic, partitions=16)
+    eu.create_topic(topic, partitions=16)
+    security = {**secure.client_security(MECHANISM_OF[client.name], "alice"), "ca": str(pki.ca)}
+    sec_keys, eu_keys = keys_of(kw_sec, "sec", 3), keys_of(kw_sec, "eu", 2)
+    recs = [record(k.encode(), f"v-{k}".encode()) for k in sec_keys + eu_keys]
+
+    results = client.produce(kw_sec.bootstrap, topic, recs, {"linger_ms": 5, "security": security}, timeout_s=40)
+
+    assert all(r["ok"] for r in results), results
+    assert sorted(r["key"] for r in secure.read_all(topic)) == sorted(k.encode() for k in sec_keys)
+    assert sorted(r["key"] for r in eu.read_all(topic)) == sorted(k.encode() for k in eu_keys)
+    got = client.consume(kw_sec.bootstrap, [topic], unique("g-sasl"), 3, timeout_s=40, config={"security": security})
+    assert sorted(r["value"] for r in got) == sorted(f"v-{k}".encode() for k in sec_keys)
+
+
+def test_a_wrong_client_password_still_fails_through_keyward(pki, secure, kw_sec):
+    security = {**secure.client_security("SCRAM-SHA-512", "alice"), "ca": str(pki.ca), "password": "wrong"}
+    with pytest.raises(ClientError, match="(?i)auth"):
+        LibrdkafkaClient().metadata(kw_sec.bootstrap, timeout_s=10, security=security)
+
+
+def test_keyward_probes_the_sasl_cluster_and_shows_no_secret(secure, kw_sec):
+    assert kw_sec.metric("keyward_cluster_up", cluster="sec") == 1
+    assert kw_sec.metric("keyward_ready") == 1
+    exposed = kw_sec.metrics_text() + kw_sec.admin("/ownership")[1] + kw_sec.logs(2000)
+    exposed += kw_sec.config_path.read_text()
+    assert KEYWARD_PASSWORD not in exposed
+    assert "alice-secret" not in exposed
+
+
+def test_redirected_writes_log_in_with_keywards_own_credentials(tmp_path, pki, secure, eu, us):
+    """eu's keyward redirects sec-owned records to the SASL_SSL cluster as user `keyward`; a
+    wrong password makes the cluster unreachable for keyward (and says why, without the
+    password), and fixing the password file heals it without a restart."""
+    password = tmp_path / "sec-password"
+    password.write_text("not-the-password\n")
+    kw = Keyward(
+        tmp_path,
+        "eu",
+        {"eu": eu, "sec": secure},
+        SEC_TABLE,
+        cluster_yaml={"sec": _secure_cluster_yaml(secure, password)},
+        extra_config="reads: { prefer: [eu], probe_interval_ms: 500 }\n",
+    )
+    with kw:
+        wait_for(lambda: "cluster probe failed cluster=sec" in kw.logs(200), 10, "the failed login logged")
+        assert "authentication as \\\"keyward\\\" with SCRAM-SHA-512 failed" in kw.logs(200), kw.logs(20)
+        assert kw.metric("keyward_cluster_up", cluster="sec") == 0
+        assert "not-the-password" not in kw.logs(2000)
+
+        password.write_text(KEYWARD_PASSWORD + "\n")
+        wait_for(lambda: kw.metric("keyward_cluster_up", cluster="sec") == 1, 15, "the probe to log in")
+
+        topic = unique("orders.redirect-sasl")
+        secure.create_topic(topic, partitions=16)
+        eu.create_topic(topic, partitions=16)
+        sec_keys, eu_keys = keys_of(kw, "sec", 4), keys_of(kw, "eu", 2)
+        recs = [record(k.encode(), f"v-{k}".encode()) for k in sec_keys + eu_keys]
+        results = LibrdkafkaClient().produce(kw.bootstrap, topic, recs, {"linger_ms": 5})
+        assert all(r["ok"] for r in results), results
+        assert sorted(r["key"] for r in secure.read_all(topic)) == sorted(k.encode() for k in sec_keys)
+        assert sorted(r["key"] for r in eu.read_all(topic)) == sorted(k.encode() for k in eu_keys)
+        assert KEYWARD_PASSWORD not in kw.logs(2000)
+
+
+def test_keyward_presents_its_client_certificate_to_brokers_that_require_one(tmp_path, pki, secure, eu):
+    """The mTLS listener refuses connections without a client certificate: keyward reaches it
+    with `clusters.<region>.tls.cert`, and redirected writes land."""
+    cert = secure.security.pki.issue("keyward-client")
+    kw = Keyward(
+        tmp_path,
+        "eu",
+        {"eu": eu, "sec": secure},
+        SEC_TABLE,
+        cluster_yaml={
+            "sec": _secure_cluster_yaml(secure, None, addresses=secure.mtls_addresses, sasl=False, cert=cert)
+        },
+        extra_config="reads: { prefer: [eu] }\n",
+    )
+    with kw:
+        wait_for(lambda: kw.metric("keyward_cluster_up", cluster="sec") == 1, 10, "the probe over mTLS")
+        topic = unique("orders.redirect-mtls")
+        secure.create_topic(topic, partitions=1)
+        eu.create_topic(topic, partitions=1)
+        sec_keys = keys_of(kw, "sec", 3)
+        results = LibrdkafkaClient().produce(kw.bootstrap, topic, [record(k.encode(), b"v") for k in sec_keys])
+        assert all(r["ok"] for r in results), results
+        assert sorted(r["key"] for r in secure.read_all(topic)) == sorted(k.encode() for k in sec_keys)
+
+    # The same without keyward's certificate: the cluster is unreachable, and the log says so.
+    kw = Keyward(
+        tmp_path,
+        "eu",
+        {"eu": eu, "sec": secure},
+        SEC_TABLE,
+        name="kw-nocert",
+        cluster_yaml={"sec": _secure_cluster_yaml(secure, None, addresses=secure.mtls_addresses, sasl=False)},
+        extra_config="reads: { prefer: [eu] }\n",
+    )
+    with kw:
+        wait_for(lambda: "cluster probe failed cluster=sec" in kw.logs(200), 10, "the refused connection logged")
+        assert kw.metric("keyward_cluster_up", cluster="sec") == 0

@@ -66,8 +66,8 @@ class Pki:
         """A new key and certificate with CN=`name` and the given subjectAltNames (an IP
         address becomes an IP SAN, anything else a DNS SAN). Files are named after `name`;
         issuing the same name again replaces them."""
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-            raise ValueError(f"certificate name {name!r}: use letters, digits, '.', '_', '-'")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name == "ca":
+            raise ValueError(f"certificate name {name!r}: use letters, digits, '.', '_', '-' (and not 'ca')")
         alt = ", ".join(f"IP:{s}" if _is_ip(s) else f"DNS:{s}" for s in sans)
         leaf = Leaf(name, self.dir / f"{name}.pem", self.dir / f"{name}-key.pem", self.dir / f"{name}-chain.pem")
         cnf = self.dir / f"{name}.cnf"
@@ -84,7 +84,8 @@ class Pki:
         )
         _new_key(leaf.key)
         _openssl("req", "-new", "-config", cnf, "-key", leaf.key, "-out", csr)
-        _sign(leaf.cert, LEAF_DAYS, "x509", "-req", "-in", csr, "-CA", self.ca, "-CAkey", self.ca_key, "-extfile", cnf, "-extensions", "ext")
+        ca_args = ["-CA", self.ca, "-CAkey", self.ca_key]
+        _sign(leaf.cert, LEAF_DAYS, "x509", "-req", "-in", csr, *ca_args, "-extfile", cnf, "-extensions", "ext")
         csr.unlink()
         leaf.chain.write_text(leaf.cert.read_text() + self.ca.read_text())
         return leaf

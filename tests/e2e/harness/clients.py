@@ -47,8 +47,8 @@ They answer {"results": [delivery]}, {"records": [wire record]} or
 {"cluster_id", "controller_id", "brokers": [{"node_id", "host", "port"}]}.
 
 A client that cannot authenticate or does not trust the server (or is refused by it) fails
-within the call's timeout: produce reports an error for every record, consume and metadata
-raise ClientError.
+within the call's timeout: produce reports an error for every record, metadata raises
+ClientError, consume raises ClientError (java) or returns no records (librdkafka, franz).
 """
 
 from __future__ import annotations
@@ -233,7 +233,9 @@ class Client(ABC):
         then commit synchronously (commit=True) and leave. Returns what was consumed."""
 
     @abstractmethod
-    def metadata(self, bootstrap: str, timeout_s: float = 15, security: dict | None = None) -> list[tuple[int, str, int]]:
+    def metadata(
+        self, bootstrap: str, timeout_s: float = 15, security: dict | None = None
+    ) -> list[tuple[int, str, int]]:
         """Brokers as this client sees them: sorted [(node_id, host, port)]. `security` as in
         the module docstring."""
 
@@ -510,13 +512,13 @@ class LibrdkafkaClient(Client):
         return out
 
     def metadata(self, bootstrap, timeout_s=15, security=None):
-        """See Client.metadata. librdkafka retries failed authentications and TLS handshakes
-        until the timeout; this gives up at the first one (like the Java and Go clients) and
-        raises ClientError with librdkafka's last error."""
+        """See Client.metadata; failures raise ClientError with librdkafka's last error.
+        librdkafka retries a failed SASL login or server-certificate check until the timeout;
+        this gives up at the first one, like the Java and Go clients. A handshake the server
+        refuses (no client certificate) is a plain transport error and takes the timeout."""
         errors: list[KafkaError] = []
-        admin = AdminClient(
-            {"bootstrap.servers": bootstrap, "logger": self._log, "error_cb": errors.append, **librdkafka_security(security)}
-        )
+        conf = {"bootstrap.servers": bootstrap, "logger": self._log, "error_cb": errors.append}
+        admin = AdminClient({**conf, **librdkafka_security(security)})
         deadline = time.monotonic() + timeout_s
         while True:
             try:

@@ -9,12 +9,13 @@ with a static voter set, so a 3-node cluster is 3 JVMs, a 1-node cluster is 1.
 Node ids are 1..N. All ports are picked free on 127.0.0.1 when the cluster is
 created and kept across node restarts.
 
-Security (optional, `security=KafkaSecurity(...)`): the client listener on `node.port` then
-speaks SASL_SSL (PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512, every user known to all three), and
-with `mtls=True` a second client listener on `node.mtls_port` speaks SSL and requires a client
-certificate from the same CA. Inter-broker traffic and the controller stay PLAINTEXT on
-loopback ports of their own, so only the client-facing listeners are secure. The harness's
-own clients (readiness, admin, read_all) authenticate as HARNESS_USER over SCRAM-SHA-512.
+Security (optional, `security=KafkaSecurity(...)`): the client listener (CLIENT) on
+`node.port` then speaks SASL_SSL, where every user can log in with PLAIN, SCRAM-SHA-256 and
+SCRAM-SHA-512; with `mtls=True` a second client listener (MTLS) on `node.mtls_port` speaks SSL
+and requires a client certificate from the same CA. Inter-broker traffic (INTERNAL) and the
+controller stay PLAINTEXT on loopback ports of their own, so only the client-facing listeners
+are secure. There are no ACLs: any authenticated user may do anything. The harness's own
+clients (readiness, admin, read_all) log in as HARNESS_USER with SCRAM-SHA-512.
 """
 
 from __future__ import annotations

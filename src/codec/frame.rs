@@ -4,7 +4,7 @@
 //! keyward does not need to change is forwarded without being copied or re-encoded. Nothing here
 //! touches a socket: [`FrameReader`] is fed by the connection code.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 
 use super::wire::{Reader, WireError};
 
@@ -38,11 +38,24 @@ impl FrameReader {
     /// Takes the next complete frame (prefix included) off `buf`, or says how many more bytes the
     /// buffer must hold before one is complete.
     pub fn next_frame(&self, buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
-        if buf.len() < LENGTH_PREFIX {
+        let Some(total) = self.frame_len(buf)? else {
             buf.reserve(LENGTH_PREFIX);
             return Ok(None);
+        };
+        if buf.len() < total {
+            buf.reserve(total - buf.len());
+            return Ok(None);
         }
-        let len = (&buf[..LENGTH_PREFIX]).get_i32();
+        Ok(Some(buf.split_to(total).freeze()))
+    }
+
+    /// The length (prefix included) of the frame `buf` starts with, once its prefix is there;
+    /// an error for a length no frame may have.
+    pub fn frame_len(&self, buf: &[u8]) -> Result<Option<usize>, FrameError> {
+        let Some(prefix) = buf.get(..LENGTH_PREFIX) else {
+            return Ok(None);
+        };
+        let len = i32::from_be_bytes(prefix.try_into().expect("four bytes"));
         if len < 0 {
             return Err(FrameError::NegativeLength(len));
         }
@@ -53,12 +66,7 @@ impl FrameReader {
                 limit: self.max_frame_bytes,
             });
         }
-        let total = LENGTH_PREFIX + len;
-        if buf.len() < total {
-            buf.reserve(total - buf.len());
-            return Ok(None);
-        }
-        Ok(Some(buf.split_to(total).freeze()))
+        Ok(Some(LENGTH_PREFIX + len))
     }
 }
 

@@ -572,6 +572,29 @@ async fn responses(
             }
             Slot::Broker {
                 correlation_id,
+                handling: Handling::Rewrite(rewrite),
+                timing,
+            } if streams(shared, cluster, &rewrite) => {
+                let (sent, arrived) = stream_response(
+                    &reader,
+                    &mut upstream,
+                    &mut client,
+                    &mut buf,
+                    correlation_id,
+                )
+                .await?;
+                let meters = shared.meters.api(timing.api_key);
+                meters
+                    .broker_seconds
+                    .record((arrived - timing.sent).as_secs_f64());
+                meters
+                    .proxy_seconds
+                    .record((timing.sent - timing.received).as_secs_f64());
+                shared.meters.bytes_sent.increment(sent as u64);
+                continue;
+            }
+            Slot::Broker {
+                correlation_id,
                 handling,
                 timing,
             } => {
@@ -620,6 +643,78 @@ async fn responses(
     Ok("client_closed")
 }
 
+/// Whether a response passes through untouched whatever it holds, so it can be relayed as it
+/// arrives instead of being read whole first: everything keyward does not rewrite, and Fetch
+/// responses too old to carry node endpoints while node ids are not renumbered. (Fetch v16+
+/// may end with node endpoints, which change the length, so those are read whole.)
+fn streams(shared: &Shared, cluster: usize, rewrite: &Rewrite) -> bool {
+    match rewrite {
+        Rewrite::Passthrough => true,
+        Rewrite::Fetch(v) => {
+            *v < rewrite::FETCH_NODE_ENDPOINTS && shared.clusters.get(cluster).node_offset == 0
+        }
+        _ => false,
+    }
+}
+
+/// Bytes read from the broker per step of a relayed response: what bounds a connection's
+/// memory however large the response.
+const RELAY_CHUNK: usize = 256 * 1024;
+
+/// Relays the broker's next response to the client as it arrives, after checking its length
+/// and correlation id. Returns the bytes relayed and when the response started to arrive.
+async fn stream_response(
+    reader: &FrameReader,
+    upstream: &mut ReadHalf,
+    client: &mut WriteHalf,
+    buf: &mut BytesMut,
+    correlation_id: i32,
+) -> Result<(usize, Instant), ConnError> {
+    const HEAD: usize = LENGTH_PREFIX + 4;
+    while buf.len() < HEAD {
+        buf.reserve(RELAY_CHUNK);
+        if upstream.read_buf(buf).await? == 0 {
+            return Err(ConnError::BrokerClosed);
+        }
+    }
+    let arrived = Instant::now();
+    let total = reader
+        .frame_len(buf)
+        .map_err(ConnError::BrokerFrame)?
+        .expect("the prefix is buffered");
+    if total < HEAD {
+        return Err(ConnError::BrokerFrame(FrameError::Header(
+            WireError::Truncated {
+                needed: HEAD,
+                at: 0,
+            },
+        )));
+    }
+    let got = frame::response_correlation_id(buf)
+        .map_err(|e| ConnError::BrokerFrame(FrameError::Header(e)))?;
+    if got != correlation_id {
+        return Err(ConnError::CorrelationMismatch {
+            expected: correlation_id,
+            got,
+        });
+    }
+    let mut left = total;
+    while left > 0 {
+        if buf.is_empty() {
+            // The chunk written last is gone, so this reuses the same allocation.
+            buf.reserve(left.min(RELAY_CHUNK));
+            if upstream.read_buf(buf).await? == 0 {
+                return Err(ConnError::BrokerClosed);
+            }
+        }
+        let chunk = buf.split_to(left.min(buf.len()));
+        client.write_all(&chunk).await?;
+        left -= chunk.len();
+    }
+    client.flush().await?;
+    Ok((total, arrived))
+}
+
 fn respond(
     shared: &Arc<Shared>,
     cluster: usize,
@@ -662,6 +757,66 @@ mod tests {
             ..testkit::record(Some(b"k"), None, &[])
         };
         testkit::batch(&[record], Compression::None).to_vec()
+    }
+
+    /// A connected pair of plain streams.
+    async fn pair() -> (Stream, Stream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        (Stream::Plain(a.unwrap()), Stream::Plain(b.unwrap().0))
+    }
+
+    fn response(correlation_id: i32, body_len: usize) -> Vec<u8> {
+        let mut f = ((4 + body_len) as i32).to_be_bytes().to_vec();
+        f.extend_from_slice(&correlation_id.to_be_bytes());
+        f.extend((0..body_len).map(|i| (i % 251) as u8));
+        f
+    }
+
+    #[tokio::test]
+    async fn relayed_responses_arrive_whole_and_in_order_with_bounded_buffers() {
+        let (broker, from_broker) = pair().await;
+        let (to_client, mut client) = pair().await;
+        let (mut upstream, _) = from_broker.into_split();
+        let (_, mut downstream) = to_client.into_split();
+        let (_, mut broker) = broker.into_split();
+        let big = response(1, 3 * RELAY_CHUNK + 17);
+        let small = response(2, 10);
+        let sent = [big.clone(), small.clone()].concat();
+        let writer = tokio::spawn(async move {
+            // Odd-sized pieces, so frames straddle reads.
+            for piece in sent.chunks(7_919) {
+                broker.write_all(piece).await.unwrap();
+            }
+            broker
+        });
+        let reader = FrameReader::new(8 * 1024 * 1024);
+        let mut buf = BytesMut::new();
+        for (id, frame) in [(1, &big), (2, &small)] {
+            let (n, _) = stream_response(&reader, &mut upstream, &mut downstream, &mut buf, id)
+                .await
+                .unwrap();
+            assert_eq!(n, frame.len());
+            assert!(buf.capacity() <= 2 * RELAY_CHUNK, "{}", buf.capacity());
+        }
+        let mut got = vec![0; big.len() + small.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [big, small].concat());
+
+        // A response to another request ends the connection instead of reaching the client.
+        let mut broker = writer.await.unwrap();
+        broker.write_all(&response(9, 4)).await.unwrap();
+        let e = stream_response(&reader, &mut upstream, &mut downstream, &mut buf, 3)
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            ConnError::CorrelationMismatch {
+                expected: 3,
+                got: 9
+            }
+        ));
     }
 
     #[test]

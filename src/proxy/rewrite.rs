@@ -230,7 +230,7 @@ pub fn produce_endpoints(r: &mut ProduceResponse, to: &dyn Advertise) -> Result<
 }
 
 /// First Fetch version whose response may carry node endpoints (KIP-951).
-const FETCH_NODE_ENDPOINTS: i16 = 16;
+pub const FETCH_NODE_ENDPOINTS: i16 = 16;
 
 /// Fetch responses carry the records consumers read, so they are only re-encoded in the rare
 /// case the broker attached node endpoints (a leader moved); otherwise the original bytes leave

@@ -28,6 +28,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,7 @@ class Settings:
     compressed_sizes: list[int]
     partitions: int
     idle_connections: int
+    stall_seconds: float  # broker frozen this long in the stall run (0: skip it)
     out: Path
     quick: bool
 
@@ -76,12 +78,13 @@ class Settings:
             rounds=int(get("ROUNDS", "3", "3")),
             seconds=float(get("SECONDS", "6", "1.5")),
             half_seconds=float(get("HALF_SECONDS", "4", "1")),
-            consume_seconds=float(get("CONSUME_SECONDS", "2", "0.5")),
+            consume_seconds=float(get("CONSUME_SECONDS", "5", "1")),
             sizes=ints(get("SIZES", "100,1024", "100,1024")),
             compressions=[c for c in get("COMPRESSIONS", "lz4,zstd", "lz4,zstd").split(",") if c],
             compressed_sizes=ints(get("COMPRESSED_SIZES", "100,1024", "1024")),
             partitions=int(get("PARTITIONS", "4", "4")),
             idle_connections=int(get("IDLE_CONNECTIONS", "1000", "1000")),
+            stall_seconds=float(get("STALL_SECONDS", "5", "3")),
             out=Path(os.environ.get("KEYWARD_BENCH_OUT", ROOT / "target/bench")),
             quick=quick,
         )
@@ -401,6 +404,41 @@ class Bench:
                 self.record(rnd, load, path, "half", self.produce(path, load, topic, self.s.half_seconds, rate=rate))
                 self.delete_topic(topic)
 
+    def stall(self, path: str, load: Load, seconds: float, stall_s: float) -> dict:
+        """A full-load produce run through `path` during which the broker is frozen (SIGSTOP)
+        for `stall_s`: the relay's memory before, during and after the stall shows whether it
+        buffers what it cannot forward (unbounded) or pushes back on the client (bounded)."""
+        pid = self.relay_pid(path)
+        broker = self.cluster.nodes[0].proc
+        topic = self.new_topic(path, load, -2)
+        result: dict = {}
+        runner = threading.Thread(target=lambda: result.update(self.produce(path, load, topic, seconds)))
+        runner.start()
+        time.sleep(seconds / 4)
+        rss_loaded = status_kib(pid, "VmRSS")
+        samples = []
+        broker.send_signal(signal.SIGSTOP)
+        try:
+            end = time.monotonic() + stall_s
+            while time.monotonic() < end:
+                samples.append(status_kib(pid, "VmRSS"))
+                time.sleep(0.1)
+        finally:
+            broker.send_signal(signal.SIGCONT)
+        runner.join()
+        self.delete_topic(topic)
+        return {
+            "path": path,
+            "load": load.name,
+            "stall_s": stall_s,
+            "rss_loaded_kib": rss_loaded,
+            "rss_stalled_max_kib": max(samples),
+            "rss_stalled_last_kib": samples[-1],
+            "rss_after_kib": status_kib(pid, "VmRSS"),
+            "delivered": result.get("msgs", 0),
+            "ok": result.get("ok", False),
+        }
+
     def idle_connections(self, path: str, count: int) -> dict:
         """Opens `count` client connections through `path`, each one having asked ApiVersions
         (what every client does first) and then idle; returns the relay's RSS then."""
@@ -521,7 +559,7 @@ def table(rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def targets(rows: list[dict], idle: list[dict]) -> str:
+def targets(rows: list[dict], idle: list[dict], stalls: list[dict]) -> str:
     """The issue's targets, each checked against this run."""
     out = []
 
@@ -551,11 +589,20 @@ def targets(rows: list[dict], idle: list[dict]) -> str:
     for i in idle:
         if i["path"] != "haproxy":
             check(f"RSS with {i['connections']} idle client connections ≤ 64 MiB", i["rss_kib"] / 1024, lambda v: v <= 64, lambda v: f"{v:.1f} MiB")
-    out.append("| memory bounded when the broker stalls under full load | not measured by dev/bench | n/a |")
+    for st in stalls:
+        # Bounded: stalling adds no more than the buffers of the connections involved.
+        check(
+            f"memory bounded when the broker stalls under full {st['load']} load (RSS while stalled ≤ 64 MiB)",
+            st["rss_stalled_max_kib"] / 1024,
+            lambda v: v <= 64,
+            lambda v: f"{v:.1f} MiB",
+        )
+    if not stalls:
+        out.append("| memory bounded when the broker stalls under full load | not measured (KEYWARD_BENCH_STALL_SECONDS=0) | n/a |")
     return "| target | measured | |\n|---|--:|---|\n" + "\n".join(out) + "\n"
 
 
-def report(settings: Settings, bench: Bench, idle: list[dict], started: float) -> str:
+def report(settings: Settings, bench: Bench, idle: list[dict], stalls: list[dict], started: float) -> str:
     rows = summarize(bench.runs, bench.loads(), settings.rounds)
     failed = [r for r in bench.runs if not r.get("ok")]
     lines = [
@@ -591,10 +638,18 @@ def report(settings: Settings, bench: Bench, idle: list[dict], started: float) -
         lines.append("Idle connections (each sent ApiVersions, then idle): " + "; ".join(
             f"{PATHS[i['path']][0]}: {i['connections']} connections, RSS {i['rss_before_kib'] / 1024:.1f} → "
             f"{i['rss_kib'] / 1024:.1f} MiB" for i in idle) + "\n")
+    for st in stalls:
+        lines.append(
+            f"Broker stalled (SIGSTOP) for {st['stall_s']:g} s during a full-load {st['load']} run through "
+            f"{PATHS[st['path']][0]}: keyward RSS {st['rss_loaded_kib'] / 1024:.1f} MiB under load before, at most "
+            f"{st['rss_stalled_max_kib'] / 1024:.1f} MiB while stalled ({st['rss_stalled_last_kib'] / 1024:.1f} MiB at "
+            f"its end), {st['rss_after_kib'] / 1024:.1f} MiB after; {st['delivered']:,} records delivered "
+            f"({'run ok' if st['ok'] else 'run FAILED'}).\n"
+        )
     if failed:
         lines.append(f"**{len(failed)} run(s) failed** (left out of the medians): " + ", ".join(
             f"r{r['round']} {r['size']} {r['compression']} {r['path']} {r['kind']}" for r in failed) + "\n")
-    lines += ["## Targets (issue 5)", "", targets(rows, idle)]
+    lines += ["## Targets (issue 5)", "", targets(rows, idle, stalls)]
     return "\n".join(lines)
 
 
@@ -678,6 +733,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="keyward-bench-"))
     bench = Bench(settings, workdir, args.loadgen)
     idle: list[dict] = []
+    stalls: list[dict] = []
     if args.perf:
         try:
             bench.start()
@@ -703,14 +759,18 @@ def main() -> int:
             for path in ("passthrough", "haproxy"):
                 idle.append(bench.idle_connections(path, settings.idle_connections))
                 log(f"idle: {idle[-1]}")
+        if settings.stall_seconds:
+            stalls.append(bench.stall("key", Load(1024, "none"), settings.stall_seconds * 2.5, settings.stall_seconds))
+            log(f"stall: {stalls[-1]}")
     except KeyboardInterrupt:
         log("interrupted; reporting what ran")
     finally:
         bench.stop()
-    text = report(settings, bench, idle, started)
+    text = report(settings, bench, idle, stalls, started)
     (settings.out / "results.md").write_text(text)
     (settings.out / "results.json").write_text(json.dumps({"settings": {**settings.__dict__, "out": str(settings.out)},
-                                                           "runs": bench.runs, "idle": idle}, indent=1))
+                                                           "runs": bench.runs, "idle": idle,
+                                                           "stalls": stalls}, indent=1))
     print(text)
     log(f"wrote {settings.out / 'results.md'} and results.json (work dir {workdir})")
     shutil.rmtree(workdir, ignore_errors=True)

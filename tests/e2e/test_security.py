@@ -393,3 +393,40 @@ def test_keyward_presents_its_client_certificate_to_brokers_that_require_one(tmp
     with kw:
         wait_for(lambda: "cluster probe failed cluster=sec" in kw.logs(200), 10, "the refused connection logged")
         assert kw.metric("keyward_cluster_up", cluster="sec") == 0
+
+
+def test_a_broker_that_never_finishes_tls_costs_one_connect_timeout(tmp_path, pki, eu, us):
+    """limits.connect_timeout_ms bounds TCP and TLS together: a broker that accepts and then
+    says nothing makes keyward close the client's connection after that long, counted."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    port = silent.getsockname()[1]
+    try:
+        with Keyward(
+            tmp_path,
+            "eu",
+            {"eu": eu, "us": us},
+            TABLE,
+            cluster_yaml={"eu": f"{{ bootstrap: ['127.0.0.1:{port}'], tls: {{ ca: {pki.ca} }} }}"},
+            extra_config="reads: { prefer: [eu] }\nlimits: { connect_timeout_ms: 1000 }\n",
+        ) as kw:
+            before = kw.metric("keyward_upstream_connect_errors_total", cluster="eu")
+            with socket.create_connection(("127.0.0.1", kw.bootstrap_port), timeout=10) as c:
+                t0 = time.monotonic()
+                c.sendall(_api_versions_v0(1))
+                try:
+                    assert c.recv(1) == b""
+                except ConnectionResetError:  # closed with the request unread: a reset
+                    pass
+                waited = time.monotonic() - t0
+            assert 0.9 < waited < 4, f"closed after {waited:.1f}s; connect_timeout_ms is 1000"
+            wait_for(
+                # (>=: the harness's own start-up check connected too)
+                lambda: kw.metric("keyward_upstream_connect_errors_total", cluster="eu") >= before + 1,
+                5,
+                "the failed connect counted",
+            )
+            assert "timed out after 1s" in kw.logs(50)
+    finally:
+        silent.close()

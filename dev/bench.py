@@ -435,7 +435,8 @@ class Bench:
             "rss_stalled_max_kib": max(samples),
             "rss_stalled_last_kib": samples[-1],
             "rss_after_kib": status_kib(pid, "VmRSS"),
-            "delivered": result.get("msgs", 0),
+            "delivered": result.get("delivered", 0),
+            "failed": result.get("failed", 0),
             "ok": result.get("ok", False),
         }
 
@@ -643,7 +644,8 @@ def report(settings: Settings, bench: Bench, idle: list[dict], stalls: list[dict
             f"Broker stalled (SIGSTOP) for {st['stall_s']:g} s during a full-load {st['load']} run through "
             f"{PATHS[st['path']][0]}: keyward RSS {st['rss_loaded_kib'] / 1024:.1f} MiB under load before, at most "
             f"{st['rss_stalled_max_kib'] / 1024:.1f} MiB while stalled ({st['rss_stalled_last_kib'] / 1024:.1f} MiB at "
-            f"its end), {st['rss_after_kib'] / 1024:.1f} MiB after; {st['delivered']:,} records delivered "
+            f"its end), {st['rss_after_kib'] / 1024:.1f} MiB after; {st['delivered']:,} records delivered, "
+            f"{st['failed']:,} failed "
             f"({'run ok' if st['ok'] else 'run FAILED'}).\n"
         )
     if failed:
@@ -755,13 +757,14 @@ def main() -> int:
         for rnd in range(settings.rounds):
             log(f"half-load round {rnd + 1}/{settings.rounds}")
             bench.half_round(rnd)
+        # The stall before the idle connections: RSS stays at its high-water mark afterwards.
+        if settings.stall_seconds:
+            stalls.append(bench.stall("key", Load(1024, "none"), settings.stall_seconds * 2.5, settings.stall_seconds))
+            log(f"stall: {stalls[-1]}")
         if settings.idle_connections:
             for path in ("passthrough", "haproxy"):
                 idle.append(bench.idle_connections(path, settings.idle_connections))
                 log(f"idle: {idle[-1]}")
-        if settings.stall_seconds:
-            stalls.append(bench.stall("key", Load(1024, "none"), settings.stall_seconds * 2.5, settings.stall_seconds))
-            log(f"stall: {stalls[-1]}")
     except KeyboardInterrupt:
         log("interrupted; reporting what ran")
     finally:

@@ -21,10 +21,14 @@ pub enum FrameError {
     Header(#[from] WireError),
 }
 
+/// The most a read buffer grows by ahead of the bytes that arrived.
+const RESERVE_STEP: usize = 1024 * 1024;
+
 /// Splits complete frames off a read buffer.
 ///
-/// The buffer grows only to hold the frame being read, and a frame larger than `max_frame_bytes`
-/// is refused before any of its body is buffered.
+/// The buffer grows only to hold the frame being read, at most [`RESERVE_STEP`] ahead of the
+/// bytes that arrived, and a frame larger than `max_frame_bytes` is refused before any of its
+/// body is buffered.
 #[derive(Debug)]
 pub struct FrameReader {
     max_frame_bytes: usize,
@@ -43,7 +47,9 @@ impl FrameReader {
             return Ok(None);
         };
         if buf.len() < total {
-            buf.reserve(total - buf.len());
+            // Room for what is missing, up to a step: a peer that announces a large frame and
+            // sends it slowly (or never) gets memory as its bytes arrive, not at its word.
+            buf.reserve((total - buf.len()).min(RESERVE_STEP));
             return Ok(None);
         }
         Ok(Some(buf.split_to(total).freeze()))
@@ -176,6 +182,14 @@ mod tests {
             reader.next_frame(&mut buf),
             Err(FrameError::NegativeLength(-1))
         );
+    }
+
+    #[test]
+    fn memory_follows_the_bytes_that_arrived_not_the_announced_length() {
+        let reader = FrameReader::new(100 * 1024 * 1024);
+        let mut buf = BytesMut::from(&(90 * 1024 * 1024i32).to_be_bytes()[..]);
+        assert_eq!(reader.next_frame(&mut buf), Ok(None));
+        assert!(buf.capacity() <= 2 * RESERVE_STEP, "{}", buf.capacity());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! responses leave in request order whether the broker or keyward produced them.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -191,8 +192,23 @@ async fn relay(
     let (client_read, client_write) = client.into_split();
     let (upstream_read, upstream_write) = upstream.into_split();
     let (slots_tx, slots_rx) = mpsc::channel(shared.config.limits.max_in_flight);
-    let requests = requests(shared, cluster, client_read, upstream_write, slots_tx);
-    let responses = responses(shared, cluster, upstream_read, client_write, slots_rx);
+    let activity = Activity::default();
+    let requests = requests(
+        shared,
+        cluster,
+        client_read,
+        upstream_write,
+        slots_tx,
+        &activity,
+    );
+    let responses = responses(
+        shared,
+        cluster,
+        upstream_read,
+        client_write,
+        slots_rx,
+        &activity,
+    );
     tokio::pin!(requests, responses);
     tokio::select! {
         r = &mut requests => match r {
@@ -202,6 +218,46 @@ async fn relay(
             other => other,
         },
         r = &mut responses => r,
+    }
+}
+
+/// What the idle timeout looks at besides requests: responses still owed, and when the last one
+/// was written. Shared by the two halves of one connection.
+struct Activity {
+    started: Instant,
+    owed: AtomicUsize,
+    /// Milliseconds after `started` of the last response written.
+    answered_at: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            owed: AtomicUsize::new(0),
+            answered_at: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Activity {
+    fn asked(&self) {
+        self.owed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn answered(&self) {
+        let at = self.started.elapsed().as_millis() as u64;
+        self.answered_at.store(at, Ordering::Relaxed);
+        self.owed.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// How long since the last response, or `None` while a response is owed.
+    fn quiet_for(&self) -> Option<Duration> {
+        if self.owed.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let at = Duration::from_millis(self.answered_at.load(Ordering::Relaxed));
+        Some(self.started.elapsed().saturating_sub(at))
     }
 }
 
@@ -230,6 +286,7 @@ async fn requests(
     mut client: ReadHalf,
     mut upstream: WriteHalf,
     slots: mpsc::Sender<Slot>,
+    activity: &Activity,
 ) -> Result<&'static str, ConnError> {
     let reader = FrameReader::new(shared.config.limits.max_frame_bytes);
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -237,13 +294,26 @@ async fn requests(
     let mut meters = DecisionMeters::default();
     let idle = Duration::from_secs(shared.config.limits.idle_timeout_secs);
     let stop = shared.shutdown_token();
+    let mut wait = idle;
     loop {
         let read = tokio::select! {
-            read = tokio::time::timeout(idle, read_frame(&reader, &mut client, &mut buf)) => read,
+            read = tokio::time::timeout(wait, read_frame(&reader, &mut client, &mut buf)) => read,
             () = stop.cancelled() => return Ok("shutdown"),
         };
+        wait = idle;
         let frame = match read {
-            Err(_) => return Ok("idle"),
+            // Idle means nothing asked, nothing owed and nothing answered for the whole idle
+            // timeout: a client waiting on a long fetch or a slow broker is not idle. (A read
+            // cut short here loses no byte: read_buf is cancel-safe and a partial frame stays
+            // in `buf`.)
+            Err(_) => match activity.quiet_for() {
+                None => continue,
+                Some(quiet) if quiet < idle => {
+                    wait = idle - quiet;
+                    continue;
+                }
+                Some(_) => return Ok("idle"),
+            },
             Ok(Ok(Some(f))) => f,
             Ok(Ok(None)) => return Ok("client_closed"),
             Ok(Err(Ok(e))) => return Err(ConnError::ClientFrame(e)),
@@ -298,6 +368,7 @@ async fn requests(
             }
             Some(Pending::Close) | None => continue,
         };
+        activity.asked();
         if slots.send(slot).await.is_err() {
             return Ok("client_closed");
         }
@@ -557,6 +628,7 @@ async fn responses(
     mut upstream: ReadHalf,
     mut client: WriteHalf,
     mut slots: mpsc::Receiver<Slot>,
+    activity: &Activity,
 ) -> Result<&'static str, ConnError> {
     let reader = FrameReader::new(shared.config.limits.max_frame_bytes);
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -591,6 +663,7 @@ async fn responses(
                     .proxy_seconds
                     .record((timing.sent - timing.received).as_secs_f64());
                 shared.meters.bytes_sent.increment(sent as u64);
+                activity.answered();
                 continue;
             }
             Slot::Broker {
@@ -639,6 +712,7 @@ async fn responses(
                 .record((done - timing.received).as_secs_f64()),
         }
         shared.meters.bytes_sent.increment(out.len() as u64);
+        activity.answered();
     }
     Ok("client_closed")
 }

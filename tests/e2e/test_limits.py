@@ -67,6 +67,26 @@ def test_idle_connections_are_closed(tmp_path, eu, us):
         wait_for(lambda: kw.metric("keyward_client_connections_closed_total", cause="idle") == 1, 5, "idle count")
 
 
+def test_a_connection_waiting_on_the_broker_is_not_idle(tmp_path, eu, us):
+    """Idle means nothing asked and nothing owed: a Fetch the broker holds longer than the idle
+    timeout is answered, and only then does the idle clock run."""
+    topic = unique("orders.longpoll")
+    eu.create_topic(topic, partitions=1)
+    with Keyward(
+        tmp_path, "eu", {"eu": eu, "us": us}, TABLE, extra_config="limits: { idle_timeout_secs: 1 }\n"
+    ) as kw:
+        leader = eu.admin().list_topics(topic, timeout=10).topics[topic].partitions[0].leader
+        with socket.create_connection(("127.0.0.1", kw.port_base + leader), timeout=10) as s:
+            started = time.monotonic()
+            s.sendall(_fetch_v4(31, topic, max_wait_ms=3000))
+            frame = _recv_frame(s)
+            assert struct.unpack(">i", frame[:4])[0] == 31
+            assert time.monotonic() - started >= 2.5, "the broker held the fetch"
+            answered = time.monotonic()
+            assert _closed(s, 5)
+            assert 0.8 <= time.monotonic() - answered < 4
+
+
 def test_sigterm_answers_in_flight_requests_then_exits(tmp_path, eu, us):
     topic = unique("orders.drain")
     eu.create_topic(topic, partitions=1)

@@ -3,8 +3,8 @@
 `Keyward(workdir, region, clusters, table)` writes a static config and an ownership table,
 starts `$KEYWARD_BIN run` on free loopback ports and waits until the bootstrap port and the
 admin API answer. `metric(name, **labels)` reads its Prometheus text, so tests assert on what
-operators would see. For fault tests: `kill()` (SIGKILL), `terminate()` (SIGTERM, timed), a
-second `start()` on the same ports, and `rss_bytes()` / `open_fds()` read from /proc.
+operators would see. For fault tests: `kill()` (SIGKILL), a second `start()` on the same ports,
+and `rss_bytes()` / `open_fds()` read from /proc.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import time
@@ -153,14 +152,6 @@ ownership_file: ownership.yaml
         assert self.proc is not None and self.proc.poll() is None, "keyward is not running"
         self.proc.kill()
         self.proc.wait()
-
-    def terminate(self, timeout_s: float = 30) -> tuple[int, float]:
-        """SIGTERM and wait for the exit: (exit code, seconds from the signal to the exit)."""
-        assert self.proc is not None and self.proc.poll() is None, "keyward is not running"
-        sent = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=timeout_s)
-        return code, time.monotonic() - sent
 
     @property
     def pid(self) -> int:

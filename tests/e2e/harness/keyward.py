@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -46,15 +47,27 @@ def _port_range_free(first: int, count: int) -> bool:
 PORTS_PER_CLUSTER = 100  # keyward's listen.ports_per_cluster default
 
 
-def free_port_base(clusters: int) -> int:
-    """A base such that every virtual broker port of `clusters` clusters is free: keyward puts
-    node N of the c-th cluster at base + c * 100 + N."""
-    span = clusters * PORTS_PER_CLUSTER
-    for _ in range(200):
-        base = env.free_port()
-        if base + span < 65536 and _port_range_free(base + 1, span):
-            return base
-    raise RuntimeError("no free port range for virtual brokers")
+def _ephemeral_low() -> int:
+    """The first port the kernel hands to outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def port_block(clusters: int) -> int:
+    """The first of `3 + clusters * 100` consecutive free ports, all below the kernel's
+    ephemeral range: bootstrap, admin, then the virtual broker ports (keyward puts node N of the
+    c-th cluster at base + c * 100 + N, with base = first + 2). Ports the OS picks for outgoing
+    connections (clients, brokers, keyward's own) could otherwise take a virtual broker port
+    before keyward binds it, or while it restarts."""
+    size = 3 + clusters * PORTS_PER_CLUSTER
+    high = _ephemeral_low() - size
+    for _ in range(500):
+        first = random.randrange(10_000, high)
+        if _port_range_free(first, size):
+            return first
+    raise RuntimeError(f"no {size} free consecutive ports below the ephemeral range")
 
 
 class Keyward:
@@ -84,9 +97,8 @@ class Keyward:
         self.config_path = self.dir / "keyward.yaml"
         self.log_path = self.dir / "keyward.log"
         self.table_path.write_text(table)
-        self.bootstrap_port = env.free_port()
-        self.admin_port = env.free_port()
-        self.port_base = free_port_base(len(clusters))
+        first = port_block(len(clusters))
+        self.bootstrap_port, self.admin_port, self.port_base = first, first + 1, first + 2
         overrides = cluster_yaml or {}
         cluster_lines = "\n".join(
             f"  {name}: "

@@ -606,6 +606,23 @@ class Flipper:
         assert self.flips >= 40, f"only {self.flips} flips: the producers were done too soon"
 
 
+def _write_while_flipping(kw, streams, eu, us, report, label: str, idle: "Resources") -> list:
+    """Runs `streams` to their end while the table flips every 100 ms, then checks every
+    stream's outcome exactly, the flips, and keyward's resources back at idle."""
+    with Flipper(kw) as flipper:
+        for s in streams:
+            s.start(kw.bootstrap)
+        for s in streams:
+            s.finish()
+    tallies = finish_all(streams, eu, us, report)
+    flipper.check(report, label)
+    idle.back_to_idle(kw)
+    report(idle.line(label))
+    for s, t in zip(streams, tallies):
+        check(s, t)
+    return tallies
+
+
 def test_ownership_flips_every_100ms(tmp_path, eu, us, report):
     """The table flips slots 4-7 and 12-15 between eu and us every 100 ms while three clients
     write the flipping rule (`on_foreign: reject`) and one writes a rule that never changes.
@@ -621,17 +638,7 @@ def test_ownership_flips_every_100ms(tmp_path, eu, us, report):
             make_stream("reload-flips/franz", FranzClient(), eu, us, keys, "flip", N, 8),
             make_stream("reload-flips/fixed-librdkafka", LibrdkafkaClient(), eu, us, keys, "fixed", N, 4),
         ]
-        with Flipper(kw) as flipper:
-            for s in streams:
-                s.start(kw.bootstrap)
-            for s in streams:
-                s.finish()
-        tallies = finish_all(streams, eu, us, report)
-        flipper.check(report, "reload-flips")
-        idle.back_to_idle(kw)
-        report(idle.line("reload-flips"))
-        for s, t in zip(streams, tallies):
-            check(s, t)
+        _write_while_flipping(kw, streams, eu, us, report, "reload-flips", idle)
         for s in streams[:3]:
             flipping = [r["ok"] for o, r in zip(s.owners, s.results) if o == "flip"]
             assert any(flipping) and not all(flipping), f"{s.label}: the flips decided nothing"
@@ -653,17 +660,8 @@ def test_redirect_under_ownership_flips(tmp_path, eu, us, report):
             make_stream("redirect-flips/librdkafka", LibrdkafkaClient(), eu, us, keys, "rflip", N, 4),
             make_stream("redirect-flips/franz", FranzClient(), eu, us, keys, "rflip", N, 8),
         ]
-        with Flipper(kw) as flipper:
-            for s in streams:
-                s.start(kw.bootstrap)
-            for s in streams:
-                s.finish()
-        tallies = finish_all(streams, eu, us, report)
-        flipper.check(report, "redirect-flips")
-        idle.back_to_idle(kw)
-        report(idle.line("redirect-flips"))
+        tallies = _write_while_flipping(kw, streams, eu, us, report, "redirect-flips", idle)
         for s, t in zip(streams, tallies):
-            check(s, t)
             assert "in_eu=" in t.flipping and "in_us=" in t.flipping, f"{s.label}: the flips decided nothing"
     finally:
         kw.stop()

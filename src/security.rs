@@ -67,6 +67,8 @@ pub struct ClusterSecurity {
 /// One consistent set of material, swapped whole.
 struct Loaded {
     listener: Option<Arc<ServerConfig>>,
+    /// When each leaf certificate keyward presents expires (Unix seconds), by metric label.
+    expiries: Vec<(String, i64)>,
     clusters: HashMap<String, Arc<ClusterSecurity>>,
     reload_token: Option<Secret>,
     /// Over every byte read, so a reload that reads the same files swaps nothing.
@@ -102,6 +104,7 @@ impl Security {
     /// Reads everything at start; an error here stops keyward from starting.
     pub fn load(config: &Config) -> Result<Self, ConfigError> {
         let loaded = read_all(config)?;
+        publish_expiries(&loaded.expiries);
         gauge!("keyward_tls_reload_failing").set(0.0);
         Ok(Self {
             config: config.clone(),
@@ -127,6 +130,7 @@ impl Security {
                 Outcome::Unchanged
             }
             Ok(new) => {
+                publish_expiries(&new.expiries);
                 self.current.store(Arc::new(new));
                 *last_error = None;
                 info!(
@@ -192,10 +196,32 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Exports when each certificate keyward presents expires, and warns about expired ones: a
+/// rotation that did not happen shows on a dashboard before clients start failing.
+fn publish_expiries(expiries: &[(String, i64)]) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    for (cert, not_after) in expiries {
+        gauge!("keyward_tls_certificate_expiry_timestamp_seconds", "cert" => cert.clone())
+            .set(*not_after as f64);
+        if *not_after <= now {
+            warn!(cert = %cert, "the certificate keyward presents has expired; peers will refuse it");
+        }
+    }
+}
+
+/// The end of a certificate's validity, in Unix seconds, if it parses as X.509.
+fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp())
+}
+
 /// Reads files named by the config, keeping a digest of what it read.
 struct Reader<'a> {
     config: &'a Config,
     digest: Sha256,
+    expiries: Vec<(String, i64)>,
 }
 
 impl Reader<'_> {
@@ -282,6 +308,13 @@ impl Reader<'_> {
         })
     }
 
+    /// Notes when the leaf of `chain` expires, as `cert` (a metric label).
+    fn expiry(&mut self, cert: &str, chain: &[CertificateDer<'static>]) {
+        if let Some(at) = chain.first().and_then(not_after) {
+            self.expiries.push((cert.to_owned(), at));
+        }
+    }
+
     fn roots(&mut self, field: &str, path: &Path) -> Result<RootCertStore, ConfigError> {
         let mut roots = RootCertStore::empty();
         for cert in self.certs(field, path)? {
@@ -315,6 +348,7 @@ impl Reader<'_> {
             None => builder.with_no_client_auth(),
         };
         let chain = self.certs("listen.tls.cert", &tls.cert)?;
+        self.expiry("listener", &chain);
         let key = self.key("listen.tls.key", &tls.key)?;
         builder.with_single_cert(chain, key).map_err(|e| {
             self.error(
@@ -337,6 +371,7 @@ impl Reader<'_> {
         match (&tls.cert, &tls.key) {
             (Some(cert), Some(key)) => {
                 let chain = self.certs(&field("cert"), cert)?;
+                self.expiry(&format!("cluster/{name}"), &chain);
                 let key = self.key(&field("key"), key)?;
                 builder.with_client_auth_cert(chain, key).map_err(|e| {
                     self.error(
@@ -397,6 +432,7 @@ fn read_all(config: &Config) -> Result<Loaded, ConfigError> {
     let mut r = Reader {
         config,
         digest: Sha256::new(),
+        expiries: Vec::new(),
     };
     let listener = match &config.listen.tls {
         Some(t) => Some(Arc::new(r.listener(t)?)),
@@ -416,6 +452,7 @@ fn read_all(config: &Config) -> Result<Loaded, ConfigError> {
     };
     Ok(Loaded {
         listener,
+        expiries: r.expiries,
         clusters,
         reload_token,
         digest: r.digest.finalize().into(),
@@ -529,6 +566,10 @@ ownership_file: ownership.yaml
             "Debug hides secrets"
         );
         assert!(security.cluster("us").tls.is_none());
+        let expiries = &security.current.load().expiries;
+        assert_eq!(expiries.len(), 1, "{expiries:?}");
+        assert_eq!(expiries[0].0, "listener");
+        assert!(expiries[0].1 > 1_700_000_000, "{expiries:?}");
         assert_eq!(security.reload(Trigger::Api), Outcome::Unchanged);
 
         // A key that belongs to another certificate: the old material keeps serving.

@@ -209,12 +209,22 @@ def _until_closed(port: int, payload: bytes = b"") -> None:
             pass
 
 
-def test_every_metric_in_deploy_files_is_exported(tmp_path, eu, us):
+def test_every_metric_in_deploy_files_is_exported(tmp_path, eu, us, pki):
     referenced = referenced_metrics()
     assert len(referenced) >= 10, referenced
 
     kw = Keyward(tmp_path, "eu", {"eu": eu, "us": us}, TABLE).start()
     kw_dead = Keyward(tmp_path, "eu", {"eu": _Unreachable(), "us": us}, TABLE, name="keyward-unreachable").start()
+    # An instance with TLS on its listeners exports the certificate metrics.
+    cert = pki.issue("deploy-proxy")
+    kw_tls = Keyward(
+        tmp_path,
+        "eu",
+        {"eu": eu, "us": us},
+        TABLE,
+        name="keyward-tls",
+        listen_extra=f"tls: {{ cert: {cert.cert}, key: {cert.key} }}",
+    ).start()
     try:
         client = LibrdkafkaClient()
         topic = unique("orders.deploy")
@@ -236,7 +246,11 @@ def test_every_metric_in_deploy_files_is_exported(tmp_path, eu, us):
         # Counters of closing connections land a moment later.
         deadline = time.monotonic() + 10
         while True:
-            exported = {**exported_types(kw_dead.metrics_text()), **exported_types(kw.metrics_text())}
+            exported = {
+                **exported_types(kw_tls.metrics_text()),
+                **exported_types(kw_dead.metrics_text()),
+                **exported_types(kw.metrics_text()),
+            }
             missing = sorted(set(referenced) - set(exported))
             if not missing or time.monotonic() > deadline:
                 break
@@ -244,6 +258,7 @@ def test_every_metric_in_deploy_files_is_exported(tmp_path, eu, us):
     finally:
         kw.stop()
         kw_dead.stop()
+        kw_tls.stop()
 
     problems = [
         f"{name} (queried in {', '.join(sorted(referenced[name]))}) is not exported by keyward" for name in missing

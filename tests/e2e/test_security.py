@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import ssl
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -153,6 +154,12 @@ def test_min_version_refuses_older_tls(tmp_path, pki, eu, us):
             assert s.version() == "TLSv1.3"
 
 
+def _not_after(cert) -> float:
+    """The certificate's notAfter, in Unix seconds, as openssl reads it."""
+    out = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", str(cert)], capture_output=True, text=True)
+    return ssl.cert_time_to_seconds(out.stdout.strip().removeprefix("notAfter="))
+
+
 def _served_certificate(port: int, ca) -> bytes:
     with _tls_socket(port, ca) as s:
         return s.getpeercert(binary_form=True)
@@ -175,6 +182,8 @@ def test_a_rotated_certificate_is_served_without_a_restart(tmp_path, pki, eu, us
     with Keyward(tmp_path, "eu", {"eu": eu, "us": us}, TABLE, listen_extra=_listen_tls(live_cert, live_key)) as kw:
         served = _served_certificate(kw.bootstrap_port, pki.ca)
         assert served == ssl.PEM_cert_to_DER_cert(first.cert.read_text())
+        expiry = kw.metric("keyward_tls_certificate_expiry_timestamp_seconds", cert="listener")
+        assert expiry == _not_after(first.cert)
         held = _tls_socket(kw.bootstrap_port, pki.ca)
 
         second = pki.issue("rotate-2")

@@ -9,7 +9,7 @@ haproxy is told to keep talking to haproxy. One haproxy (TCP mode) in front of R
 
 First come the full-load rounds: in each, for each load (record size x compression), every
 path in a rotated order gets a full-load produce run, and (uncompressed loads) a consumer run
-reading that data back through the same path. Then the half-load rounds: produce runs paced at
+reading that data back through the same path; each run's topic is deleted before the next. Then the half-load rounds: produce runs paced at
 half of the median direct full-load rate. The load is dev/loadgen.c (librdkafka). Ratios to
 direct are taken within a round, then the median over rounds is reported. See docs/performance.md.
 """
@@ -140,10 +140,27 @@ class BenchCluster(KafkaCluster):
         p["listeners"] += f",RELAY://127.0.0.1:{self.relay_port}"
         p["advertised.listeners"] += f",RELAY://127.0.0.1:{self.haproxy_port}"
         p["listener.security.protocol.map"] += ",RELAY:PLAINTEXT"
+        # A deleted topic's files go at once, not a minute later (see Bench.delete_topic).
+        p["log.segment.delete.delay.ms"] = "0"
         return p
 
+    def topic_dirs(self, topic: str) -> list[Path]:
+        """The partition directories of `topic` still on disk (renamed `*-delete` included)."""
+        data = self.nodes[0].dir / "data"
+        return [d for d in data.iterdir() if d.name.startswith(f"{topic}-")] if data.is_dir() else []
+
     def _jvm(self, node, heap):
-        return [a for a in super()._jvm(node, heap) if a != "-XX:TieredStopAtLevel=1"]
+        # What `kafka-server-start.sh` runs a broker with (KAFKA_HEAP_OPTS and
+        # KAFKA_JVM_PERFORMANCE_OPTS of kafka-run-class.sh), in place of the harness's
+        # start-fast flags (serial GC, a 64 MiB initial heap, C1 only). Under the serial
+        # collector a broker taking 1 KiB records at full load would fall into long stretches of
+        # collecting (0.8 cores of broker CPU at half the throughput), run after run at random,
+        # which decided the ratios more than the paths did.
+        flags = [a for a in super()._jvm(node, heap)
+                 if a not in ("-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC") and not a.startswith("-Xms")]
+        return [flags[0], f"-Xms{heap}", "-server", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+                "-XX:InitiatingHeapOccupancyPercent=35", "-XX:+ExplicitGCInvokesConcurrent",
+                "-XX:MaxInlineLevel=15", *flags[1:]]
 
 
 def start_haproxy(workdir: Path, port: int, relay_port: int) -> subprocess.Popen:
@@ -289,10 +306,19 @@ class Bench:
         return name
 
     def delete_topic(self, name: str) -> None:
+        """Deletes a run's topic and waits until its files are gone, so that every run starts
+        with the same page cache: on this kind of VM, a broker writing into page-cache pages the
+        guest has not touched for a while pays several times the CPU per byte for it
+        (docs/performance.md, "Third run"), and data left behind by earlier runs pushed later
+        ones into that regime."""
         try:
             self.cluster.delete_topic(name)
         except Exception as e:  # a leftover topic only costs disk
             log(f"delete {name}: {e}")
+            return
+        deadline = time.monotonic() + 30
+        while self.cluster.topic_dirs(name) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     # -- one loadgen run, with the relay's CPU and peak RSS around it
     def loadgen_run(self, args: list[str], path: str) -> dict:
@@ -371,21 +397,19 @@ class Bench:
         return loads
 
     def full_round(self, rnd: int) -> None:
-        """Full-load produce runs, then consumer runs reading the same data back, every path
-        of every load in a rotated order (so no path always runs first or last)."""
+        """For every load, every path in a rotated order (so no path always runs first or
+        last): a full-load produce run, a consumer run reading that data back (uncompressed
+        loads), and the topic deleted before the next path starts."""
         for load in self.loads():
-            topics = {}
             for path in rotated(paths_for(load), rnd):
-                topics[path] = self.new_topic(path, load, rnd)
+                topic = self.new_topic(path, load, rnd)
                 before = self.keyward_records(f"bench-{path}") if path in ("key", "header") else None
-                r = self.produce(path, load, topics[path], self.s.seconds)
+                r = self.produce(path, load, topic, self.s.seconds)
                 if before is not None:
                     r["inspected_records"] = self.keyward_records(f"bench-{path}") - before
                 self.record(rnd, load, path, "full", r)
-            if load.compression == "none":
-                for path in rotated(paths_for(load), rnd + 1):
-                    self.record(rnd, load, path, "consume", self.consume(path, topics[path]))
-            for topic in topics.values():
+                if load.compression == "none":
+                    self.record(rnd, load, path, "consume", self.consume(path, topic))
                 self.delete_topic(topic)
 
     def warm_up(self, settle: float = 0.10, most: int = 6) -> None:

@@ -9,9 +9,10 @@ haproxy is told to keep talking to haproxy. One haproxy (TCP mode) in front of R
 
 First come the full-load rounds: in each, for each load (record size x compression), every
 path in a rotated order gets a full-load produce run, and (uncompressed loads) a consumer run
-reading that data back through the same path; each run's topic is deleted before the next. Then the half-load rounds: produce runs paced at
-half of the median direct full-load rate. The load is dev/loadgen.c (librdkafka). Ratios to
-direct are taken within a round, then the median over rounds is reported. See docs/performance.md.
+reading that data back through the same path; each run's topic is deleted before the next. Then
+the half-load rounds: produce runs paced at half of the median direct full-load rate. The load
+is dev/loadgen.c (librdkafka). Ratios to direct are taken within a round, then the median over
+rounds is reported. See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ sys.path.insert(0, str(ROOT / "tests/e2e"))
 
 from harness import env  # noqa: E402
 from harness.kafka import KafkaCluster  # noqa: E402
-from harness.keyward import Keyward  # noqa: E402
+from harness.keyward import _LABEL, _SAMPLE, Keyward  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TENANTS = 16
@@ -152,10 +153,7 @@ class BenchCluster(KafkaCluster):
     def _jvm(self, node, heap):
         # What `kafka-server-start.sh` runs a broker with (KAFKA_HEAP_OPTS and
         # KAFKA_JVM_PERFORMANCE_OPTS of kafka-run-class.sh), in place of the harness's
-        # start-fast flags (serial GC, a 64 MiB initial heap, C1 only). Under the serial
-        # collector a broker taking 1 KiB records at full load would fall into long stretches of
-        # collecting (0.8 cores of broker CPU at half the throughput), run after run at random,
-        # which decided the ratios more than the paths did.
+        # start-fast flags (serial GC, a 64 MiB initial heap, C1 only): the broker users run.
         flags = [a for a in super()._jvm(node, heap)
                  if a not in ("-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC") and not a.startswith("-Xms")]
         return [flags[0], f"-Xms{heap}", "-server", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
@@ -458,8 +456,32 @@ class Bench:
             rate = statistics.median(direct) / 2
             for path in rotated(paths_for(load), rnd):
                 topic = self.new_topic(path, load, rnd)
-                self.record(rnd, load, path, "half", self.produce(path, load, topic, self.s.half_seconds, rate=rate))
+                before = self.proxy_time() if path in KEYWARD_PATHS else None
+                r = self.produce(path, load, topic, self.s.half_seconds, rate=rate)
+                if before is not None:
+                    r.update(proxy_time_summary(before, self.proxy_time()))
+                self.record(rnd, load, path, "half", r)
                 self.delete_topic(topic)
+
+    def proxy_time(self) -> dict[str, float]:
+        """keyward's `keyward_request_duration_seconds{api="Produce",part="proxy"}` histogram
+        (cumulative bucket counts by `le`, plus `sum` and `count`): the time each Produce request
+        spent in keyward itself, from its last byte read to its last byte written to the broker,
+        plus the response's from arriving to written to the client."""
+        out: dict[str, float] = {}
+        for line in self.keyward.metrics_text().splitlines():
+            m = _SAMPLE.match(line)
+            if not m or not m.group(1).startswith("keyward_request_duration_seconds"):
+                continue
+            labels = dict(_LABEL.findall(m.group(2) or ""))
+            if labels.get("api") != "Produce" or labels.get("part") != "proxy":
+                continue
+            suffix = m.group(1).removeprefix("keyward_request_duration_seconds")
+            if suffix == "_bucket":
+                out[labels["le"]] = float(m.group(3))
+            elif suffix in ("_sum", "_count"):
+                out[suffix[1:]] = float(m.group(3))
+        return out
 
     def stall(self, path: str, load: Load, seconds: float, stall_s: float) -> dict:
         """A full-load produce run through `path` during which the broker is frozen (SIGSTOP)
@@ -520,6 +542,32 @@ class Bench:
             for s in socks:
                 s.close()
         return {"path": path, "connections": count, "rss_before_kib": rss_before, "rss_kib": rss}
+
+
+KEYWARD_PATHS = ("passthrough", "key", "header")
+
+
+def proxy_time_summary(before: dict[str, float], after: dict[str, float]) -> dict:
+    """keyward's own time per Produce request over one run, from two scrapes of its histogram:
+    the mean, and p50/p99 as the upper bound of the bucket they fall in (Prometheus buckets
+    give no finer answer)."""
+    count = after.get("count", 0) - before.get("count", 0)
+    if count <= 0:
+        return {}
+    bounds = sorted((float(le), after[le] - before.get(le, 0)) for le in after if le not in ("sum", "count"))
+
+    def quantile(q: float) -> float:
+        for bound, cumulative in bounds:
+            if cumulative >= q * count:
+                return bound * 1e3
+        return float("inf")
+
+    return {
+        "proxy_requests": count,
+        "proxy_mean_ms": (after["sum"] - before.get("sum", 0)) / count * 1e3,
+        "proxy_p50_le_ms": quantile(0.5),
+        "proxy_p99_le_ms": quantile(0.99),
+    }
 
 
 def _read_exact(s: socket.socket, n: int) -> bytes:
@@ -590,6 +638,12 @@ def summarize(runs: list[dict], loads: list[Load], rounds: int) -> list[dict]:
                 "p50_half": med("half", "p50_ms"), "p99_half": med("half", "p99_ms"),
                 "added_p99_half": added("half", "p99_ms"),
                 "added_p99s_half": addeds("half", "p99_ms"),
+                "proxy_mean_ms": med("half", "proxy_mean_ms"),
+                "proxy_p50_le_ms": med("half", "proxy_p50_le_ms"),
+                # A bucket bound: the worst round's, not a median that could fall between bounds.
+                "proxy_p99_le_ms": max([r["proxy_p99_le_ms"] for r in per["half"] if r and "proxy_p99_le_ms" in r],
+                                       default=None),
+                "proxy_p99s_le_ms": [r["proxy_p99_le_ms"] for r in per["half"] if r and "proxy_p99_le_ms" in r],
                 "cpu_s_per_gb": cpu_per_gb,
                 "peak_rss_mib": median([r["relay_peak_rss_kib"] / 1024 for r in per["full"] if r and "relay_peak_rss_kib" in r]),
                 "broker_cpu_s_per_gb": median([r["broker_cpu_s"] / (r["bytes"] / 1e9) for r in per["full"] if r and r["bytes"]]),
@@ -653,6 +707,10 @@ def targets(rows: list[dict], idle: list[dict], stalls: list[dict]) -> str:
         check(f"CPU by: key, {r['load']} ≤ 4 CPU-s/GB", r["cpu_s_per_gb"], lambda v: v <= 4, lambda v: f"{v:.2f}")
     for r in [r for r in rows if r["path"] in ("passthrough", "key", "header")]:
         check(f"added p99 at half load, {PATHS[r['path']][0]}, {r['load']} ≤ 1 ms", r["added_p99_half"], lambda v: v <= 1, lambda v: f"{v:+.2f} ms", r["added_p99s_half"])
+    for r in [r for r in rows if r["path"] in KEYWARD_PATHS and r.get("proxy_p99_le_ms") is not None]:
+        check(f"keyward's own time per Produce request at half load, {PATHS[r['path']][0]}, {r['load']}: p99 ≤ 1 ms "
+              f"(worst round; mean {r['proxy_mean_ms'] * 1e3:.0f} µs)", r["proxy_p99_le_ms"], lambda v: v <= 1,
+              lambda v: f"≤ {v:g} ms", r["proxy_p99s_le_ms"])
     full_1k = [r["peak_rss_mib"] for r in rows if r["path"] in ("passthrough", "key", "header") and r["size"] >= 1024 and r["peak_rss_mib"]]
     check("peak RSS under full 1 KiB load ≤ 64 MiB (worst keyward case)", max(full_1k) if full_1k else None, lambda v: v <= 64, lambda v: f"{v:.1f} MiB")
     for i in idle:
@@ -785,7 +843,7 @@ def profile(bench: Bench, settings: Settings, case: str) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="short runs (~3 minutes in all), for trying it out")
+    ap.add_argument("--quick", action="store_true", help="short runs (~4 minutes in all), for trying it out")
     ap.add_argument("--loadgen", required=True, type=Path)
     ap.add_argument(
         "--perf",

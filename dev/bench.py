@@ -305,10 +305,10 @@ class Bench:
 
     def delete_topic(self, name: str) -> None:
         """Deletes a run's topic and waits until its files are gone, so that every run starts
-        with the same page cache: on this kind of VM, a broker writing into page-cache pages the
-        guest has not touched for a while pays several times the CPU per byte for it
-        (docs/performance.md, "Third run"), and data left behind by earlier runs pushed later
-        ones into that regime."""
+        with the same page cache. On this kind of VM, once the broker's page cache had grown by
+        ~9 GiB of earlier runs' data, copying produced bytes into it cost the broker three times
+        the CPU per byte (docs/performance.md, "Third run"), so a run's position in a round
+        decided its throughput more than its path did."""
         try:
             self.cluster.delete_topic(name)
         except Exception as e:  # a leftover topic only costs disk
@@ -412,9 +412,9 @@ class Bench:
 
     def warm_up(self, settle: float = 0.10, most: int = 6) -> None:
         """Runs until the broker is warm, not counted in the results. A fresh broker JVM spends
-        about twice the CPU per byte for its first ~20 s of load (the JIT compiling its produce
-        path), which made the first runs of round 1 the slowest of the whole benchmark whatever
-        path they measured. So: every load once on the broker directly and through keyward
+        several times the CPU per byte on its first runs (the JIT compiling its produce path),
+        which made the first runs of round 1 the slowest of the whole benchmark whatever path
+        they measured. So: every load once on the broker directly and through keyward
         (produce and, uncompressed, consume), then the first load directly again until the
         broker's CPU per GB of two runs in a row differs by less than `settle`."""
         def broker_cpu_per_gb(path: str, load: Load) -> float:

@@ -5,7 +5,8 @@ directly) and RELAY, whose advertised address is haproxy's port, so a client boo
 haproxy is told to keep talking to haproxy. One haproxy (TCP mode) in front of RELAY, one keyward
 (the release binary) in front of PLAINTEXT with an ownership table that has a `by: key` rule
 (topics key.*), a `by: header` rule (topics hdr.*), and `default: allow` for everything else
-(topics plain.*: the passthrough case).
+(topics plain.*: the passthrough case). With --sockmap, a third listener, KRELAY, advertised at
+the port of dev/sockmap-relay.c, a relay that forwards inside the kernel (BPF sockmap).
 
 First come the full-load rounds: in each, for each load (record size x compression), every
 path in a rotated order gets a full-load produce run, and (uncompressed loads) a consumer run
@@ -66,6 +67,7 @@ class Settings:
     stall_seconds: float  # broker frozen this long in the stall run (0: skip it)
     out: Path
     quick: bool
+    sockmap: Path | None = None  # dev/sockmap-relay.c's binary: run the kernel relay path too
 
     @staticmethod
     def from_env(quick: bool) -> "Settings":
@@ -106,6 +108,7 @@ class Load:
 PATHS = {
     "direct": ("direct", "plain"),
     "haproxy": ("haproxy (TCP)", "plain"),
+    "sockmap": ("kernel relay (BPF sockmap)", "plain"),
     "passthrough": ("keyward, no rule", "plain"),
     "key": ("keyward, by: key", "key"),
     "header": ("keyward, by: header", "hdr"),
@@ -117,9 +120,9 @@ def rotated(paths: list[str], k: int) -> list[str]:
     return paths[k:] + paths[:k]
 
 
-def paths_for(load: Load) -> list[str]:
+def paths_for(load: Load, sockmap: bool) -> list[str]:
     if load.compression == "none":
-        return ["direct", "haproxy", "passthrough", "key", "header"]
+        return ["direct", "haproxy", *(["sockmap"] if sockmap else []), "passthrough", "key", "header"]
     return ["direct", "key"]
 
 
@@ -127,20 +130,23 @@ def paths_for(load: Load) -> list[str]:
 
 
 class BenchCluster(KafkaCluster):
-    """The harness's 1-node cluster plus a second listener advertised at haproxy's port, and
+    """The harness's 1-node cluster plus listeners advertised at the relays' ports, and
     the JIT's full (C2) tiers: the harness limits brokers to C1 to start fast, a benchmark wants
     the broker as fast as it gets."""
 
-    def __init__(self, workdir: Path, relay_port: int, haproxy_port: int) -> None:
+    def __init__(self, workdir: Path, relay_port: int, haproxy_port: int, krelay_port: int, sockmap_port: int) -> None:
         super().__init__("bench", 1, workdir, heap="1g")
         self.relay_port = relay_port
         self.haproxy_port = haproxy_port
+        self.krelay_port = krelay_port
+        self.sockmap_port = sockmap_port
 
     def server_properties(self, node):
         p = super().server_properties(node)
-        p["listeners"] += f",RELAY://127.0.0.1:{self.relay_port}"
-        p["advertised.listeners"] += f",RELAY://127.0.0.1:{self.haproxy_port}"
-        p["listener.security.protocol.map"] += ",RELAY:PLAINTEXT"
+        p["listeners"] += f",RELAY://127.0.0.1:{self.relay_port},KRELAY://127.0.0.1:{self.krelay_port}"
+        p["advertised.listeners"] += (f",RELAY://127.0.0.1:{self.haproxy_port}"
+                                      f",KRELAY://127.0.0.1:{self.sockmap_port}")
+        p["listener.security.protocol.map"] += ",RELAY:PLAINTEXT,KRELAY:PLAINTEXT"
         # A deleted topic's files go at once, not a minute later (see Bench.delete_topic).
         p["log.segment.delete.delay.ms"] = "0"
         return p
@@ -192,6 +198,22 @@ backend broker
         except OSError:
             time.sleep(0.05)
     raise RuntimeError("haproxy did not start")
+
+
+def start_sockmap_relay(workdir: Path, binary: Path, port: int, upstream_port: int) -> subprocess.Popen:
+    out = open(workdir / "sockmap-relay.log", "ab")
+    proc = subprocess.Popen([*env.pdeathsig_prefix(), str(binary), str(port), str(upstream_port)],
+                            stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sockmap-relay exited with {proc.returncode}: {(workdir / 'sockmap-relay.log').read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("sockmap-relay did not start")
 
 
 OWNERSHIP = f"""\
@@ -261,12 +283,16 @@ class Bench:
     # -- setup / teardown
     def start(self) -> None:
         relay_port, self.haproxy_port = env.free_port(), env.free_port()
-        self.cluster = BenchCluster(self.workdir, relay_port, self.haproxy_port)
+        krelay_port, self.sockmap_port = env.free_port(), env.free_port()
+        self.cluster = BenchCluster(self.workdir, relay_port, self.haproxy_port, krelay_port, self.sockmap_port)
         log("starting Kafka (1 broker, KRaft)")
         self.cluster.start()
-        log(f"broker {self.cluster.bootstrap}, relay listener 127.0.0.1:{relay_port}")
+        log(f"broker {self.cluster.bootstrap}, relay listeners 127.0.0.1:{relay_port} and :{krelay_port}")
         self.haproxy = start_haproxy(self.workdir, self.haproxy_port, relay_port)
         log(f"haproxy 127.0.0.1:{self.haproxy_port} (pid {self.haproxy.pid})")
+        if self.s.sockmap:
+            self.sockmap = start_sockmap_relay(self.workdir, self.s.sockmap, self.sockmap_port, krelay_port)
+            log(f"sockmap-relay 127.0.0.1:{self.sockmap_port} (pid {self.sockmap.pid})")
         self.keyward = Keyward(self.workdir, "eu", {"eu": self.cluster}, OWNERSHIP, name="keyward")
         self.keyward.start()
         log(f"keyward {self.keyward.bootstrap} (pid {self.keyward.proc.pid}, {os.environ['KEYWARD_BIN']})")
@@ -275,10 +301,10 @@ class Bench:
         k = getattr(self, "keyward", None)
         if k:
             k.stop()
-        h = getattr(self, "haproxy", None)
-        if h and h.poll() is None:
-            h.terminate()
-            h.wait(timeout=10)
+        for relay in (getattr(self, "haproxy", None), getattr(self, "sockmap", None)):
+            if relay and relay.poll() is None:
+                relay.terminate()
+                relay.wait(timeout=10)
         c = getattr(self, "cluster", None)
         if c:
             c.stop()
@@ -288,10 +314,14 @@ class Bench:
             return self.cluster.bootstrap
         if path == "haproxy":
             return f"127.0.0.1:{self.haproxy_port}"
+        if path == "sockmap":
+            return f"127.0.0.1:{self.sockmap_port}"
         return self.keyward.bootstrap
 
     def relay_pid(self, path: str) -> int | None:
-        if path == "direct":
+        # The kernel relay's forwarding runs in softirq and kworker context, charged to no
+        # process of its own: the machine's CPU per GB (`machine_cpu_s`) is what compares.
+        if path in ("direct", "sockmap"):
             return None
         if path == "haproxy":
             return self.haproxy.pid
@@ -355,8 +385,10 @@ class Bench:
             result["relay_peak_rss_kib"] = status_kib(relay, "VmHWM")
             result["relay_rss_kib"] = status_kib(relay, "VmRSS")
             ours += result["relay_cpu_s"]
-        # What the rest of the machine (other people's builds and tests) took meanwhile, in cores.
-        result["others_cores"] = max(0.0, machine_busy_seconds() - busy0 - ours) / wall
+        # What the rest of the machine (other people's builds and tests, and the kernel relay's
+        # kworkers) took meanwhile, in cores.
+        result["machine_cpu_s"] = machine_busy_seconds() - busy0
+        result["others_cores"] = max(0.0, result["machine_cpu_s"] - ours) / wall
         return result
 
     def produce(self, path: str, load: Load, topic: str, seconds: float, rate: float = 0) -> dict:
@@ -399,7 +431,7 @@ class Bench:
         last): a full-load produce run, a consumer run reading that data back (uncompressed
         loads), and the topic deleted before the next path starts."""
         for load in self.loads():
-            for path in rotated(paths_for(load), rnd):
+            for path in rotated(paths_for(load, self.s.sockmap is not None), rnd):
                 topic = self.new_topic(path, load, rnd)
                 before = self.keyward_records(f"bench-{path}") if path in ("key", "header") else None
                 r = self.produce(path, load, topic, self.s.seconds)
@@ -454,7 +486,7 @@ class Bench:
             if not direct:
                 continue
             rate = statistics.median(direct) / 2
-            for path in rotated(paths_for(load), rnd):
+            for path in rotated(paths_for(load, self.s.sockmap is not None), rnd):
                 topic = self.new_topic(path, load, rnd)
                 before = self.proxy_time() if path in KEYWARD_PATHS else None
                 r = self.produce(path, load, topic, self.s.half_seconds, rate=rate)
@@ -592,7 +624,7 @@ def fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def summarize(runs: list[dict], loads: list[Load], rounds: int) -> list[dict]:
+def summarize(runs: list[dict], loads: list[Load], rounds: int, sockmap: bool) -> list[dict]:
     """One row per (load, path): medians over rounds, ratios to direct taken round by round."""
     def get(rnd, load, path, kind):
         for r in runs:
@@ -604,7 +636,7 @@ def summarize(runs: list[dict], loads: list[Load], rounds: int) -> list[dict]:
 
     rows = []
     for load in loads:
-        for path in paths_for(load):
+        for path in paths_for(load, sockmap):
             per = {k: [get(i, load, path, k) for i in range(rounds)] for k in ("full", "half", "consume")}
             direct = {k: [get(i, load, "direct", k) for i in range(rounds)] for k in ("full", "half", "consume")}
 
@@ -647,6 +679,8 @@ def summarize(runs: list[dict], loads: list[Load], rounds: int) -> list[dict]:
                 "cpu_s_per_gb": cpu_per_gb,
                 "peak_rss_mib": median([r["relay_peak_rss_kib"] / 1024 for r in per["full"] if r and "relay_peak_rss_kib" in r]),
                 "broker_cpu_s_per_gb": median([r["broker_cpu_s"] / (r["bytes"] / 1e9) for r in per["full"] if r and r["bytes"]]),
+                "machine_cpu_s_per_gb": median([r["machine_cpu_s"] / (r["bytes"] / 1e9) for r in per["full"]
+                                                if r and r["bytes"] and "machine_cpu_s" in r]),
                 "consume_mb_per_s": med("consume", "mb_per_s"),
                 "consume_ratio": ratio("consume", "mb_per_s"),
                 "consume_ratios": ratios("consume", "mb_per_s"),
@@ -730,7 +764,7 @@ def targets(rows: list[dict], idle: list[dict], stalls: list[dict]) -> str:
 
 
 def report(settings: Settings, bench: Bench, idle: list[dict], stalls: list[dict], started: float) -> str:
-    rows = summarize(bench.runs, bench.loads(), settings.rounds)
+    rows = summarize(bench.runs, bench.loads(), settings.rounds, settings.sockmap is not None)
     failed = [r for r in bench.runs if not r.get("ok")]
     lines = [
         f"# dev/bench results ({'quick' if settings.quick else 'full'} run)",
@@ -747,7 +781,8 @@ def report(settings: Settings, bench: Bench, idle: list[dict], stalls: list[dict
         "",
         table(rows),
     ]
-    others = sorted(r["others_cores"] for r in bench.runs if "others_cores" in r and r["kind"] != "consume")
+    others = sorted(r["others_cores"] for r in bench.runs
+                    if "others_cores" in r and r["kind"] != "consume" and r["path"] != "sockmap")
     if others:
         lines.append(
             f"CPU taken by other processes on the machine during the produce runs (cores of 2): median "
@@ -755,6 +790,12 @@ def report(settings: Settings, bench: Bench, idle: list[dict], stalls: list[dict
             f"max {others[-1]:.2f}. Client (librdkafka) CPU in the full-load runs: median "
             f"{statistics.median([r['client_cpu_s'] / r['wall_s'] for r in bench.runs if r['kind'] == 'full']):.2f} cores.\n"
         )
+    if settings.sockmap:
+        lines.append("Whole machine CPU-s per GB in the full-load produce runs (client, broker, relay, kernel): " + "; ".join(
+            f"{r['load']}: " + ", ".join(f"{PATHS[x['path']][0]} {fmt(x['machine_cpu_s_per_gb'], '.2f')}"
+                                          for x in rows if x["load"] == r["load"])
+            for r in rows if r["path"] == "direct" and r["compression"] == "none") + ". The kernel relay's own "
+            "CPU is only visible here: it forwards in softirq and kworker context.\n")
     if any(r["all_inspected"] is False for r in rows):
         lines.append("**Warning:** keyward's `keyward_produce_records_total` did not count every delivered record "
                      "on a by: key / by: header run.\n")
@@ -846,6 +887,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short runs (~4 minutes in all), for trying it out")
     ap.add_argument("--loadgen", required=True, type=Path)
     ap.add_argument(
+        "--sockmap",
+        action="store_true",
+        help="also run every uncompressed load through dev/sockmap-relay.c, a relay that forwards inside "
+        "the kernel (needs root: CAP_BPF and CAP_NET_ADMIN)",
+    )
+    ap.add_argument(
         "--perf",
         metavar="PATH/SIZE/CODEC",
         help="instead of the benchmark: one full-load run (e.g. key/100/none) with `perf record` on "
@@ -853,6 +900,8 @@ def main() -> int:
     )
     args = ap.parse_args()
     settings = Settings.from_env(args.quick)
+    if args.sockmap:
+        settings.sockmap = args.loadgen.parent / "sockmap-relay"
     started = time.monotonic()
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     # keyward inherits this: 1,000 idle clients are 2,000 sockets in keyward.
@@ -895,7 +944,8 @@ def main() -> int:
         bench.stop()
     text = report(settings, bench, idle, stalls, started)
     (settings.out / "results.md").write_text(text)
-    (settings.out / "results.json").write_text(json.dumps({"settings": {**settings.__dict__, "out": str(settings.out)},
+    (settings.out / "results.json").write_text(json.dumps({"settings": {**settings.__dict__, "out": str(settings.out),
+                                                                        "sockmap": settings.sockmap and str(settings.sockmap)},
                                                            "runs": bench.runs, "warmups": bench.warmups,
                                                            "idle": idle,
                                                            "stalls": stalls}, indent=1))

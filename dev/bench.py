@@ -184,36 +184,28 @@ backend broker
     server broker 127.0.0.1:{relay_port}
 """
     )
-    out = open(workdir / "haproxy.log", "ab")
-    proc = subprocess.Popen(
-        [*env.pdeathsig_prefix(), "haproxy", "-db", "-f", str(cfg)], stdout=out, stderr=out, stdin=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"haproxy exited with {proc.returncode}: {(workdir / 'haproxy.log').read_text()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("haproxy did not start")
+    return start_relay(workdir, "haproxy", ["haproxy", "-db", "-f", str(cfg)], port)
 
 
 def start_sockmap_relay(workdir: Path, binary: Path, port: int, upstream_port: int) -> subprocess.Popen:
-    out = open(workdir / "sockmap-relay.log", "ab")
-    proc = subprocess.Popen([*env.pdeathsig_prefix(), str(binary), str(port), str(upstream_port)],
-                            stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+    return start_relay(workdir, "sockmap-relay", [str(binary), str(port), str(upstream_port)], port)
+
+
+def start_relay(workdir: Path, name: str, argv: list[str], port: int) -> subprocess.Popen:
+    """Starts a relay process, its output in `<workdir>/<name>.log`, and waits until it accepts."""
+    log_file = workdir / f"{name}.log"
+    out = open(log_file, "ab")
+    proc = subprocess.Popen([*env.pdeathsig_prefix(), *argv], stdout=out, stderr=out, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"sockmap-relay exited with {proc.returncode}: {(workdir / 'sockmap-relay.log').read_text()}")
+            raise RuntimeError(f"{name} exited with {proc.returncode}: {log_file.read_text()}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return proc
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError("sockmap-relay did not start")
+    raise RuntimeError(f"{name} did not start")
 
 
 OWNERSHIP = f"""\

@@ -202,6 +202,36 @@ pub struct Cluster {
     /// connections carry the client's own SASL exchange through untouched.
     #[serde(default)]
     pub sasl: Option<Sasl>,
+    /// What this cluster's listener requires of clients. Absent: `sasl` when keyward itself
+    /// logs in with `sasl` (the same listener asks the same of everyone), `none` otherwise.
+    #[serde(default)]
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// Whether a cluster's listener authenticates clients, and so whether keyward waits for a
+/// client's own SASL exchange to succeed before it answers or redirects anything for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    Sasl,
+    None,
+}
+
+impl Cluster {
+    /// `client_auth` as configured, or as implied by keyward's own `sasl`.
+    pub fn client_auth(&self) -> ClientAuth {
+        self.client_auth.unwrap_or(if self.sasl.is_some() {
+            ClientAuth::Sasl
+        } else {
+            ClientAuth::None
+        })
+    }
+
+    /// Whether keyward presents its own certificate to this cluster's brokers, on client
+    /// connections too: then a broker that does not authenticate clients sees keyward.
+    pub fn presents_certificate(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.cert.is_some())
+    }
 }
 
 /// Cluster-facing TLS. Broker certificates are always verified, host names included.
@@ -286,6 +316,10 @@ pub struct Limits {
     /// On SIGTERM: how long to wait for in-flight requests to be answered before exiting.
     #[serde(default = "Limits::default_shutdown_grace_secs")]
     pub shutdown_grace_secs: u64,
+    /// How long one connection trusts the broker's answer to "may this client WRITE this
+    /// topic?" before asking again: how soon a revoked ACL stops redirected writes.
+    #[serde(default = "Limits::default_authorization_ttl_ms")]
+    pub authorization_ttl_ms: u64,
 }
 
 impl Limits {
@@ -310,6 +344,9 @@ impl Limits {
     fn default_shutdown_grace_secs() -> u64 {
         10
     }
+    fn default_authorization_ttl_ms() -> u64 {
+        30_000
+    }
     fn default_max_in_flight() -> usize {
         // Kafka clients pipeline few requests per connection (Java: 5 by default); librdkafka
         // allows many more. A thousand keeps memory bounded while never throttling a real client.
@@ -328,6 +365,7 @@ impl Default for Limits {
             max_connections: Self::default_max_connections(),
             idle_timeout_secs: Self::default_idle_timeout_secs(),
             shutdown_grace_secs: Self::default_shutdown_grace_secs(),
+            authorization_ttl_ms: Self::default_authorization_ttl_ms(),
         }
     }
 }
@@ -396,6 +434,12 @@ impl Config {
                         "give exactly one of password_file, password_env (a password never goes in this file)".into(),
                     ));
                 }
+            }
+            if cluster.client_auth == Some(ClientAuth::None) && cluster.sasl.is_some() {
+                return Err(error(
+                    &format!("clusters.{name}.client_auth"),
+                    "`none` contradicts clusters.{name}.sasl: keyward logs in to this cluster's listener, so clients must too; remove client_auth or set it to sasl".replace("{name}", name),
+                ));
             }
             if let Some(tls) = &cluster.tls
                 && tls.cert.is_some() != tls.key.is_some()
@@ -588,5 +632,29 @@ ownership_file: ownership.yaml
         let bad = GOOD.replace("9192", "notaport");
         let e = Config::parse(&bad, Path::new("k.yaml")).unwrap_err();
         assert_eq!(e.path, "listen.bootstrap");
+    }
+
+    #[test]
+    fn client_auth_follows_keywards_own_login_and_cannot_contradict_it() {
+        let c = Config::parse(GOOD, Path::new("k.yaml")).unwrap();
+        assert_eq!(c.clusters["eu"].client_auth(), ClientAuth::None);
+        let sasl = "sasl: { mechanism: PLAIN, username: kw, password_env: KW_PASSWORD }";
+        let with_sasl = GOOD.replace(
+            r#"eu: { bootstrap: ["127.0.0.1:19092"] }"#,
+            &format!(r#"eu: {{ bootstrap: ["127.0.0.1:19092"], {sasl} }}"#),
+        );
+        let c = Config::parse(&with_sasl, Path::new("k.yaml")).unwrap();
+        assert_eq!(c.clusters["eu"].client_auth(), ClientAuth::Sasl);
+        let explicit = GOOD.replace(
+            r#"us: { bootstrap: ["127.0.0.1:29092"] }"#,
+            r#"us: { bootstrap: ["127.0.0.1:29092"], client_auth: sasl }"#,
+        );
+        let c = Config::parse(&explicit, Path::new("k.yaml")).unwrap();
+        assert_eq!(c.clusters["us"].client_auth(), ClientAuth::Sasl);
+
+        let contradiction = with_sasl.replace(sasl, &format!("{sasl}, client_auth: none"));
+        let e = Config::parse(&contradiction, Path::new("k.yaml")).unwrap_err();
+        assert_eq!(e.path, "clusters.eu.client_auth");
+        assert!(e.message.contains("contradicts clusters.eu.sasl"), "{e}");
     }
 }

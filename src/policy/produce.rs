@@ -39,6 +39,12 @@ pub enum RejectKind {
     UnownedPartition,
     DefaultReject,
     MalformedBatch,
+    /// A redirect the client may not make: the cluster it connects to does not let it WRITE
+    /// the topic (decided in `proxy::conn`, which asks that cluster).
+    NotAuthorized,
+    /// A redirect keyward cannot check: the topic does not exist on the cluster the client
+    /// connects to, whose ACLs decide.
+    UnverifiedTopic,
     /// A rule was asked about something it does not look at; a bug, refused rather than guessed.
     Internal,
 }
@@ -53,6 +59,8 @@ impl RejectKind {
             RejectKind::UnownedPartition => "unowned_partition",
             RejectKind::DefaultReject => "default_reject",
             RejectKind::MalformedBatch => "malformed_batch",
+            RejectKind::NotAuthorized => "not_authorized",
+            RejectKind::UnverifiedTopic => "unverified_topic",
             RejectKind::Internal => "internal",
         }
     }

@@ -17,10 +17,11 @@ use std::collections::HashMap;
 
 use metrics::{Counter, counter};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::Shared;
+use super::identity::{self, Authorizations, Identity, Requirement, Standing, Verdict};
 use super::produce::{LocalAnswer, ProduceReply, Route, forwarded_request};
 use super::rewrite::{self, RewriteError};
 use super::stream::{ReadHalf, Stream, WriteHalf};
@@ -29,8 +30,9 @@ use crate::codec::produce::{self, ProduceParseError};
 use crate::codec::records;
 use crate::codec::records::Inflater;
 use crate::codec::wire::WireError;
+use crate::config::ClientAuth;
 use crate::ownership::RegionId;
-use crate::policy::produce::{Action, INVALID_RECORD, ProducePlan, decide};
+use crate::policy::produce::{Action, INVALID_RECORD, ProducePlan, RejectKind, decide};
 use crate::reload::Snapshot;
 
 /// Which real broker a client connection is relayed to.
@@ -61,9 +63,16 @@ enum Slot {
     /// keyward answers this Produce itself (refusals, redirected writes), once every part of
     /// the answer is known.
     Reply(i32, ProduceReply, Timing),
-    /// Close the client connection once everything before this is written (an acks=0 produce
-    /// keyward refused: no response is owed, so closing is how the client learns).
-    Close,
+    /// Close the client connection once everything before this is written, for the reason
+    /// given (an acks=0 produce keyward refused: no response is owed, so closing is how the
+    /// client learns; a Produce before the client authenticated, as a broker does).
+    Close(&'static str),
+    /// keyward's own request on the client's connection (the authorization question): the
+    /// broker's answer goes to keyward, not to the client.
+    Internal {
+        correlation_id: i32,
+        answer: oneshot::Sender<Bytes>,
+    },
 }
 
 enum Handling {
@@ -83,6 +92,9 @@ enum Rewrite {
     Fetch(i16),
     /// A produce keyward forwarded whole (v10+ responses may carry node endpoints).
     Produce(i16),
+    /// Passed on untouched; its error code tells whether the broker accepted the client's
+    /// SASL step.
+    SaslAuthenticate(i16),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +113,8 @@ enum ConnError {
     BrokerClosed,
     #[error("rewriting a response: {0}")]
     Rewrite(#[from] RewriteError),
+    #[error("asking the broker whether the client may write: {0}")]
+    Authorization(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -116,6 +130,7 @@ impl ConnError {
             ConnError::CorrelationMismatch { .. } => "broker_correlation",
             ConnError::BrokerClosed => "broker_closed",
             ConnError::Rewrite(_) => "rewrite",
+            ConnError::Authorization(_) => "authorization",
             ConnError::Io(_) => "io",
         }
     }
@@ -193,6 +208,7 @@ async fn relay(
     let (upstream_read, upstream_write) = upstream.into_split();
     let (slots_tx, slots_rx) = mpsc::channel(shared.config.limits.max_in_flight);
     let activity = Activity::default();
+    let identity = Identity::new(requirement(shared, cluster));
     let requests = requests(
         shared,
         cluster,
@@ -200,6 +216,7 @@ async fn relay(
         upstream_write,
         slots_tx,
         &activity,
+        &identity,
     );
     let responses = responses(
         shared,
@@ -208,6 +225,7 @@ async fn relay(
         client_write,
         slots_rx,
         &activity,
+        &identity,
     );
     tokio::pin!(requests, responses);
     tokio::select! {
@@ -218,6 +236,18 @@ async fn relay(
             other => other,
         },
         r = &mut responses => r,
+    }
+}
+
+/// What cluster `cluster`'s listener asks of clients (see `clusters.<region>.client_auth`).
+fn requirement(shared: &Shared, cluster: usize) -> Requirement {
+    let name = &shared.clusters.get(cluster).name;
+    match shared.config.clusters.get(name) {
+        Some(c) if c.client_auth() == ClientAuth::None => Requirement::None {
+            broker_sees_keyward: c.presents_certificate(),
+        },
+        // A cluster keyward cannot find in its config is treated as the strictest.
+        _ => Requirement::Sasl,
     }
 }
 
@@ -287,11 +317,20 @@ async fn requests(
     mut upstream: WriteHalf,
     slots: mpsc::Sender<Slot>,
     activity: &Activity,
+    identity: &Identity,
 ) -> Result<&'static str, ConnError> {
     let reader = FrameReader::new(shared.config.limits.max_frame_bytes);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut inflater = Inflater::new(shared.config.limits.max_decompressed_bytes);
     let mut meters = DecisionMeters::default();
+    let mut guard = Guard {
+        identity,
+        authorizations: Authorizations::new(Duration::from_millis(
+            shared.config.limits.authorization_ttl_ms,
+        )),
+        next_id: i32::MIN,
+        named: false,
+    };
     let idle = Duration::from_secs(shared.config.limits.idle_timeout_secs);
     let stop = shared.shutdown_token();
     let mut wait = idle;
@@ -323,9 +362,40 @@ async fn requests(
         shared.meters.bytes_received.increment(frame.len() as u64);
         let head = RequestHead::parse(&frame).map_err(ConnError::ClientRequest)?;
         shared.meters.api(head.api_key).requests.increment(1);
+        if !guard.named
+            && let Some(id) = identity::client_id(&frame, 1)
+        {
+            identity.set_client_id(id);
+            guard.named = true;
+        }
         let step = match ApiKey::try_from(head.api_key) {
             Ok(ApiKey::Produce) => {
-                produce_step(shared, cluster, frame, head, &mut inflater, &mut meters).await?
+                let mut io = BrokerIo {
+                    upstream: &mut upstream,
+                    slots: &slots,
+                };
+                produce_step(
+                    shared,
+                    cluster,
+                    frame,
+                    head,
+                    &mut inflater,
+                    &mut meters,
+                    &mut guard,
+                    &mut io,
+                )
+                .await?
+            }
+            Ok(ApiKey::SaslHandshake) => sasl_handshake(shared, cluster, frame, head, identity),
+            Ok(ApiKey::SaslAuthenticate) => {
+                if let Some(auth) = identity::authenticate_bytes(&frame, head.api_version) {
+                    identity.claim_user(&auth);
+                }
+                Step::forward(
+                    frame,
+                    head.correlation_id,
+                    handling(ApiKey::SaslAuthenticate, head.api_version),
+                )
             }
             Ok(key) => Step::forward(frame, head.correlation_id, handling(key, head.api_version)),
             // An API this build cannot name is relayed untouched; keyward never offers one, so
@@ -336,14 +406,14 @@ async fn requests(
                 Handling::Rewrite(Rewrite::Passthrough),
             ),
         };
-        if matches!(step.slot, Some(Pending::Close)) {
+        if let Some(Pending::Close(cause)) = step.slot {
             // Whatever part was forwarded goes out first; then the response half flushes what
             // is owed and closes, and this half reads no further request.
             if let Some(bytes) = &step.upstream {
                 upstream.write_all(bytes).await?;
                 upstream.flush().await?;
             }
-            let _ = slots.send(Slot::Close).await;
+            let _ = slots.send(Slot::Close(cause)).await;
             std::future::pending::<()>().await;
         }
         if let Some(bytes) = &step.upstream {
@@ -366,7 +436,7 @@ async fn requests(
             Some(Pending::Reply(correlation_id, reply)) => {
                 Slot::Reply(correlation_id, reply, timing)
             }
-            Some(Pending::Close) | None => continue,
+            Some(Pending::Close(_)) | None => continue,
         };
         activity.asked();
         if slots.send(slot).await.is_err() {
@@ -382,6 +452,7 @@ fn handling(key: ApiKey, version: i16) -> Handling {
         ApiKey::FindCoordinator => Rewrite::FindCoordinator(version),
         ApiKey::DescribeCluster => Rewrite::DescribeCluster(version),
         ApiKey::Fetch => Rewrite::Fetch(version),
+        ApiKey::SaslAuthenticate => Rewrite::SaslAuthenticate(version),
         _ => Rewrite::Passthrough,
     })
 }
@@ -396,7 +467,7 @@ struct Step {
 enum Pending {
     Broker(i32, Handling),
     Reply(i32, ProduceReply),
-    Close,
+    Close(&'static str),
 }
 
 impl Step {
@@ -406,8 +477,93 @@ impl Step {
             slot: Some(Pending::Broker(correlation_id, handling)),
         }
     }
+
+    fn close(cause: &'static str) -> Self {
+        Step {
+            upstream: None,
+            slot: Some(Pending::Close(cause)),
+        }
+    }
 }
 
+/// What the request half knows of the client it serves, and keyward's own questions to the
+/// broker about it.
+struct Guard<'a> {
+    identity: &'a Identity,
+    authorizations: Authorizations,
+    /// Correlation ids of keyward's own requests on this connection (the broker answers in
+    /// order, so they need not differ from the client's; they are negative for readability).
+    next_id: i32,
+    /// The client id is known (the first request that carries one names it).
+    named: bool,
+}
+
+/// The request half's way to the broker, for keyward's own requests between the client's.
+struct BrokerIo<'a> {
+    upstream: &'a mut WriteHalf,
+    slots: &'a mpsc::Sender<Slot>,
+}
+
+/// How long keyward waits for the broker to answer its own question on a client's connection;
+/// requests the client sent before are answered first.
+const QUESTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl BrokerIo<'_> {
+    /// Sends keyward's own request on the client's connection and waits for the answer,
+    /// which the response half takes out of the stream in its turn.
+    async fn ask(&mut self, correlation_id: i32, request: Bytes) -> Result<Bytes, ConnError> {
+        self.upstream.write_all(&request).await?;
+        self.upstream.flush().await?;
+        let (answer, answered) = oneshot::channel();
+        self.slots
+            .send(Slot::Internal {
+                correlation_id,
+                answer,
+            })
+            .await
+            .map_err(|_| ConnError::BrokerClosed)?;
+        match tokio::time::timeout(QUESTION_TIMEOUT, answered).await {
+            Ok(Ok(frame)) => Ok(frame),
+            // The response half ended: the broker closed the connection (as a broker does
+            // when a client sends an ordinary request before it has authenticated).
+            Ok(Err(_)) => Err(ConnError::BrokerClosed),
+            Err(_) => Err(ConnError::Authorization(format!(
+                "no answer within {QUESTION_TIMEOUT:?}"
+            ))),
+        }
+    }
+}
+
+/// A client starts SASL. When keyward was told the cluster does not authenticate clients, that
+/// is a misconfiguration: keyward would be acting for clients it cannot tell apart, so it
+/// closes the connection instead.
+fn sasl_handshake(
+    shared: &Shared,
+    cluster: usize,
+    frame: Bytes,
+    head: RequestHead,
+    identity: &Identity,
+) -> Step {
+    if let Requirement::None { .. } = identity.requirement {
+        if shared.rejection_log.allow() {
+            let name = &shared.clusters.get(cluster).name;
+            warn!(
+                "a client starts SASL, but clusters.{name}.client_auth is none (or unset, and keyward has no sasl for {name}); closing the connection: set client_auth: sasl and keyward's own clusters.{name}.sasl"
+            );
+        }
+        return Step::close("client_auth_mismatch");
+    }
+    if let Some(mechanism) = identity::handshake_mechanism(&frame, head.api_version) {
+        identity.set_mechanism(&mechanism);
+    }
+    Step::forward(
+        frame,
+        head.correlation_id,
+        Handling::Rewrite(Rewrite::Passthrough),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn produce_step(
     shared: &Shared,
     cluster: usize,
@@ -415,6 +571,8 @@ async fn produce_step(
     head: RequestHead,
     inflater: &mut Inflater,
     meters: &mut DecisionMeters,
+    guard: &mut Guard<'_>,
+    io: &mut BrokerIo<'_>,
 ) -> Result<Step, ConnError> {
     let version = head.api_version;
     let header_version = ApiKey::Produce.request_header_version(version);
@@ -433,7 +591,31 @@ async fn produce_step(
             shared.clusters.get(cluster).name
         ));
     }
-    record_decisions(shared, &snapshot, &plan, meters);
+    // Only a request the broker takes whole is none of keyward's business; for anything else
+    // (an answer of keyward's own, a redirect, an audit) keyward must know who is asking.
+    let acts = !plan
+        .partitions
+        .iter()
+        .all(|p| matches!(p.action, Action::Forward { audited: 0 }));
+    let authorized = if acts && guard.identity.standing() == Standing::Anonymous {
+        Authorized::Unauthenticated
+    } else {
+        authorize_redirects(
+            shared, cluster, &request, &snapshot, &mut plan, acts, guard, io,
+        )
+        .await?
+    };
+    if let Authorized::Unauthenticated = authorized {
+        if shared.rejection_log.allow() {
+            let who = guard.identity.who();
+            warn!(
+                client_id = who.client_id,
+                "a Produce before the client authenticated; closing the connection, as the broker does"
+            );
+        }
+        return Ok(Step::close("unauthenticated"));
+    }
+    record_decisions(shared, &snapshot, &plan, meters, guard.identity);
 
     let mut routes = Vec::with_capacity(plan.partitions.len());
     let mut decisions = plan.partitions.iter();
@@ -453,7 +635,24 @@ async fn produce_step(
                         // failed over to it): the client's producer id is valid there.
                         Some(target) if target == cluster => Route::Upstream(None),
                         Some(target) => match redirectable(p.records.unwrap_or_default()) {
-                            Ok(batch) => Route::Redirect(
+                            Ok(batch) => Route::Redirect({
+                                if shared.rejection_log.allow() {
+                                    let who = guard.identity.who();
+                                    info!(
+                                        rule = d
+                                            .rule
+                                            .and_then(|i| snapshot.table.rules().get(i))
+                                            .map_or("-", |r| r.name.as_str()),
+                                        owner,
+                                        client_id = who.client_id,
+                                        user = who.user,
+                                        records = d.records,
+                                        "redirecting a batch of topic {:?} partition {} to region {owner}'s cluster",
+                                        topic.name,
+                                        p.index
+                                    );
+                                }
+
                                 shared
                                     .redirector
                                     .redirect(
@@ -464,8 +663,8 @@ async fn produce_step(
                                         request.acks,
                                         request.timeout_ms,
                                     )
-                                    .await,
-                            ),
+                                    .await
+                            }),
                             Err(why) => Route::Answer(LocalAnswer {
                                 error_code: INVALID_RECORD,
                                 message: format!(
@@ -525,7 +724,7 @@ async fn produce_step(
             warn!(
                 "refused part of an acks=0 produce; closing the connection as a broker does, so the producer notices"
             );
-            Some(Pending::Close)
+            Some(Pending::Close("acks0_rejected"))
         } else {
             None
         }
@@ -538,6 +737,128 @@ async fn produce_step(
         Some(Pending::Reply(head.correlation_id, reply))
     };
     Ok(Step { upstream, slot })
+}
+
+/// Turns every redirect the client may not make into a refusal, as the broker of the cluster
+/// it connects to would refuse the write; and, for a client whose authentication is not yet
+/// proven, proves it first (the broker answers keyward's question only for an authenticated
+/// client, and closes the connection otherwise).
+#[allow(clippy::too_many_arguments)]
+async fn authorize_redirects(
+    shared: &Shared,
+    cluster: usize,
+    request: &produce::ProduceView<'_>,
+    snapshot: &Snapshot,
+    plan: &mut ProducePlan,
+    acts: bool,
+    guard: &mut Guard<'_>,
+    io: &mut BrokerIo<'_>,
+) -> Result<Authorized, ConnError> {
+    // Topics with a partition going to another cluster than this connection's.
+    let mut redirected: Vec<&str> = Vec::new();
+    let mut decisions = plan.partitions.iter();
+    for topic in &request.topics {
+        for _ in &topic.partitions {
+            let Some(d) = decisions.next() else { break };
+            if let Action::Redirect { owner } = d.action
+                && shared
+                    .clusters
+                    .index_of(snapshot.table.region_name(owner))
+                    .is_some_and(|target| target != cluster)
+                && !redirected.contains(&topic.name)
+            {
+                redirected.push(topic.name);
+            }
+        }
+    }
+    let unproven = acts && guard.identity.standing() == Standing::Unproven;
+    let ask: Vec<&str> = if guard.identity.broker_sees_client() {
+        redirected
+            .iter()
+            .copied()
+            .filter(|t| guard.authorizations.get(t).is_none())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut fresh: Vec<(&str, Verdict)> = Vec::new();
+    if !ask.is_empty() || unproven {
+        guard.next_id = guard.next_id.wrapping_add(1);
+        let id = guard.next_id;
+        let question = identity::authorization_request(id, &ask)
+            .map_err(|e| ConnError::Authorization(format!("{e:#}")))?;
+        let answer = io.ask(id, question).await?;
+        let answer = identity::answer(&answer, &ask)
+            .map_err(|e| ConnError::Authorization(format!("{e:#}")))?;
+        if !answer.served {
+            // The broker would not serve keyward's question: the client's SASL exchange is not
+            // over. The broker closes the connection; keyward does the same, having done
+            // nothing for the client.
+            return Ok(Authorized::Unauthenticated);
+        }
+        guard.identity.confirm();
+        for (topic, verdict) in ask.iter().zip(answer.verdicts) {
+            guard
+                .authorizations
+                .insert((*topic).to_owned(), verdict.clone());
+            fresh.push((topic, verdict));
+        }
+    }
+    if redirected.is_empty() {
+        return Ok(Authorized::Checked);
+    }
+    let keyward_seen = Verdict::Denied(
+        identity::TOPIC_AUTHORIZATION_FAILED,
+        format!(
+            "the cluster this client connects to does not authenticate clients and sees keyward's own certificate (clusters.{}.tls.cert), so it cannot say whether this client may write; keyward redirects nothing for it",
+            shared.clusters.get(cluster).name
+        ),
+    );
+    let mut decisions = plan.partitions.iter_mut();
+    for topic in &request.topics {
+        let verdict = if !redirected.contains(&topic.name) {
+            None
+        } else if guard.identity.broker_sees_client() {
+            // What was just asked, or what is remembered; nothing is redirected unchecked.
+            fresh
+                .iter()
+                .find(|(t, _)| *t == topic.name)
+                .map(|(_, v)| v.clone())
+                .or_else(|| guard.authorizations.get(topic.name).cloned())
+                .or(Some(Verdict::Denied(
+                    identity::TOPIC_AUTHORIZATION_FAILED,
+                    "keyward could not check whether this client may write it".into(),
+                )))
+        } else {
+            Some(keyward_seen.clone())
+        };
+        for _ in &topic.partitions {
+            let Some(d) = decisions.next() else { break };
+            if let (Action::Redirect { .. }, Some(Verdict::Denied(code, message))) =
+                (&d.action, &verdict)
+            {
+                d.action = Action::Reject {
+                    kind: if *code == identity::TOPIC_AUTHORIZATION_FAILED {
+                        RejectKind::NotAuthorized
+                    } else {
+                        RejectKind::UnverifiedTopic
+                    },
+                    error_code: *code,
+                    message: message.clone(),
+                    record_errors: Vec::new(),
+                };
+            }
+        }
+    }
+    Ok(Authorized::Checked)
+}
+
+/// The outcome of [`authorize_redirects`].
+enum Authorized {
+    /// Every redirect the client may not make is a refusal now.
+    Checked,
+    /// The client turned out not to be authenticated.
+    Unauthenticated,
 }
 
 /// The one batch of a partition, if keyward may send it to another cluster.
@@ -571,6 +892,7 @@ fn record_decisions(
     snapshot: &Snapshot,
     plan: &ProducePlan,
     meters: &mut DecisionMeters,
+    identity: &Identity,
 ) {
     let table = &snapshot.table;
     if meters.table_version != snapshot.version {
@@ -611,11 +933,14 @@ fn record_decisions(
         if let Action::Reject { message, .. } | Action::Hold { message, .. } = &p.action
             && shared.rejection_log.allow()
         {
+            let who = identity.who();
             info!(
                 rule = rule_name(),
                 owner = owner_name(),
                 decision,
                 reason,
+                client_id = who.client_id,
+                user = who.user,
                 "{message}"
             );
         }
@@ -629,6 +954,7 @@ async fn responses(
     mut client: WriteHalf,
     mut slots: mpsc::Receiver<Slot>,
     activity: &Activity,
+    identity: &Identity,
 ) -> Result<&'static str, ConnError> {
     let reader = FrameReader::new(shared.config.limits.max_frame_bytes);
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -638,9 +964,31 @@ async fn responses(
                 let out = reply.respond(correlation_id, Default::default()).await?;
                 (out, timing, None, Instant::now())
             }
-            Slot::Close => {
+            Slot::Close(cause) => {
                 client.shutdown().await?;
-                return Ok("acks0_rejected");
+                return Ok(cause);
+            }
+            Slot::Internal {
+                correlation_id,
+                answer,
+            } => {
+                let frame = match read_frame(&reader, &mut upstream, &mut buf).await {
+                    Ok(Some(f)) => f,
+                    Ok(None) => return Err(ConnError::BrokerClosed),
+                    Err(Ok(e)) => return Err(ConnError::BrokerFrame(e)),
+                    Err(Err(e)) => return Err(ConnError::Io(e)),
+                };
+                let got = frame::response_correlation_id(&frame)
+                    .map_err(|e| ConnError::BrokerFrame(FrameError::Header(e)))?;
+                if got != correlation_id {
+                    return Err(ConnError::CorrelationMismatch {
+                        expected: correlation_id,
+                        got,
+                    });
+                }
+                // The request half may have given up waiting; then nobody needs the answer.
+                let _ = answer.send(frame);
+                continue;
             }
             Slot::Broker {
                 correlation_id,
@@ -685,6 +1033,11 @@ async fn responses(
                         expected: correlation_id,
                         got,
                     });
+                }
+                if let Handling::Rewrite(Rewrite::SaslAuthenticate(v)) = handling
+                    && let Some(code) = identity::authenticate_error(&frame, v)
+                {
+                    identity.sasl_answered(code);
                 }
                 let out = match handling {
                     Handling::ProduceMerge(reply) => {
@@ -809,7 +1162,7 @@ fn respond(
             v,
             |r: &mut kafka_protocol::messages::ProduceResponse| rewrite::produce_endpoints(r, &to),
         ),
-        Rewrite::Produce(_) => Ok(frame),
+        Rewrite::Produce(_) | Rewrite::SaslAuthenticate(_) => Ok(frame),
     }
 }
 

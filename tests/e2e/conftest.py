@@ -4,9 +4,11 @@
   us       1-broker KRaft cluster (node id 1)
   pki      the session's test CA (harness.certs.Pki): `pki.issue(name)` for more certificates
   secure   1-broker cluster whose client listener is SASL_SSL (users alice/alice-secret,
-           keyward/keyward-secret; PLAIN, SCRAM-SHA-256, SCRAM-SHA-512) plus an mTLS
-           listener (mtls_bootstrap); its CA, `secure.security.pki`, is the session's `pki`
-           (also where a module overrides `pki`)
+           bob/bob-secret, keyward/keyward-secret; PLAIN, SCRAM-SHA-256, SCRAM-SHA-512) plus
+           an mTLS listener (mtls_bootstrap), with ACLs: keyward (and the certificate
+           CN=keyward-client) is a super user, alice may do anything to every topic, group
+           and transactional id, bob may only read and describe; its CA,
+           `secure.security.pki`, is the session's `pki` (also where a module overrides `pki`)
   clients  [JavaClient, LibrdkafkaClient, FranzClient]
   client   the same three as a parametrized fixture: one run of the test per client
   summary  summary(section, line): a line for the terminal summary (the fault suite's figures)
@@ -72,8 +74,15 @@ def pki(_session_ca) -> Pki:
 
 @pytest.fixture(scope="session")
 def secure(kafka_workdir, _session_ca):
-    users = {"alice": "alice-secret", "keyward": "keyward-secret"}
-    yield from _cluster("secure", 1, kafka_workdir, KafkaSecurity(_session_ca, users, mtls=True))
+    users = {"alice": "alice-secret", "bob": "bob-secret", "keyward": "keyward-secret"}
+    security = KafkaSecurity(
+        _session_ca, users, mtls=True, acls=True, super_users=("User:keyward", "User:CN=keyward-client")
+    )
+    for cluster in _cluster("secure", 1, kafka_workdir, security):
+        everything = [(kind, "*", "ALL") for kind in ("TOPIC", "GROUP", "TRANSACTIONAL_ID")]
+        cluster.allow("User:alice", everything + [("BROKER", "kafka-cluster", "IDEMPOTENT_WRITE")])
+        cluster.allow("User:bob", [("TOPIC", "*", "READ"), ("TOPIC", "*", "DESCRIBE"), ("GROUP", "*", "READ")])
+        yield cluster
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ import urllib.request
 
 import pytest
 
-from harness import LibrdkafkaClient, record, unique
+from harness import LibrdkafkaClient, raw, record, unique
 from harness.clients import ClientError
 from harness.certs import Pki
 from harness.keyward import Keyward
@@ -298,19 +298,27 @@ def kw_sec(tmp_path_factory, pki, secure, eu):
 
 def test_client_sasl_passes_through_keyward_to_the_broker(client, pki, secure, eu, kw_sec):
     """The client logs in to the broker through keyward (SASL_SSL to keyward, TLS from keyward
-    to the broker); keyward enforces ownership on the authenticated connection."""
+    to the broker); keyward enforces ownership on the authenticated connection. alice may write
+    every topic on `sec`, so her eu-owned records are redirected to eu, and keyward's log line
+    for the redirect names her and her client.id."""
     topic = unique("orders.sasl")
     secure.create_topic(topic, partitions=16)
     eu.create_topic(topic, partitions=16)
     security = {**secure.client_security(MECHANISM_OF[client.name], "alice"), "ca": str(pki.ca)}
     sec_keys, eu_keys = keys_of(kw_sec, "sec", 3), keys_of(kw_sec, "eu", 2)
     recs = [record(k.encode(), f"v-{k}".encode()) for k in sec_keys + eu_keys]
+    client_id = unique(f"alice-{client.name}")
 
-    results = client.produce(kw_sec.bootstrap, topic, recs, {"linger_ms": 5, "security": security}, timeout_s=40)
+    results = client.produce(
+        kw_sec.bootstrap, topic, recs, {"linger_ms": 5, "security": security, "client_id": client_id}, timeout_s=40
+    )
 
     assert all(r["ok"] for r in results), results
     assert sorted(r["key"] for r in secure.read_all(topic)) == sorted(k.encode() for k in sec_keys)
     assert sorted(r["key"] for r in eu.read_all(topic)) == sorted(k.encode() for k in eu_keys)
+    redirects = [line for line in kw_sec.logs(5000).splitlines() if "redirecting a batch" in line and client_id in line]
+    assert redirects, kw_sec.logs(30)
+    assert all('user="alice"' in line or "user=alice" in line for line in redirects), redirects
     got = client.consume(kw_sec.bootstrap, [topic], unique("g-sasl"), 3, timeout_s=40, config={"security": security})
     assert sorted(r["value"] for r in got) == sorted(f"v-{k}".encode() for k in sec_keys)
 
@@ -440,3 +448,141 @@ def test_a_broker_that_never_finishes_tls_costs_one_connect_timeout(tmp_path, pk
             assert "timed out after 1s" in kw.logs(50)
     finally:
         silent.close()
+
+
+# --------------------------------------------------------------- who keyward writes for
+
+def _eu_batch(kw, n: int = 5) -> tuple[list[str], bytes]:
+    keys = keys_of(kw, "eu", n)
+    return keys, raw.record_batch([(k.encode(), b"raw") for k in keys])
+
+
+def _closed_without_answer(sock) -> bool:
+    try:
+        raw.recv_frame(sock)
+        return False
+    except (ConnectionError, ssl.SSLError, OSError):
+        return True
+
+
+def test_a_hand_written_produce_before_authenticating_writes_nothing_anywhere(pki, secure, eu, kw_sec):
+    """A client that never authenticates, or stops half-way through SCRAM, sends a Produce v7 for
+    keys eu owns (redirect rule). keyward acts for nobody it cannot name: the connection closes
+    without an answer, and no record lands in either region."""
+    topic = unique("orders.raw")
+    secure.create_topic(topic, partitions=16)
+    eu.create_topic(topic, partitions=16)
+    keys, batch = _eu_batch(kw_sec)
+
+    # The hand-written client is a working client: straight to eu's leader, its batch lands.
+    control = unique("orders.raw-control")
+    eu.create_topic(control, partitions=1)
+    leader = eu.node(eu.partitions(control)[0]["leader"])
+    with socket.create_connection(("127.0.0.1", leader.port), timeout=10) as s:
+        s.sendall(raw.produce(1, control, {0: batch}))
+        assert raw.produce_errors(raw.recv_frame(s)) == {(control, 0): 0}
+    assert sorted(r["key"] for r in eu.read_all(control)) == sorted(k.encode() for k in keys)
+
+    closed = kw_sec.metric("keyward_client_connections_closed_total", cause="unauthenticated")
+    with _tls_socket(kw_sec.bootstrap_port, pki.ca) as s:
+        s.settimeout(15)
+        s.sendall(raw.api_versions(1))
+        raw.recv_frame(s)
+        s.sendall(raw.produce(2, topic, {8: batch}))
+        assert _closed_without_answer(s)
+    wait_for(
+        lambda: kw_sec.metric("keyward_client_connections_closed_total", cause="unauthenticated") == closed + 1,
+        10,
+        "the unauthenticated close counted",
+    )
+
+    # Half-way through SCRAM the broker has accepted a SaslAuthenticate (error 0), but the
+    # client is not authenticated: the broker refuses keyward's question and closes.
+    with _tls_socket(kw_sec.bootstrap_port, pki.ca) as s:
+        s.settimeout(15)
+        s.sendall(raw.sasl_handshake(1, "SCRAM-SHA-512"))
+        raw.recv_frame(s)
+        s.sendall(raw.sasl_authenticate(2, b"n,,n=alice,r=" + os.urandom(12).hex().encode()))
+        assert raw.sasl_authenticate_error(raw.recv_frame(s)) == 0
+        s.sendall(raw.produce(3, topic, {8: batch}))
+        assert _closed_without_answer(s)
+
+    assert eu.read_all(topic) == []
+    assert secure.read_all(topic) == []
+
+
+def test_a_client_that_may_not_write_on_its_cluster_is_refused_everywhere(client, pki, secure, eu, kw_sec):
+    """bob has logged in but may only read on `sec`. His records owned by eu would be redirected:
+    keyward asks sec's broker on bob's own connection, and answers TOPIC_AUTHORIZATION_FAILED
+    (29) as a broker would; his sec-owned records get the broker's own 29. Nothing lands."""
+    topic = unique("orders.bob")
+    secure.create_topic(topic, partitions=16)
+    eu.create_topic(topic, partitions=16)
+    security = {**secure.client_security(MECHANISM_OF[client.name], "bob"), "ca": str(pki.ca)}
+    sec_keys, eu_keys = keys_of(kw_sec, "sec", 2), keys_of(kw_sec, "eu", 3)
+    refused = kw_sec.metric("keyward_produce_records_total", rule="orders", owner="eu", decision="rejected", reason="not_authorized")
+
+    results = client.produce(
+        kw_sec.bootstrap,
+        topic,
+        [record(k.encode(), b"bob") for k in sec_keys + eu_keys],
+        {"linger_ms": 5, "security": security, "idempotence": False, "delivery_timeout_ms": 20000},
+        timeout_s=40,
+    )
+
+    assert [r["error_code"] for r in results] == [29] * 5, results
+    assert kw_sec.metric(
+        "keyward_produce_records_total", rule="orders", owner="eu", decision="rejected", reason="not_authorized"
+    ) == refused + 3
+    assert eu.read_all(topic) == []
+    assert secure.read_all(topic) == []
+
+
+def test_a_sasl_client_behind_a_keyward_told_clients_need_no_login_is_closed(tmp_path, pki, secure, eu):
+    """keyward has no login of its own for `sec`, so it takes `sec` for a cluster that does not
+    authenticate clients. A client that starts SASL shows otherwise: keyward closes the
+    connection rather than act for a client it cannot tell apart."""
+    proxy = pki.issue("proxy-nologin")
+    kw = Keyward(
+        tmp_path,
+        "sec",
+        {"sec": secure, "eu": eu},
+        SEC_TABLE,
+        listen_extra=_listen_tls(proxy.cert, proxy.key),
+        cluster_yaml={"sec": _secure_cluster_yaml(secure, None, sasl=False)},
+        extra_config="reads: { prefer: [sec] }\n",
+    )
+    with kw:
+        security = {**secure.client_security("PLAIN", "alice"), "ca": str(pki.ca)}
+        with pytest.raises(ClientError):
+            LibrdkafkaClient().metadata(kw.bootstrap, timeout_s=5, security=security)
+        assert kw.metric("keyward_client_connections_closed_total", cause="client_auth_mismatch") >= 1
+        assert "client_auth" in kw.logs(200)
+
+
+def test_redirect_is_refused_where_the_broker_sees_keywards_certificate(tmp_path, pki, secure, eu):
+    """`sec` reached over mTLS with keyward's own certificate: the broker sees keyward, not the
+    client, so nobody can say whether the client may write. Owned records still land (the
+    broker authorizes keyward's certificate); redirects are refused with 29."""
+    cert = secure.security.pki.issue("keyward-client")
+    kw = Keyward(
+        tmp_path,
+        "sec",
+        {"sec": secure, "eu": eu},
+        SEC_TABLE,
+        cluster_yaml={
+            "sec": _secure_cluster_yaml(secure, None, addresses=secure.mtls_addresses, sasl=False, cert=cert)
+        },
+        extra_config="reads: { prefer: [sec] }\n",
+    )
+    with kw:
+        topic = unique("orders.mtls-seen")
+        secure.create_topic(topic, partitions=16)
+        eu.create_topic(topic, partitions=16)
+        sec_keys, eu_keys = keys_of(kw, "sec", 2), keys_of(kw, "eu", 2)
+        results = LibrdkafkaClient().produce(
+            kw.bootstrap, topic, [record(k.encode(), b"v") for k in sec_keys + eu_keys], {"idempotence": False}
+        )
+        assert [r["error_code"] or 0 for r in results] == [0, 0, 29, 29], results
+        assert sorted(r["key"] for r in secure.read_all(topic)) == sorted(k.encode() for k in sec_keys)
+        assert eu.read_all(topic) == []

@@ -14,7 +14,10 @@ Security (optional, `security=KafkaSecurity(...)`): the client listener (CLIENT)
 SCRAM-SHA-512; with `mtls=True` a second client listener (MTLS) on `node.mtls_port` speaks SSL
 and requires a client certificate from the same CA. Inter-broker traffic (INTERNAL) and the
 controller stay PLAINTEXT on loopback ports of their own, so only the client-facing listeners
-are secure. There are no ACLs: any authenticated user may do anything. The harness's own
+are secure. With `acls=True` the brokers run KRaft's StandardAuthorizer: HARNESS_USER, the
+users named in `super_users`, and ANONYMOUS (the PLAINTEXT inter-broker and controller
+listeners) are super users, and everyone else may do only what `KafkaCluster.allow` grants;
+without it there are no ACLs and any authenticated user may do anything. The harness's own
 clients (readiness, admin, read_all) log in as HARNESS_USER with SCRAM-SHA-512.
 """
 
@@ -66,6 +69,9 @@ class KafkaSecurity:
     pki: Pki
     users: dict[str, str]
     mtls: bool = False
+    acls: bool = False
+    # Principals beyond HARNESS_USER and ANONYMOUS that may do anything, e.g. "User:keyward".
+    super_users: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if HARNESS_USER[0] in self.users:
@@ -327,6 +333,10 @@ class KafkaCluster:
         }
         if self.security.mtls:
             props["listener.name.mtls.ssl.client.auth"] = "required"
+        if self.security.acls:
+            props["authorizer.class.name"] = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+            supers = (f"User:{HARNESS_USER[0]}", "User:ANONYMOUS", *self.security.super_users)
+            props["super.users"] = ";".join(supers)
         return props
 
     def _jvm(self, node: KafkaNode, heap: str) -> list[str]:
@@ -535,6 +545,33 @@ class KafkaCluster:
 
     def _client_conf(self, bootstrap: str | None = None) -> dict:
         return {"bootstrap.servers": bootstrap or self.bootstrap, "logger": _rdkafka_log, **self.client_conf()}
+
+    def allow(self, principal: str, grants: Iterable[tuple[str, str, str]], timeout_s: float = 30) -> None:
+        """Grant `principal` (e.g. "User:alice") each (resource type, name, operation) of
+        `grants`, e.g. ("TOPIC", "*", "WRITE"); "*" is the wildcard name. Needs `acls=True`."""
+        from confluent_kafka.admin import (
+            AclBinding,
+            AclOperation,
+            AclPermissionType,
+            ResourcePatternType,
+            ResourceType,
+        )
+
+        bindings = [
+            AclBinding(
+                ResourceType[kind],
+                name,
+                ResourcePatternType.LITERAL,
+                principal,
+                "*",
+                AclOperation[operation],
+                AclPermissionType.ALLOW,
+            )
+            for kind, name, operation in grants
+        ]
+        admin = self.admin()  # keep it alive until the futures resolve
+        for future in admin.create_acls(bindings, request_timeout=timeout_s).values():
+            future.result(timeout=timeout_s)
 
     def admin(self, bootstrap: str | None = None) -> AdminClient:
         """An AdminClient talking to this cluster directly."""

@@ -1,0 +1,150 @@
+"""A Kafka client written by hand on a socket, for what no client library will do: send a
+Produce without authenticating, or in the middle of a SASL exchange.
+
+Only what the tests need: ApiVersions v0, SaslHandshake v1, SaslAuthenticate v1 and Produce v7
+with one uncompressed record batch (magic 2, CRC-32C) per partition. Encoding follows the
+Kafka protocol guide; nothing here is shared with keyward's own code.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+# ------------------------------------------------------------------ CRC-32C (Castagnoli)
+
+_CRC32C_TABLE = []
+for _n in range(256):
+    _c = _n
+    for _ in range(8):
+        _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
+    _CRC32C_TABLE.append(_c)
+
+
+def crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = _CRC32C_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+# ------------------------------------------------------------------ primitives
+
+
+def _varint(n: int) -> bytes:
+    """Zigzag varint, as record fields use."""
+    z = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while True:
+        b = z & 0x7F
+        z >>= 7
+        if z:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _string(s: str | None) -> bytes:
+    if s is None:
+        return struct.pack(">h", -1)
+    b = s.encode()
+    return struct.pack(">h", len(b)) + b
+
+
+def _bytes(b: bytes | None) -> bytes:
+    if b is None:
+        return struct.pack(">i", -1)
+    return struct.pack(">i", len(b)) + b
+
+
+def _frame(api_key: int, version: int, correlation_id: int, body: bytes, client_id: str = "raw-client") -> bytes:
+    msg = struct.pack(">hhi", api_key, version, correlation_id) + _string(client_id) + body
+    return struct.pack(">i", len(msg)) + msg
+
+
+def record_batch(records: list[tuple[bytes | None, bytes | None]]) -> bytes:
+    """One magic-2 batch, no compression, no producer id (not idempotent)."""
+    now = int(time.time() * 1000)
+    body = b""
+    for i, (key, value) in enumerate(records):
+        rec = bytes([0]) + _varint(0) + _varint(i)
+        rec += _varint(-1) if key is None else _varint(len(key)) + key
+        rec += _varint(-1) if value is None else _varint(len(value)) + value
+        rec += _varint(0)
+        body += _varint(len(rec)) + rec
+    after_crc = (
+        struct.pack(">hiqqqhii", 0, len(records) - 1, now, now, -1, -1, -1, len(records)) + body
+    )
+    after_length = struct.pack(">ib", -1, 2) + struct.pack(">I", crc32c(after_crc)) + after_crc
+    return struct.pack(">qi", 0, len(after_length)) + after_length
+
+
+# ------------------------------------------------------------------ requests
+
+
+def api_versions(correlation_id: int) -> bytes:
+    return _frame(18, 0, correlation_id, b"")
+
+
+def sasl_handshake(correlation_id: int, mechanism: str) -> bytes:
+    return _frame(17, 1, correlation_id, _string(mechanism))
+
+
+def sasl_authenticate(correlation_id: int, auth_bytes: bytes) -> bytes:
+    return _frame(36, 1, correlation_id, _bytes(auth_bytes))
+
+
+def produce(
+    correlation_id: int, topic: str, partitions: dict[int, bytes], acks: int = -1, timeout_ms: int = 10000
+) -> bytes:
+    """Produce v7: `partitions` maps partition index to its records (a record batch)."""
+    body = _string(None) + struct.pack(">hi", acks, timeout_ms)
+    body += struct.pack(">i", 1) + _string(topic) + struct.pack(">i", len(partitions))
+    for index, batch in partitions.items():
+        body += struct.pack(">i", index) + _bytes(batch)
+    return _frame(0, 7, correlation_id, body)
+
+
+# ------------------------------------------------------------------ responses
+
+
+def recv_frame(sock: socket.socket) -> bytes:
+    """The next response (without its length prefix); ConnectionError when the peer closed."""
+
+    def exact(n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = sock.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError("the connection was closed")
+            out += chunk
+        return out
+
+    (n,) = struct.unpack(">i", exact(4))
+    return exact(n)
+
+
+def produce_errors(frame: bytes) -> dict[tuple[str, int], int]:
+    """{(topic, partition): error code} of a Produce v7 response (header v0)."""
+    pos = 4  # correlation id
+    (topics,) = struct.unpack_from(">i", frame, pos)
+    pos += 4
+    out = {}
+    for _ in range(topics):
+        (n,) = struct.unpack_from(">h", frame, pos)
+        name = frame[pos + 2 : pos + 2 + n].decode()
+        pos += 2 + n
+        (parts,) = struct.unpack_from(">i", frame, pos)
+        pos += 4
+        for _ in range(parts):
+            index, code = struct.unpack_from(">ih", frame, pos)
+            pos += 4 + 2 + 8 + 8 + 8
+            out[(name, index)] = code
+    return out
+
+
+def sasl_authenticate_error(frame: bytes) -> int:
+    """The error code of a SaslAuthenticate v1 response (header v0)."""
+    return struct.unpack_from(">h", frame, 4)[0]

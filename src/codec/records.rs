@@ -28,6 +28,13 @@ const MAGIC_OFFSET: usize = 16;
 const CRC_OFFSET: usize = 17;
 /// The CRC-32C covers everything from the attributes to the end of the batch.
 const ATTRIBUTES_OFFSET: usize = 21;
+const LAST_OFFSET_DELTA_OFFSET: usize = 23;
+const BASE_TIMESTAMP_OFFSET: usize = 27;
+const MAX_TIMESTAMP_OFFSET: usize = 35;
+const PRODUCER_ID_OFFSET: usize = 43;
+const PRODUCER_EPOCH_OFFSET: usize = 51;
+const BASE_SEQUENCE_OFFSET: usize = 53;
+const RECORDS_COUNT_OFFSET: usize = 57;
 
 const TRANSACTIONAL_FLAG: i16 = 1 << 4;
 const CONTROL_FLAG: i16 = 1 << 5;
@@ -100,13 +107,13 @@ impl BatchHeader {
             magic: i8::from_be_bytes(field(fixed, MAGIC_OFFSET)),
             crc: u32::from_be_bytes(field(fixed, CRC_OFFSET)),
             attributes: i16::from_be_bytes(field(fixed, ATTRIBUTES_OFFSET)),
-            last_offset_delta: i32::from_be_bytes(field(fixed, 23)),
-            base_timestamp: i64::from_be_bytes(field(fixed, 27)),
-            max_timestamp: i64::from_be_bytes(field(fixed, 35)),
-            producer_id: i64::from_be_bytes(field(fixed, 43)),
-            producer_epoch: i16::from_be_bytes(field(fixed, 51)),
-            base_sequence: i32::from_be_bytes(field(fixed, 53)),
-            records_count: i32::from_be_bytes(field(fixed, 57)),
+            last_offset_delta: i32::from_be_bytes(field(fixed, LAST_OFFSET_DELTA_OFFSET)),
+            base_timestamp: i64::from_be_bytes(field(fixed, BASE_TIMESTAMP_OFFSET)),
+            max_timestamp: i64::from_be_bytes(field(fixed, MAX_TIMESTAMP_OFFSET)),
+            producer_id: i64::from_be_bytes(field(fixed, PRODUCER_ID_OFFSET)),
+            producer_epoch: i16::from_be_bytes(field(fixed, PRODUCER_EPOCH_OFFSET)),
+            base_sequence: i32::from_be_bytes(field(fixed, BASE_SEQUENCE_OFFSET)),
+            records_count: i32::from_be_bytes(field(fixed, RECORDS_COUNT_OFFSET)),
         })
     }
 
@@ -126,6 +133,29 @@ impl BatchHeader {
     pub fn is_control(&self) -> bool {
         self.attributes & CONTROL_FLAG != 0
     }
+}
+
+/// A copy of `batch` with a new base sequence (and producer id and epoch, if given) and the CRC
+/// that matches them: what a batch needs to be written under another producer's numbering. The
+/// records themselves are copied, not re-encoded.
+pub fn renumbered(
+    batch: &[u8],
+    producer: Option<(i64, i16)>,
+    base_sequence: i32,
+) -> Result<bytes::Bytes, RecordsError> {
+    BatchHeader::parse(batch)?;
+    let mut out = bytes::BytesMut::from(batch);
+    let mut put = |offset: usize, value: &[u8]| {
+        out[offset..offset + value.len()].copy_from_slice(value);
+    };
+    if let Some((id, epoch)) = producer {
+        put(PRODUCER_ID_OFFSET, &id.to_be_bytes());
+        put(PRODUCER_EPOCH_OFFSET, &epoch.to_be_bytes());
+    }
+    put(BASE_SEQUENCE_OFFSET, &base_sequence.to_be_bytes());
+    let crc = crc32c::crc32c(&out[ATTRIBUTES_OFFSET..]);
+    out[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
+    Ok(out.freeze())
 }
 
 /// `N` bytes at `offset` of the fixed header; offsets are constants within the array's length.

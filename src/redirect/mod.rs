@@ -19,15 +19,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use kafka_protocol::messages::produce_response::PartitionProduceResponse;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
 use crate::codec::errors::{
-    DUPLICATE_SEQUENCE_NUMBER, INVALID_PRODUCER_EPOCH, LEADER_NOT_AVAILABLE, NOT_ENOUGH_REPLICAS,
-    NOT_ENOUGH_REPLICAS_AFTER_APPEND, NOT_LEADER_OR_FOLLOWER, OUT_OF_ORDER_SEQUENCE_NUMBER,
-    REQUEST_TIMED_OUT, UNKNOWN_PRODUCER_ID,
+    CORRUPT_MESSAGE, DUPLICATE_SEQUENCE_NUMBER, INVALID_PRODUCER_EPOCH, LEADER_NOT_AVAILABLE,
+    NOT_ENOUGH_REPLICAS, NOT_ENOUGH_REPLICAS_AFTER_APPEND, NOT_LEADER_OR_FOLLOWER,
+    OUT_OF_ORDER_SEQUENCE_NUMBER, REQUEST_TIMED_OUT, UNKNOWN_PRODUCER_ID,
 };
 use crate::codec::records;
 use crate::proxy::upstream::Dialer;
@@ -137,7 +137,8 @@ impl Redirector {
             partition,
         };
         let seq = book.local(&key, h.base_sequence, Instant::now())?;
-        Some(rewrite(batch, None, seq))
+        // `header` read this batch, so renumbering it cannot fail.
+        records::renumbered(batch, None, seq).ok()
     }
 
     /// Sends `batch` to partition `partition` of `topic` on cluster `target`; the outcome
@@ -247,7 +248,10 @@ async fn run_pipeline(
                 next_seq = 0;
                 generation_seen = generation;
             }
-            let batch = rewrite(&job.batch, Some((id, epoch)), next_seq);
+            let Ok(batch) = records::renumbered(&job.batch, Some((id, epoch)), next_seq) else {
+                // The request half parsed this batch before queueing it; never expected.
+                break error_response(partition, CORRUPT_MESSAGE);
+            };
             match target
                 .client
                 .produce(&topic, partition, batch, job.acks, job.timeout_ms)
@@ -305,13 +309,6 @@ struct BatchFields {
     records: i32,
 }
 
-/// Where `rewrite` writes, in a v2 batch header (see `codec::records`).
-const CRC_AT: usize = 17;
-const ATTRIBUTES_AT: usize = 21;
-const PRODUCER_ID_AT: usize = 43;
-const EPOCH_AT: usize = 51;
-const BASE_SEQUENCE_AT: usize = 53;
-
 fn header(batch: &[u8]) -> Option<BatchFields> {
     let h = records::BatchHeader::parse(batch).ok()?;
     Some(BatchFields {
@@ -320,20 +317,6 @@ fn header(batch: &[u8]) -> Option<BatchFields> {
         base_sequence: h.base_sequence,
         records: h.records_count,
     })
-}
-
-/// A copy of `batch` with a new base sequence (and producer id and epoch, if given) and the CRC
-/// that matches them. The records themselves are copied, not re-encoded.
-pub fn rewrite(batch: &[u8], producer: Option<(i64, i16)>, base_sequence: i32) -> Bytes {
-    let mut out = BytesMut::from(batch);
-    if let Some((id, epoch)) = producer {
-        out[PRODUCER_ID_AT..PRODUCER_ID_AT + 8].copy_from_slice(&id.to_be_bytes());
-        out[EPOCH_AT..EPOCH_AT + 2].copy_from_slice(&epoch.to_be_bytes());
-    }
-    out[BASE_SEQUENCE_AT..BASE_SEQUENCE_AT + 4].copy_from_slice(&base_sequence.to_be_bytes());
-    let crc = crc32c::crc32c(&out[ATTRIBUTES_AT..]);
-    out[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
-    out.freeze()
 }
 
 #[cfg(test)]
@@ -362,7 +345,8 @@ mod tests {
             (7, 2, 10, 3)
         );
 
-        let out = rewrite(&buf, Some((99, 4)), 500);
+        let out = records::renumbered(&buf, Some((99, 4)), 500).unwrap();
+        assert!(records::renumbered(&buf[..60], None, 1).is_err());
         let batch = records::batches(&out).next().unwrap().unwrap();
         assert!(batch.verify_crc());
         assert_eq!(batch.header.producer_id, 99);

@@ -8,6 +8,7 @@ import signal
 import socket
 import struct
 import time
+from types import SimpleNamespace
 
 from harness import LibrdkafkaClient, unique
 from harness.keyward import Keyward
@@ -119,3 +120,39 @@ def test_sigterm_answers_in_flight_requests_then_exits(tmp_path, eu, us):
         kw.stop()
     # The cluster is untouched by the proxy's exit.
     assert LibrdkafkaClient().metadata(eu.bootstrap)
+
+
+def _dead_port() -> int:
+    """A loopback port nothing listens on: connecting to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_broker_lines_are_rate_limited_with_a_count(tmp_path):
+    """Hundreds of clients reconnecting to a cluster that is down log five lines per 10 s, not
+    one each; the next line says how many were left out, and the metrics count every one."""
+    dead = {name: SimpleNamespace(addresses=[f"127.0.0.1:{_dead_port()}"]) for name in ("eu", "us")}
+    with Keyward(tmp_path, "eu", dead, TABLE, extra_config="reads: { prefer: [eu] }\n") as kw:
+        line = "cannot reach the broker; closing the client connection"
+        started = time.monotonic()
+        for _ in range(200):
+            with socket.create_connection(("127.0.0.1", kw.bootstrap_port), timeout=5) as s:
+                assert _closed(s)
+        assert time.monotonic() - started < 10, "all in one 10 s window"
+        # (The harness's own check that the bootstrap port answers is one more.)
+        closed = wait_for(
+            lambda: kw.metric("keyward_client_connections_closed_total", cause="upstream_unreachable") >= 200,
+            5,
+            "every connection counted",
+        ) and int(kw.metric("keyward_client_connections_closed_total", cause="upstream_unreachable"))
+        logged = [l for l in kw.logs(2000).splitlines() if line in l]
+        assert len(logged) == 5, logged
+        assert all("suppressed=0" in l for l in logged), logged
+        # The next window's first line says how many were left out.
+        time.sleep(max(0.0, started + 10.5 - time.monotonic()))
+        with socket.create_connection(("127.0.0.1", kw.bootstrap_port), timeout=5) as s:
+            assert _closed(s)
+        wait_for(lambda: len([l for l in kw.logs(2000).splitlines() if line in l]) == 6, 5, "a sixth line")
+        last = [l for l in kw.logs(2000).splitlines() if line in l][-1]
+        assert f"suppressed={closed - 5}" in last, last

@@ -79,6 +79,11 @@ const XERIAL_HEADER_LEN: usize = 16;
 /// does not leave its high-water mark behind on a connection that may stay idle for hours.
 pub const RETAINED_BYTES: usize = 1024 * 1024;
 
+/// The same for a zstd context. The Java client compresses zstd as a stream (level 3, a 2 MiB
+/// window, no content size), so its context takes a little over 2 MiB whatever the batch size;
+/// keeping it spares a 2 MiB allocation per batch, and the budget still bounds the total.
+pub const RETAINED_ZSTD_BYTES: usize = 4 * 1024 * 1024;
+
 /// The decompression memory all connections may hold together (`limits.
 /// max_decompressed_bytes_total`). Each [`Inflater`] takes from it before it grows its output
 /// buffer or its zstd context and gives back what it frees, so the sum of every connection's
@@ -123,8 +128,8 @@ impl DecompressionBudget {
 ///
 /// Holds the output buffer (grown on demand, never beyond `max_decompressed_bytes + 1`) and a
 /// lazily created zstd decoder context. Both are kept between batches while they are small
-/// ([`RETAINED_BYTES`]), so steady-state decompression does not allocate, and freed after a
-/// batch that needed more (see [`Inflater::trim`]). With a [`DecompressionBudget`], every byte
+/// ([`RETAINED_BYTES`], [`RETAINED_ZSTD_BYTES`]), so steady-state decompression does not
+/// allocate, and freed after a batch that needed more (see [`Inflater::trim`]). With a [`DecompressionBudget`], every byte
 /// of either is taken from it first; a batch that does not fit is
 /// [`RecordsError::MemoryBudgetExhausted`].
 pub struct Inflater {
@@ -207,25 +212,37 @@ impl Inflater {
     pub fn release_memory(&mut self) {
         self.buf = Vec::new();
         self.zstd = None;
-        if let Some(budget) = &self.budget {
-            budget.give_back(self.charged_buf + self.charged_zstd);
-        }
-        self.charged_buf = 0;
-        self.charged_zstd = 0;
+        let held = std::mem::take(&mut self.charged_buf) + std::mem::take(&mut self.charged_zstd);
+        self.give_back(held);
     }
 
-    /// Called after each batch: keeps the buffers for the next one only when they are small
-    /// ([`RETAINED_BYTES`] together) and the budget is less than half used, so connections that
-    /// went quiet after a large batch never hold a high-water mark, and what idle connections
-    /// keep can never take more than about half the budget from connections with work to do.
+    /// Called after each batch: keeps the output buffer for the next one only up to
+    /// [`RETAINED_BYTES`] and the zstd context only up to [`RETAINED_ZSTD_BYTES`], and neither
+    /// while the budget is more than half used. So a connection that went quiet after a large
+    /// batch never holds its high-water mark, and what idle connections keep can never take
+    /// more than about half the budget from connections with work to do.
     pub fn trim(&mut self) {
-        let held = self.buf.capacity() + self.charged_zstd;
         let pressed = self
             .budget
             .as_ref()
             .is_some_and(|b| b.used() > b.limit() / 2);
-        if held > RETAINED_BYTES || (pressed && held > 0) {
-            self.release_memory();
+        if pressed || self.buf.capacity() > RETAINED_BYTES {
+            self.buf = Vec::new();
+            let held = std::mem::take(&mut self.charged_buf);
+            self.give_back(held);
+        }
+        if pressed || self.charged_zstd > RETAINED_ZSTD_BYTES {
+            self.zstd = None;
+            let held = std::mem::take(&mut self.charged_zstd);
+            self.give_back(held);
+        }
+    }
+
+    fn give_back(&self, bytes: usize) {
+        if let Some(budget) = &self.budget
+            && bytes > 0
+        {
+            budget.give_back(bytes);
         }
     }
 
@@ -274,25 +291,23 @@ impl Inflater {
                 .max(self.buf.len().saturating_mul(2))
                 .max(MIN_GROW)
                 .min(cap);
-            if target > self.buf.capacity() {
-                let mut more = target - self.buf.capacity();
-                if self.charge(more).is_err() {
-                    // Doubling does not fit: grow only by what this call needs.
-                    target = want_end.max(self.buf.len());
-                    more = target.saturating_sub(self.buf.capacity());
-                    self.charge(more)?;
-                }
-                // Exactly `target`, so the charge is the allocation (no amortised doubling).
-                self.buf.reserve_exact(target - self.buf.len());
-                let capacity = self.buf.capacity();
-                if let Some(budget) = &self.budget
-                    && capacity > target
-                {
-                    // Vec may give more than asked; count what it really holds.
-                    budget.used.fetch_add(capacity - target, Ordering::AcqRel);
-                }
-                self.charged_buf += more + capacity.saturating_sub(target);
+            let before = self.buf.capacity();
+            if target > before && self.charge(target - before).is_err() {
+                // Doubling does not fit: grow only by what this call needs.
+                target = want_end;
+                self.charge(target.saturating_sub(before))?;
             }
+            // Exactly `target`, so the charge is the allocation (no amortised doubling).
+            self.buf.reserve_exact(target - self.buf.len());
+            let grown = self.buf.capacity() - before;
+            let extra = grown.saturating_sub(target.saturating_sub(before));
+            if let Some(budget) = &self.budget
+                && extra > 0
+            {
+                // Vec may hold more than asked; count what it really holds.
+                budget.used.fetch_add(extra, Ordering::AcqRel);
+            }
+            self.charged_buf += grown;
             self.buf.resize(target, 0);
         }
         Ok(&mut self.buf[filled..])

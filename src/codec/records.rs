@@ -962,6 +962,58 @@ mod tests {
         assert!(need < blob.len() + 512 * 1024, "{need}");
     }
 
+    #[test]
+    fn the_budget_counts_exactly_what_the_inflaters_hold() {
+        let budget = DecompressionBudget::new(64 * MB);
+        for codec in &ALL_CODECS[1..] {
+            let mut inflater = Inflater::with_budget(16 * MB, budget.clone());
+            for (n, value_len) in [
+                (10, 1_000),
+                (30, 10_000),
+                (20, 100_000),
+                (5, 100),
+                (4, 300_000),
+            ] {
+                let (data, _) = big_batch(*codec, n, value_len);
+                assert_eq!(
+                    read_all(&data, &mut inflater).unwrap().len(),
+                    n,
+                    "{codec:?}"
+                );
+                assert_eq!(
+                    budget.used(),
+                    inflater.charged_bytes(),
+                    "{codec:?} {n}x{value_len}"
+                );
+                assert!(inflater.charged_bytes() >= inflater.buffer_bytes());
+            }
+            drop(inflater);
+            assert_eq!(budget.used(), 0, "{codec:?}");
+        }
+    }
+
+    #[test]
+    fn a_java_style_zstd_context_is_kept_between_batches() {
+        // zstd-jni streams: level 3, no content size, a window of 2 MiB.
+        let blob = encode_records(&sample_records(20));
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        enc.set_parameter(zstd::stream::raw::CParameter::WindowLog(21))
+            .unwrap();
+        enc.write_all(&blob).unwrap();
+        let data = build_batch(4, 20, &enc.finish().unwrap());
+        let budget = DecompressionBudget::new(64 * MB);
+        let mut inflater = Inflater::with_budget(MB, budget.clone());
+        assert_eq!(read_all(&data, &mut inflater).unwrap().len(), 20);
+        let kept = budget.used();
+        assert!(kept > 2 * MB && kept <= super::super::compression::RETAINED_ZSTD_BYTES + MB);
+        assert_eq!(read_all(&data, &mut inflater).unwrap().len(), 20);
+        assert_eq!(
+            budget.used(),
+            kept,
+            "the same context serves the next batch"
+        );
+    }
+
     // ---- round trips ----
 
     #[test]

@@ -222,6 +222,9 @@ impl Inflater {
     /// batch never holds its high-water mark, and what idle connections keep can never take
     /// more than about half the budget from connections with work to do.
     pub fn trim(&mut self) {
+        if self.buf.capacity() == 0 && self.charged_zstd == 0 {
+            return; // uncompressed traffic: nothing held, nothing to check
+        }
         let pressed = self
             .budget
             .as_ref()

@@ -497,6 +497,8 @@ async fn probe_round(shared: &Arc<Shared>, may_switch: bool) {
 }
 
 fn publish_serving(shared: &Shared) {
+    // Sampled here, once per probe round, rather than on every change on the produce path.
+    gauge!("keyward_decompression_bytes").set(shared.decompression_budget.used() as f64);
     for (index, cluster) in shared.clusters.all().iter().enumerate() {
         let serving = shared.clusters.serving_index() == index;
         gauge!("keyward_serving_cluster", "cluster" => cluster.name.clone()).set(if serving {

@@ -659,48 +659,6 @@ ownership_file: ownership.yaml
 "#;
 
     #[test]
-    fn parses_and_resolves_the_table_next_to_the_config() {
-        let c = Config::parse(GOOD, Path::new("/etc/keyward/keyward.yaml")).unwrap();
-        assert_eq!(c.region, "eu");
-        assert_eq!(c.regions(), vec!["eu", "us"]);
-        assert_eq!(
-            c.ownership_path(),
-            PathBuf::from("/etc/keyward/ownership.yaml")
-        );
-        assert_eq!(c.limits.max_frame_bytes, 100 * 1024 * 1024);
-        assert_eq!(c.admin.listen.port(), 9190);
-    }
-
-    #[test]
-    fn errors_name_file_field_and_problem() {
-        let bad = GOOD.replace("region: eu", "region: ap");
-        let e = Config::parse(&bad, Path::new("k.yaml")).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "k.yaml: region: region \"ap\" has no entry in clusters (known: eu, us)"
-        );
-
-        let bad = GOOD.replace(
-            "broker_port_base: 9193",
-            "broker_port_base: 9193\n  colour: red",
-        );
-        let e = Config::parse(&bad, Path::new("k.yaml")).unwrap_err();
-        assert_eq!(e.path, "listen.colour");
-        assert!(e.message.contains("unknown field `colour`"), "{e}");
-
-        let bad = GOOD.replace("127.0.0.1:29092", "nohost");
-        let e = Config::parse(&bad, Path::new("k.yaml")).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "k.yaml: clusters.us.bootstrap[0]: \"nohost\" has no port; write host:port, e.g. \"nohost:9092\""
-        );
-
-        let bad = GOOD.replace("9192", "notaport");
-        let e = Config::parse(&bad, Path::new("k.yaml")).unwrap_err();
-        assert_eq!(e.path, "listen.bootstrap");
-    }
-
-    #[test]
     fn a_bootstrap_entry_holding_a_list_names_the_fix() {
         let bad = GOOD.replace(r#"["127.0.0.1:19092"]"#, r#"["h1:9092,h2:9092"]"#);
         let e = Config::parse(&bad, Path::new("keyward.yaml")).unwrap_err();
@@ -786,5 +744,47 @@ ownership_file: ownership.yaml
             e.to_string(),
             "k.yaml: limits.max_decompressed_bytes_total: 1000 is below limits.max_decompressed_bytes (2000): the largest batch allowed could never be read"
         );
+    }
+
+    #[test]
+    fn parses_and_resolves_the_table_next_to_the_config() {
+        let c = Config::parse(GOOD, Path::new("/etc/keyward/keyward.yaml")).unwrap();
+        assert_eq!(c.region, "eu");
+        assert_eq!(c.regions(), vec!["eu", "us"]);
+        assert_eq!(
+            c.ownership_path(),
+            PathBuf::from("/etc/keyward/ownership.yaml")
+        );
+        assert_eq!(c.limits.max_frame_bytes, 100 * 1024 * 1024);
+        assert_eq!(c.admin.listen.port(), 9190);
+    }
+
+    #[test]
+    fn errors_name_file_field_and_problem() {
+        let bad = GOOD.replace("region: eu", "region: ap");
+        let e = Config::parse(&bad, Path::new("k.yaml")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "k.yaml: region: region \"ap\" has no entry in clusters (known: eu, us)"
+        );
+
+        let bad = GOOD.replace(
+            "broker_port_base: 9193",
+            "broker_port_base: 9193\n  colour: red",
+        );
+        let e = Config::parse(&bad, Path::new("k.yaml")).unwrap_err();
+        assert_eq!(e.path, "listen.colour");
+        assert!(e.message.contains("unknown field `colour`"), "{e}");
+
+        let bad = GOOD.replace("127.0.0.1:29092", "nohost");
+        let e = Config::parse(&bad, Path::new("k.yaml")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "k.yaml: clusters.us.bootstrap[0]: \"nohost\" has no port; write host:port, e.g. \"nohost:9092\""
+        );
+
+        let bad = GOOD.replace("9192", "notaport");
+        let e = Config::parse(&bad, Path::new("k.yaml")).unwrap_err();
+        assert_eq!(e.path, "listen.bootstrap");
     }
 }

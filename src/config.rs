@@ -109,6 +109,10 @@ pub struct Reads {
     /// so a flapping cluster does not cause a reconnect storm.
     #[serde(default = "Reads::default_hold_down_ms")]
     pub hold_down_ms: u64,
+    /// Consecutive failed probes before a cluster counts as down (and reads move away from
+    /// it), so one lost probe does not close every client connection.
+    #[serde(default = "Reads::default_down_after_failed_probes")]
+    pub down_after_failed_probes: u32,
 }
 
 impl Reads {
@@ -121,6 +125,9 @@ impl Reads {
     fn default_hold_down_ms() -> u64 {
         30_000
     }
+    fn default_down_after_failed_probes() -> u32 {
+        3
+    }
 }
 
 impl Default for Reads {
@@ -130,6 +137,7 @@ impl Default for Reads {
             probe_interval_ms: Self::default_probe_interval_ms(),
             probe_timeout_ms: Self::default_probe_timeout_ms(),
             hold_down_ms: Self::default_hold_down_ms(),
+            down_after_failed_probes: Self::default_down_after_failed_probes(),
         }
     }
 }
@@ -173,6 +181,10 @@ pub struct Admin {
     /// file holds (re-read on every reload). Reads (metrics, ownership) stay open.
     #[serde(default)]
     pub reload_token_file: Option<PathBuf>,
+    /// Lets `admin.listen` be a non-loopback address without `reload_token_file`, so anyone
+    /// who reaches it may `POST /reload`. Off by default: such a config is refused.
+    #[serde(default)]
+    pub allow_unauthenticated_reload: bool,
 }
 
 impl Admin {
@@ -186,6 +198,7 @@ impl Default for Admin {
         Self {
             listen: Self::default_listen(),
             reload_token_file: None,
+            allow_unauthenticated_reload: false,
         }
     }
 }
@@ -297,6 +310,9 @@ pub struct Limits {
     /// Cap on the decompressed size of one record batch keyward inspects.
     #[serde(default = "Limits::default_max_decompressed_bytes")]
     pub max_decompressed_bytes: usize,
+    /// Cap on the decompression buffers of all connections together.
+    #[serde(default = "Limits::default_max_decompressed_bytes_total")]
+    pub max_decompressed_bytes_total: usize,
     /// Timeout for connecting to a broker (TCP, TLS and SASL together).
     #[serde(default = "Limits::default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
@@ -329,6 +345,11 @@ impl Limits {
     fn default_max_decompressed_bytes() -> usize {
         64 * 1024 * 1024
     }
+    fn default_max_decompressed_bytes_total() -> usize {
+        // Four batches at the per-batch cap at once: a burst of large compressed batches
+        // waits (retriable) instead of growing keyward's memory by 64 MiB per connection.
+        256 * 1024 * 1024
+    }
     fn default_connect_timeout_ms() -> u64 {
         10_000
     }
@@ -359,6 +380,7 @@ impl Default for Limits {
         Self {
             max_frame_bytes: Self::default_max_frame_bytes(),
             max_decompressed_bytes: Self::default_max_decompressed_bytes(),
+            max_decompressed_bytes_total: Self::default_max_decompressed_bytes_total(),
             connect_timeout_ms: Self::default_connect_timeout_ms(),
             tls_handshake_timeout_ms: Self::default_tls_handshake_timeout_ms(),
             max_in_flight: Self::default_max_in_flight(),
@@ -450,11 +472,8 @@ impl Config {
                 ));
             }
             for (i, addr) in cluster.bootstrap.iter().enumerate() {
-                if split_host_port(addr).is_none() {
-                    return Err(error(
-                        &format!("clusters.{name}.bootstrap[{i}]"),
-                        format!("{addr:?} is not host:port"),
-                    ));
+                if let Err(problem) = check_host_port(addr) {
+                    return Err(error(&format!("clusters.{name}.bootstrap[{i}]"), problem));
                 }
             }
         }
@@ -526,6 +545,35 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        if config.reads.down_after_failed_probes == 0 {
+            return Err(error(
+                "reads.down_after_failed_probes",
+                "must be at least 1".into(),
+            ));
+        }
+        if config.limits.max_decompressed_bytes_total < config.limits.max_decompressed_bytes {
+            return Err(error(
+                "limits.max_decompressed_bytes_total",
+                format!(
+                    "{} is below limits.max_decompressed_bytes ({}): the largest batch allowed could never be read",
+                    config.limits.max_decompressed_bytes_total,
+                    config.limits.max_decompressed_bytes
+                ),
+            ));
+        }
+        let admin = &config.admin;
+        if !admin.listen.ip().is_loopback()
+            && admin.reload_token_file.is_none()
+            && !admin.allow_unauthenticated_reload
+        {
+            return Err(error(
+                "admin.listen",
+                format!(
+                    "{} is not a loopback address and admin.reload_token_file is not set, so anyone who reaches it could POST /reload; set admin.reload_token_file, listen on 127.0.0.1, or set admin.allow_unauthenticated_reload: true",
+                    admin.listen
+                ),
+            ));
+        }
         Ok(config)
     }
 
@@ -566,6 +614,68 @@ impl Config {
     }
 }
 
+/// Why `addr` is not one broker's `host:port` (or `[v6]:port`), as an operator would fix it.
+fn check_host_port(addr: &str) -> Result<(), String> {
+    let parts: Vec<&str> = addr
+        .split(|c: char| c == ',' || c == ';' || c.is_whitespace())
+        .filter(|p| !p.is_empty())
+        .collect();
+    if parts.len() > 1 {
+        return Err(format!(
+            "{addr:?} holds a list; write each address as its own entry: [{}]",
+            parts.join(", ")
+        ));
+    }
+    if addr.trim() != addr || addr.chars().any(|c| c == ',' || c == ';') {
+        return Err(format!(
+            "{addr:?} has stray separators or spaces; write host:port"
+        ));
+    }
+    if let Some((scheme, _)) = addr.split_once("://") {
+        return Err(format!(
+            "{addr:?} has a scheme ({scheme}://); write host:port only"
+        ));
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(format!(
+            "{addr:?} has no port; write host:port, e.g. \"{addr}:9092\""
+        ));
+    };
+    let host = match host.strip_prefix('[') {
+        Some(v6) => match v6.strip_suffix(']') {
+            Some(v6) if v6.parse::<std::net::Ipv6Addr>().is_ok() => v6,
+            _ => {
+                return Err(format!(
+                    "{addr:?}: {host:?} is not an IPv6 address in brackets"
+                ));
+            }
+        },
+        None if host.contains(':') => {
+            return Err(format!(
+                "{addr:?}: an IPv6 address goes in brackets, e.g. \"[::1]:9092\""
+            ));
+        }
+        None => host,
+    };
+    if host.is_empty() {
+        return Err(format!("{addr:?} has no host; write host:port"));
+    }
+    if !host
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'))
+    {
+        return Err(format!(
+            "{addr:?}: {host:?} is not a host name or IP address"
+        ));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!(
+            "{addr:?}: port {port:?} is not a number from 1 to 65535"
+        )),
+    }
+}
+
 /// Splits `host:port` (or `[v6]:port`) into its parts.
 pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
     let (host, port) = addr.rsplit_once(':')?;
@@ -591,6 +701,94 @@ clusters:
   us: { bootstrap: ["127.0.0.1:29092"] }
 ownership_file: ownership.yaml
 "#;
+
+    #[test]
+    fn a_bootstrap_entry_holding_a_list_names_the_fix() {
+        let bad = GOOD.replace(r#"["127.0.0.1:19092"]"#, r#"["h1:9092,h2:9092"]"#);
+        let e = Config::parse(&bad, Path::new("keyward.yaml")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "keyward.yaml: clusters.eu.bootstrap[0]: \"h1:9092,h2:9092\" holds a list; write each address as its own entry: [h1:9092, h2:9092]"
+        );
+    }
+
+    #[test]
+    fn bootstrap_addresses_must_be_host_and_numeric_port() {
+        for (addr, problem) in [
+            ("h1:9092 h2:9092", "holds a list"),
+            ("h1:9092;h2:9092", "holds a list"),
+            ("h1:9092,", "stray separators"),
+            (" h1:9092", "stray separators"),
+            ("PLAINTEXT://h1:9092", "has a scheme (PLAINTEXT://)"),
+            ("h1", "has no port"),
+            (":9092", "has no host"),
+            ("h1:", "port \"\" is not a number"),
+            ("h1:http", "port \"http\" is not a number"),
+            ("h1:0", "port \"0\" is not a number"),
+            ("h1:70000", "port \"70000\" is not a number"),
+            ("::1:9092", "an IPv6 address goes in brackets"),
+            ("[nope]:9092", "is not an IPv6 address in brackets"),
+            ("h/1:9092", "is not a host name or IP address"),
+        ] {
+            let bad = GOOD.replace("127.0.0.1:29092", addr);
+            let e = Config::parse(&bad, Path::new("k.yaml")).unwrap_err();
+            assert_eq!(e.path, "clusters.us.bootstrap[0]", "{addr}");
+            assert!(e.message.contains(problem), "{addr}: {e}");
+        }
+        for addr in [
+            "kafka-1.eu.internal:9092",
+            "10.0.0.1:9093",
+            "[::1]:9092",
+            "k_1:1",
+        ] {
+            let ok = GOOD.replace("127.0.0.1:29092", addr);
+            Config::parse(&ok, Path::new("k.yaml")).unwrap_or_else(|e| panic!("{addr}: {e}"));
+        }
+    }
+
+    #[test]
+    fn a_non_loopback_admin_listener_needs_a_reload_token_or_an_explicit_opt_out() {
+        let open = format!("{GOOD}admin: {{ listen: 0.0.0.0:9190 }}\n");
+        let e = Config::parse(&open, Path::new("keyward.yaml")).unwrap_err();
+        assert_eq!(e.path, "admin.listen");
+        assert_eq!(
+            e.to_string(),
+            "keyward.yaml: admin.listen: 0.0.0.0:9190 is not a loopback address and admin.reload_token_file is not set, so anyone who reaches it could POST /reload; set admin.reload_token_file, listen on 127.0.0.1, or set admin.allow_unauthenticated_reload: true"
+        );
+        for ok in [
+            "admin: { listen: 0.0.0.0:9190, reload_token_file: token }",
+            "admin: { listen: 0.0.0.0:9190, allow_unauthenticated_reload: true }",
+            "admin: { listen: \"[::1]:9190\" }",
+            "admin: { listen: 127.0.0.2:9190 }",
+        ] {
+            let c = Config::parse(&format!("{GOOD}{ok}\n"), Path::new("k.yaml"));
+            assert!(c.is_ok(), "{ok}: {:?}", c.err());
+        }
+    }
+
+    #[test]
+    fn probe_and_decompression_limits_are_checked() {
+        let c = Config::parse(GOOD, Path::new("k.yaml")).unwrap();
+        assert_eq!(c.reads.down_after_failed_probes, 3);
+        assert_eq!(c.limits.max_decompressed_bytes_total, 256 * 1024 * 1024);
+        let e = Config::parse(
+            &format!("{GOOD}reads: {{ down_after_failed_probes: 0 }}\n"),
+            Path::new("k.yaml"),
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "reads.down_after_failed_probes");
+        let e = Config::parse(
+            &format!(
+                "{GOOD}limits: {{ max_decompressed_bytes: 2000, max_decompressed_bytes_total: 1000 }}\n"
+            ),
+            Path::new("k.yaml"),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "k.yaml: limits.max_decompressed_bytes_total: 1000 is below limits.max_decompressed_bytes (2000): the largest batch allowed could never be read"
+        );
+    }
 
     #[test]
     fn parses_and_resolves_the_table_next_to_the_config() {
@@ -626,7 +824,7 @@ ownership_file: ownership.yaml
         let e = Config::parse(&bad, Path::new("k.yaml")).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "k.yaml: clusters.us.bootstrap[0]: \"nohost\" is not host:port"
+            "k.yaml: clusters.us.bootstrap[0]: \"nohost\" has no port; write host:port, e.g. \"nohost:9092\""
         );
 
         let bad = GOOD.replace("9192", "notaport");

@@ -207,3 +207,73 @@ fn check_reads_every_certificate_key_and_secret_the_tls_example_names() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A copy of the example configs in a fresh directory, with `edit` applied to keyward.yaml.
+fn config_copy(test: &str, edit: impl Fn(String) -> String) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("keyward-cli-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = std::fs::read_to_string(example("keyward.yaml")).unwrap();
+    let edited = edit(config.clone());
+    assert_ne!(edited, config, "{test}: the edit changed nothing");
+    std::fs::write(dir.join("keyward.yaml"), edited).unwrap();
+    std::fs::copy(example("ownership.yaml"), dir.join("ownership.yaml")).unwrap();
+    dir.join("keyward.yaml")
+}
+
+#[test]
+fn check_refuses_a_bootstrap_entry_holding_a_list_and_names_the_fix() {
+    let config = config_copy("bootstrap-list", |c| {
+        c.replace(r#"["127.0.0.1:19092"]"#, r#"["h1:9092,h2:9092"]"#)
+    });
+    let out = keyward(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out).trim(),
+        format!(
+            "{}: clusters.eu.bootstrap[0]: \"h1:9092,h2:9092\" holds a list; write each address as its own entry: [h1:9092, h2:9092]",
+            config.display()
+        )
+    );
+
+    let config = config_copy("bootstrap-port", |c| {
+        c.replace(r#"["127.0.0.1:29092"]"#, r#"["kafka-us:http"]"#)
+    });
+    let out = keyward(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out).trim(),
+        format!(
+            "{}: clusters.us.bootstrap[0]: \"kafka-us:http\": port \"http\" is not a number from 1 to 65535",
+            config.display()
+        )
+    );
+}
+
+#[test]
+fn an_admin_listener_off_loopback_needs_a_reload_token_to_start() {
+    let open = config_copy("admin-open", |c| {
+        c.replace("listen: 127.0.0.1:9190", "listen: 0.0.0.0:9190")
+    });
+    let expected = format!(
+        "{}: admin.listen: 0.0.0.0:9190 is not a loopback address and admin.reload_token_file is not set, so anyone who reaches it could POST /reload; set admin.reload_token_file, listen on 127.0.0.1, or set admin.allow_unauthenticated_reload: true",
+        open.display()
+    );
+    for command in ["check", "run"] {
+        let out = keyward(&[command, "--config", open.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "keyward {command}");
+        assert!(
+            stderr(&out).contains(&expected),
+            "keyward {command}: {}",
+            stderr(&out)
+        );
+    }
+
+    let explicit = config_copy("admin-explicit", |c| {
+        c.replace(
+            "listen: 127.0.0.1:9190",
+            "listen: 0.0.0.0:9190\n  allow_unauthenticated_reload: true",
+        )
+    });
+    let out = keyward(&["check", "--config", explicit.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}

@@ -11,6 +11,8 @@
 //! stream the broker would reject can only make the broker refuse the write.
 
 use std::io::Read as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use lz4_flex::block::DecompressError as Lz4Error;
 use zstd::stream::raw::{DParameter, InBuffer, Operation as _, OutBuffer};
@@ -71,19 +73,78 @@ const LZ4_SKIPPABLE_MAGIC: std::ops::RangeInclusive<u32> = 0x184D_2A50..=0x184D_
 const XERIAL_MAGIC: [u8; 8] = [0x82, b'S', b'N', b'A', b'P', b'P', b'Y', 0];
 const XERIAL_HEADER_LEN: usize = 16;
 
+/// Memory after a batch above which a connection's [`Inflater`] frees its buffers instead of
+/// keeping them for the next batch. Typical batches (the Java client's 16 KiB, librdkafka's up
+/// to 1 MB) decompress within it, so steady traffic does not allocate per batch; a large batch
+/// does not leave its high-water mark behind on a connection that may stay idle for hours.
+pub const RETAINED_BYTES: usize = 1024 * 1024;
+
+/// The same for a zstd context. The Java client compresses zstd as a stream (level 3, a 2 MiB
+/// window, no content size), so its context takes a little over 2 MiB whatever the batch size;
+/// keeping it spares a 2 MiB allocation per batch, and the budget still bounds the total.
+pub const RETAINED_ZSTD_BYTES: usize = 4 * 1024 * 1024;
+
+/// The decompression memory all connections may hold together (`limits.
+/// max_decompressed_bytes_total`). Each [`Inflater`] takes from it before it grows its output
+/// buffer or its zstd context and gives back what it frees, so the sum of every connection's
+/// buffers never exceeds the limit, however many connections send large batches at once.
+#[derive(Debug)]
+pub struct DecompressionBudget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl DecompressionBudget {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Bytes the inflaters hold now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn try_take(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |used| {
+                used.checked_add(bytes).filter(|total| *total <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
 /// Reusable per-connection scratch state for decompressing record batches.
 ///
-/// Holds the output buffer (grown on demand, never beyond `max_decompressed_bytes + 1`, and kept
-/// between batches so steady-state decompression does not allocate) and a lazily created zstd
-/// decoder context. Memory held: up to `max_decompressed_bytes + 1` for the buffer, plus the zstd
-/// window of the largest frame seen (bounded by the window-log limit, see [`Inflater::new`]).
+/// Holds the output buffer (grown on demand, never beyond `max_decompressed_bytes + 1`) and a
+/// lazily created zstd decoder context. Both are kept between batches while they are small
+/// ([`RETAINED_BYTES`], [`RETAINED_ZSTD_BYTES`]), so steady-state decompression does not
+/// allocate, and freed after a batch that needed more (see [`Inflater::trim`]). With a [`DecompressionBudget`], every byte
+/// of either is taken from it first; a batch that does not fit is
+/// [`RecordsError::MemoryBudgetExhausted`].
 pub struct Inflater {
     max: usize,
     /// Zero-initialised scratch. Its `len()` is the high-water mark, not the payload length: it
-    /// is never shrunk between batches so the memory is not zeroed again.
+    /// is not shrunk between batches (below [`RETAINED_BYTES`]) so the memory is not zeroed again.
     buf: Vec<u8>,
     zstd: Option<zstd::stream::raw::Decoder<'static>>,
     zstd_window_log_max: u32,
+    budget: Option<Arc<DecompressionBudget>>,
+    /// Taken from the budget for `buf` (its capacity).
+    charged_buf: usize,
+    /// Taken from the budget for the zstd context: its base size plus the buffers the largest
+    /// frame it decoded made it allocate (estimated from the frame headers, before decoding).
+    charged_zstd: usize,
 }
 
 impl std::fmt::Debug for Inflater {
@@ -92,7 +153,14 @@ impl std::fmt::Debug for Inflater {
             .field("max_decompressed_bytes", &self.max)
             .field("buffer_bytes", &self.buf.len())
             .field("zstd_context", &self.zstd.is_some())
+            .field("charged", &(self.charged_buf + self.charged_zstd))
             .finish()
+    }
+}
+
+impl Drop for Inflater {
+    fn drop(&mut self) {
+        self.release_memory();
     }
 }
 
@@ -111,7 +179,17 @@ impl Inflater {
             buf: Vec::new(),
             zstd: None,
             zstd_window_log_max: needed_log.clamp(ZSTD_MIN_WINDOW_LOG_MAX, ZSTD_MAX_WINDOW_LOG_MAX),
+            budget: None,
+            charged_buf: 0,
+            charged_zstd: 0,
         }
+    }
+
+    /// An inflater whose memory counts against `budget`, shared with other connections.
+    pub fn with_budget(max_decompressed_bytes: usize, budget: Arc<DecompressionBudget>) -> Self {
+        let mut inflater = Self::new(max_decompressed_bytes);
+        inflater.budget = Some(budget);
+        inflater
     }
 
     /// The cap given to [`Inflater::new`].
@@ -124,11 +202,63 @@ impl Inflater {
         self.buf.len()
     }
 
+    /// Bytes this inflater has taken from its budget (0 without one).
+    pub fn charged_bytes(&self) -> usize {
+        self.charged_buf + self.charged_zstd
+    }
+
     /// Frees the output buffer and the zstd context, e.g. for a connection that went idle. The
     /// next compressed batch allocates them again.
     pub fn release_memory(&mut self) {
         self.buf = Vec::new();
         self.zstd = None;
+        let held = std::mem::take(&mut self.charged_buf) + std::mem::take(&mut self.charged_zstd);
+        self.give_back(held);
+    }
+
+    /// Called after each batch: keeps the output buffer for the next one only up to
+    /// [`RETAINED_BYTES`] and the zstd context only up to [`RETAINED_ZSTD_BYTES`], and neither
+    /// while the budget is more than half used. So a connection that went quiet after a large
+    /// batch never holds its high-water mark, and what idle connections keep can never take
+    /// more than about half the budget from connections with work to do.
+    pub fn trim(&mut self) {
+        if self.buf.capacity() == 0 && self.charged_zstd == 0 {
+            return; // uncompressed traffic: nothing held, nothing to check
+        }
+        let pressed = self
+            .budget
+            .as_ref()
+            .is_some_and(|b| b.used() > b.limit() / 2);
+        if pressed || self.buf.capacity() > RETAINED_BYTES {
+            self.buf = Vec::new();
+            let held = std::mem::take(&mut self.charged_buf);
+            self.give_back(held);
+        }
+        if pressed || self.charged_zstd > RETAINED_ZSTD_BYTES {
+            self.zstd = None;
+            let held = std::mem::take(&mut self.charged_zstd);
+            self.give_back(held);
+        }
+    }
+
+    fn give_back(&self, bytes: usize) {
+        if let Some(budget) = &self.budget
+            && bytes > 0
+        {
+            budget.give_back(bytes);
+        }
+    }
+
+    /// Takes `bytes` more from the budget, if there is one.
+    fn charge(&self, bytes: usize) -> Result<(), RecordsError> {
+        match &self.budget {
+            Some(budget) if bytes > 0 && !budget.try_take(bytes) => {
+                Err(RecordsError::MemoryBudgetExhausted {
+                    limit: budget.limit(),
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Decompresses one batch's records blob. For [`Compression::None`] the input is returned
@@ -154,18 +284,36 @@ impl Inflater {
 
     /// Makes `buf[filled..]` at least `want` bytes long where the cap allows, and returns it.
     /// The buffer never exceeds `max + 1` bytes: one byte over the cap is how we detect a bomb.
-    /// Callers keep `filled <= max`, so the returned slice is never empty.
-    fn room(&mut self, filled: usize, want: usize) -> &mut [u8] {
+    /// Callers keep `filled <= max`, so the returned slice is never empty. Growing takes the
+    /// new bytes from the budget first.
+    fn room(&mut self, filled: usize, want: usize) -> Result<&mut [u8], RecordsError> {
         let cap = self.max.saturating_add(1);
         let want_end = filled.saturating_add(want).min(cap);
         if self.buf.len() < want_end {
-            let target = want_end
+            let mut target = want_end
                 .max(self.buf.len().saturating_mul(2))
                 .max(MIN_GROW)
                 .min(cap);
+            let before = self.buf.capacity();
+            if target > before && self.charge(target - before).is_err() {
+                // Doubling does not fit: grow only by what this call needs.
+                target = want_end;
+                self.charge(target.saturating_sub(before))?;
+            }
+            // Exactly `target`, so the charge is the allocation (no amortised doubling).
+            self.buf.reserve_exact(target - self.buf.len());
+            let grown = self.buf.capacity() - before;
+            let extra = grown.saturating_sub(target.saturating_sub(before));
+            if let Some(budget) = &self.budget
+                && extra > 0
+            {
+                // Vec may hold more than asked; count what it really holds.
+                budget.used.fetch_add(extra, Ordering::AcqRel);
+            }
+            self.charged_buf += grown;
             self.buf.resize(target, 0);
         }
-        &mut self.buf[filled..]
+        Ok(&mut self.buf[filled..])
     }
 
     fn gzip(&mut self, input: &[u8]) -> Result<usize, RecordsError> {
@@ -173,7 +321,7 @@ impl Inflater {
         let mut decoder = flate2::bufread::MultiGzDecoder::new(input);
         let mut filled = 0;
         loop {
-            let room = self.room(filled, STREAM_CHUNK);
+            let room = self.room(filled, STREAM_CHUNK)?;
             match decoder.read(room) {
                 Ok(0) => return Ok(filled),
                 Ok(n) => {
@@ -230,7 +378,7 @@ impl Inflater {
         if len > self.max - filled {
             return Err(self.too_large());
         }
-        let out = &mut self.room(filled, len)[..len];
+        let out = &mut self.room(filled, len)?[..len];
         let written = snap::raw::Decoder::new()
             .decompress(block, out)
             .map_err(|e| decompress_error(Compression::Snappy, e))?;
@@ -317,13 +465,13 @@ impl Inflater {
                 if len > self.max - filled {
                     return Err(self.too_large());
                 }
-                self.room(filled, len)[..len].copy_from_slice(block);
+                self.room(filled, len)?[..len].copy_from_slice(block);
                 filled += len;
                 continue;
             }
             // Offer a whole block of room, but never more than one byte past the cap.
             let want = block_max.min(self.max - filled + 1);
-            self.room(filled, want);
+            self.room(filled, want)?;
             let (before, after) = self.buf.split_at_mut(filled);
             let out = &mut after[..want];
             let result = if independent {
@@ -355,6 +503,13 @@ impl Inflater {
 
     fn zstd(&mut self, input: &[u8]) -> Result<usize, RecordsError> {
         let window_log_max = self.zstd_window_log_max;
+        // The decoder allocates its window as a frame starts: take that memory from the budget
+        // before it can.
+        let needed = zstd_context_bytes(input, window_log_max);
+        if needed > self.charged_zstd {
+            self.charge(needed - self.charged_zstd)?;
+            self.charged_zstd = needed;
+        }
         let mut decoder = match self.zstd.take() {
             Some(mut decoder) => {
                 // A previous batch may have failed mid-frame: start a clean session.
@@ -385,7 +540,7 @@ impl Inflater {
         let mut src = InBuffer::around(input);
         let mut filled = 0;
         loop {
-            let room = self.room(filled, STREAM_CHUNK);
+            let room = self.room(filled, STREAM_CHUNK)?;
             let room_len = room.len();
             let mut out = OutBuffer::around(room);
             let consumed_before = src.pos();
@@ -413,6 +568,91 @@ impl Inflater {
             }
         }
     }
+}
+
+/// Memory of a zstd decoding context before any frame: what `ZSTD_sizeof_DCtx` reports for a
+/// fresh one (about 160 KiB: entropy tables and the literals buffer).
+fn zstd_context_base() -> usize {
+    static BASE: OnceLock<usize> = OnceLock::new();
+    *BASE.get_or_init(|| {
+        zstd::zstd_safe::DCtx::try_create().map_or(ZSTD_BLOCK_MAX * 2, |c| c.sizeof())
+    })
+}
+
+/// Largest block of a zstd frame; also the decoder's input buffer.
+const ZSTD_BLOCK_MAX: usize = 128 * 1024;
+
+/// The memory a zstd context needs to stream-decode `input`: its base size plus, for the most
+/// demanding frame, the window buffer and the input block buffer, as `ZSTD_decodingBufferSize_min`
+/// sizes them (the window, capped by the declared content size when there is one). Windows over
+/// `window_log_max` count at that limit: the decoder refuses such a frame before allocating.
+pub(crate) fn zstd_context_bytes(mut input: &[u8], window_log_max: u32) -> usize {
+    const MAGIC: u32 = 0xFD2F_B528;
+    let window_cap = 1usize << window_log_max;
+    let mut most = 0usize;
+    // Each frame's header, as far as the frames can be delimited; an undecodable rest is
+    // counted at the window limit (the decoder will fail on it, but may allocate first).
+    while input.len() >= 4 {
+        let magic = u32::from_le_bytes([input[0], input[1], input[2], input[3]]);
+        let skippable = magic & 0xFFFF_FFF0 == 0x184D_2A50;
+        if magic != MAGIC && !skippable {
+            // Not a frame: the decoder refuses it before allocating anything for it.
+            break;
+        }
+        if magic == MAGIC {
+            let need = zstd_frame_window(&input[4..]).map_or(window_cap, |(window, content)| {
+                let window = window.min(window_cap);
+                let block = window.min(ZSTD_BLOCK_MAX);
+                let out = window.saturating_add(block).saturating_add(64);
+                content.map_or(out, |c| out.min(c)) + block
+            });
+            most = most.max(need);
+        }
+        match zstd::zstd_safe::find_frame_compressed_size(input) {
+            Ok(n) if n > 0 && n <= input.len() => input = &input[n..],
+            // Truncated or malformed: the decoder fails within this frame.
+            _ => break,
+        }
+    }
+    zstd_context_base() + most
+}
+
+/// (window size, declared content size) from a zstd frame header (`header` starts after the
+/// magic), or `None` when it is too short to say.
+fn zstd_frame_window(header: &[u8]) -> Option<(usize, Option<usize>)> {
+    let descriptor = *header.first()?;
+    let single_segment = descriptor & 0x20 != 0;
+    let dict_id_len = [0usize, 1, 2, 4][usize::from(descriptor & 0x03)];
+    let fcs_len = match descriptor >> 6 {
+        0 if single_segment => 1,
+        0 => 0,
+        1 => 2,
+        2 => 4,
+        _ => 8,
+    };
+    let mut at = 1;
+    let window = if single_segment {
+        None
+    } else {
+        let wd = *header.get(at)?;
+        at += 1;
+        let log = 10 + u32::from(wd >> 3);
+        let base = 1u64.checked_shl(log)?;
+        Some(base + (base / 8) * u64::from(wd & 0x07))
+    };
+    at += dict_id_len;
+    let content = if fcs_len == 0 {
+        None
+    } else {
+        let bytes = header.get(at..at + fcs_len)?;
+        let mut raw = [0u8; 8];
+        raw[..fcs_len].copy_from_slice(bytes);
+        let value = u64::from_le_bytes(raw);
+        Some(if fcs_len == 2 { value + 256 } else { value })
+    };
+    let window = window.or(content)?;
+    let clamp = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+    Some((clamp(window), content.map(clamp)))
 }
 
 fn decompress_error(codec: Compression, e: impl std::fmt::Display) -> RecordsError {

@@ -16,7 +16,7 @@ use std::fmt;
 use std::iter::FusedIterator;
 use std::ops::ControlFlow;
 
-pub use super::compression::{Compression, Inflater};
+pub use super::compression::{Compression, DecompressionBudget, Inflater};
 
 /// Size of the fixed v2 batch header; the records start right after it.
 pub const BATCH_HEADER_LEN: usize = 61;
@@ -39,7 +39,8 @@ const RECORDS_COUNT_OFFSET: usize = 57;
 const TRANSACTIONAL_FLAG: i16 = 1 << 4;
 const CONTROL_FLAG: i16 = 1 << 5;
 
-/// Why a batch could not be read. Every variant means "do not trust this batch".
+/// Why a batch could not be read. Every variant but [`RecordsError::MemoryBudgetExhausted`]
+/// means "do not trust this batch"; that one means "not now".
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecordsError {
     #[error("truncated {what}: needs {needed} bytes, {available} available")]
@@ -60,6 +61,11 @@ pub enum RecordsError {
     Decompress { codec: Compression, reason: String },
     #[error("records decompress to more than the {limit}-byte limit")]
     DecompressedTooLarge { limit: usize },
+    /// Not the batch's fault: other connections hold the decompression memory right now.
+    #[error(
+        "keyward's decompression memory for all connections (limits.max_decompressed_bytes_total, {limit} bytes) is in use; retry"
+    )]
+    MemoryBudgetExhausted { limit: usize },
     #[error("batch declares {declared} records but holds {found}")]
     RecordCountMismatch { declared: i32, found: usize },
     #[error("{count} unexpected bytes after the {what}")]
@@ -317,8 +323,13 @@ impl<'a> Batch<'a> {
     where
         F: FnMut(usize, RecordView<'_>) -> ControlFlow<()>,
     {
-        let records = inflater.decompress(self.compression, self.records_data())?;
-        walk_records(records, self.records_count, f)
+        let walked = match inflater.decompress(self.compression, self.records_data()) {
+            Ok(records) => walk_records(records, self.records_count, f),
+            Err(e) => Err(e),
+        };
+        // A large batch's buffers are freed now, not kept as this connection's high-water mark.
+        inflater.trim();
+        walked
     }
 
     /// Validates every record without looking at them.
@@ -850,6 +861,187 @@ mod tests {
 
     fn first_error(data: &[u8], inflater: &mut Inflater) -> RecordsError {
         read_all(data, inflater).expect_err("should be rejected")
+    }
+
+    // ---- the memory budget shared by all connections ----
+
+    /// A batch of `n` records of `value_len` bytes each, compressed with `codec`.
+    fn big_batch(codec: Compression, n: usize, value_len: usize) -> (Vec<u8>, usize) {
+        let records: Vec<Rec> = (0..n)
+            .map(|i| Rec {
+                key: Some(format!("k{i}").into_bytes()),
+                value: Some(vec![(i % 251) as u8; value_len]),
+                headers: Vec::new(),
+            })
+            .collect();
+        let blob = encode_records(&records);
+        (
+            build_batch(codec_id(codec), n as i32, &compress(codec, &blob)),
+            blob.len(),
+        )
+    }
+
+    #[test]
+    fn inflaters_share_one_budget_and_a_batch_that_does_not_fit_is_refused_as_retriable() {
+        for codec in &ALL_CODECS[1..] {
+            // zstd needs its window beside the output: about twice the batch.
+            let limit = if *codec == Compression::Zstd {
+                12 * MB
+            } else {
+                6 * MB
+            };
+            let budget = DecompressionBudget::new(limit);
+            let (data, inflated) = big_batch(*codec, 40, 100 * 1024); // 4 MB inflated
+            assert!(inflated > 3 * MB);
+            let batch = batches(&data).next().unwrap().unwrap();
+            let mut a = Inflater::with_budget(16 * MB, budget.clone());
+            let mut b = Inflater::with_budget(16 * MB, budget.clone());
+            // a holds its buffer (mid-batch): b's batch does not fit beside it.
+            a.decompress(batch.compression(), batch.records_data())
+                .unwrap();
+            assert_eq!(budget.used(), a.charged_bytes(), "{codec:?}");
+            assert!(a.charged_bytes() >= inflated, "{codec:?}");
+            assert_eq!(
+                first_error(&data, &mut b),
+                RecordsError::MemoryBudgetExhausted { limit },
+                "{codec:?}"
+            );
+            assert!(budget.used() <= limit);
+            // Once a's batch is done its memory is back, and b's batch is read.
+            a.trim();
+            assert_eq!(budget.used(), 0, "{codec:?}");
+            assert_eq!(read_all(&data, &mut b).unwrap().len(), 40, "{codec:?}");
+            // The large buffer is not kept after the batch either.
+            assert_eq!(budget.used(), 0, "{codec:?}");
+            assert_eq!(b.buffer_bytes(), 0);
+        }
+    }
+
+    #[test]
+    fn small_batches_keep_their_buffer_and_dropping_an_inflater_gives_it_back() {
+        let budget = DecompressionBudget::new(64 * MB);
+        let records = sample_records(30);
+        let data = kp_batch(&records, Compression::Lz4);
+        let mut inflater = Inflater::with_budget(16 * MB, budget.clone());
+        assert_eq!(read_all(&data, &mut inflater).unwrap(), records);
+        let kept = budget.used();
+        assert!(kept > 0 && kept <= super::super::compression::RETAINED_BYTES);
+        assert_eq!(kept, inflater.charged_bytes());
+        // The next batch reuses it: nothing more is taken.
+        assert_eq!(read_all(&data, &mut inflater).unwrap(), records);
+        assert_eq!(budget.used(), kept);
+        drop(inflater);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn under_pressure_even_small_buffers_are_given_back_after_the_batch() {
+        let budget = DecompressionBudget::new(3 * MB);
+        let records = sample_records(30);
+        let data = kp_batch(&records, Compression::Gzip);
+        let mut hog = Inflater::with_budget(16 * MB, budget.clone());
+        let (big, _) = big_batch(Compression::Gzip, 12, 100 * 1024);
+        let batch = batches(&big).next().unwrap().unwrap();
+        hog.decompress(batch.compression(), batch.records_data())
+            .unwrap();
+        assert!(
+            budget.used() > 3 * MB / 2,
+            "more than half the budget in use"
+        );
+        let mut small = Inflater::with_budget(16 * MB, budget.clone());
+        let before = budget.used();
+        assert_eq!(read_all(&data, &mut small).unwrap(), records);
+        assert_eq!(
+            budget.used(),
+            before,
+            "the small batch's buffer was given back"
+        );
+    }
+
+    #[test]
+    fn a_zstd_window_is_taken_from_the_budget_before_the_decoder_allocates_it() {
+        use zstd::stream::raw::CParameter;
+        let blob = encode_records(&sample_records(20));
+        // A streamed frame (no content size) declaring an 8 MiB window for a few KB of records.
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        enc.set_parameter(CParameter::WindowLog(23)).unwrap();
+        enc.set_pledged_src_size(None).unwrap();
+        enc.write_all(&blob).unwrap();
+        let frame = enc.finish().unwrap();
+        let data = build_batch(4, 20, &frame);
+        let window = super::super::compression::zstd_context_bytes(&frame, 23);
+        assert!(window > 8 * MB, "{window}");
+        let budget = DecompressionBudget::new(4 * MB);
+        let mut inflater = Inflater::with_budget(MB, budget.clone());
+        assert_eq!(
+            first_error(&data, &mut inflater),
+            RecordsError::MemoryBudgetExhausted { limit: 4 * MB }
+        );
+        assert_eq!(budget.used(), 0);
+        let budget = DecompressionBudget::new(16 * MB);
+        let mut inflater = Inflater::with_budget(MB, budget.clone());
+        assert_eq!(read_all(&data, &mut inflater).unwrap().len(), 20);
+        assert_eq!(
+            budget.used(),
+            0,
+            "a context this large is freed after the batch"
+        );
+        // A frame that declares its size needs no more than that.
+        let small = zstd(&blob);
+        let need = super::super::compression::zstd_context_bytes(&small, 23);
+        assert!(need < blob.len() + 512 * 1024, "{need}");
+    }
+
+    #[test]
+    fn the_budget_counts_exactly_what_the_inflaters_hold() {
+        let budget = DecompressionBudget::new(64 * MB);
+        for codec in &ALL_CODECS[1..] {
+            let mut inflater = Inflater::with_budget(16 * MB, budget.clone());
+            for (n, value_len) in [
+                (10, 1_000),
+                (30, 10_000),
+                (20, 100_000),
+                (5, 100),
+                (4, 300_000),
+            ] {
+                let (data, _) = big_batch(*codec, n, value_len);
+                assert_eq!(
+                    read_all(&data, &mut inflater).unwrap().len(),
+                    n,
+                    "{codec:?}"
+                );
+                assert_eq!(
+                    budget.used(),
+                    inflater.charged_bytes(),
+                    "{codec:?} {n}x{value_len}"
+                );
+                assert!(inflater.charged_bytes() >= inflater.buffer_bytes());
+            }
+            drop(inflater);
+            assert_eq!(budget.used(), 0, "{codec:?}");
+        }
+    }
+
+    #[test]
+    fn a_java_style_zstd_context_is_kept_between_batches() {
+        // zstd-jni streams: level 3, no content size, a window of 2 MiB.
+        let blob = encode_records(&sample_records(20));
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        enc.set_parameter(zstd::stream::raw::CParameter::WindowLog(21))
+            .unwrap();
+        enc.write_all(&blob).unwrap();
+        let data = build_batch(4, 20, &enc.finish().unwrap());
+        let budget = DecompressionBudget::new(64 * MB);
+        let mut inflater = Inflater::with_budget(MB, budget.clone());
+        assert_eq!(read_all(&data, &mut inflater).unwrap().len(), 20);
+        let kept = budget.used();
+        assert!(kept > 2 * MB && kept <= super::super::compression::RETAINED_ZSTD_BYTES + MB);
+        assert_eq!(read_all(&data, &mut inflater).unwrap().len(), 20);
+        assert_eq!(
+            budget.used(),
+            kept,
+            "the same context serves the next batch"
+        );
     }
 
     // ---- round trips ----

@@ -83,6 +83,9 @@ pub enum HoldReason {
     Frozen,
     /// Its owner is this region, whose cluster is down: keyward never writes it elsewhere.
     LocalClusterDown,
+    /// keyward could not read the batch now: the decompression memory all connections share
+    /// (`limits.max_decompressed_bytes_total`) is in use. Nothing was decided about its owner.
+    MemoryBudget,
 }
 
 impl HoldReason {
@@ -90,6 +93,7 @@ impl HoldReason {
         match self {
             HoldReason::Frozen => "frozen",
             HoldReason::LocalClusterDown => "local_cluster_down",
+            HoldReason::MemoryBudget => "memory_budget",
         }
     }
 }
@@ -339,6 +343,19 @@ fn malformed(
     partition: i32,
     e: &records::RecordsError,
 ) -> PartitionDecision {
+    if let records::RecordsError::MemoryBudgetExhausted { .. } = e {
+        // Not the batch's fault: answered with a retriable error, never written, so the client
+        // sends it again once memory is free.
+        total.action = Action::Hold {
+            message: format!(
+                "keyward could not read the record batch for {topic}-{partition} now: {e}"
+            ),
+            reason: HoldReason::MemoryBudget,
+        };
+        total.owner = None;
+        total.writes_local = false;
+        return total;
+    }
     total.action = Action::Reject {
         kind: RejectKind::MalformedBatch,
         error_code: CORRUPT_MESSAGE,
@@ -1012,5 +1029,57 @@ default: reject
         assert_eq!(quote(b"cust-42"), "\"cust-42\"");
         assert_eq!(quote(&[0, 1, 0xff]), "0x0001ff");
         assert_eq!(quote(&[b'a'; 70]).chars().count(), 64 + 3);
+    }
+
+    /// Compressed batches cannot be read while other connections hold the decompression
+    /// memory: held with a retriable error, never forwarded, never called corrupt.
+    #[test]
+    fn a_batch_that_finds_no_decompression_memory_is_held_not_refused() {
+        let t = table("");
+        let records: Vec<TestRecord<'_>> = (0..200).map(|_| (Some("k1"), &[][..])).collect();
+        let data = batch(&records, Compression::Gzip);
+        let view = ProduceView {
+            transactional_id: None,
+            acks: -1,
+            timeout_ms: 1000,
+            topics: vec![TopicView {
+                name: "orders",
+                partitions: vec![PartitionView {
+                    index: 0,
+                    records: Some(&data),
+                }],
+            }],
+        };
+        let budget = crate::codec::records::DecompressionBudget::new(1 << 20);
+        // Another connection holds all of it.
+        let mut other = Inflater::with_budget(1 << 20, budget.clone());
+        let mut inflater = Inflater::with_budget(1 << 20, budget.clone());
+        let zeros = vec![0u8; (1 << 20) - 70_000];
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &zeros).unwrap();
+        let blob = gz.finish().unwrap();
+        // (a raw decompression, left mid-batch: its buffer stays taken)
+        let _ = other.decompress(crate::codec::records::Compression::Gzip, &blob);
+        assert!(budget.used() > (1 << 20) - 70_000);
+
+        let local = t.region_id("eu").unwrap();
+        let plan = decide(&view, &t, local, &mut inflater);
+        let d = &plan.partitions[0];
+        match &d.action {
+            Action::Hold { message, reason } => {
+                assert_eq!(*reason, HoldReason::MemoryBudget);
+                assert!(
+                    message.contains("limits.max_decompressed_bytes_total"),
+                    "{message}"
+                );
+            }
+            other => panic!("expected a hold, got {other:?}"),
+        }
+        assert_eq!(d.owner, None);
+
+        // Once the memory is free, the same request is decided on its records.
+        other.release_memory();
+        let plan = decide(&view, &t, local, &mut inflater);
+        assert!(!matches!(plan.partitions[0].action, Action::Hold { .. }));
     }
 }

@@ -13,7 +13,7 @@
 //! so a client never holds connections to brokers of two clusters at once.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Instant;
 
@@ -49,6 +49,42 @@ impl RealBroker {
     }
 }
 
+/// What the probes say of a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Not answered a probe since start, and not yet failed enough of them to be down. Reads
+    /// never move to such a cluster, and never away from it either: a cluster still electing
+    /// its controller at start is given the same `reads.down_after_failed_probes` as any other.
+    Unknown,
+    /// Answered a probe, and has not failed `down_after` probes in a row since.
+    Up,
+    /// Failed `down_after` probes in a row.
+    Down,
+}
+
+/// The probe history that decides a cluster's [`Health`].
+#[derive(Debug)]
+struct Probes {
+    health: Health,
+    /// Probes failed since the last one that succeeded.
+    failed_in_a_row: u64,
+    /// When the cluster last became up (for the hold-down before switching back to it).
+    up_since: Option<Instant>,
+}
+
+/// What one probe changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probed {
+    pub health: Health,
+    /// The health before this probe.
+    pub was: Health,
+    /// Probes failed in a row, this one included (0 when it succeeded).
+    pub failed_in_a_row: u64,
+    /// A failure worth a log line: the first of a run, then one in 30, so a cluster that stays
+    /// down keeps saying why without a line per probe.
+    pub log_failure: bool,
+}
+
 /// One region's cluster, as keyward sees it.
 #[derive(Debug)]
 pub struct ClusterState {
@@ -57,12 +93,10 @@ pub struct ClusterState {
     /// Added to real node ids to make virtual ones.
     pub node_offset: i32,
     real: RwLock<HashMap<i32, RealBroker>>,
-    up: AtomicBool,
-    /// When the cluster last came up (for the hold-down before switching back to it).
-    up_since: Mutex<Option<Instant>>,
+    /// Consecutive failed probes that make the cluster down (`reads.down_after_failed_probes`).
+    down_after: u64,
+    probes: Mutex<Probes>,
     rtt_micros: AtomicU64,
-    /// Probes failed since the last one that succeeded.
-    failed_probes: AtomicU64,
 }
 
 impl ClusterState {
@@ -89,38 +123,52 @@ impl ClusterState {
         self.read().get(&node_id).cloned()
     }
 
+    fn probes(&self) -> std::sync::MutexGuard<'_, Probes> {
+        self.probes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn health(&self) -> Health {
+        self.probes().health
+    }
+
+    /// Answered a probe and not failed `reads.down_after_failed_probes` in a row since.
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.health() == Health::Up
     }
 
     pub fn rtt_micros(&self) -> u64 {
         self.rtt_micros.load(Ordering::Relaxed)
     }
 
-    /// Records a probe's outcome. Returns whether a failure is worth a log line: the first of
-    /// a run, and then one in 30, so a cluster that stays down keeps saying why.
-    pub fn probed(&self, up: bool, rtt_micros: u64, now: Instant) -> bool {
-        let failed = if up {
-            self.failed_probes.store(0, Ordering::Relaxed);
-            0
-        } else {
-            self.failed_probes.fetch_add(1, Ordering::Relaxed) + 1
-        };
-        let was_up = self.up.swap(up, Ordering::Relaxed);
-        let mut since = self.up_since.lock().unwrap_or_else(|e| e.into_inner());
-        match (was_up, up) {
-            (false, true) => *since = Some(now),
-            (_, false) => *since = None,
-            _ => {}
-        }
+    /// Records a probe's outcome: one answer makes the cluster up, `down_after` failures in a
+    /// row make it down; anything between leaves its health as it was.
+    pub fn probed(&self, up: bool, rtt_micros: u64, now: Instant) -> Probed {
+        let mut p = self.probes();
+        let was = p.health;
         if up {
+            p.failed_in_a_row = 0;
+            if was != Health::Up {
+                p.health = Health::Up;
+                p.up_since = Some(now);
+            }
             self.rtt_micros.store(rtt_micros, Ordering::Relaxed);
+        } else {
+            p.failed_in_a_row = p.failed_in_a_row.saturating_add(1);
+            if p.failed_in_a_row >= self.down_after {
+                p.health = Health::Down;
+                p.up_since = None;
+            }
         }
-        failed % 30 == 1
+        Probed {
+            health: p.health,
+            was,
+            failed_in_a_row: p.failed_in_a_row,
+            log_failure: p.failed_in_a_row % 30 == 1,
+        }
     }
 
     fn up_since(&self) -> Option<Instant> {
-        *self.up_since.lock().unwrap_or_else(|e| e.into_inner())
+        self.probes().up_since
     }
 }
 
@@ -148,10 +196,13 @@ impl Clusters {
                 name,
                 node_offset: i as i32 * i32::from(per_cluster),
                 real: RwLock::new(HashMap::new()),
-                up: AtomicBool::new(false),
-                up_since: Mutex::new(None),
+                down_after: u64::from(config.reads.down_after_failed_probes.max(1)),
+                probes: Mutex::new(Probes {
+                    health: Health::Unknown,
+                    failed_in_a_row: 0,
+                    up_since: None,
+                }),
                 rtt_micros: AtomicU64::new(0),
-                failed_probes: AtomicU64::new(0),
             })
             .collect();
         Self {
@@ -226,9 +277,10 @@ impl Clusters {
         (i32::from(self.port_base) + virtual_id) as u16
     }
 
-    /// The cluster whose turn it is to serve: the first healthy one in preference order, or
-    /// the current one if none is healthy. Moving back up the preference order waits until the
-    /// candidate has been healthy for `hold_down`; moving away from a dead cluster does not wait.
+    /// The cluster whose turn it is to serve: the first up one in preference order, or the
+    /// current one if none is up. Reads move away from the current cluster only once it is
+    /// [`Health::Down`] (several failed probes in a row, never one), and then at once; moving
+    /// back up the preference order waits until the candidate has been up for `hold_down`.
     pub fn choose(&self, now: Instant, hold_down: std::time::Duration) -> usize {
         let current = self.serving_index();
         let order: Vec<usize> = match &self.prefer {
@@ -245,17 +297,20 @@ impl Clusters {
             }
         };
         let current_rank = order.iter().position(|&i| i == current);
+        let current_down = self.list[current].health() == Health::Down;
         for (rank, &i) in order.iter().enumerate() {
             let c = &self.list[i];
+            if i == current {
+                if current_down {
+                    continue;
+                }
+                return current;
+            }
             if !c.is_up() {
                 continue;
             }
-            if i == current {
-                return current;
-            }
             let better = current_rank.is_none_or(|r| rank < r);
-            let current_up = self.list[current].is_up();
-            if better && current_up {
+            if better && !current_down {
                 // Only switch back up once the candidate has proved itself.
                 let settled = c
                     .up_since()
@@ -311,8 +366,17 @@ ownership_file: o.yaml
         assert!(c.virtual_id(1, 100).is_err());
     }
 
+    /// `down_after` failures in a row, as `reads.down_after_failed_probes` (default 3) says.
+    fn fail(c: &ClusterState, times: usize, now: Instant) -> Probed {
+        let mut last = None;
+        for _ in 0..times {
+            last = Some(c.probed(false, 0, now));
+        }
+        last.expect("at least one probe")
+    }
+
     #[test]
-    fn switches_away_at_once_and_back_only_after_the_hold_down() {
+    fn switches_away_after_three_failures_in_a_row_and_back_only_after_the_hold_down() {
         let c = clusters("reads: { prefer: [us, eu] }");
         let t0 = Instant::now();
         let hold = Duration::from_secs(30);
@@ -320,8 +384,12 @@ ownership_file: o.yaml
             s.probed(true, 100, t0);
         }
         assert_eq!(c.all()[c.choose(t0, hold)].name, "us");
-        // us fails: eu, next in preference, serves at once.
-        c.get(0).probed(false, 0, t0);
+        // us misses two probes: still up, reads stay.
+        fail(c.get(0), 2, t0);
+        assert_eq!(c.get(0).health(), Health::Up);
+        assert_eq!(c.choose(t0, hold), 0);
+        // The third in a row: down, and eu, next in preference, serves at once.
+        assert_eq!(fail(c.get(0), 1, t0).health, Health::Down);
         let eu = c.choose(t0, hold);
         assert_eq!(c.get(eu).name, "eu");
         c.switch_to(eu);
@@ -332,16 +400,87 @@ ownership_file: o.yaml
         assert_eq!(c.choose(t1 + hold, hold), 0);
         // Nothing healthy: stay where we are.
         for s in c.all() {
-            s.probed(false, 0, t1);
+            fail(s, 3, t1);
         }
         assert_eq!(c.choose(t1, hold), eu);
+    }
+
+    #[test]
+    fn one_lost_probe_in_five_never_moves_reads_nor_restarts_the_hold_down() {
+        let c = clusters("reads: { prefer: [us, eu] }");
+        let t0 = Instant::now();
+        let hold = Duration::from_secs(30);
+        for s in c.all() {
+            s.probed(true, 100, t0);
+        }
+        for round in 1..=100u64 {
+            let now = t0 + Duration::from_secs(2 * round);
+            let p = c.get(0).probed(round % 5 != 0, 100, now);
+            assert_eq!(p.health, Health::Up, "round {round}");
+            assert_eq!(c.choose(now, hold), 0, "round {round}");
+        }
+        // A lost probe is not a new "up since": the hold-down counts from the first answer.
+        assert_eq!(c.get(0).up_since(), Some(t0));
+    }
+
+    #[test]
+    fn the_probe_state_machine() {
+        let c = clusters("reads: { down_after_failed_probes: 2 }");
+        let s = c.get(1);
+        let t = Instant::now();
+        // Start: unknown, and one failure does not make it down.
+        assert_eq!(s.health(), Health::Unknown);
+        let p = s.probed(false, 0, t);
+        assert_eq!(
+            (p.was, p.health, p.failed_in_a_row),
+            (Health::Unknown, Health::Unknown, 1)
+        );
+        assert!(p.log_failure, "the first failure of a run is logged");
+        let p = s.probed(false, 0, t);
+        assert_eq!((p.was, p.health), (Health::Unknown, Health::Down));
+        assert!(!p.log_failure);
+        // One answer makes it up, and resets the run.
+        let p = s.probed(true, 7, t);
+        assert_eq!(
+            (p.was, p.health, p.failed_in_a_row),
+            (Health::Down, Health::Up, 0)
+        );
+        assert_eq!(s.rtt_micros(), 7);
+        assert!(s.probed(false, 0, t).log_failure);
+        assert!(s.is_up());
+        assert_eq!(s.probed(false, 0, t).health, Health::Down);
+        assert!(!s.is_up());
+        // A cluster that stays down logs one failure in 30.
+        let logged = (0..90)
+            .filter(|_| s.probed(false, 0, t).log_failure)
+            .count();
+        assert_eq!(logged, 3);
+    }
+
+    #[test]
+    fn at_start_reads_stay_until_the_local_cluster_is_down() {
+        let c = clusters("");
+        let t0 = Instant::now();
+        let hold = Duration::from_secs(30);
+        // The local cluster (us) is still electing its controller; ap answers at once.
+        c.get(1).probed(true, 100, t0);
+        for n in 1..3 {
+            fail(c.get(0), 1, t0);
+            assert_eq!(c.choose(t0, hold), 0, "after {n} failed probe(s)");
+        }
+        fail(c.get(0), 1, t0);
+        assert_eq!(c.get(c.choose(t0, hold)).name, "ap");
+        // Unknown clusters are never moved to.
+        let c = clusters("");
+        fail(c.get(0), 3, t0);
+        assert_eq!(c.choose(t0, hold), 0, "no other cluster has answered yet");
     }
 
     #[test]
     fn only_listed_clusters_serve_reads() {
         let c = clusters("reads: { prefer: [us] }");
         let t0 = Instant::now();
-        c.get(0).probed(false, 0, t0);
+        fail(c.get(0), 3, t0);
         c.get(1).probed(true, 100, t0);
         c.get(2).probed(true, 100, t0);
         assert_eq!(

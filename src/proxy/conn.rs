@@ -168,10 +168,12 @@ pub async fn serve(shared: Arc<Shared>, client: Stream, target: Target) -> &'sta
             u
         }
         Err(e) => {
-            warn!(
-                error = format!("{e:#}"),
-                "cannot reach the broker; closing the client connection"
-            );
+            if let Some(suppressed) = shared.unreachable_log.allow_counting() {
+                warn!(
+                    error = format!("{e:#}"),
+                    suppressed, "cannot reach the broker; closing the client connection"
+                );
+            }
             counter!("keyward_upstream_connect_errors_total", "cluster" => state.name.clone())
                 .increment(1);
             return "upstream_unreachable";
@@ -321,7 +323,10 @@ async fn requests(
 ) -> Result<&'static str, ConnError> {
     let reader = FrameReader::new(shared.config.limits.max_frame_bytes);
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    let mut inflater = Inflater::new(shared.config.limits.max_decompressed_bytes);
+    let mut inflater = Inflater::with_budget(
+        shared.config.limits.max_decompressed_bytes,
+        shared.decompression_budget.clone(),
+    );
     let mut meters = DecisionMeters::default();
     let mut guard = Guard {
         identity,

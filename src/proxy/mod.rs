@@ -35,7 +35,7 @@ use crate::config::Config;
 use crate::redirect::Redirector;
 use crate::reload::Ownership;
 use crate::security::Security;
-use brokers::{Clusters, UnmappableNode};
+use brokers::{Clusters, Health, UnmappableNode};
 use conn::Target;
 use stream::Stream;
 use upstream::Dialer;
@@ -58,6 +58,12 @@ pub struct Shared {
     tasks: TaskTracker,
     pub rejection_log: RateLimit,
     refusal_log: RateLimit,
+    /// "cannot reach the broker" lines: one per client connection otherwise, so a broker that
+    /// is down (or a cluster switch in progress) with thousands of clients reconnecting would
+    /// flood the log.
+    pub unreachable_log: RateLimit,
+    /// The decompression memory all connections share (`limits.max_decompressed_bytes_total`).
+    pub decompression_budget: Arc<crate::codec::records::DecompressionBudget>,
     /// One per open client connection, up to `limits.max_connections`.
     connection_permits: Arc<Semaphore>,
     pub meters: meters::RequestMetrics,
@@ -88,6 +94,9 @@ impl Shared {
                 .zip(&dialers)
                 .map(|(c, d)| (c.bootstrap.clone(), d.clone())),
         );
+        let decompression_budget = crate::codec::records::DecompressionBudget::new(
+            config.limits.max_decompressed_bytes_total,
+        );
         Ok(Arc::new(Self {
             clusters,
             dialers,
@@ -102,6 +111,8 @@ impl Shared {
             tasks: TaskTracker::new(),
             rejection_log: RateLimit::new(Duration::from_secs(1), 20),
             refusal_log: RateLimit::new(Duration::from_secs(10), 1),
+            unreachable_log: RateLimit::new(Duration::from_secs(10), 5),
+            decompression_budget,
             connection_permits: Arc::new(Semaphore::new(max_connections)),
             meters: meters::RequestMetrics::new(),
             bootstrap_bound: AtomicBool::new(false),
@@ -269,6 +280,8 @@ fn register_metrics(clusters: &Clusters, tls: bool) {
         ] {
             counter!(name, "cluster" => c.name.clone()).absolute(0);
         }
+        counter!("keyward_cluster_probe_failures_total", "cluster" => c.name.clone()).absolute(0);
+        counter!("keyward_serving_cluster_switches_total", "to" => c.name.clone()).absolute(0);
         gauge!("keyward_cluster_up", "cluster" => c.name.clone()).set(0.0);
     }
     for name in [
@@ -331,7 +344,14 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 pub struct RateLimit {
     interval: Duration,
     burst: u32,
-    state: Mutex<(Instant, u32)>,
+    state: Mutex<RateState>,
+}
+
+struct RateState {
+    window_start: Instant,
+    in_window: u32,
+    /// Events refused since the last one allowed.
+    suppressed: u64,
 }
 
 impl RateLimit {
@@ -339,18 +359,37 @@ impl RateLimit {
         Self {
             interval,
             burst,
-            state: Mutex::new((Instant::now(), 0)),
+            state: Mutex::new(RateState {
+                window_start: Instant::now(),
+                in_window: 0,
+                suppressed: 0,
+            }),
         }
     }
 
     pub fn allow(&self) -> bool {
+        self.allow_at(Instant::now()).is_some()
+    }
+
+    /// `Some(n)` when this event may be logged, `n` being how many were suppressed since the
+    /// last one that was (for the log line to say so); `None` when it is suppressed.
+    pub fn allow_counting(&self) -> Option<u64> {
+        self.allow_at(Instant::now())
+    }
+
+    fn allow_at(&self, now: Instant) -> Option<u64> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if now.duration_since(s.0) >= self.interval {
-            *s = (now, 0);
+        if now.saturating_duration_since(s.window_start) >= self.interval {
+            s.window_start = now;
+            s.in_window = 0;
         }
-        s.1 += 1;
-        s.1 <= self.burst
+        s.in_window = s.in_window.saturating_add(1);
+        if s.in_window <= self.burst {
+            Some(std::mem::take(&mut s.suppressed))
+        } else {
+            s.suppressed = s.suppressed.saturating_add(1);
+            None
+        }
     }
 }
 
@@ -361,8 +400,9 @@ pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
     info!(addr = %shared.config.listen.bootstrap, region = %shared.config.region, "bootstrap listening");
 
     // One probe round before accepting clients: brokers are learned (their ports listen before
-    // any client asks) and, if the local cluster is down, reads start on the next healthy one.
-    probe_round(&shared).await;
+    // any client asks). It never moves reads: a cluster is down only after
+    // `reads.down_after_failed_probes` failed probes in a row, at start as at any other time.
+    probe_round(&shared, false).await;
     shared.spawn_accept(bootstrap, Target::Bootstrap);
     shared.bootstrap_bound.store(true, Ordering::Relaxed);
     gauge!("keyward_ready").set(if shared.not_ready().is_none() {
@@ -387,8 +427,8 @@ pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
 
 /// Probes every cluster with a Metadata request listing no topics: it shows the cluster
 /// answers, measures its round trip, and teaches keyward brokers that joined since start.
-/// Then it serves from the cluster whose turn it is.
-async fn probe_round(shared: &Arc<Shared>) {
+/// Then, unless `may_switch` is false, it serves from the cluster whose turn it is.
+async fn probe_round(shared: &Arc<Shared>, may_switch: bool) {
     let timeout = Duration::from_millis(shared.config.reads.probe_timeout_ms);
     for (index, cluster) in shared.clusters.all().iter().enumerate() {
         let started = Instant::now();
@@ -409,16 +449,37 @@ async fn probe_round(shared: &Arc<Shared>) {
         };
         let up = failure.is_none();
         let now = Instant::now();
-        if cluster.probed(up, (now - started).as_micros() as u64, now)
-            && let Some(e) = failure
-        {
-            warn!(cluster = %cluster.name, error = format!("{e:#}"), "cluster probe failed");
+        let probed = cluster.probed(up, (now - started).as_micros() as u64, now);
+        let down_after = shared.config.reads.down_after_failed_probes;
+        if let Some(e) = failure {
+            counter!("keyward_cluster_probe_failures_total", "cluster" => cluster.name.clone())
+                .increment(1);
+            if probed.log_failure {
+                warn!(cluster = %cluster.name, error = format!("{e:#}"), failed_in_a_row = probed.failed_in_a_row, down_after, "cluster probe failed");
+            }
         }
-        gauge!("keyward_cluster_up", "cluster" => cluster.name.clone()).set(if up {
-            1.0
-        } else {
-            0.0
-        });
+        match (probed.was, probed.health) {
+            (was, Health::Down) if was != Health::Down => {
+                warn!(cluster = %cluster.name, failed_in_a_row = probed.failed_in_a_row, "cluster is down: {down_after} probes in a row failed (reads.down_after_failed_probes)");
+            }
+            (was, Health::Up) if was != Health::Up => {
+                info!(cluster = %cluster.name, "cluster answers probes: up");
+            }
+            _ => {}
+        }
+        gauge!("keyward_cluster_up", "cluster" => cluster.name.clone()).set(
+            if probed.health == Health::Up {
+                1.0
+            } else {
+                0.0
+            },
+        );
+    }
+    if !may_switch {
+        // The round at start only learns: a cluster that does not answer its first probe (a
+        // local cluster still electing its controller) is not down yet.
+        publish_serving(shared);
+        return;
     }
 
     let hold_down = Duration::from_millis(shared.config.reads.hold_down_ms);
@@ -433,6 +494,12 @@ async fn probe_round(shared: &Arc<Shared>) {
         counter!("keyward_serving_cluster_switches_total", "to" => to.clone()).increment(1);
         shared.clusters.switch_to(next);
     }
+    publish_serving(shared);
+}
+
+fn publish_serving(shared: &Shared) {
+    // Sampled here, once per probe round, rather than on every change on the produce path.
+    gauge!("keyward_decompression_bytes").set(shared.decompression_budget.used() as f64);
     for (index, cluster) in shared.clusters.all().iter().enumerate() {
         let serving = shared.clusters.serving_index() == index;
         gauge!("keyward_serving_cluster", "cluster" => cluster.name.clone()).set(if serving {
@@ -455,6 +522,28 @@ async fn probe_clusters(shared: Arc<Shared>) {
             () = tokio::time::sleep(interval) => {}
             () = shared.shutdown.cancelled() => return,
         }
-        probe_round(&shared).await;
+        probe_round(&shared, true).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_limit_allows_its_burst_per_interval_and_counts_what_it_suppressed() {
+        let limit = RateLimit::new(Duration::from_secs(10), 2);
+        let t0 = Instant::now();
+        assert_eq!(limit.allow_at(t0), Some(0));
+        assert_eq!(limit.allow_at(t0), Some(0));
+        for _ in 0..5 {
+            assert_eq!(limit.allow_at(t0 + Duration::from_secs(9)), None);
+        }
+        // The next window: the first line says how many were left out.
+        let t1 = t0 + Duration::from_secs(10);
+        assert_eq!(limit.allow_at(t1), Some(5));
+        assert_eq!(limit.allow_at(t1), Some(0));
+        assert_eq!(limit.allow_at(t1), None);
+        assert_eq!(limit.allow_at(t1 + Duration::from_secs(10)), Some(1));
     }
 }

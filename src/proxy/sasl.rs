@@ -18,10 +18,30 @@ use ring::{digest, hmac, pbkdf2, rand::SecureRandom};
 
 use super::upstream::Session;
 use crate::config::SaslMechanism;
-use crate::security::Credentials;
+use crate::security::{Credentials, Secret};
 
 const HANDSHAKE_VERSION: i16 = 1;
 const AUTHENTICATE_VERSION: i16 = 2;
+
+/// SaltedPassword of RFC 5802: `iterations` rounds of PBKDF2. CPU-bound; see
+/// [`Scram::client_final_off_runtime`].
+fn salt_password(
+    kdf: pbkdf2::Algorithm,
+    hash: &'static digest::Algorithm,
+    iterations: NonZeroU32,
+    salt: &[u8],
+    password: &Secret,
+) -> Vec<u8> {
+    let mut salted = vec![0u8; hash.output_len()];
+    pbkdf2::derive(
+        kdf,
+        iterations,
+        salt,
+        password.expose().as_bytes(),
+        &mut salted,
+    );
+    salted
+}
 
 /// Authenticates `session` as `credentials`; returns the session lifetime the broker set, if any.
 pub async fn authenticate(
@@ -57,7 +77,9 @@ pub async fn authenticate(
             let mut scram = Scram::new(credentials, &nonce()?);
             let server_first =
                 step(session, credentials, scram.client_first().into_bytes()).await?;
-            let client_final = scram.client_final(&server_first.auth_bytes)?;
+            let client_final = scram
+                .client_final_off_runtime(&server_first.auth_bytes)
+                .await?;
             let server_final = step(session, credentials, client_final.into_bytes()).await?;
             scram.verify_server(&server_final.auth_bytes)?;
             server_final
@@ -101,9 +123,18 @@ fn nonce() -> anyhow::Result<String> {
     Ok(BASE64.encode(bytes))
 }
 
-/// Iteration counts above this are refused: a hostile broker must not make keyward spin.
-/// (Kafka allows at most 16384.)
-const MAX_ITERATIONS: u32 = 1_000_000;
+/// Iteration counts above this are refused with an error naming it: Kafka itself allows at most
+/// 16384 (`ScramMechanism.maxIterations`), so a server asking for more is not a Kafka broker
+/// keyward should trust, and must not make keyward derive keys for seconds.
+pub const MAX_ITERATIONS: u32 = 16_384;
+
+/// What the server's first SCRAM message says.
+struct ServerFirst<'m> {
+    message: &'m str,
+    nonce: &'m str,
+    salt: Vec<u8>,
+    iterations: NonZeroU32,
+}
 
 /// The client side of one SCRAM exchange.
 struct Scram<'a> {
@@ -150,11 +181,12 @@ impl<'a> Scram<'a> {
         format!("n,,{}", self.client_first_bare)
     }
 
-    fn client_final(&mut self, server_first: &[u8]) -> anyhow::Result<String> {
-        let server_first =
+    /// Reads and checks the server's first message; nothing is derived yet.
+    fn server_first<'m>(&self, server_first: &'m [u8]) -> anyhow::Result<ServerFirst<'m>> {
+        let message =
             std::str::from_utf8(server_first).context("the server's first SCRAM message")?;
         let attr = |name: char| {
-            server_first
+            message
                 .split(',')
                 .find_map(|a| a.strip_prefix(name).and_then(|a| a.strip_prefix('=')))
                 .ok_or_else(|| anyhow!("the server's first SCRAM message has no {name}="))
@@ -166,25 +198,65 @@ impl<'a> Scram<'a> {
         );
         let salt = BASE64.decode(attr('s')?).context("the SCRAM salt")?;
         let iterations: u32 = attr('i')?.parse().context("the SCRAM iteration count")?;
-        ensure!(
-            (1..=MAX_ITERATIONS).contains(&iterations),
-            "the server asks for {iterations} SCRAM iterations"
-        );
+        let iterations = NonZeroU32::new(iterations)
+            .filter(|i| i.get() <= MAX_ITERATIONS)
+            .ok_or_else(|| {
+                anyhow!(
+                    "the server asks for {iterations} SCRAM iterations; keyward accepts 1 to {MAX_ITERATIONS}, Kafka's own limit"
+                )
+            })?;
+        Ok(ServerFirst {
+            message,
+            nonce,
+            salt,
+            iterations,
+        })
+    }
 
-        let (kdf, mac, hash) = self.algorithms();
-        let mut salted = vec![0u8; hash.output_len()];
-        pbkdf2::derive(
+    /// The client's final message for `server_first`, with the key derivation (PBKDF2, up to
+    /// [`MAX_ITERATIONS`] rounds: milliseconds of CPU) run on tokio's blocking pool, off the
+    /// workers that move client traffic.
+    async fn client_final_off_runtime(&mut self, server_first: &[u8]) -> anyhow::Result<String> {
+        let first = self.server_first(server_first)?;
+        let (kdf, _, hash) = self.algorithms();
+        let password = self.credentials.password.clone();
+        let salt = first.salt.clone();
+        let iterations = first.iterations;
+        let salted = tokio::task::spawn_blocking(move || {
+            salt_password(kdf, hash, iterations, &salt, &password)
+        })
+        .await
+        .context("deriving the SCRAM key")?;
+        Ok(self.prove(&first, &salted))
+    }
+
+    /// The same, derived on the calling thread (tests).
+    #[cfg(test)]
+    fn client_final(&mut self, server_first: &[u8]) -> anyhow::Result<String> {
+        let first = self.server_first(server_first)?;
+        let (kdf, _, hash) = self.algorithms();
+        let salted = salt_password(
             kdf,
-            NonZeroU32::new(iterations).expect("checked above"),
-            &salt,
-            self.credentials.password.expose().as_bytes(),
-            &mut salted,
+            hash,
+            first.iterations,
+            &first.salt,
+            &self.credentials.password,
         );
-        let salted = hmac::Key::new(mac, &salted);
+        Ok(self.prove(&first, &salted))
+    }
+
+    /// The client's proof over the exchange, from the salted password; remembers the
+    /// signature the server must answer with.
+    fn prove(&mut self, first: &ServerFirst<'_>, salted: &[u8]) -> String {
+        let (_, mac, hash) = self.algorithms();
+        let salted = hmac::Key::new(mac, salted);
         let client_key = hmac::sign(&salted, b"Client Key");
         let stored_key = digest::digest(hash, client_key.as_ref());
-        let without_proof = format!("c=biws,r={nonce}");
-        let auth_message = format!("{},{server_first},{without_proof}", self.client_first_bare);
+        let without_proof = format!("c=biws,r={}", first.nonce);
+        let auth_message = format!(
+            "{},{},{without_proof}",
+            self.client_first_bare, first.message
+        );
         let signature = hmac::sign(
             &hmac::Key::new(mac, stored_key.as_ref()),
             auth_message.as_bytes(),
@@ -204,7 +276,7 @@ impl<'a> Scram<'a> {
             .as_ref()
             .to_vec(),
         );
-        Ok(format!("{without_proof},p={}", BASE64.encode(proof)))
+        format!("{without_proof},p={}", BASE64.encode(proof))
     }
 
     /// Checks the server knew the password too: its signature over the exchange.
@@ -233,7 +305,6 @@ impl<'a> Scram<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::security::Secret;
 
     fn credentials(mechanism: SaslMechanism, user: &str, password: &str) -> Credentials {
         Credentials {
@@ -273,6 +344,10 @@ mod tests {
             (b"r=abc,s=AAAA,i=4096", "does not extend"),
             (b"r=abcdef,s=AAAA,i=0", "0 SCRAM iterations"),
             (b"r=abcdef,s=AAAA,i=4000000000", "iterations"),
+            (
+                b"r=abcdef,s=AAAA,i=16385",
+                "asks for 16385 SCRAM iterations; keyward accepts 1 to 16384, Kafka's own limit",
+            ),
             (b"r=abcdef,i=4096", "no s="),
             (b"\xff", "first SCRAM message"),
         ] {
@@ -286,5 +361,35 @@ mod tests {
                 .to_string()
                 .contains("refused the SCRAM proof")
         );
+    }
+
+    /// Kafka's own ceiling is accepted, and the exchange with it gives the same proof whether
+    /// the key is derived on the blocking pool or here.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_key_is_derived_off_the_runtime_up_to_kafkas_limit() {
+        let c = credentials(SaslMechanism::ScramSha512, "keyward", "secret");
+        let server_first = b"r=abcdefXYZ,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=16384";
+        let mut here = Scram::new(&c, "abcdef");
+        let expected = here.client_final(server_first).unwrap();
+
+        // On a current-thread runtime, a derivation on the worker would block this task: the
+        // ticker below could not run until it finished. Off the runtime, it ticks meanwhile.
+        let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let t = ticks.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                t.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::task::yield_now().await;
+            }
+        });
+        let mut off = Scram::new(&c, "abcdef");
+        let got = off.client_final_off_runtime(server_first).await.unwrap();
+        ticker.abort();
+        assert_eq!(got, expected);
+        assert!(
+            ticks.load(std::sync::atomic::Ordering::Relaxed) > 0,
+            "the runtime kept running while the key was derived"
+        );
+        assert_eq!(off.server_signature, here.server_signature);
     }
 }

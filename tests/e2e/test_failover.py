@@ -220,3 +220,48 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
             mm2.stop()
         for c in clusters.values():
             c.stop(grace_s=2)
+
+
+def test_one_lost_probe_in_five_moves_nothing(tmp_path, eu, us):
+    """A network that loses one probe in five, the very first one at start included, is not a
+    dead cluster: reads stay on eu, no client connection is closed for it, eu's own writes are
+    not held, and /readyz stays ready once eu has answered. (Before reads.down_after_failed_probes
+    one lost probe moved reads to us, closed every client connection and held eu's writes.)"""
+    from harness.lossy import LossyRelay
+
+    topic = unique("orders.lossy")
+    eu.create_topic(topic, partitions=1)
+    # Connections 1, 6, 11, ... to eu's bootstrap are blackholed: keyward opens one per probe,
+    # so its first probe at start is lost, then every fifth.
+    with LossyRelay(eu.addresses[0], lose=lambda n: n % 5 == 1) as relay:
+        kw = Keyward(
+            tmp_path,
+            "eu",
+            {"eu": eu, "us": us},
+            TABLE,
+            extra_config="reads: { prefer: [eu, us], probe_interval_ms: 150, probe_timeout_ms: 300 }\n",
+            cluster_yaml={"eu": f"{{ bootstrap: ['{relay.address}'] }}"},
+        )
+        with kw:
+            wait_for(lambda: kw.metric("keyward_cluster_up", cluster="eu") == 1, 5, "eu's first answer")
+            assert relay.lost == 1, "the probe at start was lost"
+            assert kw.metric("keyward_serving_cluster", cluster="eu") == 1
+            assert kw.metric("keyward_serving_cluster_switches_total") == 0
+            assert kw.metric("keyward_cluster_probe_failures_total", cluster="eu") == 1
+            not_ready = 0
+            while relay.lost < 5:
+                assert kw.metric("keyward_serving_cluster", cluster="eu") == 1, kw.logs(30)
+                assert kw.metric("keyward_cluster_up", cluster="eu") == 1, kw.logs(30)
+                not_ready += kw.admin("/readyz")[0] != 200
+                time.sleep(0.05)
+            assert kw.metric("keyward_cluster_probe_failures_total", cluster="eu") >= 4, "probes were lost"
+            assert kw.metric("keyward_serving_cluster_switches_total") == 0
+            assert not_ready == 0, "/readyz stayed ready"
+            assert "cluster probe failed" in kw.logs(200)
+            assert "serving cluster changes" not in kw.logs(200)
+            relay.active = False  # a client's own bootstrap connection must not be lost
+            eu_key = keys_of(kw, "eu", 1, "lossy")[0]
+            r = LibrdkafkaClient().produce(kw.bootstrap, topic, [record(eu_key.encode(), b"v", partition=0)])
+            assert r[0]["ok"], r
+            assert kw.metric("keyward_produce_records_total", decision="held") == 0
+            assert kw.metric("keyward_client_connections_closed_total", cause="serving_cluster_changed") == 0

@@ -8,11 +8,12 @@ import signal
 import socket
 import struct
 import time
+from types import SimpleNamespace
 
 from harness import LibrdkafkaClient, unique
 from harness.keyward import Keyward
 
-from test_keyward import TABLE, _api_versions_v0, _recv_frame
+from test_keyward import TABLE, _api_versions_v0, _crc32c, _recv_frame, _varint, keys_of
 from test_operator import wait_for
 
 
@@ -119,3 +120,126 @@ def test_sigterm_answers_in_flight_requests_then_exits(tmp_path, eu, us):
         kw.stop()
     # The cluster is untouched by the proxy's exit.
     assert LibrdkafkaClient().metadata(eu.bootstrap)
+
+
+def _dead_port() -> int:
+    """A loopback port nothing listens on: connecting to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_broker_lines_are_rate_limited_with_a_count(tmp_path):
+    """Hundreds of clients reconnecting to a cluster that is down log five lines per 10 s, not
+    one each; the next line says how many were left out, and the metrics count every one."""
+    dead = {name: SimpleNamespace(addresses=[f"127.0.0.1:{_dead_port()}"]) for name in ("eu", "us")}
+    with Keyward(tmp_path, "eu", dead, TABLE, extra_config="reads: { prefer: [eu] }\n") as kw:
+        line = "cannot reach the broker; closing the client connection"
+        started = time.monotonic()
+        for _ in range(200):
+            with socket.create_connection(("127.0.0.1", kw.bootstrap_port), timeout=5) as s:
+                assert _closed(s)
+        assert time.monotonic() - started < 10, "all in one 10 s window"
+        # (The harness's own check that the bootstrap port answers is one more.)
+        closed = wait_for(
+            lambda: kw.metric("keyward_client_connections_closed_total", cause="upstream_unreachable") >= 200,
+            5,
+            "every connection counted",
+        ) and int(kw.metric("keyward_client_connections_closed_total", cause="upstream_unreachable"))
+        logged = [l for l in kw.logs(2000).splitlines() if line in l]
+        assert len(logged) == 5, logged
+        assert all("suppressed=0" in l for l in logged), logged
+        # The next window's first line says how many were left out.
+        time.sleep(max(0.0, started + 10.5 - time.monotonic()))
+        with socket.create_connection(("127.0.0.1", kw.bootstrap_port), timeout=5) as s:
+            assert _closed(s)
+        wait_for(lambda: len([l for l in kw.logs(2000).splitlines() if line in l]) == 6, 5, "a sixth line")
+        last = [l for l in kw.logs(2000).splitlines() if line in l][-1]
+        assert f"suppressed={closed - 5}" in last, last
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
+
+
+def _big_gzip_produce(correlation_id: int, topic: str, key: bytes, records: int, value_len: int) -> bytes:
+    """Produce v3, acks=-1, one gzip batch of `records` records (key, value of zeros): a few KB
+    on the wire, `records * value_len` bytes once inflated."""
+    import gzip
+
+    out = bytearray()
+    value = bytes(value_len)
+    for i in range(records):
+        body = b"\x00" + _varint(0) + _varint(i) + _varint(len(key)) + key + _varint(len(value)) + value + _varint(0)
+        out += _varint(len(body)) + body
+    blob = gzip.compress(bytes(out), 6)
+    now = int(time.time() * 1000)
+    after_crc = struct.pack(">hiqqqhii", 1, records - 1, now, now, -1, -1, -1, records) + blob
+    after_len = struct.pack(">ib", -1, 2) + struct.pack(">I", _crc32c(after_crc)) + after_crc
+    batch = struct.pack(">qi", 0, len(after_len)) + after_len
+    client_id = b"raw-test"
+    header = struct.pack(">hhih", 0, 3, correlation_id, len(client_id)) + client_id
+    t = topic.encode()
+    body = struct.pack(">hhi", -1, -1, 30000) + struct.pack(">ih", 1, len(t)) + t
+    body += struct.pack(">iii", 1, 0, len(batch)) + batch
+    msg = header + body
+    return struct.pack(">i", len(msg)) + msg
+
+
+def _produce_v3_error(frame: bytes) -> int:
+    """The error code of the single partition of a Produce v3 response (after its length)."""
+    (name_len,) = struct.unpack(">h", frame[8:10])
+    at = 10 + name_len + 4 + 4
+    return struct.unpack(">h", frame[at : at + 2])[0]
+
+
+def test_many_large_compressed_batches_stay_within_the_memory_budget(tmp_path, eu, us):
+    """40 connections each send one gzip batch that inflates to 6 MiB (a few KB on the wire).
+    Each connection's buffer is freed after its batch and all of them together draw on
+    limits.max_decompressed_bytes_total (32 MiB here), so keyward's peak RSS grows by less than
+    that budget plus 16 MiB, where keeping every connection's high-water mark costs 40 x 8 MiB.
+    Every answer is a success or the retriable NOT_ENOUGH_REPLICAS (19), and exactly the
+    acknowledged batches are in the topic."""
+    connections, records, value_len = 40, 96, 64 * 1024  # 6 MiB inflated per batch
+    budget_mib, slack_mib = 32, 16
+    topic = unique("orders.memory")
+    eu.create_topic(topic, partitions=1)
+    with Keyward(
+        tmp_path,
+        "eu",
+        {"eu": eu, "us": us},
+        TABLE,
+        extra_config=(
+            f"limits: {{ max_decompressed_bytes: {8 << 20}, max_decompressed_bytes_total: {budget_mib << 20} }}\n"
+        ),
+    ) as kw:
+        key = keys_of(kw, "eu", 1, "mem")[0].encode()
+        leader = eu.admin().list_topics(topic, timeout=10).topics[topic].partitions[0].leader
+        requests = [_big_gzip_produce(i + 1, topic, key, records, value_len) for i in range(connections)]
+        assert max(len(r) for r in requests) < 64 * 1024, "small on the wire"
+        socks = [socket.create_connection(("127.0.0.1", kw.port_base + leader), timeout=30) for _ in range(connections)]
+        time.sleep(0.5)  # idle: connections open, nothing inflated yet
+        base = _status_kib(kw.pid, "VmRSS")
+        started = time.monotonic()
+        for s, r in zip(socks, requests):
+            s.sendall(r)
+        codes = [_produce_v3_error(_recv_frame(s)) for s in socks]
+        elapsed = time.monotonic() - started
+        peak = _status_kib(kw.pid, "VmHWM")
+        for s in socks:
+            s.close()
+        grown_mib = (peak - base) / 1024
+        print(f"peak RSS {peak / 1024:.1f} MiB, {grown_mib:.1f} MiB over idle, answers {sorted(set(codes))}, {elapsed:.1f}s")
+        assert set(codes) <= {0, 19}, codes
+        assert codes.count(0) >= 1
+        assert grown_mib < budget_mib + slack_mib, f"peak RSS grew {grown_mib:.1f} MiB"
+        # What the connections hold afterwards is sampled once per probe round (2 s): below
+        # what one connection may keep, since the large buffers were given back.
+        wait_for(lambda: "keyward_decompression_bytes " in kw.metrics_text(), 5, "the gauge")
+        time.sleep(2.5)
+        assert kw.metric("keyward_decompression_bytes") <= 1 << 20
+        landed = len(eu.read_all(topic))
+        assert landed == codes.count(0) * records, (landed, codes)

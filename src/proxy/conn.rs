@@ -24,6 +24,7 @@ use super::Shared;
 use super::produce::{LocalAnswer, ProduceReply, Route, forwarded_request};
 use super::rewrite::{self, RewriteError};
 use super::stream::{ReadHalf, Stream, WriteHalf};
+use super::versions::{self, Admission};
 use crate::codec::frame::{self, FrameError, FrameReader, LENGTH_PREFIX, RequestHead};
 use crate::codec::produce::{self, ProduceParseError};
 use crate::codec::records;
@@ -61,9 +62,13 @@ enum Slot {
     /// keyward answers this Produce itself (refusals, redirected writes), once every part of
     /// the answer is known.
     Reply(i32, ProduceReply, Timing),
-    /// Close the client connection once everything before this is written (an acks=0 produce
-    /// keyward refused: no response is owed, so closing is how the client learns).
-    Close,
+    /// keyward's own answer to a request that is not Produce, ready to write (an ApiVersions
+    /// request at a version keyward does not decode).
+    Answer(Bytes, Timing),
+    /// Close the client connection once everything before this is written, for the cause given
+    /// (an acks=0 produce keyward refused: no response is owed, so closing is how the client
+    /// learns; a request at a version keyward does not offer, as a broker closes on one).
+    Close(&'static str),
 }
 
 enum Handling {
@@ -189,6 +194,7 @@ async fn relay(
     client: Stream,
     upstream: Stream,
 ) -> Result<&'static str, ConnError> {
+    let peer = client.peer_ip();
     let (client_read, client_write) = client.into_split();
     let (upstream_read, upstream_write) = upstream.into_split();
     let (slots_tx, slots_rx) = mpsc::channel(shared.config.limits.max_in_flight);
@@ -196,6 +202,7 @@ async fn relay(
     let requests = requests(
         shared,
         cluster,
+        peer,
         client_read,
         upstream_write,
         slots_tx,
@@ -283,6 +290,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
 async fn requests(
     shared: &Shared,
     cluster: usize,
+    peer: Option<std::net::IpAddr>,
     mut client: ReadHalf,
     mut upstream: WriteHalf,
     slots: mpsc::Sender<Slot>,
@@ -323,27 +331,37 @@ async fn requests(
         shared.meters.bytes_received.increment(frame.len() as u64);
         let head = RequestHead::parse(&frame).map_err(ConnError::ClientRequest)?;
         shared.meters.api(head.api_key).requests.increment(1);
-        let step = match ApiKey::try_from(head.api_key) {
-            Ok(ApiKey::Produce) => {
+        let admission = versions::admit(head.api_key, head.api_version);
+        let step = match (admission, ApiKey::try_from(head.api_key)) {
+            (Admission::Forward, Ok(ApiKey::Produce)) => {
                 produce_step(shared, cluster, frame, head, &mut inflater, &mut meters).await?
             }
-            Ok(key) => Step::forward(frame, head.correlation_id, handling(key, head.api_version)),
-            // An API this build cannot name is relayed untouched; keyward never offers one, so
-            // only a client ignoring ApiVersions sends it.
-            Err(()) => Step::forward(
-                frame,
-                head.correlation_id,
-                Handling::Rewrite(Rewrite::Passthrough),
-            ),
+            (Admission::Forward, Ok(key)) => {
+                Step::forward(frame, head.correlation_id, handling(key, head.api_version))
+            }
+            // Answered here, the way a broker answers it; the broker never sees it.
+            (refused, _) => {
+                versions::record_unsupported(refused, peer, &frame, head.api_key, head.api_version);
+                let slot = match refused {
+                    Admission::Downgrade => {
+                        Pending::Answer(versions::unsupported_api_versions(head.correlation_id))
+                    }
+                    _ => Pending::Close("unsupported_version"),
+                };
+                Step {
+                    upstream: None,
+                    slot: Some(slot),
+                }
+            }
         };
-        if matches!(step.slot, Some(Pending::Close)) {
+        if let Some(Pending::Close(cause)) = step.slot {
             // Whatever part was forwarded goes out first; then the response half flushes what
             // is owed and closes, and this half reads no further request.
             if let Some(bytes) = &step.upstream {
                 upstream.write_all(bytes).await?;
                 upstream.flush().await?;
             }
-            let _ = slots.send(Slot::Close).await;
+            let _ = slots.send(Slot::Close(cause)).await;
             std::future::pending::<()>().await;
         }
         if let Some(bytes) = &step.upstream {
@@ -366,7 +384,8 @@ async fn requests(
             Some(Pending::Reply(correlation_id, reply)) => {
                 Slot::Reply(correlation_id, reply, timing)
             }
-            Some(Pending::Close) | None => continue,
+            Some(Pending::Answer(bytes)) => Slot::Answer(bytes, timing),
+            Some(Pending::Close(_)) | None => continue,
         };
         activity.asked();
         if slots.send(slot).await.is_err() {
@@ -396,7 +415,8 @@ struct Step {
 enum Pending {
     Broker(i32, Handling),
     Reply(i32, ProduceReply),
-    Close,
+    Answer(Bytes),
+    Close(&'static str),
 }
 
 impl Step {
@@ -525,7 +545,7 @@ async fn produce_step(
             warn!(
                 "refused part of an acks=0 produce; closing the connection as a broker does, so the producer notices"
             );
-            Some(Pending::Close)
+            Some(Pending::Close("acks0_rejected"))
         } else {
             None
         }
@@ -638,9 +658,10 @@ async fn responses(
                 let out = reply.respond(correlation_id, Default::default()).await?;
                 (out, timing, None, Instant::now())
             }
-            Slot::Close => {
+            Slot::Answer(out, timing) => (out, timing, None, Instant::now()),
+            Slot::Close(cause) => {
                 client.shutdown().await?;
-                return Ok("acks0_rejected");
+                return Ok(cause);
             }
             Slot::Broker {
                 correlation_id,

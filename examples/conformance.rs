@@ -6,8 +6,9 @@
 //! for each advertised API key and each version in the advertised range one request, and checks
 //! that a response arrives with the request's correlation id and decodes with kafka-protocol at
 //! that version with no bytes left over. Requests are the message types' defaults, with the few
-//! fields a broker needs to answer at all (see `request_body`: with its defaults, DescribeAcls
-//! makes a broker close the connection and AddPartitionsToTxn v4+ is never answered). Produce
+//! fields a broker needs to answer at all (see `request_body`: with their defaults, DescribeAcls
+//! makes a broker close the connection, and AddPartitionsToTxn v4+ and, on Kafka 3.9,
+//! OffsetFetch v8+ are never answered). Produce
 //! writes one record with acks=1 to partition 0 of TOPIC (default `conformance`, which must
 //! exist), sent to that partition's leader as the Metadata response advertises it, and must
 //! succeed. ApiVersions must answer without an error.
@@ -35,10 +36,10 @@ use bytes::{Buf, Bytes, BytesMut};
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
     self, AddPartitionsToTxnRequest, ApiKey, ApiVersionsRequest, ApiVersionsResponse,
-    DescribeAclsRequest, ListOffsetsRequest, MetadataRequest, MetadataResponse, ProduceRequest,
-    ProduceResponse, RequestHeader, ResponseHeader, TopicName,
+    DescribeAclsRequest, ListOffsetsRequest, MetadataRequest, MetadataResponse, OffsetFetchRequest,
+    ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, TopicName,
     add_partitions_to_txn_request::AddPartitionsToTxnTransaction,
-    metadata_request::MetadataRequestTopic,
+    metadata_request::MetadataRequestTopic, offset_fetch_request::OffsetFetchRequestGroup,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, Message, StrBytes};
 use kafka_protocol::records::{
@@ -265,6 +266,15 @@ fn request_body(api: ApiKey, version: i16, topic: &str) -> Result<Vec<u8>, Strin
                     .with_producer_id((-1).into())
                     .with_producer_epoch(-1)
                     .with_verify_only(true),
+            ]),
+            version,
+        ),
+        // v8+ (the batch form) with no group is never answered by a Kafka 3.9 broker; one
+        // group, all its topics, gets an answer from every version.
+        ApiKey::OffsetFetch if version >= 8 => body(
+            &OffsetFetchRequest::default().with_groups(vec![
+                OffsetFetchRequestGroup::default()
+                    .with_group_id(StrBytes::from_static_str(CLIENT_ID).into()),
             ]),
             version,
         ),

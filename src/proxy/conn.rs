@@ -339,20 +339,9 @@ async fn requests(
             (Admission::Forward, Ok(key)) => {
                 Step::forward(frame, head.correlation_id, handling(key, head.api_version))
             }
-            // Answered here, the way a broker answers it; the broker never sees it.
-            (refused, _) => {
-                versions::record_unsupported(refused, peer, &frame, head.api_key, head.api_version);
-                let slot = match refused {
-                    Admission::Downgrade => {
-                        Pending::Answer(versions::unsupported_api_versions(head.correlation_id))
-                    }
-                    _ => Pending::Close("unsupported_version"),
-                };
-                Step {
-                    upstream: None,
-                    slot: Some(slot),
-                }
-            }
+            // `admit` refuses every API key this build cannot name, so only versions keyward
+            // does not offer come here.
+            (refused, _) => unsupported_step(refused, peer, &frame, head),
         };
         if let Some(Pending::Close(cause)) = step.slot {
             // Whatever part was forwarded goes out first; then the response half flushes what
@@ -391,6 +380,27 @@ async fn requests(
         if slots.send(slot).await.is_err() {
             return Ok("client_closed");
         }
+    }
+}
+
+/// A request at a version keyward does not offer, answered here the way a broker answers it:
+/// nothing goes to the broker.
+fn unsupported_step(
+    admission: Admission,
+    peer: Option<std::net::IpAddr>,
+    frame: &[u8],
+    head: RequestHead,
+) -> Step {
+    versions::record_unsupported(admission, peer, frame, head.api_key, head.api_version);
+    let slot = match admission {
+        Admission::Downgrade => {
+            Pending::Answer(versions::unsupported_api_versions(head.correlation_id))
+        }
+        Admission::Refuse | Admission::Forward => Pending::Close("unsupported_version"),
+    };
+    Step {
+        upstream: None,
+        slot: Some(slot),
     }
 }
 
@@ -911,6 +921,30 @@ mod tests {
                 expected: 3,
                 got: 9
             }
+        ));
+    }
+
+    #[test]
+    fn versions_keyward_does_not_offer_never_reach_the_broker() {
+        // ApiVersions v5, correlation id 7, client id "app": keyward's own answer.
+        let frame = [0, 0, 0, 13, 0, 18, 0, 5, 0, 0, 0, 7, 0, 3, b'a', b'p', b'p'];
+        let head = RequestHead::parse(&frame).unwrap();
+        let step = unsupported_step(versions::admit(18, 5), None, &frame, head);
+        assert!(step.upstream.is_none());
+        match step.slot {
+            Some(Pending::Answer(bytes)) => {
+                assert_eq!(bytes, versions::unsupported_api_versions(7))
+            }
+            _ => panic!("ApiVersions v5 must be answered by keyward"),
+        }
+        // Produce v13: closed, as a broker closes on a version it does not support.
+        let frame = [0, 0, 0, 13, 0, 0, 0, 13, 0, 0, 0, 8, 0, 3, b'a', b'p', b'p'];
+        let head = RequestHead::parse(&frame).unwrap();
+        let step = unsupported_step(versions::admit(0, 13), None, &frame, head);
+        assert!(step.upstream.is_none());
+        assert!(matches!(
+            step.slot,
+            Some(Pending::Close("unsupported_version"))
         ));
     }
 

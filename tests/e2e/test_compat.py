@@ -13,7 +13,7 @@ Brokers (tests/kafka/matrix.properties, besides the full suite's 4.3.1): for eac
 eu and a 1-broker us cluster of that version with a keyward in front of eu, and a smoke subset
 with the Java client of the same version: bootstrap, owned / refused / redirected records, a
 consumer group, and the conformance walk (examples/conformance.rs) against the broker's own
-ApiVersions list.
+ApiVersions list; librdkafka and franz-go produce and consume there too.
 """
 
 from __future__ import annotations
@@ -206,6 +206,16 @@ def test_broker_smoke_group_consumes(matrix_broker):
     assert all(r["ok"] for r in client.produce(kw.bootstrap, topic, [record(k.encode(), k.encode()) for k in keys]))
     got = client.consume(kw.bootstrap, [topic], unique("group"), expected_count=8, timeout_s=45)
     assert sorted(r["value"] for r in got) == sorted(k.encode() for k in keys)
+
+
+@pytest.mark.parametrize("client", [LibrdkafkaClient(), FranzClient()], ids=lambda c: c.name)
+def test_broker_smoke_other_clients(matrix_broker, client):
+    """librdkafka and franz-go on this broker version too: owned keys land, foreign ones are
+    refused, a group consumes."""
+    _, eu, _, kw, _ = matrix_broker
+    topic = owned_and_foreign(client, kw, eu, f"smoke_{client.name}")
+    got = client.consume(kw.bootstrap, [topic], unique("group"), expected_count=4, timeout_s=45)
+    assert len(got) == 4, got
 
 
 def test_broker_smoke_conformance(matrix_broker, conformance_bin):

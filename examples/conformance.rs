@@ -1,16 +1,26 @@
 //! Protocol conformance through keyward: every API it advertises, at every version it advertises.
 //!
-//!     cargo run --example conformance -- BOOTSTRAP [TOPIC]
+//!     cargo run --example conformance -- BOOTSTRAP [TOPIC] [--broker ADDRESS]
 //!
 //! Sends ApiVersions to BOOTSTRAP (a keyward bootstrap address, or a broker's, to compare), then
 //! for each advertised API key and each version in the advertised range one request, and checks
 //! that a response arrives with the request's correlation id and decodes with kafka-protocol at
 //! that version with no bytes left over. Requests are the message types' defaults, with the few
-//! fields a broker needs to answer at all (see `request_body`: with its defaults, DescribeAcls
-//! makes a broker close the connection and AddPartitionsToTxn v4+ is never answered). Produce
+//! fields a broker needs to answer at all (see `request_body`: with their defaults, DescribeAcls
+//! makes a broker close the connection, and AddPartitionsToTxn v4+ and, on Kafka 3.9,
+//! OffsetFetch v8+ are never answered). Produce
 //! writes one record with acks=1 to partition 0 of TOPIC (default `conformance`, which must
 //! exist), sent to that partition's leader as the Metadata response advertises it, and must
 //! succeed. ApiVersions must answer without an error.
+//!
+//! Then every version that is NOT advertised gets the answer a broker gives: the version just
+//! above each advertised range and just below it (when not negative), and, with `--broker`
+//! (a broker of the cluster behind BOOTSTRAP), every API key and version that broker offers and
+//! BOOTSTRAP does not (withheld APIs, versions above keyward's ceilings, API keys kafka-protocol
+//! cannot name). ApiVersions must be answered `UNSUPPORTED_VERSION` (35) in the v0 layout,
+//! naming the ApiVersions range BOOTSTRAP advertised (KIP-511); any other API must close the
+//! connection without a response, as a broker does for a version it does not support. Those
+//! requests carry a header and no body: nothing may parse beyond the version.
 //!
 //! Prints one line per (API, version): `ok`, `skipped (reason)` or `FAILED (reason)`, then
 //! `N passed, M failed`. The only skips are versions (or API keys) kafka-protocol cannot encode
@@ -26,10 +36,10 @@ use bytes::{Buf, Bytes, BytesMut};
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
     self, AddPartitionsToTxnRequest, ApiKey, ApiVersionsRequest, ApiVersionsResponse,
-    DescribeAclsRequest, ListOffsetsRequest, MetadataRequest, MetadataResponse, ProduceRequest,
-    ProduceResponse, RequestHeader, ResponseHeader, TopicName,
+    DescribeAclsRequest, ListOffsetsRequest, MetadataRequest, MetadataResponse, OffsetFetchRequest,
+    ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, TopicName,
     add_partitions_to_txn_request::AddPartitionsToTxnTransaction,
-    metadata_request::MetadataRequestTopic,
+    metadata_request::MetadataRequestTopic, offset_fetch_request::OffsetFetchRequestGroup,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, Message, StrBytes};
 use kafka_protocol::records::{
@@ -46,15 +56,24 @@ const DISCOVERY_VERSION: i16 = 3;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let (args, broker) = match args.iter().position(|a| a == "--broker") {
+        Some(i) if i + 1 < args.len() => {
+            let broker = first_address(&args[i + 1]);
+            let rest = [&args[..i], &args[i + 2..]].concat();
+            (rest, Some(broker))
+        }
+        Some(_) => (Vec::new(), None),
+        None => (args, None),
+    };
     let (bootstrap, topic) = match args.as_slice() {
         [b] => (first_address(b), "conformance".to_owned()),
         [b, t] => (first_address(b), t.clone()),
         _ => {
-            eprintln!("usage: conformance BOOTSTRAP [TOPIC]");
+            eprintln!("usage: conformance BOOTSTRAP [TOPIC] [--broker ADDRESS]");
             return ExitCode::from(2);
         }
     };
-    match run(&bootstrap, &topic) {
+    match run(&bootstrap, &topic, broker.as_deref()) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -71,29 +90,12 @@ fn first_address(list: &str) -> String {
 }
 
 /// Runs every check; `Ok(false)` when some failed, `Err` when discovery itself failed.
-fn run(bootstrap: &str, topic: &str) -> Result<bool, String> {
+fn run(bootstrap: &str, topic: &str, broker: Option<&str>) -> Result<bool, String> {
     let mut conns = Conns::new(bootstrap.to_owned());
-
-    let request = body(&api_versions_request(DISCOVERY_VERSION), DISCOVERY_VERSION)?;
-    let advertised = match conns.exchange(None, ApiKey::ApiVersions, DISCOVERY_VERSION, &request) {
-        Ok(Answer::ApiVersions(r)) if r.error_code == 0 => {
-            let mut keys: Vec<(i16, i16, i16)> = r
-                .api_keys
-                .iter()
-                .map(|v| (v.api_key, v.min_version, v.max_version))
-                .collect();
-            keys.sort_unstable();
-            keys
-        }
-        Ok(Answer::ApiVersions(r)) => {
-            return Err(format!("ApiVersions answered error code {}", r.error_code));
-        }
-        Ok(_) => unreachable!("an ApiVersions response decodes as one"),
-        Err(e) => {
-            return Err(format!(
-                "ApiVersions v{DISCOVERY_VERSION} to {bootstrap}: {e}"
-            ));
-        }
+    let advertised = discover(&mut conns, None, bootstrap)?;
+    let broker_offers = match broker {
+        Some(b) => Some(discover(&mut conns, Some(b), b)?),
+        None => None,
     };
     let leader = produce_leader(&mut conns, topic)?;
     println!(
@@ -140,9 +142,84 @@ fn run(bootstrap: &str, topic: &str) -> Result<bool, String> {
             }
         }
     }
+
+    // Versions not advertised: the answer a broker gives.
+    let api_versions_max = advertised
+        .iter()
+        .find(|(k, _, _)| *k == ApiKey::ApiVersions as i16)
+        .map(|&(_, _, max)| max)
+        .ok_or("ApiVersions itself is not advertised")?;
+    for (key, version) in not_offered(&advertised, broker_offers.as_deref()) {
+        let label = match ApiKey::try_from(key) {
+            Ok(api) => format!("{api:?} v{version} (not offered)"),
+            Err(()) => format!("api key {key} v{version} (not offered)"),
+        };
+        match conns.refused(key, version, api_versions_max) {
+            Ok(note) => {
+                passed += 1;
+                println!("{label}: ok ({note})");
+            }
+            Err(reason) => {
+                failed += 1;
+                println!("{label}: FAILED ({reason})");
+            }
+        }
+    }
     println!("{skipped} skipped");
     println!("{passed} passed, {failed} failed");
     Ok(failed == 0)
+}
+
+/// The sorted (api key, min, max) list `to` (default: the bootstrap) advertises.
+fn discover(
+    conns: &mut Conns,
+    to: Option<&str>,
+    name: &str,
+) -> Result<Vec<(i16, i16, i16)>, String> {
+    let request = body(&api_versions_request(DISCOVERY_VERSION), DISCOVERY_VERSION)?;
+    match conns.exchange(to, ApiKey::ApiVersions, DISCOVERY_VERSION, &request) {
+        Ok(Answer::ApiVersions(r)) if r.error_code == 0 => {
+            let mut keys: Vec<(i16, i16, i16)> = r
+                .api_keys
+                .iter()
+                .map(|v| (v.api_key, v.min_version, v.max_version))
+                .collect();
+            keys.sort_unstable();
+            Ok(keys)
+        }
+        Ok(Answer::ApiVersions(r)) => Err(format!(
+            "ApiVersions to {name} answered error code {}",
+            r.error_code
+        )),
+        Ok(_) => unreachable!("an ApiVersions response decodes as one"),
+        Err(e) => Err(format!("ApiVersions v{DISCOVERY_VERSION} to {name}: {e}")),
+    }
+}
+
+/// (api key, version) pairs BOOTSTRAP does not advertise that are checked for a broker's
+/// answer: just outside every advertised range, and everything `broker` offers beyond it.
+fn not_offered(
+    advertised: &[(i16, i16, i16)],
+    broker: Option<&[(i16, i16, i16)]>,
+) -> Vec<(i16, i16)> {
+    let offered = |key: i16, version: i16| {
+        advertised
+            .iter()
+            .any(|&(k, min, max)| k == key && (min..=max).contains(&version))
+    };
+    let mut out = Vec::new();
+    for &(key, min, max) in advertised {
+        if min > 0 {
+            out.push((key, min - 1));
+        }
+        out.push((key, max + 1));
+    }
+    for &(key, min, max) in broker.unwrap_or_default() {
+        out.extend((min..=max).filter(|&v| !offered(key, v)).map(|v| (key, v)));
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// A decoded response: the few whose content is checked, and the rest.
@@ -189,6 +266,15 @@ fn request_body(api: ApiKey, version: i16, topic: &str) -> Result<Vec<u8>, Strin
                     .with_producer_id((-1).into())
                     .with_producer_epoch(-1)
                     .with_verify_only(true),
+            ]),
+            version,
+        ),
+        // v8+ (the batch form) with no group is never answered by a Kafka 3.9 broker; one
+        // group, all its topics, gets an answer from every version.
+        ApiKey::OffsetFetch if version >= 8 => body(
+            &OffsetFetchRequest::default().with_groups(vec![
+                OffsetFetchRequestGroup::default()
+                    .with_group_id(StrBytes::from_static_str(CLIENT_ID).into()),
             ]),
             version,
         ),
@@ -384,6 +470,97 @@ impl Conns {
             self.open.retain(|(a, _)| *a != addr);
         }
         result
+    }
+
+    /// Sends `api_key` at `version`, which BOOTSTRAP does not advertise, with a header and no
+    /// body, and checks the answer a broker gives: for ApiVersions, UNSUPPORTED_VERSION in the
+    /// v0 layout naming ApiVersions up to `api_versions_max`; for anything else, the connection
+    /// closed without a response. Always on a connection of its own, dropped afterwards.
+    fn refused(
+        &mut self,
+        api_key: i16,
+        version: i16,
+        api_versions_max: i16,
+    ) -> Result<String, String> {
+        self.open.retain(|(a, _)| *a != self.bootstrap);
+        self.correlation_id += 1;
+        let correlation_id = self.correlation_id;
+        let header = RequestHeader::default()
+            .with_request_api_key(api_key)
+            .with_request_api_version(version)
+            .with_correlation_id(correlation_id)
+            .with_client_id(Some(StrBytes::from_static_str(CLIENT_ID)));
+        // Flexible (v2) headers from the first flexible version on; any version above a known
+        // range is newer still. For an API key kafka-protocol cannot name, v1.
+        let header_version = ApiKey::try_from(api_key)
+            .map(|api| api.request_header_version(version.max(0)))
+            .unwrap_or(1);
+        let mut frame = BytesMut::new();
+        frame.extend_from_slice(&[0; 4]);
+        header
+            .encode(&mut frame, header_version)
+            .map_err(|e| format!("cannot encode the request header: {e}"))?;
+        let len = (frame.len() - 4) as i32;
+        frame[..4].copy_from_slice(&len.to_be_bytes());
+        let bootstrap = self.bootstrap.clone();
+        let answer = self.stream(&bootstrap).and_then(|s| {
+            s.write_all(&frame)?;
+            read_frame(s)
+        });
+        self.open.retain(|(a, _)| *a != bootstrap);
+        if api_key != ApiKey::ApiVersions as i16 {
+            return match answer {
+                Ok(_) => Err("answered; a broker closes the connection".to_owned()),
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::TimedOut =>
+                {
+                    Err(format!(
+                        "neither answered nor closed within {RESPONSE_TIMEOUT:?}"
+                    ))
+                }
+                Err(e) => Ok(format!("connection closed: {}", e.kind())),
+            };
+        }
+        let mut frame = answer.map_err(|e| format!("no answer: {e}"))?;
+        // ApiVersions responses have a v0 header whatever the version.
+        let header = ResponseHeader::decode(&mut frame, 0)
+            .map_err(|e| format!("response header does not decode: {e:#}"))?;
+        if header.correlation_id != correlation_id {
+            return Err(format!(
+                "correlation id {}, {correlation_id} expected",
+                header.correlation_id
+            ));
+        }
+        let r = ApiVersionsResponse::decode(&mut frame, 0)
+            .map_err(|e| format!("the answer is not an ApiVersions v0 body: {e:#}"))?;
+        if frame.has_remaining() {
+            return Err(format!(
+                "{} bytes left after the v0 body",
+                frame.remaining()
+            ));
+        }
+        if r.error_code != 35 {
+            return Err(format!(
+                "error code {}, UNSUPPORTED_VERSION (35) expected",
+                r.error_code
+            ));
+        }
+        match r
+            .api_keys
+            .iter()
+            .find(|v| v.api_key == ApiKey::ApiVersions as i16)
+        {
+            Some(v) if v.max_version == api_versions_max => Ok(format!(
+                "UNSUPPORTED_VERSION, retry at ApiVersions v{}-v{}",
+                v.min_version, v.max_version
+            )),
+            Some(v) => Err(format!(
+                "names ApiVersions up to v{}, v{api_versions_max} is advertised",
+                v.max_version
+            )),
+            None => Err("names no ApiVersions range to retry with".to_owned()),
+        }
     }
 
     fn stream(&mut self, addr: &str) -> io::Result<&mut TcpStream> {

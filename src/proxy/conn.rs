@@ -25,6 +25,7 @@ use super::identity::{self, Authorizations, Identity, Requirement, Standing, Ver
 use super::produce::{LocalAnswer, ProduceReply, Route, forwarded_request};
 use super::rewrite::{self, RewriteError};
 use super::stream::{ReadHalf, Stream, WriteHalf};
+use super::versions::{self, Admission};
 use crate::codec::frame::{self, FrameError, FrameReader, LENGTH_PREFIX, RequestHead};
 use crate::codec::produce::{self, ProduceParseError};
 use crate::codec::records;
@@ -63,9 +64,13 @@ enum Slot {
     /// keyward answers this Produce itself (refusals, redirected writes), once every part of
     /// the answer is known.
     Reply(i32, ProduceReply, Timing),
-    /// Close the client connection once everything before this is written, for the reason
-    /// given (an acks=0 produce keyward refused: no response is owed, so closing is how the
-    /// client learns; a Produce before the client authenticated, as a broker does).
+    /// keyward's own answer to a request that is not Produce, ready to write (an ApiVersions
+    /// request at a version keyward does not decode).
+    Answer(Bytes, Timing),
+    /// Close the client connection once everything before this is written, for the cause given
+    /// (an acks=0 produce keyward refused: no response is owed, so closing is how the client
+    /// learns; a Produce before the client authenticated, or a request at a version keyward
+    /// does not offer, as a broker closes on either).
     Close(&'static str),
     /// keyward's own request on the client's connection (the authorization question): the
     /// broker's answer goes to keyward, not to the client.
@@ -206,11 +211,12 @@ async fn relay(
     client: Stream,
     upstream: Stream,
 ) -> Result<&'static str, ConnError> {
+    let peer = client.peer_ip();
     let (client_read, client_write) = client.into_split();
     let (upstream_read, upstream_write) = upstream.into_split();
     let (slots_tx, slots_rx) = mpsc::channel(shared.config.limits.max_in_flight);
     let activity = Activity::default();
-    let identity = Identity::new(requirement(shared, cluster));
+    let identity = Identity::new(requirement(shared, cluster), peer);
     let requests = requests(
         shared,
         cluster,
@@ -373,8 +379,9 @@ async fn requests(
             identity.set_client_id(id);
             guard.named = true;
         }
-        let step = match ApiKey::try_from(head.api_key) {
-            Ok(ApiKey::Produce) => {
+        let admission = versions::admit(head.api_key, head.api_version);
+        let step = match (admission, ApiKey::try_from(head.api_key)) {
+            (Admission::Forward, Ok(ApiKey::Produce)) => {
                 let mut io = BrokerIo {
                     upstream: &mut upstream,
                     slots: &slots,
@@ -391,8 +398,10 @@ async fn requests(
                 )
                 .await?
             }
-            Ok(ApiKey::SaslHandshake) => sasl_handshake(shared, cluster, frame, head, identity),
-            Ok(ApiKey::SaslAuthenticate) => {
+            (Admission::Forward, Ok(ApiKey::SaslHandshake)) => {
+                sasl_handshake(shared, cluster, frame, head, identity)
+            }
+            (Admission::Forward, Ok(ApiKey::SaslAuthenticate)) => {
                 if let Some(auth) = identity::authenticate_bytes(&frame, head.api_version) {
                     identity.claim_user(&auth);
                 }
@@ -402,14 +411,12 @@ async fn requests(
                     handling(ApiKey::SaslAuthenticate, head.api_version),
                 )
             }
-            Ok(key) => Step::forward(frame, head.correlation_id, handling(key, head.api_version)),
-            // An API this build cannot name is relayed untouched; keyward never offers one, so
-            // only a client ignoring ApiVersions sends it.
-            Err(()) => Step::forward(
-                frame,
-                head.correlation_id,
-                Handling::Rewrite(Rewrite::Passthrough),
-            ),
+            (Admission::Forward, Ok(key)) => {
+                Step::forward(frame, head.correlation_id, handling(key, head.api_version))
+            }
+            // `admit` refuses every API key this build cannot name, so only versions keyward
+            // does not offer come here.
+            (refused, _) => unsupported_step(refused, identity.peer, &frame, head),
         };
         if let Some(Pending::Close(cause)) = step.slot {
             // Whatever part was forwarded goes out first; then the response half flushes what
@@ -441,12 +448,34 @@ async fn requests(
             Some(Pending::Reply(correlation_id, reply)) => {
                 Slot::Reply(correlation_id, reply, timing)
             }
+            Some(Pending::Answer(bytes)) => Slot::Answer(bytes, timing),
             Some(Pending::Close(_)) | None => continue,
         };
         activity.asked();
         if slots.send(slot).await.is_err() {
             return Ok("client_closed");
         }
+    }
+}
+
+/// A request at a version keyward does not offer, answered here the way a broker answers it:
+/// nothing goes to the broker.
+fn unsupported_step(
+    admission: Admission,
+    peer: Option<std::net::IpAddr>,
+    frame: &[u8],
+    head: RequestHead,
+) -> Step {
+    versions::record_unsupported(admission, peer, frame, head.api_key, head.api_version);
+    let slot = match admission {
+        Admission::Downgrade => {
+            Pending::Answer(versions::unsupported_api_versions(head.correlation_id))
+        }
+        Admission::Refuse | Admission::Forward => Pending::Close("unsupported_version"),
+    };
+    Step {
+        upstream: None,
+        slot: Some(slot),
     }
 }
 
@@ -472,6 +501,7 @@ struct Step {
 enum Pending {
     Broker(i32, Handling),
     Reply(i32, ProduceReply),
+    Answer(Bytes),
     Close(&'static str),
 }
 
@@ -969,6 +999,7 @@ async fn responses(
                 let out = reply.respond(correlation_id, Default::default()).await?;
                 (out, timing, None, Instant::now())
             }
+            Slot::Answer(out, timing) => (out, timing, None, Instant::now()),
             Slot::Close(cause) => {
                 client.shutdown().await?;
                 return Ok(cause);
@@ -1248,6 +1279,30 @@ mod tests {
                 expected: 3,
                 got: 9
             }
+        ));
+    }
+
+    #[test]
+    fn versions_keyward_does_not_offer_never_reach_the_broker() {
+        // ApiVersions v5, correlation id 7, client id "app": keyward's own answer.
+        let frame = [0, 0, 0, 13, 0, 18, 0, 5, 0, 0, 0, 7, 0, 3, b'a', b'p', b'p'];
+        let head = RequestHead::parse(&frame).unwrap();
+        let step = unsupported_step(versions::admit(18, 5), None, &frame, head);
+        assert!(step.upstream.is_none());
+        match step.slot {
+            Some(Pending::Answer(bytes)) => {
+                assert_eq!(bytes, versions::unsupported_api_versions(7))
+            }
+            _ => panic!("ApiVersions v5 must be answered by keyward"),
+        }
+        // Produce v13: closed, as a broker closes on a version it does not support.
+        let frame = [0, 0, 0, 13, 0, 0, 0, 13, 0, 0, 0, 8, 0, 3, b'a', b'p', b'p'];
+        let head = RequestHead::parse(&frame).unwrap();
+        let step = unsupported_step(versions::admit(0, 13), None, &frame, head);
+        assert!(step.upstream.is_none());
+        assert!(matches!(
+            step.slot,
+            Some(Pending::Close("unsupported_version"))
         ));
     }
 

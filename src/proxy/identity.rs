@@ -70,6 +70,8 @@ pub enum Requirement {
 /// Produce; the response half updates it from the broker's answers.
 pub struct Identity {
     pub requirement: Requirement,
+    /// The client's address, as keyward's listener saw it.
+    pub peer: Option<std::net::IpAddr>,
     /// The broker accepted a SaslAuthenticate on this connection (one round of the exchange).
     sasl_accepted: AtomicBool,
     /// The broker answered keyward's question after that: the client is authenticated.
@@ -91,9 +93,10 @@ pub struct Who {
 }
 
 impl Identity {
-    pub fn new(requirement: Requirement) -> Self {
+    pub fn new(requirement: Requirement, peer: Option<std::net::IpAddr>) -> Self {
         Self {
             requirement,
+            peer,
             sasl_accepted: AtomicBool::new(false),
             authenticated: AtomicBool::new(false),
             names: Mutex::new(Names::default()),
@@ -468,7 +471,7 @@ mod tests {
 
     #[test]
     fn authentication_is_proven_only_by_keywards_question_after_an_accepted_exchange() {
-        let id = Identity::new(Requirement::Sasl);
+        let id = Identity::new(Requirement::Sasl, None);
         assert_eq!(id.standing(), Standing::Anonymous);
         id.sasl_answered(58); // SASL_AUTHENTICATION_FAILED
         assert_eq!(id.standing(), Standing::Anonymous);
@@ -482,22 +485,28 @@ mod tests {
         assert_eq!(id.standing(), Standing::Authenticated);
         assert_eq!(id.who().user, "alice");
 
-        let open = Identity::new(Requirement::None {
-            broker_sees_keyward: false,
-        });
+        let open = Identity::new(
+            Requirement::None {
+                broker_sees_keyward: false,
+            },
+            None,
+        );
         assert_eq!(open.standing(), Standing::Authenticated);
         assert!(open.broker_sees_client());
         assert!(
-            !Identity::new(Requirement::None {
-                broker_sees_keyward: true
-            })
+            !Identity::new(
+                Requirement::None {
+                    broker_sees_keyward: true
+                },
+                None
+            )
             .broker_sees_client()
         );
     }
 
     #[test]
     fn keywards_own_question_confirms_only_an_accepted_exchange() {
-        let id = Identity::new(Requirement::Sasl);
+        let id = Identity::new(Requirement::Sasl, None);
         id.confirm();
         assert_eq!(id.standing(), Standing::Anonymous);
         id.sasl_answered(0);

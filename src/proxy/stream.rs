@@ -29,6 +29,16 @@ pub enum WriteHalf {
 }
 
 impl Stream {
+    /// The address of the peer, for telling clients apart in logs; `None` if the socket no
+    /// longer knows it.
+    pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        let tcp = match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        };
+        tcp.peer_addr().ok().map(|a| a.ip())
+    }
+
     pub fn into_split(self) -> (ReadHalf, WriteHalf) {
         match self {
             Stream::Plain(s) => {

@@ -348,9 +348,15 @@ def _tail(b: bytes | None, lines: int = 40) -> str:
 
 
 class JavaClient(_CliClient):
-    """The official Java client (kafka-clients, same version as the brokers)."""
+    """The official Java client: kafka-clients <kafka.version> (the brokers' version) by default,
+    or another version of the compatibility matrix (`JavaClient("4.4.0")`, named java-4.4.0)."""
 
     name = "java"
+
+    def __init__(self, kafka_clients: str | None = None) -> None:
+        self.kafka_clients = kafka_clients
+        if kafka_clients is not None:
+            self.name = f"java-{kafka_clients}"
 
     def _command(self) -> list[str]:
         level = os.environ.get("KEYWARD_CLIENT_LOG", "warn")
@@ -360,7 +366,7 @@ class JavaClient(_CliClient):
             f"-Dorg.slf4j.simpleLogger.defaultLogLevel={level}",
             "-Dorg.slf4j.simpleLogger.logFile=System.err",
             "-cp",
-            str(env.java_client_libs() / "*"),
+            str(env.java_client_libs(self.kafka_clients) / "*"),
             "dev.keyward.testclient.Main",
         ]
 

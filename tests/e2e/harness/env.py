@@ -30,18 +30,33 @@ def kafka_version() -> str:
     return m.group(1).strip()
 
 
+def matrix() -> dict[str, list[str]]:
+    """The other Kafka versions of the compatibility matrix (tests/kafka/matrix.properties):
+    {"brokers": [...], "clients": [...]}."""
+    out: dict[str, list[str]] = {"brokers": [], "clients": []}
+    for line in (REPO / "tests" / "kafka" / "matrix.properties").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not key.startswith("#") and key.strip() in out:
+            out[key.strip()] = value.split()
+    return out
+
+
 def _installed(path: Path) -> Path:
     if not path.exists():
         raise RuntimeError(f"{path} is missing: run dev/install-test-deps")
     return path
 
 
-def kafka_libs() -> Path:
-    return _installed(cache_dir() / f"kafka-{kafka_version()}" / "libs")
+def kafka_libs(version: str | None = None) -> Path:
+    """The jars of Kafka `version` (default: the full suite's, with MirrorMaker 2)."""
+    return _installed(cache_dir() / f"kafka-{version or kafka_version()}" / "libs")
 
 
-def java_client_libs() -> Path:
-    return _installed(cache_dir() / "java-client" / "libs")
+def java_client_libs(kafka_clients: str | None = None) -> Path:
+    """The Java client CLI built against kafka-clients `kafka_clients` (default: <kafka.version>)."""
+    if kafka_clients is None or kafka_clients == kafka_version():
+        return _installed(cache_dir() / "java-client" / "libs")
+    return _installed(cache_dir() / f"java-client-{kafka_clients}" / "libs")
 
 
 def franz_client_bin() -> Path:

@@ -184,10 +184,14 @@ class KafkaCluster:
         heap: str = "448m",
         properties: dict[str, str | int | bool] | None = None,
         security: KafkaSecurity | None = None,
+        version: str | None = None,
     ) -> None:
         if brokers < 1:
             raise ValueError("a cluster needs at least one broker")
         self.name = name
+        # Kafka version of the brokers: the full suite's by default, or one of the matrix's
+        # (tests/kafka/matrix.properties), from the jars dev/install-test-deps put in the cache.
+        self.version = version or env.kafka_version()
         self.size = brokers
         self.dir = Path(workdir) / name
         self.heap = heap
@@ -352,7 +356,7 @@ class KafkaCluster:
             f"-Dlog4j2.configurationFile={self.dir / 'log4j2.properties'}",
             f"-Dkafka.logs.dir={node.dir}",
             "-cp",
-            str(env.kafka_libs() / "*"),
+            str(env.kafka_libs(self.version) / "*"),
         ]
 
     def _write_config(self) -> None:

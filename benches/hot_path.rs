@@ -31,9 +31,9 @@ use keyward::codec::frame;
 use keyward::codec::produce;
 use keyward::codec::records::Inflater;
 use keyward::ownership::{Claim, Table};
-use keyward::policy::produce::decide;
+use keyward::policy::produce::{Destination, Placement, decide};
 use keyward::proxy::brokers::UnmappableNode;
-use keyward::proxy::produce::{ProduceReply, Route, forwarded_request};
+use keyward::proxy::produce::{LocalAnswer, ProduceReply, Route, forwarded_request};
 use keyward::proxy::rewrite::Advertise;
 
 /// The table of the end-to-end benchmark (dev/bench.py) plus a split key rule for the merge
@@ -333,7 +333,14 @@ fn merge(c: &mut Criterion) {
     let start = body_start(&frame);
     let header_len = start - frame::LENGTH_PREFIX;
     let view = produce::parse(&frame[start..], VERSION).expect("parses");
-    let plan = decide(&view, &table, local, &mut Inflater::new(MAX_DECOMPRESSED));
+    let mut plan = decide(&view, &table, local, &mut Inflater::new(MAX_DECOMPRESSED));
+    let placement = Placement {
+        clusters: &[Some(0), Some(1)],
+        connection: 0,
+        local_name: "eu",
+        connection_name: "eu",
+    };
+    let destinations = plan.place(&view, &table, &placement);
     let forwarded: Vec<bool> = plan
         .partitions
         .iter()
@@ -341,9 +348,21 @@ fn merge(c: &mut Criterion) {
         .collect();
     assert_eq!(forwarded, [true, false, true, false]);
     let routes = || -> Vec<Route> {
-        plan.partitions
+        destinations
             .iter()
-            .map(|d| Route::from_action(&d.action).expect("no redirect rule here"))
+            .map(|d| match d.clone() {
+                Destination::Connection => Route::Upstream(None),
+                Destination::Answer {
+                    error_code,
+                    message,
+                    record_errors,
+                } => Route::Answer(LocalAnswer {
+                    error_code,
+                    message,
+                    record_errors,
+                }),
+                Destination::Cluster(_) => unreachable!("no redirect rule here"),
+            })
             .collect()
     };
     let upstream = routes();

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use keyward::codec::produce::{self, MAX_VERSION, MIN_VERSION};
 use keyward::codec::records::Inflater;
 use keyward::ownership::Table;
-use keyward::policy::produce::{Action, decide};
+use keyward::policy::produce::{Action, Destination, Placement, decide};
 use libfuzzer_sys::fuzz_target;
 
 /// Small enough that a bomb is cut off quickly, big enough for real batches.
@@ -125,11 +125,30 @@ fuzz_target!(|data: &[u8]| {
         .count();
     assert_eq!(plan.all_forward(), forwarded == plan.partitions.len());
     assert_eq!(plan.none_forward(), forwarded == 0);
-    plan.hold_local_writes("fuzz: the local cluster is down");
+    // Placed while another region's cluster serves the connection: nothing of this region's
+    // is forwarded, and every partition gets exactly one final route.
+    let placement = Placement {
+        clusters: &[Some(0), Some(1)],
+        connection: 1,
+        local_name: "local",
+        connection_name: "serving",
+    };
+    let destinations = plan.place(&view, table, &placement);
+    assert_eq!(destinations.len(), plan.partitions.len());
     assert!(
         !plan
             .partitions
             .iter()
             .any(|p| p.writes_local && p.action.is_forward())
     );
+    for (decision, destination) in plan.partitions.iter().zip(&destinations) {
+        match destination {
+            Destination::Cluster(c) => {
+                assert_ne!(*c, 1, "the connection's own cluster is reached directly");
+                assert!(matches!(decision.action, Action::Redirect { .. }));
+            }
+            Destination::Answer { .. } => assert!(!decision.action.is_forward()),
+            Destination::Connection => {}
+        }
+    }
 });

@@ -45,6 +45,11 @@ pub enum RejectKind {
     /// A redirect keyward cannot check: the topic does not exist on the cluster the client
     /// connects to, whose ACLs decide.
     UnverifiedTopic,
+    /// Owned by a region this proxy has no cluster for, under a redirect rule.
+    OwnerHasNoCluster,
+    /// Owned elsewhere under a redirect rule, but not one batch keyward may carry to another
+    /// cluster (several batches in the partition, or a transaction).
+    Unredirectable,
     /// A rule was asked about something it does not look at; a bug, refused rather than guessed.
     Internal,
 }
@@ -61,6 +66,8 @@ impl RejectKind {
             RejectKind::MalformedBatch => "malformed_batch",
             RejectKind::NotAuthorized => "not_authorized",
             RejectKind::UnverifiedTopic => "unverified_topic",
+            RejectKind::OwnerHasNoCluster => "owner_has_no_cluster",
+            RejectKind::Unredirectable => "unredirectable",
             RejectKind::Internal => "internal",
         }
     }
@@ -155,19 +162,173 @@ impl ProducePlan {
         !self.partitions.iter().any(|p| p.action.is_forward())
     }
 
-    /// Holds every forwarded partition that writes this region's records: used while this
-    /// region's cluster is down and another serves reads, so such writes get a retriable error
-    /// instead of landing in a cluster that does not own them.
-    pub fn hold_local_writes(&mut self, message: &str) {
-        for p in &mut self.partitions {
-            if p.writes_local && p.action.is_forward() {
-                p.action = Action::Hold {
-                    message: message.to_owned(),
-                    reason: HoldReason::LocalClusterDown,
-                };
+    /// Decides where every partition goes, given where the clusters are: the final routes the
+    /// proxy carries out, in request order. Partitions that cannot go where the table sends
+    /// them become refusals or holds here, so the decisions counted are the ones carried out.
+    ///
+    /// - While another region's cluster serves this connection, this region's own writes are
+    ///   held: they never land in a cluster that does not own them.
+    /// - A redirect goes to the owner's cluster: on the client's own connection when that
+    ///   cluster serves it, otherwise through keyward's producer, which carries exactly one
+    ///   non-transactional batch per partition.
+    pub fn place(
+        &mut self,
+        request: &ProduceView<'_>,
+        table: &Table,
+        placement: &Placement<'_>,
+    ) -> Vec<Destination> {
+        let records = request
+            .topics
+            .iter()
+            .flat_map(|t| t.partitions.iter().map(|p| p.records.unwrap_or_default()));
+        self.partitions
+            .iter_mut()
+            .zip(records)
+            .map(|(p, records)| place(p, records, table, placement))
+            .collect()
+    }
+
+    /// Refuses partition `index` after all (a redirect the client may not make): the decision
+    /// counted becomes the refusal, and so does its destination.
+    pub fn refuse(
+        &mut self,
+        index: usize,
+        kind: RejectKind,
+        error_code: i16,
+        message: String,
+    ) -> Destination {
+        let answer = Destination::Answer {
+            error_code,
+            message: message.clone(),
+            record_errors: Vec::new(),
+        };
+        if let Some(p) = self.partitions.get_mut(index) {
+            p.action = Action::Reject {
+                kind,
+                error_code,
+                message,
+                record_errors: Vec::new(),
+            };
+        }
+        answer
+    }
+}
+
+/// Where the regions' clusters are, as one client connection sees them: what routing needs
+/// beyond the table, as plain data.
+pub struct Placement<'a> {
+    /// The cluster of each region, by region id; `None` where the proxy has no cluster for it.
+    pub clusters: &'a [Option<usize>],
+    /// The cluster this client connection writes to: the local region's (0) unless reads
+    /// failed over.
+    pub connection: usize,
+    /// Names for messages: the local region, and the cluster serving the connection.
+    pub local_name: &'a str,
+    pub connection_name: &'a str,
+}
+
+/// Where one partition goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// To the broker the client's connection leads to.
+    Connection,
+    /// Through keyward's own producer, to cluster `cluster` (never the connection's).
+    Cluster(usize),
+    /// Answered by keyward.
+    Answer {
+        error_code: i16,
+        message: String,
+        record_errors: Vec<(i32, String)>,
+    },
+}
+
+fn place(
+    p: &mut PartitionDecision,
+    records: &[u8],
+    table: &Table,
+    placement: &Placement<'_>,
+) -> Destination {
+    if placement.connection != 0 && p.writes_local && p.action.is_forward() {
+        let local = placement.local_name;
+        p.action = Action::Hold {
+            message: format!(
+                "region {local}'s cluster is unreachable and keyward serves reads from {}; it never writes {local}-owned records to another cluster; retry later",
+                placement.connection_name
+            ),
+            reason: HoldReason::LocalClusterDown,
+        };
+    }
+    let refusal = match &p.action {
+        Action::Forward { .. } => return Destination::Connection,
+        Action::Reject {
+            error_code,
+            message,
+            record_errors,
+            ..
+        } => {
+            return Destination::Answer {
+                error_code: *error_code,
+                message: message.clone(),
+                record_errors: record_errors.clone(),
+            };
+        }
+        Action::Hold { message, .. } => {
+            return Destination::Answer {
+                error_code: NOT_ENOUGH_REPLICAS,
+                message: message.clone(),
+                record_errors: Vec::new(),
+            };
+        }
+        Action::Redirect { owner } => {
+            let name = table.region_name(*owner);
+            match placement.clusters.get(owner.index()).copied().flatten() {
+                Some(cluster) if cluster == placement.connection => return Destination::Connection,
+                Some(cluster) => match redirectable(records) {
+                    Ok(()) => return Destination::Cluster(cluster),
+                    Err(why) => (
+                        RejectKind::Unredirectable,
+                        format!(
+                            "the batch is owned by region {name} but cannot be redirected to its cluster: {why}"
+                        ),
+                    ),
+                },
+                None => (
+                    RejectKind::OwnerHasNoCluster,
+                    format!(
+                        "the batch is owned by region {name}, which has no cluster in this proxy's config"
+                    ),
+                ),
             }
         }
+    };
+    let (kind, message) = refusal;
+    p.action = Action::Reject {
+        kind,
+        error_code: INVALID_RECORD,
+        message: message.clone(),
+        record_errors: Vec::new(),
+    };
+    Destination::Answer {
+        error_code: INVALID_RECORD,
+        message,
+        record_errors: Vec::new(),
     }
+}
+
+/// Whether a partition's records are one batch keyward may write to another cluster under its
+/// own producer id.
+fn redirectable(records: &[u8]) -> Result<(), &'static str> {
+    let mut batches = records::batches(records);
+    let batch = match (batches.next(), batches.next()) {
+        (Some(Ok(b)), None) => b,
+        (None, _) => return Err("the partition holds no record batch"),
+        (Some(Err(_)), _) => return Err("the record batch is malformed"),
+        (Some(Ok(_)), Some(_)) => return Err("the partition holds more than one record batch"),
+    };
+    if batch.header.is_transactional() {
+        return Err("a transaction cannot span clusters");
+    }
+    Ok(())
 }
 
 /// Decides every partition of `request` for a proxy writing for `local`.
@@ -789,6 +950,176 @@ default: reject
             }
             other => panic!("expected a rejection, got {other:?}"),
         }
+    }
+
+    fn redirect_table() -> Table {
+        let regions = ["eu".to_owned(), "us".to_owned(), "ap".to_owned()];
+        let yaml = r#"
+rules:
+  - name: orders
+    topics: ["orders"]
+    by: key
+    slots: 16
+    owners: { eu: ["0-7"], us: ["8-11"], ap: ["12-15"] }
+    on_foreign: redirect
+default: allow
+"#;
+        Table::parse(yaml, Path::new("ownership.yaml"), &regions).unwrap()
+    }
+
+    /// Decides and places one partition for the eu proxy; `clusters` by region id
+    /// (eu, us, ap), the connection writing to `connection`.
+    fn placed(
+        records: &[u8],
+        clusters: &[Option<usize>],
+        connection: usize,
+    ) -> (PartitionDecision, Destination) {
+        let t = redirect_table();
+        let view = ProduceView {
+            transactional_id: None,
+            acks: -1,
+            timeout_ms: 1000,
+            topics: vec![TopicView {
+                name: "orders",
+                partitions: vec![PartitionView {
+                    index: 0,
+                    records: Some(records),
+                }],
+            }],
+        };
+        let local = t.region_id("eu").unwrap();
+        let mut plan = decide(&view, &t, local, &mut Inflater::new(1 << 20));
+        let placement = Placement {
+            clusters,
+            connection,
+            local_name: "eu",
+            connection_name: if connection == 0 { "eu" } else { "us" },
+        };
+        let mut destinations = plan.place(&view, &t, &placement);
+        (plan.partitions.remove(0), destinations.remove(0))
+    }
+
+    fn transactional(key: &str) -> Bytes {
+        let record = Record {
+            transactional: true,
+            producer_id: 5,
+            producer_epoch: 0,
+            sequence: 0,
+            ..testkit::record(Some(key.as_bytes()), Some(b"v"), &[])
+        };
+        testkit::batch(&[record], Compression::None)
+    }
+
+    #[test]
+    fn only_single_non_transactional_batches_are_redirected() {
+        let one = keys(&[Some(&key_in(8..12))]);
+        assert_eq!(redirectable(&one), Ok(()));
+        assert_eq!(
+            redirectable(&transactional("k")),
+            Err("a transaction cannot span clusters")
+        );
+        let two = [one.clone(), one.clone()].concat();
+        assert_eq!(
+            redirectable(&two),
+            Err("the partition holds more than one record batch")
+        );
+        assert_eq!(
+            redirectable(&[]),
+            Err("the partition holds no record batch")
+        );
+        assert_eq!(
+            redirectable(&one[..20]),
+            Err("the record batch is malformed")
+        );
+    }
+
+    #[test]
+    fn placement_gives_every_partition_its_final_route_and_counts_what_is_carried_out() {
+        let clusters = [Some(0), Some(1), None];
+        let us = keys(&[Some(&key_in(8..12))]);
+        let (d, to) = placed(&us, &clusters, 0);
+        assert_eq!(to, Destination::Cluster(1));
+        assert!(matches!(d.action, Action::Redirect { .. }));
+
+        // A redirect keyward cannot carry is counted as the refusal it is, not as redirected.
+        let two = [us.clone(), us.clone()].concat();
+        let (d, to) = placed(&two, &clusters, 0);
+        assert_eq!(reject_of(&d).0, RejectKind::Unredirectable);
+        assert!(
+            matches!(to, Destination::Answer { error_code, .. } if error_code == INVALID_RECORD)
+        );
+        let (d, _) = placed(&transactional(&key_in(8..12)), &clusters, 0);
+        assert_eq!(reject_of(&d).0, RejectKind::Unredirectable);
+
+        // ap has no cluster in this proxy.
+        let (d, to) = placed(&keys(&[Some(&key_in(12..16))]), &clusters, 0);
+        let (kind, message, _) = reject_of(&d);
+        assert_eq!(kind, RejectKind::OwnerHasNoCluster);
+        assert!(
+            message.contains("region ap, which has no cluster"),
+            "{message}"
+        );
+        assert!(matches!(to, Destination::Answer { .. }));
+
+        // Reads failed over to us's cluster: us-owned batches go on the client's connection
+        // (several batches too), eu-owned ones are held.
+        let (_, to) = placed(&two, &clusters, 1);
+        assert_eq!(to, Destination::Connection);
+        let (d, to) = placed(&keys(&[Some(&key_in(0..8))]), &clusters, 1);
+        assert!(matches!(
+            d.action,
+            Action::Hold {
+                reason: HoldReason::LocalClusterDown,
+                ..
+            }
+        ));
+        assert!(
+            matches!(to, Destination::Answer { error_code, .. } if error_code == NOT_ENOUGH_REPLICAS)
+        );
+        let (d, to) = placed(&keys(&[Some(&key_in(0..8))]), &clusters, 0);
+        assert_eq!(d.action, Action::Forward { audited: 0 });
+        assert_eq!(to, Destination::Connection);
+    }
+
+    #[test]
+    fn a_refused_redirect_is_counted_as_the_refusal() {
+        let clusters = [Some(0), Some(1), None];
+        let t = redirect_table();
+        let us = keys(&[Some(&key_in(8..12))]);
+        let view = ProduceView {
+            transactional_id: None,
+            acks: -1,
+            timeout_ms: 1000,
+            topics: vec![TopicView {
+                name: "orders",
+                partitions: vec![PartitionView {
+                    index: 0,
+                    records: Some(&us),
+                }],
+            }],
+        };
+        let mut plan = decide(
+            &view,
+            &t,
+            t.region_id("eu").unwrap(),
+            &mut Inflater::new(1 << 20),
+        );
+        let placement = Placement {
+            clusters: &clusters,
+            connection: 0,
+            local_name: "eu",
+            connection_name: "eu",
+        };
+        assert_eq!(plan.place(&view, &t, &placement), [Destination::Cluster(1)]);
+        let to = plan.refuse(0, RejectKind::NotAuthorized, 29, "no WRITE".into());
+        assert!(matches!(to, Destination::Answer { error_code: 29, .. }));
+        assert!(matches!(
+            plan.partitions[0].action,
+            Action::Reject {
+                kind: RejectKind::NotAuthorized,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -28,12 +28,11 @@ use super::stream::{ReadHalf, Stream, WriteHalf};
 use super::versions::{self, Admission};
 use crate::codec::frame::{self, FrameError, FrameReader, LENGTH_PREFIX, RequestHead};
 use crate::codec::produce::{self, ProduceParseError};
-use crate::codec::records;
 use crate::codec::records::Inflater;
 use crate::codec::wire::WireError;
 use crate::config::ClientAuth;
 use crate::ownership::RegionId;
-use crate::policy::produce::{Action, INVALID_RECORD, ProducePlan, RejectKind, decide};
+use crate::policy::produce::{Action, Destination, Placement, ProducePlan, RejectKind, decide};
 use crate::reload::Snapshot;
 
 /// Which real broker a client connection is relayed to.
@@ -341,6 +340,7 @@ async fn requests(
         )),
         next_id: i32::MIN,
         named: false,
+        clusters: (0, Vec::new()),
     };
     let idle = Duration::from_secs(shared.config.limits.idle_timeout_secs);
     let stop = shared.shutdown_token();
@@ -531,6 +531,26 @@ struct Guard<'a> {
     next_id: i32,
     /// The client id is known (the first request that carries one names it).
     named: bool,
+    /// The cluster of each region of the table in force (by region id), and that table's
+    /// version: worked out again only when the table changes.
+    clusters: (u64, Vec<Option<usize>>),
+}
+
+impl Guard<'_> {
+    fn clusters_of(&mut self, shared: &Shared, snapshot: &Snapshot) -> &[Option<usize>] {
+        if self.clusters.0 != snapshot.version || self.clusters.1.is_empty() {
+            self.clusters = (
+                snapshot.version,
+                snapshot
+                    .table
+                    .regions()
+                    .iter()
+                    .map(|name| shared.clusters.index_of(name))
+                    .collect(),
+            );
+        }
+        &self.clusters.1
+    }
 }
 
 /// The request half's way to the broker, for keyward's own requests between the client's.
@@ -617,15 +637,14 @@ async fn produce_step(
     // One snapshot decides the whole request, even if a reload lands meanwhile.
     let snapshot = shared.ownership.snapshot();
     let mut plan = decide(&request, &snapshot.table, snapshot.local, inflater);
-    if cluster != 0 {
-        // Reads are served by another region's cluster: this region's own writes wait for its
-        // cluster to return rather than land anywhere else.
-        let local = &shared.config.region;
-        plan.hold_local_writes(&format!(
-            "region {local}'s cluster is unreachable and keyward serves reads from {}; it never writes {local}-owned records to another cluster; retry later",
-            shared.clusters.get(cluster).name
-        ));
-    }
+    let clusters = guard.clusters_of(shared, &snapshot);
+    let placement = Placement {
+        clusters,
+        connection: cluster,
+        local_name: &shared.config.region,
+        connection_name: &shared.clusters.get(cluster).name,
+    };
+    let mut destinations = plan.place(&request, &snapshot.table, &placement);
     // Only a request the broker takes whole is none of keyward's business; for anything else
     // (an answer of keyward's own, a redirect, an audit) keyward must know who is asking.
     let acts = !plan
@@ -636,7 +655,14 @@ async fn produce_step(
         Authorized::Unauthenticated
     } else {
         authorize_redirects(
-            shared, cluster, &request, &snapshot, &mut plan, acts, guard, io,
+            shared,
+            cluster,
+            &request,
+            &mut plan,
+            &mut destinations,
+            acts,
+            guard,
+            io,
         )
         .await?
     };
@@ -652,70 +678,62 @@ async fn produce_step(
     }
     record_decisions(shared, &snapshot, &plan, meters, guard.identity);
 
-    let mut routes = Vec::with_capacity(plan.partitions.len());
-    let mut decisions = plan.partitions.iter();
+    // Carry the routes out.
+    let mut routes = Vec::with_capacity(destinations.len());
+    let mut decided = plan.partitions.iter().zip(destinations);
     for topic in &request.topics {
         for p in &topic.partitions {
-            let Some(d) = decisions.next() else { break };
-            let route = match Route::from_action(&d.action) {
-                Ok(Route::Upstream(_)) => Route::Upstream(
+            let Some((d, destination)) = decided.next() else {
+                break;
+            };
+            let route = match destination {
+                Destination::Connection if d.action.is_forward() => Route::Upstream(
                     p.records
                         .and_then(|r| shared.redirector.local_batch(topic.name, p.index, r)),
                 ),
-                Ok(route) => route,
-                Err(owner) => {
-                    let owner = snapshot.table.region_name(owner);
-                    match shared.clusters.index_of(owner) {
-                        // The owner's cluster is the one this connection writes to (reads
-                        // failed over to it): the client's producer id is valid there.
-                        Some(target) if target == cluster => Route::Upstream(None),
-                        Some(target) => match redirectable(p.records.unwrap_or_default()) {
-                            Ok(batch) => Route::Redirect({
-                                if shared.rejection_log.allow() {
-                                    let who = guard.identity.who();
-                                    info!(
-                                        rule = d
-                                            .rule
-                                            .and_then(|i| snapshot.table.rules().get(i))
-                                            .map_or("-", |r| r.name.as_str()),
-                                        owner,
-                                        client_id = who.client_id,
-                                        user = who.user,
-                                        records = d.records,
-                                        "redirecting a batch of topic {:?} partition {} to region {owner}'s cluster",
-                                        topic.name,
-                                        p.index
-                                    );
-                                }
-
-                                shared
-                                    .redirector
-                                    .redirect(
-                                        target,
-                                        topic.name,
-                                        p.index,
-                                        frame.slice_ref(batch),
-                                        request.acks,
-                                        request.timeout_ms,
-                                    )
-                                    .await
-                            }),
-                            Err(why) => Route::Answer(LocalAnswer {
-                                error_code: INVALID_RECORD,
-                                message: format!(
-                                    "the batch is owned by region {owner} but cannot be redirected to its cluster: {why}"
-                                ),
-                                record_errors: Vec::new(),
-                            }),
-                        },
-                        None => Route::Answer(LocalAnswer {
-                            error_code: INVALID_RECORD,
-                            message: format!(
-                                "the batch is owned by region {owner}, which has no cluster in this proxy's config"
-                            ),
-                            record_errors: Vec::new(),
-                        }),
+                // A redirect to the cluster this connection writes to (reads failed over to
+                // the owner's cluster) goes as the client sent it.
+                Destination::Connection => Route::Upstream(None),
+                Destination::Answer {
+                    error_code,
+                    message,
+                    record_errors,
+                } => Route::Answer(LocalAnswer {
+                    error_code,
+                    message,
+                    record_errors,
+                }),
+                Destination::Cluster(target) => {
+                    if shared.rejection_log.allow() {
+                        let who = guard.identity.who();
+                        let owner = d.owner.map_or("-", |o| snapshot.table.region_name(o));
+                        info!(
+                            rule = d
+                                .rule
+                                .and_then(|i| snapshot.table.rules().get(i))
+                                .map_or("-", |r| r.name.as_str()),
+                            owner,
+                            client_id = who.client_id,
+                            user = who.user,
+                            records = d.records,
+                            "redirecting a batch of topic {:?} partition {} to region {owner}'s cluster",
+                            topic.name,
+                            p.index
+                        );
                     }
+                    Route::Redirect(
+                        shared
+                            .redirector
+                            .redirect(
+                                target,
+                                topic.name,
+                                p.index,
+                                frame.slice_ref(p.records.unwrap_or_default()),
+                                request.acks,
+                                request.timeout_ms,
+                            )
+                            .await,
+                    )
                 }
             };
             routes.push(route);
@@ -783,27 +801,23 @@ async fn authorize_redirects(
     shared: &Shared,
     cluster: usize,
     request: &produce::ProduceView<'_>,
-    snapshot: &Snapshot,
     plan: &mut ProducePlan,
+    destinations: &mut [Destination],
     acts: bool,
     guard: &mut Guard<'_>,
     io: &mut BrokerIo<'_>,
 ) -> Result<Authorized, ConnError> {
-    // Topics with a partition going to another cluster than this connection's.
+    // The topic of each partition, in request order.
+    let topics: Vec<&str> = request
+        .topics
+        .iter()
+        .flat_map(|t| t.partitions.iter().map(|_| t.name))
+        .collect();
+    // Topics with a partition going through keyward's producer to another cluster.
     let mut redirected: Vec<&str> = Vec::new();
-    let mut decisions = plan.partitions.iter();
-    for topic in &request.topics {
-        for _ in &topic.partitions {
-            let Some(d) = decisions.next() else { break };
-            if let Action::Redirect { owner } = d.action
-                && shared
-                    .clusters
-                    .index_of(snapshot.table.region_name(owner))
-                    .is_some_and(|target| target != cluster)
-                && !redirected.contains(&topic.name)
-            {
-                redirected.push(topic.name);
-            }
+    for (topic, destination) in topics.iter().zip(destinations.iter()) {
+        if matches!(destination, Destination::Cluster(_)) && !redirected.contains(topic) {
+            redirected.push(topic);
         }
     }
     let unproven = acts && guard.identity.standing() == Standing::Unproven;
@@ -842,47 +856,40 @@ async fn authorize_redirects(
     if redirected.is_empty() {
         return Ok(Authorized::Checked);
     }
-    let keyward_seen = Verdict::Denied(
-        identity::TOPIC_AUTHORIZATION_FAILED,
-        format!(
-            "the cluster this client connects to does not authenticate clients and sees keyward's own certificate (clusters.{}.tls.cert), so it cannot say whether this client may write; keyward redirects nothing for it",
-            shared.clusters.get(cluster).name
-        ),
-    );
-    let mut decisions = plan.partitions.iter_mut();
-    for topic in &request.topics {
-        let verdict = if !redirected.contains(&topic.name) {
-            None
-        } else if guard.identity.broker_sees_client() {
-            // What was just asked, or what is remembered; nothing is redirected unchecked.
-            fresh
-                .iter()
-                .find(|(t, _)| *t == topic.name)
-                .map(|(_, v)| v.clone())
-                .or_else(|| guard.authorizations.get(topic.name).cloned())
-                .or(Some(Verdict::Denied(
+    let verdict_for = |topic: &str| -> Verdict {
+        if !guard.identity.broker_sees_client() {
+            return Verdict::Denied(
+                identity::TOPIC_AUTHORIZATION_FAILED,
+                format!(
+                    "the cluster this client connects to does not authenticate clients and sees keyward's own certificate (clusters.{}.tls.cert), so it cannot say whether this client may write; keyward redirects nothing for it",
+                    shared.clusters.get(cluster).name
+                ),
+            );
+        }
+        // What was just asked, or what is remembered; nothing is redirected unchecked.
+        fresh
+            .iter()
+            .find(|(t, _)| *t == topic)
+            .map(|(_, v)| v.clone())
+            .or_else(|| guard.authorizations.get(topic).cloned())
+            .unwrap_or_else(|| {
+                Verdict::Denied(
                     identity::TOPIC_AUTHORIZATION_FAILED,
                     "keyward could not check whether this client may write it".into(),
-                )))
-        } else {
-            Some(keyward_seen.clone())
-        };
-        for _ in &topic.partitions {
-            let Some(d) = decisions.next() else { break };
-            if let (Action::Redirect { .. }, Some(Verdict::Denied(code, message))) =
-                (&d.action, &verdict)
-            {
-                d.action = Action::Reject {
-                    kind: if *code == identity::TOPIC_AUTHORIZATION_FAILED {
-                        RejectKind::NotAuthorized
-                    } else {
-                        RejectKind::UnverifiedTopic
-                    },
-                    error_code: *code,
-                    message: message.clone(),
-                    record_errors: Vec::new(),
-                };
-            }
+                )
+            })
+    };
+    for (i, topic) in topics.iter().enumerate() {
+        if !matches!(destinations[i], Destination::Cluster(_)) {
+            continue;
+        }
+        if let Verdict::Denied(code, message) = verdict_for(topic) {
+            let kind = if code == identity::TOPIC_AUTHORIZATION_FAILED {
+                RejectKind::NotAuthorized
+            } else {
+                RejectKind::UnverifiedTopic
+            };
+            destinations[i] = plan.refuse(i, kind, code, message);
         }
     }
     Ok(Authorized::Checked)
@@ -894,21 +901,6 @@ enum Authorized {
     Checked,
     /// The client turned out not to be authenticated.
     Unauthenticated,
-}
-
-/// The one batch of a partition, if keyward may send it to another cluster.
-fn redirectable(records: &[u8]) -> Result<&[u8], &'static str> {
-    let mut batches = records::batches(records);
-    let batch = match (batches.next(), batches.next()) {
-        (Some(Ok(b)), None) => b,
-        (None, _) => return Err("the partition holds no record batch"),
-        (Some(Err(_)), _) => return Err("the record batch is malformed"),
-        (Some(Ok(_)), Some(_)) => return Err("the partition holds more than one record batch"),
-    };
-    if batch.header.is_transactional() {
-        return Err("a transaction cannot span clusters");
-    }
-    Ok(batch.raw())
 }
 
 /// Per-connection cache of the decision counters, so deciding a partition increments two
@@ -1208,19 +1200,6 @@ const FIRST_PRODUCE_NODE_ENDPOINTS: i16 = 10;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testkit;
-    use kafka_protocol::records::{Compression, Record};
-
-    fn batch(transactional: bool) -> Vec<u8> {
-        let record = Record {
-            transactional,
-            producer_id: 5,
-            producer_epoch: 0,
-            sequence: 0,
-            ..testkit::record(Some(b"k"), None, &[])
-        };
-        testkit::batch(&[record], Compression::None).to_vec()
-    }
 
     /// A connected pair of plain streams.
     async fn pair() -> (Stream, Stream) {
@@ -1304,28 +1283,5 @@ mod tests {
             step.slot,
             Some(Pending::Close("unsupported_version"))
         ));
-    }
-
-    #[test]
-    fn only_single_non_transactional_batches_are_redirected() {
-        let one = batch(false);
-        assert_eq!(redirectable(&one), Ok(&one[..]));
-        assert_eq!(
-            redirectable(&batch(true)),
-            Err("a transaction cannot span clusters")
-        );
-        let two = [one.clone(), one.clone()].concat();
-        assert_eq!(
-            redirectable(&two),
-            Err("the partition holds more than one record batch")
-        );
-        assert_eq!(
-            redirectable(&[]),
-            Err("the partition holds no record batch")
-        );
-        assert_eq!(
-            redirectable(&one[..20]),
-            Err("the record batch is malformed")
-        );
     }
 }

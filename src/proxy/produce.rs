@@ -17,8 +17,6 @@ use super::rewrite::{self, Advertise, RewriteError};
 use crate::codec::errors::UNKNOWN_SERVER_ERROR;
 use crate::codec::frame::{self, LENGTH_PREFIX};
 use crate::codec::produce::ProduceView;
-use crate::ownership::RegionId;
-use crate::policy::produce::{Action, NOT_ENOUGH_REPLICAS};
 use crate::redirect::sequences::Outcome;
 
 /// First Produce version whose responses carry `record_errors` and `error_message` (KIP-467).
@@ -44,30 +42,6 @@ pub enum Route {
 }
 
 impl Route {
-    /// The route of a partition the plan forwards, refuses or holds; for a redirect, the owner
-    /// whose cluster the batch goes to (the redirector routes it, see `proxy::conn`).
-    pub fn from_action(action: &Action) -> Result<Route, RegionId> {
-        match action {
-            Action::Forward { .. } => Ok(Route::Upstream(None)),
-            Action::Reject {
-                error_code,
-                message,
-                record_errors,
-                ..
-            } => Ok(Route::Answer(LocalAnswer {
-                error_code: *error_code,
-                message: message.clone(),
-                record_errors: record_errors.clone(),
-            })),
-            Action::Hold { message, .. } => Ok(Route::Answer(LocalAnswer {
-                error_code: NOT_ENOUGH_REPLICAS,
-                message: message.clone(),
-                record_errors: Vec::new(),
-            })),
-            Action::Redirect { owner } => Err(*owner),
-        }
-    }
-
     pub fn is_upstream(&self) -> bool {
         matches!(self, Route::Upstream(_))
     }

@@ -1,7 +1,7 @@
 //! Micro-benchmarks of keyward's per-request hot path, on one core:
 //!
-//! - `ownership/*`: one lookup (ns each): `Rule::claim_key` (murmur2 + slot table),
-//!   `Rule::claim_header` (value → owner map), and `Table::rule_for_topic` (first matching
+//! - `ownership/*`: one lookup (ns each): `Rule::claim` of a key (murmur2 + slot table),
+//!   a header (value → owner map), and `Table::rule_for_topic` (first matching
 //!   pattern), the three things a produce request pays per record or per topic.
 //! - `inspect/*`: a whole Produce request (4 partitions × one batch) through
 //!   `codec::produce::parse` and `policy::produce::decide`, as `proxy::conn` does it, for
@@ -30,7 +30,7 @@ use kafka_protocol::records::{
 use keyward::codec::frame;
 use keyward::codec::produce;
 use keyward::codec::records::Inflater;
-use keyward::ownership::{Claim, Table};
+use keyward::ownership::{Claim, Subject, Table};
 use keyward::policy::produce::decide;
 use keyward::proxy::brokers::UnmappableNode;
 use keyward::proxy::produce::{ProduceReply, Route, forwarded_request};
@@ -212,13 +212,14 @@ fn ownership(c: &mut Criterion) {
     g.bench_function("claim_key", |b| {
         b.iter(|| {
             i = (i + 1) % KEYS;
-            key_rule.claim_key(Some(black_box(&keys[i])))
+            key_rule.claim(&Subject::topic("key.bench").with_key(Some(black_box(&keys[i]))))
         })
     });
     g.bench_function("claim_header", |b| {
         b.iter(|| {
             i = (i + 1) % tenants.len();
-            header_rule.claim_header(Some(black_box(&tenants[i])))
+            header_rule
+                .claim(&Subject::topic("hdr.bench").with_header(b"tenant", black_box(&tenants[i])))
         })
     });
     g.bench_function("rule_for_topic", |b| {
@@ -310,7 +311,7 @@ fn key_owned_by(table: &Table, region: &str, skip: usize) -> Vec<u8> {
     (0..)
         .map(|i| format!("k{i:010}").into_bytes())
         .filter(
-            |k| matches!(rule.claim_key(Some(k)), Claim::Region { region, .. } if region == want),
+            |k| matches!(rule.claim(&Subject::topic("split.bench").with_key(Some(k))), Some(Claim::Region { region, .. }) if region == want),
         )
         .nth(skip)
         .expect("some key hashes there")

@@ -1,9 +1,11 @@
-//! One rule of the table and the per-record claims. This is the hot path: the `claim_*` methods
-//! run once per record (or once per batch for partitions and topics), so they only hash, index
-//! and compare; they never allocate and never panic.
+//! One rule of the table and its one lookup, [`Rule::claim`], plus what the rule says about a
+//! write in messages. `claim` is the hot path: it runs once per record (or once per partition for
+//! rules that do not read records), so it only hashes, indexes and compares; it never allocates
+//! and never panics.
 
 use super::murmur2::{murmur2, to_positive};
-use super::{Claim, Query, RegionId, RejectReason};
+use super::subject::{Subject, quote};
+use super::{Claim, RegionId, RejectReason};
 use std::collections::HashMap;
 
 /// A rule: the topics it covers and how it decides who owns a write to them.
@@ -114,16 +116,28 @@ impl Rule {
         &self.topics
     }
 
-    /// The owner of a record with this key (`None`: a null key) under a `by: key` rule.
-    /// On `by: topic` and `owner: any` rules the key does not matter and this is
-    /// [`Rule::claim_topic`]; on header and partition rules it is `Reject(WrongLookup)`.
-    pub fn claim_key(&self, key: Option<&[u8]>) -> Claim {
+    /// Whether the owner of a write depends on what is inside its records (key, headers). When
+    /// it does not, the policy decides a whole partition at once without decoding a record.
+    pub fn reads_records(&self) -> bool {
         match &self.by {
+            By::Key { .. } | By::Header { .. } => true,
+            By::Partition { .. } | By::Topic { .. } | By::Any => false,
+        }
+    }
+
+    /// The raw owner of `subject` under this rule, or `None` when the subject does not say what
+    /// the rule needs ([`Rule::needs`]): a query naming a partition for a key rule, another
+    /// header than the rule's. A subject built from a record always answers.
+    ///
+    /// The hot path: called once per record (once per partition when the rule does not read
+    /// records); it hashes, indexes and compares, and never allocates or panics.
+    pub fn claim(&self, subject: &Subject<'_>) -> Option<Claim> {
+        Some(match &self.by {
             By::Key {
                 slots,
                 owners,
                 null_key,
-            } => match key {
+            } => match subject.key()? {
                 None => null_key.claim(RejectReason::NullKey),
                 Some(key) => {
                     let slot = to_positive(murmur2(key)) % slots;
@@ -138,32 +152,19 @@ impl Rule {
                     }
                 }
             },
-            By::Topic { .. } | By::Any => self.claim_topic(),
-            By::Header { .. } | By::Partition { .. } => Claim::Reject(RejectReason::WrongLookup),
-        }
-    }
-
-    /// The owner of a record under a `by: header` rule, given the value of the rule's header
-    /// ([`Rule::header_name`]), or `None` when the record does not carry it.
-    /// On `by: topic` and `owner: any` rules this is [`Rule::claim_topic`].
-    pub fn claim_header(&self, value: Option<&[u8]>) -> Claim {
-        match &self.by {
             By::Header {
-                owners, unmatched, ..
-            } => match value.and_then(|value| owners.get(value)) {
+                header,
+                owners,
+                unmatched,
+            } => match subject
+                .header(header.as_bytes())?
+                .and_then(|v| owners.get(v))
+            {
                 Some(&region) => Claim::Region { region, slot: None },
                 None => unmatched.claim(RejectReason::UnmatchedHeader),
             },
-            By::Topic { .. } | By::Any => self.claim_topic(),
-            By::Key { .. } | By::Partition { .. } => Claim::Reject(RejectReason::WrongLookup),
-        }
-    }
-
-    /// The owner of a write to `partition` under a `by: partition` rule.
-    /// On `by: topic` and `owner: any` rules this is [`Rule::claim_topic`].
-    pub fn claim_partition(&self, partition: i32) -> Claim {
-        match &self.by {
             By::Partition { owners } => {
+                let partition = subject.partition()?;
                 let i = owners.partition_point(|range| range.last < partition);
                 match owners.get(i) {
                     Some(range) if range.first <= partition => Claim::Region {
@@ -173,48 +174,12 @@ impl Rule {
                     _ => Claim::Reject(RejectReason::UnownedPartition),
                 }
             }
-            By::Topic { .. } | By::Any => self.claim_topic(),
-            By::Key { .. } | By::Header { .. } => Claim::Reject(RejectReason::WrongLookup),
-        }
-    }
-
-    /// The owner of any write to the rule's topics, for `by: topic` and `owner: any` rules.
-    pub fn claim_topic(&self) -> Claim {
-        match &self.by {
             By::Topic { owner } => Claim::Region {
                 region: *owner,
                 slot: None,
             },
             By::Any => Claim::Any,
-            By::Key { .. } | By::Header { .. } | By::Partition { .. } => {
-                Claim::Reject(RejectReason::WrongLookup)
-            }
-        }
-    }
-
-    /// The header a `by: header` rule reads, as the bytes to compare record header keys with.
-    pub fn header_name(&self) -> Option<&[u8]> {
-        match &self.by {
-            By::Header { header, .. } => Some(header.as_bytes()),
-            _ => None,
-        }
-    }
-
-    /// The claim for what an operator knows about a write, or `None` when the query does not
-    /// answer this rule (a partition for a key rule, another header than the rule's).
-    pub fn claim(&self, query: &Query) -> Option<Claim> {
-        match (&self.by, *query) {
-            (By::Topic { .. } | By::Any, _) => Some(self.claim_topic()),
-            (By::Key { .. }, Query::Key(key)) => Some(self.claim_key(key)),
-            (By::Header { header, .. }, Query::Header { name, value }) if name == header => {
-                Some(self.claim_header(Some(value)))
-            }
-            (By::Header { .. }, Query::None) => Some(self.claim_header(None)),
-            (By::Partition { .. }, Query::Partition(partition)) => {
-                Some(self.claim_partition(partition))
-            }
-            _ => None,
-        }
+        })
     }
 
     /// What [`Rule::claim`] needs for this rule: `key`, `header:<name>`, `partition` or nothing.
@@ -224,6 +189,64 @@ impl Rule {
             By::Header { header, .. } => format!("header:{header}"),
             By::Partition { .. } => "partition".to_owned(),
             By::Topic { .. } | By::Any => "nothing".to_owned(),
+        }
+    }
+
+    /// What this rule looked at in `subject`, for a message: `key "cust-1"`,
+    /// `header tenant="acme"`, `partition 6 of topic "inventory"`, `topic "audit.x"`. Only for
+    /// refused or held writes, so it may allocate.
+    pub fn describe(&self, subject: &Subject<'_>) -> String {
+        match &self.by {
+            By::Key { .. } => match subject.key() {
+                Some(Some(key)) => format!("key {}", quote(key)),
+                Some(None) => "a record with a null key".to_owned(),
+                None => "the record".to_owned(),
+            },
+            By::Header { header, .. } => match subject.header(header.as_bytes()).flatten() {
+                Some(value) => format!("header {header}={}", quote(value)),
+                None => format!("a record without header {header:?}"),
+            },
+            By::Partition { .. } => match subject.partition() {
+                Some(partition) => {
+                    format!("partition {partition} of topic {:?}", subject.topic_name())
+                }
+                None => format!("topic {:?}", subject.topic_name()),
+            },
+            By::Topic { .. } | By::Any => format!("topic {:?}", subject.topic_name()),
+        }
+    }
+
+    /// Why this rule refused `subject` with `reason` (a [`Claim::Reject`] it gave), for the
+    /// error the producer sees.
+    pub fn refusal(&self, reason: RejectReason, subject: &Subject<'_>) -> String {
+        let rule = &self.name;
+        match reason {
+            RejectReason::NullKey => {
+                format!(
+                    "a record with a null key; rule {rule} rejects null keys (null_key: reject)"
+                )
+            }
+            RejectReason::UnmatchedHeader => match (&self.by, subject) {
+                (By::Header { header, .. }, subject) => {
+                    match subject.header(header.as_bytes()).flatten() {
+                        Some(value) => format!(
+                            "header {header}={} has no owner in rule {rule} (unmatched: reject)",
+                            quote(value)
+                        ),
+                        None => format!(
+                            "a record without header {header:?}; rule {rule} rejects it (unmatched: reject)"
+                        ),
+                    }
+                }
+                _ => format!("no owner in rule {rule}"),
+            },
+            RejectReason::UnownedPartition => {
+                format!("{} has no owner in rule {rule}", self.describe(subject))
+            }
+            RejectReason::DefaultReject => {
+                "the topic matches no ownership rule and the table's default is reject".to_owned()
+            }
+            RejectReason::WrongLookup => format!("keyward could not apply rule {rule} (a bug)"),
         }
     }
 }

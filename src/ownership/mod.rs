@@ -1,5 +1,5 @@
 //! The ownership table (`ownership.yaml`): which region may write each key, tenant header value,
-//! partition or topic.
+//! part of a key, partition or topic.
 //!
 //! This module owns reading and validating the file, Kafka's murmur2, and the pure lookup from a
 //! topic and a record to a [`Claim`] and then a [`Verdict`]. It must not do I/O beyond reading
@@ -39,7 +39,7 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
-pub use rule::{By, Fallback, OnForeign, PartitionRange, Rule};
+pub use rule::{By, Fallback, KeyPart, OnForeign, PartitionRange, Rule};
 pub use subject::{About, Query, QueryError, Subject, quote};
 pub use table::{DefaultPolicy, Table};
 
@@ -82,6 +82,9 @@ pub enum RejectReason {
     /// A `by: header` rule and a record whose header is missing or has an unlisted value, with
     /// `unmatched: reject`.
     UnmatchedHeader,
+    /// A `by: key_part` rule and a record whose key is null, has no such part, or has a part
+    /// nobody lists, with `unmatched: reject`.
+    UnmatchedKeyPart,
     /// A `by: partition` rule and a partition no region lists.
     UnownedPartition,
     /// No rule matches the topic and the file says `default: reject`.
@@ -92,9 +95,10 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 5] = [
+    pub const ALL: [RejectReason; 6] = [
         RejectReason::NullKey,
         RejectReason::UnmatchedHeader,
+        RejectReason::UnmatchedKeyPart,
         RejectReason::UnownedPartition,
         RejectReason::DefaultReject,
         RejectReason::WrongLookup,
@@ -104,6 +108,7 @@ impl RejectReason {
         match self {
             RejectReason::NullKey => "null_key",
             RejectReason::UnmatchedHeader => "unmatched_header",
+            RejectReason::UnmatchedKeyPart => "unmatched_key_part",
             RejectReason::UnownedPartition => "unowned_partition",
             RejectReason::DefaultReject => "default_reject",
             RejectReason::WrongLookup => "wrong_lookup",

@@ -41,12 +41,94 @@ pub enum By {
         owners: HashMap<Box<[u8]>, RegionId, foldhash::fast::RandomState>,
         unmatched: Fallback,
     },
+    /// A part of the record key decides, looked up like a header value: `tenant-42` of the key
+    /// `tenant-42|order-9`. The part borrows from the key: nothing is copied.
+    KeyPart {
+        part: KeyPart,
+        /// As for `Header`: built once, only read on the hot path.
+        owners: HashMap<Box<[u8]>, RegionId, foldhash::fast::RandomState>,
+        /// A null key, a key without the part, or a part nobody lists.
+        unmatched: Fallback,
+    },
     /// Sorted, disjoint ranges; a partition in none of them is rejected.
     Partition { owners: Box<[PartitionRange]> },
     /// One region owns every write to the topics.
     Topic { owner: RegionId },
     /// Every region may write (`owner: any`).
     Any,
+}
+
+/// Where a `by: key_part` rule finds the part of the key that names the owner.
+#[derive(Debug)]
+pub enum KeyPart {
+    /// The key split at every `delimiter`; the part at `index` (from 0).
+    Delimited { delimiter: Box<[u8]>, index: u32 },
+    /// Capture `group` of the first match of `pattern` in the key (0: the whole match).
+    Pattern {
+        /// As written, for display and the canonical form.
+        pattern: String,
+        /// Compiled for byte haystacks: keys need not be UTF-8.
+        regex: regex_automata::meta::Regex,
+        /// At most [`KeyPart::MAX_GROUP`], and a group the pattern has (validated).
+        group: u32,
+    },
+}
+
+impl KeyPart {
+    /// The largest capture group a pattern rule may pick: the search writes group offsets into
+    /// an array on the stack, sized for this many.
+    pub const MAX_GROUP: u32 = 15;
+
+    /// The part of `key` this rule looks up, borrowed from it; `None` when the key has no such
+    /// part (too few delimiters, no match, or the group did not take part in the match).
+    /// Allocation-free: the regex's scratch space is pooled inside it and reused.
+    pub fn extract<'k>(&self, key: &'k [u8]) -> Option<&'k [u8]> {
+        match self {
+            KeyPart::Delimited { delimiter, index } => {
+                let mut rest = key;
+                for _ in 0..*index {
+                    let at = find(rest, delimiter)?;
+                    rest = rest.get(at + delimiter.len()..)?;
+                }
+                Some(match find(rest, delimiter) {
+                    Some(at) => rest.get(..at)?,
+                    None => rest,
+                })
+            }
+            KeyPart::Pattern { regex, group, .. } => {
+                const SLOTS: usize = 2 * (KeyPart::MAX_GROUP as usize + 1);
+                let mut slots = [None; SLOTS];
+                // One pattern: group g's start and end are slots 2g and 2g + 1.
+                let start = 2 * (*group as usize);
+                let slots = slots.get_mut(..start + 2)?;
+                regex.search_slots(&regex_automata::Input::new(key), slots)?;
+                let (from, to) = (slots.get(start).copied()??, slots.get(start + 1).copied()??);
+                key.get(from.get()..to.get())
+            }
+        }
+    }
+
+    /// `index 0 split by "|"` or `group 1 of pattern "^(t-[0-9]+)\|"`, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            KeyPart::Delimited { delimiter, index } => {
+                format!("part {index} split by {}", quote(delimiter))
+            }
+            KeyPart::Pattern { pattern, group, .. } => {
+                format!("group {group} of pattern {pattern:?}")
+            }
+        }
+    }
+}
+
+/// Where `needle` (not empty) first starts in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    match needle {
+        [byte] => haystack.iter().position(|b| b == byte),
+        _ => haystack
+            .windows(needle.len().max(1))
+            .position(|window| window == needle),
+    }
 }
 
 /// Partitions `first..=last` belong to `owner`.
@@ -103,6 +185,7 @@ impl By {
         match self {
             By::Key { .. } => "key",
             By::Header { .. } => "header",
+            By::KeyPart { .. } => "key_part",
             By::Partition { .. } => "partition",
             By::Topic { .. } => "topic",
             By::Any => "any",
@@ -120,7 +203,7 @@ impl Rule {
     /// it does not, the policy decides a whole partition at once without decoding a record.
     pub fn reads_records(&self) -> bool {
         match &self.by {
-            By::Key { .. } | By::Header { .. } => true,
+            By::Key { .. } | By::Header { .. } | By::KeyPart { .. } => true,
             By::Partition { .. } | By::Topic { .. } | By::Any => false,
         }
     }
@@ -163,6 +246,17 @@ impl Rule {
                 Some(&region) => Claim::Region { region, slot: None },
                 None => unmatched.claim(RejectReason::UnmatchedHeader),
             },
+            By::KeyPart {
+                part,
+                owners,
+                unmatched,
+            } => match subject.key()?.and_then(|key| part.extract(key)) {
+                Some(value) => match owners.get(value) {
+                    Some(&region) => Claim::Region { region, slot: None },
+                    None => unmatched.claim(RejectReason::UnmatchedKeyPart),
+                },
+                None => unmatched.claim(RejectReason::UnmatchedKeyPart),
+            },
             By::Partition { owners } => {
                 let partition = subject.partition()?;
                 let i = owners.partition_point(|range| range.last < partition);
@@ -185,7 +279,7 @@ impl Rule {
     /// What [`Rule::claim`] needs for this rule: `key`, `header:<name>`, `partition` or nothing.
     pub(super) fn needs(&self) -> String {
         match &self.by {
-            By::Key { .. } => "key".to_owned(),
+            By::Key { .. } | By::KeyPart { .. } => "key".to_owned(),
             By::Header { header, .. } => format!("header:{header}"),
             By::Partition { .. } => "partition".to_owned(),
             By::Topic { .. } | By::Any => "nothing".to_owned(),
@@ -205,6 +299,14 @@ impl Rule {
             By::Header { header, .. } => match subject.header(header.as_bytes()).flatten() {
                 Some(value) => format!("header {header}={}", quote(value)),
                 None => format!("a record without header {header:?}"),
+            },
+            By::KeyPart { part, .. } => match subject.key() {
+                Some(Some(key)) => match part.extract(key) {
+                    Some(value) => format!("key part {} of key {}", quote(value), quote(key)),
+                    None => format!("key {}", quote(key)),
+                },
+                Some(None) => "a record with a null key".to_owned(),
+                None => "the record".to_owned(),
             },
             By::Partition { .. } => match subject.partition() {
                 Some(partition) => {
@@ -238,6 +340,24 @@ impl Rule {
                         ),
                     }
                 }
+                _ => format!("no owner in rule {rule}"),
+            },
+            RejectReason::UnmatchedKeyPart => match (&self.by, subject.key()) {
+                (By::KeyPart { part, .. }, Some(Some(key))) => match part.extract(key) {
+                    Some(value) => format!(
+                        "key part {} of key {} has no owner in rule {rule} (unmatched: reject)",
+                        quote(value),
+                        quote(key)
+                    ),
+                    None => format!(
+                        "key {} has no {}; rule {rule} rejects it (unmatched: reject)",
+                        quote(key),
+                        part.describe()
+                    ),
+                },
+                (By::KeyPart { .. }, Some(None)) => format!(
+                    "a record with a null key has no key part; rule {rule} rejects it (unmatched: reject)"
+                ),
                 _ => format!("no owner in rule {rule}"),
             },
             RejectReason::UnownedPartition => {

@@ -239,6 +239,15 @@ impl Table {
                     writeln!(out, "    header {header}: values {counts}").ok();
                     writeln!(out, "    unmatched: {}", self.fallback_name(*unmatched)).ok();
                 }
+                By::KeyPart {
+                    part,
+                    owners,
+                    unmatched,
+                } => {
+                    let counts = self.count_per_region(owners.values().copied());
+                    writeln!(out, "    key {}: values {counts}", part.describe()).ok();
+                    writeln!(out, "    unmatched: {}", self.fallback_name(*unmatched)).ok();
+                }
                 By::Partition { owners } => {
                     let ranges: Vec<String> = owners
                         .iter()

@@ -769,8 +769,8 @@ fn unknown_fields_and_bad_yaml_are_named_with_path_and_position() {
     assert_eq!(
         rejected("rules:\n  - name: orders\n    topics: [orders]\n    slotz: 3\n"),
         "ownership.yaml: rules[0].slotz: unknown field `slotz`, expected one of `name`, \
-         `topics`, `by`, `slots`, `header`, `owners`, `owner`, `null_key`, `unmatched`, \
-         `on_foreign` at line 4 column 5"
+         `topics`, `by`, `slots`, `header`, `delimiter`, `index`, `pattern`, `group`, `owners`, \
+         `owner`, `null_key`, `unmatched`, `on_foreign` at line 4 column 5"
     );
     assert_eq!(
         rejected("rules: []\nfrozn: [us]\n"),
@@ -780,7 +780,7 @@ fn unknown_fields_and_bad_yaml_are_named_with_path_and_position() {
     assert_eq!(
         rejected("rules:\n  - name: orders\n    topics: [orders]\n    by: keys\n"),
         "ownership.yaml: rules[0].by: unknown variant `keys`, expected one of `key`, `header`, \
-         `partition`, `topic` at line 4 column 9"
+         `key_part`, `partition`, `topic` at line 4 column 9"
     );
     assert_eq!(
         rejected(&key_file(4, "{ eu: [0.5] }")),
@@ -1193,5 +1193,351 @@ proptest! {
             );
         }
         prop_assert_eq!(rule.claim_header(None), Claim::Region { region: US, slot: None });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// by: key_part
+// ---------------------------------------------------------------------------------------------
+
+/// A table with one `by: key_part` rule on topic `t`, with `part` (its delimiter/index or
+/// pattern/group lines) and `extra` lines.
+fn key_part_file(part: &str, extra: &str) -> String {
+    format!(
+        "rules:\n  - name: accounts\n    topics: [t]\n    by: key_part\n{part}\n    owners: {{ eu: [tenant-1, tenant-42], us: [tenant-7] }}\n{extra}"
+    )
+}
+
+const BY_DELIMITER: &str = "    delimiter: \"|\"\n    index: 0";
+const BY_PATTERN: &str = "    pattern: '^(tenant-[0-9]+)\\|'";
+
+fn key_part_rule(table: &Table) -> &Rule {
+    table.rule_for_topic("t").expect("the key_part rule")
+}
+
+fn eu() -> Claim {
+    Claim::Region {
+        region: EU,
+        slot: None,
+    }
+}
+
+fn us() -> Claim {
+    Claim::Region {
+        region: US,
+        slot: None,
+    }
+}
+
+const UNMATCHED: Claim = Claim::Reject(RejectReason::UnmatchedKeyPart);
+
+#[test]
+fn a_key_part_by_delimiter_is_looked_up_like_a_header_value() {
+    let table = parse(&key_part_file(BY_DELIMITER, ""));
+    let rule = key_part_rule(&table);
+    assert_eq!(rule.by.kind(), "key_part");
+    assert!(rule.reads_records());
+    for (key, expected) in [
+        (&b"tenant-42|order-9"[..], eu()),
+        (b"tenant-1|", eu()),
+        (b"tenant-7|order-1|line-3", us()),
+        // No delimiter: the whole key is part 0.
+        (b"tenant-7", us()),
+        // The bytes after the part do not matter, UTF-8 or not.
+        (b"tenant-1|\xff\xfe", eu()),
+        (b"tenant-9|order-1", UNMATCHED),
+        (b"TENANT-1|order-1", UNMATCHED),
+        (b"|tenant-1", UNMATCHED),
+        (b"", UNMATCHED),
+    ] {
+        assert_eq!(rule.claim_key(Some(key)), expected, "{key:?}");
+    }
+    assert_eq!(rule.claim_key(None), UNMATCHED);
+
+    let table = parse(&key_part_file(
+        "    delimiter: \"::\"\n    index: 2",
+        "    unmatched: us\n",
+    ));
+    let rule = key_part_rule(&table);
+    assert_eq!(rule.claim_key(Some(b"eu::x::tenant-1::y")), eu());
+    assert_eq!(rule.claim_key(Some(b"a::b::tenant-42")), eu());
+    // `unmatched` decides a key with too few parts, an unlisted part and a null key.
+    assert_eq!(rule.claim_key(Some(b"a::b")), us());
+    assert_eq!(rule.claim_key(Some(b"a:b:tenant-1")), us());
+    assert_eq!(rule.claim_key(Some(b"a::b::tenant-2")), us());
+    assert_eq!(rule.claim_key(None), us());
+    let table = parse(&key_part_file(BY_DELIMITER, "    unmatched: local\n"));
+    assert_eq!(key_part_rule(&table).claim_key(None), Claim::Local);
+}
+
+#[test]
+fn a_key_part_by_pattern_is_its_capture_group() {
+    let table = parse(&key_part_file(BY_PATTERN, ""));
+    let rule = key_part_rule(&table);
+    for (key, expected) in [
+        (&b"tenant-42|order-9"[..], eu()),
+        (b"tenant-7|", us()),
+        (b"tenant-1|\xff", eu()),
+        // The pattern is anchored and wants the delimiter.
+        (b"x-tenant-1|order", UNMATCHED),
+        (b"tenant-1", UNMATCHED),
+        (b"tenant-9|x", UNMATCHED),
+    ] {
+        assert_eq!(rule.claim_key(Some(key)), expected, "{key:?}");
+    }
+    assert_eq!(rule.claim_key(None), UNMATCHED);
+
+    // Unanchored, the first match counts; group 0 is the whole match; a group that took no
+    // part in the match is no part.
+    let table = parse(&key_part_file(
+        "    pattern: 'tenant-[0-9]+'\n    group: 0",
+        "",
+    ));
+    assert_eq!(
+        key_part_rule(&table).claim_key(Some(b"x/tenant-7/tenant-1")),
+        us()
+    );
+    let table = parse(&key_part_file(
+        "    pattern: '^(?:(a)|b)-(tenant-[0-9]+)$'\n    group: 1",
+        "",
+    ));
+    assert_eq!(
+        key_part_rule(&table).claim_key(Some(b"b-tenant-1")),
+        UNMATCHED
+    );
+    let table = parse(&key_part_file(
+        "    pattern: '^(?:(a)|b)-(tenant-[0-9]+)$'\n    group: 2",
+        "",
+    ));
+    assert_eq!(key_part_rule(&table).claim_key(Some(b"b-tenant-1")), eu());
+    // Bytes that are not UTF-8 can be matched (as with regex::bytes).
+    let table = parse(&key_part_file("    pattern: '^(?-u:\\xff)(.+)$'", ""));
+    assert_eq!(key_part_rule(&table).claim_key(Some(b"\xfftenant-7")), us());
+}
+
+#[test]
+fn key_part_extraction_borrows_from_the_key() {
+    let table = parse(&key_part_file("    delimiter: \"|\"\n    index: 1", ""));
+    let By::KeyPart { part, .. } = &key_part_rule(&table).by else {
+        panic!("a key_part rule");
+    };
+    let key = b"a|tenant-42|c";
+    let extracted = part.extract(key).expect("a part");
+    assert_eq!(extracted, b"tenant-42");
+    // The same bytes, not a copy.
+    assert_eq!(extracted.as_ptr(), key[2..].as_ptr());
+    assert_eq!(part.extract(b"a"), None);
+    assert_eq!(part.extract(b"a|"), Some(&b""[..]));
+}
+
+#[test]
+fn key_part_rules_answer_owner_queries_about_keys() {
+    let table = parse(&key_part_file(BY_DELIMITER, ""));
+    for (query, expected) in [
+        (
+            "topic=t&key=tenant-42|order-9",
+            "region=eu rule=accounts slot=-",
+        ),
+        ("topic=t&key=tenant-7", "region=us rule=accounts slot=-"),
+        (
+            "topic=t&key=tenant-9|x",
+            "decision=reject reason=unmatched_key_part rule=accounts",
+        ),
+        (
+            "topic=t&null_key=true",
+            "decision=reject reason=unmatched_key_part rule=accounts",
+        ),
+        (
+            "topic=t&partition=1",
+            "decision=undecided need=key rule=accounts",
+        ),
+        ("topic=t", "decision=undecided need=key rule=accounts"),
+    ] {
+        assert_eq!(explain(&table, query, EU), expected, "{query}");
+    }
+    let table = parse(&key_part_file(BY_PATTERN, "takeover: { us: eu }\n"));
+    assert_eq!(
+        explain(&table, "topic=t&key=tenant-7|x", EU),
+        "region=eu rule=accounts slot=- takeover_from=us"
+    );
+}
+
+#[test]
+fn key_part_rules_are_summarised() {
+    let table = parse(&key_part_file(BY_DELIMITER, ""));
+    let summary = table.summary();
+    assert!(
+        summary.contains(
+            "  accounts: by key_part, topics t\n    key part 0 split by \"|\": values eu 2, us 1\n    unmatched: reject\n    on_foreign: reject\n"
+        ),
+        "{summary}"
+    );
+    let table = parse(&key_part_file(BY_PATTERN, "    unmatched: us\n"));
+    let summary = table.summary();
+    assert!(
+        summary.contains(
+            "    key group 1 of pattern \"^(tenant-[0-9]+)\\\\|\": values eu 2, us 1\n    unmatched: us\n"
+        ),
+        "{summary}"
+    );
+}
+
+#[test]
+fn key_part_rules_are_validated_with_the_field_and_the_problem() {
+    let error = |part: &str, extra: &str| rejected(&key_part_file(part, extra));
+    assert_eq!(
+        error(&format!("{BY_DELIMITER}\n{BY_PATTERN}"), ""),
+        "ownership.yaml: rules[0].pattern: give either `delimiter` (with `index`) or `pattern` \
+         (with `group`), not both"
+    );
+    assert_eq!(
+        error("    unmatched: reject", ""),
+        "ownership.yaml: rules[0].delimiter: a `by: key_part` rule needs `delimiter` (with \
+         `index`) or `pattern` (a regex whose capture `group` is the part)"
+    );
+    assert_eq!(
+        error("    delimiter: ''", ""),
+        "ownership.yaml: rules[0].delimiter: empty delimiter"
+    );
+    assert_eq!(
+        error("    delimiter: '|'\n    index: -1", ""),
+        "ownership.yaml: rules[0].index: index -1 is negative (parts count from 0)"
+    );
+    assert_eq!(
+        error("    delimiter: '|'\n    index: 256", ""),
+        "ownership.yaml: rules[0].index: index 256 is out of range 0-255"
+    );
+    assert_eq!(
+        error("    delimiter: '|'\n    index: 99999999999", ""),
+        "ownership.yaml: rules[0].index: index 99999999999 is out of range 0-255"
+    );
+    assert_eq!(
+        error("    delimiter: '|'\n    group: 1", ""),
+        "ownership.yaml: rules[0].group: `group` goes with `pattern`; with `delimiter` the part \
+         is picked by `index`"
+    );
+    assert_eq!(
+        error(&format!("{BY_PATTERN}\n    index: 0"), ""),
+        "ownership.yaml: rules[0].index: `index` goes with `delimiter`; with `pattern` the part \
+         is picked by `group`"
+    );
+    assert_eq!(
+        error("    pattern: ''", ""),
+        "ownership.yaml: rules[0].pattern: empty pattern"
+    );
+    assert_eq!(
+        error("    pattern: '^(tenant-[0-9+'", ""),
+        "ownership.yaml: rules[0].pattern: invalid pattern: unclosed character class"
+    );
+    assert_eq!(
+        error("    pattern: '^(tenant-[0-9]+'", ""),
+        "ownership.yaml: rules[0].pattern: invalid pattern: unclosed group"
+    );
+    let huge = error("    pattern: '(\\w{1000}){1000}'", "");
+    assert!(
+        huge.starts_with(
+            "ownership.yaml: rules[0].pattern: invalid pattern: it compiles to more than the limit of"
+        ),
+        "{huge}"
+    );
+    assert_eq!(
+        error("    pattern: '^tenant-[0-9]+'", ""),
+        "ownership.yaml: rules[0].group: group 1 is out of range: the pattern has no capture \
+         group (put the part in parentheses, or use group 0 for the whole match)"
+    );
+    assert_eq!(
+        error(&format!("{BY_PATTERN}\n    group: 2"), ""),
+        "ownership.yaml: rules[0].group: group 2 is out of range: the pattern has 1 capture group"
+    );
+    assert_eq!(
+        error(&format!("{BY_PATTERN}\n    group: -1"), ""),
+        "ownership.yaml: rules[0].group: group -1 is out of range: the pattern has 1 capture group"
+    );
+    let many = format!("    pattern: '{}'\n    group: 16", "(a)".repeat(17));
+    assert_eq!(
+        error(&many, ""),
+        "ownership.yaml: rules[0].group: group 16 is out of range 0-15"
+    );
+    // Values are owned once, and are text.
+    let owned_twice = "rules:\n  - name: accounts\n    topics: [t]\n    by: key_part\n    delimiter: '|'\n    owners: { eu: [tenant-1], us: [tenant-7, tenant-1] }\n";
+    assert_eq!(
+        rejected(owned_twice),
+        "ownership.yaml: rules[0].owners.us: key part `tenant-1` is also owned by eu"
+    );
+    let listed_twice = "rules:\n  - name: accounts\n    topics: [t]\n    by: key_part\n    delimiter: '|'\n    owners: { eu: [tenant-1, tenant-1] }\n";
+    assert_eq!(
+        rejected(listed_twice),
+        "ownership.yaml: rules[0].owners.eu: key part `tenant-1` is listed twice"
+    );
+    let number = "rules:\n  - name: accounts\n    topics: [t]\n    by: key_part\n    delimiter: '|'\n    owners: { eu: [42] }\n";
+    assert_eq!(
+        rejected(number),
+        "ownership.yaml: rules[0].owners.eu[0]: key part 42 is a number: quote it, e.g. \"42\""
+    );
+    let no_owners =
+        "rules:\n  - name: accounts\n    topics: [t]\n    by: key_part\n    delimiter: '|'\n";
+    assert_eq!(
+        rejected(no_owners),
+        "ownership.yaml: rules[0].owners: rule `accounts` has no owners"
+    );
+    assert_eq!(
+        error(BY_DELIMITER, "    unmatched: ap\n"),
+        "ownership.yaml: rules[0].unmatched: unknown region `ap` (regions: eu, us; or reject, local)"
+    );
+    // Fields of other kinds do not belong, and key_part's own belong to no other kind.
+    assert_eq!(
+        error(BY_DELIMITER, "    null_key: local\n"),
+        "ownership.yaml: rules[0].null_key: `null_key` does not belong to a `by: key_part` rule"
+    );
+    assert_eq!(
+        rejected(
+            &key_file(4, r#"{ eu: ["0-3"] }"#).replace("slots: 4", "slots: 4\n    delimiter: '|'")
+        ),
+        "ownership.yaml: rules[0].delimiter: `delimiter` does not belong to a `by: key` rule"
+    );
+    assert_eq!(
+        rejected("rules:\n  - name: a\n    topics: [a]\n    owner: eu\n    pattern: x\n"),
+        "ownership.yaml: rules[0].pattern: `pattern` does not belong to a `by: topic` rule (a \
+         rule without `by` is `by: topic`)"
+    );
+}
+
+proptest! {
+    #[test]
+    fn a_key_part_belongs_to_the_region_that_lists_it_whatever_the_rest_of_the_key(
+        values in prop::collection::btree_map("[a-z0-9-]{1,8}", 0u16..2, 1..10),
+        probes in prop::collection::vec("[a-z0-9-]{1,8}", 1..10),
+        prefix in "[a-z0-9|]{0,12}",
+        suffix in prop::collection::vec(any::<u8>(), 0..16),
+        index in 0usize..3,
+    ) {
+        let mut per_region = [Vec::new(), Vec::new()];
+        for (value, &r) in &values {
+            per_region[usize::from(r)].push(format!("'{value}'"));
+        }
+        let owners_yaml: Vec<String> = ["eu", "us"]
+            .iter()
+            .zip(&per_region)
+            .filter(|(_, items)| !items.is_empty())
+            .map(|(name, items)| format!("{name}: [{}]", items.join(", ")))
+            .collect();
+        let text = format!(
+            "rules:\n  - {{ name: k, topics: [k], by: key_part, delimiter: '|', index: {index}, unmatched: reject, owners: {{ {} }} }}\n",
+            owners_yaml.join(", ")
+        );
+        let table = parse(&text);
+        let rule = table.rule_for_topic("k").expect("rule");
+        for probe in values.keys().chain(&probes) {
+            // `index` parts before the probe, then the probe, then anything after a delimiter.
+            let before: Vec<&str> = prefix.split('|').chain(["x"; 3]).take(index).collect();
+            let mut key: Vec<u8> = before.iter().flat_map(|p| [p.as_bytes(), b"|"].concat()).collect();
+            key.extend_from_slice(probe.as_bytes());
+            key.push(b'|');
+            key.extend_from_slice(&suffix);
+            let expected = values
+                .get(probe)
+                .map_or(UNMATCHED, |&r| Claim::Region { region: RegionId(r), slot: None });
+            prop_assert_eq!(rule.claim_key(Some(&key)), expected, "{:?}", key);
+        }
     }
 }

@@ -45,6 +45,10 @@ fn check_accepts_every_example_config_and_summarises_it() {
         let text = stdout(&out);
         assert!(text.contains("regions: eu, us"), "{text}");
         assert!(text.contains("slots 16: eu 8, us 8"), "{text}");
+        assert!(
+            text.contains("key part 0 split by \"|\": values eu 2, us 1"),
+            "{text}"
+        );
     }
 }
 
@@ -118,6 +122,14 @@ fn owner_answers_in_one_line() {
     assert_eq!(
         ask(&["--topic", "unlisted"]),
         "region=any rule=- slot=- default=allow"
+    );
+    assert_eq!(
+        ask(&["--topic", "accounts.eu", "--key", "tenant-7|order-9"]),
+        "region=us rule=accounts slot=-"
+    );
+    assert_eq!(
+        ask(&["--topic", "accounts.eu", "--key", "tenant-9|order-9"]),
+        "decision=reject reason=unmatched_key_part rule=accounts"
     );
     // The admin API's header form, read by the same parser.
     assert_eq!(

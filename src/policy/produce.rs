@@ -574,6 +574,16 @@ rules:
   - name: telemetry
     topics: ["metrics.*"]
     owner: any
+  - name: accounts
+    topics: ["accounts.*"]
+    by: key_part
+    delimiter: "|"
+    owners: { eu: [tenant-1, tenant-42], us: [tenant-7] }
+  - name: ledgers
+    topics: ["ledger"]
+    by: key_part
+    pattern: '^(tenant-[0-9]+)/'
+    owners: { eu: [tenant-1], us: [tenant-7] }
 default: reject
 "#;
 
@@ -894,5 +904,156 @@ default: reject
         let d = decide_one(&t, "eu", "inventory", 0, &three);
         assert!(d.action.is_forward());
         assert_eq!((d.batches, d.records), (3, 0));
+    }
+
+    #[test]
+    fn key_part_rules_decide_by_the_part_of_each_key() {
+        let t = table("");
+        let d = decide_one(
+            &t,
+            "eu",
+            "accounts.v1",
+            0,
+            &keys(&[
+                Some("tenant-42|order-1"),
+                Some("tenant-1|order-2"),
+                Some("tenant-1"),
+            ]),
+        );
+        assert_eq!(d.action, Action::Forward { audited: 0 });
+        assert_eq!((d.batches, d.records), (1, 3));
+
+        let foreign = keys(&[Some("tenant-7|order-1")]);
+        let d = decide_one(&t, "eu", "accounts.v1", 0, &foreign);
+        let (kind, message, errors) = reject_of(&d);
+        assert_eq!(kind, RejectKind::ForeignOwner);
+        assert_eq!(
+            message,
+            "key part \"tenant-7\" of key \"tenant-7|order-1\" is owned by region us (rule accounts); this proxy writes for eu"
+        );
+        assert_eq!(errors, &[(0, message.to_owned())]);
+        assert_eq!(d.owner, t.region_id("us"));
+        assert!(
+            decide_one(&t, "us", "accounts.v1", 0, &foreign)
+                .action
+                .is_forward()
+        );
+
+        let d = decide_one(
+            &t,
+            "eu",
+            "accounts.v1",
+            0,
+            &keys(&[Some("tenant-42|a"), Some("tenant-7|b"), Some("tenant-1|c")]),
+        );
+        let (kind, _, errors) = reject_of(&d);
+        assert_eq!(kind, RejectKind::MixedBatch);
+        assert_eq!(errors.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1]);
+    }
+
+    #[test]
+    fn key_part_rules_ignore_headers_and_read_compressed_batches() {
+        let t = table("");
+        // A header naming another tenant changes nothing: the key decides.
+        let b = batch(
+            &[(Some("tenant-1/x"), &[("tenant", "tenant-7")])],
+            Compression::None,
+        );
+        assert!(decide_one(&t, "eu", "ledger", 0, &b).action.is_forward());
+        for codec in [Compression::Gzip, Compression::Lz4, Compression::Zstd] {
+            let owned = batch(
+                &[(Some("tenant-1/a"), &[]), (Some("tenant-1/b"), &[])],
+                codec,
+            );
+            assert!(
+                decide_one(&t, "eu", "ledger", 0, &owned)
+                    .action
+                    .is_forward(),
+                "{codec:?}"
+            );
+            let foreign = batch(
+                &[(Some("tenant-7/a"), &[]), (Some("tenant-7/b"), &[])],
+                codec,
+            );
+            let d = decide_one(&t, "eu", "ledger", 0, &foreign);
+            let (kind, message, errors) = reject_of(&d);
+            assert_eq!(kind, RejectKind::ForeignOwner, "{codec:?}");
+            assert_eq!(
+                message,
+                "key part \"tenant-7\" of key \"tenant-7/a\" is owned by region us (rule ledgers); this proxy writes for eu (and 1 more records)"
+            );
+            assert_eq!(errors.len(), 2);
+        }
+    }
+
+    #[test]
+    fn keys_without_an_owned_part_follow_unmatched_with_a_message_saying_why() {
+        let t = table("");
+        let cases = [
+            (
+                "accounts.v1",
+                Some("tenant-9|order-1"),
+                "key part \"tenant-9\" of key \"tenant-9|order-1\" has no owner in rule accounts (unmatched: reject)",
+            ),
+            (
+                "accounts.v1",
+                None,
+                "a record with a null key has no key part; rule accounts rejects it (unmatched: reject)",
+            ),
+            (
+                "ledger",
+                Some("order-9"),
+                "key \"order-9\" has no group 1 of pattern \"^(tenant-[0-9]+)/\"; rule ledgers rejects it (unmatched: reject)",
+            ),
+        ];
+        for (topic, key, expected) in cases {
+            let d = decide_one(&t, "eu", topic, 0, &keys(&[key]));
+            let (kind, message, _) = reject_of(&d);
+            assert_eq!(kind, RejectKind::Unowned(RejectReason::UnmatchedKeyPart));
+            assert_eq!(kind.as_str(), "unmatched_key_part");
+            assert_eq!(message, expected);
+            // Refused whatever the region: there is no owner.
+            assert_eq!(d.owner, None);
+            assert!(
+                !decide_one(&t, "us", topic, 0, &keys(&[key]))
+                    .action
+                    .is_forward()
+            );
+        }
+    }
+
+    #[test]
+    fn a_frozen_key_part_owner_is_held() {
+        let t = table("frozen: [us]\n");
+        let d = decide_one(&t, "eu", "accounts.v1", 0, &keys(&[Some("tenant-7|x")]));
+        match &d.action {
+            Action::Hold { message, reason } => {
+                assert_eq!(*reason, HoldReason::Frozen);
+                assert_eq!(
+                    message,
+                    "key part \"tenant-7\" of key \"tenant-7|x\" is owned by region us (rule accounts), which is frozen for a planned move; retry later"
+                );
+            }
+            other => panic!("expected hold, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reject_kinds_keep_their_metric_labels() {
+        let labels: Vec<&str> = RejectReason::ALL
+            .iter()
+            .map(|&r| RejectKind::Unowned(r).as_str())
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                "null_key",
+                "unmatched_header",
+                "unmatched_key_part",
+                "unowned_partition",
+                "default_reject",
+                "internal"
+            ]
+        );
     }
 }

@@ -62,6 +62,8 @@ fn exercise(table: &Table, regions: &[String]) {
             topic.with_key(None),
             topic.with_key(Some(b"cust-1")),
             topic.with_key(Some(b"")),
+            topic.with_key(Some(b"tenant-42|order-9")),
+            topic.with_key(Some(b"\xfftenant-1|\x00")),
             topic.with_header(b"tenant", b"acme"),
             topic.with_header(b"tenant", b""),
         ];

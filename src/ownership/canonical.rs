@@ -12,7 +12,7 @@
 //! Runs on load and reload only, never per record; it allocates freely.
 
 use super::RegionId;
-use super::rule::{By, Fallback, KeyPart, Rule};
+use super::rule::{By, Fallback, KeyPart, PartOwners, Rule};
 use super::table::Table;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -65,7 +65,8 @@ impl Table {
     /// a region owning nothing in a rule is left out of its `owners`. Header and key-part values
     /// are sorted by their bytes; a value that is not UTF-8 (the file cannot hold one) would be
     /// `{"hex": "..."}`. A `by: key_part` rule always has `delimiter` and `index`, or `pattern`
-    /// and `group`, defaults written out. Fallbacks are `"reject"`, `"local"` or a region name; regions cannot
+    /// and `group`, defaults written out; when it hashes its parts, `slots` and slot ranges as a
+    /// `by: key` rule has them. Fallbacks are `"reject"`, `"local"` or a region name; regions cannot
     /// be named after those keywords.
     pub fn canonical_json(&self) -> Value {
         let mut regions: Vec<&str> = self.regions.iter().map(String::as_str).collect();
@@ -176,7 +177,16 @@ impl Table {
                         out.insert("group".into(), (*group).into());
                     }
                 }
-                out.insert("owners".into(), self.values_by_region(owners));
+                match owners {
+                    PartOwners::Values(values) => {
+                        out.insert("owners".into(), self.values_by_region(values));
+                    }
+                    PartOwners::Slots(owners) => {
+                        out.insert("slots".into(), owners.len().into());
+                        let slots = (0i64..).zip(owners.iter()).map(|(s, &r)| (s, s, r));
+                        out.insert("owners".into(), self.ranges_by_region(slots));
+                    }
+                }
                 out.insert("unmatched".into(), self.fallback_json(*unmatched));
             }
             By::Partition { owners } => {
@@ -774,6 +784,13 @@ rules:
                 KEY_PARTS.replace("unmatched: reject", "unmatched: local"),
                 "accounts (unmatched)",
             ),
+            (
+                KEY_PARTS.replace(
+                    "[tenant-1, tenant-42], us: [tenant-7]",
+                    "[\"0-7\"], us: [\"8-15\"] }\n    slots: 16 #",
+                ),
+                "accounts (slots, owners)",
+            ),
         ];
         let mut seen = vec![old.content_hash()];
         for (text, named) in changes {
@@ -786,6 +803,24 @@ rules:
             seen.push(hash);
             assert_eq!(new.diff_summary(&old), format!("rules changed: {named}"));
         }
+        // Hashed parts: a slot that moves changes the hash; the canonical form is a key rule's.
+        let hashed = KEY_PARTS.replace(
+            "[tenant-1, tenant-42], us: [tenant-7]",
+            "[\"0-7\"], us: [\"8-15\"] }\n    slots: 16 #",
+        );
+        let json = parse(&hashed).canonical_json();
+        assert_eq!(json["rules"][0]["slots"], 16);
+        assert_eq!(
+            json["rules"][0]["owners"],
+            serde_json::json!({"eu": ["0-7"], "us": ["8-15"]})
+        );
+        let moved =
+            parse(&hashed.replace("[\"0-7\"], us: [\"8-15\"]", "[\"0-8\"], us: [\"9-15\"]"));
+        assert_ne!(moved.content_hash(), parse(&hashed).content_hash());
+        assert_eq!(
+            moved.diff_summary(&parse(&hashed)),
+            "rules changed: accounts (owners)"
+        );
         // A key rule becoming a key_part rule: only `by` (and the shared fields) are named.
         let key = "rules:\n  - name: accounts\n    topics: [\"accounts.*\"]\n    by: key\n    slots: 1\n    owners: { eu: [0] }\n";
         let by_part = parse(&KEY_PARTS[..KEY_PARTS.find("  - name: ledgers").expect("ledgers")]);

@@ -39,7 +39,7 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
-pub use rule::{By, Fallback, KeyPart, OnForeign, PartitionRange, Rule};
+pub use rule::{By, Fallback, KeyPart, OnForeign, PartOwners, PartitionRange, Rule};
 pub use subject::{About, Query, QueryError, Subject, quote};
 pub use table::{DefaultPolicy, Table};
 

@@ -45,8 +45,7 @@ pub enum By {
     /// `tenant-42|order-9`. The part borrows from the key: nothing is copied.
     KeyPart {
         part: KeyPart,
-        /// As for `Header`: built once, only read on the hot path.
-        owners: HashMap<Box<[u8]>, RegionId, foldhash::fast::RandomState>,
+        owners: PartOwners,
         /// A null key, a key without the part, or a part nobody lists.
         unmatched: Fallback,
     },
@@ -56,6 +55,36 @@ pub enum By {
     Topic { owner: RegionId },
     /// Every region may write (`owner: any`).
     Any,
+}
+
+/// Who owns a key part: listed values, or slots of its hash.
+#[derive(Debug)]
+pub enum PartOwners {
+    /// Each listed value's owner. As for `Header`: built once, only read on the hot path.
+    Values(HashMap<Box<[u8]>, RegionId, foldhash::fast::RandomState>),
+    /// `slot = toPositive(murmur2(part)) % slots` (as `by: key` hashes a whole key), indexed
+    /// by slot: every slot owned (validated).
+    Slots(Box<[RegionId]>),
+}
+
+impl PartOwners {
+    /// The owner of `part`, or `None` for a value nobody lists.
+    fn claim(&self, part: &[u8]) -> Option<Claim> {
+        match self {
+            PartOwners::Values(values) => values
+                .get(part)
+                .map(|&region| Claim::Region { region, slot: None }),
+            PartOwners::Slots(owners) => {
+                // Never empty (validated); `filter` keeps a bug from dividing by zero.
+                let slots = u32::try_from(owners.len()).ok().filter(|&n| n > 0)?;
+                let slot = to_positive(murmur2(part)) % slots;
+                owners.get(slot as usize).map(|&region| Claim::Region {
+                    region,
+                    slot: Some(slot),
+                })
+            }
+        }
+    }
 }
 
 /// Where a `by: key_part` rule finds the part of the key that names the owner.
@@ -250,11 +279,12 @@ impl Rule {
                 part,
                 owners,
                 unmatched,
-            } => match subject.key()?.and_then(|key| part.extract(key)) {
-                Some(value) => match owners.get(value) {
-                    Some(&region) => Claim::Region { region, slot: None },
-                    None => unmatched.claim(RejectReason::UnmatchedKeyPart),
-                },
+            } => match subject
+                .key()?
+                .and_then(|key| part.extract(key))
+                .and_then(|value| owners.claim(value))
+            {
+                Some(claim) => claim,
                 None => unmatched.claim(RejectReason::UnmatchedKeyPart),
             },
             By::Partition { owners } => {

@@ -1,7 +1,7 @@
 //! The validated table: rules in file order, the topic index, takeover and frozen. Immutable
 //! once built; a reload builds a new one.
 
-use super::rule::{By, Fallback, Rule};
+use super::rule::{By, Fallback, PartOwners, Rule};
 use super::{Claim, RegionId, RejectReason, Subject, TableError, Verdict, glob, validate};
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -244,8 +244,17 @@ impl Table {
                     owners,
                     unmatched,
                 } => {
-                    let counts = self.count_per_region(owners.values().copied());
-                    writeln!(out, "    key {}: values {counts}", part.describe()).ok();
+                    let owned = match owners {
+                        PartOwners::Values(values) => {
+                            format!("values {}", self.count_per_region(values.values().copied()))
+                        }
+                        PartOwners::Slots(slots) => format!(
+                            "slots {}: {}",
+                            slots.len(),
+                            self.count_per_region(slots.iter().copied())
+                        ),
+                    };
+                    writeln!(out, "    key {}: {owned}", part.describe()).ok();
                     writeln!(out, "    unmatched: {}", self.fallback_name(*unmatched)).ok();
                 }
                 By::Partition { owners } => {

@@ -1502,6 +1502,89 @@ fn key_part_rules_are_validated_with_the_field_and_the_problem() {
     );
 }
 
+/// A `by: key_part` rule on topic `t` that hashes part 0 (split at `|`) into 16 slots.
+const HASHED_PARTS: &str = "rules:\n  - name: accounts\n    topics: [t]\n    by: key_part\n    delimiter: '|'\n    slots: 16\n    owners: { eu: [\"0-7\"], us: [\"8-15\"] }\n";
+
+#[test]
+fn a_hashed_key_part_keeps_every_key_of_an_entity_in_one_slot() {
+    let table = parse(HASHED_PARTS);
+    let rule = key_part_rule(&table);
+    // "21" hashes to slot 12 of 16 (Kafka's murmur2 test vector), so every key whose part is
+    // "21" does, whatever follows it; under `by: key` these keys would spread over the slots.
+    for key in [&b"21"[..], b"21|order-1", b"21|order-2|line-9", b"21|\xff"] {
+        assert_eq!(
+            rule.claim_key(Some(key)),
+            Claim::Region {
+                region: US,
+                slot: Some(12)
+            },
+            "{key:?}"
+        );
+    }
+    for part in ["tenant-1", "tenant-42", "x"] {
+        let slot = to_positive(murmur2(part.as_bytes())) % 16;
+        let region = if slot < 8 { EU } else { US };
+        let key = format!("{part}|order-1");
+        assert_eq!(
+            rule.claim_key(Some(key.as_bytes())),
+            Claim::Region {
+                region,
+                slot: Some(slot)
+            }
+        );
+    }
+    // A key without the part (here: only a null key) follows `unmatched`.
+    assert_eq!(rule.claim_key(None), UNMATCHED);
+    let table = parse(
+        &HASHED_PARTS
+            .replace("index", "")
+            .replace("delimiter: '|'", "pattern: '^t=([^|]+)'"),
+    );
+    let rule = key_part_rule(&table);
+    assert_eq!(
+        rule.claim_key(Some(b"t=21|x")),
+        Claim::Region {
+            region: US,
+            slot: Some(12)
+        }
+    );
+    assert_eq!(rule.claim_key(Some(b"21|x")), UNMATCHED);
+    assert_eq!(
+        explain(&table, "topic=t&key=t=21|order-1", EU),
+        "region=us rule=accounts slot=12"
+    );
+    assert_eq!(
+        explain(&table, "topic=t&key=21", EU),
+        "decision=reject reason=unmatched_key_part rule=accounts"
+    );
+    let summary = table.summary();
+    assert!(
+        summary.contains("    key group 1 of pattern \"^t=([^|]+)\": slots 16: eu 8, us 8\n"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn hashed_key_part_slots_are_validated_like_a_key_rules() {
+    assert_eq!(
+        rejected(&HASHED_PARTS.replace(r#"us: ["8-15"]"#, r#"us: ["7-15"]"#)),
+        "ownership.yaml: rules[0].owners.us: slot 7 is also owned by eu"
+    );
+    assert_eq!(
+        rejected(&HASHED_PARTS.replace(r#"us: ["8-15"]"#, r#"us: ["8-13"]"#)),
+        "ownership.yaml: rules[0].owners: slots 14-15 have no owner"
+    );
+    assert_eq!(
+        rejected(&HASHED_PARTS.replace("slots: 16", "slots: 0")),
+        "ownership.yaml: rules[0].slots: slots must be at least 1"
+    );
+    assert_eq!(
+        rejected(&HASHED_PARTS.replace(r#"["0-7"]"#, "[tenant-1]")),
+        "ownership.yaml: rules[0].owners.eu[0]: expected a slot number or a range like \"0-7\", \
+         found \"tenant-1\""
+    );
+}
+
 proptest! {
     #[test]
     fn a_key_part_belongs_to_the_region_that_lists_it_whatever_the_rest_of_the_key(

@@ -4,7 +4,7 @@
 
 use super::file::{File, Item, Pairs, RawBy, RawDefault, RawOnForeign, RawRule};
 use super::glob;
-use super::rule::{By, Fallback, KeyPart, OnForeign, PartitionRange, Rule};
+use super::rule::{By, Fallback, KeyPart, OnForeign, PartOwners, PartitionRange, Rule};
 use super::table::{DefaultPolicy, Table};
 use super::{RegionId, TableError};
 use std::collections::HashMap;
@@ -236,7 +236,7 @@ impl Cx<'_> {
         // A rule without `by` decides by topic: `owner: any` or `owner: <region>`.
         let by_kind = by.unwrap_or(RawBy::Topic);
         let fields = [
-            ("slots", slots.is_some(), &[RawBy::Key][..]),
+            ("slots", slots.is_some(), &[RawBy::Key, RawBy::KeyPart][..]),
             ("header", header.is_some(), &[RawBy::Header]),
             ("delimiter", delimiter.is_some(), &[RawBy::KeyPart]),
             ("index", index.is_some(), &[RawBy::KeyPart]),
@@ -313,9 +313,13 @@ impl Cx<'_> {
                 let part = self.key_part(at, delimiter, index, pattern, group)?;
                 let owners = owners_of(owners)?;
                 let unmatched = self.fallback(&format!("{at}.unmatched"), unmatched)?;
+                let owners = match slots {
+                    None => PartOwners::Values(self.values(at, &owners, "key part")?),
+                    Some(slots) => PartOwners::Slots(self.slot_owners(at, slots, &owners)?),
+                };
                 By::KeyPart {
                     part,
-                    owners: self.values(at, &owners, "key part")?,
+                    owners,
                     unmatched,
                 }
             }
@@ -349,6 +353,20 @@ impl Cx<'_> {
         owners: Vec<(String, Vec<Item>)>,
         null_key: Fallback,
     ) -> Result<By, TableError> {
+        Ok(By::Key {
+            slots,
+            owners: self.slot_owners(at, slots, &owners)?,
+            null_key,
+        })
+    }
+
+    /// The owner of each of `slots` slots (exactly `slots` entries): every slot owned once.
+    fn slot_owners(
+        &self,
+        at: &str,
+        slots: u32,
+        owners: &[(String, Vec<Item>)],
+    ) -> Result<Box<[RegionId]>, TableError> {
         if slots == 0 {
             return Err(self.error(format!("{at}.slots"), "slots must be at least 1"));
         }
@@ -359,7 +377,7 @@ impl Cx<'_> {
             ));
         }
         let mut table: Vec<Option<RegionId>> = vec![None; slots as usize];
-        for (name, items) in &owners {
+        for (name, items) in owners {
             let path = format!("{at}.owners.{name}");
             let region = self.region(&path, name, Also::Nothing)?;
             for (k, item) in items.iter().enumerate() {
@@ -408,11 +426,7 @@ impl Cx<'_> {
                 format!("{noun} {} {verb} no owner", compact(&missing)),
             ));
         }
-        Ok(By::Key {
-            slots,
-            owners: table.into_iter().flatten().collect(),
-            null_key,
-        })
+        Ok(table.into_iter().flatten().collect())
     }
 
     fn by_header(

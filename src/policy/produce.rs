@@ -584,6 +584,12 @@ rules:
     by: key_part
     pattern: '^(tenant-[0-9]+)/'
     owners: { eu: [tenant-1], us: [tenant-7] }
+  - name: hashed-accounts
+    topics: ["hashed.*"]
+    by: key_part
+    delimiter: "|"
+    slots: 16
+    owners: { eu: ["0-7"], us: ["8-15"] }
 default: reject
 "#;
 
@@ -1020,6 +1026,25 @@ default: reject
                     .is_forward()
             );
         }
+    }
+
+    #[test]
+    fn hashed_key_parts_name_their_slot() {
+        let t = table("");
+        // "21" hashes to slot 12 of 16: every key whose part is "21" belongs to us.
+        let foreign = keys(&[Some("21|order-1"), Some("21|order-2")]);
+        let d = decide_one(&t, "eu", "hashed.v1", 0, &foreign);
+        let (kind, message, _) = reject_of(&d);
+        assert_eq!(kind, RejectKind::ForeignOwner);
+        assert_eq!(
+            message,
+            "key part \"21\" of key \"21|order-1\" is owned by region us (rule hashed-accounts, slot 12); this proxy writes for eu (and 1 more records)"
+        );
+        assert!(
+            decide_one(&t, "us", "hashed.v1", 0, &foreign)
+                .action
+                .is_forward()
+        );
     }
 
     #[test]

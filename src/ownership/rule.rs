@@ -41,8 +41,9 @@ pub enum By {
         owners: HashMap<Box<[u8]>, RegionId, foldhash::fast::RandomState>,
         unmatched: Fallback,
     },
-    /// A part of the record key decides, looked up like a header value: `tenant-42` of the key
-    /// `tenant-42|order-9`. The part borrows from the key: nothing is copied.
+    /// A part of the record key decides (`tenant-42` of the key `tenant-42|order-9`), looked
+    /// up like a header value or hashed into slots like a key. The part borrows from the key:
+    /// nothing is copied.
     KeyPart {
         part: KeyPart,
         owners: PartOwners,

@@ -1,8 +1,9 @@
 //! Micro-benchmarks of keyward's per-request hot path, on one core:
 //!
-//! - `ownership/*`: one lookup (ns each): `Rule::claim_key` (murmur2 + slot table),
-//!   `Rule::claim_header` (value → owner map), and `Table::rule_for_topic` (first matching
-//!   pattern), the three things a produce request pays per record or per topic.
+//! - `ownership/*`: one lookup (ns each): `Rule::claim` of a key (murmur2 + slot table),
+//!   a header (value → owner map), a key part (split at a delimiter, or a regex capture, then
+//!   the value → owner map), and `Table::rule_for_topic` (first matching
+//!   pattern), what a produce request pays per record or per topic.
 //! - `inspect/*`: a whole Produce request (4 partitions × one batch) through
 //!   `codec::produce::parse` and `policy::produce::decide`, as `proxy::conn` does it, for
 //!   uncompressed, lz4 and zstd batches of 100-byte and 1 KiB records; throughput in records/s.
@@ -30,14 +31,14 @@ use kafka_protocol::records::{
 use keyward::codec::frame;
 use keyward::codec::produce;
 use keyward::codec::records::Inflater;
-use keyward::ownership::{Claim, Table};
+use keyward::ownership::{Claim, Subject, Table};
 use keyward::policy::produce::{Destination, Placement, decide};
 use keyward::proxy::brokers::UnmappableNode;
 use keyward::proxy::produce::{LocalAnswer, ProduceReply, Route, forwarded_request};
 use keyward::proxy::rewrite::Advertise;
 
 /// The table of the end-to-end benchmark (dev/bench.py) plus a split key rule for the merge
-/// benchmark: eu owns slots 0-7 of `split.*`, us 8-15.
+/// benchmark: eu owns slots 0-7 of `split.*`, us 8-15; and key_part rules for the lookups.
 const TABLE: &str = r#"
 rules:
   - name: bench-key
@@ -58,6 +59,17 @@ rules:
     slots: 16
     owners: { eu: ["0-7"], us: ["8-15"] }
     null_key: reject
+  - name: bench-key-part-delimiter
+    topics: ["part.delimiter"]
+    by: key_part
+    delimiter: "|"
+    index: 0
+    owners: { eu: [t00, t01, t02, t03, t04, t05, t06, t07, t08, t09, t10, t11, t12, t13, t14, t15] }
+  - name: bench-key-part-pattern
+    topics: ["part.pattern"]
+    by: key_part
+    pattern: '^(t[0-9]+)\|'
+    owners: { eu: [t00, t01, t02, t03, t04, t05, t06, t07, t08, t09, t10, t11, t12, t13, t14, t15] }
 default: allow
 "#;
 
@@ -212,15 +224,29 @@ fn ownership(c: &mut Criterion) {
     g.bench_function("claim_key", |b| {
         b.iter(|| {
             i = (i + 1) % KEYS;
-            key_rule.claim_key(Some(black_box(&keys[i])))
+            key_rule.claim(&Subject::topic("key.bench").with_key(Some(black_box(&keys[i]))))
         })
     });
     g.bench_function("claim_header", |b| {
         b.iter(|| {
             i = (i + 1) % tenants.len();
-            header_rule.claim_header(Some(black_box(&tenants[i])))
+            header_rule
+                .claim(&Subject::topic("hdr.bench").with_header(b"tenant", black_box(&tenants[i])))
         })
     });
+    let part_keys: Vec<Vec<u8>> = (0..16)
+        .map(|i| format!("t{i:02}|order-{i}").into_bytes())
+        .collect();
+    for topic in ["part.delimiter", "part.pattern"] {
+        let rule = table.rule_for_topic(topic).expect("key_part rule");
+        let name = format!("claim_key_part/{}", &topic["part.".len()..]);
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                i = (i + 1) % part_keys.len();
+                rule.claim(&Subject::topic(topic).with_key(Some(black_box(&part_keys[i]))))
+            })
+        });
+    }
     g.bench_function("rule_for_topic", |b| {
         b.iter(|| table.rule_for_topic(black_box("hdr.bench")).is_some())
     });
@@ -310,7 +336,7 @@ fn key_owned_by(table: &Table, region: &str, skip: usize) -> Vec<u8> {
     (0..)
         .map(|i| format!("k{i:010}").into_bytes())
         .filter(
-            |k| matches!(rule.claim_key(Some(k)), Claim::Region { region, .. } if region == want),
+            |k| matches!(rule.claim(&Subject::topic("split.bench").with_key(Some(k))), Some(Claim::Region { region, .. }) if region == want),
         )
         .nth(skip)
         .expect("some key hashes there")

@@ -7,10 +7,9 @@
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200, or 503 with the reason (listener not bound, serving cluster down) |
 //! | `GET /ownership` | JSON: version, hash, loaded-at, source file, the canonical table, last reload error |
-//! | `GET /ownership/owner?topic=T&key=K` (or `header=NAME:VALUE`, `partition=N`, `null_key=true`) | the `keyward owner` line |
+//! | `GET /ownership/owner?topic=T&key=K` (or `header=NAME=VALUE`, `partition=N`, `null_key=true`; the `keyward owner` flags) | the `keyward owner` line |
 //! | `POST /reload` | 200 with the outcome, or 422 with the validation error; 401 without the bearer token when `admin.reload_token_file` is set |
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -127,33 +126,21 @@ async fn ownership_json(State(s): State<AdminState>) -> Json<serde_json::Value> 
     }))
 }
 
-async fn owner(State(s): State<AdminState>, Query(q): Query<HashMap<String, String>>) -> Response {
-    let Some(topic) = q.get("topic") else {
-        return (StatusCode::BAD_REQUEST, "topic is required\n").into_response();
-    };
-    let header = q.get("header").map(|h| h.split_once(':'));
-    let partition = q.get("partition").map(|p| p.parse::<i32>());
-    let query = match (q.get("key"), header, partition, q.get("null_key")) {
-        (Some(k), None, None, None) => ownership::Query::Key(Some(k.as_bytes())),
-        (None, Some(Some((name, value))), None, None) => ownership::Query::Header {
-            name,
-            value: value.as_bytes(),
-        },
-        (None, None, Some(Ok(p)), None) => ownership::Query::Partition(p),
-        (None, None, None, Some(v)) if v == "true" => ownership::Query::Key(None),
-        (None, None, None, None) => ownership::Query::None,
-        _ => {
-            return (
-                StatusCode::BAD_REQUEST,
-                "give at most one of key=K, header=NAME:VALUE, partition=N, null_key=true\n",
-            )
-                .into_response();
-        }
+/// The same parameters as `keyward owner`'s flags, read by the same parser
+/// ([`ownership::Query::parse`]); a query it refuses is a 400 with its message.
+async fn owner(
+    State(s): State<AdminState>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    let params = params.iter().map(|(n, v)| (n.as_str(), v.as_str()));
+    let query = match ownership::Query::parse(params) {
+        Ok(query) => query,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
     let snapshot = s.shared.ownership.snapshot();
     format!(
         "{}\n",
-        snapshot.table.explain(topic, &query, snapshot.local)
+        snapshot.table.explain(&query.subject(), snapshot.local)
     )
     .into_response()
 }

@@ -45,31 +45,14 @@ pub fn check(config: &Path) -> anyhow::Result<String> {
     Ok(out)
 }
 
-pub enum OwnerQuery {
-    Key(String),
-    NullKey,
-    Header(String, String),
-    Partition(i32),
-    None,
-}
-
 /// `keyward owner`: one line naming the owner, as the proxy would decide it in this region.
-pub fn owner(config: &Path, topic: &str, query: &OwnerQuery) -> anyhow::Result<String> {
+/// The query is read with [`Query::parse`], as the admin API reads its parameters.
+pub fn owner(config: &Path, query: &Query) -> anyhow::Result<String> {
     let (config, table) = load(config)?;
     let local = table
         .region_id(&config.region)
         .context("the config's region is not in the table")?;
-    let query = match query {
-        OwnerQuery::Key(k) => Query::Key(Some(k.as_bytes())),
-        OwnerQuery::NullKey => Query::Key(None),
-        OwnerQuery::Header(n, v) => Query::Header {
-            name: n,
-            value: v.as_bytes(),
-        },
-        OwnerQuery::Partition(p) => Query::Partition(*p),
-        OwnerQuery::None => Query::None,
-    };
-    Ok(table.explain(topic, &query, local))
+    Ok(table.explain(&query.subject(), local))
 }
 
 /// `keyward run`: serve until SIGINT or SIGTERM.

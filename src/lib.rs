@@ -4,7 +4,7 @@
 //!
 //! - [`config`]: the static config file (`keyward.yaml`): region, listeners, clusters.
 //! - [`ownership`]: the ownership table (`ownership.yaml`): parsing, validation, murmur2 and the
-//!   pure lookup "who owns this key / header / partition / topic".
+//!   pure lookup "who owns this key / header / key part / partition / topic".
 //! - [`redirect`]: `on_foreign: redirect`: keyward's own producer on other regions' clusters,
 //!   and the sequence bookkeeping that keeps idempotent producers whole.
 //! - [`reload`]: the table in force ([`reload::Snapshot`]) and its hot reload (file watch,

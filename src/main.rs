@@ -40,11 +40,12 @@ enum Command {
         /// The record key (UTF-8).
         #[arg(long, group = "what")]
         key: Option<String>,
-        /// A header, as NAME=VALUE.
+        /// A header, as NAME=VALUE (split at the first `=`; NAME:VALUE is accepted too).
         #[arg(long, group = "what")]
         header: Option<String>,
+        /// The partition written to.
         #[arg(long, group = "what")]
-        partition: Option<i32>,
+        partition: Option<String>,
         /// Ask about a record with a null key.
         #[arg(long, group = "what")]
         null_key: bool,
@@ -89,20 +90,22 @@ fn main() -> ExitCode {
             partition,
             null_key,
         } => {
-            let query = match (&key, &header, partition, null_key) {
-                (Some(k), _, _, _) => keyward::cli::OwnerQuery::Key(k.clone()),
-                (_, Some(h), _, _) => match h.split_once('=') {
-                    Some((n, v)) => keyward::cli::OwnerQuery::Header(n.to_owned(), v.to_owned()),
-                    None => {
-                        eprintln!("--header takes NAME=VALUE, got {h:?}");
-                        return ExitCode::from(2);
-                    }
-                },
-                (_, _, Some(p), _) => keyward::cli::OwnerQuery::Partition(p),
-                (_, _, _, true) => keyward::cli::OwnerQuery::NullKey,
-                _ => keyward::cli::OwnerQuery::None,
+            // The flags are the admin API's parameters, read by the same parser.
+            let params = [
+                Some(("topic", topic.as_str())),
+                key.as_deref().map(|k| ("key", k)),
+                header.as_deref().map(|h| ("header", h)),
+                partition.as_deref().map(|p| ("partition", p)),
+                null_key.then_some(("null_key", "true")),
+            ];
+            let query = match keyward::ownership::Query::parse(params.into_iter().flatten()) {
+                Ok(query) => query,
+                Err(e) => {
+                    eprintln!("keyward owner: {e}");
+                    return ExitCode::from(2);
+                }
             };
-            match keyward::cli::owner(&config, &topic, &query) {
+            match keyward::cli::owner(&config, &query) {
                 Ok(line) => {
                     println!("{line}");
                     ExitCode::SUCCESS

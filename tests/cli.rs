@@ -45,6 +45,10 @@ fn check_accepts_every_example_config_and_summarises_it() {
         let text = stdout(&out);
         assert!(text.contains("regions: eu, us"), "{text}");
         assert!(text.contains("slots 16: eu 8, us 8"), "{text}");
+        assert!(
+            text.contains("key part 0 split by \"|\": values eu 2, us 1"),
+            "{text}"
+        );
     }
 }
 
@@ -119,6 +123,40 @@ fn owner_answers_in_one_line() {
         ask(&["--topic", "unlisted"]),
         "region=any rule=- slot=- default=allow"
     );
+    assert_eq!(
+        ask(&["--topic", "accounts.eu", "--key", "tenant-7|order-9"]),
+        "region=us rule=accounts slot=-"
+    );
+    assert_eq!(
+        ask(&["--topic", "accounts.eu", "--key", "tenant-9|order-9"]),
+        "decision=reject reason=unmatched_key_part rule=accounts"
+    );
+    // The admin API's header form, read by the same parser.
+    assert_eq!(
+        ask(&["--topic", "tenant.x", "--header", "tenant:initech"]),
+        "region=us rule=tenants slot=-"
+    );
+}
+
+#[test]
+fn owner_refuses_a_query_it_cannot_read_as_a_usage_error() {
+    let eu = example("keyward.yaml");
+    for (args, message) in [
+        (
+            ["--topic", "tenant.x", "--header", "tenant"],
+            "keyward owner: header takes NAME=VALUE, got \"tenant\"",
+        ),
+        (
+            ["--topic", "inventory", "--partition", "seven"],
+            "keyward owner: partition takes a number, got \"seven\"",
+        ),
+    ] {
+        let mut all = vec!["owner", "--config", &eu];
+        all.extend_from_slice(&args);
+        let out = keyward(&all);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_eq!(stderr(&out).trim(), message);
+    }
 }
 
 /// A copy of `keyward-tls.yaml` with every certificate, key and secret it names, issued by

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use keyward::config::Config;
-use keyward::ownership::{Query, Table};
+use keyward::ownership::{Query, Subject, Table};
 use libfuzzer_sys::fuzz_target;
 
 const BASE: &str = r#"
@@ -55,15 +55,24 @@ fn exercise(table: &Table, regions: &[String]) {
             table.rule_index(rule).map(|i| &table.rules()[i].name),
             Some(&rule.name)
         );
-        let mut claims = vec![
-            rule.claim_key(None),
-            rule.claim_key(Some(b"cust-1")),
-            rule.claim_key(Some(b"")),
-            rule.claim_header(None),
-            rule.claim_header(Some(b"acme")),
-            rule.claim_topic(),
+        let topic = Subject::topic("t");
+        let subjects = [
+            topic,
+            topic.without_headers(),
+            topic.with_key(None),
+            topic.with_key(Some(b"cust-1")),
+            topic.with_key(Some(b"")),
+            topic.with_key(Some(b"tenant-42|order-9")),
+            topic.with_key(Some(b"\xfftenant-1|\x00")),
+            topic.with_header(b"tenant", b"acme"),
+            topic.with_header(b"tenant", b""),
         ];
-        claims.extend([-1, 0, 1, 7, i32::MAX].map(|p| rule.claim_partition(p)));
+        let mut claims: Vec<_> = subjects.iter().filter_map(|s| rule.claim(s)).collect();
+        claims.extend(
+            [-1, 0, 1, 7, i32::MAX]
+                .iter()
+                .filter_map(|&p| rule.claim(&topic.with_partition(p))),
+        );
         for claim in claims {
             for &local in &locals {
                 let _ = table.verdict(claim, local);
@@ -79,17 +88,17 @@ fn exercise(table: &Table, regions: &[String]) {
                 "{topic:?}"
             );
             for query in [
-                Query::Key(Some(b"cust-1")),
-                Query::Key(None),
-                Query::Header {
-                    name: "tenant",
-                    value: b"acme",
-                },
-                Query::Partition(3),
-                Query::None,
+                "key=cust-1",
+                "null_key=true",
+                "header=tenant=acme",
+                "partition=3",
+                "",
             ] {
-                let _ = rule.claim(&query);
-                let _ = table.explain(topic, &query, locals[0]);
+                let params = query.split_once('=').into_iter();
+                let query = Query::parse(params.chain([("topic", topic.as_str())]))
+                    .expect("a valid query");
+                let _ = rule.claim(&query.subject());
+                let _ = table.explain(&query.subject(), locals[0]);
             }
         }
     }

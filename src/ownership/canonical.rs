@@ -4,15 +4,15 @@
 //! [`Table::diff_summary`].
 //!
 //! Normalised away: comments, whitespace, YAML style, key order, the order of regions, header
-//! values, takeover and frozen entries, how slot and partition ranges are split ("0-7" or
-//! 0..7 one by one), defaults written out or left implicit, and `on_foreign` on `owner: any`
-//! rules (nothing is foreign there). Kept as written: rule order and the topic patterns of each
+//! and key-part values, takeover and frozen entries, how slot and partition ranges are split
+//! ("0-7" or 0..7 one by one), defaults written out or left implicit, and `on_foreign` on
+//! `owner: any` rules (nothing is foreign there). Kept as written: rule order and the topic patterns of each
 //! rule in their order. The file's path is not part of it: it differs between hosts.
 //!
 //! Runs on load and reload only, never per record; it allocates freely.
 
 use super::RegionId;
-use super::rule::{By, Fallback, Rule};
+use super::rule::{By, Fallback, KeyPart, PartOwners, Rule};
 use super::table::Table;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -25,11 +25,15 @@ use std::fmt::Write as _;
 const MAX_NAMED: usize = 20;
 
 /// A rule's fields in the order a diff names them (the order the file format documents them).
-const FIELD_ORDER: [&str; 9] = [
+const FIELD_ORDER: [&str; 13] = [
     "topics",
     "by",
     "slots",
     "header",
+    "delimiter",
+    "index",
+    "pattern",
+    "group",
     "owners",
     "owner",
     "null_key",
@@ -58,9 +62,11 @@ impl Table {
     ///
     /// Objects have sorted keys (serde_json's default map; its `preserve_order` feature would
     /// change every hash). Ranges are `"a-b"`, or `"n"` for one number, merged and sorted;
-    /// a region owning nothing in a rule is left out of its `owners`. Header values are sorted
-    /// by their bytes; a value that is not UTF-8 (the file cannot hold one) would be
-    /// `{"hex": "..."}`. Fallbacks are `"reject"`, `"local"` or a region name; regions cannot
+    /// a region owning nothing in a rule is left out of its `owners`. Header and key-part values
+    /// are sorted by their bytes; a value that is not UTF-8 (the file cannot hold one) would be
+    /// `{"hex": "..."}`. A `by: key_part` rule always has `delimiter` and `index`, or `pattern`
+    /// and `group`, defaults written out; when it hashes its parts, `slots` and slot ranges as a
+    /// `by: key` rule has them. Fallbacks are `"reject"`, `"local"` or a region name; regions cannot
     /// be named after those keywords.
     pub fn canonical_json(&self) -> Value {
         let mut regions: Vec<&str> = self.regions.iter().map(String::as_str).collect();
@@ -153,22 +159,34 @@ impl Table {
                 unmatched,
             } => {
                 out.insert("header".into(), header.as_str().into());
-                let mut values: BTreeMap<&str, Vec<&[u8]>> = BTreeMap::new();
-                for (value, &region) in owners {
-                    values
-                        .entry(self.region_name(region))
-                        .or_default()
-                        .push(value);
+                out.insert("owners".into(), self.values_by_region(owners));
+                out.insert("unmatched".into(), self.fallback_json(*unmatched));
+            }
+            By::KeyPart {
+                part,
+                owners,
+                unmatched,
+            } => {
+                match part {
+                    KeyPart::Delimited { delimiter, index } => {
+                        out.insert("delimiter".into(), bytes_json(delimiter));
+                        out.insert("index".into(), (*index).into());
+                    }
+                    KeyPart::Pattern { pattern, group, .. } => {
+                        out.insert("pattern".into(), pattern.as_str().into());
+                        out.insert("group".into(), (*group).into());
+                    }
                 }
-                let values: Map<String, Value> = values
-                    .into_iter()
-                    .map(|(region, mut values)| {
-                        values.sort_unstable();
-                        let values: Vec<Value> = values.into_iter().map(bytes_json).collect();
-                        (region.to_owned(), values.into())
-                    })
-                    .collect();
-                out.insert("owners".into(), values.into());
+                match owners {
+                    PartOwners::Values(values) => {
+                        out.insert("owners".into(), self.values_by_region(values));
+                    }
+                    PartOwners::Slots(owners) => {
+                        out.insert("slots".into(), owners.len().into());
+                        let slots = (0i64..).zip(owners.iter()).map(|(s, &r)| (s, s, r));
+                        out.insert("owners".into(), self.ranges_by_region(slots));
+                    }
+                }
                 out.insert("unmatched".into(), self.fallback_json(*unmatched));
             }
             By::Partition { owners } => {
@@ -187,6 +205,27 @@ impl Table {
             out.insert("on_foreign".into(), rule.on_foreign.as_str().into());
         }
         Value::Object(out)
+    }
+
+    /// `{"eu": ["acme", "globex"], "us": ["initech"]}`: the values each region owns, sorted by
+    /// their bytes.
+    fn values_by_region<S>(&self, owners: &HashMap<Box<[u8]>, RegionId, S>) -> Value {
+        let mut values: BTreeMap<&str, Vec<&[u8]>> = BTreeMap::new();
+        for (value, &region) in owners {
+            values
+                .entry(self.region_name(region))
+                .or_default()
+                .push(value);
+        }
+        let values: Map<String, Value> = values
+            .into_iter()
+            .map(|(region, mut values)| {
+                values.sort_unstable();
+                let values: Vec<Value> = values.into_iter().map(bytes_json).collect();
+                (region.to_owned(), values.into())
+            })
+            .collect();
+        values.into()
     }
 
     /// `{"eu": ["0-5", "9"], "us": ["6-8"]}` from disjoint `(first, last, owner)` ranges in any
@@ -642,6 +681,153 @@ rules:
             ),
             ("frozen", EXAMPLE.replace("frozen: []", "frozen: [us]")),
         ]
+    }
+
+    /// A table with a `by: key_part` rule of each form.
+    const KEY_PARTS: &str = r#"
+rules:
+  - name: accounts
+    topics: ["accounts.*"]
+    by: key_part
+    delimiter: "|"
+    index: 0
+    owners: { eu: [tenant-1, tenant-42], us: [tenant-7] }
+    unmatched: reject
+  - name: ledgers
+    topics: ["ledger"]
+    by: key_part
+    pattern: '^(tenant-[0-9]+)/'
+    owners: { eu: [tenant-1], us: [tenant-7] }
+    unmatched: us
+    on_foreign: audit
+"#;
+
+    /// [`KEY_PARTS`] spelled differently: defaults left out, other order, other quoting.
+    const KEY_PARTS_RESPELLED: &str = r#"
+rules:
+- {name: accounts, by: key_part, topics: [accounts.*], delimiter: '|',
+   owners: {us: [tenant-7], eu: [tenant-42, "tenant-1"]}}
+- name: ledgers
+  on_foreign: audit
+  unmatched: us
+  group: 1
+  pattern: "^(tenant-[0-9]+)/"
+  owners:
+    us: [tenant-7]
+    eu: [tenant-1]
+  topics: [ledger]
+  by: key_part
+"#;
+
+    #[test]
+    fn key_part_rules_have_a_canonical_form_and_hash_deterministically() {
+        let table = parse(KEY_PARTS);
+        let rules = serde_json::json!([
+            {
+                "name": "accounts", "topics": ["accounts.*"], "by": "key_part",
+                "delimiter": "|", "index": 0,
+                "owners": {"eu": ["tenant-1", "tenant-42"], "us": ["tenant-7"]},
+                "unmatched": "reject", "on_foreign": "reject"
+            },
+            {
+                "name": "ledgers", "topics": ["ledger"], "by": "key_part",
+                "pattern": "^(tenant-[0-9]+)/", "group": 1,
+                "owners": {"eu": ["tenant-1"], "us": ["tenant-7"]},
+                "unmatched": "us", "on_foreign": "audit"
+            }
+        ]);
+        assert_eq!(table.canonical_json()["rules"], rules);
+        // The same table parsed again, and spelled differently, hashes the same.
+        assert_eq!(table.content_hash(), parse(KEY_PARTS).content_hash());
+        let respelled = parse(KEY_PARTS_RESPELLED);
+        assert_eq!(respelled.canonical_json(), table.canonical_json());
+        assert_eq!(respelled.content_hash(), table.content_hash());
+        assert_eq!(respelled.diff_summary(&table), "no change");
+    }
+
+    #[test]
+    fn every_change_to_a_key_part_rule_changes_the_hash_and_is_named() {
+        let old = parse(KEY_PARTS);
+        let changes = [
+            (
+                KEY_PARTS.replace(r#"delimiter: "|""#, r#"delimiter: "/""#),
+                "accounts (delimiter)",
+            ),
+            (
+                KEY_PARTS.replace("index: 0", "index: 1"),
+                "accounts (index)",
+            ),
+            (
+                KEY_PARTS.replace("^(tenant-[0-9]+)/", "^(tenant-[0-9]+)\\|"),
+                "ledgers (pattern)",
+            ),
+            (
+                KEY_PARTS.replace("^(tenant-[0-9]+)/", "^((tenant)-[0-9]+)/'\n    group: 2 #"),
+                "ledgers (pattern, group)",
+            ),
+            (
+                KEY_PARTS.replace(
+                    r#"delimiter: "|"
+    index: 0"#,
+                    "pattern: '^([^|]*)'",
+                ),
+                "accounts (delimiter, index, pattern, group)",
+            ),
+            (
+                KEY_PARTS.replace(
+                    "[tenant-1, tenant-42], us: [tenant-7]",
+                    "[tenant-1], us: [tenant-7, tenant-42]",
+                ),
+                "accounts (owners)",
+            ),
+            (
+                KEY_PARTS.replace("unmatched: reject", "unmatched: local"),
+                "accounts (unmatched)",
+            ),
+            (
+                KEY_PARTS.replace(
+                    "[tenant-1, tenant-42], us: [tenant-7]",
+                    "[\"0-7\"], us: [\"8-15\"] }\n    slots: 16 #",
+                ),
+                "accounts (slots, owners)",
+            ),
+        ];
+        let mut seen = vec![old.content_hash()];
+        for (text, named) in changes {
+            let new = parse(&text);
+            let hash = new.content_hash();
+            assert!(
+                !seen.contains(&hash),
+                "{named}: same hash as an earlier table"
+            );
+            seen.push(hash);
+            assert_eq!(new.diff_summary(&old), format!("rules changed: {named}"));
+        }
+        // Hashed parts: a slot that moves changes the hash; the canonical form is a key rule's.
+        let hashed = KEY_PARTS.replace(
+            "[tenant-1, tenant-42], us: [tenant-7]",
+            "[\"0-7\"], us: [\"8-15\"] }\n    slots: 16 #",
+        );
+        let json = parse(&hashed).canonical_json();
+        assert_eq!(json["rules"][0]["slots"], 16);
+        assert_eq!(
+            json["rules"][0]["owners"],
+            serde_json::json!({"eu": ["0-7"], "us": ["8-15"]})
+        );
+        let moved =
+            parse(&hashed.replace("[\"0-7\"], us: [\"8-15\"]", "[\"0-8\"], us: [\"9-15\"]"));
+        assert_ne!(moved.content_hash(), parse(&hashed).content_hash());
+        assert_eq!(
+            moved.diff_summary(&parse(&hashed)),
+            "rules changed: accounts (owners)"
+        );
+        // A key rule becoming a key_part rule: only `by` (and the shared fields) are named.
+        let key = "rules:\n  - name: accounts\n    topics: [\"accounts.*\"]\n    by: key\n    slots: 1\n    owners: { eu: [0] }\n";
+        let by_part = parse(&KEY_PARTS[..KEY_PARTS.find("  - name: ledgers").expect("ledgers")]);
+        assert_eq!(
+            by_part.diff_summary(&parse(key)),
+            "rules changed: accounts (by)"
+        );
     }
 
     #[test]

@@ -28,6 +28,10 @@ pub(crate) struct RawRule {
     pub by: Option<RawBy>,
     pub slots: Option<u32>,
     pub header: Option<String>,
+    pub delimiter: Option<String>,
+    pub index: Option<i64>,
+    pub pattern: Option<String>,
+    pub group: Option<i64>,
     pub owners: Option<Pairs<Vec<Item>>>,
     pub owner: Option<String>,
     pub null_key: Option<String>,
@@ -40,6 +44,8 @@ pub(crate) struct RawRule {
 pub(crate) enum RawBy {
     Key,
     Header,
+    #[serde(rename = "key_part")]
+    KeyPart,
     Partition,
     Topic,
 }
@@ -49,6 +55,7 @@ impl RawBy {
         match self {
             RawBy::Key => "key",
             RawBy::Header => "header",
+            RawBy::KeyPart => "key_part",
             RawBy::Partition => "partition",
             RawBy::Topic => "topic",
         }

@@ -1,5 +1,5 @@
 //! The ownership table (`ownership.yaml`): which region may write each key, tenant header value,
-//! partition or topic.
+//! part of a key, partition or topic.
 //!
 //! This module owns reading and validating the file, Kafka's murmur2, and the pure lookup from a
 //! topic and a record to a [`Claim`] and then a [`Verdict`]. It must not do I/O beyond reading
@@ -12,7 +12,9 @@
 //! - `file`: the YAML as serde reads it (syntax and types only).
 //! - `validate`: from that to a [`Table`], with an error naming the file, field path and problem.
 //! - `glob`: topic patterns.
-//! - `rule`: [`Rule`] and the per-record claims (the hot path, allocation-free).
+//! - `subject`: [`Subject`], one write as a rule sees it (built from a record, or from an
+//!   operator's [`Query`]).
+//! - `rule`: [`Rule`] and its one lookup, [`Rule::claim`] (the hot path, allocation-free).
 //! - `table`: [`Table`]: rule lookup by topic, takeover and frozen, `explain` and `summary`.
 //! - `canonical`: the table as canonical JSON, its content hash (the same in every region that
 //!   runs the same table) and the one-line diff a reload logs.
@@ -21,7 +23,8 @@
 //!
 //! 1. [`Table::rule_for_topic`]: the first rule whose topic patterns match; with none, the
 //!    [`Table::default_claim`] applies.
-//! 2. The rule's `claim_*` method for the record gives the raw owner ([`Claim`]).
+//! 2. [`Rule::claim`] on the write's [`Subject`] gives the raw owner ([`Claim`]). Whether the
+//!    rule needs the records at all is [`Rule::reads_records`].
 //! 3. [`Table::verdict`] applies takeover, then frozen, and compares with the local region.
 
 mod canonical;
@@ -29,13 +32,15 @@ mod file;
 mod glob;
 pub mod murmur2;
 mod rule;
+mod subject;
 mod table;
 mod validate;
 
 #[cfg(test)]
 mod tests;
 
-pub use rule::{By, Fallback, OnForeign, PartitionRange, Rule};
+pub use rule::{By, Fallback, KeyPart, OnForeign, PartOwners, PartitionRange, Rule};
+pub use subject::{About, Query, QueryError, Subject, quote};
 pub use table::{DefaultPolicy, Table};
 
 use std::fmt;
@@ -77,19 +82,23 @@ pub enum RejectReason {
     /// A `by: header` rule and a record whose header is missing or has an unlisted value, with
     /// `unmatched: reject`.
     UnmatchedHeader,
+    /// A `by: key_part` rule and a record whose key is null, has no such part, or has a part
+    /// nobody lists, with `unmatched: reject`.
+    UnmatchedKeyPart,
     /// A `by: partition` rule and a partition no region lists.
     UnownedPartition,
     /// No rule matches the topic and the file says `default: reject`.
     DefaultReject,
-    /// A `claim_*` method that does not fit the rule's `by` (e.g. `claim_key` on a header rule).
-    /// Only a bug in the caller produces it; it rejects rather than guess an owner.
+    /// The rule could not be applied: the policy asked about a record without what the rule
+    /// needs. Only a bug produces it; it rejects rather than guess an owner.
     WrongLookup,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 5] = [
+    pub const ALL: [RejectReason; 6] = [
         RejectReason::NullKey,
         RejectReason::UnmatchedHeader,
+        RejectReason::UnmatchedKeyPart,
         RejectReason::UnownedPartition,
         RejectReason::DefaultReject,
         RejectReason::WrongLookup,
@@ -99,6 +108,7 @@ impl RejectReason {
         match self {
             RejectReason::NullKey => "null_key",
             RejectReason::UnmatchedHeader => "unmatched_header",
+            RejectReason::UnmatchedKeyPart => "unmatched_key_part",
             RejectReason::UnownedPartition => "unowned_partition",
             RejectReason::DefaultReject => "default_reject",
             RejectReason::WrongLookup => "wrong_lookup",
@@ -129,22 +139,6 @@ pub enum Verdict {
         owner: RegionId,
     },
     Reject(RejectReason),
-}
-
-/// A question for [`Table::explain`]: what an operator knows about the write.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Query<'a> {
-    /// The record key; `None` is a null key.
-    Key(Option<&'a [u8]>),
-    /// A record header. A header other than the rule's is not an answer to a `by: header` rule.
-    Header {
-        name: &'a str,
-        value: &'a [u8],
-    },
-    Partition(i32),
-    /// Nothing but the topic: answers `by: topic` rules, and `by: header` rules as "the header is
-    /// missing".
-    None,
 }
 
 /// A rejected ownership file: which file, where in it (`rules[0].owners.us`, empty for the

@@ -1,9 +1,11 @@
-//! One rule of the table and the per-record claims. This is the hot path: the `claim_*` methods
-//! run once per record (or once per batch for partitions and topics), so they only hash, index
-//! and compare; they never allocate and never panic.
+//! One rule of the table and its one lookup, [`Rule::claim`], plus what the rule says about a
+//! write in messages. `claim` is the hot path: it runs once per record (or once per partition for
+//! rules that do not read records), so it only hashes, indexes and compares; it never allocates
+//! and never panics.
 
 use super::murmur2::{murmur2, to_positive};
-use super::{Claim, Query, RegionId, RejectReason};
+use super::subject::{Subject, quote};
+use super::{Claim, RegionId, RejectReason};
 use std::collections::HashMap;
 
 /// A rule: the topics it covers and how it decides who owns a write to them.
@@ -39,12 +41,124 @@ pub enum By {
         owners: HashMap<Box<[u8]>, RegionId, foldhash::fast::RandomState>,
         unmatched: Fallback,
     },
+    /// A part of the record key decides (`tenant-42` of the key `tenant-42|order-9`), looked
+    /// up like a header value or hashed into slots like a key. The part borrows from the key:
+    /// nothing is copied.
+    KeyPart {
+        part: KeyPart,
+        owners: PartOwners,
+        /// A null key, a key without the part, or a part nobody lists.
+        unmatched: Fallback,
+    },
     /// Sorted, disjoint ranges; a partition in none of them is rejected.
     Partition { owners: Box<[PartitionRange]> },
     /// One region owns every write to the topics.
     Topic { owner: RegionId },
     /// Every region may write (`owner: any`).
     Any,
+}
+
+/// Who owns a key part: listed values, or slots of its hash.
+#[derive(Debug)]
+pub enum PartOwners {
+    /// Each listed value's owner. As for `Header`: built once, only read on the hot path.
+    Values(HashMap<Box<[u8]>, RegionId, foldhash::fast::RandomState>),
+    /// `slot = toPositive(murmur2(part)) % slots` (as `by: key` hashes a whole key), indexed
+    /// by slot: every slot owned (validated).
+    Slots(Box<[RegionId]>),
+}
+
+impl PartOwners {
+    /// The owner of `part`, or `None` for a value nobody lists.
+    fn claim(&self, part: &[u8]) -> Option<Claim> {
+        match self {
+            PartOwners::Values(values) => values
+                .get(part)
+                .map(|&region| Claim::Region { region, slot: None }),
+            PartOwners::Slots(owners) => {
+                // Never empty (validated); `filter` keeps a bug from dividing by zero.
+                let slots = u32::try_from(owners.len()).ok().filter(|&n| n > 0)?;
+                let slot = to_positive(murmur2(part)) % slots;
+                owners.get(slot as usize).map(|&region| Claim::Region {
+                    region,
+                    slot: Some(slot),
+                })
+            }
+        }
+    }
+}
+
+/// Where a `by: key_part` rule finds the part of the key that names the owner.
+#[derive(Debug)]
+pub enum KeyPart {
+    /// The key split at every `delimiter`; the part at `index` (from 0).
+    Delimited { delimiter: Box<[u8]>, index: u32 },
+    /// Capture `group` of the first match of `pattern` in the key (0: the whole match).
+    Pattern {
+        /// As written, for display and the canonical form.
+        pattern: String,
+        /// Compiled for byte haystacks: keys need not be UTF-8.
+        regex: regex_automata::meta::Regex,
+        /// At most [`KeyPart::MAX_GROUP`], and a group the pattern has (validated).
+        group: u32,
+    },
+}
+
+impl KeyPart {
+    /// The largest capture group a pattern rule may pick: the search writes group offsets into
+    /// an array on the stack, sized for this many.
+    pub const MAX_GROUP: u32 = 15;
+
+    /// The part of `key` this rule looks up, borrowed from it; `None` when the key has no such
+    /// part (too few delimiters, no match, or the group did not take part in the match).
+    /// Allocation-free: the regex's scratch space is pooled inside it and reused.
+    pub fn extract<'k>(&self, key: &'k [u8]) -> Option<&'k [u8]> {
+        match self {
+            KeyPart::Delimited { delimiter, index } => {
+                let mut rest = key;
+                for _ in 0..*index {
+                    let at = find(rest, delimiter)?;
+                    rest = rest.get(at + delimiter.len()..)?;
+                }
+                Some(match find(rest, delimiter) {
+                    Some(at) => rest.get(..at)?,
+                    None => rest,
+                })
+            }
+            KeyPart::Pattern { regex, group, .. } => {
+                const SLOTS: usize = 2 * (KeyPart::MAX_GROUP as usize + 1);
+                let mut slots = [None; SLOTS];
+                // One pattern: group g's start and end are slots 2g and 2g + 1.
+                let start = 2 * (*group as usize);
+                let slots = slots.get_mut(..start + 2)?;
+                regex.search_slots(&regex_automata::Input::new(key), slots)?;
+                let (from, to) = (slots.get(start).copied()??, slots.get(start + 1).copied()??);
+                key.get(from.get()..to.get())
+            }
+        }
+    }
+
+    /// `index 0 split by "|"` or `group 1 of pattern "^(t-[0-9]+)\|"`, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            KeyPart::Delimited { delimiter, index } => {
+                format!("part {index} split by {}", quote(delimiter))
+            }
+            KeyPart::Pattern { pattern, group, .. } => {
+                format!("group {group} of pattern {pattern:?}")
+            }
+        }
+    }
+}
+
+/// Where `needle` (not empty) first starts in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    match needle {
+        [byte] => haystack.iter().position(|b| b == byte),
+        _ => haystack
+            .windows(needle.len().max(1))
+            .position(|window| window == needle),
+    }
 }
 
 /// Partitions `first..=last` belong to `owner`.
@@ -101,6 +215,7 @@ impl By {
         match self {
             By::Key { .. } => "key",
             By::Header { .. } => "header",
+            By::KeyPart { .. } => "key_part",
             By::Partition { .. } => "partition",
             By::Topic { .. } => "topic",
             By::Any => "any",
@@ -114,16 +229,28 @@ impl Rule {
         &self.topics
     }
 
-    /// The owner of a record with this key (`None`: a null key) under a `by: key` rule.
-    /// On `by: topic` and `owner: any` rules the key does not matter and this is
-    /// [`Rule::claim_topic`]; on header and partition rules it is `Reject(WrongLookup)`.
-    pub fn claim_key(&self, key: Option<&[u8]>) -> Claim {
+    /// Whether the owner of a write depends on what is inside its records (key, headers). When
+    /// it does not, the policy decides a whole partition at once without decoding a record.
+    pub fn reads_records(&self) -> bool {
         match &self.by {
+            By::Key { .. } | By::Header { .. } | By::KeyPart { .. } => true,
+            By::Partition { .. } | By::Topic { .. } | By::Any => false,
+        }
+    }
+
+    /// The raw owner of `subject` under this rule, or `None` when the subject does not say what
+    /// the rule needs ([`Rule::needs`]): a query naming a partition for a key rule, another
+    /// header than the rule's. A subject built from a record always answers.
+    ///
+    /// The hot path: called once per record (once per partition when the rule does not read
+    /// records); it hashes, indexes and compares, and never allocates or panics.
+    pub fn claim(&self, subject: &Subject<'_>) -> Option<Claim> {
+        Some(match &self.by {
             By::Key {
                 slots,
                 owners,
                 null_key,
-            } => match key {
+            } => match subject.key()? {
                 None => null_key.claim(RejectReason::NullKey),
                 Some(key) => {
                     let slot = to_positive(murmur2(key)) % slots;
@@ -138,32 +265,31 @@ impl Rule {
                     }
                 }
             },
-            By::Topic { .. } | By::Any => self.claim_topic(),
-            By::Header { .. } | By::Partition { .. } => Claim::Reject(RejectReason::WrongLookup),
-        }
-    }
-
-    /// The owner of a record under a `by: header` rule, given the value of the rule's header
-    /// ([`Rule::header_name`]), or `None` when the record does not carry it.
-    /// On `by: topic` and `owner: any` rules this is [`Rule::claim_topic`].
-    pub fn claim_header(&self, value: Option<&[u8]>) -> Claim {
-        match &self.by {
             By::Header {
-                owners, unmatched, ..
-            } => match value.and_then(|value| owners.get(value)) {
+                header,
+                owners,
+                unmatched,
+            } => match subject
+                .header(header.as_bytes())?
+                .and_then(|v| owners.get(v))
+            {
                 Some(&region) => Claim::Region { region, slot: None },
                 None => unmatched.claim(RejectReason::UnmatchedHeader),
             },
-            By::Topic { .. } | By::Any => self.claim_topic(),
-            By::Key { .. } | By::Partition { .. } => Claim::Reject(RejectReason::WrongLookup),
-        }
-    }
-
-    /// The owner of a write to `partition` under a `by: partition` rule.
-    /// On `by: topic` and `owner: any` rules this is [`Rule::claim_topic`].
-    pub fn claim_partition(&self, partition: i32) -> Claim {
-        match &self.by {
+            By::KeyPart {
+                part,
+                owners,
+                unmatched,
+            } => match subject
+                .key()?
+                .and_then(|key| part.extract(key))
+                .and_then(|value| owners.claim(value))
+            {
+                Some(claim) => claim,
+                None => unmatched.claim(RejectReason::UnmatchedKeyPart),
+            },
             By::Partition { owners } => {
+                let partition = subject.partition()?;
                 let i = owners.partition_point(|range| range.last < partition);
                 match owners.get(i) {
                     Some(range) if range.first <= partition => Claim::Region {
@@ -173,57 +299,105 @@ impl Rule {
                     _ => Claim::Reject(RejectReason::UnownedPartition),
                 }
             }
-            By::Topic { .. } | By::Any => self.claim_topic(),
-            By::Key { .. } | By::Header { .. } => Claim::Reject(RejectReason::WrongLookup),
-        }
-    }
-
-    /// The owner of any write to the rule's topics, for `by: topic` and `owner: any` rules.
-    pub fn claim_topic(&self) -> Claim {
-        match &self.by {
             By::Topic { owner } => Claim::Region {
                 region: *owner,
                 slot: None,
             },
             By::Any => Claim::Any,
-            By::Key { .. } | By::Header { .. } | By::Partition { .. } => {
-                Claim::Reject(RejectReason::WrongLookup)
-            }
-        }
-    }
-
-    /// The header a `by: header` rule reads, as the bytes to compare record header keys with.
-    pub fn header_name(&self) -> Option<&[u8]> {
-        match &self.by {
-            By::Header { header, .. } => Some(header.as_bytes()),
-            _ => None,
-        }
-    }
-
-    /// The claim for what an operator knows about a write, or `None` when the query does not
-    /// answer this rule (a partition for a key rule, another header than the rule's).
-    pub fn claim(&self, query: &Query) -> Option<Claim> {
-        match (&self.by, *query) {
-            (By::Topic { .. } | By::Any, _) => Some(self.claim_topic()),
-            (By::Key { .. }, Query::Key(key)) => Some(self.claim_key(key)),
-            (By::Header { header, .. }, Query::Header { name, value }) if name == header => {
-                Some(self.claim_header(Some(value)))
-            }
-            (By::Header { .. }, Query::None) => Some(self.claim_header(None)),
-            (By::Partition { .. }, Query::Partition(partition)) => {
-                Some(self.claim_partition(partition))
-            }
-            _ => None,
-        }
+        })
     }
 
     /// What [`Rule::claim`] needs for this rule: `key`, `header:<name>`, `partition` or nothing.
     pub(super) fn needs(&self) -> String {
         match &self.by {
-            By::Key { .. } => "key".to_owned(),
+            By::Key { .. } | By::KeyPart { .. } => "key".to_owned(),
             By::Header { header, .. } => format!("header:{header}"),
             By::Partition { .. } => "partition".to_owned(),
             By::Topic { .. } | By::Any => "nothing".to_owned(),
+        }
+    }
+
+    /// What this rule looked at in `subject`, for a message: `key "cust-1"`,
+    /// `header tenant="acme"`, `partition 6 of topic "inventory"`, `topic "audit.x"`. Only for
+    /// refused or held writes, so it may allocate.
+    pub fn describe(&self, subject: &Subject<'_>) -> String {
+        match &self.by {
+            By::Key { .. } => match subject.key() {
+                Some(Some(key)) => format!("key {}", quote(key)),
+                Some(None) => "a record with a null key".to_owned(),
+                None => "the record".to_owned(),
+            },
+            By::Header { header, .. } => match subject.header(header.as_bytes()).flatten() {
+                Some(value) => format!("header {header}={}", quote(value)),
+                None => format!("a record without header {header:?}"),
+            },
+            By::KeyPart { part, .. } => match subject.key() {
+                Some(Some(key)) => match part.extract(key) {
+                    Some(value) => format!("key part {} of key {}", quote(value), quote(key)),
+                    None => format!("key {}", quote(key)),
+                },
+                Some(None) => "a record with a null key".to_owned(),
+                None => "the record".to_owned(),
+            },
+            By::Partition { .. } => match subject.partition() {
+                Some(partition) => {
+                    format!("partition {partition} of topic {:?}", subject.topic_name())
+                }
+                None => format!("topic {:?}", subject.topic_name()),
+            },
+            By::Topic { .. } | By::Any => format!("topic {:?}", subject.topic_name()),
+        }
+    }
+
+    /// Why this rule refused `subject` with `reason` (a [`Claim::Reject`] it gave), for the
+    /// error the producer sees.
+    pub fn refusal(&self, reason: RejectReason, subject: &Subject<'_>) -> String {
+        let rule = &self.name;
+        match reason {
+            RejectReason::NullKey => {
+                format!(
+                    "a record with a null key; rule {rule} rejects null keys (null_key: reject)"
+                )
+            }
+            RejectReason::UnmatchedHeader => match (&self.by, subject) {
+                (By::Header { header, .. }, subject) => {
+                    match subject.header(header.as_bytes()).flatten() {
+                        Some(value) => format!(
+                            "header {header}={} has no owner in rule {rule} (unmatched: reject)",
+                            quote(value)
+                        ),
+                        None => format!(
+                            "a record without header {header:?}; rule {rule} rejects it (unmatched: reject)"
+                        ),
+                    }
+                }
+                _ => format!("no owner in rule {rule}"),
+            },
+            RejectReason::UnmatchedKeyPart => match (&self.by, subject.key()) {
+                (By::KeyPart { part, .. }, Some(Some(key))) => match part.extract(key) {
+                    Some(value) => format!(
+                        "key part {} of key {} has no owner in rule {rule} (unmatched: reject)",
+                        quote(value),
+                        quote(key)
+                    ),
+                    None => format!(
+                        "key {} has no {}; rule {rule} rejects it (unmatched: reject)",
+                        quote(key),
+                        part.describe()
+                    ),
+                },
+                (By::KeyPart { .. }, Some(None)) => format!(
+                    "a record with a null key has no key part; rule {rule} rejects it (unmatched: reject)"
+                ),
+                _ => format!("no owner in rule {rule}"),
+            },
+            RejectReason::UnownedPartition => {
+                format!("{} has no owner in rule {rule}", self.describe(subject))
+            }
+            RejectReason::DefaultReject => {
+                "the topic matches no ownership rule and the table's default is reject".to_owned()
+            }
+            RejectReason::WrongLookup => format!("keyward could not apply rule {rule} (a bug)"),
         }
     }
 }

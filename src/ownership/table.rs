@@ -1,8 +1,8 @@
 //! The validated table: rules in file order, the topic index, takeover and frozen. Immutable
 //! once built; a reload builds a new one.
 
-use super::rule::{By, Fallback, Rule};
-use super::{Claim, Query, RegionId, RejectReason, TableError, Verdict, glob, validate};
+use super::rule::{By, Fallback, PartOwners, Rule};
+use super::{Claim, RegionId, RejectReason, Subject, TableError, Verdict, glob, validate};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -161,14 +161,14 @@ impl Table {
     /// `decision=reject reason=default_reject rule=-`. When the query cannot answer the rule
     /// (a partition for a key rule): `decision=undecided need=<key|header:NAME|partition>
     /// rule=<name>`.
-    pub fn explain(&self, topic: &str, query: &Query, local: RegionId) -> String {
-        let Some(rule) = self.rule_for_topic(topic) else {
+    pub fn explain(&self, subject: &Subject<'_>, local: RegionId) -> String {
+        let Some(rule) = self.rule_for_topic(subject.topic_name()) else {
             return match self.default {
                 DefaultPolicy::Allow => "region=any rule=- slot=- default=allow".to_owned(),
                 DefaultPolicy::Reject => "decision=reject reason=default_reject rule=-".to_owned(),
             };
         };
-        let Some(claim) = rule.claim(query) else {
+        let Some(claim) = rule.claim(subject) else {
             return format!(
                 "decision=undecided need={} rule={}",
                 rule.needs(),
@@ -237,6 +237,24 @@ impl Table {
                 } => {
                     let counts = self.count_per_region(owners.values().copied());
                     writeln!(out, "    header {header}: values {counts}").ok();
+                    writeln!(out, "    unmatched: {}", self.fallback_name(*unmatched)).ok();
+                }
+                By::KeyPart {
+                    part,
+                    owners,
+                    unmatched,
+                } => {
+                    let owned = match owners {
+                        PartOwners::Values(values) => {
+                            format!("values {}", self.count_per_region(values.values().copied()))
+                        }
+                        PartOwners::Slots(slots) => format!(
+                            "slots {}: {}",
+                            slots.len(),
+                            self.count_per_region(slots.iter().copied())
+                        ),
+                    };
+                    writeln!(out, "    key {}: {owned}", part.describe()).ok();
                     writeln!(out, "    unmatched: {}", self.fallback_name(*unmatched)).ok();
                 }
                 By::Partition { owners } => {

@@ -73,6 +73,51 @@ fn key_rule(table: &Table) -> &Rule {
     table.rule_for_topic("orders").expect("orders rule")
 }
 
+/// [`Rule::claim`] for a write known only as far as each method says, for rules that need no
+/// more (a key for a key rule, the `tenant` header for a header rule, ...).
+trait Ask {
+    fn claim_key(&self, key: Option<&[u8]>) -> Claim;
+    /// The `tenant` header's value, or a write without headers.
+    fn claim_header(&self, value: Option<&[u8]>) -> Claim;
+    fn claim_partition(&self, partition: i32) -> Claim;
+    fn claim_topic(&self) -> Claim;
+}
+
+impl Ask for Rule {
+    fn claim_key(&self, key: Option<&[u8]>) -> Claim {
+        self.claim(&Subject::topic("t").with_key(key))
+            .expect("a key answers the rule")
+    }
+
+    fn claim_header(&self, value: Option<&[u8]>) -> Claim {
+        let subject = match value {
+            Some(value) => Subject::topic("t").with_header(b"tenant", value),
+            None => Subject::topic("t").without_headers(),
+        };
+        self.claim(&subject).expect("the header answers the rule")
+    }
+
+    fn claim_partition(&self, partition: i32) -> Claim {
+        self.claim(&Subject::topic("t").with_partition(partition))
+            .expect("a partition answers the rule")
+    }
+
+    fn claim_topic(&self) -> Claim {
+        self.claim(&Subject::topic("t"))
+            .expect("the topic answers the rule")
+    }
+}
+
+/// [`Table::explain`] for a query written as URL parameters (`topic=orders&key=21`), read by
+/// the parser the CLI and the admin API share.
+fn explain(table: &Table, query: &str, local: RegionId) -> String {
+    let params = query
+        .split('&')
+        .map(|p| p.split_once('=').unwrap_or((p, "")));
+    let query = Query::parse(params).unwrap_or_else(|e| panic!("{query}: {e}"));
+    table.explain(&query.subject(), local)
+}
+
 // ---------------------------------------------------------------------------------------------
 // The example file
 // ---------------------------------------------------------------------------------------------
@@ -135,8 +180,6 @@ fn the_example_answers_each_kind_of_rule() {
     assert_eq!(orders.claim_key(None), Claim::Reject(RejectReason::NullKey));
 
     let tenants = table.rule_for_topic("tenant.billing").expect("tenants");
-    assert_eq!(tenants.header_name(), Some(&b"tenant"[..]));
-    assert_eq!(orders.header_name(), None);
     assert_eq!(
         tenants.claim_header(Some(b"globex")),
         Claim::Region {
@@ -225,122 +268,181 @@ fn the_example_answers_each_kind_of_rule() {
 }
 
 #[test]
-fn a_claim_that_does_not_fit_the_rule_is_rejected_not_guessed() {
+fn a_subject_that_does_not_say_what_the_rule_needs_is_undecided_not_guessed() {
     let table = parse(EXAMPLE);
-    let wrong = Claim::Reject(RejectReason::WrongLookup);
-    assert_eq!(key_rule(&table).claim_partition(1), wrong);
-    assert_eq!(key_rule(&table).claim_header(Some(b"acme")), wrong);
-    assert_eq!(key_rule(&table).claim_topic(), wrong);
+    let orders = Subject::topic("orders");
+    assert_eq!(key_rule(&table).claim(&orders.with_partition(1)), None);
+    assert_eq!(
+        key_rule(&table).claim(&orders.with_header(b"k", b"1")),
+        None
+    );
+    assert_eq!(key_rule(&table).claim(&orders.without_headers()), None);
     let tenants = table.rule_for_topic("tenant.x").expect("tenants");
-    assert_eq!(tenants.claim_key(Some(b"acme")), wrong);
+    let tenant = Subject::topic("tenant.x");
+    assert_eq!(tenants.claim(&tenant.with_key(Some(b"acme"))), None);
+    // Another header than the rule's says nothing about the rule's.
+    assert_eq!(tenants.claim(&tenant.with_header(b"Tenant", b"acme")), None);
     let inventory = table.rule_for_topic("inventory").expect("inventory");
-    assert_eq!(inventory.claim_key(Some(b"1")), wrong);
+    assert_eq!(
+        inventory.claim(&Subject::topic("inventory").with_key(Some(b"1"))),
+        None
+    );
+    // Which rules need the records decoded at all.
+    let reads: Vec<bool> = table.rules().iter().map(Rule::reads_records).collect();
+    assert_eq!(reads, [true, true, false, false, false]);
 }
 
 #[test]
 fn explain_gives_one_line_per_question() {
     let table = parse(EXAMPLE);
-    let cases: [(&str, Query, &str); 14] = [
+    let cases = [
+        ("topic=orders&key=21", "region=us rule=orders slot=12"),
+        ("topic=orders.eu&key=21", "region=us rule=orders slot=12"),
         (
-            "orders",
-            Query::Key(Some(b"21")),
-            "region=us rule=orders slot=12",
-        ),
-        (
-            "orders.eu",
-            Query::Key(Some(b"21")),
-            "region=us rule=orders slot=12",
-        ),
-        (
-            "orders",
-            Query::Key(None),
+            "topic=orders&null_key=true",
             "decision=reject reason=null_key rule=orders",
         ),
         (
-            "orders",
-            Query::Partition(3),
+            "topic=orders&partition=3",
             "decision=undecided need=key rule=orders",
         ),
         (
-            "tenant.x",
-            Query::Header {
-                name: "tenant",
-                value: b"acme",
-            },
+            "topic=tenant.x&header=tenant=acme",
+            "region=eu rule=tenants slot=-",
+        ),
+        // The admin API's earlier NAME:VALUE form.
+        (
+            "topic=tenant.x&header=tenant:acme",
             "region=eu rule=tenants slot=-",
         ),
         (
-            "tenant.x",
-            Query::Header {
-                name: "tenant",
-                value: b"umbrella",
-            },
+            "topic=tenant.x&header=tenant=umbrella",
             "decision=reject reason=unmatched_header rule=tenants",
         ),
         (
-            "tenant.x",
-            Query::None,
+            "topic=tenant.x",
             "decision=reject reason=unmatched_header rule=tenants",
         ),
         (
-            "tenant.x",
-            Query::Header {
-                name: "Tenant",
-                value: b"acme",
-            },
+            "topic=tenant.x&header=Tenant=acme",
             "decision=undecided need=header:tenant rule=tenants",
         ),
         (
-            "inventory",
-            Query::Partition(7),
+            "topic=inventory&partition=7",
             "region=us rule=inventory slot=-",
         ),
         (
-            "inventory",
-            Query::Partition(12),
+            "topic=inventory&partition=12",
             "decision=reject reason=unowned_partition rule=inventory",
         ),
-        ("audit.x", Query::None, "region=eu rule=audit-log slot=-"),
-        (
-            "audit.x",
-            Query::Key(Some(b"k")),
-            "region=eu rule=audit-log slot=-",
-        ),
-        (
-            "metrics.cpu",
-            Query::None,
-            "region=any rule=telemetry slot=-",
-        ),
-        (
-            "payments",
-            Query::None,
-            "region=any rule=- slot=- default=allow",
-        ),
+        ("topic=audit.x", "region=eu rule=audit-log slot=-"),
+        ("topic=audit.x&key=k", "region=eu rule=audit-log slot=-"),
+        ("topic=metrics.cpu", "region=any rule=telemetry slot=-"),
+        ("topic=payments", "region=any rule=- slot=- default=allow"),
     ];
-    for (topic, query, expected) in cases {
-        assert_eq!(
-            table.explain(topic, &query, EU),
-            expected,
-            "{topic} {query:?}"
-        );
+    for (query, expected) in cases {
+        assert_eq!(explain(&table, query, EU), expected, "{query}");
     }
+}
+
+#[test]
+fn owner_queries_are_read_one_way_for_the_cli_and_the_admin_api() {
+    let parse = |query: &str| {
+        Query::parse(
+            query
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| p.split_once('=').unwrap_or((p, ""))),
+        )
+    };
+    let query = |topic: &str, about| Query {
+        topic: topic.to_owned(),
+        about,
+    };
+    assert_eq!(parse("topic=t"), Ok(query("t", About::Nothing)));
+    assert_eq!(
+        parse("key=a=b&topic=t"),
+        Ok(query("t", About::Key("a=b".to_owned())))
+    );
+    let header = |name: &str, value: &str| About::Header {
+        name: name.to_owned(),
+        value: value.to_owned(),
+    };
+    // Split at the first `=`; `:` only when there is no `=`.
+    assert_eq!(
+        parse("topic=t&header=a=b=c"),
+        Ok(query("t", header("a", "b=c")))
+    );
+    assert_eq!(
+        parse("topic=t&header=a:b"),
+        Ok(query("t", header("a", "b")))
+    );
+    assert_eq!(
+        parse("topic=t&header=a:b=c"),
+        Ok(query("t", header("a:b", "c")))
+    );
+    assert_eq!(parse("topic=t&header=a="), Ok(query("t", header("a", ""))));
+    assert_eq!(
+        parse("topic=t&partition=7"),
+        Ok(query("t", About::Partition(7)))
+    );
+    assert_eq!(
+        parse("topic=t&null_key=true"),
+        Ok(query("t", About::NullKey))
+    );
+    let error = |q: &str| parse(q).expect_err(q).to_string();
+    assert_eq!(error("key=x"), "topic is required");
+    assert_eq!(error(""), "topic is required");
+    assert_eq!(
+        error("topic=t&key=x&partition=1"),
+        "give at most one of key, null_key, header and partition (got key and partition)"
+    );
+    assert_eq!(error("topic=t&key=x&key=y"), "key is given twice");
+    assert_eq!(error("topic=t&topic=u"), "topic is given twice");
+    assert_eq!(
+        error("topic=t&header=tenant"),
+        "header takes NAME=VALUE, got \"tenant\""
+    );
+    assert_eq!(
+        error("topic=t&header==acme"),
+        "header takes NAME=VALUE with a name, got \"=acme\""
+    );
+    assert_eq!(
+        error("topic=t&partition=x"),
+        "partition takes a number, got \"x\""
+    );
+    assert_eq!(
+        error("topic=t&null_key=1"),
+        "null_key takes true, got \"1\""
+    );
+    assert_eq!(
+        error("topic=t&slot=1"),
+        "unknown parameter \"slot\" (parameters: topic, key, null_key, header, partition)"
+    );
+}
+
+#[test]
+fn values_in_messages_are_quoted_text_or_hex() {
+    assert_eq!(quote(b"cust-42"), "\"cust-42\"");
+    assert_eq!(quote(&[0, 1, 0xff]), "0x0001ff");
+    assert_eq!(quote(&[b'a'; 70]).chars().count(), 64 + 3);
 }
 
 #[test]
 fn explain_shows_takeover_frozen_and_default_reject() {
     let table = example_with("{ us: eu }", "[eu]");
     assert_eq!(
-        table.explain("orders", &Query::Key(Some(b"21")), US),
+        explain(&table, "topic=orders&key=21", US),
         "region=eu rule=orders slot=12 takeover_from=us frozen=true"
     );
     assert_eq!(
-        table.explain("audit.x", &Query::None, US),
+        explain(&table, "topic=audit.x", US),
         "region=eu rule=audit-log slot=- frozen=true"
     );
 
     let table = parse(&EXAMPLE.replace("default: allow", "default: reject"));
     assert_eq!(
-        table.explain("payments", &Query::None, EU),
+        explain(&table, "topic=payments", EU),
         "decision=reject reason=default_reject rule=-"
     );
     assert_eq!(
@@ -355,13 +457,13 @@ fn explain_resolves_local_fallbacks_for_the_asking_region() {
     let table = parse(&text);
     assert_eq!(key_rule(&table).claim_key(None), Claim::Local);
     assert_eq!(
-        table.explain("orders", &Query::Key(None), US),
+        explain(&table, "topic=orders&null_key=true", US),
         "region=us rule=orders slot=-"
     );
     let text = EXAMPLE.replace("unmatched: reject", "unmatched: us");
     let table = parse(&text);
     assert_eq!(
-        table.explain("tenant.x", &Query::None, EU),
+        explain(&table, "topic=tenant.x", EU),
         "region=us rule=tenants slot=-"
     );
 }
@@ -667,8 +769,8 @@ fn unknown_fields_and_bad_yaml_are_named_with_path_and_position() {
     assert_eq!(
         rejected("rules:\n  - name: orders\n    topics: [orders]\n    slotz: 3\n"),
         "ownership.yaml: rules[0].slotz: unknown field `slotz`, expected one of `name`, \
-         `topics`, `by`, `slots`, `header`, `owners`, `owner`, `null_key`, `unmatched`, \
-         `on_foreign` at line 4 column 5"
+         `topics`, `by`, `slots`, `header`, `delimiter`, `index`, `pattern`, `group`, `owners`, \
+         `owner`, `null_key`, `unmatched`, `on_foreign` at line 4 column 5"
     );
     assert_eq!(
         rejected("rules: []\nfrozn: [us]\n"),
@@ -678,7 +780,7 @@ fn unknown_fields_and_bad_yaml_are_named_with_path_and_position() {
     assert_eq!(
         rejected("rules:\n  - name: orders\n    topics: [orders]\n    by: keys\n"),
         "ownership.yaml: rules[0].by: unknown variant `keys`, expected one of `key`, `header`, \
-         `partition`, `topic` at line 4 column 9"
+         `key_part`, `partition`, `topic` at line 4 column 9"
     );
     assert_eq!(
         rejected(&key_file(4, "{ eu: [0.5] }")),
@@ -1091,5 +1193,434 @@ proptest! {
             );
         }
         prop_assert_eq!(rule.claim_header(None), Claim::Region { region: US, slot: None });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// by: key_part
+// ---------------------------------------------------------------------------------------------
+
+/// A table with one `by: key_part` rule on topic `t`, with `part` (its delimiter/index or
+/// pattern/group lines) and `extra` lines.
+fn key_part_file(part: &str, extra: &str) -> String {
+    format!(
+        "rules:\n  - name: accounts\n    topics: [t]\n    by: key_part\n{part}\n    owners: {{ eu: [tenant-1, tenant-42], us: [tenant-7] }}\n{extra}"
+    )
+}
+
+const BY_DELIMITER: &str = "    delimiter: \"|\"\n    index: 0";
+const BY_PATTERN: &str = "    pattern: '^(tenant-[0-9]+)\\|'";
+
+fn key_part_rule(table: &Table) -> &Rule {
+    table.rule_for_topic("t").expect("the key_part rule")
+}
+
+fn eu() -> Claim {
+    Claim::Region {
+        region: EU,
+        slot: None,
+    }
+}
+
+fn us() -> Claim {
+    Claim::Region {
+        region: US,
+        slot: None,
+    }
+}
+
+const UNMATCHED: Claim = Claim::Reject(RejectReason::UnmatchedKeyPart);
+
+#[test]
+fn a_key_part_by_delimiter_is_looked_up_like_a_header_value() {
+    let table = parse(&key_part_file(BY_DELIMITER, ""));
+    let rule = key_part_rule(&table);
+    assert_eq!(rule.by.kind(), "key_part");
+    assert!(rule.reads_records());
+    for (key, expected) in [
+        (&b"tenant-42|order-9"[..], eu()),
+        (b"tenant-1|", eu()),
+        (b"tenant-7|order-1|line-3", us()),
+        // No delimiter: the whole key is part 0.
+        (b"tenant-7", us()),
+        // The bytes after the part do not matter, UTF-8 or not.
+        (b"tenant-1|\xff\xfe", eu()),
+        (b"tenant-9|order-1", UNMATCHED),
+        (b"TENANT-1|order-1", UNMATCHED),
+        (b"|tenant-1", UNMATCHED),
+        (b"", UNMATCHED),
+    ] {
+        assert_eq!(rule.claim_key(Some(key)), expected, "{key:?}");
+    }
+    assert_eq!(rule.claim_key(None), UNMATCHED);
+
+    let table = parse(&key_part_file(
+        "    delimiter: \"::\"\n    index: 2",
+        "    unmatched: us\n",
+    ));
+    let rule = key_part_rule(&table);
+    assert_eq!(rule.claim_key(Some(b"eu::x::tenant-1::y")), eu());
+    assert_eq!(rule.claim_key(Some(b"a::b::tenant-42")), eu());
+    // `unmatched` decides a key with too few parts, an unlisted part and a null key.
+    assert_eq!(rule.claim_key(Some(b"a::b")), us());
+    assert_eq!(rule.claim_key(Some(b"a:b:tenant-1")), us());
+    assert_eq!(rule.claim_key(Some(b"a::b::tenant-2")), us());
+    assert_eq!(rule.claim_key(None), us());
+    let table = parse(&key_part_file(BY_DELIMITER, "    unmatched: local\n"));
+    assert_eq!(key_part_rule(&table).claim_key(None), Claim::Local);
+}
+
+#[test]
+fn a_key_part_by_pattern_is_its_capture_group() {
+    let table = parse(&key_part_file(BY_PATTERN, ""));
+    let rule = key_part_rule(&table);
+    for (key, expected) in [
+        (&b"tenant-42|order-9"[..], eu()),
+        (b"tenant-7|", us()),
+        (b"tenant-1|\xff", eu()),
+        // The pattern is anchored and wants the delimiter.
+        (b"x-tenant-1|order", UNMATCHED),
+        (b"tenant-1", UNMATCHED),
+        (b"tenant-9|x", UNMATCHED),
+    ] {
+        assert_eq!(rule.claim_key(Some(key)), expected, "{key:?}");
+    }
+    assert_eq!(rule.claim_key(None), UNMATCHED);
+
+    // Unanchored, the first match counts; group 0 is the whole match; a group that took no
+    // part in the match is no part.
+    let table = parse(&key_part_file(
+        "    pattern: 'tenant-[0-9]+'\n    group: 0",
+        "",
+    ));
+    assert_eq!(
+        key_part_rule(&table).claim_key(Some(b"x/tenant-7/tenant-1")),
+        us()
+    );
+    let table = parse(&key_part_file(
+        "    pattern: '^(?:(a)|b)-(tenant-[0-9]+)$'\n    group: 1",
+        "",
+    ));
+    assert_eq!(
+        key_part_rule(&table).claim_key(Some(b"b-tenant-1")),
+        UNMATCHED
+    );
+    let table = parse(&key_part_file(
+        "    pattern: '^(?:(a)|b)-(tenant-[0-9]+)$'\n    group: 2",
+        "",
+    ));
+    assert_eq!(key_part_rule(&table).claim_key(Some(b"b-tenant-1")), eu());
+    // Bytes that are not UTF-8 can be matched (as with regex::bytes).
+    let table = parse(&key_part_file("    pattern: '^(?-u:\\xff)(.+)$'", ""));
+    assert_eq!(key_part_rule(&table).claim_key(Some(b"\xfftenant-7")), us());
+}
+
+#[test]
+fn key_part_extraction_borrows_from_the_key() {
+    let table = parse(&key_part_file("    delimiter: \"|\"\n    index: 1", ""));
+    let By::KeyPart { part, .. } = &key_part_rule(&table).by else {
+        panic!("a key_part rule");
+    };
+    let key = b"a|tenant-42|c";
+    let extracted = part.extract(key).expect("a part");
+    assert_eq!(extracted, b"tenant-42");
+    // The same bytes, not a copy.
+    assert_eq!(extracted.as_ptr(), key[2..].as_ptr());
+    assert_eq!(part.extract(b"a"), None);
+    assert_eq!(part.extract(b"a|"), Some(&b""[..]));
+}
+
+#[test]
+fn key_part_rules_answer_owner_queries_about_keys() {
+    let table = parse(&key_part_file(BY_DELIMITER, ""));
+    for (query, expected) in [
+        (
+            "topic=t&key=tenant-42|order-9",
+            "region=eu rule=accounts slot=-",
+        ),
+        ("topic=t&key=tenant-7", "region=us rule=accounts slot=-"),
+        (
+            "topic=t&key=tenant-9|x",
+            "decision=reject reason=unmatched_key_part rule=accounts",
+        ),
+        (
+            "topic=t&null_key=true",
+            "decision=reject reason=unmatched_key_part rule=accounts",
+        ),
+        (
+            "topic=t&partition=1",
+            "decision=undecided need=key rule=accounts",
+        ),
+        ("topic=t", "decision=undecided need=key rule=accounts"),
+    ] {
+        assert_eq!(explain(&table, query, EU), expected, "{query}");
+    }
+    let table = parse(&key_part_file(BY_PATTERN, "takeover: { us: eu }\n"));
+    assert_eq!(
+        explain(&table, "topic=t&key=tenant-7|x", EU),
+        "region=eu rule=accounts slot=- takeover_from=us"
+    );
+}
+
+#[test]
+fn key_part_rules_are_summarised() {
+    let table = parse(&key_part_file(BY_DELIMITER, ""));
+    let summary = table.summary();
+    assert!(
+        summary.contains(
+            "  accounts: by key_part, topics t\n    key part 0 split by \"|\": values eu 2, us 1\n    unmatched: reject\n    on_foreign: reject\n"
+        ),
+        "{summary}"
+    );
+    let table = parse(&key_part_file(BY_PATTERN, "    unmatched: us\n"));
+    let summary = table.summary();
+    assert!(
+        summary.contains(
+            "    key group 1 of pattern \"^(tenant-[0-9]+)\\\\|\": values eu 2, us 1\n    unmatched: us\n"
+        ),
+        "{summary}"
+    );
+}
+
+#[test]
+fn key_part_rules_are_validated_with_the_field_and_the_problem() {
+    let error = |part: &str, extra: &str| rejected(&key_part_file(part, extra));
+    assert_eq!(
+        error(&format!("{BY_DELIMITER}\n{BY_PATTERN}"), ""),
+        "ownership.yaml: rules[0].pattern: give either `delimiter` (with `index`) or `pattern` \
+         (with `group`), not both"
+    );
+    assert_eq!(
+        error("    unmatched: reject", ""),
+        "ownership.yaml: rules[0].delimiter: a `by: key_part` rule needs `delimiter` (with \
+         `index`) or `pattern` (a regex whose capture `group` is the part)"
+    );
+    assert_eq!(
+        error("    delimiter: ''", ""),
+        "ownership.yaml: rules[0].delimiter: empty delimiter"
+    );
+    assert_eq!(
+        error("    delimiter: '|'\n    index: -1", ""),
+        "ownership.yaml: rules[0].index: index -1 is negative (parts count from 0)"
+    );
+    assert_eq!(
+        error("    delimiter: '|'\n    index: 256", ""),
+        "ownership.yaml: rules[0].index: index 256 is out of range 0-255"
+    );
+    assert_eq!(
+        error("    delimiter: '|'\n    index: 99999999999", ""),
+        "ownership.yaml: rules[0].index: index 99999999999 is out of range 0-255"
+    );
+    assert_eq!(
+        error("    delimiter: '|'\n    group: 1", ""),
+        "ownership.yaml: rules[0].group: `group` goes with `pattern`; with `delimiter` the part \
+         is picked by `index`"
+    );
+    assert_eq!(
+        error(&format!("{BY_PATTERN}\n    index: 0"), ""),
+        "ownership.yaml: rules[0].index: `index` goes with `delimiter`; with `pattern` the part \
+         is picked by `group`"
+    );
+    assert_eq!(
+        error("    pattern: ''", ""),
+        "ownership.yaml: rules[0].pattern: empty pattern"
+    );
+    assert_eq!(
+        error("    pattern: '^(tenant-[0-9+'", ""),
+        "ownership.yaml: rules[0].pattern: invalid pattern: unclosed character class"
+    );
+    assert_eq!(
+        error("    pattern: '^(tenant-[0-9]+'", ""),
+        "ownership.yaml: rules[0].pattern: invalid pattern: unclosed group"
+    );
+    let huge = error("    pattern: '(\\w{1000}){1000}'", "");
+    assert!(
+        huge.starts_with(
+            "ownership.yaml: rules[0].pattern: invalid pattern: it compiles to more than the limit of"
+        ),
+        "{huge}"
+    );
+    assert_eq!(
+        error("    pattern: '^tenant-[0-9]+'", ""),
+        "ownership.yaml: rules[0].group: group 1 is out of range: the pattern has no capture \
+         group (put the part in parentheses, or use group 0 for the whole match)"
+    );
+    assert_eq!(
+        error(&format!("{BY_PATTERN}\n    group: 2"), ""),
+        "ownership.yaml: rules[0].group: group 2 is out of range: the pattern has 1 capture group"
+    );
+    assert_eq!(
+        error(&format!("{BY_PATTERN}\n    group: -1"), ""),
+        "ownership.yaml: rules[0].group: group -1 is out of range: the pattern has 1 capture group"
+    );
+    let many = format!("    pattern: '{}'\n    group: 16", "(a)".repeat(17));
+    assert_eq!(
+        error(&many, ""),
+        "ownership.yaml: rules[0].group: group 16 is out of range 0-15"
+    );
+    // Values are owned once, and are text.
+    let owned_twice = "rules:\n  - name: accounts\n    topics: [t]\n    by: key_part\n    delimiter: '|'\n    owners: { eu: [tenant-1], us: [tenant-7, tenant-1] }\n";
+    assert_eq!(
+        rejected(owned_twice),
+        "ownership.yaml: rules[0].owners.us: key part `tenant-1` is also owned by eu"
+    );
+    let listed_twice = "rules:\n  - name: accounts\n    topics: [t]\n    by: key_part\n    delimiter: '|'\n    owners: { eu: [tenant-1, tenant-1] }\n";
+    assert_eq!(
+        rejected(listed_twice),
+        "ownership.yaml: rules[0].owners.eu: key part `tenant-1` is listed twice"
+    );
+    let number = "rules:\n  - name: accounts\n    topics: [t]\n    by: key_part\n    delimiter: '|'\n    owners: { eu: [42] }\n";
+    assert_eq!(
+        rejected(number),
+        "ownership.yaml: rules[0].owners.eu[0]: key part 42 is a number: quote it, e.g. \"42\""
+    );
+    let no_owners =
+        "rules:\n  - name: accounts\n    topics: [t]\n    by: key_part\n    delimiter: '|'\n";
+    assert_eq!(
+        rejected(no_owners),
+        "ownership.yaml: rules[0].owners: rule `accounts` has no owners"
+    );
+    assert_eq!(
+        error(BY_DELIMITER, "    unmatched: ap\n"),
+        "ownership.yaml: rules[0].unmatched: unknown region `ap` (regions: eu, us; or reject, local)"
+    );
+    // Fields of other kinds do not belong, and key_part's own belong to no other kind.
+    assert_eq!(
+        error(BY_DELIMITER, "    null_key: local\n"),
+        "ownership.yaml: rules[0].null_key: `null_key` does not belong to a `by: key_part` rule"
+    );
+    assert_eq!(
+        rejected(
+            &key_file(4, r#"{ eu: ["0-3"] }"#).replace("slots: 4", "slots: 4\n    delimiter: '|'")
+        ),
+        "ownership.yaml: rules[0].delimiter: `delimiter` does not belong to a `by: key` rule"
+    );
+    assert_eq!(
+        rejected("rules:\n  - name: a\n    topics: [a]\n    owner: eu\n    pattern: x\n"),
+        "ownership.yaml: rules[0].pattern: `pattern` does not belong to a `by: topic` rule (a \
+         rule without `by` is `by: topic`)"
+    );
+}
+
+/// A `by: key_part` rule on topic `t` that hashes part 0 (split at `|`) into 16 slots.
+const HASHED_PARTS: &str = "rules:\n  - name: accounts\n    topics: [t]\n    by: key_part\n    delimiter: '|'\n    slots: 16\n    owners: { eu: [\"0-7\"], us: [\"8-15\"] }\n";
+
+#[test]
+fn a_hashed_key_part_keeps_every_key_of_an_entity_in_one_slot() {
+    let table = parse(HASHED_PARTS);
+    let rule = key_part_rule(&table);
+    // "21" hashes to slot 12 of 16 (Kafka's murmur2 test vector), so every key whose part is
+    // "21" does, whatever follows it; under `by: key` these keys would spread over the slots.
+    for key in [&b"21"[..], b"21|order-1", b"21|order-2|line-9", b"21|\xff"] {
+        assert_eq!(
+            rule.claim_key(Some(key)),
+            Claim::Region {
+                region: US,
+                slot: Some(12)
+            },
+            "{key:?}"
+        );
+    }
+    for part in ["tenant-1", "tenant-42", "x"] {
+        let slot = to_positive(murmur2(part.as_bytes())) % 16;
+        let region = if slot < 8 { EU } else { US };
+        let key = format!("{part}|order-1");
+        assert_eq!(
+            rule.claim_key(Some(key.as_bytes())),
+            Claim::Region {
+                region,
+                slot: Some(slot)
+            }
+        );
+    }
+    // A key without the part (here: only a null key) follows `unmatched`.
+    assert_eq!(rule.claim_key(None), UNMATCHED);
+    let table = parse(
+        &HASHED_PARTS
+            .replace("index", "")
+            .replace("delimiter: '|'", "pattern: '^t=([^|]+)'"),
+    );
+    let rule = key_part_rule(&table);
+    assert_eq!(
+        rule.claim_key(Some(b"t=21|x")),
+        Claim::Region {
+            region: US,
+            slot: Some(12)
+        }
+    );
+    assert_eq!(rule.claim_key(Some(b"21|x")), UNMATCHED);
+    assert_eq!(
+        explain(&table, "topic=t&key=t=21|order-1", EU),
+        "region=us rule=accounts slot=12"
+    );
+    assert_eq!(
+        explain(&table, "topic=t&key=21", EU),
+        "decision=reject reason=unmatched_key_part rule=accounts"
+    );
+    let summary = table.summary();
+    assert!(
+        summary.contains("    key group 1 of pattern \"^t=([^|]+)\": slots 16: eu 8, us 8\n"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn hashed_key_part_slots_are_validated_like_a_key_rules() {
+    assert_eq!(
+        rejected(&HASHED_PARTS.replace(r#"us: ["8-15"]"#, r#"us: ["7-15"]"#)),
+        "ownership.yaml: rules[0].owners.us: slot 7 is also owned by eu"
+    );
+    assert_eq!(
+        rejected(&HASHED_PARTS.replace(r#"us: ["8-15"]"#, r#"us: ["8-13"]"#)),
+        "ownership.yaml: rules[0].owners: slots 14-15 have no owner"
+    );
+    assert_eq!(
+        rejected(&HASHED_PARTS.replace("slots: 16", "slots: 0")),
+        "ownership.yaml: rules[0].slots: slots must be at least 1"
+    );
+    assert_eq!(
+        rejected(&HASHED_PARTS.replace(r#"["0-7"]"#, "[tenant-1]")),
+        "ownership.yaml: rules[0].owners.eu[0]: expected a slot number or a range like \"0-7\", \
+         found \"tenant-1\""
+    );
+}
+
+proptest! {
+    #[test]
+    fn a_key_part_belongs_to_the_region_that_lists_it_whatever_the_rest_of_the_key(
+        values in prop::collection::btree_map("[a-z0-9-]{1,8}", 0u16..2, 1..10),
+        probes in prop::collection::vec("[a-z0-9-]{1,8}", 1..10),
+        prefix in "[a-z0-9|]{0,12}",
+        suffix in prop::collection::vec(any::<u8>(), 0..16),
+        index in 0usize..3,
+    ) {
+        let mut per_region = [Vec::new(), Vec::new()];
+        for (value, &r) in &values {
+            per_region[usize::from(r)].push(format!("'{value}'"));
+        }
+        let owners_yaml: Vec<String> = ["eu", "us"]
+            .iter()
+            .zip(&per_region)
+            .filter(|(_, items)| !items.is_empty())
+            .map(|(name, items)| format!("{name}: [{}]", items.join(", ")))
+            .collect();
+        let text = format!(
+            "rules:\n  - {{ name: k, topics: [k], by: key_part, delimiter: '|', index: {index}, unmatched: reject, owners: {{ {} }} }}\n",
+            owners_yaml.join(", ")
+        );
+        let table = parse(&text);
+        let rule = table.rule_for_topic("k").expect("rule");
+        for probe in values.keys().chain(&probes) {
+            // `index` parts before the probe, then the probe, then anything after a delimiter.
+            let before: Vec<&str> = prefix.split('|').chain(["x"; 3]).take(index).collect();
+            let mut key: Vec<u8> = before.iter().flat_map(|p| [p.as_bytes(), b"|"].concat()).collect();
+            key.extend_from_slice(probe.as_bytes());
+            key.push(b'|');
+            key.extend_from_slice(&suffix);
+            let expected = values
+                .get(probe)
+                .map_or(UNMATCHED, |&r| Claim::Region { region: RegionId(r), slot: None });
+            prop_assert_eq!(rule.claim_key(Some(&key)), expected, "{:?}", key);
+        }
     }
 }

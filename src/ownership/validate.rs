@@ -4,7 +4,7 @@
 
 use super::file::{File, Item, Pairs, RawBy, RawDefault, RawOnForeign, RawRule};
 use super::glob;
-use super::rule::{By, Fallback, OnForeign, PartitionRange, Rule};
+use super::rule::{By, Fallback, KeyPart, OnForeign, PartOwners, PartitionRange, Rule};
 use super::table::{DefaultPolicy, Table};
 use super::{RegionId, TableError};
 use std::collections::HashMap;
@@ -14,6 +14,13 @@ use std::path::Path;
 /// Upper bound on `slots`. A key rule keeps one owner per slot; slots are meant to match a
 /// topic's partition count (so slots line up with partitions), which stays far below this.
 const MAX_SLOTS: u32 = 65_536;
+
+/// Upper bound on a `by: key_part` rule's `index`: a key is split into a handful of parts, and
+/// a bound keeps a typo (`index: 10000`) from passing as a rule that owns nothing.
+const MAX_INDEX: i64 = 255;
+
+/// Values a `by: header` or `by: key_part` rule looks up, by their bytes.
+type Values = HashMap<Box<[u8]>, RegionId, foldhash::fast::RandomState>;
 
 /// Words that mean something else where the file expects a region name.
 const KEYWORDS: [&str; 3] = ["any", "local", "reject"];
@@ -190,6 +197,10 @@ impl Cx<'_> {
             by,
             slots,
             header,
+            delimiter,
+            index,
+            pattern,
+            group,
             owners,
             owner,
             null_key,
@@ -225,16 +236,24 @@ impl Cx<'_> {
         // A rule without `by` decides by topic: `owner: any` or `owner: <region>`.
         let by_kind = by.unwrap_or(RawBy::Topic);
         let fields = [
-            ("slots", slots.is_some(), &[RawBy::Key][..]),
+            ("slots", slots.is_some(), &[RawBy::Key, RawBy::KeyPart][..]),
             ("header", header.is_some(), &[RawBy::Header]),
+            ("delimiter", delimiter.is_some(), &[RawBy::KeyPart]),
+            ("index", index.is_some(), &[RawBy::KeyPart]),
+            ("pattern", pattern.is_some(), &[RawBy::KeyPart]),
+            ("group", group.is_some(), &[RawBy::KeyPart]),
             (
                 "owners",
                 owners.is_some(),
-                &[RawBy::Key, RawBy::Header, RawBy::Partition],
+                &[RawBy::Key, RawBy::Header, RawBy::KeyPart, RawBy::Partition],
             ),
             ("owner", owner.is_some(), &[RawBy::Topic]),
             ("null_key", null_key.is_some(), &[RawBy::Key]),
-            ("unmatched", unmatched.is_some(), &[RawBy::Header]),
+            (
+                "unmatched",
+                unmatched.is_some(),
+                &[RawBy::Header, RawBy::KeyPart],
+            ),
         ];
         for (field, present, belongs) in fields {
             if present && !belongs.contains(&by_kind) {
@@ -290,6 +309,20 @@ impl Cx<'_> {
                 let unmatched = self.fallback(&format!("{at}.unmatched"), unmatched)?;
                 self.by_header(at, header, owners, unmatched)?
             }
+            RawBy::KeyPart => {
+                let part = self.key_part(at, delimiter, index, pattern, group)?;
+                let owners = owners_of(owners)?;
+                let unmatched = self.fallback(&format!("{at}.unmatched"), unmatched)?;
+                let owners = match slots {
+                    None => PartOwners::Values(self.values(at, &owners, "key part")?),
+                    Some(slots) => PartOwners::Slots(self.slot_owners(at, slots, &owners)?),
+                };
+                By::KeyPart {
+                    part,
+                    owners,
+                    unmatched,
+                }
+            }
             RawBy::Partition => self.by_partition(at, owners_of(owners)?)?,
             RawBy::Topic => match owner.as_deref() {
                 None => {
@@ -320,6 +353,20 @@ impl Cx<'_> {
         owners: Vec<(String, Vec<Item>)>,
         null_key: Fallback,
     ) -> Result<By, TableError> {
+        Ok(By::Key {
+            slots,
+            owners: self.slot_owners(at, slots, &owners)?,
+            null_key,
+        })
+    }
+
+    /// The owner of each of `slots` slots (exactly `slots` entries): every slot owned once.
+    fn slot_owners(
+        &self,
+        at: &str,
+        slots: u32,
+        owners: &[(String, Vec<Item>)],
+    ) -> Result<Box<[RegionId]>, TableError> {
         if slots == 0 {
             return Err(self.error(format!("{at}.slots"), "slots must be at least 1"));
         }
@@ -330,7 +377,7 @@ impl Cx<'_> {
             ));
         }
         let mut table: Vec<Option<RegionId>> = vec![None; slots as usize];
-        for (name, items) in &owners {
+        for (name, items) in owners {
             let path = format!("{at}.owners.{name}");
             let region = self.region(&path, name, Also::Nothing)?;
             for (k, item) in items.iter().enumerate() {
@@ -379,11 +426,7 @@ impl Cx<'_> {
                 format!("{noun} {} {verb} no owner", compact(&missing)),
             ));
         }
-        Ok(By::Key {
-            slots,
-            owners: table.into_iter().flatten().collect(),
-            null_key,
-        })
+        Ok(table.into_iter().flatten().collect())
     }
 
     fn by_header(
@@ -393,9 +436,23 @@ impl Cx<'_> {
         owners: Vec<(String, Vec<Item>)>,
         unmatched: Fallback,
     ) -> Result<By, TableError> {
-        let mut values: HashMap<Box<[u8]>, RegionId, foldhash::fast::RandomState> =
-            HashMap::default();
-        for (name, items) in &owners {
+        Ok(By::Header {
+            owners: self.values(at, &owners, "header value")?,
+            header,
+            unmatched,
+        })
+    }
+
+    /// The owners of a rule that looks values up (`header value`, `key part`: the `noun` of
+    /// its messages): each value owned once.
+    fn values(
+        &self,
+        at: &str,
+        owners: &[(String, Vec<Item>)],
+        noun: &str,
+    ) -> Result<Values, TableError> {
+        let mut values = Values::default();
+        for (name, items) in owners {
             let path = format!("{at}.owners.{name}");
             let region = self.region(&path, name, Also::Nothing)?;
             for (k, item) in items.iter().enumerate() {
@@ -404,7 +461,7 @@ impl Cx<'_> {
                     Item::Int(n) => {
                         return Err(self.error(
                             format!("{path}[{k}]"),
-                            format!("header value {n} is a number: quote it, e.g. \"{n}\""),
+                            format!("{noun} {n} is a number: quote it, e.g. \"{n}\""),
                         ));
                     }
                 };
@@ -413,15 +470,13 @@ impl Cx<'_> {
                         slot.insert(region);
                     }
                     Entry::Occupied(other) if *other.get() == region => {
-                        return Err(
-                            self.error(path, format!("header value `{value}` is listed twice"))
-                        );
+                        return Err(self.error(path, format!("{noun} `{value}` is listed twice")));
                     }
                     Entry::Occupied(other) => {
                         return Err(self.error(
                             path,
                             format!(
-                                "header value `{value}` is also owned by {}",
+                                "{noun} `{value}` is also owned by {}",
                                 self.name(*other.get())
                             ),
                         ));
@@ -429,11 +484,113 @@ impl Cx<'_> {
                 }
             }
         }
-        Ok(By::Header {
-            header,
-            owners: values,
-            unmatched,
-        })
+        Ok(values)
+    }
+
+    /// Where a `by: key_part` rule finds its part: `delimiter` (with `index`, default 0) or
+    /// `pattern` (with `group`, default 1), never both.
+    fn key_part(
+        &self,
+        at: &str,
+        delimiter: Option<String>,
+        index: Option<i64>,
+        pattern: Option<String>,
+        group: Option<i64>,
+    ) -> Result<KeyPart, TableError> {
+        match (delimiter, pattern) {
+            (Some(_), Some(_)) => Err(self.error(
+                format!("{at}.pattern"),
+                "give either `delimiter` (with `index`) or `pattern` (with `group`), not both",
+            )),
+            (None, None) => Err(self.error(
+                format!("{at}.delimiter"),
+                "a `by: key_part` rule needs `delimiter` (with `index`) or `pattern` (a regex \
+                 whose capture `group` is the part)",
+            )),
+            (Some(delimiter), None) => {
+                if group.is_some() {
+                    return Err(self.error(
+                        format!("{at}.group"),
+                        "`group` goes with `pattern`; with `delimiter` the part is picked by `index`",
+                    ));
+                }
+                if delimiter.is_empty() {
+                    return Err(self.error(format!("{at}.delimiter"), "empty delimiter"));
+                }
+                let index = index.unwrap_or(0);
+                if index < 0 {
+                    return Err(self.error(
+                        format!("{at}.index"),
+                        format!("index {index} is negative (parts count from 0)"),
+                    ));
+                }
+                let index = u32::try_from(index)
+                    .ok()
+                    .filter(|&i| i64::from(i) <= MAX_INDEX)
+                    .ok_or_else(|| {
+                        self.error(
+                            format!("{at}.index"),
+                            format!("index {index} is out of range 0-{MAX_INDEX}"),
+                        )
+                    })?;
+                Ok(KeyPart::Delimited {
+                    delimiter: delimiter.into_bytes().into(),
+                    index,
+                })
+            }
+            (None, Some(pattern)) => {
+                if index.is_some() {
+                    return Err(self.error(
+                        format!("{at}.index"),
+                        "`index` goes with `delimiter`; with `pattern` the part is picked by `group`",
+                    ));
+                }
+                if pattern.is_empty() {
+                    return Err(self.error(format!("{at}.pattern"), "empty pattern"));
+                }
+                // As `regex::bytes::Regex` builds it: keys are bytes and need not be UTF-8.
+                let regex = regex_automata::meta::Regex::builder()
+                    .configure(regex_automata::meta::Config::new().utf8_empty(false))
+                    .syntax(regex_automata::util::syntax::Config::new().utf8(false))
+                    .build(&pattern)
+                    .map_err(|e| {
+                        self.error(
+                            format!("{at}.pattern"),
+                            format!("invalid pattern: {}", regex_problem(&e)),
+                        )
+                    })?;
+                // Capture groups besides the implicit group 0 (the whole match).
+                let groups = regex.captures_len().saturating_sub(1);
+                let group = group.unwrap_or(1);
+                if group < 0 || group > groups as i64 {
+                    let has = match groups {
+                        0 => "no capture group (put the part in parentheses, or use group 0 \
+                              for the whole match)"
+                            .to_owned(),
+                        1 => "1 capture group".to_owned(),
+                        n => format!("{n} capture groups"),
+                    };
+                    return Err(self.error(
+                        format!("{at}.group"),
+                        format!("group {group} is out of range: the pattern has {has}"),
+                    ));
+                }
+                let group = u32::try_from(group)
+                    .ok()
+                    .filter(|&g| g <= KeyPart::MAX_GROUP)
+                    .ok_or_else(|| {
+                        self.error(
+                            format!("{at}.group"),
+                            format!("group {group} is out of range 0-{}", KeyPart::MAX_GROUP),
+                        )
+                    })?;
+                Ok(KeyPart::Pattern {
+                    pattern,
+                    regex,
+                    group,
+                })
+            }
+        }
     }
 
     fn by_partition(&self, at: &str, owners: Vec<(String, Vec<Item>)>) -> Result<By, TableError> {
@@ -626,6 +783,21 @@ impl std::fmt::Display for Item {
             Item::Str(s) => write!(f, "{s:?}"),
         }
     }
+}
+
+/// Why a pattern does not compile, on one line: the regex parser's own explanation spans
+/// several lines (the pattern, a caret, then `error: <problem>`).
+fn regex_problem(e: &regex_automata::meta::BuildError) -> String {
+    if let Some(limit) = e.size_limit() {
+        return format!("it compiles to more than the limit of {limit} bytes");
+    }
+    let Some(syntax) = e.syntax_error() else {
+        return e.to_string();
+    };
+    let text = syntax.to_string();
+    text.lines()
+        .find_map(|line| line.strip_prefix("error: "))
+        .map_or_else(|| text.replace('\n', " "), str::to_owned)
 }
 
 /// `a.b[0].c`, `a.b[0]`, `a.b`, `a`: the path and each of its parents.

@@ -1,3 +1,6 @@
 //! Pure decisions over decoded requests and one ownership snapshot: no sockets, clocks or
 //! globals, so most unit and property tests live here.
 pub mod produce;
+
+#[cfg(test)]
+mod no_alloc;

@@ -4,8 +4,10 @@
 //! The unit of decision is the record batch: a batch whose records are all writable here is
 //! forwarded, a batch with any record owned elsewhere is refused whole (splitting a batch would
 //! break offsets, CRCs and idempotent sequence numbers), and a partition is forwarded only when
-//! every batch in it is. Records are decoded only for `by: key` and `by: header` rules; topic,
-//! partition and `any` rules, and topics no rule matches, are decided without touching a record.
+//! every batch in it is. Records are decoded only for rules that read them
+//! ([`Rule::reads_records`]); the others, and topics no rule matches, are decided without
+//! touching a record. What a rule looks at is the rule's business: this module hands it a
+//! [`Subject`] and never asks which `by` it is.
 //!
 //! Pure: no sockets, clocks or globals.
 
@@ -13,9 +15,9 @@ use std::fmt::Write as _;
 use std::ops::ControlFlow;
 
 use crate::codec::produce::ProduceView;
-use crate::codec::records::{self, Inflater, RecordView};
-use crate::ownership::{By, Claim, DefaultPolicy, OnForeign, RejectReason, Rule, Table, Verdict};
-use crate::ownership::{Query, RegionId};
+use crate::codec::records::{self, Inflater};
+use crate::ownership::{Claim, DefaultPolicy, OnForeign, RejectReason, Rule, Table, Verdict};
+use crate::ownership::{RegionId, Subject};
 
 /// A held write is answered with NOT_ENOUGH_REPLICAS: retriable, and "not persisted" for every
 /// client, so the Java client, librdkafka and franz-go retry it until their delivery timeout
@@ -26,18 +28,16 @@ pub use crate::codec::errors::{CORRUPT_MESSAGE, INVALID_RECORD, NOT_ENOUGH_REPLI
 /// At most this many records of one batch are listed in `record_errors`; a batch of ten
 /// thousand foreign records must not turn into a megabyte of error text.
 const MAX_RECORD_ERRORS: usize = 100;
-/// Bytes of a key or header value quoted in an error message.
-const MAX_QUOTED: usize = 64;
 
 /// Why a partition was refused; the metric label of a rejection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RejectKind {
     ForeignOwner,
     MixedBatch,
-    NullKey,
-    UnmatchedHeader,
-    UnownedPartition,
-    DefaultReject,
+    /// The table names no owner (a null key, an unmatched header, an unowned partition, the
+    /// table's default...), whatever the region asking; labelled with the reason's own name.
+    /// [`RejectReason::WrongLookup`], a bug, is labelled `internal`.
+    Unowned(RejectReason),
     MalformedBatch,
     /// A redirect the client may not make: the cluster it connects to does not let it WRITE
     /// the topic (decided in `proxy::conn`, which asks that cluster).
@@ -50,8 +50,6 @@ pub enum RejectKind {
     /// Owned elsewhere under a redirect rule, but not one batch keyward may carry to another
     /// cluster (several batches in the partition, or a transaction).
     Unredirectable,
-    /// A rule was asked about something it does not look at; a bug, refused rather than guessed.
-    Internal,
 }
 
 impl RejectKind {
@@ -59,26 +57,13 @@ impl RejectKind {
         match self {
             RejectKind::ForeignOwner => "foreign_owner",
             RejectKind::MixedBatch => "mixed_batch",
-            RejectKind::NullKey => "null_key",
-            RejectKind::UnmatchedHeader => "unmatched_header",
-            RejectKind::UnownedPartition => "unowned_partition",
-            RejectKind::DefaultReject => "default_reject",
+            RejectKind::Unowned(RejectReason::WrongLookup) => "internal",
+            RejectKind::Unowned(reason) => reason.as_str(),
             RejectKind::MalformedBatch => "malformed_batch",
             RejectKind::NotAuthorized => "not_authorized",
             RejectKind::UnverifiedTopic => "unverified_topic",
             RejectKind::OwnerHasNoCluster => "owner_has_no_cluster",
             RejectKind::Unredirectable => "unredirectable",
-            RejectKind::Internal => "internal",
-        }
-    }
-
-    fn from_reason(reason: RejectReason) -> Self {
-        match reason {
-            RejectReason::NullKey => RejectKind::NullKey,
-            RejectReason::UnmatchedHeader => RejectKind::UnmatchedHeader,
-            RejectReason::UnownedPartition => RejectKind::UnownedPartition,
-            RejectReason::DefaultReject => RejectKind::DefaultReject,
-            RejectReason::WrongLookup => RejectKind::Internal,
         }
     }
 }
@@ -405,7 +390,7 @@ fn decide_default(table: &Table, topic: &str) -> PartitionDecision {
     match table.default_policy() {
         DefaultPolicy::Allow => decision(Action::Forward { audited: 0 }),
         DefaultPolicy::Reject => decision(Action::Reject {
-            kind: RejectKind::DefaultReject,
+            kind: RejectKind::Unowned(RejectReason::DefaultReject),
             error_code: INVALID_RECORD,
             message: format!(
                 "topic {topic:?} matches no ownership rule and the table's default is reject"
@@ -424,14 +409,10 @@ fn decide_rule(
     records: &[u8],
     inflater: &mut Inflater,
 ) -> PartitionDecision {
-    let whole_partition = match &rule.by {
-        By::Key { .. } | By::Header { .. } => None,
-        By::Partition { .. } => Some(rule.claim_partition(partition)),
-        By::Topic { .. } | By::Any => Some(rule.claim_topic()),
-    };
-    if let Some(claim) = whole_partition {
+    if !rule.reads_records() {
+        let subject = Subject::topic(topic).with_partition(partition);
         let mut tally = Tally::new(table, rule, local);
-        tally.add(0, claim, &Subject::Partition { topic, partition });
+        tally.add(0, claim(rule, &subject), &subject);
         return counted(tally.finish(topic, partition), records);
     }
 
@@ -450,8 +431,8 @@ fn decide_rule(
         };
         let mut tally = Tally::new(table, rule, local);
         let walked = batch.for_each_record(inflater, |index, record| {
-            let claim = claim_record(rule, &record);
-            tally.add(index as i32, claim, &Subject::Record { rule, record });
+            let subject = Subject::record(topic, partition, record);
+            tally.add(index as i32, claim(rule, &subject), &subject);
             ControlFlow::Continue(())
         });
         if let Err(e) = walked {
@@ -527,30 +508,11 @@ fn malformed(
     total
 }
 
-fn claim_record(rule: &Rule, record: &RecordView<'_>) -> Claim {
-    match &rule.by {
-        By::Key { .. } => rule.claim_key(record.key()),
-        By::Header { .. } => {
-            let value = rule
-                .header_name()
-                .and_then(|name| record.header(name))
-                .flatten();
-            rule.claim_header(value)
-        }
-        By::Partition { .. } | By::Topic { .. } | By::Any => rule.claim_topic(),
-    }
-}
-
-/// What a claim was made about, for the error message.
-enum Subject<'s, 'r> {
-    Record {
-        rule: &'s Rule,
-        record: RecordView<'r>,
-    },
-    Partition {
-        topic: &'s str,
-        partition: i32,
-    },
+/// The rule's claim on a write the policy built in full: a rule that cannot answer it is a bug,
+/// refused rather than guessed.
+fn claim(rule: &Rule, subject: &Subject<'_>) -> Claim {
+    rule.claim(subject)
+        .unwrap_or(Claim::Reject(RejectReason::WrongLookup))
 }
 
 /// Accumulates the verdicts of one batch's records.
@@ -591,7 +553,7 @@ impl<'t> Tally<'t> {
         }
     }
 
-    fn add(&mut self, index: i32, claim: Claim, subject: &Subject<'_, '_>) {
+    fn add(&mut self, index: i32, claim: Claim, subject: &Subject<'_>) {
         self.records += 1;
         match self.table.verdict(claim, self.local) {
             Verdict::Owned => self.owned += 1,
@@ -622,7 +584,7 @@ impl<'t> Tally<'t> {
             Verdict::Reject(reason) => {
                 let why = self.describe_reject(reason, subject);
                 // Refused whatever the region: there is no owner to name.
-                self.refuse(index, RejectKind::from_reason(reason), why, None);
+                self.refuse(index, RejectKind::Unowned(reason), why, None);
             }
             Verdict::Frozen { owner } => {
                 if self.frozen.is_none() {
@@ -648,24 +610,8 @@ impl<'t> Tally<'t> {
         }
     }
 
-    fn describe(&self, subject: &Subject<'_, '_>) -> String {
-        match subject {
-            Subject::Record { rule, record } => match &rule.by {
-                By::Key { .. } => match record.key() {
-                    Some(key) => format!("key {}", quote(key)),
-                    None => "a record with a null key".to_owned(),
-                },
-                By::Header { header, .. } => match record.header(header.as_bytes()).flatten() {
-                    Some(v) => format!("header {header}={}", quote(v)),
-                    None => format!("a record without header {header:?}"),
-                },
-                _ => "the record".to_owned(),
-            },
-            Subject::Partition { topic, partition } => match &self.rule.by {
-                By::Partition { .. } => format!("partition {partition} of topic {topic:?}"),
-                _ => format!("topic {topic:?}"),
-            },
-        }
+    fn describe(&self, subject: &Subject<'_>) -> String {
+        self.rule.describe(subject)
     }
 
     fn where_(&self, claim: Claim) -> String {
@@ -677,40 +623,8 @@ impl<'t> Tally<'t> {
         }
     }
 
-    fn describe_reject(&self, reason: RejectReason, subject: &Subject<'_, '_>) -> String {
-        let rule = &self.rule.name;
-        match reason {
-            RejectReason::NullKey => {
-                format!(
-                    "a record with a null key; rule {rule} rejects null keys (null_key: reject)"
-                )
-            }
-            RejectReason::UnmatchedHeader => match subject {
-                Subject::Record { record, .. } => {
-                    let header = match &self.rule.by {
-                        By::Header { header, .. } => header.as_str(),
-                        _ => "",
-                    };
-                    match record.header(header.as_bytes()) {
-                        Some(Some(v)) => format!(
-                            "header {header}={} has no owner in rule {rule} (unmatched: reject)",
-                            quote(v)
-                        ),
-                        _ => format!(
-                            "a record without header {header:?}; rule {rule} rejects it (unmatched: reject)"
-                        ),
-                    }
-                }
-                Subject::Partition { .. } => format!("no owner in rule {rule}"),
-            },
-            RejectReason::UnownedPartition => {
-                format!("{} has no owner in rule {rule}", self.describe(subject))
-            }
-            RejectReason::DefaultReject => {
-                "the topic matches no ownership rule and the table's default is reject".to_owned()
-            }
-            RejectReason::WrongLookup => format!("keyward could not apply rule {rule} (a bug)"),
-        }
+    fn describe_reject(&self, reason: RejectReason, subject: &Subject<'_>) -> String {
+        self.rule.refusal(reason, subject)
     }
 
     fn finish(mut self, _topic: &str, _partition: i32) -> PartitionDecision {
@@ -798,31 +712,6 @@ impl<'t> Tally<'t> {
     }
 }
 
-/// A key or header value for an error message: quoted text when printable, hex otherwise,
-/// truncated either way.
-fn quote(bytes: &[u8]) -> String {
-    let shown = &bytes[..bytes.len().min(MAX_QUOTED)];
-    let more = if bytes.len() > MAX_QUOTED { "…" } else { "" };
-    match std::str::from_utf8(shown) {
-        Ok(s) if s.chars().all(|c| !c.is_control()) => format!("{s:?}{more}"),
-        _ => {
-            let mut hex = String::with_capacity(2 + shown.len() * 2);
-            hex.push_str("0x");
-            for b in shown {
-                let _ = write!(hex, "{b:02x}");
-            }
-            hex.push_str(more);
-            hex
-        }
-    }
-}
-
-/// The one-line answer of `keyward owner`, kept here so the CLI and (later) the admin API give
-/// the same answer.
-pub fn explain(table: &Table, topic: &str, query: &Query<'_>, local: RegionId) -> String {
-    table.explain(topic, query, local)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -863,6 +752,22 @@ rules:
   - name: telemetry
     topics: ["metrics.*"]
     owner: any
+  - name: accounts
+    topics: ["accounts.*"]
+    by: key_part
+    delimiter: "|"
+    owners: { eu: [tenant-1, tenant-42], us: [tenant-7] }
+  - name: ledgers
+    topics: ["ledger"]
+    by: key_part
+    pattern: '^(tenant-[0-9]+)/'
+    owners: { eu: [tenant-1], us: [tenant-7] }
+  - name: hashed-accounts
+    topics: ["hashed.*"]
+    by: key_part
+    delimiter: "|"
+    slots: 16
+    owners: { eu: ["0-7"], us: ["8-15"] }
 default: reject
 "#;
 
@@ -1172,7 +1077,7 @@ default: allow
     fn null_keys_follow_the_rule() {
         let t = table("");
         let d = decide_one(&t, "eu", "orders", 0, &keys(&[None]));
-        assert_eq!(reject_of(&d).0, RejectKind::NullKey);
+        assert_eq!(reject_of(&d).0, RejectKind::Unowned(RejectReason::NullKey));
     }
 
     #[test]
@@ -1198,7 +1103,7 @@ default: allow
         );
         assert_eq!(
             reject_of(&decide_one(&t, "eu", "tenant.billing", 0, &missing)).0,
-            RejectKind::UnmatchedHeader
+            RejectKind::Unowned(RejectReason::UnmatchedHeader)
         );
     }
 
@@ -1221,7 +1126,7 @@ default: allow
         );
         assert_eq!(
             reject_of(&decide_one(&t, "eu", "inventory", 12, junk)).0,
-            RejectKind::UnownedPartition
+            RejectKind::Unowned(RejectReason::UnownedPartition)
         );
         assert!(
             decide_one(&t, "eu", "audit.login", 0, junk)
@@ -1239,7 +1144,7 @@ default: allow
         );
         let d = decide_one(&t, "eu", "unlisted", 0, junk);
         let (kind, message, _) = reject_of(&d);
-        assert_eq!(kind, RejectKind::DefaultReject);
+        assert_eq!(kind, RejectKind::Unowned(RejectReason::DefaultReject));
         assert_eq!(
             message,
             "topic \"unlisted\" matches no ownership rule and the table's default is reject"
@@ -1356,10 +1261,173 @@ default: allow
     }
 
     #[test]
-    fn keys_that_are_not_text_are_shown_in_hex() {
-        assert_eq!(quote(b"cust-42"), "\"cust-42\"");
-        assert_eq!(quote(&[0, 1, 0xff]), "0x0001ff");
-        assert_eq!(quote(&[b'a'; 70]).chars().count(), 64 + 3);
+    fn key_part_rules_decide_by_the_part_of_each_key() {
+        let t = table("");
+        let d = decide_one(
+            &t,
+            "eu",
+            "accounts.v1",
+            0,
+            &keys(&[
+                Some("tenant-42|order-1"),
+                Some("tenant-1|order-2"),
+                Some("tenant-1"),
+            ]),
+        );
+        assert_eq!(d.action, Action::Forward { audited: 0 });
+        assert_eq!((d.batches, d.records), (1, 3));
+
+        let foreign = keys(&[Some("tenant-7|order-1")]);
+        let d = decide_one(&t, "eu", "accounts.v1", 0, &foreign);
+        let (kind, message, errors) = reject_of(&d);
+        assert_eq!(kind, RejectKind::ForeignOwner);
+        assert_eq!(
+            message,
+            "key part \"tenant-7\" of key \"tenant-7|order-1\" is owned by region us (rule accounts); this proxy writes for eu"
+        );
+        assert_eq!(errors, &[(0, message.to_owned())]);
+        assert_eq!(d.owner, t.region_id("us"));
+        assert!(
+            decide_one(&t, "us", "accounts.v1", 0, &foreign)
+                .action
+                .is_forward()
+        );
+
+        let d = decide_one(
+            &t,
+            "eu",
+            "accounts.v1",
+            0,
+            &keys(&[Some("tenant-42|a"), Some("tenant-7|b"), Some("tenant-1|c")]),
+        );
+        let (kind, _, errors) = reject_of(&d);
+        assert_eq!(kind, RejectKind::MixedBatch);
+        assert_eq!(errors.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1]);
+    }
+
+    #[test]
+    fn key_part_rules_ignore_headers_and_read_compressed_batches() {
+        let t = table("");
+        // A header naming another tenant changes nothing: the key decides.
+        let b = batch(
+            &[(Some("tenant-1/x"), &[("tenant", "tenant-7")])],
+            Compression::None,
+        );
+        assert!(decide_one(&t, "eu", "ledger", 0, &b).action.is_forward());
+        for codec in [Compression::Gzip, Compression::Lz4, Compression::Zstd] {
+            let owned = batch(
+                &[(Some("tenant-1/a"), &[]), (Some("tenant-1/b"), &[])],
+                codec,
+            );
+            assert!(
+                decide_one(&t, "eu", "ledger", 0, &owned)
+                    .action
+                    .is_forward(),
+                "{codec:?}"
+            );
+            let foreign = batch(
+                &[(Some("tenant-7/a"), &[]), (Some("tenant-7/b"), &[])],
+                codec,
+            );
+            let d = decide_one(&t, "eu", "ledger", 0, &foreign);
+            let (kind, message, errors) = reject_of(&d);
+            assert_eq!(kind, RejectKind::ForeignOwner, "{codec:?}");
+            assert_eq!(
+                message,
+                "key part \"tenant-7\" of key \"tenant-7/a\" is owned by region us (rule ledgers); this proxy writes for eu (and 1 more records)"
+            );
+            assert_eq!(errors.len(), 2);
+        }
+    }
+
+    #[test]
+    fn keys_without_an_owned_part_follow_unmatched_with_a_message_saying_why() {
+        let t = table("");
+        let cases = [
+            (
+                "accounts.v1",
+                Some("tenant-9|order-1"),
+                "key part \"tenant-9\" of key \"tenant-9|order-1\" has no owner in rule accounts (unmatched: reject)",
+            ),
+            (
+                "accounts.v1",
+                None,
+                "a record with a null key has no key part; rule accounts rejects it (unmatched: reject)",
+            ),
+            (
+                "ledger",
+                Some("order-9"),
+                "key \"order-9\" has no group 1 of pattern \"^(tenant-[0-9]+)/\"; rule ledgers rejects it (unmatched: reject)",
+            ),
+        ];
+        for (topic, key, expected) in cases {
+            let d = decide_one(&t, "eu", topic, 0, &keys(&[key]));
+            let (kind, message, _) = reject_of(&d);
+            assert_eq!(kind, RejectKind::Unowned(RejectReason::UnmatchedKeyPart));
+            assert_eq!(kind.as_str(), "unmatched_key_part");
+            assert_eq!(message, expected);
+            // Refused whatever the region: there is no owner.
+            assert_eq!(d.owner, None);
+            assert!(
+                !decide_one(&t, "us", topic, 0, &keys(&[key]))
+                    .action
+                    .is_forward()
+            );
+        }
+    }
+
+    #[test]
+    fn hashed_key_parts_name_their_slot() {
+        let t = table("");
+        // "21" hashes to slot 12 of 16: every key whose part is "21" belongs to us.
+        let foreign = keys(&[Some("21|order-1"), Some("21|order-2")]);
+        let d = decide_one(&t, "eu", "hashed.v1", 0, &foreign);
+        let (kind, message, _) = reject_of(&d);
+        assert_eq!(kind, RejectKind::ForeignOwner);
+        assert_eq!(
+            message,
+            "key part \"21\" of key \"21|order-1\" is owned by region us (rule hashed-accounts, slot 12); this proxy writes for eu (and 1 more records)"
+        );
+        assert!(
+            decide_one(&t, "us", "hashed.v1", 0, &foreign)
+                .action
+                .is_forward()
+        );
+    }
+
+    #[test]
+    fn a_frozen_key_part_owner_is_held() {
+        let t = table("frozen: [us]\n");
+        let d = decide_one(&t, "eu", "accounts.v1", 0, &keys(&[Some("tenant-7|x")]));
+        match &d.action {
+            Action::Hold { message, reason } => {
+                assert_eq!(*reason, HoldReason::Frozen);
+                assert_eq!(
+                    message,
+                    "key part \"tenant-7\" of key \"tenant-7|x\" is owned by region us (rule accounts), which is frozen for a planned move; retry later"
+                );
+            }
+            other => panic!("expected hold, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reject_kinds_keep_their_metric_labels() {
+        let labels: Vec<&str> = RejectReason::ALL
+            .iter()
+            .map(|&r| RejectKind::Unowned(r).as_str())
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                "null_key",
+                "unmatched_header",
+                "unmatched_key_part",
+                "unowned_partition",
+                "default_reject",
+                "internal"
+            ]
+        );
     }
 
     /// Compressed batches cannot be read while other connections hold the decompression

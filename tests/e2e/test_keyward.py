@@ -46,6 +46,12 @@ rules:
     by: header
     header: tenant
     owners: { eu: [acme, globex], us: [initech] }
+  - name: accounts
+    topics: ["accounts.*"]
+    by: key_part
+    delimiter: "|"
+    index: 0
+    owners: { eu: [tenant-1, tenant-42], us: [tenant-7] }
   - name: inventory
     topics: ["inventory.*"]
     by: partition
@@ -272,6 +278,40 @@ def test_header_rule(client, eu, kw_eu):
     assert [r["ok"] for r in results] == [True, False, False, True], results
     assert {r["error_code"] for r in results[1:3]} == {INVALID_RECORD}
     assert sorted(values(eu.read_all(topic))) == [b"acme", b"globex"]
+
+
+def test_key_part_rule(eu, kw_eu):
+    """The owner is named by the part of the key before `|`: owned parts land, a part owned by
+    us is refused with keyward's message, an unlisted part is refused as unmatched."""
+    topic = unique("accounts.orders")
+    eu.create_topic(topic, partitions=2)
+    keys = ["tenant-42|order-1", "tenant-1|order-2", "tenant-7|order-3", "tenant-9|order-4"]
+    unmatched_before = kw_eu.metric(
+        "keyward_produce_records_total", rule="accounts", decision="rejected", reason="unmatched_key_part"
+    )
+    results = JavaClient().produce(
+        kw_eu.bootstrap, topic, [record(k.encode(), k.encode()) for k in keys], {"linger_ms": 0}, flush_every=1
+    )
+    assert [r["ok"] for r in results] == [True, True, False, False], results
+    assert {r["error_code"] for r in results[2:]} == {INVALID_RECORD}, results
+    # The Java client surfaces keyward's per-record message (KIP-467).
+    assert (
+        'key part "tenant-7" of key "tenant-7|order-3" is owned by region us (rule accounts); '
+        "this proxy writes for eu" in results[2]["error_message"]
+    ), results[2]
+    assert (
+        'key part "tenant-9" of key "tenant-9|order-4" has no owner in rule accounts (unmatched: reject)'
+        in results[3]["error_message"]
+    ), results[3]
+    assert sorted(r["key"] for r in eu.read_all(topic)) == [b"tenant-1|order-2", b"tenant-42|order-1"]
+    unmatched_after = kw_eu.metric(
+        "keyward_produce_records_total", rule="accounts", decision="rejected", reason="unmatched_key_part"
+    )
+    assert unmatched_after - unmatched_before == 1
+    # The command line and the admin API answer the same for a key under this rule.
+    assert kw_eu.owner(topic, "--key", "tenant-7|order-3") == "region=us rule=accounts slot=-"
+    status, body = kw_eu.admin(f"/ownership/owner?topic={topic}&key=tenant-7%7Corder-3")
+    assert (status, body.strip()) == (200, "region=us rule=accounts slot=-")
 
 
 def test_partition_topic_any_and_default_rules(eu, kw_eu):

@@ -637,7 +637,10 @@ ownership_file: ownership.yaml
             "{e}"
         );
         // SAFETY: this test alone reads or writes this variable.
-        unsafe { std::env::set_var(&var, "from-env") };
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::set_var(&var, "from-env")
+        };
         let s = Security::load(&c).unwrap();
         assert_eq!(
             s.cluster("eu").sasl.as_ref().unwrap().password.expose(),

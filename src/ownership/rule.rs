@@ -183,7 +183,7 @@ pub enum Fallback {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnForeign {
     Reject,
-    /// Parsed so the file format is stable, but rejected by validation until it is implemented.
+    /// Produce the write to the owner's cluster, through keyward's own producer there.
     Redirect,
     /// Forward the write, and count/log it as foreign.
     Audit,

@@ -3,4 +3,5 @@
 pub mod produce;
 
 #[cfg(test)]
+#[allow(unsafe_code)] // a counting global allocator, for tests only
 mod no_alloc;

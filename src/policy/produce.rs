@@ -413,7 +413,7 @@ fn decide_rule(
         let subject = Subject::topic(topic).with_partition(partition);
         let mut tally = Tally::new(table, rule, local);
         tally.add(0, claim(rule, &subject), &subject);
-        return counted(tally.finish(topic, partition), records);
+        return counted(tally.finish(), records);
     }
 
     let mut total = PartitionDecision {
@@ -438,7 +438,7 @@ fn decide_rule(
         if let Err(e) = walked {
             return malformed(total, topic, partition, &e);
         }
-        let d = tally.finish(topic, partition);
+        let d = tally.finish();
         total.batches = total.batches.saturating_add(1);
         total.records = total.records.saturating_add(d.records);
         total.writes_local |= d.writes_local;
@@ -627,7 +627,7 @@ impl<'t> Tally<'t> {
         self.rule.refusal(reason, subject)
     }
 
-    fn finish(mut self, _topic: &str, _partition: i32) -> PartitionDecision {
+    fn finish(mut self) -> PartitionDecision {
         let writes_local = self.owned > 0 || self.audited > 0;
         if self.redirected_count > 0 && (writes_local || self.first_refusal.is_some()) {
             // Records bound for another cluster share the batch with records that are not:

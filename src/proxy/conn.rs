@@ -99,6 +99,9 @@ enum Rewrite {
     /// Passed on untouched; its error code tells whether the broker accepted the client's
     /// SASL step.
     SaslAuthenticate(i16),
+    /// Passed on untouched when the broker refuses it; accepted by a cluster keyward was told
+    /// does not authenticate clients, it closes the connection instead.
+    SaslHandshake(i16),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -399,7 +402,7 @@ async fn requests(
                 .await?
             }
             (Admission::Forward, Ok(ApiKey::SaslHandshake)) => {
-                sasl_handshake(shared, cluster, frame, head, identity)
+                sasl_handshake(frame, head, identity)
             }
             (Admission::Forward, Ok(ApiKey::SaslAuthenticate)) => {
                 if let Some(auth) = identity::authenticate_bytes(&frame, head.api_version) {
@@ -589,33 +592,19 @@ impl BrokerIo<'_> {
     }
 }
 
-/// A client starts SASL. When keyward was told the cluster does not authenticate clients, that
-/// is a misconfiguration: keyward would be acting for clients it cannot tell apart, so it
-/// closes the connection instead.
-fn sasl_handshake(
-    shared: &Shared,
-    cluster: usize,
-    frame: Bytes,
-    head: RequestHead,
-    identity: &Identity,
-) -> Step {
-    if let Requirement::None { .. } = identity.requirement {
-        if shared.rejection_log.allow() {
-            let name = &shared.clusters.get(cluster).name;
-            warn!(
-                "a client starts SASL, but clusters.{name}.client_auth is none (or unset, and keyward has no sasl for {name}); closing the connection: set client_auth: sasl and keyward's own clusters.{name}.sasl"
-            );
-        }
-        return Step::close("client_auth_mismatch");
-    }
+/// A client starts SASL. When keyward was told the cluster does not authenticate clients, the
+/// broker's answer decides: a listener without SASL refuses the handshake (the client sees
+/// that refusal, as it would directly); one that accepts it shows the misconfiguration, and the
+/// response half closes the connection rather than act for clients keyward cannot tell apart.
+fn sasl_handshake(frame: Bytes, head: RequestHead, identity: &Identity) -> Step {
     if let Some(mechanism) = identity::handshake_mechanism(&frame, head.api_version) {
         identity.set_mechanism(&mechanism);
     }
-    Step::forward(
-        frame,
-        head.correlation_id,
-        Handling::Rewrite(Rewrite::Passthrough),
-    )
+    let rewrite = match identity.requirement {
+        Requirement::None { .. } => Rewrite::SaslHandshake(head.api_version),
+        Requirement::Sasl => Rewrite::Passthrough,
+    };
+    Step::forward(frame, head.correlation_id, Handling::Rewrite(rewrite))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1063,9 +1052,21 @@ async fn responses(
                     });
                 }
                 if let Handling::Rewrite(Rewrite::SaslAuthenticate(v)) = handling
-                    && let Some(code) = identity::authenticate_error(&frame, v)
+                    && let Some(code) =
+                        identity::response_error(&frame, ApiKey::SaslAuthenticate, v)
                 {
                     identity.sasl_answered(code);
+                }
+                if let Handling::Rewrite(Rewrite::SaslHandshake(v)) = handling
+                    && identity::response_error(&frame, ApiKey::SaslHandshake, v) == Some(0)
+                {
+                    if shared.rejection_log.allow() {
+                        let name = &shared.clusters.get(cluster).name;
+                        warn!(
+                            "cluster {name} accepts a client's SASL handshake, but clusters.{name}.client_auth is none (or unset, and keyward has no sasl for {name}); closing the connection: set client_auth: sasl and keyward's own clusters.{name}.sasl"
+                        );
+                    }
+                    return Ok("client_auth_mismatch");
                 }
                 let out = match handling {
                     Handling::ProduceMerge(reply) => {
@@ -1190,7 +1191,7 @@ fn respond(
             v,
             |r: &mut kafka_protocol::messages::ProduceResponse| rewrite::produce_endpoints(r, &to),
         ),
-        Rewrite::Produce(_) | Rewrite::SaslAuthenticate(_) => Ok(frame),
+        Rewrite::Produce(_) | Rewrite::SaslAuthenticate(_) | Rewrite::SaslHandshake(_) => Ok(frame),
     }
 }
 

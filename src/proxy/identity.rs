@@ -229,13 +229,10 @@ pub fn authenticate_bytes(frame: &[u8], version: i16) -> Option<Bytes> {
         .map(|r| r.auth_bytes)
 }
 
-/// The error code of a SaslAuthenticate response.
-pub fn authenticate_error(frame: &[u8], version: i16) -> Option<i16> {
-    let header_len = frame::response_header_len(
-        frame,
-        ApiKey::SaslAuthenticate.response_header_version(version),
-    )
-    .ok()?;
+/// The error code of a SaslHandshake or SaslAuthenticate response (the first field of both).
+pub fn response_error(frame: &[u8], api: ApiKey, version: i16) -> Option<i16> {
+    let header_len =
+        frame::response_header_len(frame, api.response_header_version(version)).ok()?;
     Reader::new(frame.get(LENGTH_PREFIX + header_len..)?)
         .i16()
         .ok()
@@ -522,7 +519,14 @@ mod tests {
         assert_eq!(client_id(&frame, 0), None);
         assert_eq!(client_id(&frame[..13], 1), None);
         assert_eq!(client_id(&[0, 0, 0, 1, 9], 2), None);
-        assert_eq!(authenticate_error(&[0, 0, 0, 2], 1), None);
+        assert_eq!(
+            response_error(&[0, 0, 0, 2], ApiKey::SaslAuthenticate, 1),
+            None
+        );
+        assert_eq!(
+            response_error(&[0, 0, 0, 6, 0, 0, 0, 1, 0, 34], ApiKey::SaslHandshake, 1),
+            Some(34)
+        );
         assert_eq!(handshake_mechanism(&frame[..9], 1), None);
         assert!(authenticate_bytes(&[0, 0, 0, 9, 0, 36, 0, 2, 0, 0, 0, 1, 0], 2).is_none());
     }

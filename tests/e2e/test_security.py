@@ -540,8 +540,10 @@ def test_a_client_that_may_not_write_on_its_cluster_is_refused_everywhere(client
 
 def test_a_sasl_client_behind_a_keyward_told_clients_need_no_login_is_closed(tmp_path, pki, secure, eu):
     """keyward has no login of its own for `sec`, so it takes `sec` for a cluster that does not
-    authenticate clients. A client that starts SASL shows otherwise: keyward closes the
-    connection rather than act for a client it cannot tell apart."""
+    authenticate clients. The broker accepting a client's SASL handshake shows otherwise:
+    keyward closes the connection rather than act for a client it cannot tell apart. (The
+    conformance walk shows the other side: a plaintext broker's refusal of the handshake
+    reaches the client.)"""
     proxy = pki.issue("proxy-nologin")
     kw = Keyward(
         tmp_path,

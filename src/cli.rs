@@ -71,6 +71,7 @@ pub fn run(config: &Path) -> anyhow::Result<()> {
     )?);
     let security = Arc::new(Security::load(&config)?);
     runtime.block_on(async move {
+        let bootstrap = proxy::bind_bootstrap(&config)?;
         let admin_listener = crate::admin::bind(config.admin.listen).await?;
         let shared = Shared::new(config, ownership.clone(), security.clone())?;
         let stop = shared.shutdown_token();
@@ -91,7 +92,7 @@ pub fn run(config: &Path) -> anyhow::Result<()> {
             tracing::info!("shutting down");
             stop.cancel();
         });
-        let result = proxy::run(shared).await;
+        let result = proxy::run(shared, bootstrap).await;
         match admin.await {
             Ok(Err(e)) => tracing::error!("{e:#}"),
             Err(e) => tracing::error!("admin task: {e}"),

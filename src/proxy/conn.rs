@@ -262,9 +262,10 @@ fn requirement(shared: &Shared, cluster: usize) -> Requirement {
 }
 
 /// What the idle timeout looks at besides requests: responses still owed, and when the last one
-/// was written. Shared by the two halves of one connection.
+/// was written. Shared by the two halves of one connection. On tokio's clock, like the timeout
+/// it qualifies (so a test with paused time sees one clock).
 struct Activity {
-    started: Instant,
+    started: tokio::time::Instant,
     owed: AtomicUsize,
     /// Milliseconds after `started` of the last response written.
     answered_at: AtomicU64,
@@ -273,7 +274,7 @@ struct Activity {
 impl Default for Activity {
     fn default() -> Self {
         Self {
-            started: Instant::now(),
+            started: tokio::time::Instant::now(),
             owed: AtomicUsize::new(0),
             answered_at: AtomicU64::new(0),
         }

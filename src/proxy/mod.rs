@@ -393,11 +393,24 @@ impl RateLimit {
     }
 }
 
-/// Runs the proxy until `shutdown` is cancelled.
-pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
-    let bootstrap = bind(shared.config.listen.bootstrap)
-        .with_context(|| format!("listening on {}", shared.config.listen.bootstrap))?;
-    info!(addr = %shared.config.listen.bootstrap, region = %shared.config.region, "bootstrap listening");
+/// Binds `listen.bootstrap`, as `keyward run` does before [`run`]; a proxy whose bootstrap
+/// port is taken does not start. Must be called inside the runtime.
+pub fn bind_bootstrap(config: &Config) -> anyhow::Result<TcpListener> {
+    bind(config.listen.bootstrap)
+        .with_context(|| format!("listening on {}", config.listen.bootstrap))
+}
+
+/// Serves clients that connect to `bootstrap` until [`Shared::shutdown_token`] is cancelled,
+/// then answers what is in flight for at most `limits.shutdown_grace_secs`.
+///
+/// The listener comes bound (`keyward run` binds `listen.bootstrap` with [`bind_bootstrap`]; an
+/// in-process test binds `127.0.0.1:0`), as mini-redis's `server::run` takes one. Virtual broker
+/// ports are still `listen.broker_port_base + node id`, bound here as brokers are learned.
+pub async fn run(shared: Arc<Shared>, bootstrap: TcpListener) -> anyhow::Result<()> {
+    let addr = bootstrap
+        .local_addr()
+        .context("the bootstrap listener's address")?;
+    info!(%addr, region = %shared.config.region, "bootstrap listening");
 
     // One probe round before accepting clients: brokers are learned (their ports listen before
     // any client asks). It never moves reads: a cluster is down only after

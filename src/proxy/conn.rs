@@ -21,9 +21,10 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::Shared;
+use super::handlers;
 use super::identity::{self, Authorizations, Identity, Requirement, Standing, Verdict};
 use super::produce::{LocalAnswer, ProduceReply, Route, forwarded_request};
-use super::rewrite::{self, RewriteError};
+use super::rewrite::RewriteError;
 use super::stream::{ReadHalf, Stream, WriteHalf};
 use super::versions::{self, Admission};
 use crate::codec::frame::{self, FrameError, FrameReader, LENGTH_PREFIX, RequestHead};
@@ -1106,7 +1107,7 @@ fn streams(shared: &Shared, cluster: usize, rewrite: &Rewrite) -> bool {
     match rewrite {
         Rewrite::Passthrough => true,
         Rewrite::Fetch(v) => {
-            *v < rewrite::FETCH_NODE_ENDPOINTS && shared.clusters.get(cluster).node_offset == 0
+            *v < handlers::fetch::NODE_ENDPOINTS && shared.clusters.get(cluster).node_offset == 0
         }
         _ => false,
     }
@@ -1179,23 +1180,15 @@ fn respond(
     let to = shared.advertiser(cluster);
     match rewrite {
         Rewrite::Passthrough => Ok(frame),
-        Rewrite::ApiVersions(v) => rewrite::api_versions(&frame, v),
-        Rewrite::Metadata(v) => rewrite::metadata(&frame, v, &to),
-        Rewrite::FindCoordinator(v) => rewrite::find_coordinator(&frame, v, &to),
-        Rewrite::DescribeCluster(v) => rewrite::describe_cluster(&frame, v, &to),
-        Rewrite::Fetch(v) => rewrite::fetch(&frame, v, &to),
-        Rewrite::Produce(v) if v >= FIRST_PRODUCE_NODE_ENDPOINTS => rewrite::recode(
-            &frame,
-            ApiKey::Produce,
-            v,
-            |r: &mut kafka_protocol::messages::ProduceResponse| rewrite::produce_endpoints(r, &to),
-        ),
-        Rewrite::Produce(_) | Rewrite::SaslAuthenticate(_) => Ok(frame),
+        Rewrite::ApiVersions(v) => handlers::api_versions::response(&frame, v),
+        Rewrite::Metadata(v) => handlers::metadata::response(&frame, v, &to),
+        Rewrite::FindCoordinator(v) => handlers::find_coordinator::response(&frame, v, &to),
+        Rewrite::DescribeCluster(v) => handlers::describe_cluster::response(&frame, v, &to),
+        Rewrite::Fetch(v) => handlers::fetch::response(&frame, v, &to),
+        Rewrite::Produce(v) => handlers::produce::response(&frame, v, &to),
+        Rewrite::SaslAuthenticate(_) => Ok(frame),
     }
 }
-
-/// First Produce version whose responses may carry node endpoints (KIP-951).
-const FIRST_PRODUCE_NODE_ENDPOINTS: i16 = 10;
 
 #[cfg(test)]
 mod tests {

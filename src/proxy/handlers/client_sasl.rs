@@ -7,7 +7,7 @@ use bytes::Bytes;
 use kafka_protocol::messages::ApiKey;
 use tracing::warn;
 
-use super::{Handling, Rewrite, Step, handling};
+use super::{CONN_LOG, Handling, Rewrite, Step, handling};
 use crate::codec::frame::RequestHead;
 use crate::proxy::Shared;
 use crate::proxy::identity::{self, Identity, Requirement};
@@ -26,6 +26,7 @@ pub(crate) fn handshake(
         if shared.rejection_log.allow() {
             let name = &shared.clusters.get(cluster).name;
             warn!(
+                target: CONN_LOG,
                 "a client starts SASL, but clusters.{name}.client_auth is none (or unset, and keyward has no sasl for {name}); closing the connection: set client_auth: sasl and keyward's own clusters.{name}.sasl"
             );
         }

@@ -20,6 +20,12 @@ use kafka_protocol::messages::ApiKey;
 
 use super::produce::ProduceReply;
 
+/// The log targets of the lines handlers took over from the connection loop and from
+/// `super::versions`: kept, so a log line reads as it did and filters such as
+/// `KEYWARD_LOG=keyward::proxy::conn=debug` still select it.
+const CONN_LOG: &str = "keyward::proxy::conn";
+const VERSIONS_LOG: &str = "keyward::proxy::versions";
+
 /// What one request turns into: bytes for the broker, and what the response half must do.
 pub(crate) struct Step {
     pub(crate) upstream: Option<Bytes>,

@@ -14,7 +14,7 @@ use kafka_protocol::messages::{ApiKey, ProduceResponse};
 use metrics::{Counter, counter};
 use tracing::{info, warn};
 
-use super::{Handling, Pending, Rewrite, Step};
+use super::{CONN_LOG, Handling, Pending, Rewrite, Step};
 use crate::codec::frame::{self, LENGTH_PREFIX, RequestHead};
 use crate::codec::produce;
 use crate::codec::records::Inflater;
@@ -79,6 +79,7 @@ pub(crate) async fn request(
         if shared.rejection_log.allow() {
             let who = guard.identity.who();
             warn!(
+                target: CONN_LOG,
                 client_id = who.client_id,
                 "a Produce before the client authenticated; closing the connection, as the broker does"
             );
@@ -117,6 +118,7 @@ pub(crate) async fn request(
                         let who = guard.identity.who();
                         let owner = d.owner.map_or("-", |o| snapshot.table.region_name(o));
                         info!(
+                            target: CONN_LOG,
                             rule = d
                                 .rule
                                 .and_then(|i| snapshot.table.rules().get(i))
@@ -184,6 +186,7 @@ pub(crate) async fn request(
         if answered {
             counter!("keyward_acks0_rejections_total").increment(1);
             warn!(
+                target: CONN_LOG,
                 "refused part of an acks=0 produce; closing the connection as a broker does, so the producer notices"
             );
             Some(Pending::Close("acks0_rejected"))
@@ -371,6 +374,7 @@ fn record_decisions(
         {
             let who = identity.who();
             info!(
+                target: CONN_LOG,
                 rule = rule_name(),
                 owner = owner_name(),
                 decision,

@@ -2,11 +2,12 @@
 //!
 //! Two halves run side by side. The request half reads client frames, hands each one to its
 //! API's handler (`super::handlers`; most APIs have none and are forwarded as their original
-//! bytes), carries out the [`Step`] the handler returns, and for each request that is owed a
-//! response pushes a [`Slot`] onto a bounded queue. The response half takes slots in order: a slot that waits on the broker reads
-//! the broker's next response (brokers answer one connection in request order), rewrites it if
-//! needed, and writes it to the client; a slot keyward answered itself is written as is. So
-//! responses leave in request order whether the broker or keyward produced them.
+//! bytes), carries out the `Step` the handler returns, and for each request that is owed a
+//! response pushes a [`Slot`] onto a bounded queue. The response half takes slots in order: a
+//! slot that waits on the broker reads the broker's next response (brokers answer one connection
+//! in request order), has it rewritten by its handler if needed, and writes it to the client; a
+//! slot keyward answered itself is written as is. So responses leave in request order whether
+//! the broker or keyward produced them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

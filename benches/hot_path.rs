@@ -5,8 +5,9 @@
 //!   the value → owner map), and `Table::rule_for_topic` (first matching
 //!   pattern), what a produce request pays per record or per topic.
 //! - `inspect/*`: a whole Produce request (4 partitions × one batch) through
-//!   `codec::produce::parse` and `policy::produce::decide`, as `proxy::conn` does it, for
-//!   uncompressed, lz4 and zstd batches of 100-byte and 1 KiB records; throughput in records/s.
+//!   `codec::produce::parse` and `policy::produce::decide`, as `proxy::handlers::produce` does
+//!   it, for uncompressed, lz4 and zstd batches of 100-byte and 1 KiB records; throughput in
+//!   records/s.
 //!   `inspect/none-rule/*` is a topic no rule matches (batch headers only).
 //! - `merge/*`: the partial path, where keyward refused some partitions: the request forwarded
 //!   with only the owned partitions (`proxy::produce::forwarded_request`) and the broker's response

@@ -15,7 +15,8 @@
 //! - [`admin`]: the admin HTTP server (Prometheus metrics, liveness).
 //! - [`cli`]: what the `keyward` subcommands do.
 //! - [`proxy`]: listeners, upstream connections, the per-connection pipeline that keeps responses
-//!   in request order, and the rewriting of broker addresses.
+//!   in request order ([`proxy::conn`]), and one handler per API keyward reads
+//!   ([`proxy::handlers`]: Produce's ownership decisions, the rewriting of broker addresses).
 
 pub mod admin;
 pub mod cli;

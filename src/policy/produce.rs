@@ -40,7 +40,7 @@ pub enum RejectKind {
     Unowned(RejectReason),
     MalformedBatch,
     /// A redirect the client may not make: the cluster it connects to does not let it WRITE
-    /// the topic (decided in `proxy::conn`, which asks that cluster).
+    /// the topic (decided in `proxy::handlers::produce`, which asks that cluster).
     NotAuthorized,
     /// A redirect keyward cannot check: the topic does not exist on the cluster the client
     /// connects to, whose ACLs decide.

@@ -1,11 +1,13 @@
-//! One client connection: read requests, decide, forward, and answer in request order.
+//! One client connection: read requests, dispatch them, forward, and answer in request order.
 //!
-//! Two halves run side by side. The request half reads client frames, forwards most of them as
-//! their original bytes, and for each one that is owed a response pushes a [`Slot`] onto a
-//! bounded queue. The response half takes slots in order: a slot that waits on the broker reads
-//! the broker's next response (brokers answer one connection in request order), rewrites it if
-//! needed, and writes it to the client; a slot keyward answered itself is written as is. So
-//! responses leave in request order whether the broker or keyward produced them.
+//! Two halves run side by side. The request half reads client frames, hands each one to its
+//! API's handler (`super::handlers`; most APIs have none and are forwarded as their original
+//! bytes), carries out the `Step` the handler returns, and for each request that is owed a
+//! response pushes a [`Slot`] onto a bounded queue. The response half takes slots in order: a
+//! slot that waits on the broker reads the broker's next response (brokers answer one connection
+//! in request order), has it rewritten by its handler if needed, and writes it to the client; a
+//! slot keyward answered itself is written as is. So responses leave in request order whether
+//! the broker or keyward produced them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -13,26 +15,26 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::ApiKey;
-use std::collections::HashMap;
 
-use metrics::{Counter, counter};
+use metrics::counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::Shared;
-use super::identity::{self, Authorizations, Identity, Requirement, Standing, Verdict};
-use super::produce::{LocalAnswer, ProduceReply, Route, forwarded_request};
-use super::rewrite::{self, RewriteError};
+use super::handlers::{
+    self, Handling, Pending, Rewrite, Step, api_versions, client_sasl, handling, produce,
+};
+use super::identity::{self, Authorizations, Identity, Requirement};
+use super::produce::ProduceReply;
+use super::rewrite::RewriteError;
 use super::stream::{ReadHalf, Stream, WriteHalf};
 use super::versions::{self, Admission};
 use crate::codec::frame::{self, FrameError, FrameReader, LENGTH_PREFIX, RequestHead};
-use crate::codec::produce::{self, ProduceParseError};
+use crate::codec::produce::ProduceParseError;
 use crate::codec::records::Inflater;
 use crate::codec::wire::WireError;
 use crate::config::ClientAuth;
-use crate::ownership::RegionId;
-use crate::policy::produce::{Action, Destination, Placement, ProducePlan, RejectKind, decide};
 use crate::reload::Snapshot;
 
 /// Which real broker a client connection is relayed to.
@@ -79,33 +81,8 @@ enum Slot {
     },
 }
 
-enum Handling {
-    /// Rewritten (or not) as it passes.
-    Rewrite(Rewrite),
-    /// A produce keyward forwarded in part: merge its own answers into the broker's.
-    ProduceMerge(ProduceReply),
-}
-
-/// What a broker response needs on its way to the client.
-enum Rewrite {
-    Passthrough,
-    ApiVersions(i16),
-    Metadata(i16),
-    FindCoordinator(i16),
-    DescribeCluster(i16),
-    Fetch(i16),
-    /// A produce keyward forwarded whole (v10+ responses may carry node endpoints).
-    Produce(i16),
-    /// Passed on untouched; its error code tells whether the broker accepted the client's
-    /// SASL step.
-    SaslAuthenticate(i16),
-    /// Passed on untouched when the broker refuses it; accepted by a cluster keyward was told
-    /// does not authenticate clients, it closes the connection instead.
-    SaslHandshake(i16),
-}
-
 #[derive(Debug, thiserror::Error)]
-enum ConnError {
+pub(crate) enum ConnError {
     #[error("client sent a malformed frame: {0}")]
     ClientFrame(#[from] FrameError),
     #[error("client sent a malformed request: {0}")]
@@ -336,7 +313,7 @@ async fn requests(
         shared.config.limits.max_decompressed_bytes,
         shared.decompression_budget.clone(),
     );
-    let mut meters = DecisionMeters::default();
+    let mut meters = produce::DecisionMeters::default();
     let mut guard = Guard {
         identity,
         authorizations: Authorizations::new(Duration::from_millis(
@@ -390,7 +367,7 @@ async fn requests(
                     upstream: &mut upstream,
                     slots: &slots,
                 };
-                produce_step(
+                produce::request(
                     shared,
                     cluster,
                     frame,
@@ -403,24 +380,17 @@ async fn requests(
                 .await?
             }
             (Admission::Forward, Ok(ApiKey::SaslHandshake)) => {
-                sasl_handshake(frame, head, identity)
+                client_sasl::handshake(frame, head, identity)
             }
             (Admission::Forward, Ok(ApiKey::SaslAuthenticate)) => {
-                if let Some(auth) = identity::authenticate_bytes(&frame, head.api_version) {
-                    identity.claim_user(&auth);
-                }
-                Step::forward(
-                    frame,
-                    head.correlation_id,
-                    handling(ApiKey::SaslAuthenticate, head.api_version),
-                )
+                client_sasl::authenticate(frame, head, identity)
             }
             (Admission::Forward, Ok(key)) => {
                 Step::forward(frame, head.correlation_id, handling(key, head.api_version))
             }
             // `admit` refuses every API key this build cannot name, so only versions keyward
             // does not offer come here.
-            (refused, _) => unsupported_step(refused, identity.peer, &frame, head),
+            (refused, _) => api_versions::unsupported(refused, identity.peer, &frame, head),
         };
         if let Some(Pending::Close(cause)) = step.slot {
             // Whatever part was forwarded goes out first; then the response half flushes what
@@ -462,77 +432,14 @@ async fn requests(
     }
 }
 
-/// A request at a version keyward does not offer, answered here the way a broker answers it:
-/// nothing goes to the broker.
-fn unsupported_step(
-    admission: Admission,
-    peer: Option<std::net::IpAddr>,
-    frame: &[u8],
-    head: RequestHead,
-) -> Step {
-    versions::record_unsupported(admission, peer, frame, head.api_key, head.api_version);
-    let slot = match admission {
-        Admission::Downgrade => {
-            Pending::Answer(versions::unsupported_api_versions(head.correlation_id))
-        }
-        Admission::Refuse | Admission::Forward => Pending::Close("unsupported_version"),
-    };
-    Step {
-        upstream: None,
-        slot: Some(slot),
-    }
-}
-
-fn handling(key: ApiKey, version: i16) -> Handling {
-    Handling::Rewrite(match key {
-        ApiKey::ApiVersions => Rewrite::ApiVersions(version),
-        ApiKey::Metadata => Rewrite::Metadata(version),
-        ApiKey::FindCoordinator => Rewrite::FindCoordinator(version),
-        ApiKey::DescribeCluster => Rewrite::DescribeCluster(version),
-        ApiKey::Fetch => Rewrite::Fetch(version),
-        ApiKey::SaslAuthenticate => Rewrite::SaslAuthenticate(version),
-        _ => Rewrite::Passthrough,
-    })
-}
-
-/// What one request turns into: bytes for the broker, and what the response half must do.
-struct Step {
-    upstream: Option<Bytes>,
-    slot: Option<Pending>,
-}
-
-/// A response-half instruction before its timing is known.
-enum Pending {
-    Broker(i32, Handling),
-    Reply(i32, ProduceReply),
-    Answer(Bytes),
-    Close(&'static str),
-}
-
-impl Step {
-    fn forward(frame: Bytes, correlation_id: i32, handling: Handling) -> Self {
-        Step {
-            upstream: Some(frame),
-            slot: Some(Pending::Broker(correlation_id, handling)),
-        }
-    }
-
-    fn close(cause: &'static str) -> Self {
-        Step {
-            upstream: None,
-            slot: Some(Pending::Close(cause)),
-        }
-    }
-}
-
 /// What the request half knows of the client it serves, and keyward's own questions to the
 /// broker about it.
-struct Guard<'a> {
-    identity: &'a Identity,
-    authorizations: Authorizations,
+pub(crate) struct Guard<'a> {
+    pub(crate) identity: &'a Identity,
+    pub(crate) authorizations: Authorizations,
     /// Correlation ids of keyward's own requests on this connection (the broker answers in
     /// order, so they need not differ from the client's; they are negative for readability).
-    next_id: i32,
+    pub(crate) next_id: i32,
     /// The client id is known (the first request that carries one names it).
     named: bool,
     /// The cluster of each region of the table in force (by region id), and that table's
@@ -541,7 +448,7 @@ struct Guard<'a> {
 }
 
 impl Guard<'_> {
-    fn clusters_of(&mut self, shared: &Shared, snapshot: &Snapshot) -> &[Option<usize>] {
+    pub(crate) fn clusters_of(&mut self, shared: &Shared, snapshot: &Snapshot) -> &[Option<usize>] {
         if self.clusters.0 != snapshot.version || self.clusters.1.is_empty() {
             self.clusters = (
                 snapshot.version,
@@ -558,7 +465,7 @@ impl Guard<'_> {
 }
 
 /// The request half's way to the broker, for keyward's own requests between the client's.
-struct BrokerIo<'a> {
+pub(crate) struct BrokerIo<'a> {
     upstream: &'a mut WriteHalf,
     slots: &'a mpsc::Sender<Slot>,
 }
@@ -570,7 +477,11 @@ const QUESTION_TIMEOUT: Duration = Duration::from_secs(30);
 impl BrokerIo<'_> {
     /// Sends keyward's own request on the client's connection and waits for the answer,
     /// which the response half takes out of the stream in its turn.
-    async fn ask(&mut self, correlation_id: i32, request: Bytes) -> Result<Bytes, ConnError> {
+    pub(crate) async fn ask(
+        &mut self,
+        correlation_id: i32,
+        request: Bytes,
+    ) -> Result<Bytes, ConnError> {
         self.upstream.write_all(&request).await?;
         self.upstream.flush().await?;
         let (answer, answered) = oneshot::channel();
@@ -589,377 +500,6 @@ impl BrokerIo<'_> {
             Err(_) => Err(ConnError::Authorization(format!(
                 "no answer within {QUESTION_TIMEOUT:?}"
             ))),
-        }
-    }
-}
-
-/// A client starts SASL. When keyward was told the cluster does not authenticate clients, the
-/// broker's answer decides: a listener without SASL refuses the handshake (the client sees
-/// that refusal, as it would directly); one that accepts it shows the misconfiguration, and the
-/// response half closes the connection rather than act for clients keyward cannot tell apart.
-fn sasl_handshake(frame: Bytes, head: RequestHead, identity: &Identity) -> Step {
-    if let Some(mechanism) = identity::handshake_mechanism(&frame, head.api_version) {
-        identity.set_mechanism(&mechanism);
-    }
-    let rewrite = match identity.requirement {
-        Requirement::None { .. } => Rewrite::SaslHandshake(head.api_version),
-        Requirement::Sasl => Rewrite::Passthrough,
-    };
-    Step::forward(frame, head.correlation_id, Handling::Rewrite(rewrite))
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn produce_step(
-    shared: &Shared,
-    cluster: usize,
-    frame: Bytes,
-    head: RequestHead,
-    inflater: &mut Inflater,
-    meters: &mut DecisionMeters,
-    guard: &mut Guard<'_>,
-    io: &mut BrokerIo<'_>,
-) -> Result<Step, ConnError> {
-    let version = head.api_version;
-    let header_version = ApiKey::Produce.request_header_version(version);
-    let header_len =
-        frame::request_header_len(&frame, header_version).map_err(ConnError::ClientRequest)?;
-    let request = produce::parse(&frame[LENGTH_PREFIX + header_len..], version)?;
-    // One snapshot decides the whole request, even if a reload lands meanwhile.
-    let snapshot = shared.ownership.snapshot();
-    let mut plan = decide(&request, &snapshot.table, snapshot.local, inflater);
-    let clusters = guard.clusters_of(shared, &snapshot);
-    let placement = Placement {
-        clusters,
-        connection: cluster,
-        local_name: &shared.config.region,
-        connection_name: &shared.clusters.get(cluster).name,
-    };
-    let mut destinations = plan.place(&request, &snapshot.table, &placement);
-    // Only a request the broker takes whole is none of keyward's business; for anything else
-    // (an answer of keyward's own, a redirect, an audit) keyward must know who is asking.
-    let acts = !plan
-        .partitions
-        .iter()
-        .all(|p| matches!(p.action, Action::Forward { audited: 0 }));
-    let authorized = if acts && guard.identity.standing() == Standing::Anonymous {
-        Authorized::Unauthenticated
-    } else {
-        authorize_redirects(
-            shared,
-            cluster,
-            &request,
-            &mut plan,
-            &mut destinations,
-            acts,
-            guard,
-            io,
-        )
-        .await?
-    };
-    if let Authorized::Unauthenticated = authorized {
-        if shared.rejection_log.allow() {
-            let who = guard.identity.who();
-            warn!(
-                client_id = who.client_id,
-                "a Produce before the client authenticated; closing the connection, as the broker does"
-            );
-        }
-        return Ok(Step::close("unauthenticated"));
-    }
-    record_decisions(shared, &snapshot, &plan, meters, guard.identity);
-
-    // Carry the routes out.
-    let mut routes = Vec::with_capacity(destinations.len());
-    let mut decided = plan.partitions.iter().zip(destinations);
-    for topic in &request.topics {
-        for p in &topic.partitions {
-            let Some((d, destination)) = decided.next() else {
-                break;
-            };
-            let route = match destination {
-                Destination::Connection if d.action.is_forward() => Route::Upstream(
-                    p.records
-                        .and_then(|r| shared.redirector.local_batch(topic.name, p.index, r)),
-                ),
-                // A redirect to the cluster this connection writes to (reads failed over to
-                // the owner's cluster) goes as the client sent it.
-                Destination::Connection => Route::Upstream(None),
-                Destination::Answer {
-                    error_code,
-                    message,
-                    record_errors,
-                } => Route::Answer(LocalAnswer {
-                    error_code,
-                    message,
-                    record_errors,
-                }),
-                Destination::Cluster(target) => {
-                    if shared.rejection_log.allow() {
-                        let who = guard.identity.who();
-                        let owner = d.owner.map_or("-", |o| snapshot.table.region_name(o));
-                        info!(
-                            rule = d
-                                .rule
-                                .and_then(|i| snapshot.table.rules().get(i))
-                                .map_or("-", |r| r.name.as_str()),
-                            owner,
-                            client_id = who.client_id,
-                            user = who.user,
-                            records = d.records,
-                            "redirecting a batch of topic {:?} partition {} to region {owner}'s cluster",
-                            topic.name,
-                            p.index
-                        );
-                    }
-                    Route::Redirect(
-                        shared
-                            .redirector
-                            .redirect(
-                                target,
-                                topic.name,
-                                p.index,
-                                frame.slice_ref(p.records.unwrap_or_default()),
-                                request.acks,
-                                request.timeout_ms,
-                            )
-                            .await,
-                    )
-                }
-            };
-            routes.push(route);
-        }
-    }
-
-    let acks0 = request.acks == 0;
-    let untouched = routes.iter().all(Route::is_untouched);
-    let any_upstream = routes.iter().any(Route::is_upstream);
-    let answered = routes.iter().any(|r| matches!(r, Route::Answer(_)));
-    let path = if untouched {
-        "forwarded"
-    } else if !any_upstream {
-        "answered"
-    } else {
-        "partial"
-    };
-    counter!("keyward_produce_requests_total", "path" => path).increment(1);
-    if untouched {
-        let slot = (!acks0).then_some(Pending::Broker(
-            head.correlation_id,
-            Handling::Rewrite(Rewrite::Produce(version)),
-        ));
-        return Ok(Step {
-            upstream: Some(frame),
-            slot,
-        });
-    }
-
-    let upstream = if any_upstream {
-        Some(forwarded_request(
-            &frame, header_len, version, &request, &routes,
-        )?)
-    } else {
-        None
-    };
-    let reply = ProduceReply::new(version, &request, routes, snapshot.short_hash());
-    let slot = if acks0 {
-        if answered {
-            counter!("keyward_acks0_rejections_total").increment(1);
-            warn!(
-                "refused part of an acks=0 produce; closing the connection as a broker does, so the producer notices"
-            );
-            Some(Pending::Close("acks0_rejected"))
-        } else {
-            None
-        }
-    } else if upstream.is_some() {
-        Some(Pending::Broker(
-            head.correlation_id,
-            Handling::ProduceMerge(reply),
-        ))
-    } else {
-        Some(Pending::Reply(head.correlation_id, reply))
-    };
-    Ok(Step { upstream, slot })
-}
-
-/// Turns every redirect the client may not make into a refusal, as the broker of the cluster
-/// it connects to would refuse the write; and, for a client whose authentication is not yet
-/// proven, proves it first (the broker answers keyward's question only for an authenticated
-/// client, and closes the connection otherwise).
-#[allow(clippy::too_many_arguments)]
-async fn authorize_redirects(
-    shared: &Shared,
-    cluster: usize,
-    request: &produce::ProduceView<'_>,
-    plan: &mut ProducePlan,
-    destinations: &mut [Destination],
-    acts: bool,
-    guard: &mut Guard<'_>,
-    io: &mut BrokerIo<'_>,
-) -> Result<Authorized, ConnError> {
-    // The topic of each partition, in request order.
-    let topics: Vec<&str> = request
-        .topics
-        .iter()
-        .flat_map(|t| t.partitions.iter().map(|_| t.name))
-        .collect();
-    // Topics with a partition going through keyward's producer to another cluster.
-    let mut redirected: Vec<&str> = Vec::new();
-    for (topic, destination) in topics.iter().zip(destinations.iter()) {
-        if matches!(destination, Destination::Cluster(_)) && !redirected.contains(topic) {
-            redirected.push(topic);
-        }
-    }
-    let unproven = acts && guard.identity.standing() == Standing::Unproven;
-    let ask: Vec<&str> = if guard.identity.broker_sees_client() {
-        redirected
-            .iter()
-            .copied()
-            .filter(|t| guard.authorizations.get(t).is_none())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let mut fresh: Vec<(&str, Verdict)> = Vec::new();
-    if !ask.is_empty() || unproven {
-        guard.next_id = guard.next_id.wrapping_add(1);
-        let id = guard.next_id;
-        let question = identity::authorization_request(id, &ask)
-            .map_err(|e| ConnError::Authorization(format!("{e:#}")))?;
-        let answer = io.ask(id, question).await?;
-        let answer = identity::answer(&answer, &ask)
-            .map_err(|e| ConnError::Authorization(format!("{e:#}")))?;
-        if !answer.served {
-            // The broker would not serve keyward's question: the client's SASL exchange is not
-            // over. The broker closes the connection; keyward does the same, having done
-            // nothing for the client.
-            return Ok(Authorized::Unauthenticated);
-        }
-        guard.identity.confirm();
-        for (topic, verdict) in ask.iter().zip(answer.verdicts) {
-            guard
-                .authorizations
-                .insert((*topic).to_owned(), verdict.clone());
-            fresh.push((topic, verdict));
-        }
-    }
-    if redirected.is_empty() {
-        return Ok(Authorized::Checked);
-    }
-    let verdict_for = |topic: &str| -> Verdict {
-        if !guard.identity.broker_sees_client() {
-            return Verdict::Denied(
-                identity::TOPIC_AUTHORIZATION_FAILED,
-                format!(
-                    "the cluster this client connects to does not authenticate clients and sees keyward's own certificate (clusters.{}.tls.cert), so it cannot say whether this client may write; keyward redirects nothing for it",
-                    shared.clusters.get(cluster).name
-                ),
-            );
-        }
-        // What was just asked, or what is remembered; nothing is redirected unchecked.
-        fresh
-            .iter()
-            .find(|(t, _)| *t == topic)
-            .map(|(_, v)| v.clone())
-            .or_else(|| guard.authorizations.get(topic).cloned())
-            .unwrap_or_else(|| {
-                Verdict::Denied(
-                    identity::TOPIC_AUTHORIZATION_FAILED,
-                    "keyward could not check whether this client may write it".into(),
-                )
-            })
-    };
-    for (i, topic) in topics.iter().enumerate() {
-        if !matches!(destinations[i], Destination::Cluster(_)) {
-            continue;
-        }
-        if let Verdict::Denied(code, message) = verdict_for(topic) {
-            let kind = if code == identity::TOPIC_AUTHORIZATION_FAILED {
-                RejectKind::NotAuthorized
-            } else {
-                RejectKind::UnverifiedTopic
-            };
-            destinations[i] = plan.refuse(i, kind, code, message);
-        }
-    }
-    Ok(Authorized::Checked)
-}
-
-/// The outcome of [`authorize_redirects`].
-enum Authorized {
-    /// Every redirect the client may not make is a refusal now.
-    Checked,
-    /// The client turned out not to be authenticated.
-    Unauthenticated,
-}
-
-/// Per-connection cache of the decision counters, so deciding a partition increments two
-/// atomics instead of building label strings and looking counters up in the registry. Emptied
-/// when the table changes (rule numbers may mean other rules then).
-#[derive(Default)]
-struct DecisionMeters {
-    table_version: u64,
-    handles: HashMap<DecisionLabels, (Counter, Counter)>,
-}
-
-type DecisionLabels = (Option<usize>, Option<RegionId>, &'static str, &'static str);
-
-fn record_decisions(
-    shared: &Shared,
-    snapshot: &Snapshot,
-    plan: &ProducePlan,
-    meters: &mut DecisionMeters,
-    identity: &Identity,
-) {
-    let table = &snapshot.table;
-    if meters.table_version != snapshot.version {
-        meters.handles.clear();
-        meters.table_version = snapshot.version;
-    }
-    for p in &plan.partitions {
-        let (decision, reason) = match &p.action {
-            Action::Forward { audited } if *audited > 0 => ("audited", "-"),
-            Action::Forward { .. } => ("forwarded", "-"),
-            Action::Reject { kind, .. } => ("rejected", kind.as_str()),
-            Action::Hold { reason, .. } => ("held", reason.as_str()),
-            Action::Redirect { .. } => ("redirected", "-"),
-        };
-        let rule_name = || {
-            p.rule
-                .and_then(|i| table.rules().get(i))
-                .map_or("-", |r| r.name.as_str())
-        };
-        let owner_name = || p.owner.map_or("-", |o| table.region_name(o));
-        let (batches, records) = meters
-            .handles
-            .entry((p.rule, p.owner, decision, reason))
-            .or_insert_with(|| {
-                let labels = [
-                    ("rule", rule_name().to_owned()),
-                    ("owner", owner_name().to_owned()),
-                    ("decision", decision.to_owned()),
-                    ("reason", reason.to_owned()),
-                ];
-                (
-                    counter!("keyward_produce_batches_total", &labels),
-                    counter!("keyward_produce_records_total", &labels),
-                )
-            });
-        batches.increment(u64::from(p.batches));
-        records.increment(u64::from(p.records));
-        if let Action::Reject { message, .. } | Action::Hold { message, .. } = &p.action
-            && shared.rejection_log.allow()
-        {
-            let who = identity.who();
-            info!(
-                rule = rule_name(),
-                owner = owner_name(),
-                decision,
-                reason,
-                client_id = who.client_id,
-                user = who.user,
-                "{message}"
-            );
         }
     }
 }
@@ -1052,21 +592,12 @@ async fn responses(
                         got,
                     });
                 }
-                if let Handling::Rewrite(Rewrite::SaslAuthenticate(v)) = handling
-                    && let Some(code) =
-                        identity::response_error(&frame, ApiKey::SaslAuthenticate, v)
-                {
-                    identity.sasl_answered(code);
+                if let Handling::Rewrite(Rewrite::SaslAuthenticate(v)) = handling {
+                    client_sasl::answered(&frame, v, identity);
                 }
                 if let Handling::Rewrite(Rewrite::SaslHandshake(v)) = handling
-                    && identity::response_error(&frame, ApiKey::SaslHandshake, v) == Some(0)
+                    && client_sasl::handshake_answered(shared, cluster, &frame, v)
                 {
-                    if shared.rejection_log.allow() {
-                        let name = &shared.clusters.get(cluster).name;
-                        warn!(
-                            "cluster {name} accepts a client's SASL handshake, but clusters.{name}.client_auth is none (or unset, and keyward has no sasl for {name}); closing the connection: set client_auth: sasl and keyward's own clusters.{name}.sasl"
-                        );
-                    }
                     return Ok("client_auth_mismatch");
                 }
                 let out = match handling {
@@ -1108,7 +639,7 @@ fn streams(shared: &Shared, cluster: usize, rewrite: &Rewrite) -> bool {
     match rewrite {
         Rewrite::Passthrough => true,
         Rewrite::Fetch(v) => {
-            *v < rewrite::FETCH_NODE_ENDPOINTS && shared.clusters.get(cluster).node_offset == 0
+            *v < handlers::fetch::NODE_ENDPOINTS && shared.clusters.get(cluster).node_offset == 0
         }
         _ => false,
     }
@@ -1181,23 +712,15 @@ fn respond(
     let to = shared.advertiser(cluster);
     match rewrite {
         Rewrite::Passthrough => Ok(frame),
-        Rewrite::ApiVersions(v) => rewrite::api_versions(&frame, v),
-        Rewrite::Metadata(v) => rewrite::metadata(&frame, v, &to),
-        Rewrite::FindCoordinator(v) => rewrite::find_coordinator(&frame, v, &to),
-        Rewrite::DescribeCluster(v) => rewrite::describe_cluster(&frame, v, &to),
-        Rewrite::Fetch(v) => rewrite::fetch(&frame, v, &to),
-        Rewrite::Produce(v) if v >= FIRST_PRODUCE_NODE_ENDPOINTS => rewrite::recode(
-            &frame,
-            ApiKey::Produce,
-            v,
-            |r: &mut kafka_protocol::messages::ProduceResponse| rewrite::produce_endpoints(r, &to),
-        ),
-        Rewrite::Produce(_) | Rewrite::SaslAuthenticate(_) | Rewrite::SaslHandshake(_) => Ok(frame),
+        Rewrite::ApiVersions(v) => handlers::api_versions::response(&frame, v),
+        Rewrite::Metadata(v) => handlers::metadata::response(&frame, v, &to),
+        Rewrite::FindCoordinator(v) => handlers::find_coordinator::response(&frame, v, &to),
+        Rewrite::DescribeCluster(v) => handlers::describe_cluster::response(&frame, v, &to),
+        Rewrite::Fetch(v) => handlers::fetch::response(&frame, v, &to),
+        Rewrite::Produce(v) => handlers::produce::response(&frame, v, &to),
+        Rewrite::SaslAuthenticate(_) | Rewrite::SaslHandshake(_) => Ok(frame),
     }
 }
-
-/// First Produce version whose responses may carry node endpoints (KIP-951).
-const FIRST_PRODUCE_NODE_ENDPOINTS: i16 = 10;
 
 #[cfg(test)]
 mod tests {
@@ -1260,30 +783,6 @@ mod tests {
                 expected: 3,
                 got: 9
             }
-        ));
-    }
-
-    #[test]
-    fn versions_keyward_does_not_offer_never_reach_the_broker() {
-        // ApiVersions v5, correlation id 7, client id "app": keyward's own answer.
-        let frame = [0, 0, 0, 13, 0, 18, 0, 5, 0, 0, 0, 7, 0, 3, b'a', b'p', b'p'];
-        let head = RequestHead::parse(&frame).unwrap();
-        let step = unsupported_step(versions::admit(18, 5), None, &frame, head);
-        assert!(step.upstream.is_none());
-        match step.slot {
-            Some(Pending::Answer(bytes)) => {
-                assert_eq!(bytes, versions::unsupported_api_versions(7))
-            }
-            _ => panic!("ApiVersions v5 must be answered by keyward"),
-        }
-        // Produce v13: closed, as a broker closes on a version it does not support.
-        let frame = [0, 0, 0, 13, 0, 0, 0, 13, 0, 0, 0, 8, 0, 3, b'a', b'p', b'p'];
-        let head = RequestHead::parse(&frame).unwrap();
-        let step = unsupported_step(versions::admit(0, 13), None, &frame, head);
-        assert!(step.upstream.is_none());
-        assert!(matches!(
-            step.slot,
-            Some(Pending::Close("unsupported_version"))
         ));
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod brokers;
 pub mod conn;
+pub mod handlers;
 pub mod identity;
 pub mod meters;
 pub mod produce;

@@ -13,6 +13,7 @@ use kafka_protocol::messages::produce_response::{
 use kafka_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, TopicName};
 use kafka_protocol::protocol::{Encodable, StrBytes};
 
+use super::handlers;
 use super::rewrite::{self, Advertise, RewriteError};
 use crate::codec::errors::UNKNOWN_SERVER_ERROR;
 use crate::codec::frame::{self, LENGTH_PREFIX};
@@ -215,7 +216,7 @@ impl ProduceReply {
         to: &dyn Advertise,
     ) -> Result<(i32, ProduceResponse), RewriteError> {
         let mut response: ProduceResponse = rewrite::decode(frame, ApiKey::Produce, self.version)?;
-        rewrite::produce_endpoints(&mut response, to)?;
+        handlers::produce::endpoints(&mut response, to)?;
         Ok((frame::response_correlation_id(frame)?, response))
     }
 

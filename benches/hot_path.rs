@@ -35,7 +35,7 @@ use keyward::codec::records::Inflater;
 use keyward::ownership::{Claim, Subject, Table};
 use keyward::policy::produce::{Destination, Placement, decide};
 use keyward::proxy::brokers::UnmappableNode;
-use keyward::proxy::produce::{LocalAnswer, ProduceReply, Route, forwarded_request};
+use keyward::proxy::produce::{ProduceReply, Route, forwarded_request};
 use keyward::proxy::rewrite::Advertise;
 
 /// The table of the end-to-end benchmark (dev/bench.py) plus a split key rule for the merge
@@ -379,15 +379,7 @@ fn merge(c: &mut Criterion) {
             .iter()
             .map(|d| match d.clone() {
                 Destination::Connection => Route::Upstream(None),
-                Destination::Answer {
-                    error_code,
-                    message,
-                    record_errors,
-                } => Route::Answer(LocalAnswer {
-                    error_code,
-                    message,
-                    record_errors,
-                }),
+                Destination::Answer(answer) => Route::Answer(answer),
                 Destination::Cluster(_) => unreachable!("no redirect rule here"),
             })
             .collect()

@@ -182,20 +182,16 @@ impl ProducePlan {
         error_code: i16,
         message: String,
     ) -> Destination {
-        let answer = Destination::Answer {
+        let Some(p) = self.partitions.get_mut(index) else {
+            return Destination::Connection;
+        };
+        p.action = Action::Reject {
+            kind,
             error_code,
-            message: message.clone(),
+            message,
             record_errors: Vec::new(),
         };
-        if let Some(p) = self.partitions.get_mut(index) {
-            p.action = Action::Reject {
-                kind,
-                error_code,
-                message,
-                record_errors: Vec::new(),
-            };
-        }
-        answer
+        answer(&p.action).map_or(Destination::Connection, Destination::Answer)
     }
 }
 
@@ -220,11 +216,16 @@ pub enum Destination {
     /// Through keyward's own producer, to cluster `cluster` (never the connection's).
     Cluster(usize),
     /// Answered by keyward.
-    Answer {
-        error_code: i16,
-        message: String,
-        record_errors: Vec<(i32, String)>,
-    },
+    Answer(LocalAnswer),
+}
+
+/// keyward's own answer for one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalAnswer {
+    pub error_code: i16,
+    pub message: String,
+    /// (index of the record in its batch, why).
+    pub record_errors: Vec<(i32, String)>,
 }
 
 fn place(
@@ -243,60 +244,55 @@ fn place(
             reason: HoldReason::LocalClusterDown,
         };
     }
-    let refusal = match &p.action {
-        Action::Forward { .. } => return Destination::Connection,
+    if let Action::Redirect { owner } = p.action {
+        let name = table.region_name(owner);
+        let (kind, message) = match placement.clusters.get(owner.index()).copied().flatten() {
+            Some(cluster) if cluster == placement.connection => return Destination::Connection,
+            Some(cluster) => match redirectable(records) {
+                Ok(()) => return Destination::Cluster(cluster),
+                Err(why) => (
+                    RejectKind::Unredirectable,
+                    format!(
+                        "the batch is owned by region {name} but cannot be redirected to its cluster: {why}"
+                    ),
+                ),
+            },
+            None => (
+                RejectKind::OwnerHasNoCluster,
+                format!(
+                    "the batch is owned by region {name}, which has no cluster in this proxy's config"
+                ),
+            ),
+        };
+        p.action = Action::Reject {
+            kind,
+            error_code: INVALID_RECORD,
+            message,
+            record_errors: Vec::new(),
+        };
+    }
+    answer(&p.action).map_or(Destination::Connection, Destination::Answer)
+}
+
+/// keyward's own answer for a refused or held partition; `None` for one that goes on.
+fn answer(action: &Action) -> Option<LocalAnswer> {
+    match action {
         Action::Reject {
             error_code,
             message,
             record_errors,
             ..
-        } => {
-            return Destination::Answer {
-                error_code: *error_code,
-                message: message.clone(),
-                record_errors: record_errors.clone(),
-            };
-        }
-        Action::Hold { message, .. } => {
-            return Destination::Answer {
-                error_code: NOT_ENOUGH_REPLICAS,
-                message: message.clone(),
-                record_errors: Vec::new(),
-            };
-        }
-        Action::Redirect { owner } => {
-            let name = table.region_name(*owner);
-            match placement.clusters.get(owner.index()).copied().flatten() {
-                Some(cluster) if cluster == placement.connection => return Destination::Connection,
-                Some(cluster) => match redirectable(records) {
-                    Ok(()) => return Destination::Cluster(cluster),
-                    Err(why) => (
-                        RejectKind::Unredirectable,
-                        format!(
-                            "the batch is owned by region {name} but cannot be redirected to its cluster: {why}"
-                        ),
-                    ),
-                },
-                None => (
-                    RejectKind::OwnerHasNoCluster,
-                    format!(
-                        "the batch is owned by region {name}, which has no cluster in this proxy's config"
-                    ),
-                ),
-            }
-        }
-    };
-    let (kind, message) = refusal;
-    p.action = Action::Reject {
-        kind,
-        error_code: INVALID_RECORD,
-        message: message.clone(),
-        record_errors: Vec::new(),
-    };
-    Destination::Answer {
-        error_code: INVALID_RECORD,
-        message,
-        record_errors: Vec::new(),
+        } => Some(LocalAnswer {
+            error_code: *error_code,
+            message: message.clone(),
+            record_errors: record_errors.clone(),
+        }),
+        Action::Hold { message, .. } => Some(LocalAnswer {
+            error_code: NOT_ENOUGH_REPLICAS,
+            message: message.clone(),
+            record_errors: Vec::new(),
+        }),
+        Action::Forward { .. } | Action::Redirect { .. } => None,
     }
 }
 
@@ -811,6 +807,22 @@ default: reject
         batch(&records, Compression::None)
     }
 
+    /// A request of one partition of one topic.
+    fn one_partition<'a>(topic: &'a str, index: i32, records: &'a [u8]) -> ProduceView<'a> {
+        ProduceView {
+            transactional_id: None,
+            acks: -1,
+            timeout_ms: 1000,
+            topics: vec![TopicView {
+                name: topic,
+                partitions: vec![PartitionView {
+                    index,
+                    records: Some(records),
+                }],
+            }],
+        }
+    }
+
     fn decide_one(
         table: &Table,
         region: &str,
@@ -818,18 +830,7 @@ default: reject
         partition: i32,
         records: &[u8],
     ) -> PartitionDecision {
-        let view = ProduceView {
-            transactional_id: None,
-            acks: -1,
-            timeout_ms: 1000,
-            topics: vec![TopicView {
-                name: topic,
-                partitions: vec![PartitionView {
-                    index: partition,
-                    records: Some(records),
-                }],
-            }],
-        };
+        let view = one_partition(topic, partition, records);
         let local = table.region_id(region).unwrap();
         let mut plan = decide(&view, table, local, &mut Inflater::new(1 << 20));
         plan.partitions.remove(0)
@@ -880,18 +881,7 @@ default: allow
         connection: usize,
     ) -> (PartitionDecision, Destination) {
         let t = redirect_table();
-        let view = ProduceView {
-            transactional_id: None,
-            acks: -1,
-            timeout_ms: 1000,
-            topics: vec![TopicView {
-                name: "orders",
-                partitions: vec![PartitionView {
-                    index: 0,
-                    records: Some(records),
-                }],
-            }],
-        };
+        let view = one_partition("orders", 0, records);
         let local = t.region_id("eu").unwrap();
         let mut plan = decide(&view, &t, local, &mut Inflater::new(1 << 20));
         let placement = Placement {
@@ -951,7 +941,7 @@ default: allow
         let (d, to) = placed(&two, &clusters, 0);
         assert_eq!(reject_of(&d).0, RejectKind::Unredirectable);
         assert!(
-            matches!(to, Destination::Answer { error_code, .. } if error_code == INVALID_RECORD)
+            matches!(to, Destination::Answer(LocalAnswer { error_code, .. }) if error_code == INVALID_RECORD)
         );
         let (d, _) = placed(&transactional(&key_in(8..12)), &clusters, 0);
         assert_eq!(reject_of(&d).0, RejectKind::Unredirectable);
@@ -964,7 +954,7 @@ default: allow
             message.contains("region ap, which has no cluster"),
             "{message}"
         );
-        assert!(matches!(to, Destination::Answer { .. }));
+        assert!(matches!(to, Destination::Answer(_)));
 
         // Reads failed over to us's cluster: us-owned batches go on the client's connection
         // (several batches too), eu-owned ones are held.
@@ -979,7 +969,7 @@ default: allow
             }
         ));
         assert!(
-            matches!(to, Destination::Answer { error_code, .. } if error_code == NOT_ENOUGH_REPLICAS)
+            matches!(to, Destination::Answer(LocalAnswer { error_code, .. }) if error_code == NOT_ENOUGH_REPLICAS)
         );
         let (d, to) = placed(&keys(&[Some(&key_in(0..8))]), &clusters, 0);
         assert_eq!(d.action, Action::Forward { audited: 0 });
@@ -991,18 +981,7 @@ default: allow
         let clusters = [Some(0), Some(1), None];
         let t = redirect_table();
         let us = keys(&[Some(&key_in(8..12))]);
-        let view = ProduceView {
-            transactional_id: None,
-            acks: -1,
-            timeout_ms: 1000,
-            topics: vec![TopicView {
-                name: "orders",
-                partitions: vec![PartitionView {
-                    index: 0,
-                    records: Some(&us),
-                }],
-            }],
-        };
+        let view = one_partition("orders", 0, &us);
         let mut plan = decide(
             &view,
             &t,
@@ -1017,7 +996,10 @@ default: allow
         };
         assert_eq!(plan.place(&view, &t, &placement), [Destination::Cluster(1)]);
         let to = plan.refuse(0, RejectKind::NotAuthorized, 29, "no WRITE".into());
-        assert!(matches!(to, Destination::Answer { error_code: 29, .. }));
+        assert!(matches!(
+            to,
+            Destination::Answer(LocalAnswer { error_code: 29, .. })
+        ));
         assert!(matches!(
             plan.partitions[0].action,
             Action::Reject {
@@ -1437,18 +1419,7 @@ default: allow
         let t = table("");
         let records: Vec<TestRecord<'_>> = (0..200).map(|_| (Some("k1"), &[][..])).collect();
         let data = batch(&records, Compression::Gzip);
-        let view = ProduceView {
-            transactional_id: None,
-            acks: -1,
-            timeout_ms: 1000,
-            topics: vec![TopicView {
-                name: "orders",
-                partitions: vec![PartitionView {
-                    index: 0,
-                    records: Some(&data),
-                }],
-            }],
-        };
+        let view = one_partition("orders", 0, &data);
         let budget = crate::codec::records::DecompressionBudget::new(1 << 20);
         // Another connection holds all of it.
         let mut other = Inflater::with_budget(1 << 20, budget.clone());

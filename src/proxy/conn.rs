@@ -530,20 +530,7 @@ async fn responses(
                 correlation_id,
                 answer,
             } => {
-                let frame = match read_frame(&reader, &mut upstream, &mut buf).await {
-                    Ok(Some(f)) => f,
-                    Ok(None) => return Err(ConnError::BrokerClosed),
-                    Err(Ok(e)) => return Err(ConnError::BrokerFrame(e)),
-                    Err(Err(e)) => return Err(ConnError::Io(e)),
-                };
-                let got = frame::response_correlation_id(&frame)
-                    .map_err(|e| ConnError::BrokerFrame(FrameError::Header(e)))?;
-                if got != correlation_id {
-                    return Err(ConnError::CorrelationMismatch {
-                        expected: correlation_id,
-                        got,
-                    });
-                }
+                let frame = next_response(&reader, &mut upstream, &mut buf, correlation_id).await?;
                 // The request half may have given up waiting; then nobody needs the answer.
                 let _ = answer.send(frame);
                 continue;
@@ -577,21 +564,8 @@ async fn responses(
                 handling,
                 timing,
             } => {
-                let frame = match read_frame(&reader, &mut upstream, &mut buf).await {
-                    Ok(Some(f)) => f,
-                    Ok(None) => return Err(ConnError::BrokerClosed),
-                    Err(Ok(e)) => return Err(ConnError::BrokerFrame(e)),
-                    Err(Err(e)) => return Err(ConnError::Io(e)),
-                };
+                let frame = next_response(&reader, &mut upstream, &mut buf, correlation_id).await?;
                 let arrived = Instant::now();
-                let got = frame::response_correlation_id(&frame)
-                    .map_err(|e| ConnError::BrokerFrame(FrameError::Header(e)))?;
-                if got != correlation_id {
-                    return Err(ConnError::CorrelationMismatch {
-                        expected: correlation_id,
-                        got,
-                    });
-                }
                 if let Handling::Rewrite(Rewrite::SaslAuthenticate(v)) = handling {
                     client_sasl::answered(&frame, v, identity);
                 }
@@ -629,6 +603,30 @@ async fn responses(
         activity.answered();
     }
     Ok("client_closed")
+}
+
+/// The broker's next response, read whole, after checking that it answers `correlation_id`.
+async fn next_response(
+    reader: &FrameReader,
+    upstream: &mut ReadHalf,
+    buf: &mut BytesMut,
+    correlation_id: i32,
+) -> Result<Bytes, ConnError> {
+    let frame = match read_frame(reader, upstream, buf).await {
+        Ok(Some(f)) => f,
+        Ok(None) => return Err(ConnError::BrokerClosed),
+        Err(Ok(e)) => return Err(ConnError::BrokerFrame(e)),
+        Err(Err(e)) => return Err(ConnError::Io(e)),
+    };
+    let got = frame::response_correlation_id(&frame)
+        .map_err(|e| ConnError::BrokerFrame(FrameError::Header(e)))?;
+    if got != correlation_id {
+        return Err(ConnError::CorrelationMismatch {
+            expected: correlation_id,
+            got,
+        });
+    }
+    Ok(frame)
 }
 
 /// Whether a response passes through untouched whatever it holds, so it can be relayed as it

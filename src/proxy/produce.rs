@@ -23,13 +23,7 @@ use crate::redirect::sequences::Outcome;
 /// First Produce version whose responses carry `record_errors` and `error_message` (KIP-467).
 const FIRST_RECORD_ERRORS: i16 = 8;
 
-/// keyward's own answer for one partition.
-#[derive(Debug, Clone)]
-pub struct LocalAnswer {
-    pub error_code: i16,
-    pub message: String,
-    pub record_errors: Vec<(i32, String)>,
-}
+pub use crate::policy::produce::LocalAnswer;
 
 /// Where one partition of a Produce request goes.
 pub enum Route {

@@ -46,10 +46,10 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import OffsetSpec
 
-from harness import Client, FranzClient, JavaClient, KafkaCluster, LibrdkafkaClient, record, unique
+from harness import Client, FranzClient, JavaClient, KafkaCluster, LibrdkafkaClient, raw, record, unique
 from harness.keyward import Keyward
 
-from test_keyward import INVALID_RECORD, _recv_frame
+from test_keyward import INVALID_RECORD
 from test_limits import _closed, _fetch_v4
 from test_operator import wait_for
 
@@ -536,7 +536,7 @@ def test_keyward_sigkill_and_sigterm(tmp_path, eu, us, report):
             wait_for(lambda: refused(kw.bootstrap_port), 1.5, "the bootstrap listener to close")
             assert refused(kw.port_base + leader)
             # ...answers the held Fetch when the broker does, then closes and exits.
-            assert struct.unpack(">i", _recv_frame(held)[:4])[0] == 77
+            assert struct.unpack(">i", raw.recv_frame(held)[:4])[0] == 77
             answered = time.monotonic() - sent_term
             assert _closed(held, 5)
         code = kw.proc.wait(grace_s + 10)

@@ -16,7 +16,7 @@ from functools import lru_cache
 import pytest
 from confluent_kafka import ConsumerGroupTopicPartitions  # noqa: F401  (documents the API used below)
 
-from harness import FranzClient, JavaClient, LibrdkafkaClient, record, unique
+from harness import FranzClient, JavaClient, LibrdkafkaClient, raw, record, unique
 from harness.keyward import Keyward
 
 INVALID_RECORD = 87
@@ -393,70 +393,9 @@ def test_frozen_writes_are_retried_until_the_delivery_timeout(client, keyward_wi
 # --------------------------------------------------------------------------- acks=0
 
 
-def _crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc ^= b
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-    return crc ^ 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    n = (n << 1) ^ (n >> 63)  # zigzag
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _batch(key: bytes, value: bytes) -> bytes:
-    body = b"\x00" + _varint(0) + _varint(0) + _varint(len(key)) + key + _varint(len(value)) + value + _varint(0)
-    rec = _varint(len(body)) + body
-    now = int(time.time() * 1000)
-    after_crc = struct.pack(">hiqqqhii", 0, 0, now, now, -1, -1, -1, 1) + rec
-    after_len = struct.pack(">ib", -1, 2) + struct.pack(">I", _crc32c(after_crc)) + after_crc
-    return struct.pack(">qi", 0, len(after_len)) + after_len
-
-
 def _produce_v3(correlation_id: int, topic: str, key: bytes, acks: int) -> bytes:
-    client_id = b"raw-test"
-    header = struct.pack(">hhih", 0, 3, correlation_id, len(client_id)) + client_id
-    batch = _batch(key, b"raw")
-    t = topic.encode()
-    body = (
-        struct.pack(">hhi", -1, acks, 5000)
-        + struct.pack(">ih", 1, len(t))
-        + t
-        + struct.pack(">iii", 1, 0, len(batch))
-        + batch
-    )
-    msg = header + body
-    return struct.pack(">i", len(msg)) + msg
-
-
-def _api_versions_v0(correlation_id: int) -> bytes:
-    msg = struct.pack(">hhih", 18, 0, correlation_id, 0)
-    return struct.pack(">i", len(msg)) + msg
-
-
-def _recv_frame(sock: socket.socket) -> bytes:
-    def exact(n: int) -> bytes:
-        out = b""
-        while len(out) < n:
-            chunk = sock.recv(n - len(out))
-            if not chunk:
-                raise ConnectionError("closed")
-            out += chunk
-        return out
-
-    (n,) = struct.unpack(">i", exact(4))
-    return exact(n)
+    batch = raw.record_batch([(key, b"raw")])
+    return raw.produce(correlation_id, topic, {0: batch}, acks=acks, timeout_ms=5000, version=3)
 
 
 def test_acks0_rejection_closes_the_connection(eu, kw_eu):
@@ -470,11 +409,11 @@ def test_acks0_rejection_closes_the_connection(eu, kw_eu):
 
     with socket.create_connection(("127.0.0.1", kw_eu.port_base + leader), timeout=10) as s:
         s.sendall(_produce_v3(1, topic, owned.encode(), acks=0))
-        s.sendall(_api_versions_v0(2))
-        assert struct.unpack(">i", _recv_frame(s)[:4])[0] == 2  # still open, answers in order
+        s.sendall(raw.api_versions(2))
+        assert struct.unpack(">i", raw.recv_frame(s)[:4])[0] == 2  # still open, answers in order
         s.sendall(_produce_v3(3, topic, foreign.encode(), acks=0))
         with pytest.raises(ConnectionError):
-            _recv_frame(s)
+            raw.recv_frame(s)
 
     # acks=0 returns before replication; wait until the record is readable (high watermark).
     deadline = time.monotonic() + 15
@@ -488,7 +427,7 @@ def test_malformed_frame_closes_only_that_connection(kw_eu, eu):
     with socket.create_connection(("127.0.0.1", kw_eu.bootstrap_port), timeout=10) as bad:
         bad.sendall(struct.pack(">i", 12) + b"\x00\x00\x00\x03garbage!")  # produce v3, truncated body
         with pytest.raises(ConnectionError):
-            _recv_frame(bad)
+            raw.recv_frame(bad)
     # Everyone else is unaffected.
     assert LibrdkafkaClient().metadata(kw_eu.bootstrap)
 
@@ -581,7 +520,7 @@ def _uvarint(buf: bytes, pos: int) -> tuple[int, int]:
 def _offered_versions(addr: tuple[str, int]) -> dict[int, tuple[int, int]]:
     with socket.create_connection(addr, timeout=10) as s:
         s.sendall(_api_versions_v3(9))
-        frame = _recv_frame(s)
+        frame = raw.recv_frame(s)
     (corr, error) = struct.unpack(">ih", frame[:6])
     assert (corr, error) == (9, 0)
     count, pos = _uvarint(frame, 6)

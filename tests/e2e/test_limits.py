@@ -10,10 +10,10 @@ import struct
 import time
 from types import SimpleNamespace
 
-from harness import LibrdkafkaClient, unique
+from harness import LibrdkafkaClient, raw, unique
 from harness.keyward import Keyward
 
-from test_keyward import TABLE, _api_versions_v0, _crc32c, _recv_frame, _varint, keys_of
+from test_keyward import TABLE, keys_of
 from test_operator import wait_for
 
 
@@ -46,13 +46,13 @@ def test_the_connection_limit_is_real_and_counted(tmp_path, eu, us):
         assert _closed(extra), "a fourth connection must be closed"
         assert kw.metric("keyward_client_connections_refused_total") == 1
         # The held ones still work, and a freed place is taken again.
-        held[0].sendall(_api_versions_v0(5))
-        assert struct.unpack(">i", _recv_frame(held[0])[:4])[0] == 5
+        held[0].sendall(raw.api_versions(5))
+        assert struct.unpack(">i", raw.recv_frame(held[0])[:4])[0] == 5
         held.pop().close()
         wait_for(lambda: kw.metric("keyward_client_connections_open") == 2, 5, "a place to free up")
         again = socket.create_connection(("127.0.0.1", kw.bootstrap_port), timeout=5)
-        again.sendall(_api_versions_v0(6))
-        assert struct.unpack(">i", _recv_frame(again)[:4])[0] == 6
+        again.sendall(raw.api_versions(6))
+        assert struct.unpack(">i", raw.recv_frame(again)[:4])[0] == 6
         for s in [*held, again, extra]:
             s.close()
 
@@ -80,7 +80,7 @@ def test_a_connection_waiting_on_the_broker_is_not_idle(tmp_path, eu, us):
         with socket.create_connection(("127.0.0.1", kw.port_base + leader), timeout=10) as s:
             started = time.monotonic()
             s.sendall(_fetch_v4(31, topic, max_wait_ms=3000))
-            frame = _recv_frame(s)
+            frame = raw.recv_frame(s)
             assert struct.unpack(">i", frame[:4])[0] == 31
             assert time.monotonic() - started >= 2.5, "the broker held the fetch"
             answered = time.monotonic()
@@ -102,7 +102,7 @@ def test_sigterm_answers_in_flight_requests_then_exits(tmp_path, eu, us):
             sent_term = time.monotonic()
             kw.proc.send_signal(signal.SIGTERM)
             # The held Fetch is still answered...
-            frame = _recv_frame(s)
+            frame = raw.recv_frame(s)
             assert struct.unpack(">i", frame[:4])[0] == 21
             # ...and then the connection closes and the process exits, well within the grace.
             assert _closed(s, 5)
@@ -168,32 +168,14 @@ def _status_kib(pid: int, field: str) -> int:
 def _big_gzip_produce(correlation_id: int, topic: str, key: bytes, records: int, value_len: int) -> bytes:
     """Produce v3, acks=-1, one gzip batch of `records` records (key, value of zeros): a few KB
     on the wire, `records * value_len` bytes once inflated."""
-    import gzip
-
-    out = bytearray()
-    value = bytes(value_len)
-    for i in range(records):
-        body = b"\x00" + _varint(0) + _varint(i) + _varint(len(key)) + key + _varint(len(value)) + value + _varint(0)
-        out += _varint(len(body)) + body
-    blob = gzip.compress(bytes(out), 6)
-    now = int(time.time() * 1000)
-    after_crc = struct.pack(">hiqqqhii", 1, records - 1, now, now, -1, -1, -1, records) + blob
-    after_len = struct.pack(">ib", -1, 2) + struct.pack(">I", _crc32c(after_crc)) + after_crc
-    batch = struct.pack(">qi", 0, len(after_len)) + after_len
-    client_id = b"raw-test"
-    header = struct.pack(">hhih", 0, 3, correlation_id, len(client_id)) + client_id
-    t = topic.encode()
-    body = struct.pack(">hhi", -1, -1, 30000) + struct.pack(">ih", 1, len(t)) + t
-    body += struct.pack(">iii", 1, 0, len(batch)) + batch
-    msg = header + body
-    return struct.pack(">i", len(msg)) + msg
+    batch = raw.record_batch([(key, bytes(value_len))] * records, compress=True)
+    return raw.produce(correlation_id, topic, {0: batch}, acks=-1, timeout_ms=30000, version=3)
 
 
 def _produce_v3_error(frame: bytes) -> int:
     """The error code of the single partition of a Produce v3 response (after its length)."""
-    (name_len,) = struct.unpack(">h", frame[8:10])
-    at = 10 + name_len + 4 + 4
-    return struct.unpack(">h", frame[at : at + 2])[0]
+    (code,) = raw.produce_errors(frame, version=3).values()
+    return code
 
 
 def test_many_large_compressed_batches_stay_within_the_memory_budget(tmp_path, eu, us):
@@ -226,7 +208,7 @@ def test_many_large_compressed_batches_stay_within_the_memory_budget(tmp_path, e
         started = time.monotonic()
         for s, r in zip(socks, requests):
             s.sendall(r)
-        codes = [_produce_v3_error(_recv_frame(s)) for s in socks]
+        codes = [_produce_v3_error(raw.recv_frame(s)) for s in socks]
         elapsed = time.monotonic() - started
         peak = _status_kib(kw.pid, "VmHWM")
         for s in socks:

@@ -30,7 +30,7 @@ from harness.clients import ClientError
 from harness.certs import Pki
 from harness.keyward import Keyward
 
-from test_keyward import INVALID_RECORD, TABLE, _api_versions_v0, _recv_frame, keys_of
+from test_keyward import INVALID_RECORD, TABLE, keys_of
 from test_operator import wait_for
 
 
@@ -79,8 +79,8 @@ def _refused(port: int, ca, cert=None, key=None, max_version=None) -> bool:
     client certificate after the client's side of the handshake) on the first exchange."""
     try:
         with _tls_socket(port, ca, cert, key, max_version) as s:
-            s.sendall(_api_versions_v0(1))
-            return not _recv_frame(s)
+            s.sendall(raw.api_versions(1))
+            return not raw.recv_frame(s)
     except (ssl.SSLError, ConnectionError, EOFError, OSError):
         return True
 
@@ -115,7 +115,7 @@ def test_clients_without_a_trusted_certificate_are_refused_and_counted(tmp_path,
     assert _refused(kw_tls.bootstrap_port, pki.ca, stranger.cert, stranger.key), "a certificate of another CA"
     # Plaintext Kafka bytes on a TLS port are not a handshake.
     with socket.create_connection(("127.0.0.1", kw_tls.bootstrap_port), timeout=5) as plain:
-        plain.sendall(_api_versions_v0(1))
+        plain.sendall(raw.api_versions(1))
         plain.settimeout(5)
         assert plain.recv(4096)[:1] in (b"\x15", b""), "an alert or a close, never a Kafka answer"
     wait_for(
@@ -125,8 +125,8 @@ def test_clients_without_a_trusted_certificate_are_refused_and_counted(tmp_path,
     )
     # A trusted client still works on the same listener.
     with _tls_socket(kw_tls.bootstrap_port, pki.ca, client.cert, client.key) as s:
-        s.sendall(_api_versions_v0(7))
-        assert int.from_bytes(_recv_frame(s)[:4], "big") == 7
+        s.sendall(raw.api_versions(7))
+        assert int.from_bytes(raw.recv_frame(s)[:4], "big") == 7
 
 
 def test_a_client_that_never_finishes_its_handshake_is_closed(kw_tls):
@@ -195,8 +195,8 @@ def test_a_rotated_certificate_is_served_without_a_restart(tmp_path, pki, eu, us
             "the rotated certificate to be served",
         )
         assert kw.metric("keyward_tls_reloads_total", trigger="file", result="loaded") >= 1
-        held.sendall(_api_versions_v0(3))
-        assert int.from_bytes(_recv_frame(held)[:4], "big") == 3, "an open connection goes on"
+        held.sendall(raw.api_versions(3))
+        assert int.from_bytes(raw.recv_frame(held)[:4], "big") == 3, "an open connection goes on"
         held.close()
 
         # A key that does not fit the certificate: the reload fails, the rotated pair serves on.
@@ -432,7 +432,7 @@ def test_a_broker_that_never_finishes_tls_costs_one_connect_timeout(tmp_path, pk
             before = kw.metric("keyward_upstream_connect_errors_total", cluster="eu")
             with socket.create_connection(("127.0.0.1", kw.bootstrap_port), timeout=10) as c:
                 t0 = time.monotonic()
-                c.sendall(_api_versions_v0(1))
+                c.sendall(raw.api_versions(1))
                 try:
                     assert c.recv(1) == b""
                 except ConnectionResetError:  # closed with the request unread: a reset

@@ -23,7 +23,7 @@ use crate::policy::produce::{Action, Destination, Placement, ProducePlan, Reject
 use crate::proxy::Shared;
 use crate::proxy::conn::{BrokerIo, ConnError, Guard};
 use crate::proxy::identity::{self, Identity, Standing, Verdict};
-use crate::proxy::produce::{LocalAnswer, ProduceReply, Route, forwarded_request};
+use crate::proxy::produce::{ProduceReply, Route, forwarded_request};
 use crate::proxy::rewrite::{Advertise, RewriteError, recode};
 use crate::reload::Snapshot;
 
@@ -104,15 +104,7 @@ pub(crate) async fn request(
                 // A redirect to the cluster this connection writes to (reads failed over to
                 // the owner's cluster) goes as the client sent it.
                 Destination::Connection => Route::Upstream(None),
-                Destination::Answer {
-                    error_code,
-                    message,
-                    record_errors,
-                } => Route::Answer(LocalAnswer {
-                    error_code,
-                    message,
-                    record_errors,
-                }),
+                Destination::Answer(answer) => Route::Answer(answer),
                 Destination::Cluster(target) => {
                     if shared.rejection_log.allow() {
                         let who = guard.identity.who();

@@ -1,13 +1,14 @@
 """A Kafka client written by hand on a socket, for what no client library will do: send a
 Produce without authenticating, or in the middle of a SASL exchange.
 
-Only what the tests need: ApiVersions v0, SaslHandshake v1, SaslAuthenticate v1 and Produce v7
-with one uncompressed record batch (magic 2, CRC-32C) per partition. Encoding follows the
-Kafka protocol guide; nothing here is shared with keyward's own code.
+Only what the tests need: ApiVersions v0, SaslHandshake v1, SaslAuthenticate v1 and Produce
+v3-v7 with one record batch (magic 2, CRC-32C, uncompressed or gzip) per partition. Encoding
+follows the Kafka protocol guide; nothing here is shared with keyward's own code.
 """
 
 from __future__ import annotations
 
+import gzip
 import socket
 import struct
 import time
@@ -32,7 +33,7 @@ def crc32c(data: bytes) -> int:
 # ------------------------------------------------------------------ primitives
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
     """Zigzag varint, as record fields use."""
     z = (n << 1) ^ (n >> 63)
     out = bytearray()
@@ -64,18 +65,21 @@ def _frame(api_key: int, version: int, correlation_id: int, body: bytes, client_
     return struct.pack(">i", len(msg)) + msg
 
 
-def record_batch(records: list[tuple[bytes | None, bytes | None]]) -> bytes:
-    """One magic-2 batch, no compression, no producer id (not idempotent)."""
+def record_batch(records: list[tuple[bytes | None, bytes | None]], compress: bool = False) -> bytes:
+    """One magic-2 batch, no producer id (not idempotent); gzip-compressed with `compress`."""
     now = int(time.time() * 1000)
     body = b""
     for i, (key, value) in enumerate(records):
-        rec = bytes([0]) + _varint(0) + _varint(i)
-        rec += _varint(-1) if key is None else _varint(len(key)) + key
-        rec += _varint(-1) if value is None else _varint(len(value)) + value
-        rec += _varint(0)
-        body += _varint(len(rec)) + rec
+        rec = bytes([0]) + varint(0) + varint(i)
+        rec += varint(-1) if key is None else varint(len(key)) + key
+        rec += varint(-1) if value is None else varint(len(value)) + value
+        rec += varint(0)
+        body += varint(len(rec)) + rec
+    attributes = 1 if compress else 0
+    if compress:
+        body = gzip.compress(body, 6)
     after_crc = (
-        struct.pack(">hiqqqhii", 0, len(records) - 1, now, now, -1, -1, -1, len(records)) + body
+        struct.pack(">hiqqqhii", attributes, len(records) - 1, now, now, -1, -1, -1, len(records)) + body
     )
     after_length = struct.pack(">ib", -1, 2) + struct.pack(">I", crc32c(after_crc)) + after_crc
     return struct.pack(">qi", 0, len(after_length)) + after_length
@@ -97,14 +101,21 @@ def sasl_authenticate(correlation_id: int, auth_bytes: bytes) -> bytes:
 
 
 def produce(
-    correlation_id: int, topic: str, partitions: dict[int, bytes], acks: int = -1, timeout_ms: int = 10000
+    correlation_id: int,
+    topic: str,
+    partitions: dict[int, bytes],
+    acks: int = -1,
+    timeout_ms: int = 10000,
+    version: int = 7,
 ) -> bytes:
-    """Produce v7: `partitions` maps partition index to its records (a record batch)."""
+    """Produce v3-v7 (one layout): `partitions` maps partition index to its records (a record
+    batch)."""
+    assert 3 <= version <= 7, "v8+ responses and v9+ requests have other layouts"
     body = _string(None) + struct.pack(">hi", acks, timeout_ms)
     body += struct.pack(">i", 1) + _string(topic) + struct.pack(">i", len(partitions))
     for index, batch in partitions.items():
         body += struct.pack(">i", index) + _bytes(batch)
-    return _frame(0, 7, correlation_id, body)
+    return _frame(0, version, correlation_id, body)
 
 
 # ------------------------------------------------------------------ responses
@@ -126,8 +137,8 @@ def recv_frame(sock: socket.socket) -> bytes:
     return exact(n)
 
 
-def produce_errors(frame: bytes) -> dict[tuple[str, int], int]:
-    """{(topic, partition): error code} of a Produce v7 response (header v0)."""
+def produce_errors(frame: bytes, version: int = 7) -> dict[tuple[str, int], int]:
+    """{(topic, partition): error code} of a Produce v3-v7 response (header v0)."""
     pos = 4  # correlation id
     (topics,) = struct.unpack_from(">i", frame, pos)
     pos += 4
@@ -140,7 +151,8 @@ def produce_errors(frame: bytes) -> dict[tuple[str, int], int]:
         pos += 4
         for _ in range(parts):
             index, code = struct.unpack_from(">ih", frame, pos)
-            pos += 4 + 2 + 8 + 8 + 8
+            # base offset, log append time, and from v5 the log start offset
+            pos += 4 + 2 + 8 + 8 + (8 if version >= 5 else 0)
             out[(name, index)] = code
     return out
 

@@ -9,15 +9,13 @@
 //! across metadata refreshes.
 //!
 //! Exactly one cluster is *serving* at a time: it receives bootstrap connections and all
-//! non-produce traffic. Switching closes every client connection (see [`Clusters::switch_to`]),
-//! so a client never holds connections to brokers of two clusters at once.
+//! non-produce traffic. Which one it is lives in `super::serving`; this module keeps each
+//! cluster's probe history and [`Clusters::choose`] says whose turn it is.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Instant;
-
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Prefer};
 
@@ -179,9 +177,6 @@ pub struct Clusters {
     port_base: u16,
     per_cluster: u16,
     prefer: Prefer,
-    serving: AtomicUsize,
-    /// Cancelled when the serving cluster changes: every client connection watches it.
-    epoch: Mutex<CancellationToken>,
 }
 
 impl Clusters {
@@ -210,8 +205,6 @@ impl Clusters {
             port_base: config.listen.broker_port_base,
             per_cluster,
             prefer: config.reads.prefer.clone(),
-            serving: AtomicUsize::new(0),
-            epoch: Mutex::new(CancellationToken::new()),
         }
     }
 
@@ -231,27 +224,6 @@ impl Clusters {
     /// The local region's cluster (always index 0).
     pub fn local(&self) -> &ClusterState {
         &self.list[0]
-    }
-
-    pub fn serving_index(&self) -> usize {
-        self.serving.load(Ordering::Relaxed)
-    }
-
-    pub fn serving(&self) -> &ClusterState {
-        &self.list[self.serving_index()]
-    }
-
-    /// A token cancelled at the next switch of serving cluster.
-    pub fn epoch(&self) -> CancellationToken {
-        self.epoch.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Makes `index` the serving cluster and closes every client connection of the old one.
-    pub fn switch_to(&self, index: usize) {
-        let mut epoch = self.epoch.lock().unwrap_or_else(|e| e.into_inner());
-        self.serving.store(index, Ordering::Relaxed);
-        let old = std::mem::replace(&mut *epoch, CancellationToken::new());
-        old.cancel();
     }
 
     /// The virtual node id clients see for real node `node_id` of cluster `cluster`.
@@ -277,12 +249,11 @@ impl Clusters {
         (i32::from(self.port_base) + virtual_id) as u16
     }
 
-    /// The cluster whose turn it is to serve: the first up one in preference order, or the
-    /// current one if none is up. Reads move away from the current cluster only once it is
+    /// The cluster whose turn it is to serve, `current` serving now: the first up one in
+    /// preference order, or the current one if none is up. Reads move away from the current cluster only once it is
     /// [`Health::Down`] (several failed probes in a row, never one), and then at once; moving
     /// back up the preference order waits until the candidate has been up for `hold_down`.
-    pub fn choose(&self, now: Instant, hold_down: std::time::Duration) -> usize {
-        let current = self.serving_index();
+    pub fn choose(&self, current: usize, now: Instant, hold_down: std::time::Duration) -> usize {
         let order: Vec<usize> = match &self.prefer {
             Prefer::LocalFirst => (0..self.list.len()).collect(),
             // Only the listed clusters serve reads: `prefer: [eu]` turns read failover off.
@@ -383,26 +354,27 @@ ownership_file: o.yaml
         for s in c.all() {
             s.probed(true, 100, t0);
         }
-        assert_eq!(c.all()[c.choose(t0, hold)].name, "us");
+        let current = 0;
+        assert_eq!(c.all()[c.choose(current, t0, hold)].name, "us");
         // us misses two probes: still up, reads stay.
         fail(c.get(0), 2, t0);
         assert_eq!(c.get(0).health(), Health::Up);
-        assert_eq!(c.choose(t0, hold), 0);
+        assert_eq!(c.choose(current, t0, hold), 0);
         // The third in a row: down, and eu, next in preference, serves at once.
         assert_eq!(fail(c.get(0), 1, t0).health, Health::Down);
-        let eu = c.choose(t0, hold);
+        let eu = c.choose(current, t0, hold);
         assert_eq!(c.get(eu).name, "eu");
-        c.switch_to(eu);
+        let current = eu;
         // us is back, but not for long enough.
         let t1 = t0 + Duration::from_secs(1);
         c.get(0).probed(true, 100, t1);
-        assert_eq!(c.choose(t1 + Duration::from_secs(10), hold), eu);
-        assert_eq!(c.choose(t1 + hold, hold), 0);
+        assert_eq!(c.choose(current, t1 + Duration::from_secs(10), hold), eu);
+        assert_eq!(c.choose(current, t1 + hold, hold), 0);
         // Nothing healthy: stay where we are.
         for s in c.all() {
             fail(s, 3, t1);
         }
-        assert_eq!(c.choose(t1, hold), eu);
+        assert_eq!(c.choose(current, t1, hold), eu);
     }
 
     #[test]
@@ -413,11 +385,12 @@ ownership_file: o.yaml
         for s in c.all() {
             s.probed(true, 100, t0);
         }
+        let current = 0;
         for round in 1..=100u64 {
             let now = t0 + Duration::from_secs(2 * round);
             let p = c.get(0).probed(round % 5 != 0, 100, now);
             assert_eq!(p.health, Health::Up, "round {round}");
-            assert_eq!(c.choose(now, hold), 0, "round {round}");
+            assert_eq!(c.choose(current, now, hold), 0, "round {round}");
         }
         // A lost probe is not a new "up since": the hold-down counts from the first answer.
         assert_eq!(c.get(0).up_since(), Some(t0));
@@ -462,29 +435,35 @@ ownership_file: o.yaml
         let c = clusters("");
         let t0 = Instant::now();
         let hold = Duration::from_secs(30);
+        let current = 0;
         // The local cluster (us) is still electing its controller; ap answers at once.
         c.get(1).probed(true, 100, t0);
         for n in 1..3 {
             fail(c.get(0), 1, t0);
-            assert_eq!(c.choose(t0, hold), 0, "after {n} failed probe(s)");
+            assert_eq!(c.choose(current, t0, hold), 0, "after {n} failed probe(s)");
         }
         fail(c.get(0), 1, t0);
-        assert_eq!(c.get(c.choose(t0, hold)).name, "ap");
+        assert_eq!(c.get(c.choose(current, t0, hold)).name, "ap");
         // Unknown clusters are never moved to.
         let c = clusters("");
         fail(c.get(0), 3, t0);
-        assert_eq!(c.choose(t0, hold), 0, "no other cluster has answered yet");
+        assert_eq!(
+            c.choose(current, t0, hold),
+            0,
+            "no other cluster has answered yet"
+        );
     }
 
     #[test]
     fn only_listed_clusters_serve_reads() {
         let c = clusters("reads: { prefer: [us] }");
         let t0 = Instant::now();
+        let current = 0;
         fail(c.get(0), 3, t0);
         c.get(1).probed(true, 100, t0);
         c.get(2).probed(true, 100, t0);
         assert_eq!(
-            c.choose(t0, Duration::ZERO),
+            c.choose(current, t0, Duration::ZERO),
             0,
             "no failover when only us is listed"
         );
@@ -497,17 +476,8 @@ ownership_file: o.yaml
         c.get(0).probed(true, 900, t0);
         c.get(1).probed(true, 100, t0);
         c.get(2).probed(true, 500, t0);
+        let current = 0;
         // Moving to a nearer cluster is a move up: it waits for the hold-down too.
-        assert_eq!(c.choose(t0, Duration::ZERO), 1);
-    }
-
-    #[test]
-    fn a_switch_cancels_the_old_epoch() {
-        let c = clusters("");
-        let before = c.epoch();
-        c.switch_to(1);
-        assert!(before.is_cancelled());
-        assert!(!c.epoch().is_cancelled());
-        assert_eq!(c.serving().name, "ap");
+        assert_eq!(c.choose(current, t0, Duration::ZERO), 1);
     }
 }

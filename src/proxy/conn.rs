@@ -21,7 +21,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use super::Shared;
 use super::handlers::{
     self, Handling, Pending, Rewrite, Step, api_versions, client_sasl, handling, produce,
 };
@@ -30,6 +29,7 @@ use super::produce::ProduceReply;
 use super::rewrite::RewriteError;
 use super::stream::{ReadHalf, Stream, WriteHalf};
 use super::versions::{self, Admission};
+use super::{Advertiser, Shared};
 use crate::codec::frame::{self, FrameError, FrameReader, LENGTH_PREFIX, RequestHead};
 use crate::codec::produce::ProduceParseError;
 use crate::codec::records::Inflater;
@@ -121,13 +121,20 @@ impl ConnError {
 }
 
 /// Serves one client connection until either side closes or something is malformed; only this
-/// connection is affected either way. Returns why it ended (a bounded metric label).
-pub async fn serve(shared: Arc<Shared>, client: Stream, target: Target) -> &'static str {
+/// connection is affected either way. `serving` is the cluster that served when the client
+/// connected (the accept loop closes the connection when that changes). Returns why it ended (a
+/// bounded metric label).
+pub async fn serve(
+    shared: Arc<Shared>,
+    client: Stream,
+    target: Target,
+    serving: usize,
+) -> &'static str {
     let cluster = match target {
-        Target::Bootstrap => shared.clusters.serving_index(),
+        Target::Bootstrap => serving,
         Target::Node(cluster, _) => cluster,
     };
-    if cluster != shared.clusters.serving_index() {
+    if cluster != serving {
         // A port of a cluster that is not serving: the client holds stale metadata. Closing
         // sends it back to the bootstrap, which leads to the serving cluster.
         debug!("connection to a broker of a cluster that is not serving; closing");
@@ -574,13 +581,20 @@ async fn responses(
                 {
                     return Ok("client_auth_mismatch");
                 }
+                // Brokers a response names for the first time get their ports before the
+                // client hears of them.
+                let to = shared.advertiser(cluster);
                 let out = match handling {
                     Handling::ProduceMerge(reply) => {
-                        let (correlation_id, broker) =
-                            reply.broker_response(&frame, &shared.advertiser(cluster))?;
+                        let (correlation_id, broker) = reply.broker_response(&frame, &to)?;
+                        to.ready().await;
                         reply.respond(correlation_id, broker).await?
                     }
-                    Handling::Rewrite(rewrite) => respond(shared, cluster, rewrite, frame)?,
+                    Handling::Rewrite(rewrite) => {
+                        let out = respond(rewrite, frame, &to)?;
+                        to.ready().await;
+                        out
+                    }
                 };
                 (out, timing, Some(arrived - timing.sent), arrived)
             }
@@ -701,21 +715,15 @@ async fn stream_response(
     Ok((total, arrived))
 }
 
-fn respond(
-    shared: &Arc<Shared>,
-    cluster: usize,
-    rewrite: Rewrite,
-    frame: Bytes,
-) -> Result<Bytes, RewriteError> {
-    let to = shared.advertiser(cluster);
+fn respond(rewrite: Rewrite, frame: Bytes, to: &Advertiser) -> Result<Bytes, RewriteError> {
     match rewrite {
         Rewrite::Passthrough => Ok(frame),
         Rewrite::ApiVersions(v) => handlers::api_versions::response(&frame, v),
-        Rewrite::Metadata(v) => handlers::metadata::response(&frame, v, &to),
-        Rewrite::FindCoordinator(v) => handlers::find_coordinator::response(&frame, v, &to),
-        Rewrite::DescribeCluster(v) => handlers::describe_cluster::response(&frame, v, &to),
-        Rewrite::Fetch(v) => handlers::fetch::response(&frame, v, &to),
-        Rewrite::Produce(v) => handlers::produce::response(&frame, v, &to),
+        Rewrite::Metadata(v) => handlers::metadata::response(&frame, v, to),
+        Rewrite::FindCoordinator(v) => handlers::find_coordinator::response(&frame, v, to),
+        Rewrite::DescribeCluster(v) => handlers::describe_cluster::response(&frame, v, to),
+        Rewrite::Fetch(v) => handlers::fetch::response(&frame, v, to),
+        Rewrite::Produce(v) => handlers::produce::response(&frame, v, to),
         Rewrite::SaslAuthenticate(_) | Rewrite::SaslHandshake(_) => Ok(frame),
     }
 }

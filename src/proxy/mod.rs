@@ -1,47 +1,58 @@
-//! Listeners, upstream connections, the per-connection pipeline that keeps responses in request
-//! order, the rewriting of broker addresses, and the choice of serving cluster.
+//! The proxy: listeners, the per-connection pipeline that keeps responses in request order,
+//! the rewriting of broker addresses, and the choice of serving cluster.
 //!
 //! Clients bootstrap at `listen.bootstrap`; every broker of every cluster gets a virtual broker
-//! port (see [`brokers`]), opened as soon as keyward learns of the broker, from its probes and
-//! from any response that lists brokers. Only the serving cluster's ports accept connections.
+//! port (see [`brokers`]), opened by the port manager ([`ports`]) as soon as keyward learns of
+//! the broker, from its probes and from any response that lists brokers. Only the serving
+//! cluster's ports accept connections ([`serving`]).
+//!
+//! [`run`] owns every task of the proxy in one tracker: the accept loops ([`listener`]), the
+//! connections, the port manager, the probes and the redirect pipelines. Each carries a span
+//! and ends on shutdown.
 
 pub mod brokers;
 pub mod conn;
 pub mod handlers;
 pub mod identity;
+mod listener;
 pub mod meters;
+pub mod ports;
 pub mod produce;
 pub mod rewrite;
 pub mod sasl;
+pub mod serving;
 pub mod stream;
 pub mod upstream;
 pub mod versions;
 
-use std::collections::HashSet;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use kafka_protocol::protocol::StrBytes;
 use metrics::{counter, gauge};
-use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::Semaphore;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::Config;
 use crate::redirect::Redirector;
 use crate::reload::Ownership;
 use crate::security::Security;
-use brokers::{Clusters, Health, UnmappableNode};
+use brokers::{Clusters, UnmappableNode};
 use conn::Target;
-use stream::Stream;
+pub use listener::bind_bootstrap;
+use ports::{Broker, Ports};
+use serving::{Probe, Serving};
 use upstream::Dialer;
 
-/// State shared by every connection of one keyward process.
+/// State shared by every connection of one keyward process. Each part of the proxy reaches for
+/// its own field: the accept loops for `accepting`, the probes for `clusters`, `dialers`,
+/// `ports` and `serving` (through [`Probe`]), handlers for the table, the logs and the meters.
 pub struct Shared {
     pub config: Config,
     /// The ownership table in force. A request loads one snapshot and decides against it.
@@ -51,22 +62,22 @@ pub struct Shared {
     pub clusters: Clusters,
     /// How to reach each cluster, by cluster index.
     pub dialers: Vec<Dialer>,
+    /// Which cluster serves bootstrap connections and reads.
+    pub serving: Serving,
+    /// Virtual broker ports.
+    pub ports: Ports,
     advertised_host: StrBytes,
-    /// Virtual broker listeners opened so far: (cluster index, real node id).
-    bound: Mutex<HashSet<(usize, i32)>>,
-    next_connection: AtomicU64,
+    accepting: listener::Accepting,
     shutdown: CancellationToken,
+    /// Every task of the proxy: [`run`] waits for them at shutdown.
     tasks: TaskTracker,
     pub rejection_log: RateLimit,
-    refusal_log: RateLimit,
     /// "cannot reach the broker" lines: one per client connection otherwise, so a broker that
     /// is down (or a cluster switch in progress) with thousands of clients reconnecting would
     /// flood the log.
     pub unreachable_log: RateLimit,
     /// The decompression memory all connections share (`limits.max_decompressed_bytes_total`).
     pub decompression_budget: Arc<crate::codec::records::DecompressionBudget>,
-    /// One per open client connection, up to `limits.max_connections`.
-    connection_permits: Arc<Semaphore>,
     pub meters: meters::RequestMetrics,
     /// keyward's own producer on the other regions' clusters (`on_foreign: redirect`).
     pub redirector: Redirector,
@@ -80,7 +91,6 @@ impl Shared {
         security: Arc<Security>,
     ) -> anyhow::Result<Arc<Self>> {
         let clusters = Clusters::new(&config);
-        let max_connections = config.limits.max_connections;
         register_metrics(&clusters, security.listener().is_some());
         let timeout = Duration::from_millis(config.limits.connect_timeout_ms);
         let dialers: Vec<Dialer> = clusters
@@ -88,12 +98,16 @@ impl Shared {
             .iter()
             .map(|c| Dialer::new(c.name.clone(), security.clone(), timeout))
             .collect();
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
         let redirector = Redirector::new(
             clusters
                 .all()
                 .iter()
                 .zip(&dialers)
                 .map(|(c, d)| (c.bootstrap.clone(), d.clone())),
+            tasks.clone(),
+            shutdown.clone(),
         );
         let decompression_budget = crate::codec::records::DecompressionBudget::new(
             config.limits.max_decompressed_bytes_total,
@@ -103,145 +117,39 @@ impl Shared {
             dialers,
             security,
             redirector,
+            serving: Serving::default(),
+            ports: Ports::default(),
             advertised_host: StrBytes::from_string(config.listen.advertised_host.clone()),
+            accepting: listener::Accepting::new(&config),
             config,
             ownership,
-            bound: Mutex::new(HashSet::new()),
-            next_connection: AtomicU64::new(1),
-            shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            shutdown,
+            tasks,
             rejection_log: RateLimit::new(Duration::from_secs(1), 20),
-            refusal_log: RateLimit::new(Duration::from_secs(10), 1),
             unreachable_log: RateLimit::new(Duration::from_secs(10), 5),
             decompression_budget,
-            connection_permits: Arc::new(Semaphore::new(max_connections)),
             meters: meters::RequestMetrics::new(),
             bootstrap_bound: AtomicBool::new(false),
         }))
     }
 
     /// What responses from cluster `cluster` advertise in place of its real brokers.
-    pub fn advertiser(self: &Arc<Self>, cluster: usize) -> Advertiser<'_> {
+    pub fn advertiser(&self, cluster: usize) -> Advertiser<'_> {
         Advertiser {
             shared: self,
             cluster,
+            pending: RefCell::new(Vec::new()),
         }
     }
 
-    /// Learns a broker of `cluster`, makes sure its virtual port is listening, and returns its
-    /// virtual node id and port.
-    fn learn_broker(
-        self: &Arc<Self>,
-        cluster: usize,
-        node_id: i32,
-        host: &str,
-        port: i32,
-    ) -> Result<(i32, u16), UnmappableNode> {
-        let virtual_id = self.clusters.virtual_id(cluster, node_id)?;
-        let virtual_port = self.clusters.port(virtual_id);
-        self.clusters.get(cluster).learn(node_id, host, port);
-        let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
-        if bound.insert((cluster, node_id)) {
-            let addr = SocketAddr::new(self.config.broker_bind(), virtual_port);
-            let name = &self.clusters.get(cluster).name;
-            match bind(addr) {
-                Ok(listener) => {
-                    info!(cluster = %name, node_id, virtual_id, %addr, real = %format!("{host}:{port}"), "virtual broker listening");
-                    self.spawn_accept(listener, Target::Node(cluster, node_id));
-                }
-                Err(e) => {
-                    bound.remove(&(cluster, node_id));
-                    error!(cluster = %name, node_id, %addr, error = %e, "cannot listen for virtual broker");
-                }
-            }
+    fn probe(&self) -> Probe<'_> {
+        Probe {
+            clusters: &self.clusters,
+            dialers: &self.dialers,
+            ports: &self.ports,
+            serving: &self.serving,
+            reads: &self.config.reads,
         }
-        Ok((virtual_id, virtual_port))
-    }
-
-    fn spawn_accept(self: &Arc<Self>, listener: TcpListener, target: Target) {
-        let shared = self.clone();
-        let shutdown = self.shutdown.clone();
-        self.tasks.spawn(async move {
-            let listener_addr = listener
-                .local_addr()
-                .map_or_else(|_| "?".to_owned(), |a| a.to_string());
-            loop {
-                let accepted = tokio::select! {
-                    a = listener.accept() => a,
-                    () = shutdown.cancelled() => return,
-                };
-                match accepted {
-                    Ok((stream, peer)) => {
-                        // The permit lives as long as the connection's task: the limit is real.
-                        let Ok(permit) = shared.connection_permits.clone().try_acquire_owned() else {
-                            counter!("keyward_client_connections_refused_total").increment(1);
-                            if shared.refusal_log.allow() {
-                                warn!(client = %peer, limit = shared.config.limits.max_connections, "connection refused: limits.max_connections reached");
-                            }
-                            drop(stream);
-                            continue;
-                        };
-                        let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
-                        counter!("keyward_client_connections_opened_total").increment(1);
-                        let open = gauge!("keyward_client_connections_open");
-                        open.increment(1.0);
-                        let span = info_span!("conn", id, client = %peer, listener = %listener_addr);
-                        let s = shared.clone();
-                        let switched = shared.clusters.epoch();
-                        shared.tasks.spawn(
-                            async move {
-                                let _permit = permit;
-                                // Shutdown is handled inside: stop reading, answer what is in
-                                // flight. A switch of serving cluster closes at once.
-                                let serve = async {
-                                    match s.handshake(stream).await {
-                                        Ok(client) => conn::serve(s.clone(), client, target).await,
-                                        Err(cause) => cause,
-                                    }
-                                };
-                                let cause = tokio::select! {
-                                    cause = serve => cause,
-                                    () = switched.cancelled() => "serving_cluster_changed",
-                                };
-                                open.decrement(1.0);
-                                counter!("keyward_client_connections_closed_total", "cause" => cause)
-                                    .increment(1);
-                            }
-                            .instrument(span),
-                        );
-                    }
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        });
-    }
-
-    /// The client's side of the connection: TLS when the listeners speak it, with the
-    /// handshake bounded by `limits.tls_handshake_timeout_ms`. Errs with the close cause.
-    async fn handshake(&self, tcp: tokio::net::TcpStream) -> Result<Stream, &'static str> {
-        let _ = tcp.set_nodelay(true);
-        let Some(config) = self.security.listener() else {
-            return Ok(Stream::Plain(tcp));
-        };
-        let timeout = Duration::from_millis(self.config.limits.tls_handshake_timeout_ms);
-        let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
-        let (result, cause) = match tokio::time::timeout(timeout, accept).await {
-            Ok(Ok(tls)) => {
-                counter!("keyward_tls_handshakes_total", "result" => "ok").increment(1);
-                return Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))));
-            }
-            Ok(Err(e)) => ("error", e.to_string()),
-            Err(_) => ("timeout", format!("no handshake within {timeout:?}")),
-        };
-        counter!("keyward_tls_handshakes_total", "result" => result).increment(1);
-        if self.refusal_log.allow() {
-            warn!(error = %cause, "client TLS handshake failed; closing the connection");
-        }
-        Err("tls_handshake_failed")
     }
 
     pub fn shutdown_token(&self) -> CancellationToken {
@@ -255,7 +163,7 @@ impl Shared {
         if !self.bootstrap_bound.load(Ordering::Relaxed) {
             return Some("the bootstrap listener is not bound yet".to_owned());
         }
-        let serving = self.clusters.serving();
+        let serving = self.clusters.get(self.serving.index());
         if !serving.is_up() {
             return Some(format!(
                 "the serving cluster ({}) does not answer metadata requests",
@@ -263,6 +171,12 @@ impl Shared {
             ));
         }
         None
+    }
+
+    /// The gauges sampled once per probe round rather than on every change.
+    fn publish(&self) {
+        gauge!("keyward_decompression_bytes").set(self.decompression_budget.used() as f64);
+        gauge!("keyward_ready").set(f64::from(u8::from(self.not_ready().is_none())));
     }
 }
 
@@ -297,10 +211,22 @@ fn register_metrics(clusters: &Clusters, tls: bool) {
     gauge!("keyward_client_connections_open").set(0.0);
 }
 
-/// Advertises keyward's virtual brokers in place of one cluster's real ones.
+/// Advertises keyward's virtual brokers in place of one cluster's real ones. A response it
+/// rewrote goes to the client only after [`Advertiser::ready`]: the ports of brokers it named
+/// for the first time are then listening.
 pub struct Advertiser<'a> {
-    shared: &'a Arc<Shared>,
+    shared: &'a Shared,
     cluster: usize,
+    /// Brokers named for the first time, whose ports are still opening.
+    pending: RefCell<Vec<Broker>>,
+}
+
+impl Advertiser<'_> {
+    /// Waits until every broker this advertiser named has its port open.
+    pub async fn ready(self) {
+        let pending = self.pending.into_inner();
+        self.shared.ports.opened(&pending).await;
+    }
 }
 
 impl rewrite::Advertise for Advertiser<'_> {
@@ -310,13 +236,20 @@ impl rewrite::Advertise for Advertiser<'_> {
         real_host: &str,
         real_port: i32,
     ) -> Result<(i32, StrBytes, i32), UnmappableNode> {
-        let (virtual_id, port) =
-            self.shared
-                .learn_broker(self.cluster, node_id, real_host, real_port)?;
+        let learned = self.shared.ports.learn(
+            &self.shared.clusters,
+            self.cluster,
+            node_id,
+            real_host,
+            real_port,
+        )?;
+        if let Some(broker) = learned.pending {
+            self.pending.borrow_mut().push(broker);
+        }
         Ok((
-            virtual_id,
+            learned.virtual_id,
             self.shared.advertised_host.clone(),
-            i32::from(port),
+            i32::from(learned.port),
         ))
     }
 
@@ -327,17 +260,6 @@ impl rewrite::Advertise for Advertiser<'_> {
     fn renumbers(&self) -> bool {
         self.shared.clusters.get(self.cluster).node_offset != 0
     }
-}
-
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
 }
 
 /// Allows a bounded number of events per interval; used so that a flood of refused writes logs
@@ -394,37 +316,37 @@ impl RateLimit {
     }
 }
 
-/// Binds `listen.bootstrap`, as `keyward run` does before [`run`]; a proxy whose bootstrap
-/// port is taken does not start. Must be called inside the runtime.
-pub fn bind_bootstrap(config: &Config) -> anyhow::Result<TcpListener> {
-    bind(config.listen.bootstrap)
-        .with_context(|| format!("listening on {}", config.listen.bootstrap))
-}
-
 /// Serves clients that connect to `bootstrap` until [`Shared::shutdown_token`] is cancelled,
 /// then answers what is in flight for at most `limits.shutdown_grace_secs`.
 ///
 /// The listener comes bound (`keyward run` binds `listen.bootstrap` with [`bind_bootstrap`]; an
 /// in-process test binds `127.0.0.1:0`), as mini-redis's `server::run` takes one. Virtual broker
-/// ports are still `listen.broker_port_base + node id`, bound here as brokers are learned.
+/// ports are still `listen.broker_port_base + node id`, bound by the port manager as brokers
+/// are learned.
 pub async fn run(shared: Arc<Shared>, bootstrap: TcpListener) -> anyhow::Result<()> {
     let addr = bootstrap
         .local_addr()
         .context("the bootstrap listener's address")?;
     info!(%addr, region = %shared.config.region, "bootstrap listening");
 
-    // One probe round before accepting clients: brokers are learned (their ports listen before
-    // any client asks). It never moves reads: a cluster is down only after
+    shared
+        .tasks
+        .spawn(Ports::manage(shared.clone()).instrument(info_span!("ports")));
+    // One probe round before accepting clients: brokers are learned and their ports listen
+    // before any client asks. It never moves reads: a cluster is down only after
     // `reads.down_after_failed_probes` failed probes in a row, at start as at any other time.
-    probe_round(&shared, false).await;
-    shared.spawn_accept(bootstrap, Target::Bootstrap);
+    shared.probe().round(false).await;
+    listener::spawn_accept(&shared, bootstrap, Target::Bootstrap);
     shared.bootstrap_bound.store(true, Ordering::Relaxed);
-    gauge!("keyward_ready").set(if shared.not_ready().is_none() {
-        1.0
-    } else {
-        0.0
-    });
-    shared.tasks.spawn(probe_clusters(shared.clone()));
+    shared.publish();
+    let probes = shared.clone();
+    shared.tasks.spawn(
+        async move {
+            let publish = || probes.publish();
+            probes.probe().run(probes.shutdown.clone(), publish).await;
+        }
+        .instrument(info_span!("probes")),
+    );
 
     shared.shutdown.cancelled().await;
     info!("shutting down: no new connections; answering what is in flight");
@@ -437,107 +359,6 @@ pub async fn run(shared: Arc<Shared>, bootstrap: TcpListener) -> anyhow::Result<
         warn!("connections still open after the grace period; exiting");
     }
     Ok(())
-}
-
-/// Probes every cluster with a Metadata request listing no topics: it shows the cluster
-/// answers, measures its round trip, and teaches keyward brokers that joined since start.
-/// Then, unless `may_switch` is false, it serves from the cluster whose turn it is.
-async fn probe_round(shared: &Arc<Shared>, may_switch: bool) {
-    let timeout = Duration::from_millis(shared.config.reads.probe_timeout_ms);
-    for (index, cluster) in shared.clusters.all().iter().enumerate() {
-        let started = Instant::now();
-        let probe = upstream::fetch_brokers(&shared.dialers[index], &cluster.bootstrap);
-        let answer = tokio::time::timeout(timeout, probe)
-            .await
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {timeout:?}")));
-        let failure = match answer {
-            Ok(brokers) => {
-                for (node_id, host, port) in brokers {
-                    if let Err(e) = shared.learn_broker(index, node_id, &host, port) {
-                        error!(error = %e, "broker cannot be mapped");
-                    }
-                }
-                None
-            }
-            Err(e) => Some(e),
-        };
-        let up = failure.is_none();
-        let now = Instant::now();
-        let probed = cluster.probed(up, (now - started).as_micros() as u64, now);
-        let down_after = shared.config.reads.down_after_failed_probes;
-        if let Some(e) = failure {
-            counter!("keyward_cluster_probe_failures_total", "cluster" => cluster.name.clone())
-                .increment(1);
-            if probed.log_failure {
-                warn!(cluster = %cluster.name, error = format!("{e:#}"), failed_in_a_row = probed.failed_in_a_row, down_after, "cluster probe failed");
-            }
-        }
-        match (probed.was, probed.health) {
-            (was, Health::Down) if was != Health::Down => {
-                warn!(cluster = %cluster.name, failed_in_a_row = probed.failed_in_a_row, "cluster is down: {down_after} probes in a row failed (reads.down_after_failed_probes)");
-            }
-            (was, Health::Up) if was != Health::Up => {
-                info!(cluster = %cluster.name, "cluster answers probes: up");
-            }
-            _ => {}
-        }
-        gauge!("keyward_cluster_up", "cluster" => cluster.name.clone()).set(
-            if probed.health == Health::Up {
-                1.0
-            } else {
-                0.0
-            },
-        );
-    }
-    if !may_switch {
-        // The round at start only learns: a cluster that does not answer its first probe (a
-        // local cluster still electing its controller) is not down yet.
-        publish_serving(shared);
-        return;
-    }
-
-    let hold_down = Duration::from_millis(shared.config.reads.hold_down_ms);
-    let current = shared.clusters.serving_index();
-    let next = shared.clusters.choose(Instant::now(), hold_down);
-    if next != current {
-        let (from, to) = (
-            &shared.clusters.get(current).name,
-            &shared.clusters.get(next).name,
-        );
-        warn!(from = %from, to = %to, "serving cluster changes; closing client connections so they reconnect to it");
-        counter!("keyward_serving_cluster_switches_total", "to" => to.clone()).increment(1);
-        shared.clusters.switch_to(next);
-    }
-    publish_serving(shared);
-}
-
-fn publish_serving(shared: &Shared) {
-    // Sampled here, once per probe round, rather than on every change on the produce path.
-    gauge!("keyward_decompression_bytes").set(shared.decompression_budget.used() as f64);
-    for (index, cluster) in shared.clusters.all().iter().enumerate() {
-        let serving = shared.clusters.serving_index() == index;
-        gauge!("keyward_serving_cluster", "cluster" => cluster.name.clone()).set(if serving {
-            1.0
-        } else {
-            0.0
-        });
-    }
-    gauge!("keyward_ready").set(if shared.not_ready().is_none() {
-        1.0
-    } else {
-        0.0
-    });
-}
-
-async fn probe_clusters(shared: Arc<Shared>) {
-    let interval = Duration::from_millis(shared.config.reads.probe_interval_ms);
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(interval) => {}
-            () = shared.shutdown.cancelled() => return,
-        }
-        probe_round(&shared, true).await;
-    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,10 @@
 //! per partition holds. The client's own sequence numbers stay whole on the local cluster too
 //! (see [`sequences`]).
 //!
+//! Pipelines are tasks of the proxy's tracker, each in a `redirect` span naming its cluster,
+//! topic and partition. One idle for [`PIPELINE_IDLE`] ends (its next sequence number is kept
+//! for the one that follows it), and at shutdown each writes what is queued and ends.
+//!
 //! Transactional batches are never redirected: a transaction cannot span clusters.
 
 pub mod client;
@@ -22,7 +26,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kafka_protocol::messages::produce_response::PartitionProduceResponse;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, warn};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info_span, warn};
 
 use crate::codec::errors::{
     CORRUPT_MESSAGE, DUPLICATE_SEQUENCE_NUMBER, INVALID_PRODUCER_EPOCH, LEADER_NOT_AVAILABLE,
@@ -37,6 +43,9 @@ use sequences::{Outcome, Redirect, SequenceBook, StreamKey};
 /// Batches waiting per target partition before the client connection stops being read: enough
 /// for every in-flight batch of a few producers (5 each with idempotence).
 const PIPELINE_DEPTH: usize = 64;
+
+/// How long a pipeline with nothing to write lives on.
+const PIPELINE_IDLE: Duration = Duration::from_secs(5 * 60);
 
 /// One redirected batch for a pipeline.
 struct Job {
@@ -55,10 +64,28 @@ struct ProducerState {
     generation: u64,
 }
 
+/// A target partition: (topic, partition).
+type PartitionKey = (String, i32);
+
+/// The pipelines of one target cluster.
+#[derive(Default)]
+struct Pipelines {
+    running: HashMap<PartitionKey, mpsc::Sender<Job>>,
+    /// Where an ended pipeline's numbering stopped: (producer generation, next sequence). The
+    /// next pipeline for the partition goes on from there under the same producer id.
+    stopped: HashMap<PartitionKey, (u64, i32)>,
+}
+
 struct Target {
     client: ClusterClient,
     producer: tokio::sync::Mutex<ProducerState>,
-    pipelines: Mutex<HashMap<(String, i32), mpsc::Sender<Job>>>,
+    pipelines: Mutex<Pipelines>,
+}
+
+impl Target {
+    fn pipelines(&self) -> std::sync::MutexGuard<'_, Pipelines> {
+        self.pipelines.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Target {
@@ -91,11 +118,19 @@ pub struct Redirector {
     /// Set once any idempotent producer's batch was redirected: until then local writes skip
     /// the sequence book entirely (no lock, no lookup on the hot path).
     active: AtomicBool,
+    /// The proxy's tracker and shutdown: pipelines are its tasks.
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
 }
 
 impl Redirector {
-    /// One target per cluster: its bootstrap addresses and how to connect to it.
-    pub fn new(clusters: impl IntoIterator<Item = (Vec<String>, Dialer)>) -> Self {
+    /// One target per cluster: its bootstrap addresses and how to connect to it. Pipelines run
+    /// on `tasks` and end after `shutdown`, once what is queued is written.
+    pub fn new(
+        clusters: impl IntoIterator<Item = (Vec<String>, Dialer)>,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             targets: clusters
                 .into_iter()
@@ -103,12 +138,14 @@ impl Redirector {
                     Arc::new(Target {
                         client: ClusterClient::new(bootstrap, dialer),
                         producer: tokio::sync::Mutex::new(ProducerState::default()),
-                        pipelines: Mutex::new(HashMap::new()),
+                        pipelines: Mutex::new(Pipelines::default()),
                     })
                 })
                 .collect(),
             book: Mutex::new(SequenceBook::default()),
             active: AtomicBool::new(false),
+            tasks,
+            shutdown,
         }
     }
 
@@ -180,7 +217,6 @@ impl Redirector {
         if let Some(key) = &key {
             self.book().attach(key, client_seq, outcome.clone());
         }
-        let pipeline = self.pipeline(target, topic, partition);
         let job = Job {
             batch,
             records,
@@ -189,7 +225,7 @@ impl Redirector {
             timeout_ms,
             done,
         };
-        if let Err(mpsc::error::SendError(job)) = pipeline.send(job).await {
+        if let Err(job) = self.enqueue(target, topic, partition, job).await {
             let _ = job
                 .done
                 .send(Some(error_response(partition, REQUEST_TIMED_OUT)));
@@ -197,19 +233,52 @@ impl Redirector {
         outcome
     }
 
-    fn pipeline(&self, target: usize, topic: &str, partition: i32) -> mpsc::Sender<Job> {
+    /// Queues `job` on its partition's pipeline, starting one if none runs. The queue is
+    /// tried under the pipelines' lock, the same lock an idle pipeline ends under, so a job
+    /// never lands in a pipeline that has decided to end; only a full queue (a busy pipeline,
+    /// which does not end) is waited on outside it. Errs with the job if it cannot be queued
+    /// (the proxy is shutting down).
+    async fn enqueue(
+        &self,
+        target: usize,
+        topic: &str,
+        partition: i32,
+        job: Job,
+    ) -> Result<(), Job> {
         let t = &self.targets[target];
-        let mut pipelines = t.pipelines.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (topic.to_owned(), partition);
-        if let Some(tx) = pipelines.get(&key)
-            && !tx.is_closed()
-        {
-            return tx.clone();
-        }
-        let (tx, rx) = mpsc::channel(PIPELINE_DEPTH);
-        tokio::spawn(run_pipeline(t.clone(), topic.to_owned(), partition, rx));
-        pipelines.insert(key, tx.clone());
-        tx
+        let busy = {
+            let mut pipelines = t.pipelines();
+            let key = (topic.to_owned(), partition);
+            // A closed queue is a pipeline ending at shutdown: the job is refused below, not
+            // given to a second pipeline beside it.
+            let tx = match pipelines.running.get(&key) {
+                Some(tx) => tx.clone(),
+                None => {
+                    let from = pipelines.stopped.remove(&key).unwrap_or_default();
+                    let (tx, rx) = mpsc::channel(PIPELINE_DEPTH);
+                    let span = info_span!("redirect", cluster = %t.client.name, topic, partition);
+                    let pipeline = Pipeline {
+                        target: t.clone(),
+                        key: key.clone(),
+                        generation_seen: from.0,
+                        next_seq: from.1,
+                    };
+                    self.tasks
+                        .spawn(pipeline.run(rx, self.shutdown.clone()).instrument(span));
+                    pipelines.running.insert(key, tx.clone());
+                    tx
+                }
+            };
+            match tx.try_send(job) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Closed(job)) => return Err(job),
+                Err(mpsc::error::TrySendError::Full(job)) => (tx, job),
+            }
+        };
+        let (tx, job) = busy;
+        tx.send(job)
+            .await
+            .map_err(|mpsc::error::SendError(job)| job)
     }
 }
 
@@ -220,20 +289,75 @@ fn retriable(code: i16) -> bool {
     ) || matches!(code, LEADER_NOT_AVAILABLE | NOT_LEADER_OR_FOLLOWER)
 }
 
-/// Writes one target partition's redirected batches one at a time, in order.
-async fn run_pipeline(
+/// One target partition's writer: its redirected batches, one at a time, in order.
+struct Pipeline {
     target: Arc<Target>,
-    topic: String,
-    partition: i32,
-    mut jobs: mpsc::Receiver<Job>,
-) {
-    let mut next_seq: i32 = 0;
-    let mut generation_seen = 0;
-    while let Some(job) = jobs.recv().await {
+    key: PartitionKey,
+    /// The producer id generation `next_seq` counts under.
+    generation_seen: u64,
+    next_seq: i32,
+}
+
+impl Pipeline {
+    /// Writes jobs until idle for [`PIPELINE_IDLE`] or, after `shutdown`, until the queue is
+    /// empty.
+    async fn run(mut self, mut jobs: mpsc::Receiver<Job>, shutdown: CancellationToken) {
+        loop {
+            let job = tokio::select! {
+                job = jobs.recv() => job,
+                () = shutdown.cancelled(), if !jobs.is_closed() => {
+                    // Nothing new arrives; what is queued is still written below.
+                    jobs.close();
+                    continue;
+                }
+                () = tokio::time::sleep(PIPELINE_IDLE) => {
+                    if self.end_if_idle(&jobs) {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let Some(job) = job else {
+                self.park();
+                return;
+            };
+            let outcome = self.write(&job).await;
+            let _ = job.done.send(Some(outcome));
+        }
+    }
+
+    /// Ends the pipeline if nothing is queued, under the lock jobs are queued under, keeping
+    /// where its numbering stopped.
+    fn end_if_idle(&self, jobs: &mpsc::Receiver<Job>) -> bool {
+        let mut pipelines = self.target.pipelines();
+        if !jobs.is_empty() {
+            return false;
+        }
+        pipelines.running.remove(&self.key);
+        pipelines
+            .stopped
+            .insert(self.key.clone(), (self.generation_seen, self.next_seq));
+        debug!("idle redirect pipeline ended");
+        true
+    }
+
+    /// Keeps where the numbering stopped when the queue closed (at shutdown).
+    fn park(&self) {
+        let mut pipelines = self.target.pipelines();
+        pipelines.running.remove(&self.key);
+        pipelines
+            .stopped
+            .insert(self.key.clone(), (self.generation_seen, self.next_seq));
+    }
+
+    /// Writes one batch, retrying what can be retried within the client's timeout.
+    async fn write(&mut self, job: &Job) -> PartitionProduceResponse {
+        let target = &self.target;
+        let (topic, partition) = (&self.key.0, self.key.1);
         // Answer before the client's own request times out.
         let budget = Duration::from_millis((job.timeout_ms.clamp(1_000, 120_000) as u64) * 4 / 5);
         let deadline = Instant::now() + budget;
-        let outcome = loop {
+        loop {
             let in_time = Instant::now() < deadline;
             let (id, epoch, generation) = match target.producer_id().await {
                 Ok(p) => p,
@@ -244,21 +368,22 @@ async fn run_pipeline(
                 }
                 Err(_) => break error_response(partition, REQUEST_TIMED_OUT),
             };
-            if generation != generation_seen {
-                next_seq = 0;
-                generation_seen = generation;
+            if generation != self.generation_seen {
+                self.next_seq = 0;
+                self.generation_seen = generation;
             }
-            let Ok(batch) = records::renumbered(&job.batch, Some((id, epoch)), next_seq) else {
+            let Ok(batch) = records::renumbered(&job.batch, Some((id, epoch)), self.next_seq)
+            else {
                 // The request half parsed this batch before queueing it; never expected.
                 break error_response(partition, CORRUPT_MESSAGE);
             };
             match target
                 .client
-                .produce(&topic, partition, batch, job.acks, job.timeout_ms)
+                .produce(topic, partition, batch, job.acks, job.timeout_ms)
                 .await
             {
                 Ok(r) if r.error_code == 0 || r.error_code == DUPLICATE_SEQUENCE_NUMBER => {
-                    next_seq = next_seq.wrapping_add(job.records);
+                    self.next_seq = self.next_seq.wrapping_add(job.records);
                     break r.with_error_code(0);
                 }
                 Ok(r)
@@ -289,8 +414,7 @@ async fn run_pipeline(
                     break error_response(partition, REQUEST_TIMED_OUT);
                 }
             }
-        };
-        let _ = job.done.send(Some(outcome));
+        }
     }
 }
 

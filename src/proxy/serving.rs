@@ -1,0 +1,177 @@
+//! Which cluster serves, and the probes that decide it.
+//!
+//! Every `reads.probe_interval_ms` keyward sends each cluster a Metadata request that lists no
+//! topics: it shows the cluster answers, measures its round trip and teaches keyward brokers
+//! that joined since start (their virtual ports open through [`super::ports`]). Then
+//! [`Clusters::choose`] names the cluster whose turn it is to serve, and a change is published
+//! on one `watch` channel, [`Serving`]. Every client connection holds a receiver of it and
+//! closes when it changes, so a client never holds connections to brokers of two clusters.
+
+use std::time::Duration;
+
+use metrics::{counter, gauge};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::brokers::{Clusters, Health};
+use super::ports::Ports;
+use super::upstream::{self, Dialer};
+use crate::config::Reads;
+
+/// The serving cluster's index (see [`Clusters`]): the one source of truth for bootstrap
+/// connections, readiness and the `keyward_serving_cluster` gauge.
+#[derive(Debug)]
+pub struct Serving {
+    tx: watch::Sender<usize>,
+}
+
+impl Default for Serving {
+    /// The local cluster serves at start.
+    fn default() -> Self {
+        Self {
+            tx: watch::Sender::new(0),
+        }
+    }
+}
+
+impl Serving {
+    /// The cluster serving now.
+    pub fn index(&self) -> usize {
+        *self.tx.borrow()
+    }
+
+    /// A receiver whose current value is the cluster serving now, marked seen: its
+    /// `changed()` completes at the next switch.
+    pub fn subscribe(&self) -> watch::Receiver<usize> {
+        self.tx.subscribe()
+    }
+
+    fn switch_to(&self, index: usize) {
+        self.tx.send_replace(index);
+    }
+}
+
+/// What a probe round needs: the clusters and how to reach them, where learned brokers go,
+/// and where its verdict goes. Nothing else of the proxy.
+pub(super) struct Probe<'a> {
+    pub clusters: &'a Clusters,
+    pub dialers: &'a [Dialer],
+    pub ports: &'a Ports,
+    pub serving: &'a Serving,
+    pub reads: &'a Reads,
+}
+
+impl Probe<'_> {
+    /// Probes every cluster once. Unless `may_switch` is false, then serves from the cluster
+    /// whose turn it is. Brokers the probes name are handed to the port manager; the round
+    /// returns once their ports are open (or failed to open), so a client told of a broker can
+    /// connect to it.
+    pub async fn round(&self, may_switch: bool) {
+        let timeout = Duration::from_millis(self.reads.probe_timeout_ms);
+        let mut learned = Vec::new();
+        for (index, cluster) in self.clusters.all().iter().enumerate() {
+            // tokio's clock, so a test with paused time drives the hold-down too.
+            let started = tokio::time::Instant::now();
+            let probe = upstream::fetch_brokers(&self.dialers[index], &cluster.bootstrap);
+            let answer = tokio::time::timeout(timeout, probe)
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {timeout:?}")));
+            let failure = match answer {
+                Ok(brokers) => {
+                    for (node_id, host, port) in brokers {
+                        match self.ports.learn(self.clusters, index, node_id, &host, port) {
+                            Ok(learn) => learned.extend(learn.pending),
+                            Err(e) => error!(error = %e, "broker cannot be mapped"),
+                        }
+                    }
+                    None
+                }
+                Err(e) => Some(e),
+            };
+            let now = tokio::time::Instant::now();
+            let rtt = (now - started).as_micros() as u64;
+            let probed = cluster.probed(failure.is_none(), rtt, now.into_std());
+            let down_after = self.reads.down_after_failed_probes;
+            if let Some(e) = failure {
+                counter!("keyward_cluster_probe_failures_total", "cluster" => cluster.name.clone())
+                    .increment(1);
+                if probed.log_failure {
+                    warn!(cluster = %cluster.name, error = format!("{e:#}"), failed_in_a_row = probed.failed_in_a_row, down_after, "cluster probe failed");
+                }
+            }
+            match (probed.was, probed.health) {
+                (was, Health::Down) if was != Health::Down => {
+                    warn!(cluster = %cluster.name, failed_in_a_row = probed.failed_in_a_row, "cluster is down: {down_after} probes in a row failed (reads.down_after_failed_probes)");
+                }
+                (was, Health::Up) if was != Health::Up => {
+                    info!(cluster = %cluster.name, "cluster answers probes: up");
+                }
+                _ => {}
+            }
+            let up = probed.health == Health::Up;
+            gauge!("keyward_cluster_up", "cluster" => cluster.name.clone()).set(f64::from(up));
+        }
+        self.ports.opened(&learned).await;
+        if !may_switch {
+            // The round at start only learns: a cluster that does not answer its first probe
+            // (a local cluster still electing its controller) is not down yet.
+            self.publish();
+            return;
+        }
+        let hold_down = Duration::from_millis(self.reads.hold_down_ms);
+        let current = self.serving.index();
+        let now = tokio::time::Instant::now().into_std();
+        let next = self.clusters.choose(current, now, hold_down);
+        if next != current {
+            let (from, to) = (
+                &self.clusters.get(current).name,
+                &self.clusters.get(next).name,
+            );
+            warn!(from = %from, to = %to, "serving cluster changes; closing client connections so they reconnect to it");
+            counter!("keyward_serving_cluster_switches_total", "to" => to.clone()).increment(1);
+            self.serving.switch_to(next);
+        }
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let serving = self.serving.index();
+        for (index, cluster) in self.clusters.all().iter().enumerate() {
+            gauge!("keyward_serving_cluster", "cluster" => cluster.name.clone())
+                .set(f64::from(u8::from(serving == index)));
+        }
+    }
+
+    /// Probes every `reads.probe_interval_ms` until `shutdown`, after the round at start.
+    pub async fn run(&self, shutdown: CancellationToken, after_each: impl Fn()) {
+        let interval = Duration::from_millis(self.reads.probe_interval_ms);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = shutdown.cancelled() => return,
+            }
+            self.round(true).await;
+            after_each();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_switch_wakes_every_connection_of_the_old_cluster() {
+        let serving = Serving::default();
+        let mut connection = serving.subscribe();
+        assert_eq!(*connection.borrow_and_update(), 0);
+        serving.switch_to(1);
+        connection.changed().await.unwrap();
+        assert_eq!(*connection.borrow_and_update(), 1);
+        assert_eq!(serving.index(), 1);
+        // A connection accepted after the switch sees the new cluster and no change.
+        let later = serving.subscribe();
+        assert!(!later.has_changed().unwrap());
+    }
+}

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::ownership::{Query, Table};
@@ -75,29 +76,39 @@ pub fn run(config: &Path) -> anyhow::Result<()> {
         let admin_listener = crate::admin::bind(config.admin.listen).await?;
         let shared = Shared::new(config, ownership.clone(), security.clone())?;
         let stop = shared.shutdown_token();
-        let admin = tokio::spawn(crate::admin::serve(
-            admin_listener,
-            metrics,
-            shared.clone(),
-            stop.clone(),
-        ));
-        tokio::spawn(reload::watch_file(
-            ownership.clone(),
-            security.clone(),
-            stop.clone(),
-        ));
-        tokio::spawn(reload::watch_sighup(ownership, security, stop.clone()));
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("shutting down");
-            stop.cancel();
+        // The process's own tasks beside the proxy's: each in a span, each ending on `stop`,
+        // all waited for before exit.
+        let tasks = tokio_util::task::TaskTracker::new();
+        let admin = tasks.spawn(
+            crate::admin::serve(admin_listener, metrics, shared.clone(), stop.clone())
+                .instrument(tracing::info_span!("admin")),
+        );
+        tasks.spawn(
+            reload::watch_file(ownership.clone(), security.clone(), stop.clone())
+                .instrument(tracing::info_span!("reload", trigger = "file")),
+        );
+        tasks.spawn(
+            reload::watch_sighup(ownership, security, stop.clone())
+                .instrument(tracing::info_span!("reload", trigger = "sighup")),
+        );
+        let signals = stop.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = wait_for_signal() => {
+                    tracing::info!("shutting down");
+                    signals.cancel();
+                }
+                () = signals.cancelled() => {}
+            }
         });
+        tasks.close();
         let result = proxy::run(shared, bootstrap).await;
         match admin.await {
             Ok(Err(e)) => tracing::error!("{e:#}"),
             Err(e) => tracing::error!("admin task: {e}"),
             Ok(Ok(())) => {}
         }
+        tasks.wait().await;
         result
     })
 }

@@ -302,6 +302,13 @@ impl Pipeline {
     /// Writes jobs until idle for [`PIPELINE_IDLE`] or, after `shutdown`, until the queue is
     /// empty.
     async fn run(mut self, mut jobs: mpsc::Receiver<Job>, shutdown: CancellationToken) {
+        let running = metrics::gauge!("keyward_redirect_pipelines", "cluster" => self.target.client.name.clone());
+        running.increment(1.0);
+        self.serve(&mut jobs, shutdown).await;
+        running.decrement(1.0);
+    }
+
+    async fn serve(&mut self, jobs: &mut mpsc::Receiver<Job>, shutdown: CancellationToken) {
         loop {
             let job = tokio::select! {
                 job = jobs.recv() => job,
@@ -311,7 +318,7 @@ impl Pipeline {
                     continue;
                 }
                 () = tokio::time::sleep(PIPELINE_IDLE) => {
-                    if self.end_if_idle(&jobs) {
+                    if self.end_if_idle(jobs) {
                         return;
                     }
                     continue;

@@ -455,7 +455,7 @@ class Bench:
             )
             if "relay_cpu_s" in result and result.get("bytes"):
                 summary += f" relay {result['relay_cpu_s'] / (result['bytes'] / 1e9):5.2f} CPU-s/GB"
-        log(f"  r{rnd} {load.name:>10} {kind:7} {PATHS[path][0]:22} {summary}")
+        log(f"  r{rnd} {load.name:>10} {kind:7} {PATHS[path][0]:28} {summary}")
 
     # -- the rounds
     def loads(self) -> list[Load]:
@@ -496,7 +496,7 @@ class Bench:
                 self.consume(path, topic)
             self.delete_topic(topic)
             per_gb = r["broker_cpu_s"] / (r["bytes"] / 1e9) if r.get("bytes") else float("inf")
-            log(f"  warm-up {load.name:>10} {PATHS[path][0]:22} {r.get('msgs_per_s', 0):10.0f} msg/s, "
+            log(f"  warm-up {load.name:>10} {PATHS[path][0]:28} {r.get('msgs_per_s', 0):10.0f} msg/s, "
                 f"broker {per_gb:5.2f} CPU-s/GB")
             return per_gb
 

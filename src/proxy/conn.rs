@@ -711,7 +711,9 @@ fn respond(
     match rewrite {
         Rewrite::Passthrough => Ok(frame),
         Rewrite::ApiVersions(v) => handlers::api_versions::response(&frame, v),
-        Rewrite::Metadata(v) => handlers::metadata::response(&frame, v, &to),
+        Rewrite::Metadata(v) => handlers::metadata::response(&frame, v, &to, &|t| {
+            super::alignment::observe(shared, cluster, t.iter().copied())
+        }),
         Rewrite::FindCoordinator(v) => handlers::find_coordinator::response(&frame, v, &to),
         Rewrite::DescribeCluster(v) => handlers::describe_cluster::response(&frame, v, &to),
         Rewrite::Fetch(v) => handlers::fetch::response(&frame, v, &to),

@@ -5,6 +5,7 @@
 //! port (see [`brokers`]), opened as soon as keyward learns of the broker, from its probes and
 //! from any response that lists brokers. Only the serving cluster's ports accept connections.
 
+pub mod alignment;
 pub mod brokers;
 pub mod conn;
 pub mod handlers;
@@ -425,6 +426,9 @@ pub async fn run(shared: Arc<Shared>, bootstrap: TcpListener) -> anyhow::Result<
         0.0
     });
     shared.tasks.spawn(probe_clusters(shared.clone()));
+    shared
+        .tasks
+        .spawn(alignment::check_at_start(shared.clone()));
 
     shared.shutdown.cancelled().await;
     info!("shutting down: no new connections; answering what is in flight");

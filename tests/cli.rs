@@ -315,3 +315,21 @@ fn an_admin_listener_off_loopback_needs_a_reload_token_to_start() {
     let out = keyward(&["check", "--config", explicit.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+#[test]
+fn version_names_the_release_and_the_commit() {
+    for flag in ["--version", "-V"] {
+        let out = keyward(&[flag]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        let commit = text
+            .strip_prefix(&format!("keyward {} (commit ", env!("CARGO_PKG_VERSION")))
+            .and_then(|rest| rest.strip_suffix(")\n"))
+            .unwrap_or_else(|| panic!("{flag}: {text:?}"));
+        assert_eq!(commit, keyward::COMMIT, "{text}");
+        assert!(
+            commit == "unknown" || commit.chars().all(|c| c.is_ascii_hexdigit()),
+            "{text}"
+        );
+    }
+}

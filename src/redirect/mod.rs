@@ -89,6 +89,12 @@ impl Target {
 }
 
 impl Target {
+    /// Counts a redirected batch whose client is answered with an error.
+    fn failed(&self) {
+        metrics::counter!("keyward_redirect_failures_total", "cluster" => self.client.name.clone())
+            .increment(1);
+    }
+
     async fn producer_id(&self) -> anyhow::Result<(i64, i16, u64)> {
         let mut p = self.producer.lock().await;
         if p.id.is_none() {
@@ -135,6 +141,9 @@ impl Redirector {
             targets: clusters
                 .into_iter()
                 .map(|(bootstrap, dialer)| {
+                    // Exported at 0, so an alert's rate sees the series before the first failure.
+                    metrics::counter!("keyward_redirect_failures_total", "cluster" => dialer.cluster.clone())
+                        .absolute(0);
                     Arc::new(Target {
                         client: ClusterClient::new(bootstrap, dialer),
                         producer: tokio::sync::Mutex::new(ProducerState::default()),
@@ -226,6 +235,7 @@ impl Redirector {
             done,
         };
         if let Err(job) = self.enqueue(target, topic, partition, job).await {
+            self.targets[target].failed();
             let _ = job
                 .done
                 .send(Some(error_response(partition, REQUEST_TIMED_OUT)));
@@ -329,6 +339,9 @@ impl Pipeline {
                 return;
             };
             let outcome = self.write(&job).await;
+            if outcome.error_code != 0 {
+                self.target.failed();
+            }
             let _ = job.done.send(Some(outcome));
         }
     }

@@ -78,6 +78,8 @@ struct Pipelines {
 
 struct Target {
     client: ClusterClient,
+    /// `keyward_redirect_failures_total` for this cluster: batches whose client got an error.
+    failures: metrics::Counter,
     producer: tokio::sync::Mutex<ProducerState>,
     pipelines: Mutex<Pipelines>,
 }
@@ -89,12 +91,6 @@ impl Target {
 }
 
 impl Target {
-    /// Counts a redirected batch whose client is answered with an error.
-    fn failed(&self) {
-        metrics::counter!("keyward_redirect_failures_total", "cluster" => self.client.name.clone())
-            .increment(1);
-    }
-
     async fn producer_id(&self) -> anyhow::Result<(i64, i16, u64)> {
         let mut p = self.producer.lock().await;
         if p.id.is_none() {
@@ -141,11 +137,12 @@ impl Redirector {
             targets: clusters
                 .into_iter()
                 .map(|(bootstrap, dialer)| {
+                    let failures = metrics::counter!("keyward_redirect_failures_total", "cluster" => dialer.cluster.clone());
                     // Exported at 0, so an alert's rate sees the series before the first failure.
-                    metrics::counter!("keyward_redirect_failures_total", "cluster" => dialer.cluster.clone())
-                        .absolute(0);
+                    failures.absolute(0);
                     Arc::new(Target {
                         client: ClusterClient::new(bootstrap, dialer),
+                        failures,
                         producer: tokio::sync::Mutex::new(ProducerState::default()),
                         pipelines: Mutex::new(Pipelines::default()),
                     })
@@ -235,7 +232,7 @@ impl Redirector {
             done,
         };
         if let Err(job) = self.enqueue(target, topic, partition, job).await {
-            self.targets[target].failed();
+            self.targets[target].failures.increment(1);
             let _ = job
                 .done
                 .send(Some(error_response(partition, REQUEST_TIMED_OUT)));
@@ -340,7 +337,7 @@ impl Pipeline {
             };
             let outcome = self.write(&job).await;
             if outcome.error_code != 0 {
-                self.target.failed();
+                self.target.failures.increment(1);
             }
             let _ = job.done.send(Some(outcome));
         }

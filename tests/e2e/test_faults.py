@@ -3,7 +3,11 @@ through keyward while something breaks.
 
 Each test runs producers of different client implementations in background threads (one topic
 each, one unique value per record, keys chosen so that every partition holds one slot of the
-`by: key` rule and so one owner) while the main thread injects one family of faults:
+`by: key` rule and so one owner) while the main thread injects one family of faults, once, while
+all of them write. A stream is a run of produce calls (each a new producer) that goes on until
+the test stops it: the first call is long enough to span the fault, which the test checks, and
+the test stops the streams as soon as the fault is over and each has written more after it, so
+no test waits out a fixed amount of writing. The fault families:
 
   test_a_broker_restart             an eu broker leading a partition is SIGKILLed and restarted
   test_keyward_sigkill_and_sigterm  keyward is SIGKILLed and restarted on the same ports, then
@@ -106,7 +110,15 @@ PRODUCER = {
 }
 PRODUCE_CALL_S = 150  # bound on one produce() call (the client's own timeouts come first)
 
-N = 3200  # records per producer: half of them owned by eu, so acknowledged
+# Records of a stream's first produce call, which must span the fault (checked), and of each
+# later call. In the `reject` tests half the records are owned by eu, so acknowledged.
+FIRST = 2400
+BROKER_FIRST = 1600  # spans the kill (the restart takes longer: later calls write through it)
+CHUNK = 400
+# Table flips a flip test waits for while its streams write, before it stops them.
+MIN_FLIPS = 50
+FLIP_FIRST = 400  # the flip tests' streams write throughout the flips, in calls of 400
+SLOW_FIRST = 1200
 
 RSS_SLACK = 16 * 1024 * 1024
 # A cluster probe may hold a socket for a moment (when idle is measured, say), and after
@@ -142,27 +154,60 @@ def key_per_slot(kw: Keyward) -> list[str]:
 
 @dataclass
 class Stream:
-    """One producer (one client, one topic) writing in a background thread."""
+    """One client writing one topic in a background thread, until told to stop: produce calls one
+    after another, each with a new producer, the first of `first` records and each later one of
+    `chunk`. A test sizes `first` so that ONE producer is writing across the fault (and checks
+    it: `first_running`), and stops the stream once the fault is over and writes went on after
+    it; the stream ends with the call in progress. Records, owners and deliveries are those of
+    the calls that finished, in order."""
 
     label: str
     client: Client
     topic: str
-    records: list[dict]
-    owners: list[str]  # per record: "eu", "us", or "flip" (decided by the table in force)
+    keys: list[str] = field(repr=False)
+    rule: str
+    first: int
+    chunk: int
     flush_every: int
     redirect: bool  # on_foreign: redirect (else reject)
-    results: list[dict] | None = None
+    run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    records: list[dict] = field(default_factory=list, repr=False)
+    owners: list[str] = field(default_factory=list, repr=False)  # per record: "eu", "us", or "flip"
+    results: list[dict] = field(default_factory=list, repr=False)
+    calls: int = 0  # produce calls finished
     error: BaseException | None = None
     seconds: float = 0.0
     thread: threading.Thread | None = field(default=None, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def _more(self, count: int) -> tuple[list[dict], list[str]]:
+        """The next `count` records, cycling through every slot, one unique value each."""
+        records, owners = [], []
+        for i in range(len(self.records), len(self.records) + count):
+            slot = i % SLOTS
+            records.append(record(self.keys[slot].encode(), f"{self.run}-{i}".encode(), partition=slot))
+            owners.append(owner_of(self.rule, slot))
+        return records, owners
 
     def start(self, bootstrap: str) -> "Stream":
         def run() -> None:
             started = time.monotonic()
             try:
-                self.results = self.client.produce(
-                    bootstrap, self.topic, self.records, PRODUCER, PRODUCE_CALL_S, self.flush_every
-                )
+                size = self.first
+                while True:
+                    records, owners = self._more(size)
+                    results = self.client.produce(
+                        bootstrap, self.topic, records, PRODUCER, PRODUCE_CALL_S, self.flush_every
+                    )
+                    assert len(results) == len(records), f"{len(results)} deliveries for {len(records)} records"
+                    self.records += records
+                    self.owners += owners
+                    self.results += results
+                    self.calls += 1
+                    # Never past PRODUCE_CALL_S of writing: a test that fails before stop() ends.
+                    if self._stop.is_set() or time.monotonic() - started > PRODUCE_CALL_S:
+                        break
+                    size = self.chunk
             except BaseException as e:  # noqa: BLE001 - reported by finish()
                 self.error = e
             self.seconds = time.monotonic() - started
@@ -175,13 +220,23 @@ class Stream:
     def running(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
 
+    @property
+    def first_running(self) -> bool:
+        """Whether the stream's first producer is still writing."""
+        return self.running and self.calls == 0
+
+    def stop(self) -> None:
+        """Ends the stream with the produce call in progress."""
+        self._stop.set()
+
     def finish(self) -> list[dict]:
+        self.stop()
         assert self.thread is not None
         self.thread.join(PRODUCE_CALL_S + 60)
         assert not self.thread.is_alive(), f"{self.label}: producer still running"
         if self.error is not None:
             raise AssertionError(f"{self.label}: the producer failed: {self.error}") from self.error
-        assert self.results is not None and len(self.results) == len(self.records)
+        assert self.calls >= 1 and len(self.results) == len(self.records) == len(self.owners)
         return self.results
 
 
@@ -192,21 +247,16 @@ def make_stream(
     us: KafkaCluster,
     keys: list[str],
     rule: str,
-    count: int,
+    first: int,
+    chunk: int,
     flush_every: int,
 ) -> Stream:
-    """`count` records cycling through every slot, on a new topic of `rule` in both clusters (so
-    a record in the cluster that does not own it would be found)."""
+    """A stream of records cycling through every slot, on a new topic of `rule` in both clusters
+    (so a record in the cluster that does not own it would be found)."""
     topic = unique(f"{rule}.faults")
     for cluster in (eu, us):
         cluster.create_topic(topic, partitions=SLOTS)
-    run = uuid.uuid4().hex[:8]
-    records, owners = [], []
-    for i in range(count):
-        slot = i % SLOTS
-        records.append(record(keys[slot].encode(), f"{run}-{i}".encode(), partition=slot))
-        owners.append(owner_of(rule, slot))
-    return Stream(label, client, topic, records, owners, flush_every, redirect=rule == "rflip")
+    return Stream(label, client, topic, keys, rule, first, chunk, flush_every, redirect=rule == "rflip")
 
 
 # --------------------------------------------------------------------------- counting
@@ -228,6 +278,7 @@ class Tally:
     flipping: str  # how the records of flipping slots went
     failures: Counter
     seconds: float
+    producers: int  # produce calls, each a new producer
 
     def line(self) -> str:
         text = (
@@ -241,7 +292,7 @@ class Tally:
             text += f" failures={dict(self.failures)}"
         if self.flipping:
             text += f" flipping[{self.flipping}]"
-        return text + f" seconds={self.seconds:.1f}"
+        return text + f" producers={self.producers} seconds={self.seconds:.1f}"
 
 
 def allowed(stream: Stream, owner: str) -> set[str]:
@@ -297,6 +348,7 @@ def tally(stream: Stream, eu: KafkaCluster, us: KafkaCluster) -> Tally:
         flipping=" ".join(f"{k}={n}" for k, n in sorted(flips.items())),
         failures=failures,
         seconds=stream.seconds,
+        producers=stream.calls,
     )
 
 
@@ -405,17 +457,26 @@ class Progress:
             out.append(sum(offsets))
         return out
 
-    def wait_each(self, more_than: list[int] | int, timeout_s: float = 60) -> list[int]:
+    def wait_each(self, more_than: list[int] | int, timeout_s: float = 60, first: bool = True) -> list[int]:
         """Waits until every stream has written more than `more_than` (one count for all, or
-        one per stream); returns the counts, and checks that no producer has finished yet."""
+        one per stream); returns the counts, and checks that every stream is still writing and,
+        with `first`, still with its first producer (the one that has been writing across the
+        fault)."""
         floor = more_than if isinstance(more_than, list) else [more_than] * len(self.streams)
+        def enough() -> list[int] | None:
+            failed = [f"{s.label}: {s.error}" for s in self.streams if s.error is not None]
+            assert not failed, f"a producer failed: {failed}"
+            w = self.written()
+            return w if w is not None and all(a > b for a, b in zip(w, floor)) else None
+
         got = wait_for(
-            lambda: (w := self.written()) is not None and all(a > b for a, b in zip(w, floor)) and w,
+            enough,
             timeout_s,
             f"every stream to write more than {floor}",
         )
-        finished = [s.label for s in self.streams if not s.running]
-        assert not finished, f"{finished} finished before the fault: nothing would be tested"
+        finished = [s.label for s in self.streams if not (s.first_running if first else s.running)]
+        what = "their first producer finished" if first else "stopped writing"
+        assert not finished, f"{finished}: {what} before the fault was over: nothing would be tested"
         return got
 
 
@@ -447,6 +508,8 @@ def restored(cluster: KafkaCluster):
 
 
 def finish_all(streams: list[Stream], eu, us, report) -> list[Tally]:
+    for s in streams:
+        s.stop()
     tallies = [tally(s, eu, us) for s in streams]
     for t in tallies:
         report(t.line())
@@ -459,16 +522,17 @@ def finish_all(streams: list[Stream], eu, us, report) -> list[Tally]:
 def test_a_broker_restart(tmp_path, eu, us, report):
     """An eu broker leading partitions is SIGKILLed while three clients write, the producers go
     on with the two others (acks=all, min ISR 2), and it is restarted and back in sync while
-    they still write: every acknowledged record is in eu once, however the retries went."""
+    they still write: every acknowledged record is in eu once, however the retries went. Each
+    client's first producer writes across the kill (its requests in flight then are retried);
+    the streams stop once the broker is back in sync and each has written 100 more records."""
     kw = start_keyward(tmp_path, eu, us)
     try:
         keys = key_per_slot(kw)
         idle = Resources.idle(kw)
         streams = [
-            # Longer streams: the broker must be back and in sync while they still write.
-            make_stream("broker-restart/java", JavaClient(), eu, us, keys, "fixed", 3 * N, 1),
-            make_stream("broker-restart/librdkafka", LibrdkafkaClient(), eu, us, keys, "fixed", 3 * N, 1),
-            make_stream("broker-restart/franz", FranzClient(), eu, us, keys, "fixed", 3 * N, 1),
+            make_stream("broker-restart/java", JavaClient(), eu, us, keys, "fixed", BROKER_FIRST, CHUNK, 1),
+            make_stream("broker-restart/librdkafka", LibrdkafkaClient(), eu, us, keys, "fixed", BROKER_FIRST, CHUNK, 1),
+            make_stream("broker-restart/franz", FranzClient(), eu, us, keys, "fixed", BROKER_FIRST, CHUNK, 1),
         ]
         victim = eu.partitions(streams[0].topic)[0]["leader"]
         progress = Progress(eu, streams)
@@ -476,20 +540,24 @@ def test_a_broker_restart(tmp_path, eu, us, report):
             for s in streams:
                 s.start(kw.bootstrap)
             at_kill = progress.wait_each(100)
+            killed_at = time.monotonic()
             eu.stop_node(victim, kill=True)
-            progress.wait_each([n + 100 for n in at_kill])  # the writes go on without it
-            eu.start_node(victim, timeout_s=90)
-            # Back and in sync while writes go on: at least one producer must still be writing
-            # (how many finished first depends on the machine's speed).
+            after_kill = progress.wait_each([n + 100 for n in at_kill])  # the same producers go on without it
+            restart_at = time.monotonic()
+            eu.start_node(victim, timeout_s=90)  # waits until it serves and every ISR is full
+            back_at = time.monotonic()
+            # Back and in sync while writes go on: every stream writes 100 more after that.
             at_back = wait_for(progress.written, 30, "the stream counts")
-            still = [s.label for s in streams if s.running]
-            assert still, "every producer finished before the broker was back: nothing tested"
+            first_when_back = sum(s.first_running for s in streams)
+            after_back = progress.wait_each([n + 100 for n in at_back], first=False)
             tallies = finish_all(streams, eu, us, report)
         idle.back_to_idle(kw)
         acked = sum(t.acked for t in tallies)
         report(
             f"faults[broker-restart/keyward]: killed=node{victim} written_at_kill={at_kill} "
-            f"written_when_back={at_back} still_writing_when_back={len(still)} forwarded={forwarded(kw)} acked={acked} "
+            f"written_after_kill={after_kill} written_when_back={at_back} written_after_back={after_back} "
+            f"down={restart_at - killed_at:.1f}s restart_to_in_sync={back_at - restart_at:.1f}s "
+            f"first_producer_still_writing_when_back={first_when_back} forwarded={forwarded(kw)} acked={acked} "
             f"(forwarded again after the kill and deduplicated by the broker: {forwarded(kw) - acked})"
         )
         report(idle.line("broker-restart"))
@@ -504,15 +572,17 @@ def test_keyward_sigkill_and_sigterm(tmp_path, eu, us, report):
     themselves), then stopped with SIGTERM: it stops accepting, answers what is in flight (a
     Fetch the broker holds is still answered), exits 0 within its grace period, and is
     restarted. Idempotence makes the clients' retries of writes whose answers were lost
-    harmless: no duplicate, nothing lost."""
+    harmless: no duplicate, nothing lost. Each client's first producer writes across both stops
+    (at least 100 of its records are left when keyward exits after SIGTERM); the streams stop
+    once each has written 100 more through the last process."""
     grace_s = 5
     kw = start_keyward(tmp_path, eu, us, extra_config=f"limits: {{ shutdown_grace_secs: {grace_s} }}\n")
     try:
         keys = key_per_slot(kw)
         streams = [
-            make_stream("keyward-restarts/java", JavaClient(), eu, us, keys, "fixed", N, 1),
-            make_stream("keyward-restarts/librdkafka", LibrdkafkaClient(), eu, us, keys, "fixed", N, 1),
-            make_stream("keyward-restarts/franz", FranzClient(), eu, us, keys, "fixed", N, 1),
+            make_stream("keyward-restarts/java", JavaClient(), eu, us, keys, "fixed", FIRST, CHUNK, 1),
+            make_stream("keyward-restarts/librdkafka", LibrdkafkaClient(), eu, us, keys, "fixed", FIRST, CHUNK, 1),
+            make_stream("keyward-restarts/franz", FranzClient(), eu, us, keys, "fixed", FIRST, CHUNK, 1),
         ]
         progress = Progress(eu, streams)
         for s in streams:
@@ -546,11 +616,19 @@ def test_keyward_sigkill_and_sigterm(tmp_path, eu, us, report):
         logs = kw.log_path.read_text()
         assert "shutting down: no new connections; answering what is in flight" in logs
         assert "connections still open after the grace period" not in logs
+        # keyward is down: what each stream has written now is final until the restart. Every
+        # first producer must have at least 100 eu-owned records left, which it can only write
+        # by reconnecting to the new process (all eu-owned records must be acknowledged).
+        at_exit = wait_for(progress.written, 30, "the stream counts")
+        left = [FIRST // 2 - n for n in at_exit]
+        short = [s.label for s, n in zip(streams, left) if not s.first_running or n < 100]
+        assert not short, f"{short}: the first producer was done or nearly so at SIGTERM ({left} left)"
         kw.start()
-        progress.wait_each(0)
+        after = progress.wait_each([n + 100 for n in at_exit], first=False)  # then the streams stop
         tallies = finish_all(streams, eu, us, report)
         report(
             f"faults[keyward-restarts/keyward]: written_at_sigkill={at_kill} written_at_sigterm={at_term} "
+            f"written_at_exit={at_exit} written_after_restart={after} "
             f"sigterm: held_fetch_answered_after={answered:.2f}s exit={code} exit_after={took:.2f}s "
             f"grace={grace_s}s"
         )
@@ -603,15 +681,21 @@ class Flipper:
             f"reload_answers={dict(self.answers)}"
         )
         assert set(self.answers) <= {"200 loaded", "200 unchanged"}, self.answers
-        assert self.flips >= 40, f"only {self.flips} flips: the producers were done too soon"
+        assert self.flips >= MIN_FLIPS, f"only {self.flips} flips"
 
 
 def _write_while_flipping(kw, streams, eu, us, report, label: str, idle: "Resources") -> list:
-    """Runs `streams` to their end while the table flips every 100 ms, then checks every
-    stream's outcome exactly, the flips, and keyward's resources back at idle."""
+    """Runs `streams` while the table flips every 100 ms, until MIN_FLIPS flips are done with
+    every stream still writing, and each stream to the end of its produce call in progress; then checks every stream's outcome exactly, the flips, and keyward's resources
+    back at idle."""
     with Flipper(kw) as flipper:
         for s in streams:
             s.start(kw.bootstrap)
+        wait_for(lambda: flipper.flips >= MIN_FLIPS, 60, f"{MIN_FLIPS} flips")
+        early = [f"{s.label}: {s.error}" for s in streams if not s.running]
+        assert not early, f"a stream stopped within {flipper.flips} flips: {early}"
+        for s in streams:
+            s.stop()
         for s in streams:
             s.finish()
     tallies = finish_all(streams, eu, us, report)
@@ -633,10 +717,10 @@ def test_ownership_flips_every_100ms(tmp_path, eu, us, report):
         keys = key_per_slot(kw)
         idle = Resources.idle(kw)
         streams = [
-            make_stream("reload-flips/java", JavaClient(), eu, us, keys, "flip", N, 8),
-            make_stream("reload-flips/librdkafka", LibrdkafkaClient(), eu, us, keys, "flip", N, 4),
-            make_stream("reload-flips/franz", FranzClient(), eu, us, keys, "flip", N, 8),
-            make_stream("reload-flips/fixed-librdkafka", LibrdkafkaClient(), eu, us, keys, "fixed", N, 4),
+            make_stream("reload-flips/java", JavaClient(), eu, us, keys, "flip", FLIP_FIRST, FLIP_FIRST, 8),
+            make_stream("reload-flips/librdkafka", LibrdkafkaClient(), eu, us, keys, "flip", FLIP_FIRST, FLIP_FIRST, 4),
+            make_stream("reload-flips/franz", FranzClient(), eu, us, keys, "flip", FLIP_FIRST, FLIP_FIRST, 8),
+            make_stream("reload-flips/fixed-librdkafka", LibrdkafkaClient(), eu, us, keys, "fixed", FLIP_FIRST, FLIP_FIRST, 4),
         ]
         _write_while_flipping(kw, streams, eu, us, report, "reload-flips", idle)
         for s in streams[:3]:
@@ -656,9 +740,9 @@ def test_redirect_under_ownership_flips(tmp_path, eu, us, report):
         keys = key_per_slot(kw)
         idle = Resources.idle(kw)
         streams = [
-            make_stream("redirect-flips/java", JavaClient(), eu, us, keys, "rflip", N, 8),
-            make_stream("redirect-flips/librdkafka", LibrdkafkaClient(), eu, us, keys, "rflip", N, 4),
-            make_stream("redirect-flips/franz", FranzClient(), eu, us, keys, "rflip", N, 8),
+            make_stream("redirect-flips/java", JavaClient(), eu, us, keys, "rflip", FLIP_FIRST, FLIP_FIRST, 8),
+            make_stream("redirect-flips/librdkafka", LibrdkafkaClient(), eu, us, keys, "rflip", FLIP_FIRST, FLIP_FIRST, 4),
+            make_stream("redirect-flips/franz", FranzClient(), eu, us, keys, "rflip", FLIP_FIRST, FLIP_FIRST, 8),
         ]
         tallies = _write_while_flipping(kw, streams, eu, us, report, "redirect-flips", idle)
         for s, t in zip(streams, tallies):
@@ -679,8 +763,8 @@ def test_slow_consumer_and_stalled_clients(tmp_path, eu, us, report):
         keys = key_per_slot(kw)
         idle = Resources.idle(kw)
         streams = [
-            make_stream("slow-and-stalled/franz", FranzClient(), eu, us, keys, "fixed", N, 1),
-            make_stream("slow-and-stalled/librdkafka", LibrdkafkaClient(), eu, us, keys, "fixed", N, 1),
+            make_stream("slow-and-stalled/franz", FranzClient(), eu, us, keys, "fixed", SLOW_FIRST, CHUNK, 1),
+            make_stream("slow-and-stalled/librdkafka", LibrdkafkaClient(), eu, us, keys, "fixed", SLOW_FIRST, CHUNK, 1),
         ]
         read_topic = streams[0].topic
         consumed: dict[tuple[int, int], bytes] = {}
@@ -724,7 +808,8 @@ def test_slow_consumer_and_stalled_clients(tmp_path, eu, us, report):
         for s in streams:
             s.start(kw.bootstrap)
         reader.start()
-        Progress(eu, streams).wait_each(100)
+        progress = Progress(eu, streams)
+        progress.wait_each(100)
 
         # Half of a 1 MiB produce frame, on the bootstrap and on a virtual broker port.
         idle_before = kw.metric("keyward_client_connections_closed_total", cause="idle")
@@ -747,7 +832,8 @@ def test_slow_consumer_and_stalled_clients(tmp_path, eu, us, report):
             5,
             "the stalled connections to be counted as idle",
         )
-
+        # The writes went on: 100 more each, then the streams stop.
+        progress.wait_each([n + 100 for n in wait_for(progress.written, 30, "the stream counts")], first=False)
         tallies = finish_all(streams, eu, us, report)
         acked_values = {r["value"] for r, d in zip(streams[0].records, streams[0].results) if d["ok"]}
         want.append(len(acked_values))

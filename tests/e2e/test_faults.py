@@ -114,7 +114,7 @@ PRODUCE_CALL_S = 150  # bound on one produce() call (the client's own timeouts c
 # later call. In the `reject` tests half the records are owned by eu, so acknowledged.
 FIRST = 2400
 BROKER_FIRST = 1600  # spans the kill (the restart takes longer: later calls write through it)
-CHUNK = 400
+CHUNK = 200
 # Table flips a flip test waits for while its streams write, before it stops them.
 MIN_FLIPS = 50
 FLIP_FIRST = 400  # the flip tests' streams write throughout the flips, in calls of 400

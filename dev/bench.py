@@ -14,6 +14,11 @@ reading that data back through the same path; each run's topic is deleted before
 the half-load rounds: produce runs paced at half of the median direct full-load rate. The load
 is dev/loadgen.c (librdkafka). Ratios to direct are taken within a round, then the median over
 rounds is reported. See docs/performance.md.
+
+With --baseline-bin, a second keyward (another build, e.g. the last release or the commit before a
+change) runs beside the first with the same config and ownership table on its own ports, and each
+of keyward's paths gets a twin through it (`key@<name>` beside `key`, ...) in the same rotated
+rounds; the report adds a table of current ÷ baseline, taken round by round.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -68,6 +74,8 @@ class Settings:
     out: Path
     quick: bool
     sockmap: Path | None = None  # dev/sockmap-relay.c's binary: run the kernel relay path too
+    baseline: Path | None = None  # a second keyward binary, benchmarked beside the current one
+    baseline_name: str | None = None  # what its paths are called: `key@<baseline_name>`
 
     @staticmethod
     def from_env(quick: bool) -> "Settings":
@@ -115,15 +123,38 @@ PATHS = {
 }
 
 
+KEYWARD_PATHS = ("passthrough", "key", "header")
+
+
+def add_baseline_paths(name: str) -> None:
+    """A `<path>@<name>` path beside each of keyward's: the same load and rule, through the
+    baseline keyward."""
+    for path in KEYWARD_PATHS:
+        label, prefix = PATHS[path]
+        PATHS[f"{path}@{name}"] = (label.replace("keyward", f"keyward@{name}", 1), prefix)
+
+
+def base_path(path: str) -> str:
+    """`key@6b551cf` -> `key`: the path a baseline path mirrors."""
+    return path.split("@", 1)[0]
+
+
 def rotated(paths: list[str], k: int) -> list[str]:
     k %= len(paths)
     return paths[k:] + paths[:k]
 
 
-def paths_for(load: Load, sockmap: bool) -> list[str]:
+def paths_for(load: Load, sockmap: bool, baseline: str | None = None, rnd: int = 0) -> list[str]:
+    """The paths of `load`; with a baseline, each baseline path next to its current twin: just
+    after it in even rounds, just before it in odd ones, so neither always runs first."""
     if load.compression == "none":
-        return ["direct", "haproxy", *(["sockmap"] if sockmap else []), "passthrough", "key", "header"]
-    return ["direct", "key"]
+        paths = ["direct", "haproxy", *(["sockmap"] if sockmap else []), "passthrough", "key", "header"]
+    else:
+        paths = ["direct", "key"]
+    if baseline:
+        twins = lambda p: [f"{p}@{baseline}", p] if rnd % 2 else [p, f"{p}@{baseline}"]  # noqa: E731
+        paths = [q for p in paths for q in (twins(p) if p in KEYWARD_PATHS else [p])]
+    return paths
 
 
 # ------------------------------------------------------------------ processes
@@ -288,11 +319,18 @@ class Bench:
         self.keyward = Keyward(self.workdir, "eu", {"eu": self.cluster}, OWNERSHIP, name="keyward")
         self.keyward.start()
         log(f"keyward {self.keyward.bootstrap} (pid {self.keyward.proc.pid}, {os.environ['KEYWARD_BIN']})")
+        self.baseline = None
+        if self.s.baseline:
+            self.baseline = Keyward(self.workdir, "eu", {"eu": self.cluster}, OWNERSHIP, name="keyward-baseline",
+                                    binary_path=self.s.baseline)
+            self.baseline.start()
+            log(f"keyward@{self.s.baseline_name} {self.baseline.bootstrap} (pid {self.baseline.proc.pid}, "
+                f"{self.s.baseline})")
 
     def stop(self) -> None:
-        k = getattr(self, "keyward", None)
-        if k:
-            k.stop()
+        for k in (getattr(self, "keyward", None), getattr(self, "baseline", None)):
+            if k:
+                k.stop()
         for relay in (getattr(self, "haproxy", None), getattr(self, "sockmap", None)):
             if relay and relay.poll() is None:
                 relay.terminate()
@@ -308,7 +346,11 @@ class Bench:
             return f"127.0.0.1:{self.haproxy_port}"
         if path == "sockmap":
             return f"127.0.0.1:{self.sockmap_port}"
-        return self.keyward.bootstrap
+        return self.keyward_of(path).bootstrap
+
+    def keyward_of(self, path: str) -> Keyward:
+        """The keyward process behind one of keyward's paths: the baseline's for `<path>@<name>`."""
+        return self.baseline if "@" in path else self.keyward
 
     def relay_pid(self, path: str) -> int | None:
         # The kernel relay's forwarding runs in softirq and kworker context, charged to no
@@ -317,11 +359,13 @@ class Bench:
             return None
         if path == "haproxy":
             return self.haproxy.pid
-        return self.keyward.proc.pid
+        return self.keyward_of(path).proc.pid
 
     def new_topic(self, path: str, load: Load, rnd: int) -> str:
         self.topic_seq += 1
-        name = f"{PATHS[path][1]}.r{rnd}.{load.size}.{load.compression}.{path}.{self.topic_seq}"
+        # Topic names allow [a-zA-Z0-9._-]: `key@HEAD~1` becomes `key-HEAD-1`.
+        safe = re.sub(r"[^a-zA-Z0-9._-]", "-", path)
+        name = f"{PATHS[path][1]}.r{rnd}.{load.size}.{load.compression}.{safe}.{self.topic_seq}"
         self.cluster.create_topic(name, self.s.partitions, replication=1)
         return name
 
@@ -395,8 +439,9 @@ class Bench:
                 "--min-seconds", str(self.s.consume_seconds)]
         return self.loadgen_run(args, path)
 
-    def keyward_records(self, rule: str) -> float:
-        return self.keyward.metric("keyward_produce_records_total", rule=rule, decision="forwarded")
+    def keyward_records(self, path: str) -> float:
+        return self.keyward_of(path).metric("keyward_produce_records_total", rule=f"bench-{base_path(path)}",
+                                            decision="forwarded")
 
     def record(self, rnd: int, load: Load, path: str, kind: str, result: dict) -> None:
         result.update(round=rnd, size=load.size, compression=load.compression, path=path, kind=kind)
@@ -410,7 +455,7 @@ class Bench:
             )
             if "relay_cpu_s" in result and result.get("bytes"):
                 summary += f" relay {result['relay_cpu_s'] / (result['bytes'] / 1e9):5.2f} CPU-s/GB"
-        log(f"  r{rnd} {load.name:>10} {kind:7} {PATHS[path][0]:22} {summary}")
+        log(f"  r{rnd} {load.name:>10} {kind:7} {PATHS[path][0]:28} {summary}")
 
     # -- the rounds
     def loads(self) -> list[Load]:
@@ -423,12 +468,12 @@ class Bench:
         last): a full-load produce run, a consumer run reading that data back (uncompressed
         loads), and the topic deleted before the next path starts."""
         for load in self.loads():
-            for path in rotated(paths_for(load, self.s.sockmap is not None), rnd):
+            for path in rotated(paths_for(load, self.s.sockmap is not None, self.s.baseline_name, rnd), rnd):
                 topic = self.new_topic(path, load, rnd)
-                before = self.keyward_records(f"bench-{path}") if path in ("key", "header") else None
+                before = self.keyward_records(path) if base_path(path) in ("key", "header") else None
                 r = self.produce(path, load, topic, self.s.seconds)
                 if before is not None:
-                    r["inspected_records"] = self.keyward_records(f"bench-{path}") - before
+                    r["inspected_records"] = self.keyward_records(path) - before
                 self.record(rnd, load, path, "full", r)
                 if load.compression == "none":
                     self.record(rnd, load, path, "consume", self.consume(path, topic))
@@ -440,7 +485,8 @@ class Bench:
         which made the first runs of round 1 the slowest of the whole benchmark whatever path
         they measured. So: every load once on the broker directly and through keyward
         (produce and, uncompressed, consume), then the first load directly again until the
-        broker's CPU per GB of two runs in a row differs by less than `settle`."""
+        broker's CPU per GB of two runs in a row differs by less than `settle`. A baseline
+        keyward gets the same runs as the current one, so neither meets the load cold."""
         def broker_cpu_per_gb(path: str, load: Load) -> float:
             topic = self.new_topic(path, load, -1)
             r = self.produce(path, load, topic, self.s.seconds)
@@ -450,13 +496,13 @@ class Bench:
                 self.consume(path, topic)
             self.delete_topic(topic)
             per_gb = r["broker_cpu_s"] / (r["bytes"] / 1e9) if r.get("bytes") else float("inf")
-            log(f"  warm-up {load.name:>10} {PATHS[path][0]:22} {r.get('msgs_per_s', 0):10.0f} msg/s, "
+            log(f"  warm-up {load.name:>10} {PATHS[path][0]:28} {r.get('msgs_per_s', 0):10.0f} msg/s, "
                 f"broker {per_gb:5.2f} CPU-s/GB")
             return per_gb
 
         log("warm-up (not counted)")
         for load in self.loads():
-            for path in ("direct", "key"):
+            for path in ("direct", "key", *([f"key@{self.s.baseline_name}"] if self.baseline else [])):
                 broker_cpu_per_gb(path, load)
         first = self.loads()[0]
         last = broker_cpu_per_gb("direct", first)
@@ -478,22 +524,22 @@ class Bench:
             if not direct:
                 continue
             rate = statistics.median(direct) / 2
-            for path in rotated(paths_for(load, self.s.sockmap is not None), rnd):
+            for path in rotated(paths_for(load, self.s.sockmap is not None, self.s.baseline_name, rnd), rnd):
                 topic = self.new_topic(path, load, rnd)
-                before = self.proxy_time() if path in KEYWARD_PATHS else None
+                before = self.proxy_time(path) if base_path(path) in KEYWARD_PATHS else None
                 r = self.produce(path, load, topic, self.s.half_seconds, rate=rate)
                 if before is not None:
-                    r.update(proxy_time_summary(before, self.proxy_time()))
+                    r.update(proxy_time_summary(before, self.proxy_time(path)))
                 self.record(rnd, load, path, "half", r)
                 self.delete_topic(topic)
 
-    def proxy_time(self) -> dict[str, float]:
+    def proxy_time(self, path: str) -> dict[str, float]:
         """keyward's `keyward_request_duration_seconds{api="Produce",part="proxy"}` histogram
         (cumulative bucket counts by `le`, plus `sum` and `count`): the time each Produce request
         spent in keyward itself, from its last byte read to its last byte written to the broker,
         plus the response's from arriving to written to the client."""
         out: dict[str, float] = {}
-        for line in self.keyward.metrics_text().splitlines():
+        for line in self.keyward_of(path).metrics_text().splitlines():
             m = _SAMPLE.match(line)
             if not m or not m.group(1).startswith("keyward_request_duration_seconds"):
                 continue
@@ -568,9 +614,6 @@ class Bench:
         return {"path": path, "connections": count, "rss_before_kib": rss_before, "rss_kib": rss}
 
 
-KEYWARD_PATHS = ("passthrough", "key", "header")
-
-
 def proxy_time_summary(before: dict[str, float], after: dict[str, float]) -> dict:
     """keyward's own time per Produce request over one run, from two scrapes of its histogram:
     the mean, and p50/p99 as the upper bound of the bucket they fall in (Prometheus buckets
@@ -616,8 +659,10 @@ def fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def summarize(runs: list[dict], loads: list[Load], rounds: int, sockmap: bool) -> list[dict]:
-    """One row per (load, path): medians over rounds, ratios to direct taken round by round."""
+def summarize(runs: list[dict], loads: list[Load], rounds: int, sockmap: bool, baseline: str | None = None) -> list[dict]:
+    """One row per (load, path): medians over rounds, ratios to direct taken round by round. With
+    a baseline, each current keyward row also has `vs_baseline`: its ratios to its baseline twin,
+    taken round by round in the same way."""
     def get(rnd, load, path, kind):
         for r in runs:
             if (r["round"], r["size"], r["compression"], r["path"], r["kind"]) == (
@@ -628,28 +673,40 @@ def summarize(runs: list[dict], loads: list[Load], rounds: int, sockmap: bool) -
 
     rows = []
     for load in loads:
-        for path in paths_for(load, sockmap):
+        for path in paths_for(load, sockmap, baseline):
             per = {k: [get(i, load, path, k) for i in range(rounds)] for k in ("full", "half", "consume")}
             direct = {k: [get(i, load, "direct", k) for i in range(rounds)] for k in ("full", "half", "consume")}
+            twin = {k: [get(i, load, f"{path}@{baseline}", k) for i in range(rounds)]
+                    for k in ("full", "half", "consume")} if baseline and path in KEYWARD_PATHS else None
 
             def med(kind, field):
                 return median([r[field] for r in per[kind] if r and field in r])
 
-            def ratios(kind, field):
-                return [p[field] / d[field] for p, d in zip(per[kind], direct[kind]) if p and d and d.get(field)]
+            def ratios(kind, field, against=direct):
+                return [p[field] / d[field] for p, d in zip(per[kind], against[kind]) if p and d and d.get(field)]
 
-            def ratio(kind, field):
-                return median(ratios(kind, field))
+            def ratio(kind, field, against=direct):
+                return median(ratios(kind, field, against))
 
-            def addeds(kind, field):
-                return [p[field] - d[field] for p, d in zip(per[kind], direct[kind]) if p and d]
+            def addeds(kind, field, against=direct):
+                return [p[field] - d[field] for p, d in zip(per[kind], against[kind]) if p and d]
 
-            def added(kind, field):
-                return median(addeds(kind, field))
+            def added(kind, field, against=direct):
+                return median(addeds(kind, field, against))
 
-            cpu_per_gb = median([
-                r["relay_cpu_s"] / (r["bytes"] / 1e9) for r in per["full"] if r and "relay_cpu_s" in r and r["bytes"]
-            ])
+            def relay_cpu_per_gb(r):
+                return r["relay_cpu_s"] / (r["bytes"] / 1e9) if r and "relay_cpu_s" in r and r.get("bytes") else None
+
+            cpu_per_gb = median([relay_cpu_per_gb(r) for r in per["full"]])
+            vs_baseline = twin and {
+                "ratio": ratio("full", "msgs_per_s", twin),
+                "ratios": ratios("full", "msgs_per_s", twin),
+                "consume_ratio": ratio("consume", "mb_per_s", twin),
+                "added_p99_half": added("half", "p99_ms", twin),
+                "cpu_ratio": median([a / b for a, b in zip(map(relay_cpu_per_gb, per["full"]),
+                                                            map(relay_cpu_per_gb, twin["full"])) if a and b]),
+                "peak_rss_mib": median([r["relay_peak_rss_kib"] / 1024 for r in twin["full"] if r and "relay_peak_rss_kib" in r]),
+            }
             inspected = [r.get("inspected_records") for r in per["full"] if r and "inspected_records" in r]
             delivered = [r.get("delivered") for r in per["full"] if r and "inspected_records" in r]
             rows.append({
@@ -680,6 +737,7 @@ def summarize(runs: list[dict], loads: list[Load], rounds: int, sockmap: bool) -
                 # (a fresh topic's leader not ready yet) is inspected again when it is retried.
                 "all_inspected": all(i >= d for i, d in zip(inspected, delivered)) if inspected else None,
                 "reinspected": sum(i - d for i, d in zip(inspected, delivered)) if inspected else 0,
+                "vs_baseline": vs_baseline,
             })
     return rows
 
@@ -703,6 +761,29 @@ def table(rows: list[dict]) -> str:
             f"| {'' if direct else fmt(r['peak_rss_mib'], '.1f')} "
             f"| {fmt(r['consume_mb_per_s'], '.1f')} "
             f"| {'' if direct or r['consume_mb_per_s'] is None else fmt(r['consume_ratio'], '.3f')} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def versus_baseline(rows: list[dict], name: str) -> str:
+    """Current keyward against the baseline, path by path: what the issue's "no load worse by
+    more than noise" is read from (the rounds' spread is the noise)."""
+    head = (
+        f"| load | path | msg/s now ÷ @{name} | each round | consumer MB/s now ÷ @{name} "
+        f"| p99 half now − @{name} (ms) | relay CPU-s/GB now ÷ @{name} | peak RSS now / @{name} (MiB) |\n"
+        "|---|---|--:|--:|--:|--:|--:|--:|\n"
+    )
+    lines = []
+    for r in rows:
+        b = r.get("vs_baseline")
+        if not b:
+            continue
+        lines.append(
+            f"| {r['load']} | {PATHS[r['path']][0]} | {fmt(b['ratio'], '.3f')} "
+            f"| {', '.join(format(x, '.3f') for x in b['ratios'])} "
+            f"| {'' if r['consume_mb_per_s'] is None else fmt(b['consume_ratio'], '.3f')} "
+            f"| {fmt(b['added_p99_half'], '+.2f')} | {fmt(b['cpu_ratio'], '.3f')} "
+            f"| {fmt(r['peak_rss_mib'], '.1f')} / {fmt(b['peak_rss_mib'], '.1f')} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -740,7 +821,7 @@ def targets(rows: list[dict], idle: list[dict], stalls: list[dict]) -> str:
     full_1k = [r["peak_rss_mib"] for r in rows if r["path"] in ("passthrough", "key", "header") and r["size"] >= 1024 and r["peak_rss_mib"]]
     check("peak RSS under full 1 KiB load ≤ 64 MiB (worst keyward case)", max(full_1k) if full_1k else None, lambda v: v <= 64, lambda v: f"{v:.1f} MiB")
     for i in idle:
-        if i["path"] != "haproxy":
+        if i["path"] == "passthrough":
             check(f"RSS with {i['connections']} idle client connections ≤ 64 MiB", i["rss_kib"] / 1024, lambda v: v <= 64, lambda v: f"{v:.1f} MiB")
     for st in stalls:
         # Bounded: stalling adds no more than the buffers of the connections involved.
@@ -756,7 +837,7 @@ def targets(rows: list[dict], idle: list[dict], stalls: list[dict]) -> str:
 
 
 def report(settings: Settings, bench: Bench, idle: list[dict], stalls: list[dict], started: float) -> str:
-    rows = summarize(bench.runs, bench.loads(), settings.rounds, settings.sockmap is not None)
+    rows = summarize(bench.runs, bench.loads(), settings.rounds, settings.sockmap is not None, settings.baseline_name)
     failed = [r for r in bench.runs if not r.get("ok")]
     lines = [
         f"# dev/bench results ({'quick' if settings.quick else 'full'} run)",
@@ -765,7 +846,9 @@ def report(settings: Settings, bench: Bench, idle: list[dict], stalls: list[dict
         f"load average at the end {os.getloadavg()[0]:.2f}. {settings.rounds} rounds; full-load runs "
         f"{settings.seconds:g} s, half-load runs {settings.half_seconds:g} s, consumer runs ≥ {settings.consume_seconds:g} s; "
         f"{settings.partitions} partitions, 1 broker; librdkafka {librdkafka_version()} producer "
-        "(linger.ms 5, acks=all); keyward = target/release/keyward.",
+        "(linger.ms 5, acks=all); keyward = target/release/keyward"
+        + (f"; keyward@{settings.baseline_name} = {settings.baseline}, the same config on its own ports, its paths "
+           "in the same rounds." if settings.baseline else "."),
         "",
         "Medians over rounds; \"× direct\" and \"p99 half − direct\" are computed round by round (same round, "
         "same load), then the median is taken. MB/s are record value bytes. CPU-s/GB = the relay's (haproxy's "
@@ -773,6 +856,10 @@ def report(settings: Settings, bench: Bench, idle: list[dict], stalls: list[dict
         "",
         table(rows),
     ]
+    if settings.baseline:
+        lines += [f"### Current keyward ÷ keyward@{settings.baseline_name}", "",
+                  "Ratios and differences taken round by round (same round, same load), then the median.", "",
+                  versus_baseline(rows, settings.baseline_name)]
     others = sorted(r["others_cores"] for r in bench.runs
                     if "others_cores" in r and r["kind"] != "consume" and r["path"] != "sockmap")
     if others:
@@ -884,6 +971,8 @@ def main() -> int:
         help="also run every uncompressed load through dev/sockmap-relay.c, a relay that forwards inside "
         "the kernel (needs root: CAP_BPF and CAP_NET_ADMIN)",
     )
+    ap.add_argument("--baseline-bin", type=Path, help="a second keyward binary to benchmark beside KEYWARD_BIN")
+    ap.add_argument("--baseline-name", default="baseline", help="what to call it (dev/bench: the git revision)")
     ap.add_argument(
         "--perf",
         metavar="PATH/SIZE/CODEC",
@@ -894,6 +983,9 @@ def main() -> int:
     settings = Settings.from_env(args.quick)
     if args.sockmap:
         settings.sockmap = args.loadgen.parent / "sockmap-relay"
+    if args.baseline_bin:
+        settings.baseline, settings.baseline_name = args.baseline_bin.resolve(), args.baseline_name
+        add_baseline_paths(args.baseline_name)
     started = time.monotonic()
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     # keyward inherits this: 1,000 idle clients are 2,000 sockets in keyward.
@@ -927,7 +1019,7 @@ def main() -> int:
             stalls.append(bench.stall("key", Load(1024, "none"), settings.stall_seconds * 2.5, settings.stall_seconds))
             log(f"stall: {stalls[-1]}")
         if settings.idle_connections:
-            for path in ("passthrough", "haproxy"):
+            for path in ("passthrough", "haproxy", *([f"passthrough@{settings.baseline_name}"] if settings.baseline else [])):
                 idle.append(bench.idle_connections(path, settings.idle_connections))
                 log(f"idle: {idle[-1]}")
     except KeyboardInterrupt:
@@ -937,7 +1029,8 @@ def main() -> int:
     text = report(settings, bench, idle, stalls, started)
     (settings.out / "results.md").write_text(text)
     (settings.out / "results.json").write_text(json.dumps({"settings": {**settings.__dict__, "out": str(settings.out),
-                                                                        "sockmap": settings.sockmap and str(settings.sockmap)},
+                                                                        "sockmap": settings.sockmap and str(settings.sockmap),
+                                                                        "baseline": settings.baseline and str(settings.baseline)},
                                                            "runs": bench.runs, "warmups": bench.warmups,
                                                            "idle": idle,
                                                            "stalls": stalls}, indent=1))

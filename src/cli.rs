@@ -10,6 +10,8 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::ownership::{Query, Table};
+use crate::policy::alignment;
+use crate::proxy::upstream::{Dialer, fetch_partition_counts};
 use crate::proxy::{self, Shared};
 use crate::reload::{self, Ownership};
 use crate::security::Security;
@@ -42,6 +44,53 @@ pub fn check(config: &Path) -> anyhow::Result<String> {
     out.push_str(&table.summary());
     if !out.ends_with('\n') {
         out.push('\n');
+    }
+    Ok(out)
+}
+
+/// `keyward check --clusters`: asks every configured cluster for its topics' partition counts
+/// and names the topics whose count does not line up with their `by: key` rule's slots (even the
+/// murmur2 partitioner then mixes owners in a batch, which keyward refuses whole). Findings are
+/// warnings, and so is a cluster that cannot be reached from where the check runs: the config
+/// is valid either way, so they do not fail the check.
+pub fn check_clusters(config: &Path) -> anyhow::Result<String> {
+    let (config, table) = load(config)?;
+    let security = Arc::new(Security::load(&config)?);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let clusters = crate::proxy::brokers::Clusters::new(&config);
+    let timeout = std::time::Duration::from_millis(config.limits.connect_timeout_ms);
+    let mut out = String::new();
+    for cluster in clusters.all() {
+        let dialer = Dialer::new(cluster.name.clone(), security.clone(), timeout);
+        let fetched = runtime.block_on(fetch_partition_counts(&dialer, &cluster.bootstrap));
+        let topics = match fetched {
+            Ok(topics) => topics,
+            Err(e) => {
+                let _ = writeln!(
+                    out,
+                    "warning: cluster {} cannot be reached ({e:#}); its topics were not checked",
+                    cluster.name
+                );
+                continue;
+            }
+        };
+        let found = alignment::misaligned(
+            &table,
+            topics.iter().map(|(name, count)| (name.as_str(), *count)),
+        );
+        let _ = writeln!(
+            out,
+            "cluster {}: {} topics, {} with a partition count that is not a multiple of its by: key rule's slots",
+            cluster.name,
+            topics.len(),
+            found.len()
+        );
+        for m in found {
+            let _ = writeln!(out, "warning: cluster {}: {m}", cluster.name);
+        }
     }
     Ok(out)
 }

@@ -30,6 +30,11 @@ enum Command {
     Check {
         #[arg(long)]
         config: PathBuf,
+        /// Also ask the configured clusters for their topics and warn about those whose
+        /// partition count is not a multiple of their `by: key` rule's slots (warnings do not
+        /// fail the check).
+        #[arg(long)]
+        clusters: bool,
     },
     /// Print which region owns a key, header value, partition or topic.
     Owner {
@@ -72,7 +77,13 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Check { config } => match keyward::cli::check(&config) {
+        Command::Check { config, clusters } => match keyward::cli::check(&config).and_then(|s| {
+            Ok(if clusters {
+                s + &keyward::cli::check_clusters(&config)?
+            } else {
+                s
+            })
+        }) {
             Ok(summary) => {
                 print!("{summary}");
                 ExitCode::SUCCESS

@@ -315,3 +315,31 @@ fn an_admin_listener_off_loopback_needs_a_reload_token_to_start() {
     let out = keyward(&["check", "--config", explicit.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// `check --clusters` against clusters it cannot reach: the config is valid, so the check
+/// passes, and each cluster it could not ask is a warning saying its topics were not checked.
+#[test]
+fn check_clusters_warns_about_an_unreachable_cluster_without_failing() {
+    let closed = || {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let config = broken_copy("clusters", |t| t);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("127.0.0.1:19092", &format!("127.0.0.1:{}", closed()))
+        .replace("127.0.0.1:29092", &format!("127.0.0.1:{}", closed()));
+    std::fs::write(&config, text).unwrap();
+    let out = keyward(&["check", "--config", config.to_str().unwrap(), "--clusters"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("ownership table"), "{text}");
+    for cluster in ["eu", "us"] {
+        assert!(
+            text.contains(&format!(
+                "warning: cluster {cluster} cannot be reached (connecting to 127.0.0.1:"
+            )) && text.contains("its topics were not checked"),
+            "{text}"
+        );
+    }
+}

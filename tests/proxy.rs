@@ -8,19 +8,24 @@ mod broker;
 #[path = "proxy/harness.rs"]
 mod harness;
 
+use std::io::{Read, Write};
 use std::time::Duration;
 
+use bytes::Bytes;
 use kafka_protocol::messages::{
     ApiKey, FetchRequest, FetchResponse, MetadataRequest, MetadataResponse, ProduceResponse,
 };
+use tokio::time::Instant;
 
-use broker::{FakeBroker, Script, broker_offset};
+use broker::{Batch, FakeBroker, PRODUCER_ID, Script, broker_offset};
 use harness::{
-    FETCH_VERSION, Keyward, METADATA_VERSION, Options, PRODUCE_VERSION, batch, foreign_key,
-    key_rule, owned_key, produce, sample,
+    FETCH_VERSION, Failover, Keyward, METADATA_VERSION, Options, PORTS_PER_CLUSTER,
+    PRODUCE_VERSION, batch, foreign_key, key_rule, key_rule_on_foreign, owned_key, produce,
+    request, response, sample,
 };
 
 const INVALID_RECORD: i16 = 87;
+const NOT_LEADER_OR_FOLLOWER: i16 = 6;
 
 fn metadata_request() -> MetadataRequest {
     MetadataRequest::default().with_topics(Some(Vec::new()))
@@ -395,4 +400,402 @@ async fn metrics_count_forwarded_and_refused_records_and_produce_requests() {
         3.0,
         "{after}"
     );
+}
+
+/// The virtual node ids and ports a Metadata answer names, in its order.
+fn advertised(metadata: &MetadataResponse) -> Vec<(i32, i32)> {
+    metadata
+        .brokers
+        .iter()
+        .map(|b| (b.node_id.0, b.port))
+        .collect()
+}
+
+/// Steps tokio's (paused) clock by `step` until `cluster` serves, at most `limit`; when it
+/// does, the time it was first seen serving.
+async fn serving_by(keyward: &Keyward, cluster: &str, step: Duration, limit: Duration) -> Instant {
+    let started = Instant::now();
+    while keyward.serving() != cluster {
+        assert!(
+            started.elapsed() <= limit,
+            "{} still serves after {:?}, {cluster} expected",
+            keyward.serving(),
+            started.elapsed()
+        );
+        tokio::time::sleep(step).await;
+    }
+    Instant::now()
+}
+
+/// As [`an_idle_connection_is_closed_but_not_one_owed_a_response`]: set up on real time, then
+/// tokio's clock paused, so the probes every second and the 30 s hold-down run on the clock the
+/// test steps. The fake brokers answer (or refuse) at once over loopback, so no probe waits on
+/// a socket while the runtime jumps the clock.
+#[tokio::test]
+async fn reads_leave_a_cluster_after_three_lost_probes_and_return_only_after_the_hold_down() {
+    let _serial = harness::serial().await;
+    let eu = FakeBroker::start(Script::default()).await;
+    let us = FakeBroker::start(Script::default()).await;
+    let interval = Duration::from_secs(1);
+    let hold_down = Duration::from_secs(30);
+    let keyward = Keyward::start(
+        eu.addr,
+        Options {
+            us: Some(us.addr),
+            failover: Some(Failover {
+                probe_interval: interval,
+                hold_down,
+            }),
+            ..Options::table(key_rule("failover", "fo"))
+        },
+    )
+    .await;
+    let base = i32::from(keyward.shared.config.listen.broker_port_base);
+    let gauge = |text: &str, name: &str, cluster: &str| sample(text, name, &[("cluster", cluster)]);
+    let switched = |text: &str| {
+        sample(
+            text,
+            "keyward_client_connections_closed_total",
+            &[("cause", "serving_cluster_changed")],
+        )
+        .unwrap_or(0.0)
+    };
+
+    let metrics = keyward.metrics().await;
+    assert_eq!(gauge(&metrics, "keyward_serving_cluster", "eu"), Some(1.0));
+    assert_eq!(gauge(&metrics, "keyward_serving_cluster", "us"), Some(0.0));
+    let closed_before = switched(&metrics);
+    // A client of eu, before anything fails: it is told of eu's node 0.
+    let mut on_eu = keyward.connect().await;
+    on_eu
+        .send(ApiKey::Metadata, METADATA_VERSION, 1, &metadata_request())
+        .await;
+    let (_, metadata) = on_eu
+        .recv::<MetadataResponse>(ApiKey::Metadata, METADATA_VERSION)
+        .await
+        .unwrap();
+    assert_eq!(advertised(&metadata), vec![(0, base)]);
+
+    tokio::time::pause();
+    let step = interval / 4;
+    eu.down();
+    let down = Instant::now();
+    // Two lost probes leave reads where they are; the third moves them to us.
+    let left = serving_by(&keyward, "us", step, 5 * interval).await - down;
+    assert!(left > 2 * interval, "{left:?}");
+    assert!(left <= 3 * interval + step, "{left:?}");
+    let metrics = keyward.metrics().await;
+    assert_eq!(gauge(&metrics, "keyward_serving_cluster", "us"), Some(1.0));
+    assert_eq!(gauge(&metrics, "keyward_serving_cluster", "eu"), Some(0.0));
+    assert_eq!(gauge(&metrics, "keyward_cluster_up", "eu"), Some(0.0));
+    // eu's client was closed so that it reconnects...
+    assert_eq!(on_eu.recv_frame(interval).await, Ok(None));
+    assert_eq!(switched(&keyward.metrics().await) - closed_before, 1.0);
+    // ...to us, whose node 0 it is told of under a virtual id no eu node has.
+    let mut on_us = keyward.connect().await;
+    on_us
+        .send(ApiKey::Metadata, METADATA_VERSION, 1, &metadata_request())
+        .await;
+    let (_, metadata) = on_us
+        .recv::<MetadataResponse>(ApiKey::Metadata, METADATA_VERSION)
+        .await
+        .unwrap();
+    let us_node = i32::from(PORTS_PER_CLUSTER);
+    assert_eq!(advertised(&metadata), vec![(us_node, base + us_node)]);
+
+    eu.up();
+    let up = Instant::now();
+    // eu answers its next probe, but reads stay with us for the hold-down.
+    tokio::time::sleep(hold_down / 2).await;
+    let metrics = keyward.metrics().await;
+    assert_eq!(gauge(&metrics, "keyward_cluster_up", "eu"), Some(1.0));
+    assert_eq!(gauge(&metrics, "keyward_serving_cluster", "us"), Some(1.0));
+    assert_eq!(keyward.serving(), "us");
+    let back = serving_by(&keyward, "eu", step, hold_down + 3 * interval).await - up;
+    assert!(back >= hold_down - interval, "{back:?}");
+    assert!(back <= hold_down + 2 * interval, "{back:?}");
+    let metrics = keyward.metrics().await;
+    assert_eq!(gauge(&metrics, "keyward_serving_cluster", "eu"), Some(1.0));
+    assert_eq!(gauge(&metrics, "keyward_serving_cluster", "us"), Some(0.0));
+    assert_eq!(on_us.recv_frame(interval).await, Ok(None));
+    assert_eq!(switched(&keyward.metrics().await) - closed_before, 2.0);
+}
+
+/// One frame read by a blocking client (length prefix removed).
+fn read_frame_blocking(stream: &mut std::net::TcpStream) -> Bytes {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; i32::from_be_bytes(len) as usize];
+    stream.read_exact(&mut body).unwrap();
+    Bytes::from(body)
+}
+
+/// Polls as pending once, asking to be polled again: unlike `yield_now` (which waits for the
+/// runtime to poll its sockets first), the task goes straight to the back of the run queue.
+struct Requeue(bool);
+
+impl std::future::Future for Requeue {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
+/// The client is a plain thread that connects the moment it has read the answer. Meanwhile a
+/// task of the runtime keyward runs on (one thread) sits in its run queue at every turn and,
+/// once the broker has written the answer naming node 3, blocks the thread for 20 ms each
+/// time it runs. The port manager, woken when keyward learns of node 3, queues behind it: were
+/// the answer written before the port listens, the client would connect in those 20 ms and be
+/// refused. Only keyward waiting for the port before answering makes the connection succeed.
+#[test]
+fn a_broker_named_for_the_first_time_accepts_connections_before_the_client_hears_of_it() {
+    // One thread, as `#[tokio::test]`, but polling its sockets before every task rather than
+    // every 61: the blocking task below then costs 20 ms per socket event, not 1.2 s.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .event_interval(1)
+        .build()
+        .unwrap()
+        .block_on(ports_open_before_clients_hear_of_them());
+}
+
+async fn ports_open_before_clients_hear_of_them() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let _serial = harness::serial().await;
+    let broker = Arc::new(FakeBroker::start(Script::default()).await);
+    let keyward = Keyward::start(broker.addr, Options::table(key_rule("ports", "prt"))).await;
+    // Node 3 joins after keyward's probe at start: keyward learns of it from the answer it
+    // relays.
+    broker.advertise(3);
+    let port = |node: i32| i32::from(keyward.shared.config.listen.broker_port_base) + node;
+
+    let busy = Arc::new(AtomicBool::new(true));
+    let answered_before = broker.metadata_answers();
+    let hog = tokio::spawn({
+        let (busy, broker) = (busy.clone(), broker.clone());
+        async move {
+            while busy.load(Ordering::Relaxed) {
+                if broker.metadata_answers() > answered_before {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Requeue(false).await;
+            }
+        }
+    });
+    let bootstrap = keyward.bootstrap;
+    let client = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(bootstrap).unwrap();
+        stream
+            .write_all(&request(
+                ApiKey::Metadata,
+                METADATA_VERSION,
+                1,
+                &metadata_request(),
+            ))
+            .unwrap();
+        let (_, metadata): (i32, MetadataResponse) = response(
+            read_frame_blocking(&mut stream),
+            ApiKey::Metadata,
+            METADATA_VERSION,
+        );
+        let told = advertised(&metadata);
+        let (_, new_port) = told.iter().copied().find(|(n, _)| *n == 3).unwrap();
+        // At once: no retry, no wait.
+        let connected = std::net::TcpStream::connect(("127.0.0.1", new_port as u16));
+        busy.store(false, Ordering::Relaxed);
+        let mut node3 = match connected {
+            Ok(s) => s,
+            Err(e) => return Err(format!("{told:?}: connecting to node 3 at once: {e}")),
+        };
+        node3
+            .write_all(&request(
+                ApiKey::Metadata,
+                METADATA_VERSION,
+                2,
+                &metadata_request(),
+            ))
+            .unwrap();
+        let (id, metadata): (i32, MetadataResponse) = response(
+            read_frame_blocking(&mut node3),
+            ApiKey::Metadata,
+            METADATA_VERSION,
+        );
+        Ok((told, id, advertised(&metadata)))
+    });
+    let outcome = client.await.unwrap();
+    hog.await.unwrap();
+    let (told, id, through_node3) = outcome.unwrap();
+    assert_eq!(told, vec![(0, port(0)), (3, port(3))]);
+    assert_eq!(id, 2);
+    assert_eq!(through_node3, told, "node 3's port relays to the cluster");
+}
+
+/// `(topic, partition, error code, base offset)` of every partition answered, in response order.
+fn outcomes(response: &ProduceResponse) -> Vec<(String, i32, i16, i64)> {
+    answered(response)
+        .into_iter()
+        .flat_map(|(t, ps)| {
+            ps.into_iter()
+                .map(move |(p, code, offset, _)| (t.clone(), p, code, offset))
+        })
+        .collect()
+}
+
+fn redirected(topic: &str, partition: i32, base_sequence: i32, records: i32) -> Batch {
+    Batch {
+        topic: topic.to_owned(),
+        partition,
+        producer_id: PRODUCER_ID,
+        producer_epoch: 0,
+        base_sequence,
+        records,
+    }
+}
+
+#[tokio::test]
+async fn foreign_writes_are_produced_to_the_owners_cluster_under_keywards_producer_in_sequence() {
+    let _serial = harness::serial().await;
+    let eu = FakeBroker::start(Script::default()).await;
+    let us = FakeBroker::start(Script::default()).await;
+    let keyward = Keyward::start(
+        eu.addr,
+        Options {
+            us: Some(us.addr),
+            ..Options::table(key_rule_on_foreign("redirected", "red", "redirect"))
+        },
+    )
+    .await;
+    let mut client = keyward.connect().await;
+
+    // Three requests of two foreign records each, to one partition.
+    for (id, nth) in [(1, 0), (2, 2), (3, 4)] {
+        let request = produce(
+            1,
+            &[(
+                "red.a",
+                vec![(1, batch(&[foreign_key(nth), foreign_key(nth + 1)]))],
+            )],
+        );
+        client
+            .send(ApiKey::Produce, PRODUCE_VERSION, id, &request)
+            .await;
+        let (got, answer) = client
+            .recv::<ProduceResponse>(ApiKey::Produce, PRODUCE_VERSION)
+            .await
+            .unwrap();
+        assert_eq!(got, id);
+        assert_eq!(
+            outcomes(&answer),
+            vec![("red.a".to_owned(), 1, 0, broker_offset("red.a", 1))]
+        );
+    }
+    assert_eq!(
+        us.batches(),
+        vec![
+            redirected("red.a", 1, 0, 2),
+            redirected("red.a", 1, 2, 2),
+            redirected("red.a", 1, 4, 2),
+        ]
+    );
+    assert_eq!(eu.produced(), vec![], "eu never sees us's records");
+
+    // Owned, foreign, owned: each to its cluster, answered in the client's order.
+    let mixed = produce(
+        1,
+        &[(
+            "red.b",
+            vec![
+                (2, batch(&[owned_key(0)])),
+                (1, batch(&[foreign_key(6)])),
+                (0, batch(&[owned_key(1), owned_key(2)])),
+            ],
+        )],
+    );
+    client
+        .send(ApiKey::Produce, PRODUCE_VERSION, 4, &mixed)
+        .await;
+    let (got, answer) = client
+        .recv::<ProduceResponse>(ApiKey::Produce, PRODUCE_VERSION)
+        .await
+        .unwrap();
+    assert_eq!(got, 4);
+    assert_eq!(
+        outcomes(&answer),
+        [2, 1, 0]
+            .map(|p| ("red.b".to_owned(), p, 0, broker_offset("red.b", p)))
+            .to_vec()
+    );
+    assert_eq!(
+        eu.produced(),
+        vec![(1, vec![("red.b".to_owned(), vec![2, 0])])]
+    );
+    // A new partition numbers from 0 under the same producer id.
+    assert_eq!(us.batches()[3..], [redirected("red.b", 1, 0, 1)]);
+}
+
+#[tokio::test]
+async fn a_redirected_write_the_owner_answers_not_leader_is_retried_with_the_same_sequence() {
+    let _serial = harness::serial().await;
+    let eu = FakeBroker::start(Script::default()).await;
+    let us = FakeBroker::start(Script::default()).await;
+    let keyward = Keyward::start(
+        eu.addr,
+        Options {
+            us: Some(us.addr),
+            ..Options::table(key_rule_on_foreign("retried", "ret", "redirect"))
+        },
+    )
+    .await;
+    let mut client = keyward.connect().await;
+    let send = |nth: usize| {
+        produce(
+            1,
+            &[(
+                "ret.a",
+                vec![(0, batch(&[foreign_key(nth), foreign_key(nth + 1)]))],
+            )],
+        )
+    };
+
+    for (id, nth) in [(1, 0), (2, 2), (3, 4)] {
+        if id == 2 {
+            // The leader moved: the first attempt of the second write is refused.
+            us.fail_next_produce(NOT_LEADER_OR_FOLLOWER);
+        }
+        client
+            .send(ApiKey::Produce, PRODUCE_VERSION, id, &send(nth))
+            .await;
+        let (got, answer) = client
+            .recv::<ProduceResponse>(ApiKey::Produce, PRODUCE_VERSION)
+            .await
+            .unwrap();
+        assert_eq!(got, id);
+        assert_eq!(
+            outcomes(&answer),
+            vec![("ret.a".to_owned(), 0, 0, broker_offset("ret.a", 0))],
+            "request {id}"
+        );
+    }
+    // The refused attempt and its retry carry the same sequence; the next write goes on
+    // from there.
+    assert_eq!(
+        us.batches(),
+        vec![
+            redirected("ret.a", 0, 0, 2),
+            redirected("ret.a", 0, 2, 2),
+            redirected("ret.a", 0, 2, 2),
+            redirected("ret.a", 0, 4, 2),
+        ]
+    );
+    assert_eq!(eu.produced(), vec![]);
 }

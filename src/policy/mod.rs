@@ -1,5 +1,6 @@
 //! Pure decisions over decoded requests and one ownership snapshot: no sockets, clocks or
 //! globals, so most unit and property tests live here.
+pub mod alignment;
 pub mod produce;
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use crate::codec::split;
 pub use crate::codec::split::{Split, SplitError};
 use crate::ownership::{Claim, DefaultPolicy, OnForeign, RejectReason, Rule, Table, Verdict};
 use crate::ownership::{RegionId, Subject};
+use crate::policy::alignment;
 
 /// A held write is answered with NOT_ENOUGH_REPLICAS: retriable, and "not persisted" for every
 /// client, so the Java client, librdkafka and franz-go retry it until their delivery timeout
@@ -565,16 +566,28 @@ fn decide_rule(
             }
             (first, second) => {
                 let _ = (first, second);
+                let mut message = "the partition's batches belong to different regions; keyward never splits a request's partition".to_owned();
+                with_remedy(&mut message, rule);
                 Action::Reject {
                     kind: RejectKind::MixedBatch,
                     error_code: INVALID_RECORD,
-                    message: "the partition's batches belong to different regions; keyward never splits a request's partition".to_owned(),
+                    message,
                     record_errors: Vec::new(),
                 }
             }
         };
     }
     total
+}
+
+/// Ends a mixed-batch refusal with what the producer can change, when a partitioner can keep
+/// the rule's owners apart (`by: key`): a client cannot be told that half a batch landed, so
+/// the batch is refused whole, and the message is where its developer looks first.
+fn with_remedy(message: &mut String, rule: &Rule) {
+    if let Some(remedy) = alignment::remedy(rule) {
+        message.push_str(". ");
+        message.push_str(&remedy);
+    }
 }
 
 fn malformed(
@@ -784,6 +797,14 @@ impl<'t> Tally<'t> {
             };
             if self.refused as usize > MAX_RECORD_ERRORS {
                 let _ = write!(message, "; first {MAX_RECORD_ERRORS} records listed");
+            }
+            if mixed {
+                // Also on the first listed record: the Java client shows each record its own
+                // error, and the top-level message only when no record has one.
+                with_remedy(&mut message, self.rule);
+                if let Some((_, first)) = self.record_errors.first_mut() {
+                    with_remedy(first, self.rule);
+                }
             }
             return PartitionDecision {
                 action: Action::Reject {
@@ -1299,6 +1320,63 @@ default: allow
             "{message}"
         );
         assert_eq!(errors.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 3]);
+        // The remedy comes last, once, and the records' own errors stay short.
+        assert!(
+            message.ends_with(
+                "keyward never splits a batch. To keep each batch to one region, produce with the \
+                 murmur2 partitioner (the Java client's default; librdkafka \
+                 partitioner=murmur2_random) to a topic whose partition count is a multiple of 16 \
+                 (the slots of rule orders)."
+            ),
+            "{message}"
+        );
+        // The first listed record carries it too (the Java client shows records their own
+        // error); the others stay short.
+        assert!(errors[0].1.contains("murmur2 partitioner"), "{errors:?}");
+        assert!(!errors[1].1.contains("murmur2"), "{errors:?}");
+    }
+
+    /// Under redirect a mixed batch is refused whole too, with the same remedy; a header rule
+    /// has no partitioner to name, so its message stays as it was.
+    #[test]
+    fn a_mixed_batch_names_the_remedy_only_where_a_partitioner_can_follow_the_rule() {
+        let moved = "  - name: moved\n    topics: [\"moved\"]\n    by: key\n    slots: 16\n    owners: { eu: [\"0-7\"], us: [\"8-15\"] }\n    on_foreign: redirect\ndefault: reject\n";
+        let t = Table::parse(
+            &TABLE.replace("default: reject\n", moved),
+            Path::new("ownership.yaml"),
+            &["eu".to_owned(), "us".to_owned()],
+        )
+        .unwrap();
+        let (eu, us) = (key_in(0..8), key_in(8..16));
+        let mixed = keys(&[Some(&eu), Some(&us)]);
+        for topic in ["orders", "moved"] {
+            let d = decide_one(&t, "eu", topic, 0, &mixed);
+            let (kind, message, _) = reject_of(&d);
+            assert_eq!(kind, RejectKind::MixedBatch, "{topic}");
+            assert!(
+                message.contains("murmur2 partitioner") && message.contains("multiple of 16"),
+                "{topic}: {message}"
+            );
+        }
+        let d = decide_one(
+            &t,
+            "eu",
+            "tenant.billing",
+            0,
+            &batch(
+                &[
+                    (Some("x"), &[("tenant", "acme")]),
+                    (Some("y"), &[("tenant", "initech")]),
+                ],
+                Compression::None,
+            ),
+        );
+        let (kind, message, _) = reject_of(&d);
+        assert_eq!(kind, RejectKind::MixedBatch);
+        assert!(
+            message.ends_with("keyward never splits a batch"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -95,6 +95,9 @@ pub struct ClusterState {
     down_after: u64,
     probes: Mutex<Probes>,
     rtt_micros: AtomicU64,
+    /// Topics of this cluster whose partition count does not line up with their `by: key`
+    /// rule's slots, as last seen (`super::alignment`).
+    pub misaligned: super::alignment::Warned,
 }
 
 impl ClusterState {
@@ -198,6 +201,7 @@ impl Clusters {
                     up_since: None,
                 }),
                 rtt_micros: AtomicU64::new(0),
+                misaligned: Default::default(),
             })
             .collect();
         Self {

@@ -591,7 +591,7 @@ async fn responses(
                         reply.respond(correlation_id, broker).await?
                     }
                     Handling::Rewrite(rewrite) => {
-                        let out = respond(rewrite, frame, &to)?;
+                        let out = respond(shared, cluster, rewrite, frame, &to)?;
                         to.ready().await;
                         out
                     }
@@ -715,11 +715,19 @@ async fn stream_response(
     Ok((total, arrived))
 }
 
-fn respond(rewrite: Rewrite, frame: Bytes, to: &Advertiser) -> Result<Bytes, RewriteError> {
+fn respond(
+    shared: &Shared,
+    cluster: usize,
+    rewrite: Rewrite,
+    frame: Bytes,
+    to: &Advertiser,
+) -> Result<Bytes, RewriteError> {
     match rewrite {
         Rewrite::Passthrough => Ok(frame),
         Rewrite::ApiVersions(v) => handlers::api_versions::response(&frame, v),
-        Rewrite::Metadata(v) => handlers::metadata::response(&frame, v, to),
+        Rewrite::Metadata(v) => handlers::metadata::response(&frame, v, to, &|t| {
+            super::alignment::observe(shared, cluster, t.iter().copied())
+        }),
         Rewrite::FindCoordinator(v) => handlers::find_coordinator::response(&frame, v, to),
         Rewrite::DescribeCluster(v) => handlers::describe_cluster::response(&frame, v, to),
         Rewrite::Fetch(v) => handlers::fetch::response(&frame, v, to),

@@ -10,6 +10,7 @@
 //! connections, the port manager, the probes and the redirect pipelines. Each carries a span
 //! and ends on shutdown.
 
+pub mod alignment;
 pub mod brokers;
 pub mod conn;
 pub mod handlers;
@@ -347,6 +348,9 @@ pub async fn run(shared: Arc<Shared>, bootstrap: TcpListener) -> anyhow::Result<
         }
         .instrument(info_span!("probes")),
     );
+    shared
+        .tasks
+        .spawn(alignment::check_at_start(shared.clone()).instrument(info_span!("alignment")));
 
     shared.shutdown.cancelled().await;
     info!("shutting down: no new connections; answering what is in flight");

@@ -210,3 +210,26 @@ pub async fn fetch_brokers(
         .map(|b| (b.node_id.0, b.host.to_string(), b.port))
         .collect())
 }
+
+/// Asks one of `addrs` for the partition count of every topic the cluster lets keyward see:
+/// `(topic, partitions)`, topics the broker answers with an error left out.
+pub async fn fetch_partition_counts(
+    dialer: &Dialer,
+    addrs: &[String],
+) -> anyhow::Result<Vec<(String, i32)>> {
+    let mut session = dialer.session_any(addrs, "keyward").await?;
+    // No topic list: every topic.
+    let request = MetadataRequest::default().with_topics(None);
+    let response: MetadataResponse = session
+        .call(ApiKey::Metadata, METADATA_VERSION, &request)
+        .await?;
+    Ok(response
+        .topics
+        .iter()
+        .filter(|t| t.error_code == 0)
+        .filter_map(|t| {
+            let name = t.name.as_ref()?;
+            Some((name.to_string(), i32::try_from(t.partitions.len()).ok()?))
+        })
+        .collect())
+}

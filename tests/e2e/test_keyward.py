@@ -235,6 +235,94 @@ def test_mixed_batches_are_refused_whole(eu, kw_eu):
     assert eu.read_all(topic) == []
 
 
+def _wait_for_log(kw: Keyward, *needles: str, timeout_s: float = 20) -> str:
+    """The first line of keyward's log holding every one of `needles`, waiting for it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for line in kw.log_path.read_text(errors="replace").splitlines():
+            if all(n in line for n in needles):
+                return line
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no log line with {needles} within {timeout_s}s:\n{kw.logs()}")
+        time.sleep(0.1)
+
+
+def test_a_mixed_batch_under_reject_names_the_remedy_and_misaligned_topics_are_warned_about(keyward_with, eu, us):
+    """librdkafka's default partitioner (consistent_random, CRC32) puts keys of both regions in
+    every batch, which keyward refuses whole. The client's error and keyward's log say what to
+    change (the murmur2 partitioner, a partition count that is a multiple of the slots); the log
+    names the client.id and the topic. Topics with 6 partitions under a 4-slot rule are warned
+    about at start (one created before keyward) and when a client's Metadata passes through (one
+    created after), counted in keyward_misaligned_topics, and listed by `keyward check
+    --clusters`."""
+    import subprocess
+
+    from harness.keyward import binary
+
+    prefix = unique("explain")
+    table = f"""
+rules:
+  - name: explained
+    topics: ["{prefix}.*"]
+    by: key
+    slots: 4
+    owners: {{ eu: ["0-1"], us: ["2-3"] }}
+    on_foreign: reject
+default: allow
+"""
+    early, late = f"{prefix}.early", f"{prefix}.late"
+    eu.create_topic(early, partitions=6)
+    kw = keyward_with("eu", table)
+    remedy = "multiple of 4 partitions"
+    line = _wait_for_log(kw, "WARN", f'topic "{early}" has 6 partitions', remedy)
+    assert "not a multiple of the 4 slots of rule explained" in line, line
+
+    eu.create_topic(late, partitions=6)
+    recs = [record(f"key-{i % 40}".encode(), b"v") for i in range(200)]
+    results = LibrdkafkaClient().produce(
+        kw.bootstrap,
+        late,
+        recs,
+        {"client_id": "explain-me", "linger_ms": 50, "native": {"partitioner": "consistent_random"}},
+    )
+    refused = [r for r in results if not r["ok"]]
+    assert refused, results
+    # librdkafka reports the codes only (INVALID_RECORD for the listed records,
+    # _INVALID_DIFFERENT_RECORD for their batch mates): keyward's log is what names the client.
+    assert {r["error_code"] for r in refused} <= {INVALID_RECORD, -138}, refused
+    line = _wait_for_log(kw, "batch mixes regions", "explain-me", late)
+    assert 'reason="mixed_batch"' in line and 'rule="explained"' in line and 'partition=' in line, line
+    assert "murmur2 partitioner" in line and "multiple of 4 (the slots of rule explained)" in line, line
+
+    # Even the murmur2 partitioner mixes regions on 6 partitions under 4 slots; the Java
+    # client shows keyward's message, remedy included, on the first refused record of a batch.
+    results = JavaClient().produce(kw.bootstrap, late, recs, {"linger_ms": 50})
+    refused = [r for r in results if not r["ok"]]
+    # (The batch mates of listed records get the client's own error, code -1.)
+    assert refused and {r["error_code"] for r in refused} <= {INVALID_RECORD, -1}, results
+    assert any(
+        "murmur2 partitioner" in (r["error_message"] or "")
+        and "multiple of 4 (the slots of rule explained)" in r["error_message"]
+        for r in refused
+    ), refused
+    # The topic created after start: seen in the Metadata librdkafka asked for.
+    _wait_for_log(kw, "WARN", f'topic "{late}" has 6 partitions', remedy)
+    assert kw.metric("keyward_misaligned_topics") == 2
+    assert kw.metric("keyward_produce_batches_total", rule="explained", reason="mixed_batch") > 0
+
+    check = subprocess.run(
+        [str(binary()), "check", "--config", str(kw.config_path), "--clusters"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # Warnings, not failures: the config is valid.
+    assert check.returncode == 0, check
+    for topic in (early, late):
+        assert f'warning: cluster eu: topic "{topic}" has 6 partitions, not a multiple of the 4 slots' in check.stdout, check.stdout
+    assert "cluster us:" in check.stdout, check.stdout
+
+
 def test_null_keys_follow_the_rule(client, eu, kw_eu):
     strict, lenient = unique("orders.null"), unique("lenient.null")
     eu.create_topic(strict, partitions=2)

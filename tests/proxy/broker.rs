@@ -1,11 +1,17 @@
 //! A scripted fake broker: a small tokio TCP server that answers, per connection and in request
-//! order as a broker does, just enough for keyward's probes and the tests' clients. Metadata
-//! lists one broker (node 0, this server) and four partitions per topic asked for; Produce is
-//! recorded and answered with [`broker_offset`] for every partition it holds (in reverse order,
-//! so only keyward can put the client's order back); Fetch is answered empty, or held until the
-//! test releases it.
+//! order as a broker does, just enough for keyward's probes, keyward's redirect client and the
+//! tests' clients. Metadata lists node 0 (this server), and any extra node ids the test
+//! [`FakeBroker::advertise`]s at the same address, and four partitions per topic asked for, led
+//! by node 0; InitProducerId hands out [`PRODUCER_ID`]; Produce is recorded (with each batch's
+//! producer id and base sequence) and answered with [`broker_offset`] for every partition it
+//! holds (in reverse order, so only keyward can put the client's order back), or with an error
+//! the test queued; Fetch is answered empty, or held until the test releases it. A broker taken
+//! [`FakeBroker::down`] closes every connection it has and every one it accepts, until it is
+//! brought back up.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,13 +21,21 @@ use kafka_protocol::messages::metadata_response::{
 };
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{
-    ApiKey, BrokerId, FetchResponse, MetadataRequest, MetadataResponse, ProduceRequest,
-    ProduceResponse, RequestHeader, ResponseHeader,
+    ApiKey, BrokerId, FetchResponse, InitProducerIdResponse, MetadataRequest, MetadataResponse,
+    ProduceRequest, ProduceResponse, ProducerId, RequestHeader, ResponseHeader,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use keyward::codec::records::BatchHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
+
+/// `topic_authorized_operations` granting every topic operation (READ, WRITE, CREATE, DELETE,
+/// ALTER, DESCRIBE, DESCRIBE_CONFIGS, ALTER_CONFIGS: bits 3-8, 10, 11).
+const TOPIC_OPERATIONS: i32 = 0b1101_1111_1000;
+
+/// The producer id every InitProducerId is answered with (epoch 0).
+pub const PRODUCER_ID: i64 = 1_000;
 
 /// The base offset the fake broker gives a partition it appends to.
 pub fn broker_offset(topic: &str, partition: i32) -> i64 {
@@ -32,6 +46,17 @@ pub fn broker_offset(topic: &str, partition: i32) -> i64 {
 /// `(topic, [partitions])` in the order received.
 pub type Produced = (i16, Vec<(String, Vec<i32>)>);
 
+/// One partition's batch as the broker received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub topic: String,
+    pub partition: i32,
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub base_sequence: i32,
+    pub records: i32,
+}
+
 #[derive(Clone, Default)]
 pub struct Script {
     /// Waited before every answer, so an answer keyward makes itself is ready long before the
@@ -41,39 +66,86 @@ pub struct Script {
     pub hold_fetch: bool,
 }
 
+/// What the broker's connections share with the test.
+#[derive(Default)]
+struct State {
+    produced: Mutex<Vec<Produced>>,
+    batches: Mutex<Vec<Batch>>,
+    /// Error codes the next Produce requests answer every partition with, one per request.
+    produce_errors: Mutex<VecDeque<i16>>,
+    /// Node ids listed besides node 0.
+    extra_nodes: Mutex<Vec<i32>>,
+    release: Notify,
+    /// Metadata answers written (to keyward's probes and to clients through keyward).
+    metadata_answers: AtomicUsize,
+}
+
 pub struct FakeBroker {
     pub addr: SocketAddr,
-    produced: Arc<Mutex<Vec<Produced>>>,
-    release: Arc<Notify>,
+    state: Arc<State>,
+    down: watch::Sender<bool>,
 }
 
 impl FakeBroker {
     pub async fn start(script: Script) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let produced = Arc::new(Mutex::new(Vec::new()));
-        let release = Arc::new(Notify::new());
-        let (p, r) = (produced.clone(), release.clone());
+        let state = Arc::new(State::default());
+        let down = watch::Sender::new(false);
+        let (s, d) = (state.clone(), down.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve(stream, addr, script.clone(), p.clone(), r.clone()));
+                if *d.borrow() {
+                    // Down: the connection is closed before anything is read.
+                    drop(stream);
+                    continue;
+                }
+                let down = d.subscribe();
+                tokio::spawn(serve(stream, addr, script.clone(), s.clone(), down));
             }
         });
-        Self {
-            addr,
-            produced,
-            release,
-        }
+        Self { addr, state, down }
     }
 
     /// Every Produce request received so far.
     pub fn produced(&self) -> Vec<Produced> {
-        self.produced.lock().unwrap().clone()
+        self.state.produced.lock().unwrap().clone()
+    }
+
+    /// Every batch received so far, in the order received.
+    pub fn batches(&self) -> Vec<Batch> {
+        self.state.batches.lock().unwrap().clone()
+    }
+
+    /// The next Produce request is answered `code` for every partition (and not appended).
+    pub fn fail_next_produce(&self, code: i16) {
+        self.state.produce_errors.lock().unwrap().push_back(code);
+    }
+
+    /// From now on Metadata also lists node `node_id`, at this broker's address.
+    pub fn advertise(&self, node_id: i32) {
+        self.state.extra_nodes.lock().unwrap().push(node_id);
+    }
+
+    /// How many Metadata answers the broker has written so far.
+    pub fn metadata_answers(&self) -> usize {
+        self.state.metadata_answers.load(Ordering::Relaxed)
     }
 
     /// Answers the Fetch request held (or the next one, if none is held yet).
     pub fn release_fetch(&self) {
-        self.release.notify_one();
+        self.state.release.notify_one();
+    }
+
+    /// Down: every open connection is closed, and every new one closed as soon as accepted
+    /// (a broker whose process is gone but whose port is still refused quickly).
+    pub fn down(&self) {
+        self.down.send_replace(true);
+    }
+
+    /// Up again: connections are served.
+    pub fn up(&self) {
+        self.down.send_replace(false);
     }
 }
 
@@ -81,11 +153,16 @@ async fn serve(
     mut stream: TcpStream,
     me: SocketAddr,
     script: Script,
-    produced: Arc<Mutex<Vec<Produced>>>,
-    release: Arc<Notify>,
+    state: Arc<State>,
+    mut down: watch::Receiver<bool>,
 ) {
     let mut buf = BytesMut::new();
-    while let Some(frame) = read_frame(&mut stream, &mut buf).await {
+    loop {
+        let frame = tokio::select! {
+            frame = read_frame(&mut stream, &mut buf) => frame,
+            _ = down.wait_for(|d| *d) => return,
+        };
+        let Some(frame) = frame else { return };
         let mut body = frame;
         let api = ApiKey::try_from(i16::from_be_bytes([body[0], body[1]])).unwrap();
         let version = i16::from_be_bytes([body[2], body[3]]);
@@ -94,17 +171,26 @@ async fn serve(
         let answer = match api {
             ApiKey::Metadata => {
                 let request = MetadataRequest::decode(&mut body, version).unwrap();
-                Some(encode(api, version, id, &metadata(me, &request)))
+                let extra = state.extra_nodes.lock().unwrap().clone();
+                Some(encode(api, version, id, &metadata(me, &extra, &request)))
+            }
+            ApiKey::InitProducerId => {
+                let response = InitProducerIdResponse::default()
+                    .with_producer_id(ProducerId(PRODUCER_ID))
+                    .with_producer_epoch(0);
+                Some(encode(api, version, id, &response))
             }
             ApiKey::Produce => {
                 let request = ProduceRequest::decode(&mut body, version).unwrap();
-                let (record, response) = produce(&request);
-                produced.lock().unwrap().push((request.acks, record));
+                state.batches.lock().unwrap().extend(batches(&request));
+                let error = state.produce_errors.lock().unwrap().pop_front();
+                let (record, response) = produce(&request, error);
+                state.produced.lock().unwrap().push((request.acks, record));
                 (request.acks != 0).then(|| encode(api, version, id, &response))
             }
             ApiKey::Fetch => {
                 if script.hold_fetch {
-                    release.notified().await;
+                    state.release.notified().await;
                 }
                 Some(encode(api, version, id, &FetchResponse::default()))
             }
@@ -115,11 +201,20 @@ async fn serve(
             if stream.write_all(&answer).await.is_err() {
                 return;
             }
+            if api == ApiKey::Metadata {
+                state.metadata_answers.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }
 
-fn metadata(me: SocketAddr, request: &MetadataRequest) -> MetadataResponse {
+fn metadata(me: SocketAddr, extra_nodes: &[i32], request: &MetadataRequest) -> MetadataResponse {
+    // As a broker without an authorizer: every client may do everything it asks about.
+    let authorized = if request.include_topic_authorized_operations {
+        TOPIC_OPERATIONS
+    } else {
+        i32::MIN
+    };
     let topics = request
         .topics
         .iter()
@@ -128,17 +223,23 @@ fn metadata(me: SocketAddr, request: &MetadataRequest) -> MetadataResponse {
     MetadataResponse::default()
         .with_cluster_id(Some(StrBytes::from_static_str("fake")))
         .with_controller_id(BrokerId(0))
-        .with_brokers(vec![
-            MetadataResponseBroker::default()
-                .with_node_id(BrokerId(0))
-                .with_host(StrBytes::from_string(me.ip().to_string()))
-                .with_port(i32::from(me.port())),
-        ])
+        .with_brokers(
+            std::iter::once(0)
+                .chain(extra_nodes.iter().copied())
+                .map(|node| {
+                    MetadataResponseBroker::default()
+                        .with_node_id(BrokerId(node))
+                        .with_host(StrBytes::from_string(me.ip().to_string()))
+                        .with_port(i32::from(me.port()))
+                })
+                .collect(),
+        )
         .with_topics(
             topics
                 .map(|name| {
                     MetadataResponseTopic::default()
                         .with_name(Some(name))
+                        .with_topic_authorized_operations(authorized)
                         .with_partitions(
                             (0..4)
                                 .map(|p| {
@@ -155,7 +256,33 @@ fn metadata(me: SocketAddr, request: &MetadataRequest) -> MetadataResponse {
         )
 }
 
-fn produce(request: &ProduceRequest) -> (Vec<(String, Vec<i32>)>, ProduceResponse) {
+/// The header of every partition's (first) batch.
+fn batches(request: &ProduceRequest) -> Vec<Batch> {
+    request
+        .topic_data
+        .iter()
+        .flat_map(|t| {
+            t.partition_data.iter().map(|p| {
+                let records = p.records.as_deref().unwrap_or_default();
+                let h = BatchHeader::parse(records).unwrap();
+                Batch {
+                    topic: t.name.0.to_string(),
+                    partition: p.index,
+                    producer_id: h.producer_id,
+                    producer_epoch: h.producer_epoch,
+                    base_sequence: h.base_sequence,
+                    records: h.records_count,
+                }
+            })
+        })
+        .collect()
+}
+
+/// What was asked, and the answer: `error` for every partition, or [`broker_offset`]s.
+fn produce(
+    request: &ProduceRequest,
+    error: Option<i16>,
+) -> (Vec<(String, Vec<i32>)>, ProduceResponse) {
     let record = request
         .topic_data
         .iter()
@@ -176,10 +303,14 @@ fn produce(request: &ProduceRequest) -> (Vec<(String, Vec<i32>)>, ProduceRespons
                     t.partition_data
                         .iter()
                         .rev()
-                        .map(|p| {
-                            PartitionProduceResponse::default()
+                        .map(|p| match error {
+                            Some(code) => PartitionProduceResponse::default()
                                 .with_index(p.index)
-                                .with_base_offset(broker_offset(&t.name.0, p.index))
+                                .with_error_code(code)
+                                .with_base_offset(-1),
+                            None => PartitionProduceResponse::default()
+                                .with_index(p.index)
+                                .with_base_offset(broker_offset(&t.name.0, p.index)),
                         })
                         .collect(),
                 )

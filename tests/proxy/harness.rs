@@ -44,6 +44,11 @@ fn recorder() -> PrometheusHandle {
 /// A `by: key` rule with two slots, eu owning slot 0 and us slot 1, refusing foreign writes,
 /// for topics `<prefix>.*`.
 pub fn key_rule(name: &str, prefix: &str) -> String {
+    key_rule_on_foreign(name, prefix, "reject")
+}
+
+/// [`key_rule`] doing `on_foreign` with us's writes (`reject`, `redirect`, ...).
+pub fn key_rule_on_foreign(name: &str, prefix: &str, on_foreign: &str) -> String {
     format!(
         r#"rules:
   - name: {name}
@@ -52,7 +57,7 @@ pub fn key_rule(name: &str, prefix: &str) -> String {
     slots: 2
     owners: {{ eu: ["0"], us: ["1"] }}
     null_key: reject
-    on_foreign: reject
+    on_foreign: {on_foreign}
 default: allow
 "#
     )
@@ -140,9 +145,24 @@ pub const PRODUCE_VERSION: i16 = 9;
 pub const METADATA_VERSION: i16 = 12;
 pub const FETCH_VERSION: i16 = 12;
 
+/// Virtual node ids per cluster: eu's node N is virtual node N, us's is `PORTS_PER_CLUSTER + N`.
+pub const PORTS_PER_CLUSTER: u16 = 4;
+
 pub struct Options {
     pub table: String,
     pub idle_timeout_secs: u64,
+    /// us's cluster: its own broker, or (`None`) eu's broker again.
+    pub us: Option<SocketAddr>,
+    /// Read failover between eu and us (`reads.prefer: [eu, us]`, down after 3 failed probes),
+    /// or (`None`) eu alone, probed only at start.
+    pub failover: Option<Failover>,
+}
+
+/// Probe and hold-down timing, on tokio's clock.
+#[derive(Clone, Copy)]
+pub struct Failover {
+    pub probe_interval: Duration,
+    pub hold_down: Duration,
 }
 
 impl Options {
@@ -150,8 +170,26 @@ impl Options {
         Self {
             table,
             idle_timeout_secs: 600,
+            us: None,
+            failover: None,
         }
     }
+}
+
+/// A `broker_port_base` below the kernel's ephemeral range (so no socket the tests open lands
+/// on a virtual port) whose ports for both clusters are free right now.
+fn port_base() -> u16 {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(7919);
+    (0..100)
+        .map(|_| {
+            20_000 + ((seed.wrapping_add(N.fetch_add(1, Ordering::Relaxed) * 97)) % 10_000) as u16
+        })
+        .find(|&base| {
+            (base..base + 2 * PORTS_PER_CLUSTER)
+                .all(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        })
+        .expect("no free range of virtual broker ports")
 }
 
 pub struct Keyward {
@@ -162,8 +200,8 @@ pub struct Keyward {
 }
 
 impl Keyward {
-    /// keyward for region eu, both regions' clusters being `broker` (probes succeed; the
-    /// ownership table refuses us's writes, so us's cluster is never written to).
+    /// keyward for region eu, whose cluster is `broker`; us's cluster is `options.us`, or
+    /// `broker` too (probes succeed; a table that refuses us's writes never writes to it).
     pub async fn start(broker: SocketAddr, options: Options) -> Self {
         let metrics = recorder();
         static N: AtomicU32 = AtomicU32::new(0);
@@ -174,33 +212,33 @@ impl Keyward {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("ownership.yaml"), &options.table).unwrap();
-        // Virtual broker ports are broker_port_base + node id (eu's node 0 and us's node 0,
-        // one port per cluster): a base the kernel just handed out and took back is very likely
-        // free. If it is not, keyward logs that it cannot listen for that virtual broker and
-        // goes on; these tests only use the bootstrap.
-        let base = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // Virtual broker ports are broker_port_base + virtual node id, fixed numbers.
+        let base = port_base();
+        let us = options.us.unwrap_or(broker);
+        let reads = match options.failover {
+            // No probe after the one at start: nothing moves reads while a test runs.
+            None => "  prefer: [eu]\n  probe_interval_ms: 86400000\n".to_owned(),
+            Some(f) => format!(
+                "  prefer: [eu, us]\n  probe_interval_ms: {}\n  hold_down_ms: {}\n  down_after_failed_probes: 3\n",
+                f.probe_interval.as_millis(),
+                f.hold_down.as_millis()
+            ),
+        };
         let config = format!(
             r#"region: eu
 listen:
   bootstrap: 127.0.0.1:0
   advertised_host: 127.0.0.1
   broker_port_base: {base}
-  ports_per_cluster: 1
+  ports_per_cluster: {PORTS_PER_CLUSTER}
 admin:
   listen: 127.0.0.1:0
 clusters:
   eu: {{ bootstrap: ["{broker}"] }}
-  us: {{ bootstrap: ["{broker}"] }}
+  us: {{ bootstrap: ["{us}"] }}
 ownership_file: ownership.yaml
 reads:
-  prefer: [eu]
-  # No probe after the one at start: nothing moves reads while a test runs.
-  probe_interval_ms: 86400000
-limits:
+{reads}limits:
   idle_timeout_secs: {idle}
   shutdown_grace_secs: 1
 "#,
@@ -219,6 +257,12 @@ limits:
         let stop = shared.shutdown_token();
         tokio::spawn(keyward::admin::serve(admin, metrics, shared.clone(), stop));
         tokio::spawn(proxy::run(shared.clone(), bootstrap));
+        // Ready once the probe round at start has learned every broker and opened its port.
+        let started = std::time::Instant::now();
+        while let Some(why) = shared.not_ready() {
+            assert!(started.elapsed() < Duration::from_secs(10), "{why}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         Self {
             bootstrap: bootstrap_addr,
             admin: admin_addr,
@@ -228,10 +272,12 @@ limits:
     }
 
     pub async fn connect(&self) -> Client {
-        Client {
-            stream: TcpStream::connect(self.bootstrap).await.unwrap(),
-            buf: BytesMut::new(),
-        }
+        Client::connect(self.bootstrap).await.unwrap()
+    }
+
+    /// The cluster serving now (`reads`), by name.
+    pub fn serving(&self) -> &str {
+        &self.shared.clusters.get(self.shared.serving.index()).name
     }
 
     /// `GET /metrics` from the admin API.
@@ -282,7 +328,40 @@ pub struct Client {
     buf: BytesMut,
 }
 
+/// A request frame, length prefix included.
+pub fn request<M: Encodable>(api: ApiKey, version: i16, correlation_id: i32, body: &M) -> BytesMut {
+    let mut out = BytesMut::from(&[0u8; 4][..]);
+    RequestHeader::default()
+        .with_request_api_key(api as i16)
+        .with_request_api_version(version)
+        .with_correlation_id(correlation_id)
+        .with_client_id(Some(StrBytes::from_static_str("proxy-test")))
+        .encode(&mut out, api.request_header_version(version))
+        .unwrap();
+    body.encode(&mut out, version).unwrap();
+    let len = (out.len() - 4) as i32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// A response body (length prefix removed): its correlation id and message.
+pub fn response<M: Decodable>(mut frame: Bytes, api: ApiKey, version: i16) -> (i32, M) {
+    let header = ResponseHeader::decode(&mut frame, api.response_header_version(version)).unwrap();
+    (
+        header.correlation_id,
+        M::decode(&mut frame, version).unwrap(),
+    )
+}
+
 impl Client {
+    /// A client of keyward's bootstrap or of one of its virtual brokers.
+    pub async fn connect(addr: SocketAddr) -> std::io::Result<Self> {
+        Ok(Self {
+            stream: TcpStream::connect(addr).await?,
+            buf: BytesMut::new(),
+        })
+    }
+
     pub async fn send<M: Encodable>(
         &mut self,
         api: ApiKey,
@@ -290,30 +369,15 @@ impl Client {
         correlation_id: i32,
         body: &M,
     ) {
-        let mut out = BytesMut::from(&[0u8; 4][..]);
-        RequestHeader::default()
-            .with_request_api_key(api as i16)
-            .with_request_api_version(version)
-            .with_correlation_id(correlation_id)
-            .with_client_id(Some(StrBytes::from_static_str("proxy-test")))
-            .encode(&mut out, api.request_header_version(version))
-            .unwrap();
-        body.encode(&mut out, version).unwrap();
-        let len = (out.len() - 4) as i32;
-        out[..4].copy_from_slice(&len.to_be_bytes());
+        let out = request(api, version, correlation_id, body);
         self.stream.write_all(&out).await.unwrap();
     }
 
     /// The next response's correlation id and body, or `None` once keyward closed the
     /// connection. Panics after 10 s of (tokio) time without either.
     pub async fn recv<M: Decodable>(&mut self, api: ApiKey, version: i16) -> Option<(i32, M)> {
-        let mut frame = self.recv_frame(Duration::from_secs(10)).await.unwrap()?;
-        let header =
-            ResponseHeader::decode(&mut frame, api.response_header_version(version)).unwrap();
-        Some((
-            header.correlation_id,
-            M::decode(&mut frame, version).unwrap(),
-        ))
+        let frame = self.recv_frame(Duration::from_secs(10)).await.unwrap()?;
+        Some(response(frame, api, version))
     }
 
     /// The next frame, `Ok(None)` at end of stream, `Err(())` if `wait` passes first.

@@ -15,12 +15,34 @@ fn map_ids(ids: &mut [BrokerId], to: &dyn Advertise) -> Result<(), UnmappableNod
     Ok(())
 }
 
-pub fn response(frame: &Bytes, version: i16, to: &dyn Advertise) -> Result<Bytes, RewriteError> {
+/// Who hears of the topics a Metadata response lists: (name, partition count).
+pub type TopicsSeen<'a> = dyn Fn(&[(&str, i32)]) + 'a;
+
+/// `seen` hears of every topic the response lists without an error, with its partition count
+/// (keyward checks them against the table's `by: key` rules, `crate::proxy::alignment`).
+pub fn response(
+    frame: &Bytes,
+    version: i16,
+    to: &dyn Advertise,
+    seen: &TopicsSeen<'_>,
+) -> Result<Bytes, RewriteError> {
     recode(
         frame,
         ApiKey::Metadata,
         version,
         |r: &mut MetadataResponse| {
+            let topics: Vec<(&str, i32)> = r
+                .topics
+                .iter()
+                .filter(|t| t.error_code == 0)
+                .filter_map(|t| {
+                    let name: &str = t.name.as_ref()?;
+                    Some((name, i32::try_from(t.partitions.len()).ok()?))
+                })
+                .collect();
+            if !topics.is_empty() {
+                seen(&topics);
+            }
             for b in &mut r.brokers {
                 (b.node_id.0, b.host, b.port) = to.advertise(b.node_id.0, &b.host, b.port)?;
             }
@@ -68,7 +90,13 @@ mod tests {
                 MetadataResponsePartition::default().with_leader_id(BrokerId(-1)),
             ],
             )]);
-        let out = response(&response_frame(ApiKey::Metadata, 12, &m), 12, &Renumbered).unwrap();
+        let out = response(
+            &response_frame(ApiKey::Metadata, 12, &m),
+            12,
+            &Renumbered,
+            &|_| {},
+        )
+        .unwrap();
         let back: MetadataResponse = decode_body(&out, ApiKey::Metadata, 12);
         assert_eq!(back.brokers[0].node_id.0, 101);
         assert_eq!(back.controller_id.0, 102);
@@ -88,8 +116,13 @@ mod tests {
                     .with_host(StrBytes::from_static_str("10.1.2.3"))
                     .with_port(9092),
             ]);
-            let out =
-                response(&response_frame(ApiKey::Metadata, version, &m), version, &To).unwrap();
+            let out = response(
+                &response_frame(ApiKey::Metadata, version, &m),
+                version,
+                &To,
+                &|_| {},
+            )
+            .unwrap();
             assert_eq!(frame::response_correlation_id(&out).unwrap(), 7);
             let hl =
                 frame::response_header_len(&out, ApiKey::Metadata.response_header_version(version))

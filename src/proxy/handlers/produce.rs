@@ -98,7 +98,7 @@ pub(crate) async fn request(
     } else {
         Vec::new()
     };
-    record_decisions(shared, &snapshot, &plan, meters, guard.identity);
+    record_decisions(shared, &snapshot, &request, &plan, meters, guard.identity);
 
     // Carry the routes out.
     let mut routes = Vec::with_capacity(destinations.len());
@@ -499,6 +499,7 @@ type DecisionLabels = (Option<usize>, Option<RegionId>, &'static str, &'static s
 fn record_decisions(
     shared: &Shared,
     snapshot: &Snapshot,
+    request: &produce::ProduceView<'_>,
     plan: &ProducePlan,
     meters: &mut DecisionMeters,
     identity: &Identity,
@@ -508,7 +509,13 @@ fn record_decisions(
         meters.handles.clear();
         meters.table_version = snapshot.version;
     }
+    // The topic and partition of each decision, in request order, for the log.
+    let mut written = request
+        .topics
+        .iter()
+        .flat_map(|t| t.partitions.iter().map(move |p| (t.name, p.index)));
     for p in &plan.partitions {
+        let (topic, partition) = written.next().unwrap_or(("-", -1));
         let rule_name = || {
             p.rule
                 .and_then(|i| table.rules().get(i))
@@ -567,6 +574,8 @@ fn record_decisions(
                 reason,
                 client_id = who.client_id,
                 user = who.user,
+                topic,
+                partition,
                 "{message}"
             );
         }

@@ -84,11 +84,14 @@ class Keyward:
         listen_extra: str = "",
         admin_extra: str = "",
         cluster_yaml: dict[str, str] | None = None,
+        binary_path: Path | None = None,
     ) -> None:
         """`listen_extra` and `admin_extra` are YAML lines added under `listen:` and `admin:`
         (e.g. `tls: {...}`); `cluster_yaml` replaces the flow mapping of the named clusters
-        (e.g. to add `tls` and `sasl`, or to point at another listener)."""
+        (e.g. to add `tls` and `sasl`, or to point at another listener); `binary_path` runs
+        another build than `$KEYWARD_BIN` (dev/bench's baseline)."""
         self.args = tuple(args)
+        self.binary_path = binary_path
         self.region = region
         self.clusters = clusters
         self.dir = Path(workdir) / (name or f"keyward-{region}")
@@ -131,7 +134,8 @@ ownership_file: ownership.yaml
     def start(self, timeout_s: float = 20) -> "Keyward":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [*env.pdeathsig_prefix(), str(binary()), "run", "--config", str(self.config_path), *self.args],
+            [*env.pdeathsig_prefix(), str(self.binary_path or binary()), "run", "--config", str(self.config_path),
+             *self.args],
             stdout=log,
             stderr=log,
             env={**os.environ, "KEYWARD_LOG": os.environ.get("KEYWARD_LOG", "info,keyward=debug")},
@@ -223,7 +227,7 @@ ownership_file: ownership.yaml
     def owner(self, topic: str, *args: str) -> str:
         """`keyward owner` for this instance's config: the one line it prints."""
         out = subprocess.run(
-            [str(binary()), "owner", "--config", str(self.config_path), "--topic", topic, *args],
+            [str(self.binary_path or binary()), "owner", "--config", str(self.config_path), "--topic", topic, *args],
             capture_output=True,
             text=True,
             check=True,

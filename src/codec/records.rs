@@ -4,7 +4,8 @@
 //! walking each record's key, value and headers, validating every length and varint on the way,
 //! so a batch is either fully well-formed or an error. Decompression is [`super::compression`]'s.
 //! It must not decide ownership (that is `policy`) and must not re-encode anything: the proxy
-//! forwards the client's original bytes.
+//! forwards the client's original bytes (a batch split by owner is re-encoded by
+//! [`super::split`]).
 //!
 //! Validation is at least as strict as the broker's (`DefaultRecord.readFrom`): anything the
 //! broker would read differently from us is rejected here, so what policy inspected is what the

@@ -26,6 +26,10 @@ use super::records::{
 /// batch's `maxTimestamp` is that time, whatever the records carry.
 const LOG_APPEND_TIME_FLAG: i16 = 1 << 3;
 
+/// The smallest encoded record: length, attributes, both deltas, null key, null value and
+/// header count, one byte each.
+const MIN_RECORD_LEN: usize = 7;
+
 /// What [`split`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Split {
@@ -194,7 +198,8 @@ where
             Some(f) => {
                 if owners.is_empty() {
                     // The first record of another part: from here on, remember every owner.
-                    let count = declared as usize;
+                    // The declared count is not trusted for the allocation: the data bounds it.
+                    let count = (declared as usize).min(data.len() / MIN_RECORD_LEN);
                     if let Err(e) = reservation.take(count.saturating_mul(size_of::<u32>())) {
                         failed = Some(e.into());
                         return ControlFlow::Break(());
@@ -244,11 +249,11 @@ where
         if codec == Compression::None {
             encode_part(header, data, &owners, &plan, &mut batch)?;
         } else {
+            scratch.clear();
             if scratch.capacity() < plan.encoded_len {
                 reservation.take(plan.encoded_len - scratch.capacity())?;
                 scratch.reserve_exact(plan.encoded_len);
             }
-            scratch.clear();
             encode_part(header, data, &owners, &plan, &mut scratch)?;
             compression::compress(codec, &scratch, &mut batch)?;
         }
@@ -735,6 +740,23 @@ mod tests {
             Err(SplitError::Empty)
         );
         assert!(!SplitError::Empty.is_retriable());
+    }
+
+    #[test]
+    fn a_lying_record_count_is_an_error_and_is_not_allocated_for() {
+        let batch = testkit::batch(&records(3, |i| i == 1), kp::Compression::None);
+        let mut lying = BytesMut::from(&batch[..]);
+        lying[57..61].copy_from_slice(&i32::MAX.to_be_bytes());
+        let budget = DecompressionBudget::new(MB);
+        let mut inflater = Inflater::with_budget(MB, budget.clone());
+        assert_eq!(
+            split(&lying, &mut inflater, 2, by_key),
+            Err(SplitError::Records(RecordsError::RecordCountMismatch {
+                declared: i32::MAX,
+                found: 3
+            }))
+        );
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]

@@ -33,14 +33,18 @@ use crate::security;
 
 /// Installs the process-wide Prometheus recorder. Call once, before any metric is touched.
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
-    PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full("keyward_request_duration_seconds".to_owned()),
             LATENCY_BUCKETS,
         )
         .context("latency buckets")?
         .install_recorder()
-        .context("installing the metrics recorder")
+        .context("installing the metrics recorder")?;
+    // Which build runs where: one series, always 1, joined onto others by instance.
+    metrics::gauge!("keyward_build_info", "version" => crate::VERSION, "commit" => crate::COMMIT)
+        .set(1.0);
+    Ok(handle)
 }
 
 /// Request latency buckets (seconds): from 50 µs (keyward's own share of a request) to 10 s (a

@@ -18,6 +18,18 @@
 //!   in request order ([`proxy::conn`]), and one handler per API keyward reads
 //!   ([`proxy::handlers`]: Produce's ownership decisions, the rewriting of broker addresses).
 
+/// keyward's version (Cargo.toml).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git commit keyward was built from (`build.rs`), or "unknown".
+pub const COMMIT: &str = env!("KEYWARD_COMMIT");
+/// What `keyward --version` prints after the name: version and commit.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("KEYWARD_COMMIT"),
+    ")"
+);
+
 pub mod admin;
 pub mod cli;
 pub mod codec;

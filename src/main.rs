@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Parser)]
 #[command(
     name = "keyward",
-    version,
+    version = keyward::LONG_VERSION,
     about = "Kafka proxy that enforces regional write ownership"
 )]
 struct Cli {

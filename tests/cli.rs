@@ -343,3 +343,21 @@ fn check_clusters_warns_about_an_unreachable_cluster_without_failing() {
         );
     }
 }
+
+#[test]
+fn version_names_the_release_and_the_commit() {
+    for flag in ["--version", "-V"] {
+        let out = keyward(&[flag]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        let commit = text
+            .strip_prefix(&format!("keyward {} (commit ", env!("CARGO_PKG_VERSION")))
+            .and_then(|rest| rest.strip_suffix(")\n"))
+            .unwrap_or_else(|| panic!("{flag}: {text:?}"));
+        assert_eq!(commit, keyward::COMMIT, "{text}");
+        assert!(
+            commit == "unknown" || commit.chars().all(|c| c.is_ascii_hexdigit()),
+            "{text}"
+        );
+    }
+}

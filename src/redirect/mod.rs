@@ -87,6 +87,8 @@ struct Pipelines {
 
 struct Target {
     client: ClusterClient,
+    /// `keyward_redirect_failures_total` for this cluster: batches whose client got an error.
+    failures: metrics::Counter,
     producer: tokio::sync::Mutex<ProducerState>,
     pipelines: Mutex<Pipelines>,
 }
@@ -144,8 +146,12 @@ impl Redirector {
             targets: clusters
                 .into_iter()
                 .map(|(bootstrap, dialer)| {
+                    let failures = metrics::counter!("keyward_redirect_failures_total", "cluster" => dialer.cluster.clone());
+                    // Exported at 0, so an alert's rate sees the series before the first failure.
+                    failures.absolute(0);
                     Arc::new(Target {
                         client: ClusterClient::new(bootstrap, dialer),
+                        failures,
                         producer: tokio::sync::Mutex::new(ProducerState::default()),
                         pipelines: Mutex::new(Pipelines::default()),
                     })
@@ -324,6 +330,7 @@ impl Redirector {
             done,
         };
         if let Err(job) = self.enqueue(target, topic, partition, job).await {
+            self.targets[target].failures.increment(1);
             let _ = job
                 .done
                 .send(Some(error_response(partition, REQUEST_TIMED_OUT)));
@@ -427,6 +434,9 @@ impl Pipeline {
                 return;
             };
             let outcome = self.write(&job).await;
+            if outcome.error_code != 0 {
+                self.target.failures.increment(1);
+            }
             let _ = job.done.send(Some(outcome));
         }
     }

@@ -1,17 +1,23 @@
-"""deploy/: the Grafana dashboard and the Prometheus alert rules operators install.
+"""deploy/: the Grafana dashboard, the Prometheus alert rules and the systemd unit operators install.
 
 The files must parse, and every metric their PromQL queries must be one keyward really exports:
 a renamed or misspelt metric would leave a dashboard panel empty or an alert that can never fire,
 silently. The exported names come from a real keyward in front of the real clusters, after
 traffic that makes it record its metrics (the Prometheus exporter lists a metric only once it
 has a sample).
+
+The alert rules are also checked and unit-tested by promtool (Debian's prometheus package), each
+alert's runbook_url must lead to a section of docs/runbook.md, and the systemd unit must pass
+`systemd-analyze verify`. These need no cluster.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -25,6 +31,10 @@ from test_keyward import INVALID_RECORD, TABLE
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "keyward-dashboard.json"
 ALERTS = DEPLOY / "prometheus" / "keyward-alerts.yaml"
+ALERT_TESTS = DEPLOY / "prometheus" / "keyward-alerts.test.yaml"
+RUNBOOK = DEPLOY.parent / "docs" / "runbook.md"
+RUNBOOK_URL = "https://github.com/keyward/keyward/blob/main/docs/runbook.md"
+UNIT = DEPLOY / "systemd" / "keyward.service"
 
 # A metric name in a PromQL expression (not part of a longer identifier such as a recording
 # rule `x:keyward_y`). `up` and functions never match: only keyward's own metrics are checked.
@@ -40,6 +50,10 @@ REQUIRED_ALERTS = {
     "KeywardClusterUnreachable",
     "KeywardNotReady",
     "KeywardDown",
+    "KeywardWritesHeld",
+    "KeywardWritesHeldNotFrozen",
+    "KeywardRedirectFailing",
+    "KeywardPanicked",
 }
 
 
@@ -174,6 +188,109 @@ def test_alert_rules_parse():
         assert r["annotations"]["summary"].strip() and r["annotations"]["description"].strip(), r["alert"]
     by_name = {r["alert"]: r for r in alerts}
     assert by_name["KeywardDown"]["expr"].strip() == 'up{job="keyward"} == 0'
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if not path:
+        pytest.fail(f"{name} is not installed: dev/install-test-deps installs it (Debian package, see there)")
+    return path
+
+
+def _run(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_promtool_checks_the_alert_rules():
+    r = _run(_tool("promtool"), "check", "rules", str(ALERTS))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"SUCCESS: {len(alert_queries(load_alerts()))} rules found" in r.stdout, r.stdout
+
+
+def test_every_alert_has_a_firing_and_a_quiet_unit_test():
+    alerts = {r["alert"] for r in load_alerts()["groups"][0]["rules"]}
+    cases = [c for t in _yaml().safe_load(ALERT_TESTS.read_text())["tests"] for c in t["alert_rule_test"]]
+    fires = {c["alertname"] for c in cases if c.get("exp_alerts")}
+    quiet = {c["alertname"] for c in cases if not c.get("exp_alerts")}
+    assert not alerts - fires, f"no case where these fire: {sorted(alerts - fires)}"
+    assert not alerts - quiet, f"no case where these stay quiet: {sorted(alerts - quiet)}"
+    assert not (fires | quiet) - alerts, f"cases for alerts that do not exist: {sorted((fires | quiet) - alerts)}"
+
+
+def test_alert_rules_pass_their_unit_tests(tmp_path):
+    """`promtool test rules` compares annotations too; the cases are about when an alert fires and
+    with which labels, so they run against a copy of the rules without annotations (wording and
+    runbook links are checked by the other tests)."""
+    rules = load_alerts()
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    (tmp_path / ALERTS.name).write_text(_yaml().safe_dump(rules, sort_keys=False))
+    shutil.copy(ALERT_TESTS, tmp_path / ALERT_TESTS.name)
+    r = _run(_tool("promtool"), "test", "rules", ALERT_TESTS.name, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS" in r.stdout, r.stdout
+
+
+def _github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a document's headings: lower case, punctuation dropped, spaces to '-'."""
+    anchors = set()
+    for title in re.findall(r"^#{1,6}\s+(.+?)\s*$", markdown, re.M):
+        anchors.add(re.sub(r"[^\w\- ]", "", title.replace("`", "").lower()).replace(" ", "-"))
+    return anchors
+
+
+def test_every_alert_links_to_its_runbook_section():
+    anchors = _github_anchors(RUNBOOK.read_text())
+    for rule in load_alerts()["groups"][0]["rules"]:
+        url = rule["annotations"].get("runbook_url", "")
+        assert url == f"{RUNBOOK_URL}#{rule['alert'].lower()}", f"{rule['alert']}: runbook_url {url!r}"
+        assert rule["alert"].lower() in anchors, f"docs/runbook.md has no section {rule['alert']!r}"
+
+
+def test_systemd_unit_verifies(tmp_path):
+    """`systemd-analyze verify` on the unit as shipped, except that ExecStart names the built binary
+    (verify requires the executable to exist). It exits 0 on unknown or misspelt settings, only
+    warning: any output fails the test."""
+    from harness.keyward import binary
+
+    text = UNIT.read_text()
+    assert "\nExecStart=/usr/local/bin/keyward run --config /etc/keyward/keyward.yaml\n" in text
+    unit = tmp_path / UNIT.name
+    unit.write_text(text.replace("ExecStart=/usr/local/bin/keyward ", f"ExecStart={binary()} "))
+    r = _run(_tool("systemd-analyze"), "verify", str(unit))
+    assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
+
+
+def test_systemd_unit_is_hardened(tmp_path):
+    settings: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    expected = {
+        "DynamicUser": "yes",
+        "NoNewPrivileges": "yes",
+        "CapabilityBoundingSet": "",
+        "AmbientCapabilities": "",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+        "ConfigurationDirectory": "keyward",
+        "ExecReload": "/bin/kill -HUP $MAINPID",
+        "Restart": "on-failure",
+    }
+    for key, value in expected.items():
+        assert settings.get(key) == [value], f"{key}: {settings.get(key)}"
+    assert "@system-service" in settings["SystemCallFilter"], settings["SystemCallFilter"]
+    assert int(settings["LimitNOFILE"][0]) >= 2 * 10000 + 1000, "two descriptors per client connection"
+
+    # systemd's own score of the sandbox: 0 (locked down) to 10; "OK" is below 4.5.
+    r = _run(_tool("systemd-analyze"), "security", "--offline=yes", str(UNIT))
+    assert r.returncode == 0, r.stdout + r.stderr
+    score = float(re.search(r"Overall exposure level for keyward.service: ([0-9.]+)", r.stdout).group(1))
+    assert score <= 1.5, r.stdout
 
 
 # --------------------------------------------------------------------------- against a real keyward

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
 import time
 
 import pytest
 from confluent_kafka import Producer
 
 from harness import KafkaCluster, LibrdkafkaClient, record, unique
-from harness.keyward import Keyward
+from harness.keyward import Keyward, binary
 
 from test_keyward import INVALID_RECORD, TABLE, keys_of
 
@@ -212,6 +214,10 @@ def test_metrics_count_exactly_what_was_decided(kw, eu):
     assert kw.metric("keyward_client_bytes_received_total") > 0
     assert kw.metric("keyward_client_bytes_sent_total") > 0
     assert kw.metric("keyward_upstream_connections_opened_total", cluster="eu") >= 1
+    # Which build runs: the version and commit `keyward --version` prints.
+    version = subprocess.run([str(binary()), "--version"], capture_output=True, text=True, check=True).stdout
+    release, commit = re.fullmatch(r"keyward (\S+) \(commit (\w+)\)\n", version).groups()
+    assert kw.metric("keyward_build_info", version=release, commit=commit) == 1
     # keyward's own log file sits next to the table: writing it, or reading the table, is no
     # reason to reload.
     assert kw.metric("keyward_table_reloads_total", trigger="file") == 0

@@ -5,6 +5,8 @@ whole on the local cluster. Checked in both clusters, read directly, with all th
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from harness import LibrdkafkaClient, record, unique
@@ -173,6 +175,7 @@ def test_a_topic_missing_in_the_owners_cluster_is_an_error_not_a_drop(eu, us, kw
     topic = unique("orders.only-eu")
     eu.create_topic(topic, partitions=1)
     us_key = keys_of(kw, "us", 1, "miss")[0]
+    failures = kw.metric("keyward_redirect_failures_total", cluster="us")
     results = LibrdkafkaClient().produce(
         kw.bootstrap,
         topic,
@@ -181,3 +184,9 @@ def test_a_topic_missing_in_the_owners_cluster_is_an_error_not_a_drop(eu, us, kw
     )
     assert not results[0]["ok"], results
     assert eu.read_all(topic) == []
+    # Counted for the alert KeywardRedirectFailing (the client may give up before keyward answers).
+    deadline = time.monotonic() + 10
+    while kw.metric("keyward_redirect_failures_total", cluster="us") == failures and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert kw.metric("keyward_redirect_failures_total", cluster="us") > failures
+    assert kw.metric("keyward_redirect_failures_total", cluster="eu") == 0

@@ -165,7 +165,11 @@ fn split_seeds(dir: &Path) {
         let name = format!("{compression:?}").to_lowercase();
         let b = batch(&[Some("cust-1"), None], Some("acme"), compression);
         for (selector, what) in [(0x01u8, "by-key"), (0x00, "whole")] {
-            write(dir, &format!("{what}-{name}"), &[&[selector][..], &b].concat());
+            write(
+                dir,
+                &format!("{what}-{name}"),
+                &[&[selector][..], &b].concat(),
+            );
         }
     }
 }

@@ -17,7 +17,12 @@ use libfuzzer_sys::fuzz_target;
 const MAX_DECOMPRESSED: usize = 1 << 20;
 
 /// A record as compared: key, value, headers and absolute timestamp.
-type Rec = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<(Vec<u8>, Option<Vec<u8>>)>, i64);
+type Rec = (
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    i64,
+);
 
 /// Every record of the one batch in `data`, or `None` if it does not read.
 fn records(data: &[u8], inflater: &mut Inflater) -> Option<(BatchHeader, Vec<Rec>)> {

@@ -1349,15 +1349,20 @@ default: allow
         .unwrap();
         let (eu, us) = (key_in(0..8), key_in(8..16));
         let mixed = keys(&[Some(&eu), Some(&us)]);
-        for topic in ["orders", "moved"] {
-            let d = decide_one(&t, "eu", topic, 0, &mixed);
-            let (kind, message, _) = reject_of(&d);
-            assert_eq!(kind, RejectKind::MixedBatch, "{topic}");
-            assert!(
-                message.contains("murmur2 partitioner") && message.contains("multiple of 16"),
-                "{topic}: {message}"
-            );
-        }
+        let d = decide_one(&t, "eu", "orders", 0, &mixed);
+        let (kind, message, _) = reject_of(&d);
+        assert_eq!(kind, RejectKind::MixedBatch);
+        assert!(
+            message.contains("murmur2 partitioner") && message.contains("multiple of 16"),
+            "{message}"
+        );
+        // Under redirect the same batch is split, not refused.
+        let d = decide_one(&t, "eu", "moved", 0, &mixed);
+        assert!(
+            matches!(d.action, Action::Split { local: 1, .. }),
+            "{:?}",
+            d.action
+        );
         let d = decide_one(
             &t,
             "eu",

@@ -380,7 +380,9 @@ fn merge(c: &mut Criterion) {
             .map(|d| match d.clone() {
                 Destination::Connection => Route::Upstream(None),
                 Destination::Answer(answer) => Route::Answer(answer),
-                Destination::Cluster(_) => unreachable!("no redirect rule here"),
+                Destination::Cluster(_) | Destination::Split(_) => {
+                    unreachable!("no redirect rule here")
+                }
             })
             .collect()
     };

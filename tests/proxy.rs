@@ -21,7 +21,7 @@ use broker::{Batch, FakeBroker, PRODUCER_ID, Script, broker_offset};
 use harness::{
     FETCH_VERSION, Failover, Keyward, METADATA_VERSION, Options, PORTS_PER_CLUSTER,
     PRODUCE_VERSION, batch, foreign_key, key_rule, key_rule_on_foreign, owned_key, produce,
-    request, response, sample,
+    producer_batch, request, response, sample,
 };
 
 const INVALID_RECORD: i16 = 87;
@@ -798,4 +798,108 @@ async fn a_redirected_write_the_owner_answers_not_leader_is_retried_with_the_sam
         ]
     );
     assert_eq!(eu.produced(), vec![]);
+}
+
+/// A batch mixing owners under `on_foreign: redirect` is split: the owned records go to eu on
+/// the client's connection, renumbered so eu sees the producer's records without a gap, the
+/// foreign ones to us under keyward's producer. The client's retry after a failed part sends
+/// no part that landed again, and the local part keeps its number so eu can deduplicate it.
+#[tokio::test]
+async fn a_mixed_batch_is_split_and_its_retry_sends_no_landed_part_twice() {
+    let _serial = harness::serial().await;
+    let eu = FakeBroker::start(Script::default()).await;
+    let us = FakeBroker::start(Script::default()).await;
+    let keyward = Keyward::start(
+        eu.addr,
+        Options {
+            us: Some(us.addr),
+            ..Options::table(key_rule_on_foreign("split", "spl", "redirect"))
+        },
+    )
+    .await;
+    let mut client = keyward.connect().await;
+    const CLIENT: i64 = 77;
+    // owned, foreign, owned, foreign, foreign: client sequences 0..5.
+    let first = producer_batch(
+        &[
+            owned_key(0),
+            foreign_key(0),
+            owned_key(1),
+            foreign_key(1),
+            foreign_key(2),
+        ],
+        CLIENT,
+        0,
+    );
+    let send = |batch: &bytes::Bytes| produce(-1, &[("spl.a", vec![(0, batch.clone())])]);
+
+    // The local part fails once (eu is not the leader for a moment): the client gets that
+    // error for the whole batch, although the foreign part landed in us.
+    eu.fail_next_produce(NOT_LEADER_OR_FOLLOWER);
+    client
+        .send(ApiKey::Produce, PRODUCE_VERSION, 1, &send(&first))
+        .await;
+    let (_, answer) = client
+        .recv::<ProduceResponse>(ApiKey::Produce, PRODUCE_VERSION)
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes(&answer),
+        vec![("spl.a".to_owned(), 0, NOT_LEADER_OR_FOLLOWER, -1)]
+    );
+    // The client retries the same batch: success, with the local part's offset.
+    client
+        .send(ApiKey::Produce, PRODUCE_VERSION, 2, &send(&first))
+        .await;
+    let (_, answer) = client
+        .recv::<ProduceResponse>(ApiKey::Produce, PRODUCE_VERSION)
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes(&answer),
+        vec![("spl.a".to_owned(), 0, 0, broker_offset("spl.a", 0))]
+    );
+    // The next batch (client sequences 5..7, one owned, one foreign) follows on both sides.
+    let second = producer_batch(&[foreign_key(3), owned_key(2)], CLIENT, 5);
+    client
+        .send(ApiKey::Produce, PRODUCE_VERSION, 3, &send(&second))
+        .await;
+    let (_, answer) = client
+        .recv::<ProduceResponse>(ApiKey::Produce, PRODUCE_VERSION)
+        .await
+        .unwrap();
+    assert_eq!(outcomes(&answer)[0].2, 0);
+
+    let local = |base_sequence, records| Batch {
+        topic: "spl.a".to_owned(),
+        partition: 0,
+        producer_id: CLIENT,
+        producer_epoch: 0,
+        base_sequence,
+        records,
+    };
+    // eu: the 2 owned records numbered 0 (twice: the refused attempt and its retry, which a
+    // real broker would deduplicate had the first landed), then the next owned record as 2.
+    assert_eq!(eu.batches(), vec![local(0, 2), local(0, 2), local(2, 1)]);
+    // us: the 3 foreign records once, then the next one, under keyward's own numbering.
+    assert_eq!(
+        us.batches(),
+        vec![redirected("spl.a", 0, 0, 3), redirected("spl.a", 0, 3, 1)]
+    );
+    let text = keyward.metrics().await;
+    let records = |decision: &str, owner: &str| {
+        sample(
+            &text,
+            "keyward_produce_records_total",
+            &[
+                ("rule", "split"),
+                ("owner", owner),
+                ("decision", decision),
+                ("reason", "split"),
+            ],
+        )
+    };
+    // Counted per part, each attempt: 2 + 2 + 1 owned, 3 + 3 + 1 foreign.
+    assert_eq!(records("forwarded", "eu"), Some(5.0), "{text}");
+    assert_eq!(records("redirected", "us"), Some(7.0), "{text}");
 }

@@ -1,5 +1,5 @@
-//! Writes the generated seeds of the fuzz corpus: real Produce requests, record batches and
-//! request frames as kafka-protocol encodes them. The table seeds are plain files (the example
+//! Writes the generated seeds of the fuzz corpus: real Produce requests, record batches (for the
+//! inspector and the split) and request frames as kafka-protocol encodes them. The table seeds are plain files (the example
 //! configs and tables), copied by hand.
 //!
 //!     cargo run --manifest-path fuzz/Cargo.toml --example make_corpus
@@ -23,6 +23,7 @@ fn main() {
     let corpus = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus");
     produce_seeds(&corpus.join("produce_request"));
     records_seeds(&corpus.join("records"));
+    split_seeds(&corpus.join("split"));
     frame_seeds(&corpus.join("frame"));
 }
 
@@ -147,6 +148,28 @@ fn records_seeds(dir: &Path) {
             let mut stream = vec![id];
             stream.extend_from_slice(&b[61..]);
             write(dir, &format!("stream-{name}"), &stream);
+        }
+    }
+}
+
+/// One batch per codec behind the target's selector byte: two parts by key (0x01: "cust-1"
+/// and the null key differ), and one part (0x00).
+fn split_seeds(dir: &Path) {
+    for compression in [
+        Compression::None,
+        Compression::Gzip,
+        Compression::Snappy,
+        Compression::Lz4,
+        Compression::Zstd,
+    ] {
+        let name = format!("{compression:?}").to_lowercase();
+        let b = batch(&[Some("cust-1"), None], Some("acme"), compression);
+        for (selector, what) in [(0x01u8, "by-key"), (0x00, "whole")] {
+            write(
+                dir,
+                &format!("{what}-{name}"),
+                &[&[selector][..], &b].concat(),
+            );
         }
     }
 }

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use keyward::codec::produce::{self, MAX_VERSION, MIN_VERSION};
 use keyward::codec::records::Inflater;
 use keyward::ownership::Table;
-use keyward::policy::produce::{Action, Destination, Placement, decide};
+use keyward::policy::produce::{Action, Destination, Placement, Split, decide, split_batch};
 use libfuzzer_sys::fuzz_target;
 
 /// Small enough that a bomb is cut off quickly, big enough for real batches.
@@ -147,8 +147,68 @@ fuzz_target!(|data: &[u8]| {
                 assert_ne!(*c, 1, "the connection's own cluster is reached directly");
                 assert!(matches!(decision.action, Action::Redirect { .. }));
             }
+            // Held instead while another cluster serves: only a split with no local record
+            // goes on, and never to the connection's own cluster.
+            Destination::Split(parts) => {
+                assert!(!decision.writes_local);
+                assert!(parts.iter().all(|&(_, c)| c != 1));
+            }
             Destination::Answer(_) => assert!(!decision.action.is_forward()),
             Destination::Connection => {}
+        }
+    }
+    // Placed normally: every batch decided split splits into parts that hold each of its
+    // records exactly once, or fails cleanly.
+    let mut plan = decide(&view, table, local, &mut inflater);
+    let placement = Placement {
+        connection: 0,
+        ..placement
+    };
+    let destinations = plan.place(&view, table, &placement);
+    let partitions = view
+        .topics
+        .iter()
+        .flat_map(|t| t.partitions.iter().map(move |p| (t.name, p)));
+    for ((decision, destination), (topic, p)) in
+        plan.partitions.iter().zip(&destinations).zip(partitions)
+    {
+        let (
+            Destination::Split(_),
+            Action::Split {
+                local: stays,
+                foreign,
+            },
+        ) = (destination, &decision.action)
+        else {
+            continue;
+        };
+        let records = p.records.unwrap_or_default();
+        let Some(rule) = decision.rule else { continue };
+        if let Ok(Split::Parts(parts)) = split_batch(
+            table,
+            rule,
+            local,
+            topic,
+            p.index,
+            records,
+            foreign,
+            &mut inflater,
+        ) {
+            let mut covered: Vec<usize> = parts
+                .iter()
+                .flat_map(|part| part.runs.iter().cloned().flatten())
+                .collect();
+            covered.sort_unstable();
+            assert!(
+                covered.iter().enumerate().all(|(i, &c)| i == c),
+                "each record once"
+            );
+            assert_eq!(covered.len() as u32, decision.records);
+            let local_records = parts
+                .iter()
+                .find(|part| part.part == 0)
+                .map_or(0, |part| part.records);
+            assert_eq!(local_records as u32, *stays);
         }
     }
 });

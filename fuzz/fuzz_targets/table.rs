@@ -95,8 +95,8 @@ fn exercise(table: &Table, regions: &[String]) {
                 "",
             ] {
                 let params = query.split_once('=').into_iter();
-                let query = Query::parse(params.chain([("topic", topic.as_str())]))
-                    .expect("a valid query");
+                let query =
+                    Query::parse(params.chain([("topic", topic.as_str())])).expect("a valid query");
                 let _ = rule.claim(&query.subject());
                 let _ = table.explain(&query.subject(), locals[0]);
             }

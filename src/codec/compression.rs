@@ -6,6 +6,9 @@
 //! buffer and the zstd context live in [`Inflater`] and are reused across batches, snappy and
 //! LZ4 decode straight into that buffer, and only gzip builds its (small) inflate state per batch.
 //!
+//! [`compress`] is the way back, for the parts of a split batch ([`super::split`]): each codec in
+//! the form the Java client writes and brokers read.
+//!
 //! Checksums inside the compressed stream (LZ4 header/block/content xxhash, snappy framing) are
 //! skipped, not verified: the batch CRC-32C already covers the compressed bytes, and accepting a
 //! stream the broker would reject can only make the broker refuse the write.
@@ -258,6 +261,15 @@ impl Inflater {
                 })
             }
             _ => Ok(()),
+        }
+    }
+
+    /// A reservation on this inflater's budget (none without one), for buffers built from a
+    /// batch outside the inflater, such as the parts of a split.
+    pub(crate) fn reservation(&self) -> Reservation {
+        Reservation {
+            budget: self.budget.clone(),
+            bytes: 0,
         }
     }
 
@@ -653,6 +665,147 @@ fn zstd_frame_window(header: &[u8]) -> Option<(usize, Option<usize>)> {
     let window = window.or(content)?;
     let clamp = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
     Some((clamp(window), content.map(clamp)))
+}
+
+/// Memory taken from a [`DecompressionBudget`] for buffers an [`Inflater`] does not own; given
+/// back when dropped.
+#[derive(Debug)]
+pub(crate) struct Reservation {
+    budget: Option<Arc<DecompressionBudget>>,
+    bytes: usize,
+}
+
+impl Reservation {
+    /// Takes `bytes` more, or fails with [`RecordsError::MemoryBudgetExhausted`] and takes nothing.
+    pub(crate) fn take(&mut self, bytes: usize) -> Result<(), RecordsError> {
+        if let Some(budget) = &self.budget
+            && bytes > 0
+        {
+            if !budget.try_take(bytes) {
+                return Err(RecordsError::MemoryBudgetExhausted {
+                    limit: budget.limit(),
+                });
+            }
+            self.bytes += bytes;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.budget
+            && self.bytes > 0
+        {
+            budget.give_back(self.bytes);
+        }
+    }
+}
+
+/// gzip level: the Java client's default (`GZIPOutputStream`, deflate level 6).
+const GZIP_LEVEL: u32 = 6;
+/// zstd level: the Java client's default.
+const ZSTD_LEVEL: i32 = 3;
+/// Uncompressed bytes per xerial snappy block: snappy-java's `SnappyOutputStream` default.
+const XERIAL_BLOCK: usize = 32 * 1024;
+/// xerial stream header: magic, then version 1 and compatible version 1 (big-endian).
+const XERIAL_HEADER: [u8; XERIAL_HEADER_LEN] = [
+    0x82, b'S', b'N', b'A', b'P', b'P', b'Y', 0, 0, 0, 0, 1, 0, 0, 0, 1,
+];
+/// Uncompressed bytes per LZ4 block (block max size 64 KiB, the Java client's).
+const LZ4_BLOCK: usize = 64 * 1024;
+/// LZ4 frame header (magic, FLG, BD, header checksum) and end mark.
+const LZ4_FRAME_OVERHEAD: usize = 4 + 3 + 4;
+
+/// The most [`compress`] appends for `len` bytes with `codec`, so its output can be sized (and
+/// taken from a budget) before it is written.
+pub(crate) fn compress_bound(codec: Compression, len: usize) -> usize {
+    let blocks = |size: usize| len.div_ceil(size).max(1);
+    match codec {
+        Compression::None => len,
+        // Stored deflate blocks: 5 bytes per 16 KiB at worst, plus gzip header and trailer.
+        Compression::Gzip => len + 5 * blocks(16 * 1024) + 18 + 64,
+        Compression::Snappy => {
+            XERIAL_HEADER_LEN
+                + blocks(XERIAL_BLOCK) * (4 + snap::raw::max_compress_len(XERIAL_BLOCK))
+        }
+        Compression::Lz4 => {
+            LZ4_FRAME_OVERHEAD
+                + blocks(LZ4_BLOCK) * (4 + lz4_flex::block::get_maximum_output_size(LZ4_BLOCK))
+        }
+        Compression::Zstd => zstd::zstd_safe::compress_bound(len),
+    }
+}
+
+/// Appends `data` to `out` compressed with `codec`, as the Java client writes it and brokers
+/// read it: gzip (one member), xerial-framed snappy (32 KiB blocks), the LZ4 frame format
+/// (independent 64 KiB blocks, no checksums but the header's; Kafka's LZ4 reader decodes each
+/// block on its own), one zstd frame with its content size. [`Compression::None`] copies.
+pub(crate) fn compress(
+    codec: Compression,
+    data: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), CompressError> {
+    let error = |e: &dyn std::fmt::Display| CompressError {
+        codec,
+        reason: e.to_string(),
+    };
+    match codec {
+        Compression::None => out.extend_from_slice(data),
+        Compression::Gzip => {
+            use std::io::Write as _;
+            let mut encoder = flate2::write::GzEncoder::new(
+                std::mem::take(out),
+                flate2::Compression::new(GZIP_LEVEL),
+            );
+            encoder.write_all(data).map_err(|e| error(&e))?;
+            *out = encoder.finish().map_err(|e| error(&e))?;
+        }
+        Compression::Snappy => {
+            out.extend_from_slice(&XERIAL_HEADER);
+            let mut encoder = snap::raw::Encoder::new();
+            for block in data.chunks(XERIAL_BLOCK) {
+                let at = out.len();
+                out.resize(at + 4 + snap::raw::max_compress_len(block.len()), 0);
+                let written = encoder
+                    .compress(block, &mut out[at + 4..])
+                    .map_err(|e| error(&e))?;
+                let len = u32::try_from(written).map_err(|e| error(&e))?;
+                out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+                out.truncate(at + 4 + written);
+            }
+        }
+        Compression::Lz4 => {
+            use std::io::Write as _;
+            let info = lz4_flex::frame::FrameInfo::new()
+                .block_size(lz4_flex::frame::BlockSize::Max64KB)
+                .block_mode(lz4_flex::frame::BlockMode::Independent)
+                .block_checksums(false)
+                .content_checksum(false);
+            let mut encoder =
+                lz4_flex::frame::FrameEncoder::with_frame_info(info, std::mem::take(out));
+            encoder.write_all(data).map_err(|e| error(&e))?;
+            *out = encoder.finish().map_err(|e| error(&e))?;
+        }
+        Compression::Zstd => {
+            let at = out.len();
+            out.resize(at + zstd::zstd_safe::compress_bound(data.len()), 0);
+            let written = zstd::bulk::Compressor::new(ZSTD_LEVEL)
+                .and_then(|mut c| c.compress_to_buffer(data, &mut out[at..]))
+                .map_err(|e| error(&e))?;
+            out.truncate(at + written);
+        }
+    }
+    Ok(())
+}
+
+/// A compressor failed: not the client's batch's fault (its records were all read), so
+/// retriable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{codec:?} compression failed: {reason}")]
+pub struct CompressError {
+    pub codec: Compression,
+    pub reason: String,
 }
 
 fn decompress_error(codec: Compression, e: impl std::fmt::Display) -> RecordsError {

@@ -5,4 +5,5 @@ pub mod errors;
 pub mod frame;
 pub mod produce;
 pub mod records;
+pub mod split;
 pub mod wire;

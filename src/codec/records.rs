@@ -4,7 +4,8 @@
 //! walking each record's key, value and headers, validating every length and varint on the way,
 //! so a batch is either fully well-formed or an error. Decompression is [`super::compression`]'s.
 //! It must not decide ownership (that is `policy`) and must not re-encode anything: the proxy
-//! forwards the client's original bytes.
+//! forwards the client's original bytes (a batch split by owner is re-encoded by
+//! [`super::split`]).
 //!
 //! Validation is at least as strict as the broker's (`DefaultRecord.readFrom`): anything the
 //! broker would read differently from us is rejected here, so what policy inspected is what the
@@ -23,11 +24,11 @@ pub const BATCH_HEADER_LEN: usize = 61;
 /// The only batch format accepted (Produce v3+ always carries v2 batches).
 pub const MAGIC_V2: i8 = 2;
 /// `baseOffset` + `batchLength`: the part of the header that `batchLength` does not count.
-const LOG_OVERHEAD: usize = 12;
+pub(crate) const LOG_OVERHEAD: usize = 12;
 const MAGIC_OFFSET: usize = 16;
-const CRC_OFFSET: usize = 17;
+pub(crate) const CRC_OFFSET: usize = 17;
 /// The CRC-32C covers everything from the attributes to the end of the batch.
-const ATTRIBUTES_OFFSET: usize = 21;
+pub(crate) const ATTRIBUTES_OFFSET: usize = 21;
 const LAST_OFFSET_DELTA_OFFSET: usize = 23;
 const BASE_TIMESTAMP_OFFSET: usize = 27;
 const MAX_TIMESTAMP_OFFSET: usize = 35;
@@ -338,7 +339,8 @@ impl<'a> Batch<'a> {
     }
 }
 
-fn walk_records<F>(mut data: &[u8], declared: i32, mut f: F) -> Result<(), RecordsError>
+/// Walks a batch's (decompressed) records section: see [`Batch::for_each_record`].
+pub(crate) fn walk_records<F>(mut data: &[u8], declared: i32, mut f: F) -> Result<(), RecordsError>
 where
     F: FnMut(usize, RecordView<'_>) -> ControlFlow<()>,
 {
@@ -376,6 +378,8 @@ pub struct RecordView<'r> {
     /// The encoded headers, already validated, with their count: decoded again on demand.
     headers: &'r [u8],
     header_count: usize,
+    /// Key, value and headers as encoded: what a re-encoded record copies unchanged.
+    tail: &'r [u8],
 }
 
 impl fmt::Debug for RecordView<'_> {
@@ -404,6 +408,7 @@ impl<'r> RecordView<'r> {
         let attributes = take(&mut body, 1, "record attributes")?[0] as i8;
         let timestamp_delta = read_varlong(&mut body)?;
         let offset_delta = read_varint(&mut body)?;
+        let tail = body;
         let key = read_nullable_bytes(&mut body, "record key")?;
         let value = read_nullable_bytes(&mut body, "record value")?;
         let header_count = read_varint(&mut body)?;
@@ -431,7 +436,13 @@ impl<'r> RecordView<'r> {
             value,
             headers,
             header_count: header_count as usize,
+            tail,
         })
+    }
+
+    /// The encoded key, value and headers, from the key's length to the end of the record.
+    pub(crate) fn tail(&self) -> &'r [u8] {
+        self.tail
     }
 
     /// `None` for a null key.

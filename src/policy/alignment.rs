@@ -43,13 +43,13 @@ pub struct Misaligned {
 impl fmt::Display for Misaligned {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let consequence = match self.on_foreign {
-            OnForeign::Reject | OnForeign::Redirect => format!(
-                "which keyward refuses whole (on_foreign: {})",
-                self.on_foreign.as_str()
-            ),
+            OnForeign::Reject => "which keyward refuses whole (on_foreign: reject)",
+            OnForeign::Redirect => {
+                "which keyward splits between the regions' clusters (on_foreign: redirect), a \
+                 batch at a time"
+            }
             OnForeign::Audit => {
-                "which keyward lets through now (on_foreign: audit) but refuses under reject or redirect"
-                    .to_owned()
+                "which keyward lets through now (on_foreign: audit) but refuses under reject"
             }
         };
         write!(
@@ -239,9 +239,7 @@ default: allow
         );
         let audited = check(&t, "watched.x", 6).unwrap().to_string();
         assert!(
-            audited.contains(
-                "lets through now (on_foreign: audit) but refuses under reject or redirect"
-            ),
+            audited.contains("lets through now (on_foreign: audit) but refuses under reject"),
             "{audited}"
         );
     }

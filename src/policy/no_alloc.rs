@@ -2,7 +2,8 @@
 //! claiming it (a key part is borrowed from the key, a regex searches with its pooled scratch
 //! space and offsets on the stack) and tallying an owned record. The allocator of this test
 //! binary counts the allocations of one thread while a test asks it to; deciding a request of
-//! a thousand records must allocate exactly as much as deciding one of ten.
+//! a thousand records must allocate exactly as much as deciding one of ten. Also the split of a
+//! batch whose records all have one owner (`codec::split`), which the proxy forwards whole.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -174,6 +175,30 @@ fn claiming_a_key_part_allocates_nothing() {
         });
         assert_eq!(counted, 0, "{topic}");
         assert_eq!(owned, 1, "{topic}: only tenant-1 is listed");
+    }
+}
+
+#[test]
+fn a_batch_with_one_owner_is_not_split_and_allocates_nothing() {
+    use crate::codec::split::{Split, split};
+    for compression in [Compression::None, Compression::Lz4, Compression::Zstd] {
+        let records: Vec<Record> = (0..200)
+            .map(|i| testkit::record(Some(format!("key-{i}").as_bytes()), Some(b"v"), &[]))
+            .collect();
+        let batch = testkit::batch(&records, compression);
+        let mut inflater = Inflater::new(1 << 20);
+        // Warm up: the inflater's buffer and zstd context are kept between batches.
+        assert_eq!(
+            split(&batch, &mut inflater, 2, |_, _| 1),
+            Ok(Split::Whole { part: 1 })
+        );
+        let counted = allocations(|| {
+            assert!(matches!(
+                split(&batch, &mut inflater, 2, |_, _| 1),
+                Ok(Split::Whole { part: 1 })
+            ));
+        });
+        assert_eq!(counted, 0, "{compression:?}");
     }
 }
 

@@ -2,9 +2,10 @@
 //! the ownership table.
 //!
 //! The unit of decision is the record batch: a batch whose records are all writable here is
-//! forwarded, a batch with any record owned elsewhere is refused whole (splitting a batch would
-//! break offsets, CRCs and idempotent sequence numbers), and a partition is forwarded only when
-//! every batch in it is. Records are decoded only for rules that read them
+//! forwarded; under `on_foreign: redirect` a batch owned elsewhere goes to its owner's cluster,
+//! and one mixing owners is split by owner ([`Action::Split`], [`split_batch`]); otherwise a
+//! batch with any record owned elsewhere is refused whole (the client cannot be told that half
+//! of it landed). A partition is forwarded only when every batch in it is. Records are decoded only for rules that read them
 //! ([`Rule::reads_records`]); the others, and topics no rule matches, are decided without
 //! touching a record. What a rule looks at is the rule's business: this module hands it a
 //! [`Subject`] and never asks which `by` it is.
@@ -16,6 +17,8 @@ use std::ops::ControlFlow;
 
 use crate::codec::produce::ProduceView;
 use crate::codec::records::{self, Inflater};
+use crate::codec::split;
+pub use crate::codec::split::{Split, SplitError};
 use crate::ownership::{Claim, DefaultPolicy, OnForeign, RejectReason, Rule, Table, Verdict};
 use crate::ownership::{RegionId, Subject};
 use crate::policy::alignment;
@@ -110,6 +113,15 @@ pub enum Action {
     /// Every record is owned by `owner` and the rule says `on_foreign: redirect`: produced to
     /// the owner's cluster instead of the local one.
     Redirect { owner: RegionId },
+    /// The batch's records have several owners and the rule says `on_foreign: redirect`: the
+    /// batch is split, `local` records to the local cluster and each foreign owner's records
+    /// to its cluster, in the batch's order (see [`split_batch`]). Answered as one batch: a
+    /// success only once every part has landed.
+    Split {
+        local: u32,
+        /// (owner, records) for every foreign owner, in order of first appearance.
+        foreign: Vec<(RegionId, u32)>,
+    },
 }
 
 impl Action {
@@ -174,6 +186,16 @@ impl ProducePlan {
             .collect()
     }
 
+    /// Holds partition `index` after all (a split that cannot be made now): the decision
+    /// counted becomes the hold, and so does its destination.
+    pub fn hold(&mut self, index: usize, reason: HoldReason, message: String) -> Destination {
+        let Some(p) = self.partitions.get_mut(index) else {
+            return Destination::Connection;
+        };
+        p.action = Action::Hold { message, reason };
+        answer(&p.action).map_or(Destination::Connection, Destination::Answer)
+    }
+
     /// Refuses partition `index` after all (a redirect the client may not make): the decision
     /// counted becomes the refusal, and so does its destination.
     pub fn refuse(
@@ -216,6 +238,9 @@ pub enum Destination {
     Connection,
     /// Through keyward's own producer, to cluster `cluster` (never the connection's).
     Cluster(usize),
+    /// Split ([`Action::Split`]): the local records to the connection (if any), each foreign
+    /// owner's through keyward's own producer to its cluster, as (owner, cluster).
+    Split(Vec<(RegionId, usize)>),
     /// Answered by keyward.
     Answer(LocalAnswer),
 }
@@ -235,7 +260,8 @@ fn place(
     table: &Table,
     placement: &Placement<'_>,
 ) -> Destination {
-    if placement.connection != 0 && p.writes_local && p.action.is_forward() {
+    let goes_local = p.action.is_forward() || matches!(p.action, Action::Split { .. });
+    if placement.connection != 0 && p.writes_local && goes_local {
         let local = placement.local_name;
         p.action = Action::Hold {
             message: format!(
@@ -244,6 +270,45 @@ fn place(
             ),
             reason: HoldReason::LocalClusterDown,
         };
+    }
+    if let Action::Split { foreign, .. } = &p.action {
+        let mut parts = Vec::with_capacity(foreign.len());
+        let mut refusal = redirectable(records).err().map(|why| {
+            (
+                RejectKind::Unredirectable,
+                format!("the batch mixes records of several regions and cannot be split: {why}"),
+            )
+        });
+        for &(owner, _) in foreign {
+            if refusal.is_some() {
+                break;
+            }
+            match placement.clusters.get(owner.index()).copied().flatten() {
+                Some(cluster) if cluster != placement.connection => parts.push((owner, cluster)),
+                // Only while reads are failed over, and then the local records are held above.
+                Some(_) => {}
+                None => {
+                    refusal = Some((
+                        RejectKind::OwnerHasNoCluster,
+                        format!(
+                            "records of the batch are owned by region {}, which has no cluster in this proxy's config",
+                            table.region_name(owner)
+                        ),
+                    ));
+                }
+            }
+        }
+        match refusal {
+            None => return Destination::Split(parts),
+            Some((kind, message)) => {
+                p.action = Action::Reject {
+                    kind,
+                    error_code: INVALID_RECORD,
+                    message,
+                    record_errors: Vec::new(),
+                };
+            }
+        }
     }
     if let Action::Redirect { owner } = p.action {
         let name = table.region_name(owner);
@@ -293,7 +358,7 @@ fn answer(action: &Action) -> Option<LocalAnswer> {
             message: message.clone(),
             record_errors: Vec::new(),
         }),
-        Action::Forward { .. } | Action::Redirect { .. } => None,
+        Action::Forward { .. } | Action::Redirect { .. } | Action::Split { .. } => None,
     }
 }
 
@@ -311,6 +376,39 @@ fn redirectable(records: &[u8]) -> Result<(), &'static str> {
         return Err("a transaction cannot span clusters");
     }
     Ok(())
+}
+
+/// The parts of a batch decided [`Action::Split`] (`foreign` is that action's): part 0 holds
+/// the records that stay local (owned here, or by any region), part `i` the records of
+/// `foreign[i - 1]`'s owner. Decided again record by record against the same table and
+/// `rule` (by index), so a record the decision did not foresee (a bug) fails the split with
+/// [`SplitError::PartOutOfRange`] instead of going anywhere.
+#[allow(clippy::too_many_arguments)]
+pub fn split_batch(
+    table: &Table,
+    rule: usize,
+    local: RegionId,
+    topic: &str,
+    partition: i32,
+    records: &[u8],
+    foreign: &[(RegionId, u32)],
+    inflater: &mut Inflater,
+) -> Result<Split, SplitError> {
+    let parts = foreign.len() + 1;
+    let Some(rule) = table.rules().get(rule) else {
+        return Err(SplitError::PartOutOfRange { part: parts, parts });
+    };
+    split::split(records, inflater, parts, |_, record| {
+        let subject = Subject::record(topic, partition, *record);
+        match table.verdict(claim(rule, &subject), local) {
+            Verdict::Owned | Verdict::Any => 0,
+            Verdict::Foreign { owner } => foreign
+                .iter()
+                .position(|(o, _)| *o == owner)
+                .map_or(parts, |i| i + 1),
+            Verdict::Frozen { .. } | Verdict::Reject(_) => parts,
+        }
+    })
 }
 
 /// Decides every partition of `request` for a proxy writing for `local`.
@@ -462,6 +560,10 @@ fn decide_rule(
                 total.owner = d.owner;
                 redirect
             }
+            (Action::Forward { .. }, split @ Action::Split { .. }) if total.batches == 1 => {
+                total.owner = d.owner;
+                split
+            }
             (first, second) => {
                 let _ = (first, second);
                 let mut message = "the partition's batches belong to different regions; keyward never splits a request's partition".to_owned();
@@ -537,8 +639,9 @@ struct Tally<'t> {
     first_refusal: Option<(RejectKind, String, Option<RegionId>)>,
     record_errors: Vec<(i32, String)>,
     frozen: Option<(String, RegionId)>,
-    /// Under `on_foreign: redirect`: the one owner every foreign record has, and those records.
-    redirect_to: Option<RegionId>,
+    /// Under `on_foreign: redirect`: the foreign owners with their record counts, in order of
+    /// first appearance, and the first of those records (listed should the batch be refused).
+    foreign: Vec<(RegionId, u32)>,
     redirected: Vec<(i32, String)>,
     redirected_count: u32,
 }
@@ -556,7 +659,7 @@ impl<'t> Tally<'t> {
             first_refusal: None,
             record_errors: Vec::new(),
             frozen: None,
-            redirect_to: None,
+            foreign: Vec::new(),
             redirected: Vec::new(),
             redirected_count: 0,
         }
@@ -578,10 +681,11 @@ impl<'t> Tally<'t> {
                     self.where_(claim),
                     self.table.region_name(self.local),
                 );
-                let redirectable = self.rule.on_foreign == OnForeign::Redirect
-                    && self.redirect_to.is_none_or(|to| to == owner);
-                if redirectable {
-                    self.redirect_to = Some(owner);
+                if self.rule.on_foreign == OnForeign::Redirect {
+                    match self.foreign.iter_mut().find(|(o, _)| *o == owner) {
+                        Some((_, n)) => *n += 1,
+                        None => self.foreign.push((owner, 1)),
+                    }
                     self.redirected_count += 1;
                     if self.redirected.len() < MAX_RECORD_ERRORS {
                         self.redirected.push((index, why));
@@ -638,15 +742,38 @@ impl<'t> Tally<'t> {
 
     fn finish(mut self) -> PartitionDecision {
         let writes_local = self.owned > 0 || self.audited > 0;
-        if self.redirected_count > 0 && (writes_local || self.first_refusal.is_some()) {
-            // Records bound for another cluster share the batch with records that are not:
-            // the batch cannot go anywhere whole.
+        if self.redirected_count > 0 && self.first_refusal.is_none() && self.frozen.is_none() {
+            // Every record goes somewhere: to one owner whole, or split between several.
+            let foreign = std::mem::take(&mut self.foreign);
+            let action = match foreign.as_slice() {
+                [(owner, _)] if !writes_local => Action::Redirect { owner: *owner },
+                _ => Action::Split {
+                    local: self.owned,
+                    foreign,
+                },
+            };
+            let owner = match &action {
+                Action::Redirect { owner } => Some(*owner),
+                _ => Some(self.local),
+            };
+            return PartitionDecision {
+                action,
+                rule: None,
+                owner,
+                batches: 1,
+                records: self.records,
+                writes_local,
+            };
+        }
+        if self.redirected_count > 0 && self.first_refusal.is_some() {
+            // Records bound for another cluster share the batch with records refused: the
+            // batch cannot go anywhere.
             let redirected = std::mem::take(&mut self.redirected);
             let count = self.redirected_count;
             for (i, (index, why)) in redirected.into_iter().enumerate() {
                 if i == 0 && self.first_refusal.is_none() {
-                    self.first_refusal =
-                        Some((RejectKind::ForeignOwner, why.clone(), self.redirect_to));
+                    let owner = self.foreign.first().map(|(o, _)| *o);
+                    self.first_refusal = Some((RejectKind::ForeignOwner, why.clone(), owner));
                 }
                 if self.record_errors.len() < MAX_RECORD_ERRORS {
                     self.record_errors.push((index, why));
@@ -698,15 +825,6 @@ impl<'t> Tally<'t> {
                     message,
                     reason: HoldReason::Frozen,
                 },
-                rule: None,
-                owner: Some(owner),
-                batches: 1,
-                records: self.records,
-                writes_local,
-            };
-        } else if let Some(owner) = self.redirect_to {
-            return PartitionDecision {
-                action: Action::Redirect { owner },
                 rule: None,
                 owner: Some(owner),
                 batches: 1,
@@ -997,6 +1115,134 @@ default: allow
         assert_eq!(to, Destination::Connection);
     }
 
+    /// The `nth` key (from 0) whose slot is in `range`.
+    fn nth_key_in(range: std::ops::Range<u32>, nth: usize) -> String {
+        (0..)
+            .map(|n| format!("k{n}"))
+            .filter(|k| range.contains(&(to_positive(murmur2(k.as_bytes())) % 16)))
+            .nth(nth)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_batch_of_several_owners_under_redirect_is_split_in_the_batch_order() {
+        let t = redirect_table();
+        let (eu, us, ap) = (
+            t.region_id("eu").unwrap(),
+            t.region_id("us").unwrap(),
+            t.region_id("ap").unwrap(),
+        );
+        // eu, us, eu, ap, us: two foreign owners, us first.
+        let batch = keys(&[
+            Some(&nth_key_in(0..8, 0)),
+            Some(&nth_key_in(8..12, 0)),
+            Some(&nth_key_in(0..8, 1)),
+            Some(&nth_key_in(12..16, 0)),
+            Some(&nth_key_in(8..12, 1)),
+        ]);
+        let (d, to) = placed(&batch, &[Some(0), Some(1), Some(2)], 0);
+        assert_eq!(
+            d.action,
+            Action::Split {
+                local: 2,
+                foreign: vec![(us, 2), (ap, 1)]
+            }
+        );
+        assert!(d.writes_local);
+        assert_eq!(to, Destination::Split(vec![(us, 1), (ap, 2)]));
+        // One foreign owner and no local record is a plain redirect, not a split.
+        let only_us = keys(&[Some(&nth_key_in(8..12, 0)), Some(&nth_key_in(8..12, 1))]);
+        let (d, _) = placed(&only_us, &[Some(0), Some(1), Some(2)], 0);
+        assert_eq!(d.action, Action::Redirect { owner: us });
+
+        // The parts: local first, then each owner's, every record once, in the batch's order.
+        let Action::Split { foreign, .. } = &d_split(&t, &batch) else {
+            unreachable!()
+        };
+        let split = split_batch(
+            &t,
+            0,
+            eu,
+            "orders",
+            0,
+            &batch,
+            foreign,
+            &mut Inflater::new(1 << 20),
+        );
+        let Ok(Split::Parts(parts)) = split else {
+            panic!("{split:?}");
+        };
+        type Shape = (usize, usize, Vec<(usize, usize)>);
+        let shape: Vec<Shape> = parts
+            .iter()
+            .map(|p| {
+                (
+                    p.part,
+                    p.records,
+                    p.runs.iter().map(|r| (r.start, r.end)).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (0, 2, vec![(0, 1), (2, 3)]),
+                (1, 2, vec![(1, 2), (4, 5)]),
+                (2, 1, vec![(3, 4)])
+            ]
+        );
+    }
+
+    fn d_split(t: &Table, batch: &[u8]) -> Action {
+        let view = one_partition("orders", 0, batch);
+        let plan = decide(
+            &view,
+            t,
+            t.region_id("eu").unwrap(),
+            &mut Inflater::new(1 << 20),
+        );
+        plan.partitions[0].action.clone()
+    }
+
+    #[test]
+    fn a_split_that_cannot_be_carried_is_refused_or_held_as_one_batch() {
+        let mixed = keys(&[Some(&key_in(0..8)), Some(&key_in(8..12))]);
+        // A transaction cannot span clusters.
+        let record = |key: String| Record {
+            transactional: true,
+            producer_id: 5,
+            producer_epoch: 0,
+            sequence: 0,
+            ..testkit::record(Some(key.as_bytes()), Some(b"v"), &[])
+        };
+        let txn = testkit::batch(
+            &[record(key_in(0..8)), record(key_in(8..12))],
+            Compression::None,
+        );
+        let (d, to) = placed(&txn, &[Some(0), Some(1), None], 0);
+        let (kind, message, _) = reject_of(&d);
+        assert_eq!(kind, RejectKind::Unredirectable);
+        assert!(message.contains("cannot be split"), "{message}");
+        assert!(matches!(to, Destination::Answer(_)));
+        // An owner without a cluster.
+        let with_ap = keys(&[Some(&key_in(0..8)), Some(&key_in(12..16))]);
+        let (d, _) = placed(&with_ap, &[Some(0), Some(1), None], 0);
+        assert_eq!(reject_of(&d).0, RejectKind::OwnerHasNoCluster);
+        // Reads failed over: the local records are held, so the batch is.
+        let (d, to) = placed(&mixed, &[Some(0), Some(1), None], 1);
+        assert!(matches!(
+            d.action,
+            Action::Hold {
+                reason: HoldReason::LocalClusterDown,
+                ..
+            }
+        ));
+        assert!(matches!(to, Destination::Answer(_)));
+        // Normal: split.
+        let (_, to) = placed(&mixed, &[Some(0), Some(1), None], 0);
+        assert!(matches!(to, Destination::Split(_)));
+    }
+
     #[test]
     fn a_refused_redirect_is_counted_as_the_refusal() {
         let clusters = [Some(0), Some(1), None];
@@ -1103,15 +1349,20 @@ default: allow
         .unwrap();
         let (eu, us) = (key_in(0..8), key_in(8..16));
         let mixed = keys(&[Some(&eu), Some(&us)]);
-        for topic in ["orders", "moved"] {
-            let d = decide_one(&t, "eu", topic, 0, &mixed);
-            let (kind, message, _) = reject_of(&d);
-            assert_eq!(kind, RejectKind::MixedBatch, "{topic}");
-            assert!(
-                message.contains("murmur2 partitioner") && message.contains("multiple of 16"),
-                "{topic}: {message}"
-            );
-        }
+        let d = decide_one(&t, "eu", "orders", 0, &mixed);
+        let (kind, message, _) = reject_of(&d);
+        assert_eq!(kind, RejectKind::MixedBatch);
+        assert!(
+            message.contains("murmur2 partitioner") && message.contains("multiple of 16"),
+            "{message}"
+        );
+        // Under redirect the same batch is split, not refused.
+        let d = decide_one(&t, "eu", "moved", 0, &mixed);
+        assert!(
+            matches!(d.action, Action::Split { local: 1, .. }),
+            "{:?}",
+            d.action
+        );
         let d = decide_one(
             &t,
             "eu",

@@ -34,11 +34,24 @@ pub enum Route {
     Answer(LocalAnswer),
     /// Produced to another region's cluster; the result arrives here.
     Redirect(Outcome),
+    /// Split between clusters: the local part (if the batch had local records) to the broker
+    /// this connection relays to, and the others' outcomes. Answered as one batch.
+    Split {
+        upstream: Option<Bytes>,
+        redirected: Vec<Outcome>,
+    },
 }
 
 impl Route {
     pub fn is_upstream(&self) -> bool {
-        matches!(self, Route::Upstream(_))
+        matches!(
+            self,
+            Route::Upstream(_)
+                | Route::Split {
+                    upstream: Some(_),
+                    ..
+                }
+        )
     }
 
     /// Upstream with the client's own bytes.
@@ -51,6 +64,12 @@ enum Answer {
     Broker,
     Local(LocalAnswer),
     Redirected(Outcome),
+    /// A split batch: the broker's answer for its local part (if it had one) and the
+    /// outcomes of the others.
+    Split {
+        broker: bool,
+        redirected: Vec<Outcome>,
+    },
 }
 
 /// The shape of the client's request, remembered until its response is assembled: every topic
@@ -91,6 +110,13 @@ impl ProduceReply {
                                     .collect(),
                             }),
                             Some(Route::Redirect(o)) => Answer::Redirected(o),
+                            Some(Route::Split {
+                                upstream,
+                                redirected,
+                            }) => Answer::Split {
+                                broker: upstream.is_some(),
+                                redirected,
+                            },
                             Some(Route::Upstream(_)) | None => Answer::Broker,
                         };
                         (p.index, answer)
@@ -127,6 +153,57 @@ impl ProduceReply {
         p
     }
 
+    /// A redirected write's answer, with only the fields every version has: offsets and the
+    /// error.
+    fn redirected_partition(
+        &self,
+        index: i32,
+        result: &PartitionProduceResponse,
+    ) -> PartitionProduceResponse {
+        let mut p = PartitionProduceResponse::default()
+            .with_index(index)
+            .with_error_code(result.error_code)
+            .with_base_offset(result.base_offset)
+            .with_log_append_time_ms(result.log_append_time_ms)
+            .with_log_start_offset(result.log_start_offset);
+        if self.version >= FIRST_RECORD_ERRORS && result.error_code != 0 {
+            p = p.with_error_message(result.error_message.clone());
+        }
+        p
+    }
+
+    /// A split batch's one answer: success only when every part landed, with the offsets of
+    /// the local part (the part the client's connection wrote), or of the first redirected
+    /// part when the batch had no local records. Otherwise the first failure (the local
+    /// part's first), which the client retries; a retry writes no part that landed twice.
+    fn split_partition(
+        &self,
+        index: i32,
+        local: Option<PartitionProduceResponse>,
+        redirected: Vec<PartitionProduceResponse>,
+    ) -> PartitionProduceResponse {
+        if let Some(local) = &local
+            && local.error_code != 0
+        {
+            return local.clone();
+        }
+        if let Some(failed) = redirected.iter().find(|r| r.error_code != 0) {
+            return self.redirected_partition(index, failed);
+        }
+        match (local, redirected.first()) {
+            (Some(local), _) => local,
+            (None, Some(first)) => self.redirected_partition(index, first),
+            (None, None) => self.local_partition(
+                index,
+                &LocalAnswer {
+                    error_code: UNKNOWN_SERVER_ERROR,
+                    message: "a split batch had no part".to_owned(),
+                    record_errors: Vec::new(),
+                },
+            ),
+        }
+    }
+
     /// The full response in request order, taking forwarded partitions from `broker` and
     /// redirected ones from their outcomes (waiting for them).
     async fn assemble(&self, mut broker: ProduceResponse) -> ProduceResponse {
@@ -151,23 +228,20 @@ impl ProduceReply {
                         .remove(&(name.clone(), *index))
                         .unwrap_or_else(|| self.local_partition(*index, &missing)),
                     Answer::Redirected(outcome) => {
-                        let mut outcome = outcome.clone();
-                        let result = match outcome.wait_for(Option::is_some).await {
-                            Ok(r) => r.clone().unwrap_or_default(),
-                            Err(_) => PartitionProduceResponse::default()
-                                .with_error_code(UNKNOWN_SERVER_ERROR),
-                        };
-                        // Only the fields every version has: offsets and the error.
-                        let mut p = PartitionProduceResponse::default()
-                            .with_index(*index)
-                            .with_error_code(result.error_code)
-                            .with_base_offset(result.base_offset)
-                            .with_log_append_time_ms(result.log_append_time_ms)
-                            .with_log_start_offset(result.log_start_offset);
-                        if self.version >= FIRST_RECORD_ERRORS && result.error_code != 0 {
-                            p = p.with_error_message(result.error_message.clone());
+                        let result = outcome_of(outcome).await;
+                        self.redirected_partition(*index, &result)
+                    }
+                    Answer::Split { broker, redirected } => {
+                        let local = broker.then(|| {
+                            from_broker
+                                .remove(&(name.clone(), *index))
+                                .unwrap_or_else(|| self.local_partition(*index, &missing))
+                        });
+                        let mut parts = Vec::with_capacity(redirected.len());
+                        for outcome in redirected {
+                            parts.push(outcome_of(outcome).await);
                         }
-                        p
+                        self.split_partition(*index, local, parts)
                     }
                 };
                 partition_responses.push(p);
@@ -226,6 +300,15 @@ impl ProduceReply {
     }
 }
 
+/// A redirected write's outcome, waiting for it.
+async fn outcome_of(outcome: &Outcome) -> PartitionProduceResponse {
+    let mut outcome = outcome.clone();
+    match outcome.wait_for(Option::is_some).await {
+        Ok(r) => r.clone().unwrap_or_default(),
+        Err(_) => PartitionProduceResponse::default().with_error_code(UNKNOWN_SERVER_ERROR),
+    }
+}
+
 /// A new request holding only the partitions routed upstream, with their replacement batches.
 /// This is the one path that copies record batches (once, into the new frame); a request that
 /// needs no change is forwarded as its original bytes.
@@ -241,17 +324,20 @@ pub fn forwarded_request(
     for t in &request.topics {
         let mut partition_data = Vec::new();
         for p in &t.partitions {
-            if let Some(Route::Upstream(replacement)) = routes.next() {
-                let records = match replacement {
-                    Some(b) => Some(b.clone()),
-                    None => p.records.map(|r| frame.slice_ref(r)),
-                };
-                partition_data.push(
-                    PartitionProduceData::default()
-                        .with_index(p.index)
-                        .with_records(records),
-                );
-            }
+            let records = match routes.next() {
+                Some(Route::Upstream(Some(replacement))) => Some(replacement.clone()),
+                Some(Route::Upstream(None)) => p.records.map(|r| frame.slice_ref(r)),
+                Some(Route::Split {
+                    upstream: Some(part),
+                    ..
+                }) => Some(part.clone()),
+                _ => continue,
+            };
+            partition_data.push(
+                PartitionProduceData::default()
+                    .with_index(p.index)
+                    .with_records(records),
+            );
         }
         if !partition_data.is_empty() {
             topic_data.push(

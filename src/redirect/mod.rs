@@ -47,6 +47,15 @@ const PIPELINE_DEPTH: usize = 64;
 /// How long a pipeline with nothing to write lives on.
 const PIPELINE_IDLE: Duration = Duration::from_secs(5 * 60);
 
+/// How a redirected batch's records are booked against the client producer's numbering.
+#[derive(Clone, Copy)]
+enum Booking {
+    /// A whole client batch: its records shift later local batches.
+    Batch,
+    /// A part of a split batch, whose records [`Redirector::local_part`] booked.
+    Part,
+}
+
 /// One redirected batch for a pipeline.
 struct Job {
     batch: Bytes,
@@ -195,6 +204,94 @@ impl Redirector {
         acks: i16,
         timeout_ms: i32,
     ) -> Outcome {
+        self.send(
+            target,
+            topic,
+            partition,
+            batch,
+            acks,
+            timeout_ms,
+            Booking::Batch,
+        )
+        .await
+    }
+
+    /// Sends one redirected part of a split batch, as [`Self::redirect`] sends a whole one.
+    /// The part's records were booked when its local part was numbered
+    /// ([`Self::local_part`]); a retry of the client's batch does not send a part again that
+    /// is in flight or landed.
+    pub async fn redirect_part(
+        &self,
+        target: usize,
+        topic: &str,
+        partition: i32,
+        part: Bytes,
+        acks: i16,
+        timeout_ms: i32,
+    ) -> Outcome {
+        self.send(
+            target,
+            topic,
+            partition,
+            part,
+            acks,
+            timeout_ms,
+            Booking::Part,
+        )
+        .await
+    }
+
+    /// The local part of a split batch, numbered so the local cluster sees the client
+    /// producer's records without a gap: `client_batch` is the batch as the client sent it,
+    /// `part` the records of it that stay, `local_records` of them. A batch without a producer
+    /// id needs no numbering and is returned as it is. Call it before the batch's redirected
+    /// parts are sent.
+    pub fn local_part(
+        &self,
+        topic: &str,
+        partition: i32,
+        client_batch: &[u8],
+        part: Bytes,
+        local_records: i32,
+    ) -> Bytes {
+        let Some(h) = header(client_batch) else {
+            return part;
+        };
+        if h.producer_id < 0 {
+            return part;
+        }
+        self.active.store(true, Ordering::Relaxed);
+        let key = StreamKey {
+            producer_id: h.producer_id,
+            epoch: h.epoch,
+            topic: topic.to_owned(),
+            partition,
+        };
+        let seq = self.book().split(
+            &key,
+            h.base_sequence,
+            h.records,
+            local_records,
+            Instant::now(),
+        );
+        if local_records == 0 {
+            return part;
+        }
+        // The part is a batch the split built; renumbering it cannot fail.
+        records::renumbered(&part, None, seq).unwrap_or(part)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
+        &self,
+        target: usize,
+        topic: &str,
+        partition: i32,
+        batch: Bytes,
+        acks: i16,
+        timeout_ms: i32,
+        booking: Booking,
+    ) -> Outcome {
         let (client_producer, client_seq, records) = match header(&batch) {
             Some(h) => (
                 (h.producer_id >= 0).then_some((h.producer_id, h.epoch)),
@@ -211,12 +308,13 @@ impl Redirector {
         });
         if let Some(key) = &key {
             self.active.store(true, Ordering::Relaxed);
-            match self
-                .book()
-                .redirect(key, client_seq, records, Instant::now())
-            {
-                Redirect::Existing(outcome) => return outcome,
-                Redirect::Send => {}
+            let mut book = self.book();
+            let booked = match booking {
+                Booking::Batch => book.redirect(key, client_seq, records, Instant::now()),
+                Booking::Part => book.part(key, client_seq),
+            };
+            if let Redirect::Existing(outcome) = booked {
+                return outcome;
             }
         }
         let (done, outcome) = watch::channel(None);

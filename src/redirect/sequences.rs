@@ -41,7 +41,8 @@ struct Stream {
     shift: i32,
     /// (client base sequence, local base sequence) of recent local batches.
     local: VecDeque<(i32, i32)>,
-    /// (client base sequence, outcome) of recent redirected batches.
+    /// (client base sequence, outcome) of recent redirected batches, and of the redirected
+    /// parts of split batches (keyed by the client's sequence of the part's first record).
     redirected: VecDeque<(i32, Outcome)>,
     last_used: Instant,
 }
@@ -118,6 +119,55 @@ impl SequenceBook {
             stream.redirected.retain(|(c, _)| *c != client_seq);
         } else {
             stream.shift = stream.shift.wrapping_add(records);
+        }
+        Redirect::Send
+    }
+
+    /// Books a batch that is split: `local_records` of its `records` go to the local cluster as
+    /// one batch, the rest to other clusters as parts (each booked with [`Self::part`]).
+    /// Returns the base sequence the local part carries: the records the local cluster sees
+    /// stay gap-free, and a retry of the same client batch gets the same number (so the broker
+    /// deduplicates it). The records that went elsewhere shift every later local batch, once.
+    pub fn split(
+        &mut self,
+        key: &StreamKey,
+        client_seq: i32,
+        records: i32,
+        local_records: i32,
+        now: Instant,
+    ) -> i32 {
+        self.prune(now);
+        let stream = self
+            .streams
+            .entry(key.clone())
+            .or_insert_with(|| Stream::new(now));
+        self.producers.insert((key.producer_id, key.epoch));
+        stream.last_used = now;
+        if let Some(&(_, local)) = stream.local.iter().find(|(c, _)| *c == client_seq) {
+            return local;
+        }
+        let local = client_seq.wrapping_sub(stream.shift);
+        stream.shift = stream.shift.wrapping_add(records - local_records);
+        if stream.local.len() == RECENT {
+            stream.local.pop_front();
+        }
+        stream.local.push_back((client_seq, local));
+        local
+    }
+
+    /// Whether the redirected part of a split batch whose first record has the client's
+    /// sequence `part_seq` must be sent: not if an earlier attempt is in flight or landed. Its
+    /// records were counted by [`Self::split`]; call [`Self::attach`] with its outcome.
+    pub fn part(&mut self, key: &StreamKey, part_seq: i32) -> Redirect {
+        let Some(stream) = self.streams.get_mut(key) else {
+            return Redirect::Send;
+        };
+        if let Some((_, outcome)) = stream.redirected.iter().find(|(c, _)| *c == part_seq) {
+            let failed = outcome.borrow().as_ref().is_some_and(|r| r.error_code != 0);
+            if !failed {
+                return Redirect::Existing(outcome.clone());
+            }
+            stream.redirected.retain(|(c, _)| *c != part_seq);
         }
         Redirect::Send
     }
@@ -208,6 +258,36 @@ mod tests {
             .unwrap();
         assert!(matches!(book.redirect(&key(), 0, 2, now), Redirect::Send));
         assert_eq!(book.local(&key(), 2, now), Some(0));
+    }
+
+    #[test]
+    fn a_split_batch_keeps_the_local_numbering_whole_and_its_retry_changes_nothing() {
+        let mut book = SequenceBook::default();
+        let now = Instant::now();
+        // Batch [0..5): records 1 and 3 owned elsewhere; 3 stay local, numbered 0..3.
+        assert_eq!(book.split(&key(), 0, 5, 3, now), 0);
+        assert!(book.knows(7, 0));
+        // Its redirected part (first record: client sequence 1).
+        assert!(matches!(book.part(&key(), 1), Redirect::Send));
+        let (tx, rx) = watch::channel(None);
+        book.attach(&key(), 1, rx);
+        // The next batch [5..7), wholly local, follows at 3.
+        assert_eq!(book.local(&key(), 5, now), Some(3));
+        // A retry of the split batch: the same local number, the part not sent again while in
+        // flight or once written, and no second shift.
+        assert_eq!(book.split(&key(), 0, 5, 3, now), 0);
+        assert!(matches!(book.part(&key(), 1), Redirect::Existing(_)));
+        tx.send(Some(PartitionProduceResponse::default())).unwrap();
+        assert!(matches!(book.part(&key(), 1), Redirect::Existing(_)));
+        // The next batch [7..11) is all elsewhere, split between owners: nothing stays, and it
+        // starts where the local numbering is (5). A part that failed is sent again.
+        let (tx, rx) = watch::channel(None);
+        assert_eq!(book.split(&key(), 7, 4, 0, now), 5);
+        book.attach(&key(), 7, rx);
+        tx.send(Some(PartitionProduceResponse::default().with_error_code(7)))
+            .unwrap();
+        assert!(matches!(book.part(&key(), 7), Redirect::Send));
+        assert_eq!(book.local(&key(), 11, now), Some(5), "all 4 went elsewhere");
     }
 
     #[test]

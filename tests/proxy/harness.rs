@@ -82,6 +82,12 @@ pub fn foreign_key(nth: usize) -> Vec<u8> {
 
 /// One v2 batch of a plain producer, a record per key.
 pub fn batch(keys: &[Vec<u8>]) -> Bytes {
+    producer_batch(keys, -1, -1)
+}
+
+/// A batch of an idempotent producer: `producer_id`, epoch 0, records numbered from
+/// `base_sequence`.
+pub fn producer_batch(keys: &[Vec<u8>], producer_id: i64, base_sequence: i32) -> Bytes {
     let records: Vec<Record> = keys
         .iter()
         .enumerate()
@@ -90,11 +96,15 @@ pub fn batch(keys: &[Vec<u8>]) -> Bytes {
             control: false,
             delete_horizon: false,
             partition_leader_epoch: -1,
-            producer_id: -1,
-            producer_epoch: -1,
+            producer_id,
+            producer_epoch: if producer_id < 0 { -1 } else { 0 },
             timestamp_type: TimestampType::Creation,
             offset: i as i64,
-            sequence: i as i32,
+            sequence: if base_sequence < 0 {
+                i as i32
+            } else {
+                base_sequence + i as i32
+            },
             timestamp: 1_700_000_000_000,
             key: Some(Bytes::copy_from_slice(k)),
             value: Some(Bytes::from_static(b"v")),

@@ -18,8 +18,12 @@ use super::{CONN_LOG, Handling, Pending, Rewrite, Step};
 use crate::codec::frame::{self, LENGTH_PREFIX, RequestHead};
 use crate::codec::produce;
 use crate::codec::records::Inflater;
+use crate::codec::split::Part;
 use crate::ownership::RegionId;
-use crate::policy::produce::{Action, Destination, Placement, ProducePlan, RejectKind, decide};
+use crate::policy::produce::{
+    Action, Destination, HoldReason, INVALID_RECORD, Placement, ProducePlan, RejectKind, Split,
+    SplitError, decide, split_batch,
+};
 use crate::proxy::Shared;
 use crate::proxy::conn::{BrokerIo, ConnError, Guard};
 use crate::proxy::identity::{self, Identity, Standing, Verdict};
@@ -86,14 +90,22 @@ pub(crate) async fn request(
         }
         return Ok(Step::close("unauthenticated"));
     }
+    let mut parts = if destinations
+        .iter()
+        .any(|d| matches!(d, Destination::Split(_)))
+    {
+        split_batches(&snapshot, &request, &mut plan, &mut destinations, inflater)
+    } else {
+        Vec::new()
+    };
     record_decisions(shared, &snapshot, &request, &plan, meters, guard.identity);
 
     // Carry the routes out.
     let mut routes = Vec::with_capacity(destinations.len());
-    let mut decided = plan.partitions.iter().zip(destinations);
+    let mut decided = plan.partitions.iter().zip(destinations).enumerate();
     for topic in &request.topics {
         for p in &topic.partitions {
-            let Some((d, destination)) = decided.next() else {
+            let Some((i, (d, destination))) = decided.next() else {
                 break;
             };
             let route = match destination {
@@ -105,6 +117,21 @@ pub(crate) async fn request(
                 // the owner's cluster) goes as the client sent it.
                 Destination::Connection => Route::Upstream(None),
                 Destination::Answer(answer) => Route::Answer(answer),
+                Destination::Split(targets) => {
+                    let built = parts.get_mut(i).and_then(Option::take).unwrap_or_default();
+                    let records = p.records.unwrap_or_default();
+                    carry_out_split(
+                        shared,
+                        &snapshot,
+                        (topic.name, p.index),
+                        records,
+                        &targets,
+                        built,
+                        &request,
+                        guard.identity,
+                    )
+                    .await
+                }
                 Destination::Cluster(target) => {
                     if shared.rejection_log.allow() {
                         let who = guard.identity.who();
@@ -196,6 +223,88 @@ pub(crate) async fn request(
     Ok(Step { upstream, slot })
 }
 
+/// Sends a split batch's parts on: the local part (part 0) is numbered first, so the local
+/// cluster sees the client producer's records without a gap, then every other part goes to its
+/// owner's cluster through keyward's producer.
+#[allow(clippy::too_many_arguments)]
+async fn carry_out_split(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    (topic, partition): (&str, i32),
+    client_batch: &[u8],
+    targets: &[(RegionId, usize)],
+    parts: Vec<Part>,
+    request: &produce::ProduceView<'_>,
+    identity: &Identity,
+) -> Route {
+    let local_records = parts
+        .iter()
+        .find(|part| part.part == 0)
+        .map_or(0, |part| part.records);
+    let mut upstream = None;
+    let mut redirected = Vec::with_capacity(targets.len());
+    if local_records == 0 {
+        // No local part: its numbering still counts the records that went elsewhere.
+        shared
+            .redirector
+            .local_part(topic, partition, client_batch, Bytes::new(), 0);
+    }
+    if shared.rejection_log.allow() {
+        let who = identity.who();
+        let elsewhere: Vec<String> = parts
+            .iter()
+            .filter(|part| part.part > 0)
+            .filter_map(|part| {
+                let (owner, _) = targets.get(part.part - 1)?;
+                Some(format!(
+                    "{} to region {}",
+                    part.records,
+                    snapshot.table.region_name(*owner)
+                ))
+            })
+            .collect();
+        info!(
+            target: CONN_LOG,
+            client_id = who.client_id,
+            user = who.user,
+            "splitting a batch of topic {topic:?} partition {partition}: {local_records} records stay, {}",
+            elsewhere.join(", ")
+        );
+    }
+    for part in parts {
+        if part.part == 0 {
+            upstream = Some(shared.redirector.local_part(
+                topic,
+                partition,
+                client_batch,
+                part.batch,
+                part.records as i32,
+            ));
+            continue;
+        }
+        let Some(&(_, cluster)) = targets.get(part.part - 1) else {
+            continue;
+        };
+        redirected.push(
+            shared
+                .redirector
+                .redirect_part(
+                    cluster,
+                    topic,
+                    partition,
+                    part.batch,
+                    request.acks,
+                    request.timeout_ms,
+                )
+                .await,
+        );
+    }
+    Route::Split {
+        upstream,
+        redirected,
+    }
+}
+
 /// Turns every redirect the client may not make into a refusal, as the broker of the cluster
 /// it connects to would refuse the write; and, for a client whose authentication is not yet
 /// proven, proves it first (the broker answers keyward's question only for an authenticated
@@ -212,9 +321,7 @@ async fn authorize_redirects(
     io: &mut BrokerIo<'_>,
 ) -> Result<Authorized, ConnError> {
     let unproven = acts && guard.identity.standing() == Standing::Unproven;
-    let redirects = destinations
-        .iter()
-        .any(|d| matches!(d, Destination::Cluster(_)));
+    let redirects = destinations.iter().any(redirects_through_keyward);
     if !unproven && !redirects {
         // Nothing to ask: the common case costs no allocation here.
         return Ok(Authorized::Checked);
@@ -228,7 +335,7 @@ async fn authorize_redirects(
     // Topics with a partition going through keyward's producer to another cluster.
     let mut redirected: Vec<&str> = Vec::new();
     for (topic, destination) in topics.iter().zip(destinations.iter()) {
-        if matches!(destination, Destination::Cluster(_)) && !redirected.contains(topic) {
+        if redirects_through_keyward(destination) && !redirected.contains(topic) {
             redirected.push(topic);
         }
     }
@@ -291,7 +398,7 @@ async fn authorize_redirects(
             })
     };
     for (i, topic) in topics.iter().enumerate() {
-        if !matches!(destinations[i], Destination::Cluster(_)) {
+        if !redirects_through_keyward(&destinations[i]) {
             continue;
         }
         if let Verdict::Denied(code, message) = verdict_for(topic) {
@@ -304,6 +411,70 @@ async fn authorize_redirects(
         }
     }
     Ok(Authorized::Checked)
+}
+
+/// Whether a destination writes through keyward's own producer (which the client must be
+/// allowed to make it do).
+fn redirects_through_keyward(destination: &Destination) -> bool {
+    matches!(destination, Destination::Cluster(_) | Destination::Split(_))
+}
+
+/// Splits every batch placed [`Destination::Split`] into its parts, in request order (`None`
+/// for every other partition). A batch that cannot be split now (decompression memory in use)
+/// is held, one that cannot be split at all is refused, before anything is counted.
+fn split_batches(
+    snapshot: &Snapshot,
+    request: &produce::ProduceView<'_>,
+    plan: &mut ProducePlan,
+    destinations: &mut [Destination],
+    inflater: &mut Inflater,
+) -> Vec<Option<Vec<Part>>> {
+    let mut split = Vec::with_capacity(destinations.len());
+    let partitions = request
+        .topics
+        .iter()
+        .flat_map(|t| t.partitions.iter().map(move |p| (t.name, p)));
+    for (i, (topic, p)) in partitions.enumerate() {
+        let (Some(Destination::Split(_)), Some(decision)) =
+            (destinations.get(i), plan.partitions.get(i))
+        else {
+            split.push(None);
+            continue;
+        };
+        let Action::Split { foreign, .. } = &decision.action else {
+            split.push(None);
+            continue;
+        };
+        let result = split_batch(
+            &snapshot.table,
+            decision.rule.unwrap_or(usize::MAX),
+            snapshot.local,
+            topic,
+            p.index,
+            p.records.unwrap_or_default(),
+            foreign,
+            inflater,
+        );
+        let failure = match result {
+            Ok(Split::Parts(parts)) => {
+                split.push(Some(parts));
+                continue;
+            }
+            Ok(Split::Whole { .. }) => SplitError::PartOutOfRange { part: 0, parts: 0 },
+            Err(e) => e,
+        };
+        let message = format!(
+            "keyward could not split the record batch for {topic}-{} between regions: {failure}",
+            p.index
+        );
+        destinations[i] = if failure.is_retriable() {
+            plan.hold(i, HoldReason::MemoryBudget, message)
+        } else {
+            plan.refuse(i, RejectKind::Unredirectable, INVALID_RECORD, message)
+        };
+        split.push(None);
+    }
+    split
 }
 
 /// The outcome of [`authorize_redirects`].
@@ -345,36 +516,52 @@ fn record_decisions(
         .flat_map(|t| t.partitions.iter().map(move |p| (t.name, p.index)));
     for p in &plan.partitions {
         let (topic, partition) = written.next().unwrap_or(("-", -1));
+        let rule_name = || {
+            p.rule
+                .and_then(|i| table.rules().get(i))
+                .map_or("-", |r| r.name.as_str())
+        };
+        let mut count = |owner: Option<RegionId>, decision, reason, batches: u32, records: u32| {
+            let (b, r) = meters
+                .handles
+                .entry((p.rule, owner, decision, reason))
+                .or_insert_with(|| {
+                    let labels = [
+                        ("rule", rule_name().to_owned()),
+                        (
+                            "owner",
+                            owner.map_or("-", |o| table.region_name(o)).to_owned(),
+                        ),
+                        ("decision", decision.to_owned()),
+                        ("reason", reason.to_owned()),
+                    ];
+                    (
+                        counter!("keyward_produce_batches_total", &labels),
+                        counter!("keyward_produce_records_total", &labels),
+                    )
+                });
+            b.increment(u64::from(batches));
+            r.increment(u64::from(records));
+        };
         let (decision, reason) = match &p.action {
             Action::Forward { audited } if *audited > 0 => ("audited", "-"),
             Action::Forward { .. } => ("forwarded", "-"),
             Action::Reject { kind, .. } => ("rejected", kind.as_str()),
             Action::Hold { reason, .. } => ("held", reason.as_str()),
             Action::Redirect { .. } => ("redirected", "-"),
+            Action::Split { local, foreign } => {
+                // Each part is a batch of its own on the wire: counted where it goes.
+                if *local > 0 {
+                    count(p.owner, "forwarded", "split", 1, *local);
+                }
+                for &(owner, records) in foreign {
+                    count(Some(owner), "redirected", "split", 1, records);
+                }
+                continue;
+            }
         };
-        let rule_name = || {
-            p.rule
-                .and_then(|i| table.rules().get(i))
-                .map_or("-", |r| r.name.as_str())
-        };
+        count(p.owner, decision, reason, p.batches, p.records);
         let owner_name = || p.owner.map_or("-", |o| table.region_name(o));
-        let (batches, records) = meters
-            .handles
-            .entry((p.rule, p.owner, decision, reason))
-            .or_insert_with(|| {
-                let labels = [
-                    ("rule", rule_name().to_owned()),
-                    ("owner", owner_name().to_owned()),
-                    ("decision", decision.to_owned()),
-                    ("reason", reason.to_owned()),
-                ];
-                (
-                    counter!("keyward_produce_batches_total", &labels),
-                    counter!("keyward_produce_records_total", &labels),
-                )
-            });
-        batches.increment(u64::from(p.batches));
-        records.increment(u64::from(p.records));
         if let Action::Reject { message, .. } | Action::Hold { message, .. } = &p.action
             && shared.rejection_log.allow()
         {

@@ -140,18 +140,12 @@ pub fn run(config: &Path) -> anyhow::Result<()> {
             reload::watch_sighup(ownership, security, stop.clone())
                 .instrument(tracing::info_span!("reload", trigger = "sighup")),
         );
-        let signals = stop.clone();
-        tasks.spawn(async move {
-            tokio::select! {
-                () = wait_for_signal() => {
-                    tracing::info!("shutting down");
-                    signals.cancel();
-                }
-                () = signals.cancelled() => {}
-            }
-        });
         tasks.close();
-        let result = proxy::run(shared, bootstrap).await;
+        let signalled = async {
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+        };
+        let result = proxy::run(shared, bootstrap, signalled).await;
         match admin.await {
             Ok(Err(e)) => tracing::error!("{e:#}"),
             Err(e) => tracing::error!("admin task: {e}"),

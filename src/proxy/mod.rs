@@ -317,14 +317,21 @@ impl RateLimit {
     }
 }
 
-/// Serves clients that connect to `bootstrap` until [`Shared::shutdown_token`] is cancelled,
-/// then answers what is in flight for at most `limits.shutdown_grace_secs`.
+/// Serves clients that connect to `bootstrap` until `shutdown` completes (or
+/// [`Shared::shutdown_token`] is cancelled, which `shutdown` completing also does, so the admin
+/// API and the reload watchers stop with the proxy), then answers what is in flight for at most
+/// `limits.shutdown_grace_secs`.
 ///
 /// The listener comes bound (`keyward run` binds `listen.bootstrap` with [`bind_bootstrap`]; an
-/// in-process test binds `127.0.0.1:0`), as mini-redis's `server::run` takes one. Virtual broker
+/// in-process test binds `127.0.0.1:0`) and the shutdown is a future (`keyward run`: SIGINT or
+/// SIGTERM), as mini-redis's `server::run` takes them. Virtual broker
 /// ports are still `listen.broker_port_base + node id`, bound by the port manager as brokers
 /// are learned.
-pub async fn run(shared: Arc<Shared>, bootstrap: TcpListener) -> anyhow::Result<()> {
+pub async fn run(
+    shared: Arc<Shared>,
+    bootstrap: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let addr = bootstrap
         .local_addr()
         .context("the bootstrap listener's address")?;
@@ -352,7 +359,10 @@ pub async fn run(shared: Arc<Shared>, bootstrap: TcpListener) -> anyhow::Result<
         .tasks
         .spawn(alignment::check_at_start(shared.clone()).instrument(info_span!("alignment")));
 
-    shared.shutdown.cancelled().await;
+    tokio::select! {
+        () = shutdown => shared.shutdown.cancel(),
+        () = shared.shutdown.cancelled() => {}
+    }
     info!("shutting down: no new connections; answering what is in flight");
     shared.tasks.close();
     let grace = Duration::from_secs(shared.config.limits.shutdown_grace_secs);

@@ -265,8 +265,18 @@ reads:
         let (bootstrap_addr, admin_addr) =
             (bootstrap.local_addr().unwrap(), admin.local_addr().unwrap());
         let stop = shared.shutdown_token();
-        tokio::spawn(keyward::admin::serve(admin, metrics, shared.clone(), stop));
-        tokio::spawn(proxy::run(shared.clone(), bootstrap));
+        tokio::spawn(keyward::admin::serve(
+            admin,
+            metrics,
+            shared.clone(),
+            stop.clone(),
+        ));
+        // Dropping the harness cancels the token, which is the shutdown future here.
+        tokio::spawn(proxy::run(
+            shared.clone(),
+            bootstrap,
+            stop.cancelled_owned(),
+        ));
         // Ready once the probe round at start has learned every broker and opened its port.
         let started = std::time::Instant::now();
         while let Some(why) = shared.not_ready() {

@@ -903,3 +903,71 @@ async fn a_mixed_batch_is_split_and_its_retry_sends_no_landed_part_twice() {
     assert_eq!(records("forwarded", "eu"), Some(5.0), "{text}");
     assert_eq!(records("redirected", "us"), Some(7.0), "{text}");
 }
+
+/// A redirect pipeline with nothing to write for 5 minutes ends (tokio's clock paused after
+/// setup); the next write to its partition starts another, which goes on with keyward's
+/// numbering where the first stopped, so the owner's cluster sees no gap.
+#[tokio::test]
+async fn an_idle_redirect_pipeline_ends_and_the_next_goes_on_with_its_numbering() {
+    let _serial = harness::serial().await;
+    let eu = FakeBroker::start(Script::default()).await;
+    let us = FakeBroker::start(Script::default()).await;
+    let keyward = Keyward::start(
+        eu.addr,
+        Options {
+            us: Some(us.addr),
+            ..Options::table(key_rule_on_foreign("reaped", "rea", "redirect"))
+        },
+    )
+    .await;
+    let mut client = keyward.connect().await;
+    let running = |text: &str| sample(text, "keyward_redirect_pipelines", &[("cluster", "us")]);
+    let write = |nth: usize| {
+        produce(
+            1,
+            &[(
+                "rea.a",
+                vec![(0, batch(&[foreign_key(nth), foreign_key(nth + 1)]))],
+            )],
+        )
+    };
+    client
+        .send(ApiKey::Produce, PRODUCE_VERSION, 1, &write(0))
+        .await;
+    let (_, answer) = client
+        .recv::<ProduceResponse>(ApiKey::Produce, PRODUCE_VERSION)
+        .await
+        .unwrap();
+    assert_eq!(outcomes(&answer)[0].2, 0);
+    let before = running(&keyward.metrics().await).unwrap_or(0.0);
+    assert!(before >= 1.0, "a pipeline runs for us");
+
+    tokio::time::pause();
+    tokio::time::sleep(Duration::from_secs(4 * 60)).await;
+    assert_eq!(
+        running(&keyward.metrics().await),
+        Some(before),
+        "not idle for long enough yet"
+    );
+    tokio::time::sleep(Duration::from_secs(2 * 60)).await;
+    assert_eq!(
+        running(&keyward.metrics().await),
+        Some(before - 1.0),
+        "idle for 5 minutes: ended"
+    );
+    tokio::time::resume();
+
+    client
+        .send(ApiKey::Produce, PRODUCE_VERSION, 2, &write(2))
+        .await;
+    let (_, answer) = client
+        .recv::<ProduceResponse>(ApiKey::Produce, PRODUCE_VERSION)
+        .await
+        .unwrap();
+    assert_eq!(outcomes(&answer)[0].2, 0);
+    assert_eq!(
+        us.batches(),
+        vec![redirected("rea.a", 0, 0, 2), redirected("rea.a", 0, 2, 2)]
+    );
+    assert_eq!(running(&keyward.metrics().await), Some(before));
+}

@@ -651,6 +651,22 @@ fn outcomes(response: &ProduceResponse) -> Vec<(String, i32, i16, i64)> {
         .collect()
 }
 
+/// Fake brokers for eu (local) and us, and keyward in front of them with a `by: key` rule
+/// `name` over topics `prefix.*` that redirects us's keys to us.
+async fn redirecting(name: &str, prefix: &str) -> (FakeBroker, FakeBroker, Keyward) {
+    let eu = FakeBroker::start(Script::default()).await;
+    let us = FakeBroker::start(Script::default()).await;
+    let keyward = Keyward::start(
+        eu.addr,
+        Options {
+            us: Some(us.addr),
+            ..Options::table(key_rule_on_foreign(name, prefix, "redirect"))
+        },
+    )
+    .await;
+    (eu, us, keyward)
+}
+
 fn redirected(topic: &str, partition: i32, base_sequence: i32, records: i32) -> Batch {
     Batch {
         topic: topic.to_owned(),
@@ -665,16 +681,7 @@ fn redirected(topic: &str, partition: i32, base_sequence: i32, records: i32) -> 
 #[tokio::test]
 async fn foreign_writes_are_produced_to_the_owners_cluster_under_keywards_producer_in_sequence() {
     let _serial = harness::serial().await;
-    let eu = FakeBroker::start(Script::default()).await;
-    let us = FakeBroker::start(Script::default()).await;
-    let keyward = Keyward::start(
-        eu.addr,
-        Options {
-            us: Some(us.addr),
-            ..Options::table(key_rule_on_foreign("redirected", "red", "redirect"))
-        },
-    )
-    .await;
+    let (eu, us, keyward) = redirecting("redirected", "red").await;
     let mut client = keyward.connect().await;
 
     // Three requests of two foreign records each, to one partition.
@@ -746,16 +753,7 @@ async fn foreign_writes_are_produced_to_the_owners_cluster_under_keywards_produc
 #[tokio::test]
 async fn a_redirected_write_the_owner_answers_not_leader_is_retried_with_the_same_sequence() {
     let _serial = harness::serial().await;
-    let eu = FakeBroker::start(Script::default()).await;
-    let us = FakeBroker::start(Script::default()).await;
-    let keyward = Keyward::start(
-        eu.addr,
-        Options {
-            us: Some(us.addr),
-            ..Options::table(key_rule_on_foreign("retried", "ret", "redirect"))
-        },
-    )
-    .await;
+    let (eu, us, keyward) = redirecting("retried", "ret").await;
     let mut client = keyward.connect().await;
     let send = |nth: usize| {
         produce(
@@ -807,16 +805,7 @@ async fn a_redirected_write_the_owner_answers_not_leader_is_retried_with_the_sam
 #[tokio::test]
 async fn a_mixed_batch_is_split_and_its_retry_sends_no_landed_part_twice() {
     let _serial = harness::serial().await;
-    let eu = FakeBroker::start(Script::default()).await;
-    let us = FakeBroker::start(Script::default()).await;
-    let keyward = Keyward::start(
-        eu.addr,
-        Options {
-            us: Some(us.addr),
-            ..Options::table(key_rule_on_foreign("split", "spl", "redirect"))
-        },
-    )
-    .await;
+    let (eu, us, keyward) = redirecting("split", "spl").await;
     let mut client = keyward.connect().await;
     const CLIENT: i64 = 77;
     // owned, foreign, owned, foreign, foreign: client sequences 0..5.
@@ -910,16 +899,7 @@ async fn a_mixed_batch_is_split_and_its_retry_sends_no_landed_part_twice() {
 #[tokio::test]
 async fn an_idle_redirect_pipeline_ends_and_the_next_goes_on_with_its_numbering() {
     let _serial = harness::serial().await;
-    let eu = FakeBroker::start(Script::default()).await;
-    let us = FakeBroker::start(Script::default()).await;
-    let keyward = Keyward::start(
-        eu.addr,
-        Options {
-            us: Some(us.addr),
-            ..Options::table(key_rule_on_foreign("reaped", "rea", "redirect"))
-        },
-    )
-    .await;
+    let (_eu, us, keyward) = redirecting("reaped", "rea").await;
     let mut client = keyward.connect().await;
     let running = |text: &str| sample(text, "keyward_redirect_pipelines", &[("cluster", "us")]);
     let write = |nth: usize| {

@@ -48,6 +48,21 @@ struct Stream {
 }
 
 impl Stream {
+    /// The outcome of an earlier attempt at the redirected batch or part `seq`, if it is in
+    /// flight or landed: a retry waits for it (or reuses it) instead of writing again.
+    fn earlier(&self, seq: i32) -> Option<Redirect> {
+        let (_, outcome) = self.redirected.iter().find(|(c, _)| *c == seq)?;
+        let failed = outcome.borrow().as_ref().is_some_and(|r| r.error_code != 0);
+        (!failed).then(|| Redirect::Existing(outcome.clone()))
+    }
+
+    /// Forgets a failed earlier attempt at `seq`; true if there was one.
+    fn forgot_failed(&mut self, seq: i32) -> bool {
+        let before = self.redirected.len();
+        self.redirected.retain(|(c, _)| *c != seq);
+        self.redirected.len() != before
+    }
+
     fn new(now: Instant) -> Self {
         Self {
             shift: 0,
@@ -103,22 +118,12 @@ impl SequenceBook {
         records: i32,
         now: Instant,
     ) -> Redirect {
-        self.prune(now);
-        let stream = self
-            .streams
-            .entry(key.clone())
-            .or_insert_with(|| Stream::new(now));
-        self.producers.insert((key.producer_id, key.epoch));
-        stream.last_used = now;
-        if let Some((_, outcome)) = stream.redirected.iter().find(|(c, _)| *c == client_seq) {
-            let failed = outcome.borrow().as_ref().is_some_and(|r| r.error_code != 0);
-            if !failed {
-                return Redirect::Existing(outcome.clone());
-            }
+        let stream = self.stream(key, now);
+        match stream.earlier(client_seq) {
+            Some(existing) => return existing,
             // The earlier attempt failed: send again, without counting its records twice.
-            stream.redirected.retain(|(c, _)| *c != client_seq);
-        } else {
-            stream.shift = stream.shift.wrapping_add(records);
+            None if stream.forgot_failed(client_seq) => {}
+            None => stream.shift = stream.shift.wrapping_add(records),
         }
         Redirect::Send
     }
@@ -136,13 +141,7 @@ impl SequenceBook {
         local_records: i32,
         now: Instant,
     ) -> i32 {
-        self.prune(now);
-        let stream = self
-            .streams
-            .entry(key.clone())
-            .or_insert_with(|| Stream::new(now));
-        self.producers.insert((key.producer_id, key.epoch));
-        stream.last_used = now;
+        let stream = self.stream(key, now);
         if let Some(&(_, local)) = stream.local.iter().find(|(c, _)| *c == client_seq) {
             return local;
         }
@@ -162,14 +161,23 @@ impl SequenceBook {
         let Some(stream) = self.streams.get_mut(key) else {
             return Redirect::Send;
         };
-        if let Some((_, outcome)) = stream.redirected.iter().find(|(c, _)| *c == part_seq) {
-            let failed = outcome.borrow().as_ref().is_some_and(|r| r.error_code != 0);
-            if !failed {
-                return Redirect::Existing(outcome.clone());
-            }
-            stream.redirected.retain(|(c, _)| *c != part_seq);
+        if let Some(existing) = stream.earlier(part_seq) {
+            return existing;
         }
+        stream.forgot_failed(part_seq);
         Redirect::Send
+    }
+
+    /// The stream of `key`, made if new; marks it used now.
+    fn stream(&mut self, key: &StreamKey, now: Instant) -> &mut Stream {
+        self.prune(now);
+        self.producers.insert((key.producer_id, key.epoch));
+        let stream = self
+            .streams
+            .entry(key.clone())
+            .or_insert_with(|| Stream::new(now));
+        stream.last_used = now;
+        stream
     }
 
     /// Remembers the outcome of a batch booked with [`Self::redirect`].

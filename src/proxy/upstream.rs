@@ -194,16 +194,25 @@ const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 const METADATA_VERSION: i16 = 12;
 
+/// keyward's own Metadata request for `topics` (`None`: every topic), to one of `addrs`.
+async fn metadata(
+    dialer: &Dialer,
+    addrs: &[String],
+    topics: Option<Vec<kafka_protocol::messages::metadata_request::MetadataRequestTopic>>,
+) -> anyhow::Result<MetadataResponse> {
+    let mut session = dialer.session_any(addrs, "keyward").await?;
+    let request = MetadataRequest::default().with_topics(topics);
+    session
+        .call(ApiKey::Metadata, METADATA_VERSION, &request)
+        .await
+}
+
 /// Asks one of `addrs` for the cluster's brokers: `(node id, host, port)`.
 pub async fn fetch_brokers(
     dialer: &Dialer,
     addrs: &[String],
 ) -> anyhow::Result<Vec<(i32, String, i32)>> {
-    let mut session = dialer.session_any(addrs, "keyward").await?;
-    let request = MetadataRequest::default().with_topics(Some(Vec::new()));
-    let response: MetadataResponse = session
-        .call(ApiKey::Metadata, METADATA_VERSION, &request)
-        .await?;
+    let response = metadata(dialer, addrs, Some(Vec::new())).await?;
     Ok(response
         .brokers
         .iter()
@@ -217,12 +226,8 @@ pub async fn fetch_partition_counts(
     dialer: &Dialer,
     addrs: &[String],
 ) -> anyhow::Result<Vec<(String, i32)>> {
-    let mut session = dialer.session_any(addrs, "keyward").await?;
     // No topic list: every topic.
-    let request = MetadataRequest::default().with_topics(None);
-    let response: MetadataResponse = session
-        .call(ApiKey::Metadata, METADATA_VERSION, &request)
-        .await?;
+    let response = metadata(dialer, addrs, None).await?;
     Ok(response
         .topics
         .iter()

@@ -654,8 +654,13 @@ fn outcomes(response: &ProduceResponse) -> Vec<(String, i32, i16, i64)> {
 /// Fake brokers for eu (local) and us, and keyward in front of them with a `by: key` rule
 /// `name` over topics `prefix.*` that redirects us's keys to us.
 async fn redirecting(name: &str, prefix: &str) -> (FakeBroker, FakeBroker, Keyward) {
+    redirecting_to(name, prefix, Script::default()).await
+}
+
+/// [`redirecting`], with us's broker answering as `us` scripts it.
+async fn redirecting_to(name: &str, prefix: &str, us: Script) -> (FakeBroker, FakeBroker, Keyward) {
     let eu = FakeBroker::start(Script::default()).await;
-    let us = FakeBroker::start(Script::default()).await;
+    let us = FakeBroker::start(us).await;
     let keyward = Keyward::start(
         eu.addr,
         Options {
@@ -950,4 +955,155 @@ async fn an_idle_redirect_pipeline_ends_and_the_next_goes_on_with_its_numbering(
         vec![redirected("rea.a", 0, 0, 2), redirected("rea.a", 0, 2, 2)]
     );
     assert_eq!(running(&keyward.metrics().await), Some(before));
+}
+
+/// us at the far end of a slow link, numbering keyward's batches as a broker does.
+fn distant(latency_ms: u64) -> Script {
+    Script {
+        latency: Duration::from_millis(latency_ms),
+        check_sequences: true,
+        ..Script::default()
+    }
+}
+
+/// One Produce answer: its correlation id and [`outcomes`].
+type Answer = (i32, Vec<(String, i32, i16, i64)>);
+
+/// Sends `count` Produce requests on `client` without waiting, request `i` (correlation id
+/// `i + 1`) holding, for each of `partitions` of `topic`, one batch of the foreign keys
+/// `2i` and `2i + 1`; then reads every answer, in order, as `(correlation id, outcomes)`.
+async fn produce_pipelined(
+    client: &mut harness::Client,
+    topic: &str,
+    partitions: &[i32],
+    count: usize,
+) -> Vec<Answer> {
+    for i in 0..count {
+        let batches = partitions
+            .iter()
+            .map(|&p| (p, batch(&[foreign_key(2 * i), foreign_key(2 * i + 1)])))
+            .collect();
+        let request = produce(1, &[(topic, batches)]);
+        client
+            .send(ApiKey::Produce, PRODUCE_VERSION, i as i32 + 1, &request)
+            .await;
+    }
+    let mut answers = Vec::new();
+    for _ in 0..count {
+        let (id, answer) = client
+            .recv::<ProduceResponse>(ApiKey::Produce, PRODUCE_VERSION)
+            .await
+            .unwrap();
+        answers.push((id, outcomes(&answer)));
+    }
+    answers
+}
+
+/// Every answer success, in request order, with the broker's offsets for `partitions`.
+fn all_landed(topic: &str, partitions: &[i32], count: usize) -> Vec<Answer> {
+    (1..=count as i32)
+        .map(|id| {
+            let answered = partitions
+                .iter()
+                .map(|&p| (topic.to_owned(), p, 0, broker_offset(topic, p)))
+                .collect();
+            (id, answered)
+        })
+        .collect()
+}
+
+/// Redirect keeps up to 5 batches in flight per target partition, as an idempotent producer
+/// does, and every partition the owner's broker leads shares one connection to it: with
+/// 8 requests for each of two partitions sent at once to a broker 300 ms away, the broker has
+/// 10 unanswered at one moment, and appends each partition's batches once, in order, numbered
+/// without a gap.
+#[tokio::test]
+async fn redirect_keeps_five_batches_in_flight_per_partition_to_a_distant_owner() {
+    let _serial = harness::serial().await;
+    let (eu, us, keyward) = redirecting_to("inflight", "inf", distant(300)).await;
+    let mut client = keyward.connect().await;
+
+    let answers = produce_pipelined(&mut client, "inf.a", &[0, 1], 8).await;
+
+    assert_eq!(answers, all_landed("inf.a", &[0, 1], 8));
+    assert_eq!(
+        us.most_produce_in_flight(),
+        10,
+        "5 per partition, on one connection"
+    );
+    for partition in [0, 1] {
+        let appended: Vec<Batch> = us
+            .appended()
+            .into_iter()
+            .filter(|b| b.partition == partition)
+            .collect();
+        let expected: Vec<Batch> = (0..8)
+            .map(|i| redirected("inf.a", partition, 2 * i, 2))
+            .collect();
+        assert_eq!(appended, expected, "partition {partition}");
+    }
+    assert_eq!(us.batches().len(), 16, "nothing was sent twice");
+    assert_eq!(eu.produced(), vec![]);
+}
+
+/// When the oldest batch in flight is refused (the leader moved), the broker refuses the four
+/// behind it as out of order; keyward settles all five, then sends them again in order with
+/// the same numbers, and every batch lands once.
+#[tokio::test]
+async fn a_refused_batch_in_a_full_window_is_sent_again_with_those_behind_it_in_order() {
+    let _serial = harness::serial().await;
+    let (_eu, us, keyward) = redirecting_to("window", "win", distant(100)).await;
+    let mut client = keyward.connect().await;
+    us.fail_next_produce(NOT_LEADER_OR_FOLLOWER);
+
+    let answers = produce_pipelined(&mut client, "win.a", &[0], 8).await;
+
+    assert_eq!(answers, all_landed("win.a", &[0], 8));
+    let expected: Vec<Batch> = (0..8).map(|i| redirected("win.a", 0, 2 * i, 2)).collect();
+    assert_eq!(us.appended(), expected);
+    let sent: Vec<i32> = us.batches().iter().map(|b| b.base_sequence).collect();
+    assert_eq!(
+        sent[..10],
+        [0, 2, 4, 6, 8, 0, 2, 4, 6, 8],
+        "the first window, refused, then sent again in order"
+    );
+    assert_eq!(sent[10..], [10, 12, 14]);
+}
+
+/// A connection lost while five batches are in flight leaves it unknown whether they landed:
+/// keyward sends them again with the same producer id and numbers, and the broker, which had
+/// appended them, recognises every one as a duplicate. Each lands once.
+#[tokio::test]
+async fn batches_in_flight_on_a_lost_connection_are_sent_again_and_land_once() {
+    let _serial = harness::serial().await;
+    let (_eu, us, keyward) = redirecting_to("lost", "lst", distant(500)).await;
+    let mut client = keyward.connect().await;
+
+    let writing = tokio::spawn(async move {
+        let answers = produce_pipelined(&mut client, "lst.a", &[0], 5).await;
+        (client, answers)
+    });
+    // Every batch has reached the broker and none is answered yet: the link drops.
+    let waited = Instant::now();
+    while us.batches().len() < 5 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "batches never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    us.down();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    us.up();
+    let (_client, answers) = writing.await.unwrap();
+
+    assert_eq!(answers, all_landed("lst.a", &[0], 5));
+    let expected: Vec<Batch> = (0..5).map(|i| redirected("lst.a", 0, 2 * i, 2)).collect();
+    assert_eq!(us.appended(), expected, "each appended once");
+    let sent: Vec<i32> = us.batches().iter().map(|b| b.base_sequence).collect();
+    assert_eq!(
+        sent,
+        [0, 2, 4, 6, 8, 0, 2, 4, 6, 8],
+        "sent again with the same numbers"
+    );
 }

@@ -3,9 +3,9 @@
 //! (Metadata, InitProducerId, Produce).
 //!
 //! Connections are made by the cluster's [`Dialer`], so they use its TLS and keyward's SASL
-//! credentials for it. Requests on one broker connection are exchanged one at a time; redirected writes to one
-//! partition are serialized anyway (see `pipeline`), and different partitions use different
-//! leaders or wait briefly for the connection.
+//! credentials for it. Each is [`Pipelined`]: the batches of every partition a broker leads
+//! share its one connection, each written as soon as it is submitted, without waiting for
+//! the answers to those before it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,7 +25,7 @@ use tokio::sync::Mutex;
 use crate::codec::errors::{
     LEADER_NOT_AVAILABLE, NOT_LEADER_OR_FOLLOWER, UNKNOWN_TOPIC_OR_PARTITION,
 };
-use crate::proxy::upstream::{Dialer, Session};
+use crate::proxy::upstream::{Dialer, Pipelined, Reply};
 
 const METADATA_VERSION: i16 = 12;
 const INIT_PRODUCER_ID_VERSION: i16 = 4;
@@ -47,7 +47,7 @@ pub struct ClusterClient {
     brokers: std::sync::Mutex<HashMap<i32, String>>,
     /// topic -> partition -> leader
     leaders: std::sync::Mutex<HashMap<String, HashMap<i32, Leader>>>,
-    conns: std::sync::Mutex<HashMap<i32, Arc<Mutex<Option<Session>>>>>,
+    conns: std::sync::Mutex<HashMap<i32, Arc<Mutex<Option<Pipelined>>>>>,
 }
 
 impl ClusterClient {
@@ -62,46 +62,50 @@ impl ClusterClient {
         }
     }
 
-    /// Sends one request to node `node_id` (or any bootstrap broker for `None`), on the reused
-    /// connection to it; a broken connection, or one whose authentication is about to expire,
-    /// is replaced by a new one.
-    async fn call<Req: Encodable, Resp: Decodable>(
-        &self,
-        node_id: Option<i32>,
-        api: ApiKey,
-        version: i16,
-        request: &Req,
-    ) -> anyhow::Result<Resp> {
+    /// The connection to node `node_id` (or any bootstrap broker for `None`): the open one,
+    /// or a new one when there is none or it can no longer be used (broken, late to answer, or
+    /// its authentication about to expire). Callers wanting the same node wait for one dial.
+    async fn connection(&self, node_id: Option<i32>) -> anyhow::Result<Pipelined> {
         let key = node_id.unwrap_or(-1);
         let slot = {
             let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
             conns.entry(key).or_default().clone()
         };
         let mut conn = slot.lock().await;
-        if !conn.as_ref().is_some_and(Session::is_fresh) {
-            let session = match node_id {
-                None => self.dialer.session_any(&self.bootstrap, CLIENT_ID).await?,
-                Some(id) => {
-                    let addr = self
-                        .brokers
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get(&id)
-                        .cloned()
-                        .ok_or_else(|| {
-                            anyhow!("broker {id} of cluster {} is unknown", self.name)
-                        })?;
-                    self.dialer.session(&addr, CLIENT_ID).await?
-                }
-            };
-            *conn = Some(session);
+        if let Some(open) = conn.as_ref().filter(|c| c.is_usable()) {
+            return Ok(open.clone());
         }
-        let session = conn.as_mut().expect("connected above");
-        let result = session.call(api, version, request).await;
-        if result.is_err() {
-            *conn = None;
-        }
-        result
+        let session = match node_id {
+            None => self.dialer.session_any(&self.bootstrap, CLIENT_ID).await?,
+            Some(id) => {
+                let addr = self
+                    .brokers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&id)
+                    .cloned()
+                    .ok_or_else(|| anyhow!("broker {id} of cluster {} is unknown", self.name))?;
+                self.dialer.session(&addr, CLIENT_ID).await?
+            }
+        };
+        let open = session.pipelined();
+        *conn = Some(open.clone());
+        Ok(open)
+    }
+
+    /// Sends one request to node `node_id` (or any bootstrap broker for `None`) and awaits its
+    /// response.
+    async fn call<Req: Encodable, Resp: Decodable + 'static>(
+        &self,
+        node_id: Option<i32>,
+        api: ApiKey,
+        version: i16,
+        request: &Req,
+    ) -> anyhow::Result<Resp> {
+        self.connection(node_id)
+            .await?
+            .call(api, version, request)
+            .await
     }
 
     /// Refreshes the leaders of `topic`.
@@ -210,61 +214,61 @@ impl ClusterClient {
         Ok((response.producer_id.0, response.producer_epoch))
     }
 
-    /// Produces one batch to its partition's leader. A missing leader is looked up again once;
-    /// errors the broker answers come back in the partition response for the caller to judge.
-    pub async fn produce(
+    /// Sends one batch to its partition's leader (looked up again first if `refresh`) and
+    /// returns its answer to come. Batches submitted one after another for a partition are
+    /// written to its leader in that order, without waiting for each other's answers; the
+    /// answer says whether the broker refused the batch because the leader moved
+    /// ([`is_stale_leader`]), for the caller to submit it again with `refresh`.
+    pub async fn submit(
         &self,
         topic: &str,
         partition: i32,
         batch: Bytes,
         acks: i16,
         timeout_ms: i32,
-    ) -> anyhow::Result<PartitionProduceResponse> {
-        let mut refresh = false;
-        for _ in 0..2 {
-            let leader = match self.leader(topic, partition, refresh).await? {
-                Ok(node) => node,
-                Err(code) if !refresh => {
-                    let _ = code;
-                    refresh = true;
-                    continue;
-                }
-                Err(code) => return Ok(error_response(partition, code)),
-            };
-            let request = ProduceRequest::default()
-                .with_acks(acks)
-                .with_timeout_ms(timeout_ms)
-                .with_topic_data(vec![
-                    TopicProduceData::default()
-                        .with_name(TopicName(StrBytes::from_string(topic.to_owned())))
-                        .with_partition_data(vec![
-                            PartitionProduceData::default()
-                                .with_index(partition)
-                                .with_records(Some(batch.clone())),
-                        ]),
-                ]);
-            let response: ProduceResponse = self
-                .call(Some(leader), ApiKey::Produce, PRODUCE_VERSION, &request)
-                .await?;
-            let found = response
+        refresh: bool,
+    ) -> Reply<PartitionProduceResponse> {
+        let leader = match self.leader(topic, partition, refresh).await {
+            Ok(Ok(node)) => node,
+            Ok(Err(code)) => {
+                let answer = error_response(partition, code);
+                return Box::pin(std::future::ready(Ok(answer)));
+            }
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
+        let connection = match self.connection(Some(leader)).await {
+            Ok(c) => c,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
+        let request = ProduceRequest::default()
+            .with_acks(acks)
+            .with_timeout_ms(timeout_ms)
+            .with_topic_data(vec![
+                TopicProduceData::default()
+                    .with_name(TopicName(StrBytes::from_string(topic.to_owned())))
+                    .with_partition_data(vec![
+                        PartitionProduceData::default()
+                            .with_index(partition)
+                            .with_records(Some(batch)),
+                    ]),
+            ]);
+        let reply: Reply<ProduceResponse> =
+            connection.send(ApiKey::Produce, PRODUCE_VERSION, &request);
+        let cluster = self.name.clone();
+        Box::pin(async move {
+            reply
+                .await?
                 .responses
                 .into_iter()
                 .flat_map(|t| t.partition_responses)
                 .find(|p| p.index == partition)
-                .ok_or_else(|| {
-                    anyhow!("cluster {} left the partition out of its answer", self.name)
-                })?;
-            if is_stale_leader(found.error_code) && !refresh {
-                refresh = true;
-                continue;
-            }
-            return Ok(found);
-        }
-        Ok(error_response(partition, LEADER_NOT_AVAILABLE))
+                .ok_or_else(|| anyhow!("cluster {cluster} left the partition out of its answer"))
+        })
     }
 }
 
-fn is_stale_leader(code: i16) -> bool {
+/// Errors that say the partition's leader is not where keyward thought.
+pub fn is_stale_leader(code: i16) -> bool {
     matches!(
         code,
         UNKNOWN_TOPIC_OR_PARTITION | LEADER_NOT_AVAILABLE | NOT_LEADER_OR_FOLLOWER

@@ -4,7 +4,9 @@
 //! A redirected batch cannot keep the client's producer id: that id was issued by the local
 //! cluster. keyward produces it under a producer id it obtains from the target cluster itself,
 //! rewriting the batch header (producer id, epoch, base sequence, CRC). Writes to one target
-//! partition go through one pipeline task, one at a time, in the order the client sent them, so
+//! partition go through one pipeline task, in the order the client sent them, with up to
+//! [`MAX_IN_FLIGHT`] batches in flight as an idempotent Kafka producer keeps them, so a
+//! round trip to a distant region is paid once per window rather than once per batch.
 //! keyward's own sequence numbers on the target never have a gap and a client producer's order
 //! per partition holds. The client's own sequence numbers stay whole on the local cluster too
 //! (see [`sequences`]).
@@ -18,7 +20,7 @@
 pub mod client;
 pub mod sequences;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,18 +33,22 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::codec::errors::{
-    CORRUPT_MESSAGE, DUPLICATE_SEQUENCE_NUMBER, INVALID_PRODUCER_EPOCH, LEADER_NOT_AVAILABLE,
-    NOT_ENOUGH_REPLICAS, NOT_ENOUGH_REPLICAS_AFTER_APPEND, NOT_LEADER_OR_FOLLOWER,
-    OUT_OF_ORDER_SEQUENCE_NUMBER, REQUEST_TIMED_OUT, UNKNOWN_PRODUCER_ID,
+    CORRUPT_MESSAGE, DUPLICATE_SEQUENCE_NUMBER, INVALID_PRODUCER_EPOCH, NOT_ENOUGH_REPLICAS,
+    NOT_ENOUGH_REPLICAS_AFTER_APPEND, OUT_OF_ORDER_SEQUENCE_NUMBER, REQUEST_TIMED_OUT,
+    UNKNOWN_PRODUCER_ID,
 };
 use crate::codec::records;
-use crate::proxy::upstream::Dialer;
+use crate::proxy::upstream::{Dialer, Reply};
 use client::ClusterClient;
 use sequences::{Outcome, Redirect, SequenceBook, StreamKey};
 
 /// Batches waiting per target partition before the client connection stops being read: enough
 /// for every in-flight batch of a few producers (5 each with idempotence).
 const PIPELINE_DEPTH: usize = 64;
+
+/// Batches in flight per target partition: as many as an idempotent Kafka producer may have,
+/// and as many as a broker remembers per producer and partition to recognise a resent batch.
+const MAX_IN_FLIGHT: usize = 5;
 
 /// How long a pipeline with nothing to write lives on.
 const PIPELINE_IDLE: Duration = Duration::from_secs(5 * 60);
@@ -62,6 +68,8 @@ struct Job {
     records: i32,
     acks: i16,
     timeout_ms: i32,
+    /// When the client must have its answer: before its own request times out.
+    deadline: Instant,
     done: watch::Sender<Option<PartitionProduceResponse>>,
 }
 
@@ -327,6 +335,8 @@ impl Redirector {
             // acks=0 clients get no answer, but keyward needs one to keep its own numbering.
             acks: if acks == 0 { 1 } else { acks },
             timeout_ms,
+            deadline: Instant::now()
+                + Duration::from_millis((timeout_ms.clamp(1_000, 120_000) as u64) * 4 / 5),
             done,
         };
         if let Err(job) = self.enqueue(target, topic, partition, job).await {
@@ -362,12 +372,7 @@ impl Redirector {
                     let from = pipelines.stopped.remove(&key).unwrap_or_default();
                     let (tx, rx) = mpsc::channel(PIPELINE_DEPTH);
                     let span = info_span!("redirect", cluster = %t.client.name, topic, partition);
-                    let pipeline = Pipeline {
-                        target: t.clone(),
-                        key: key.clone(),
-                        generation_seen: from.0,
-                        next_seq: from.1,
-                    };
+                    let pipeline = Pipeline::new(t.clone(), key.clone(), from);
                     self.tasks
                         .spawn(pipeline.run(rx, self.shutdown.clone()).instrument(span));
                     pipelines.running.insert(key, tx.clone());
@@ -391,19 +396,110 @@ fn retriable(code: i16) -> bool {
     matches!(
         code,
         REQUEST_TIMED_OUT | NOT_ENOUGH_REPLICAS | NOT_ENOUGH_REPLICAS_AFTER_APPEND
-    ) || matches!(code, LEADER_NOT_AVAILABLE | NOT_LEADER_OR_FOLLOWER)
+    )
 }
 
-/// One target partition's writer: its redirected batches, one at a time, in order.
+/// What became of a batch a pipeline sent.
+enum Attempt {
+    /// Written (or already written: the broker recognised a retry).
+    Landed(PartitionProduceResponse),
+    /// The broker lost or fenced keyward's producer state.
+    Fenced(PartitionProduceResponse),
+    /// Refused for now; sent again after a pause (looking the leader up again if `refresh`).
+    Retry {
+        answer: PartitionProduceResponse,
+        refresh: bool,
+    },
+    /// Refused for good: the client gets the broker's answer.
+    Refused(PartitionProduceResponse),
+    /// No answer: whether the broker wrote it is unknown.
+    Lost(anyhow::Error),
+}
+
+impl Attempt {
+    fn of(result: anyhow::Result<PartitionProduceResponse>) -> Self {
+        match result {
+            Ok(r) if r.error_code == 0 || r.error_code == DUPLICATE_SEQUENCE_NUMBER => {
+                Self::Landed(r.with_error_code(0))
+            }
+            Ok(r)
+                if matches!(
+                    r.error_code,
+                    OUT_OF_ORDER_SEQUENCE_NUMBER | UNKNOWN_PRODUCER_ID | INVALID_PRODUCER_EPOCH
+                ) =>
+            {
+                Self::Fenced(r)
+            }
+            Ok(r) if client::is_stale_leader(r.error_code) => Self::Retry {
+                answer: r,
+                refresh: true,
+            },
+            Ok(r) if retriable(r.error_code) => Self::Retry {
+                answer: r,
+                refresh: false,
+            },
+            Ok(r) => Self::Refused(r),
+            Err(e) => Self::Lost(e),
+        }
+    }
+}
+
+/// A job a pipeline has taken from its queue.
+struct Pending {
+    job: Job,
+    /// The (producer generation, sequence) it was last sent with, while it may have landed
+    /// under them: a resend then carries the same, so the broker recognises it.
+    sent_as: Option<(u64, i32)>,
+    /// Look the partition's leader up again before sending it.
+    refresh: bool,
+}
+
+/// A batch written to the target and not yet answered.
+struct Sent {
+    pending: Pending,
+    reply: Reply<PartitionProduceResponse>,
+}
+
+/// One target partition's writer: its redirected batches in the order the client sent them,
+/// up to [`MAX_IN_FLIGHT`] at once, under keyward's producer id on the target.
+///
+/// Batches are numbered as they are sent and settled in that order. When the oldest one in
+/// flight fails, every later one is settled before anything is sent again (the broker refuses
+/// those after a gap, so they went nowhere), and then they are sent again in order: with the
+/// same numbers when the failure leaves it unknown whether the oldest landed, so the broker
+/// recognises what it already wrote, or renumbered from the oldest's number when the broker
+/// refused it for good, or from 0 under a new producer id when the broker fenced keyward's.
 struct Pipeline {
     target: Arc<Target>,
     key: PartitionKey,
     /// The producer id generation `next_seq` counts under.
     generation_seen: u64,
     next_seq: i32,
+    /// Taken from the queue and not in flight: batches sent back by a failure first, in their
+    /// order, then new ones.
+    waiting: VecDeque<Pending>,
+    in_flight: VecDeque<Sent>,
+    /// Nothing is sent before then: the pause after a failure that a resend may cure.
+    paused_until: Option<tokio::time::Instant>,
 }
 
 impl Pipeline {
+    fn new(
+        target: Arc<Target>,
+        key: PartitionKey,
+        (generation_seen, next_seq): (u64, i32),
+    ) -> Self {
+        Self {
+            target,
+            key,
+            generation_seen,
+            next_seq,
+            waiting: VecDeque::new(),
+            in_flight: VecDeque::new(),
+            paused_until: None,
+        }
+    }
+
     /// Writes jobs until idle for [`PIPELINE_IDLE`] or, after `shutdown`, until the queue is
     /// empty.
     async fn run(mut self, mut jobs: mpsc::Receiver<Job>, shutdown: CancellationToken) {
@@ -414,31 +510,186 @@ impl Pipeline {
     }
 
     async fn serve(&mut self, jobs: &mut mpsc::Receiver<Job>, shutdown: CancellationToken) {
+        let mut closed = false;
         loop {
-            let job = tokio::select! {
-                job = jobs.recv() => job,
-                () = shutdown.cancelled(), if !jobs.is_closed() => {
-                    // Nothing new arrives; what is queued is still written below.
-                    jobs.close();
-                    continue;
+            self.send_waiting().await;
+            let idle = self.in_flight.is_empty() && self.waiting.is_empty();
+            if closed && idle {
+                self.park();
+                return;
+            }
+            let room = self.waiting.is_empty() && self.in_flight.len() < MAX_IN_FLIGHT;
+            let paused_until = self.paused_until;
+            tokio::select! {
+                result = oldest(&mut self.in_flight), if !self.in_flight.is_empty() => {
+                    self.settle(result).await;
                 }
-                () = tokio::time::sleep(PIPELINE_IDLE) => {
+                job = jobs.recv(), if room && !closed => match job {
+                    Some(job) => self.waiting.push_back(Pending { job, sent_as: None, refresh: false }),
+                    None => closed = true,
+                },
+                () = shutdown.cancelled(), if !jobs.is_closed() => {
+                    // Nothing new arrives; what is queued is still written.
+                    jobs.close();
+                }
+                () = tokio::time::sleep_until(paused_until.unwrap_or_else(tokio::time::Instant::now)), if paused_until.is_some() => {
+                    self.paused_until = None;
+                }
+                () = tokio::time::sleep(PIPELINE_IDLE), if idle && !closed => {
                     if self.end_if_idle(jobs) {
                         return;
                     }
-                    continue;
                 }
-            };
-            let Some(job) = job else {
-                self.park();
+            }
+        }
+    }
+
+    /// Sends waiting batches in order while fewer than [`MAX_IN_FLIGHT`] are in flight.
+    async fn send_waiting(&mut self) {
+        while self.in_flight.len() < MAX_IN_FLIGHT && self.paused_until.is_none() {
+            let Some(mut pending) = self.waiting.pop_front() else {
                 return;
             };
-            let outcome = self.write(&job).await;
-            if outcome.error_code != 0 {
-                self.target.failures.increment(1);
+            if Instant::now() >= pending.job.deadline {
+                // Too late for its client, who will have given up on it. Were it sent before,
+                // what follows keeps its numbers: should it not have landed, the broker
+                // refuses the next one as out of order and the producer starts over.
+                self.answer(pending.job, error_response(self.key.1, REQUEST_TIMED_OUT));
+                continue;
             }
-            let _ = job.done.send(Some(outcome));
+            let (id, epoch, generation) = match self.target.producer_id().await {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(cluster = %self.target.client.name, error = %e, "no producer id for redirected writes yet");
+                    self.waiting.push_front(pending);
+                    self.pause(Duration::from_millis(200));
+                    return;
+                }
+            };
+            if generation != self.generation_seen {
+                if !self.in_flight.is_empty() {
+                    // Batches under the old id settle first, so none lands after a later one.
+                    self.waiting.push_front(pending);
+                    return;
+                }
+                self.next_seq = 0;
+                self.generation_seen = generation;
+            }
+            let seq = match pending.sent_as {
+                Some((g, seq)) if g == generation => seq,
+                _ => {
+                    let seq = self.next_seq;
+                    self.next_seq = seq.wrapping_add(pending.job.records);
+                    seq
+                }
+            };
+            pending.sent_as = Some((generation, seq));
+            let Ok(batch) = records::renumbered(&pending.job.batch, Some((id, epoch)), seq) else {
+                // The request half parsed this batch before queueing it; never expected.
+                self.next_seq = seq;
+                self.answer(pending.job, error_response(self.key.1, CORRUPT_MESSAGE));
+                continue;
+            };
+            let job = &pending.job;
+            let reply = self
+                .target
+                .client
+                .submit(
+                    &self.key.0,
+                    self.key.1,
+                    batch,
+                    job.acks,
+                    job.timeout_ms,
+                    std::mem::take(&mut pending.refresh),
+                )
+                .await;
+            self.in_flight.push_back(Sent { pending, reply });
         }
+    }
+
+    /// Settles the oldest batch in flight, whose answer is `result`.
+    async fn settle(&mut self, result: anyhow::Result<PartitionProduceResponse>) {
+        let Some(Sent {
+            pending: mut head, ..
+        }) = self.in_flight.pop_front()
+        else {
+            return;
+        };
+        let failure = match Attempt::of(result) {
+            Attempt::Landed(answer) => {
+                self.answer(head.job, answer);
+                return;
+            }
+            failure => failure,
+        };
+        // The oldest failed: everything sent after it settles before anything is sent again.
+        let mut again = VecDeque::new();
+        while let Some(Sent { pending, reply }) = self.in_flight.pop_front() {
+            match Attempt::of(reply.await) {
+                Attempt::Landed(answer) => self.answer(pending.job, answer),
+                _ => again.push_back(pending),
+            }
+        }
+        let in_time = Instant::now() < head.job.deadline;
+        let partition = self.key.1;
+        match failure {
+            Attempt::Landed(_) => unreachable!("settled above"),
+            Attempt::Fenced(answer) => {
+                warn!(cluster = %self.target.client.name, code = answer.error_code, "redirect producer state reset");
+                let generation = head.sent_as.map_or(self.generation_seen, |(g, _)| g);
+                self.target.reset_producer(generation).await;
+                if in_time {
+                    again.push_front(head);
+                } else {
+                    self.answer(head.job, error_response(partition, REQUEST_TIMED_OUT));
+                }
+            }
+            Attempt::Retry { refresh, .. } if in_time => {
+                head.refresh = refresh;
+                again.push_front(head);
+                self.pause(Duration::from_millis(100));
+            }
+            Attempt::Retry { answer, .. } | Attempt::Refused(answer) => {
+                // Not written: what follows is numbered from its number on.
+                if let Some((generation, seq)) = head.sent_as
+                    && generation == self.generation_seen
+                {
+                    self.next_seq = seq;
+                    for p in again.iter_mut().chain(self.waiting.iter_mut()) {
+                        p.sent_as = None;
+                    }
+                }
+                self.answer(head.job, answer);
+            }
+            Attempt::Lost(e) if in_time => {
+                // Sent again with the same numbers: the broker drops it if it did land.
+                debug!(cluster = %self.target.client.name, error = %e, "redirected write failed; retrying");
+                again.push_front(head);
+                self.pause(Duration::from_millis(100));
+            }
+            Attempt::Lost(e) => {
+                // Whether it landed is unknown, so what follows keeps its numbers: if it did
+                // not, the broker refuses the next as out of order and the producer starts
+                // over under a new id.
+                warn!(cluster = %self.target.client.name, error = %e, "redirected write failed");
+                self.answer(head.job, error_response(partition, REQUEST_TIMED_OUT));
+            }
+        }
+        while let Some(p) = again.pop_back() {
+            self.waiting.push_front(p);
+        }
+    }
+
+    fn pause(&mut self, pause: Duration) {
+        self.paused_until = Some(tokio::time::Instant::now() + pause);
+    }
+
+    /// Gives a job's client its answer.
+    fn answer(&self, job: Job, answer: PartitionProduceResponse) {
+        if answer.error_code != 0 {
+            self.target.failures.increment(1);
+        }
+        let _ = job.done.send(Some(answer));
     }
 
     /// Ends the pipeline if nothing is queued, under the lock jobs are queued under, keeping
@@ -464,72 +715,13 @@ impl Pipeline {
             .stopped
             .insert(self.key.clone(), (self.generation_seen, self.next_seq));
     }
+}
 
-    /// Writes one batch, retrying what can be retried within the client's timeout.
-    async fn write(&mut self, job: &Job) -> PartitionProduceResponse {
-        let target = &self.target;
-        let (topic, partition) = (&self.key.0, self.key.1);
-        // Answer before the client's own request times out.
-        let budget = Duration::from_millis((job.timeout_ms.clamp(1_000, 120_000) as u64) * 4 / 5);
-        let deadline = Instant::now() + budget;
-        loop {
-            let in_time = Instant::now() < deadline;
-            let (id, epoch, generation) = match target.producer_id().await {
-                Ok(p) => p,
-                Err(e) if in_time => {
-                    warn!(cluster = %target.client.name, error = %e, "no producer id for redirected writes yet");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-                Err(_) => break error_response(partition, REQUEST_TIMED_OUT),
-            };
-            if generation != self.generation_seen {
-                self.next_seq = 0;
-                self.generation_seen = generation;
-            }
-            let Ok(batch) = records::renumbered(&job.batch, Some((id, epoch)), self.next_seq)
-            else {
-                // The request half parsed this batch before queueing it; never expected.
-                break error_response(partition, CORRUPT_MESSAGE);
-            };
-            match target
-                .client
-                .produce(topic, partition, batch, job.acks, job.timeout_ms)
-                .await
-            {
-                Ok(r) if r.error_code == 0 || r.error_code == DUPLICATE_SEQUENCE_NUMBER => {
-                    self.next_seq = self.next_seq.wrapping_add(job.records);
-                    break r.with_error_code(0);
-                }
-                Ok(r)
-                    if matches!(
-                        r.error_code,
-                        OUT_OF_ORDER_SEQUENCE_NUMBER | UNKNOWN_PRODUCER_ID | INVALID_PRODUCER_EPOCH
-                    ) && in_time =>
-                {
-                    // The cluster lost or fenced keyward's producer state: start a new one.
-                    warn!(cluster = %target.client.name, code = r.error_code, "redirect producer state reset");
-                    target.reset_producer(generation).await;
-                }
-                Ok(r) if retriable(r.error_code) && in_time => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Ok(r) => break r,
-                Err(e) if in_time => {
-                    // Outcome unknown: the same id and sequence again let the broker drop a
-                    // duplicate if the first attempt did land.
-                    debug!(cluster = %target.client.name, error = %e, "redirected write failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => {
-                    warn!(cluster = %target.client.name, error = %e, "redirected write failed");
-                    // Whether it landed is unknown: a new producer id keeps the next batch from
-                    // being mistaken for a duplicate of this one.
-                    target.reset_producer(generation).await;
-                    break error_response(partition, REQUEST_TIMED_OUT);
-                }
-            }
-        }
+/// The answer to the oldest batch in flight (there is one).
+async fn oldest(in_flight: &mut VecDeque<Sent>) -> anyhow::Result<PartitionProduceResponse> {
+    match in_flight.front_mut() {
+        Some(sent) => sent.reply.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -9,7 +9,7 @@
 //! [`FakeBroker::down`] closes every connection it has and every one it accepts, until it is
 //! brought back up.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,16 +25,19 @@ use kafka_protocol::messages::{
     ProduceRequest, ProduceResponse, ProducerId, RequestHeader, ResponseHeader,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use keyward::codec::errors::OUT_OF_ORDER_SEQUENCE_NUMBER;
 use keyward::codec::records::BatchHeader;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 /// `topic_authorized_operations` granting every topic operation (READ, WRITE, CREATE, DELETE,
 /// ALTER, DESCRIBE, DESCRIBE_CONFIGS, ALTER_CONFIGS: bits 3-8, 10, 11).
 const TOPIC_OPERATIONS: i32 = 0b1101_1111_1000;
 
-/// The producer id every InitProducerId is answered with (epoch 0).
+/// The producer id every InitProducerId is answered with (epoch 0 the first time, one more
+/// each time after).
 pub const PRODUCER_ID: i64 = 1_000;
 
 /// The base offset the fake broker gives a partition it appends to.
@@ -64,7 +67,25 @@ pub struct Script {
     pub delay: Duration,
     /// Fetch requests are answered only once [`FakeBroker::release_fetch`] is called.
     pub hold_fetch: bool,
+    /// Every answer leaves this long after its request arrived, while the requests behind it
+    /// are read and answered in turn: a broker at the far end of a slow link.
+    pub latency: Duration,
+    /// Produce is checked as a broker checks an idempotent producer's batches: per producer,
+    /// epoch and partition, a batch numbered where the last one ended (from 0) is appended, one of the last 5 appended is answered as a
+    /// duplicate (success, not appended again), and any other is refused with
+    /// OUT_OF_ORDER_SEQUENCE_NUMBER.
+    pub check_sequences: bool,
 }
+
+/// An idempotent producer's numbering on one partition, as the broker tracks it.
+#[derive(Default)]
+struct Numbering {
+    next: i32,
+    /// Base sequences of the last 5 batches appended.
+    recent: VecDeque<i32>,
+}
+
+type StreamId = (i64, i16, String, i32);
 
 /// What the broker's connections share with the test.
 #[derive(Default)]
@@ -78,6 +99,14 @@ struct State {
     release: Notify,
     /// Metadata answers written (to keyward's probes and to clients through keyward).
     metadata_answers: AtomicUsize,
+    /// InitProducerId answers given: the epoch of the next.
+    producer_ids: AtomicUsize,
+    /// Produce requests read and not yet answered, and the most there ever were.
+    produce_outstanding: AtomicUsize,
+    produce_outstanding_max: AtomicUsize,
+    /// With [`Script::check_sequences`]: each stream's numbering, and the batches appended.
+    numbering: Mutex<HashMap<StreamId, Numbering>>,
+    appended: Mutex<Vec<Batch>>,
 }
 
 pub struct FakeBroker {
@@ -127,6 +156,16 @@ impl FakeBroker {
         self.state.extra_nodes.lock().unwrap().push(node_id);
     }
 
+    /// The batches appended so far (with [`Script::check_sequences`]), in order.
+    pub fn appended(&self) -> Vec<Batch> {
+        self.state.appended.lock().unwrap().clone()
+    }
+
+    /// The most Produce requests that were ever read and not yet answered at once.
+    pub fn most_produce_in_flight(&self) -> usize {
+        self.state.produce_outstanding_max.load(Ordering::Relaxed)
+    }
+
     /// How many Metadata answers the broker has written so far.
     pub fn metadata_answers(&self) -> usize {
         self.state.metadata_answers.load(Ordering::Relaxed)
@@ -150,19 +189,24 @@ impl FakeBroker {
 }
 
 async fn serve(
-    mut stream: TcpStream,
+    stream: TcpStream,
     me: SocketAddr,
     script: Script,
     state: Arc<State>,
     mut down: watch::Receiver<bool>,
 ) {
+    let (mut read, write) = stream.into_split();
+    // Answers leave in request order, each when it is due.
+    let (answers, queued) = mpsc::unbounded_channel();
+    tokio::spawn(answer(write, queued, state.clone(), down.clone()));
     let mut buf = BytesMut::new();
     loop {
         let frame = tokio::select! {
-            frame = read_frame(&mut stream, &mut buf) => frame,
+            frame = read_frame(&mut read, &mut buf) => frame,
             _ = down.wait_for(|d| *d) => return,
         };
         let Some(frame) = frame else { return };
+        let arrived = tokio::time::Instant::now();
         let mut body = frame;
         let api = ApiKey::try_from(i16::from_be_bytes([body[0], body[1]])).unwrap();
         let version = i16::from_be_bytes([body[2], body[3]]);
@@ -175,18 +219,36 @@ async fn serve(
                 Some(encode(api, version, id, &metadata(me, &extra, &request)))
             }
             ApiKey::InitProducerId => {
+                // A producer asking again is fenced off from its earlier epoch.
+                let epoch = state.producer_ids.fetch_add(1, Ordering::Relaxed) as i16;
                 let response = InitProducerIdResponse::default()
                     .with_producer_id(ProducerId(PRODUCER_ID))
-                    .with_producer_epoch(0);
+                    .with_producer_epoch(epoch);
                 Some(encode(api, version, id, &response))
             }
             ApiKey::Produce => {
                 let request = ProduceRequest::decode(&mut body, version).unwrap();
-                state.batches.lock().unwrap().extend(batches(&request));
+                let received = batches(&request);
+                state
+                    .batches
+                    .lock()
+                    .unwrap()
+                    .extend(received.iter().cloned());
                 let error = state.produce_errors.lock().unwrap().pop_front();
-                let (record, response) = produce(&request, error);
+                let codes = match (error, script.check_sequences) {
+                    (Some(code), _) => vec![code; received.len()],
+                    (None, true) => check_sequences(&state, &received),
+                    (None, false) => vec![0; received.len()],
+                };
+                let (record, response) = produce(&request, &codes);
                 state.produced.lock().unwrap().push((request.acks, record));
-                (request.acks != 0).then(|| encode(api, version, id, &response))
+                (request.acks != 0).then(|| {
+                    let now = state.produce_outstanding.fetch_add(1, Ordering::Relaxed) + 1;
+                    state
+                        .produce_outstanding_max
+                        .fetch_max(now, Ordering::Relaxed);
+                    encode(api, version, id, &response)
+                })
             }
             ApiKey::Fetch => {
                 if script.hold_fetch {
@@ -198,14 +260,70 @@ async fn serve(
         };
         if let Some(answer) = answer {
             tokio::time::sleep(script.delay).await;
-            if stream.write_all(&answer).await.is_err() {
+            let due = arrived + script.latency;
+            if answers.send((due, api, answer)).is_err() {
                 return;
-            }
-            if api == ApiKey::Metadata {
-                state.metadata_answers.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
+}
+
+/// Writes a connection's answers in order, each once it is due.
+async fn answer(
+    mut write: OwnedWriteHalf,
+    mut queued: mpsc::UnboundedReceiver<(tokio::time::Instant, ApiKey, Bytes)>,
+    state: Arc<State>,
+    mut down: watch::Receiver<bool>,
+) {
+    while let Some((due, api, answer)) = queued.recv().await {
+        tokio::select! {
+            () = tokio::time::sleep_until(due) => {}
+            _ = down.wait_for(|d| *d) => return,
+        }
+        if write.write_all(&answer).await.is_err() {
+            return;
+        }
+        match api {
+            ApiKey::Metadata => {
+                state.metadata_answers.fetch_add(1, Ordering::Relaxed);
+            }
+            ApiKey::Produce => {
+                state.produce_outstanding.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The error code of each batch received, as a broker numbering idempotent producers' batches
+/// answers it (see [`Script::check_sequences`]); appended batches are recorded.
+fn check_sequences(state: &State, received: &[Batch]) -> Vec<i16> {
+    let mut numbering = state.numbering.lock().unwrap();
+    received
+        .iter()
+        .map(|b| {
+            let stream = (
+                b.producer_id,
+                b.producer_epoch,
+                b.topic.clone(),
+                b.partition,
+            );
+            let n = numbering.entry(stream).or_default();
+            if b.base_sequence == n.next {
+                n.next += b.records;
+                n.recent.push_back(b.base_sequence);
+                if n.recent.len() > 5 {
+                    n.recent.pop_front();
+                }
+                state.appended.lock().unwrap().push(b.clone());
+                0
+            } else if n.recent.contains(&b.base_sequence) {
+                0
+            } else {
+                OUT_OF_ORDER_SEQUENCE_NUMBER
+            }
+        })
+        .collect()
 }
 
 fn metadata(me: SocketAddr, extra_nodes: &[i32], request: &MetadataRequest) -> MetadataResponse {
@@ -278,11 +396,9 @@ fn batches(request: &ProduceRequest) -> Vec<Batch> {
         .collect()
 }
 
-/// What was asked, and the answer: `error` for every partition, or [`broker_offset`]s.
-fn produce(
-    request: &ProduceRequest,
-    error: Option<i16>,
-) -> (Vec<(String, Vec<i32>)>, ProduceResponse) {
+/// What was asked, and the answer: each partition's code from `codes` (in request order), with
+/// a [`broker_offset`] where it is 0.
+fn produce(request: &ProduceRequest, codes: &[i16]) -> (Vec<(String, Vec<i32>)>, ProduceResponse) {
     let record = request
         .topic_data
         .iter()
@@ -291,31 +407,32 @@ fn produce(
             (t.name.0.to_string(), partitions)
         })
         .collect();
-    // Reverse order: a broker owes no particular order within a response.
-    let responses = request
+    let mut codes = codes.iter().copied();
+    let answered: Vec<TopicProduceResponse> = request
         .topic_data
         .iter()
-        .rev()
         .map(|t| {
+            let partitions = t
+                .partition_data
+                .iter()
+                .map(|p| match codes.next().unwrap_or(0) {
+                    0 => PartitionProduceResponse::default()
+                        .with_index(p.index)
+                        .with_base_offset(broker_offset(&t.name.0, p.index)),
+                    code => PartitionProduceResponse::default()
+                        .with_index(p.index)
+                        .with_error_code(code)
+                        .with_base_offset(-1),
+                })
+                .rev()
+                .collect::<Vec<_>>();
             TopicProduceResponse::default()
                 .with_name(t.name.clone())
-                .with_partition_responses(
-                    t.partition_data
-                        .iter()
-                        .rev()
-                        .map(|p| match error {
-                            Some(code) => PartitionProduceResponse::default()
-                                .with_index(p.index)
-                                .with_error_code(code)
-                                .with_base_offset(-1),
-                            None => PartitionProduceResponse::default()
-                                .with_index(p.index)
-                                .with_base_offset(broker_offset(&t.name.0, p.index)),
-                        })
-                        .collect(),
-                )
+                .with_partition_responses(partitions)
         })
         .collect();
+    // Reverse order: a broker owes no particular order within a response.
+    let responses = answered.into_iter().rev().collect();
     (record, ProduceResponse::default().with_responses(responses))
 }
 
@@ -333,7 +450,7 @@ pub fn encode<M: Encodable>(api: ApiKey, version: i16, correlation_id: i32, body
 }
 
 /// The next frame's body (length prefix removed), or `None` when the peer closed.
-pub async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut) -> Option<Bytes> {
+pub async fn read_frame<R: AsyncRead + Unpin>(stream: &mut R, buf: &mut BytesMut) -> Option<Bytes> {
     loop {
         if buf.len() >= 4 {
             let len = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;

@@ -209,19 +209,35 @@ impl Ownership {
             Outcome::Unchanged { .. } => "unchanged",
             Outcome::Failed(_) => "error",
         };
-        let previous = matches!(outcome, Outcome::Loaded { .. }).then_some(old.hash.as_str());
+        let previous = matches!(outcome, Outcome::Loaded { .. }).then_some(&*old);
         drop(last_error);
         self.publish(trigger, result, previous);
         outcome
     }
 
     /// Brings the table metrics up to date with the table in force.
-    fn publish(&self, trigger: Trigger, result: &'static str, previous_hash: Option<&str>) {
+    fn publish(&self, trigger: Trigger, result: &'static str, previous: Option<&Snapshot>) {
         counter!("keyward_table_reloads_total", "trigger" => trigger.as_str(), "result" => result)
             .increment(1);
         let current = self.current.load();
-        if let Some(previous) = previous_hash {
-            gauge!("keyward_table_info", "hash" => previous.to_owned()).set(0.0);
+        if let Some(previous) = previous {
+            gauge!("keyward_table_info", "hash" => previous.hash.clone()).set(0.0);
+            // A rule that is gone holds nothing any more.
+            for rule in previous.table.rules() {
+                if !current.table.rules().iter().any(|r| r.name == rule.name) {
+                    for state in ["frozen", "taken_over"] {
+                        gauge!("keyward_rule_parts", "rule" => rule.name.clone(), "state" => state)
+                            .set(0.0);
+                    }
+                }
+            }
+        }
+        for rule in current.table.rules() {
+            let (frozen, taken_over) = rule.parts_in_state();
+            gauge!("keyward_rule_parts", "rule" => rule.name.clone(), "state" => "frozen")
+                .set(frozen as f64);
+            gauge!("keyward_rule_parts", "rule" => rule.name.clone(), "state" => "taken_over")
+                .set(taken_over as f64);
         }
         gauge!("keyward_table_info", "hash" => current.hash.clone()).set(1.0);
         gauge!("keyward_table_version").set(current.version as f64);

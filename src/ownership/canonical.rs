@@ -12,7 +12,7 @@
 //! Runs on load and reload only, never per record; it allocates freely.
 
 use super::RegionId;
-use super::rule::{By, Fallback, KeyPart, PartOwners, Rule};
+use super::rule::{By, Fallback, KeyPart, PartOwners, PartState, Rule};
 use super::table::Table;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -25,7 +25,7 @@ use std::fmt::Write as _;
 const MAX_NAMED: usize = 20;
 
 /// A rule's fields in the order a diff names them (the order the file format documents them).
-const FIELD_ORDER: [&str; 13] = [
+const FIELD_ORDER: [&str; 15] = [
     "topics",
     "by",
     "slots",
@@ -39,6 +39,8 @@ const FIELD_ORDER: [&str; 13] = [
     "null_key",
     "unmatched",
     "on_foreign",
+    "frozen",
+    "takeover",
 ];
 
 /// Fields compared when a rule's `by` changed, where both sides have them: the others follow
@@ -204,7 +206,71 @@ impl Table {
         if !matches!(rule.by, By::Any) {
             out.insert("on_foreign".into(), rule.on_foreign.as_str().into());
         }
+        // Only when set, so a table without part states hashes as it always did.
+        let (frozen, takeover) = self.states_json(rule);
+        if let Some(frozen) = frozen {
+            out.insert("frozen".into(), frozen);
+        }
+        if let Some(takeover) = takeover {
+            out.insert("takeover".into(), takeover);
+        }
         Value::Object(out)
+    }
+
+    /// A rule's `frozen` (`"all"`, or its frozen parts) and `takeover` (a region, or
+    /// `{region: parts}`), each `None` when nothing has it. Parts are written as `owners`
+    /// writes them: merged ranges of slots or partitions, or sorted values.
+    pub(super) fn states_json(&self, rule: &Rule) -> (Option<Value>, Option<Value>) {
+        let states = rule.states();
+        // Every part with a state, as `(first, last)` runs or a value, with its state.
+        let mut ranges: Vec<(i64, i64, PartState)> = (0i64..)
+            .zip(states.slots.iter())
+            .filter(|(_, s)| s.is_set())
+            .map(|(i, &s)| (i, i, s))
+            .collect();
+        ranges.extend(
+            states
+                .partitions
+                .iter()
+                .map(|&(f, l, s)| (i64::from(f), i64::from(l), s)),
+        );
+        let mut values: Vec<(&[u8], PartState)> =
+            states.values.iter().map(|(v, &s)| (&v[..], s)).collect();
+        values.sort_unstable_by_key(|v| v.0);
+        let parts = |keep: &dyn Fn(PartState) -> bool| -> Value {
+            let runs = merged(ranges.iter().filter(|r| keep(r.2)).map(|&(f, l, _)| (f, l)));
+            let mut out: Vec<Value> = runs;
+            out.extend(values.iter().filter(|v| keep(v.1)).map(|v| bytes_json(v.0)));
+            out.into()
+        };
+        let frozen = if states.whole.frozen {
+            Some("all".into())
+        } else if ranges.iter().any(|r| r.2.frozen) || values.iter().any(|v| v.1.frozen) {
+            Some(parts(&|s| s.frozen))
+        } else {
+            None
+        };
+        let takeover = if let Some(region) = states.whole.takeover {
+            Some(self.region_name(region).into())
+        } else {
+            let mut regions: Vec<RegionId> = ranges
+                .iter()
+                .map(|r| r.2)
+                .chain(values.iter().map(|v| v.1))
+                .filter_map(|s| s.takeover)
+                .collect();
+            regions.sort_unstable_by_key(|&r| self.region_name(r));
+            regions.dedup();
+            let by_region: Map<String, Value> = regions
+                .into_iter()
+                .map(|r| {
+                    let name = self.region_name(r).to_owned();
+                    (name, parts(&|s| s.takeover == Some(r)))
+                })
+                .collect();
+            (!by_region.is_empty()).then(|| by_region.into())
+        };
+        (frozen, takeover)
     }
 
     /// `{"eu": ["acme", "globex"], "us": ["initech"]}`: the values each region owns, sorted by
@@ -268,6 +334,26 @@ impl Table {
             Fallback::Region(region) => self.region_name(region).into(),
         }
     }
+}
+
+/// `["0-5", "9"]`: sorted `(first, last)` runs, neighbours merged.
+fn merged(runs: impl Iterator<Item = (i64, i64)>) -> Vec<Value> {
+    let mut out: Vec<(i64, i64)> = Vec::new();
+    for (first, last) in runs {
+        match out.last_mut() {
+            Some((_, end)) if *end + 1 == first => *end = last,
+            _ => out.push((first, last)),
+        }
+    }
+    out.into_iter()
+        .map(|(first, last)| {
+            if first == last {
+                first.to_string().into()
+            } else {
+                format!("{first}-{last}").into()
+            }
+        })
+        .collect()
 }
 
 /// A header value: a string when it is UTF-8 (always, from a YAML file), else its hex, in an

@@ -37,6 +37,71 @@ pub(crate) struct RawRule {
     pub null_key: Option<String>,
     pub unmatched: Option<String>,
     pub on_foreign: Option<RawOnForeign>,
+    pub frozen: Option<RawParts>,
+    pub takeover: Option<RawRuleTakeover>,
+}
+
+/// A rule's `frozen`: `all`, or the parts held (slots, values or partitions, as its `owners`
+/// lists them).
+#[derive(Debug)]
+pub(crate) enum RawParts {
+    All,
+    List(Vec<Item>),
+}
+
+/// A rule's `takeover`: a region that writes the whole rule, or `{region: [parts]}`.
+#[derive(Debug)]
+pub(crate) enum RawRuleTakeover {
+    Whole(String),
+    Parts(Pairs<Vec<Item>>),
+}
+
+impl<'de> Deserialize<'de> for RawParts {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PartsVisitor;
+        impl<'de> Visitor<'de> for PartsVisitor {
+            type Value = RawParts;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`all`, or a list of slots, values or partitions")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawParts, E> {
+                match v {
+                    "all" => Ok(RawParts::All),
+                    other => Err(E::custom(format!(
+                        "expected `all` or a list, found {other:?} (a list of one is [{other}])"
+                    ))),
+                }
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<RawParts, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(RawParts::List(items))
+            }
+        }
+        deserializer.deserialize_any(PartsVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawRuleTakeover {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TakeoverVisitor;
+        impl<'de> Visitor<'de> for TakeoverVisitor {
+            type Value = RawRuleTakeover;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a region (the whole rule), or a mapping of regions to parts")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawRuleTakeover, E> {
+                Ok(RawRuleTakeover::Whole(v.to_owned()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawRuleTakeover, A::Error> {
+                Pairs::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(RawRuleTakeover::Parts)
+            }
+        }
+        deserializer.deserialize_any(TakeoverVisitor)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

@@ -37,9 +37,13 @@ mod table;
 mod validate;
 
 #[cfg(test)]
+mod states_tests;
+#[cfg(test)]
 mod tests;
 
-pub use rule::{By, Fallback, KeyPart, OnForeign, PartOwners, PartitionRange, Rule};
+pub use rule::{
+    By, Fallback, KeyPart, OnForeign, PartOwners, PartState, PartStates, PartitionRange, Rule,
+};
 pub use subject::{About, Query, QueryError, Subject, quote};
 pub use table::{DefaultPolicy, Table};
 

@@ -20,6 +20,81 @@ pub struct Rule {
     pub on_foreign: OnForeign,
     /// The topic patterns as written, for display. Matching is done by the table.
     pub(super) topics: Box<[String]>,
+    /// The parts of its ownership held or handed to another region (`frozen`, `takeover`).
+    pub(super) states: PartStates,
+}
+
+/// What the table does to one part of a rule's ownership (a slot, a value, a partition, or the
+/// whole rule), whatever `owners` says: set by the rule's `frozen` and `takeover`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PartState {
+    /// Written by this region instead of the owner.
+    pub takeover: Option<RegionId>,
+    /// Writes are held, in every region.
+    pub frozen: bool,
+}
+
+impl PartState {
+    /// `self` (a whole rule's state) with a part's own state on top.
+    fn with(self, part: PartState) -> PartState {
+        PartState {
+            takeover: part.takeover.or(self.takeover),
+            frozen: self.frozen || part.frozen,
+        }
+    }
+
+    pub fn is_set(self) -> bool {
+        self.takeover.is_some() || self.frozen
+    }
+}
+
+/// The states of a rule's parts. Looked up on the hot path beside the owner, so each kind of
+/// part is kept the way its owners are: by slot index, by value, by sorted partition run.
+#[derive(Debug, Default)]
+pub struct PartStates {
+    /// The whole rule (`frozen: all`, `takeover: <region>`).
+    pub whole: PartState,
+    /// By slot, for rules with slots; empty when no slot has a state of its own.
+    pub slots: Box<[PartState]>,
+    /// Values with a state of their own, for rules with values. As for the owners: built once,
+    /// only read on the hot path.
+    pub values: HashMap<Box<[u8]>, PartState, foldhash::fast::RandomState>,
+    /// Partitions with a state of their own: `(first, last, state)`, sorted and disjoint.
+    pub partitions: Box<[(i32, i32, PartState)]>,
+}
+
+impl PartStates {
+    fn slot(&self, slot: u32) -> PartState {
+        let own = self.slots.get(slot as usize).copied().unwrap_or_default();
+        self.whole.with(own)
+    }
+
+    fn value(&self, value: &[u8]) -> PartState {
+        if self.values.is_empty() {
+            return self.whole;
+        }
+        self.whole
+            .with(self.values.get(value).copied().unwrap_or_default())
+    }
+
+    fn partition(&self, partition: i32) -> PartState {
+        let i = self
+            .partitions
+            .partition_point(|&(_, last, _)| last < partition);
+        let own = match self.partitions.get(i) {
+            Some(&(first, _, state)) if first <= partition => state,
+            _ => PartState::default(),
+        };
+        self.whole.with(own)
+    }
+
+    /// Whether any part of the rule has a state.
+    pub fn any(&self) -> bool {
+        self.whole.is_set()
+            || self.slots.iter().any(|s| s.is_set())
+            || !self.values.is_empty()
+            || !self.partitions.is_empty()
+    }
 }
 
 /// How a rule finds the owner of a write.
@@ -241,27 +316,37 @@ impl Rule {
     /// The raw owner of `subject` under this rule, or `None` when the subject does not say what
     /// the rule needs ([`Rule::needs`]): a query naming a partition for a key rule, another
     /// header than the rule's. A subject built from a record always answers.
+    pub fn claim(&self, subject: &Subject<'_>) -> Option<Claim> {
+        self.decide(subject).map(|(claim, _)| claim)
+    }
+
+    /// [`Rule::claim`], and the state of the part of the rule the claim falls in (its slot,
+    /// value or partition, and the whole rule's), for [`super::Table::judge`].
     ///
     /// The hot path: called once per record (once per partition when the rule does not read
     /// records); it hashes, indexes and compares, and never allocates or panics.
-    pub fn claim(&self, subject: &Subject<'_>) -> Option<Claim> {
+    pub fn decide(&self, subject: &Subject<'_>) -> Option<(Claim, PartState)> {
+        let whole = self.states.whole;
         Some(match &self.by {
             By::Key {
                 slots,
                 owners,
                 null_key,
             } => match subject.key()? {
-                None => null_key.claim(RejectReason::NullKey),
+                None => (null_key.claim(RejectReason::NullKey), whole),
                 Some(key) => {
                     let slot = to_positive(murmur2(key)) % slots;
                     // `owners` has exactly `slots` entries (built by `validate`), so `get` only
                     // guards against a bug there.
                     match owners.get(slot as usize) {
-                        Some(&region) => Claim::Region {
-                            region,
-                            slot: Some(slot),
-                        },
-                        None => Claim::Reject(RejectReason::WrongLookup),
+                        Some(&region) => (
+                            Claim::Region {
+                                region,
+                                slot: Some(slot),
+                            },
+                            self.states.slot(slot),
+                        ),
+                        None => (Claim::Reject(RejectReason::WrongLookup), whole),
                     }
                 }
             },
@@ -269,12 +354,15 @@ impl Rule {
                 header,
                 owners,
                 unmatched,
-            } => match subject
-                .header(header.as_bytes())?
-                .and_then(|v| owners.get(v))
-            {
-                Some(&region) => Claim::Region { region, slot: None },
-                None => unmatched.claim(RejectReason::UnmatchedHeader),
+            } => match subject.header(header.as_bytes())? {
+                Some(value) => match owners.get(value) {
+                    Some(&region) => (
+                        Claim::Region { region, slot: None },
+                        self.states.value(value),
+                    ),
+                    None => (unmatched.claim(RejectReason::UnmatchedHeader), whole),
+                },
+                None => (unmatched.claim(RejectReason::UnmatchedHeader), whole),
             },
             By::KeyPart {
                 part,
@@ -283,28 +371,84 @@ impl Rule {
             } => match subject
                 .key()?
                 .and_then(|key| part.extract(key))
-                .and_then(|value| owners.claim(value))
+                .and_then(|value| Some((owners.claim(value)?, value)))
             {
-                Some(claim) => claim,
-                None => unmatched.claim(RejectReason::UnmatchedKeyPart),
+                Some((
+                    claim @ Claim::Region {
+                        slot: Some(slot), ..
+                    },
+                    _,
+                )) => (claim, self.states.slot(slot)),
+                Some((claim, value)) => (claim, self.states.value(value)),
+                None => (unmatched.claim(RejectReason::UnmatchedKeyPart), whole),
             },
             By::Partition { owners } => {
                 let partition = subject.partition()?;
                 let i = owners.partition_point(|range| range.last < partition);
                 match owners.get(i) {
-                    Some(range) if range.first <= partition => Claim::Region {
-                        region: range.owner,
-                        slot: None,
-                    },
-                    _ => Claim::Reject(RejectReason::UnownedPartition),
+                    Some(range) if range.first <= partition => (
+                        Claim::Region {
+                            region: range.owner,
+                            slot: None,
+                        },
+                        self.states.partition(partition),
+                    ),
+                    _ => (Claim::Reject(RejectReason::UnownedPartition), whole),
                 }
             }
-            By::Topic { owner } => Claim::Region {
-                region: *owner,
-                slot: None,
-            },
-            By::Any => Claim::Any,
+            By::Topic { owner } => (
+                Claim::Region {
+                    region: *owner,
+                    slot: None,
+                },
+                whole,
+            ),
+            By::Any => (Claim::Any, whole),
         })
+    }
+
+    /// The states of the rule's parts.
+    pub fn states(&self) -> &PartStates {
+        &self.states
+    }
+
+    /// How many of the rule's parts (slots, values, partitions; a `by: topic` rule is one
+    /// part) are frozen, and how many taken over, the whole rule's state counting for all.
+    pub fn parts_in_state(&self) -> (u64, u64) {
+        let states = &self.states;
+        let all = match &self.by {
+            By::Key { slots, .. } => u64::from(*slots),
+            By::Header { owners, .. }
+            | By::KeyPart {
+                owners: PartOwners::Values(owners),
+                ..
+            } => owners.len() as u64,
+            By::KeyPart {
+                owners: PartOwners::Slots(owners),
+                ..
+            } => owners.len() as u64,
+            By::Partition { owners } => owners
+                .iter()
+                .map(|r| (i64::from(r.last) - i64::from(r.first) + 1) as u64)
+                .sum(),
+            By::Topic { .. } => 1,
+            By::Any => 0,
+        };
+        let count = |of: fn(PartState) -> bool| -> u64 {
+            if of(states.whole) {
+                return all;
+            }
+            let slots = states.slots.iter().filter(|&&s| of(s)).count() as u64;
+            let values = states.values.values().filter(|&&s| of(s)).count() as u64;
+            let partitions: u64 = states
+                .partitions
+                .iter()
+                .filter(|p| of(p.2))
+                .map(|&(f, l, _)| (i64::from(l) - i64::from(f) + 1) as u64)
+                .sum();
+            slots + values + partitions
+        };
+        (count(|s| s.frozen), count(|s| s.takeover.is_some()))
     }
 
     /// What [`Rule::claim`] needs for this rule: `key`, `header:<name>`, `partition` or nothing.

@@ -1,7 +1,7 @@
 //! The validated table: rules in file order, the topic index, takeover and frozen. Immutable
 //! once built; a reload builds a new one.
 
-use super::rule::{By, Fallback, PartOwners, Rule};
+use super::rule::{By, Fallback, PartOwners, PartState, Rule};
 use super::{Claim, RegionId, RejectReason, Subject, TableError, Verdict, glob, validate};
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -137,14 +137,21 @@ impl Table {
     /// Turn a claim into the verdict for a proxy writing for `local`: applies takeover, then
     /// frozen.
     pub fn verdict(&self, claim: Claim, local: RegionId) -> Verdict {
+        self.judge(claim, PartState::default(), local)
+    }
+
+    /// [`Table::verdict`] for a claim in a part of a rule with a state ([`Rule::decide`]): the
+    /// part's takeover first, then the regions' takeover, then frozen (the part's, or the
+    /// owner region's).
+    pub fn judge(&self, claim: Claim, part: PartState, local: RegionId) -> Verdict {
         let owner = match claim {
             Claim::Any => return Verdict::Any,
             Claim::Reject(reason) => return Verdict::Reject(reason),
             Claim::Local => local,
             Claim::Region { region, .. } => region,
         };
-        let owner = self.effective_owner(owner);
-        if self.is_frozen(owner) {
+        let owner = self.effective_owner(part.takeover.unwrap_or(owner));
+        if part.frozen || self.is_frozen(owner) {
             Verdict::Frozen { owner }
         } else if owner == local {
             Verdict::Owned
@@ -168,7 +175,7 @@ impl Table {
                 DefaultPolicy::Reject => "decision=reject reason=default_reject rule=-".to_owned(),
             };
         };
-        let Some(claim) = rule.claim(subject) else {
+        let Some((claim, part)) = rule.decide(subject) else {
             return format!(
                 "decision=undecided need={} rule={}",
                 rule.needs(),
@@ -183,7 +190,7 @@ impl Table {
             Claim::Local => (local, None),
             Claim::Region { region, slot } => (region, slot),
         };
-        let effective = self.effective_owner(owner);
+        let effective = self.effective_owner(part.takeover.unwrap_or(owner));
         let slot = slot.map_or_else(|| "-".to_owned(), |slot| slot.to_string());
         let mut line = format!(
             "region={} rule={} slot={slot}",
@@ -193,7 +200,7 @@ impl Table {
         if effective != owner {
             write!(line, " takeover_from={}", self.region_name(owner)).ok();
         }
-        if self.is_frozen(effective) {
+        if part.frozen || self.is_frozen(effective) {
             line.push_str(" frozen=true");
         }
         line
@@ -280,6 +287,13 @@ impl Table {
             }
             if !matches!(rule.by, By::Any) {
                 writeln!(out, "    on_foreign: {}", rule.on_foreign.as_str()).ok();
+            }
+            let (frozen, takeover) = self.states_json(rule);
+            if let Some(frozen) = frozen {
+                writeln!(out, "    frozen: {frozen}").ok();
+            }
+            if let Some(takeover) = takeover {
+                writeln!(out, "    takeover: {takeover}").ok();
             }
         }
         writeln!(out, "default: {}", self.default.as_str()).ok();

@@ -770,7 +770,7 @@ fn unknown_fields_and_bad_yaml_are_named_with_path_and_position() {
         rejected("rules:\n  - name: orders\n    topics: [orders]\n    slotz: 3\n"),
         "ownership.yaml: rules[0].slotz: unknown field `slotz`, expected one of `name`, \
          `topics`, `by`, `slots`, `header`, `delimiter`, `index`, `pattern`, `group`, `owners`, \
-         `owner`, `null_key`, `unmatched`, `on_foreign` at line 4 column 5"
+         `owner`, `null_key`, `unmatched`, `on_foreign`, `frozen`, `takeover` at line 4 column 5"
     );
     assert_eq!(
         rejected("rules: []\nfrozn: [us]\n"),

@@ -2,9 +2,13 @@
 //! the field path and a precise problem. Runs on load and reload only, never per record, so it
 //! favours clear messages over speed.
 
-use super::file::{File, Item, Pairs, RawBy, RawDefault, RawOnForeign, RawRule};
+use super::file::{
+    File, Item, Pairs, RawBy, RawDefault, RawOnForeign, RawParts, RawRule, RawRuleTakeover,
+};
 use super::glob;
-use super::rule::{By, Fallback, KeyPart, OnForeign, PartOwners, PartitionRange, Rule};
+use super::rule::{
+    By, Fallback, KeyPart, OnForeign, PartOwners, PartState, PartStates, PartitionRange, Rule,
+};
 use super::table::{DefaultPolicy, Table};
 use super::{RegionId, TableError};
 use std::collections::HashMap;
@@ -206,6 +210,8 @@ impl Cx<'_> {
             null_key,
             unmatched,
             on_foreign,
+            frozen,
+            takeover,
         } = raw;
         if name.trim().is_empty() {
             return Err(self.error(format!("{at}.name"), "a rule needs a name"));
@@ -338,12 +344,264 @@ impl Cx<'_> {
             },
         };
 
+        let states = self.states(at, &by, frozen, takeover)?;
         Ok(Rule {
             name,
             by,
             on_foreign,
             topics: topics.into(),
+            states,
         })
+    }
+
+    /// A rule's `frozen` and `takeover`: the whole rule, or parts of it named as its `owners`
+    /// names them. Refused: parts the rule does not have or nobody owns, a part taken over by
+    /// two regions or by the region that owns it, and both on an `owner: any` rule, which has no
+    /// owner.
+    fn states(
+        &self,
+        at: &str,
+        by: &By,
+        frozen: Option<RawParts>,
+        takeover: Option<RawRuleTakeover>,
+    ) -> Result<PartStates, TableError> {
+        let mut states = PartStates::default();
+        if frozen.is_none() && takeover.is_none() {
+            return Ok(states);
+        }
+        if matches!(by, By::Any) {
+            let field = if frozen.is_some() {
+                "frozen"
+            } else {
+                "takeover"
+            };
+            return Err(self.error(
+                format!("{at}.{field}"),
+                "an `owner: any` rule has no owner: there is nothing to freeze or take over",
+            ));
+        }
+        // Each part's state, keyed the way the rule's owners are.
+        let mut slots: Vec<PartState> = match by {
+            By::Key { slots, .. } => vec![PartState::default(); *slots as usize],
+            By::KeyPart {
+                owners: PartOwners::Slots(owners),
+                ..
+            } => vec![PartState::default(); owners.len()],
+            _ => Vec::new(),
+        };
+        let mut values: HashMap<Box<[u8]>, PartState, foldhash::fast::RandomState> =
+            HashMap::default();
+        let mut frozen_partitions: Vec<(i32, i32)> = Vec::new();
+        let mut taken_partitions: Vec<(i32, i32, RegionId)> = Vec::new();
+
+        match frozen {
+            None => {}
+            Some(RawParts::All) => states.whole.frozen = true,
+            Some(RawParts::List(items)) => {
+                let path = format!("{at}.frozen");
+                for (k, item) in items.iter().enumerate() {
+                    match self.part(&format!("{path}[{k}]"), by, item)? {
+                        Part::Slots(first, last) => {
+                            for state in &mut slots[first..=last] {
+                                state.frozen = true;
+                            }
+                        }
+                        Part::Value(value, _) => values.entry(value).or_default().frozen = true,
+                        Part::Partitions(first, last) => frozen_partitions.push((first, last)),
+                    }
+                }
+            }
+        }
+
+        match takeover {
+            None => {}
+            Some(RawRuleTakeover::Whole(name)) => {
+                let path = format!("{at}.takeover");
+                let region = self.region(&path, &name, Also::Nothing)?;
+                if let By::Topic { owner } = by
+                    && *owner == region
+                {
+                    return Err(self.error(path, format!("{name} already owns this rule")));
+                }
+                states.whole.takeover = Some(region);
+            }
+            Some(RawRuleTakeover::Parts(Pairs(pairs))) => {
+                for (name, items) in pairs {
+                    let path = format!("{at}.takeover.{name}");
+                    let region = self.region(&path, &name, Also::Nothing)?;
+                    for (k, item) in items.iter().enumerate() {
+                        let item_path = format!("{path}[{k}]");
+                        match self.part(&item_path, by, item)? {
+                            Part::Slots(first, last) => {
+                                let owners = slot_owners_of(by);
+                                for (slot, state) in
+                                    slots.iter_mut().enumerate().take(last + 1).skip(first)
+                                {
+                                    if owners.get(slot) == Some(&region) {
+                                        return Err(self.error(
+                                            item_path,
+                                            format!("slot {slot} is already owned by {name}"),
+                                        ));
+                                    }
+                                    if let Some(other) = state.takeover {
+                                        return Err(self.error(
+                                            item_path,
+                                            format!(
+                                                "slot {slot} is also taken over by {}",
+                                                self.name(other)
+                                            ),
+                                        ));
+                                    }
+                                    state.takeover = Some(region);
+                                }
+                            }
+                            Part::Value(value, owner) => {
+                                let shown = String::from_utf8_lossy(&value).into_owned();
+                                if owner == region {
+                                    return Err(self.error(
+                                        item_path,
+                                        format!("`{shown}` is already owned by {name}"),
+                                    ));
+                                }
+                                let state = values.entry(value).or_default();
+                                if let Some(other) = state.takeover {
+                                    return Err(self.error(
+                                        item_path,
+                                        format!(
+                                            "`{shown}` is also taken over by {}",
+                                            self.name(other)
+                                        ),
+                                    ));
+                                }
+                                state.takeover = Some(region);
+                            }
+                            Part::Partitions(first, last) => {
+                                if let By::Partition { owners } = by
+                                    && let Some(r) = owners.iter().find(|r| {
+                                        r.owner == region && r.first <= last && first <= r.last
+                                    })
+                                {
+                                    return Err(self.error(
+                                        item_path,
+                                        format!(
+                                            "partition {} is already owned by {name}",
+                                            r.first.max(first)
+                                        ),
+                                    ));
+                                }
+                                if let Some(&(f, _, other)) = taken_partitions
+                                    .iter()
+                                    .find(|(f, l, _)| *f <= last && first <= *l)
+                                {
+                                    return Err(self.error(
+                                        item_path,
+                                        format!(
+                                            "partition {} is also taken over by {}",
+                                            f.max(first),
+                                            self.name(other)
+                                        ),
+                                    ));
+                                }
+                                taken_partitions.push((first, last, region));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        if slots.iter().any(|s| s.is_set()) {
+            states.slots = slots.into();
+        }
+        values.retain(|_, state| state.is_set());
+        states.values = values;
+        states.partitions = partition_runs(&frozen_partitions, &taken_partitions).into();
+        Ok(states)
+    }
+
+    /// One entry of a rule's `frozen` or `takeover` list, resolved against its owners: a slot
+    /// range, a listed value (with its owner), or a partition range every partition of which
+    /// is owned.
+    fn part(&self, path: &str, by: &By, item: &Item) -> Result<Part, TableError> {
+        let slot_count = match by {
+            By::Key { slots, .. } => Some(*slots as usize),
+            By::KeyPart {
+                owners: PartOwners::Slots(owners),
+                ..
+            } => Some(owners.len()),
+            _ => None,
+        };
+        if let Some(count) = slot_count {
+            let (first, last) = self.range(path, item, "slot")?;
+            if last >= count as i64 {
+                return Err(self.error(
+                    path,
+                    format!(
+                        "slot {} is out of range 0-{} (slots: {count})",
+                        first.max(count as i64),
+                        count - 1
+                    ),
+                ));
+            }
+            return Ok(Part::Slots(first as usize, last as usize));
+        }
+        let (values, noun) = match by {
+            By::Header { owners, .. } => (Some(owners), "header value"),
+            By::KeyPart {
+                owners: PartOwners::Values(owners),
+                ..
+            } => (Some(owners), "key part"),
+            _ => (None, ""),
+        };
+        if let Some(values) = values {
+            let value = match item {
+                Item::Str(value) => value,
+                Item::Int(n) => {
+                    return Err(self.error(
+                        path,
+                        format!("{noun} {n} is a number: quote it, e.g. \"{n}\""),
+                    ));
+                }
+            };
+            return match values.get(value.as_bytes()) {
+                Some(&owner) => Ok(Part::Value(value.as_bytes().into(), owner)),
+                None => Err(self.error(
+                    path,
+                    format!("{noun} `{value}` is not in this rule's owners"),
+                )),
+            };
+        }
+        match by {
+            By::Partition { owners } => {
+                let (first, last) = self.range(path, item, "partition")?;
+                let (Ok(first), Ok(last)) = (i32::try_from(first), i32::try_from(last)) else {
+                    return Err(self.error(path, "partition is out of range"));
+                };
+                // Every partition of the range must be owned: walk the sorted owner ranges.
+                let mut next = i64::from(first);
+                for r in owners.iter().filter(|r| r.last >= first && r.first <= last) {
+                    if i64::from(r.first) > next {
+                        break;
+                    }
+                    next = i64::from(r.last) + 1;
+                }
+                if next <= i64::from(last) {
+                    return Err(self.error(
+                        path,
+                        format!("partition {next} is not in this rule's owners"),
+                    ));
+                }
+                Ok(Part::Partitions(first, last))
+            }
+            _ => Err(self.error(
+                path,
+                format!(
+                    "a `by: {}` rule has no parts: freeze it whole (`frozen: all`) or take it \
+                     over whole (`takeover: <region>`)",
+                    by.kind()
+                ),
+            )),
+        }
     }
 
     fn by_key(
@@ -783,6 +1041,66 @@ impl std::fmt::Display for Item {
             Item::Str(s) => write!(f, "{s:?}"),
         }
     }
+}
+
+/// One entry of a rule's `frozen` or `takeover`, resolved.
+enum Part {
+    /// Slots `first..=last`, within the rule's slots.
+    Slots(usize, usize),
+    /// A listed value and its owner.
+    Value(Box<[u8]>, RegionId),
+    /// Partitions `first..=last`, all owned.
+    Partitions(i32, i32),
+}
+
+/// A slot rule's owners by slot; empty for other rules.
+fn slot_owners_of(by: &By) -> &[RegionId] {
+    match by {
+        By::Key { owners, .. }
+        | By::KeyPart {
+            owners: PartOwners::Slots(owners),
+            ..
+        } => owners,
+        _ => &[],
+    }
+}
+
+/// The partitions with a state as sorted, disjoint runs of one state each, from the frozen
+/// ranges and the (disjoint) taken-over ranges.
+fn partition_runs(
+    frozen: &[(i32, i32)],
+    taken: &[(i32, i32, RegionId)],
+) -> Vec<(i32, i32, PartState)> {
+    let mut bounds: Vec<i64> = frozen
+        .iter()
+        .map(|&(f, l)| (f, l))
+        .chain(taken.iter().map(|&(f, l, _)| (f, l)))
+        .flat_map(|(f, l)| [i64::from(f), i64::from(l) + 1])
+        .collect();
+    bounds.sort_unstable();
+    bounds.dedup();
+    let mut runs: Vec<(i32, i32, PartState)> = Vec::new();
+    for pair in bounds.windows(2) {
+        // Both bounds come from i32 partitions; the run ends before the next bound.
+        let (first, last) = (pair[0] as i32, (pair[1] - 1) as i32);
+        let state = PartState {
+            frozen: frozen.iter().any(|&(f, l)| f <= first && first <= l),
+            takeover: taken
+                .iter()
+                .find(|&&(f, l, _)| f <= first && first <= l)
+                .map(|&(_, _, r)| r),
+        };
+        if !state.is_set() {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(prev) if prev.2 == state && i64::from(prev.1) + 1 == i64::from(first) => {
+                prev.1 = last;
+            }
+            _ => runs.push((first, last, state)),
+        }
+    }
+    runs
 }
 
 /// Why a pattern does not compile, on one line: the regex parser's own explanation spans

@@ -19,7 +19,9 @@ use crate::codec::produce::ProduceView;
 use crate::codec::records::{self, Inflater};
 use crate::codec::split;
 pub use crate::codec::split::{Split, SplitError};
-use crate::ownership::{Claim, DefaultPolicy, OnForeign, RejectReason, Rule, Table, Verdict};
+use crate::ownership::{
+    Claim, DefaultPolicy, OnForeign, PartState, RejectReason, Rule, Table, Verdict,
+};
 use crate::ownership::{RegionId, Subject};
 use crate::policy::alignment;
 
@@ -400,7 +402,8 @@ pub fn split_batch(
     };
     split::split(records, inflater, parts, |_, record| {
         let subject = Subject::record(topic, partition, *record);
-        match table.verdict(claim(rule, &subject), local) {
+        let (claim, part) = claim(rule, &subject);
+        match table.judge(claim, part, local) {
             Verdict::Owned | Verdict::Any => 0,
             Verdict::Foreign { owner } => foreign
                 .iter()
@@ -507,7 +510,8 @@ fn decide_rule(
     if !rule.reads_records() {
         let subject = Subject::topic(topic).with_partition(partition);
         let mut tally = Tally::new(table, rule, local);
-        tally.add(0, claim(rule, &subject), &subject);
+        let (claim, part) = claim(rule, &subject);
+        tally.add(0, claim, part, &subject);
         return counted(tally.finish(), records);
     }
 
@@ -527,7 +531,8 @@ fn decide_rule(
         let mut tally = Tally::new(table, rule, local);
         let walked = batch.for_each_record(inflater, |index, record| {
             let subject = Subject::record(topic, partition, record);
-            tally.add(index as i32, claim(rule, &subject), &subject);
+            let (claim, part) = claim(rule, &subject);
+            tally.add(index as i32, claim, part, &subject);
             ControlFlow::Continue(())
         });
         if let Err(e) = walked {
@@ -621,9 +626,11 @@ fn malformed(
 
 /// The rule's claim on a write the policy built in full: a rule that cannot answer it is a bug,
 /// refused rather than guessed.
-fn claim(rule: &Rule, subject: &Subject<'_>) -> Claim {
-    rule.claim(subject)
-        .unwrap_or(Claim::Reject(RejectReason::WrongLookup))
+fn claim(rule: &Rule, subject: &Subject<'_>) -> (Claim, PartState) {
+    rule.decide(subject).unwrap_or((
+        Claim::Reject(RejectReason::WrongLookup),
+        PartState::default(),
+    ))
 }
 
 /// Accumulates the verdicts of one batch's records.
@@ -665,9 +672,9 @@ impl<'t> Tally<'t> {
         }
     }
 
-    fn add(&mut self, index: i32, claim: Claim, subject: &Subject<'_>) {
+    fn add(&mut self, index: i32, claim: Claim, part: PartState, subject: &Subject<'_>) {
         self.records += 1;
-        match self.table.verdict(claim, self.local) {
+        match self.table.judge(claim, part, self.local) {
             Verdict::Owned => self.owned += 1,
             Verdict::Any => {}
             Verdict::Foreign { .. } if self.rule.on_foreign == OnForeign::Audit => {

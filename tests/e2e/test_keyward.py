@@ -478,6 +478,58 @@ def test_frozen_writes_are_retried_until_the_delivery_timeout(client, keyward_wi
     assert eu.read_all(topic) == []
 
 
+def test_part_of_a_rule_frozen_or_taken_over_moves_only_that_part(keyward_with, eu):
+    """Slots 0-3 of the orders rule frozen and slots 4-5 taken over by us, through a reload:
+    writes to slots 0-3 are held with a retriable error, slots 4-5 are now us's (eu's proxy
+    refuses them), and eu's slots 6-7 are written as before. The metrics, `/ownership` and
+    `keyward owner` say so; reloading the table without the states lets slots 0-5 through."""
+    kw = keyward_with("eu", TABLE)
+    topic = unique("orders.parts")
+    eu.create_topic(topic, partitions=1)
+    by_slot: dict[int, str] = {}
+    i = 0
+    while len(by_slot) < 8:
+        key = f"part-{i}"
+        region, slot = _slot_of(str(kw.config_path), key)
+        if region == "eu":
+            by_slot.setdefault(slot, key)
+        i += 1
+    states = '    null_key: reject\n    frozen: ["0-3"]\n    takeover: { us: ["4-5"] }\n'
+    kw.table_path.write_text(TABLE.replace("    null_key: reject\n", states, 1))
+    status, body = kw.admin("/reload", method="POST")
+    assert status == 200 and "loaded" in body, body
+
+    def write(slot: int) -> dict:
+        return LibrdkafkaClient().produce(
+            kw.bootstrap,
+            topic,
+            [record(by_slot[slot].encode(), f"s{slot}".encode(), partition=0)],
+            {"delivery_timeout_ms": 3000, "request_timeout_ms": 1000},
+            timeout_s=20,
+        )[0]
+
+    held, moved, kept = write(2), write(4), write(6)
+    assert not held["ok"] and held["error_code"] != INVALID_RECORD, held
+    assert not moved["ok"] and moved["error_code"] == INVALID_RECORD, moved
+    assert kept["ok"], kept
+    assert values(eu.read_all(topic)) == [b"s6"]
+    assert kw.metric("keyward_rule_parts", rule="orders", state="frozen") == 4
+    assert kw.metric("keyward_rule_parts", rule="orders", state="taken_over") == 2
+    assert kw.metric("keyward_rule_parts", rule="tenants", state="frozen") == 0
+    orders = kw.ownership()["table"]["rules"][0]
+    assert (orders["frozen"], orders["takeover"]) == (["0-3"], {"us": ["4-5"]}), orders
+    assert kw.owner("orders.x", "--key", by_slot[2]).endswith("frozen=true")
+    assert "region=us" in kw.owner("orders.x", "--key", by_slot[4])
+    assert kw.owner("orders.x", "--key", by_slot[4]).endswith("takeover_from=eu")
+
+    kw.table_path.write_text(TABLE)
+    status, body = kw.admin("/reload", method="POST")
+    assert status == 200 and "loaded" in body, body
+    assert write(2)["ok"] and write(4)["ok"]
+    assert sorted(values(eu.read_all(topic))) == [b"s2", b"s4", b"s6"]
+    assert kw.metric("keyward_rule_parts", rule="orders", state="frozen") == 0
+
+
 # --------------------------------------------------------------------------- acks=0
 
 

@@ -78,6 +78,7 @@ class Settings:
     wan_rtts: list[int]  # --wan: the round trips (ms) the link is set to, one after the other
     wan_messages: int  # --wan: records of one full-load run
     wan_paced_seconds: float  # --wan: one paced run
+    latency_messages: int  # --latency: records of one run, one at a time
     sockmap: Path | None = None  # dev/sockmap-relay.c's binary: run the kernel relay path too
     baseline: Path | None = None  # a second keyward binary, benchmarked beside the current one
     baseline_name: str | None = None  # what its paths are called: `key@<baseline_name>`
@@ -106,6 +107,7 @@ class Settings:
             wan_rtts=ints(get("WAN_RTTS", "20,50", "20,50")),
             wan_messages=int(get("WAN_MESSAGES", "100000", "50000")),
             wan_paced_seconds=float(get("WAN_PACED_SECONDS", "6", "3")),
+            latency_messages=int(get("LATENCY_MESSAGES", "10000", "3000")),
         )
 
 
@@ -1307,6 +1309,121 @@ def run_wan(settings: Settings, loadgen: Path, started: float) -> int:
 
 
 
+# ------------------------------------------------------------------ --latency: unloaded latency
+
+
+LATENCY_LOAD = Load(100, "none")
+LATENCY_PATHS = ("direct", "haproxy", "key")
+
+
+def latency_round(bench: Bench, rnd: int) -> None:
+    """Every path once, in an order rotated by round, on a fresh topic each: one 100 B record at
+    a time (acks=all, linger.ms 0; the next record is produced when the last one's delivery
+    report is in), after one record per partition delivered and not counted (connections
+    made). Round -1 is a warm-up, kept apart from the results."""
+    for path in rotated(list(LATENCY_PATHS), max(rnd, 0)):
+        topic = bench.new_topic(path, LATENCY_LOAD, rnd)
+        args = ["produce", "--bootstrap", bench.bootstrap(path), "--topic", topic,
+                "--size", str(LATENCY_LOAD.size), "--acks", "all", "--linger-ms", "0", "--one-at-a-time", "true",
+                "--warm-up", "true", "--messages", str(bench.s.latency_messages), "--tenants", str(TENANTS)]
+        r = bench.loadgen_run(args, path)
+        if rnd < 0:
+            r.update(round=rnd, path=path, kind="warmup")
+            bench.warmups.append(r)
+            log(f"  warm-up {PATHS[path][0]:28} p50 {r.get('p50_ms', 0) * 1e3:6.0f} µs p99 {r.get('p99_ms', 0) * 1e3:6.0f} µs")
+        else:
+            bench.record(rnd, LATENCY_LOAD, path, "latency", r)
+        bench.delete_topic(topic)
+
+
+def latency_report(settings: Settings, bench: Bench, started: float) -> str:
+    """Per path: p50, p99, p99.9 in µs (medians over rounds); for haproxy and keyward, what they
+    add to direct's, taken round by round, then the median."""
+    def get(rnd, path):
+        return next((r for r in bench.runs if (r["round"], r["path"]) == (rnd, path) and r.get("ok")), None)
+
+    quantiles = (("p50", "p50_ms"), ("p99", "p99_ms"), ("p99.9", "p999_ms"))
+    rows = []
+    for path in LATENCY_PATHS:
+        per = [get(i, path) for i in range(settings.rounds)]
+        direct = [get(i, "direct") for i in range(settings.rounds)]
+        row = {"path": path, "samples": sum(r["delivered"] for r in per if r)}
+        for q, field in quantiles:
+            row[q] = median([r[field] * 1e3 for r in per if r])
+            row[f"added_{q}s"] = [(p[field] - d[field]) * 1e3 for p, d in zip(per, direct) if p and d]
+            row[f"added_{q}"] = median(row[f"added_{q}s"])
+        rows.append(row)
+
+    head = ("| path | samples | p50 (µs) | p99 (µs) | p99.9 (µs) | p50 − direct | p99 − direct | p99.9 − direct "
+            "| p50 − direct, each round | p99 − direct, each round |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
+    lines = []
+    for r in rows:
+        direct = r["path"] == "direct"
+        lines.append(
+            f"| {PATHS[r['path']][0]} | {r['samples']:,} | {fmt(r['p50'], '.0f')} | {fmt(r['p99'], '.0f')} "
+            f"| {fmt(r['p99.9'], '.0f')} | "
+            + " | ".join("" if direct else fmt(r[f"added_{q}"], "+.0f") for q, _ in quantiles)
+            + " | " + " | ".join("" if direct else ", ".join(format(x, "+.0f") for x in r[f"added_{q}s"])
+                                  for q in ("p50", "p99")) + " |"
+        )
+    key = next(r for r in rows if r["path"] == "key")
+    targets = []
+    for q, limit in (("p50", 40), ("p99", 200)):
+        v = key[f"added_{q}"]
+        mark = "n/a" if v is None else ("met" if v <= limit else "MISSED")
+        targets.append(f"| keyward (by: key) adds ≤ {limit} µs at {q} over direct | {fmt(v, '+.0f')} µs "
+                       f"| {', '.join(format(x, '+.0f') for x in key[f'added_{q}s'])} | {mark} |")
+    failed = [r for r in bench.runs if not r.get("ok")]
+    out = [
+        f"# dev/bench --latency results ({'quick' if settings.quick else 'full'} run)",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {time.monotonic() - started:.0f} s, {os.cpu_count()} CPUs, "
+        f"load average at the end {os.getloadavg()[0]:.2f}. keyward = {os.environ['KEYWARD_BIN']}; "
+        f"librdkafka {librdkafka_version()}.",
+        "",
+        f"Unloaded latency: one 100 B record at a time, acks=all, linger.ms 0, the next produced when the last "
+        f"one's delivery report is in; {settings.latency_messages:,} records per run, {settings.rounds} rounds "
+        f"(after one warm-up round, not counted), the paths in a rotated order, {settings.partitions} partitions, "
+        f"1 broker. Latency is librdkafka's, produce() to delivery report. Quantiles are medians over rounds; "
+        f"\"− direct\" is taken round by round (same round), then the median.",
+        "",
+        head + "\n".join(lines) + "\n",
+        "## Targets (issue 18)",
+        "",
+        "| target | measured (median) | each round | |\n|---|--:|--:|---|\n" + "\n".join(targets) + "\n",
+    ]
+    if failed:
+        out.append(f"**{len(failed)} run(s) failed** (left out of the medians): " + ", ".join(
+            f"r{r['round']} {r['path']}" for r in failed) + "\n")
+    return "\n".join(out)
+
+
+def run_latency(settings: Settings, loadgen: Path, started: float) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="keyward-bench-latency-"))
+    bench = Bench(settings, workdir, loadgen)
+    try:
+        bench.start()
+        log("warm-up round (not counted)")
+        latency_round(bench, -1)
+        for rnd in range(settings.rounds):
+            log(f"latency round {rnd + 1}/{settings.rounds}")
+            latency_round(bench, rnd)
+    except KeyboardInterrupt:
+        log("interrupted; reporting what ran")
+    finally:
+        bench.stop()
+    text = latency_report(settings, bench, started)
+    (settings.out / "latency.md").write_text(text)
+    (settings.out / "latency.json").write_text(json.dumps({"settings": {**settings.__dict__, "out": str(settings.out)},
+                                                            "runs": bench.runs, "warmups": bench.warmups},
+                                                           indent=1, default=str))
+    print(text)
+    log(f"wrote {settings.out / 'latency.md'} and latency.json (work dir {workdir})")
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if bench.runs and all(r.get("ok") for r in bench.runs) else 1
+
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -1334,6 +1451,12 @@ def main() -> int:
         help="instead of the benchmark: redirect over an emulated WAN (toxiproxy), beside librdkafka straight "
         "to the remote cluster; writes target/bench/wan.md",
     )
+    ap.add_argument(
+        "--latency",
+        action="store_true",
+        help="instead of the benchmark: unloaded latency, one 100 B record at a time, directly, through "
+        "haproxy and through keyward (by: key); writes target/bench/latency.md",
+    )
     args = ap.parse_args()
     settings = Settings.from_env(args.quick)
     if args.sockmap:
@@ -1351,6 +1474,8 @@ def main() -> int:
     settings.out.mkdir(parents=True, exist_ok=True)
     if args.wan:
         return run_wan(settings, args.loadgen, started)
+    if args.latency:
+        return run_latency(settings, args.loadgen, started)
     workdir = Path(tempfile.mkdtemp(prefix="keyward-bench-"))
     bench = Bench(settings, workdir, args.loadgen)
     idle: list[dict] = []

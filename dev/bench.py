@@ -1074,6 +1074,10 @@ class WanBench(Bench):
     so its redirected writes take the same link. Every run has a fresh topic, created in both
     clusters with the same partitions (keyward redirects partition p to partition p)."""
 
+    def __init__(self, settings: Settings, workdir: Path, loadgen: Path) -> None:
+        super().__init__(settings, workdir, loadgen)
+        self.links: list[dict] = []  # per round trip: as set and measured, and the paced rate
+
     def start(self) -> None:
         wan_port, self.toxi_port = env.free_port(), env.free_port()
         self.us = BenchCluster(self.workdir, {"WAN": (wan_port, self.toxi_port)}, name="us")
@@ -1151,12 +1155,14 @@ class WanBench(Bench):
             self.warmups.append(r)
             log(f"  warm-up {PATHS[path][0]:32} {r.get('msgs_per_s', 0):10.0f} msg/s {r.get('mb_per_s', 0):7.1f} MB/s")
 
-    def at_rtt(self, rtt: int) -> dict:
-        """The link set to `rtt` and measured; then the full-load rounds, both paths in
-        alternating order; then the paced rounds, both paths at one rate: half the median
-        full-load rate of the slower path, so neither is saturated and their latencies compare."""
+    def at_rtt(self, rtt: int) -> None:
+        """The link set to `rtt` and measured (into `links`, so an interrupted run still reports
+        its rounds); then the full-load rounds, both paths in alternating order; then the paced
+        rounds, both paths at one rate: half the median full-load rate of the slower path, so
+        neither is saturated and their latencies compare."""
         self.toxiproxy.set_rtt(rtt)
         link = {"rtt_ms": rtt, **round_trip_ms(self.toxi_port), "direct_rtt_ms": round_trip_ms(self.us.nodes[0].port)["rtt_median_ms"]}
+        self.links.append(link)
         log(f"link set to {rtt} ms round trip: measured {link['rtt_median_ms']:.2f} ms median "
             f"({link['rtt_min_ms']:.2f}-{link['rtt_max_ms']:.2f}; {link['direct_rtt_ms']:.2f} ms without the link)")
         for rnd in range(self.s.rounds):
@@ -1168,14 +1174,13 @@ class WanBench(Bench):
                    for p in WAN_PATHS]
         if any(m is None for m in medians):
             log(f"{rtt} ms: no paced rounds, a path has no successful full-load run")
-            return link
+            return
         link["paced_rate"] = min(medians) / 2
         for rnd in range(self.s.rounds):
             log(f"{rtt} ms: paced round {rnd + 1}/{self.s.rounds} ({link['paced_rate']:.0f} msg/s)")
             for path in rotated(list(WAN_PATHS), rnd):
                 self.record(rnd, WAN_LOAD, path, "paced",
                             self.wan_produce(path, rtt, rnd, seconds=self.s.wan_paced_seconds, rate=link["paced_rate"]))
-        return link
 
 
 def wan_summary(runs: list[dict], links: list[dict], rounds: int) -> list[dict]:
@@ -1287,20 +1292,19 @@ def run_wan(settings: Settings, loadgen: Path, started: float) -> int:
         raise SystemExit("--wan needs KEYWARD_TOXIPROXY_BIN, the toxiproxy server binary (dev/bench --wan installs it)")
     workdir = Path(tempfile.mkdtemp(prefix="keyward-bench-wan-"))
     bench = WanBench(settings, workdir, loadgen)
-    links: list[dict] = []
     try:
         bench.start()
         bench.warm_up()
         for rtt in settings.wan_rtts:
-            links.append(bench.at_rtt(rtt))
+            bench.at_rtt(rtt)
     except KeyboardInterrupt:
         log("interrupted; reporting what ran")
     finally:
         bench.stop()
-    text = wan_report(settings, bench, links, started)
+    text = wan_report(settings, bench, bench.links, started)
     (settings.out / "wan.md").write_text(text)
     (settings.out / "wan.json").write_text(json.dumps({"settings": {**settings.__dict__, "out": str(settings.out)},
-                                                        "links": links, "runs": bench.runs,
+                                                        "links": bench.links, "runs": bench.runs,
                                                         "warmups": bench.warmups}, indent=1, default=str))
     print(text)
     log(f"wrote {settings.out / 'wan.md'} and wan.json (work dir {workdir})")

@@ -19,6 +19,11 @@ With --baseline-bin, a second keyward (another build, e.g. the last release or t
 change) runs beside the first with the same config and ownership table on its own ports, and each
 of keyward's paths gets a twin through it (`key@<name>` beside `key`, ...) in the same rotated
 rounds; the report adds a table of current ÷ baseline, taken round by round.
+
+Two modes replace the benchmark. --wan (WanBench): redirect over an emulated WAN, a second
+cluster behind toxiproxy, librdkafka straight to it beside the same load redirected by keyward
+(target/bench/wan.md). --latency: one record at a time directly, through haproxy and through
+keyward (target/bench/latency.md).
 """
 
 from __future__ import annotations
@@ -386,11 +391,10 @@ class Bench:
 
     def delete_topic(self, name: str, cluster: BenchCluster | None = None) -> None:
         """Deletes a run's topic (from `cluster`, by default the one cluster) and waits until its
-        files are gone, so that every run starts
-        with the same page cache. On this kind of VM, once the broker's page cache had grown by
-        ~9 GiB of earlier runs' data, copying produced bytes into it cost the broker three times
-        the CPU per byte (docs/performance.md, "Third run"), so a run's position in a round
-        decided its throughput more than its path did."""
+        files are gone, so that every run starts with the same page cache. On this kind of VM,
+        once the broker's page cache had grown by ~9 GiB of earlier runs' data, copying produced
+        bytes into it cost the broker three times the CPU per byte (docs/performance.md, "Third
+        run"), so a run's position in a round decided its throughput more than its path did."""
         cluster = cluster or self.cluster
         try:
             cluster.delete_topic(name)
@@ -1026,7 +1030,8 @@ class Toxiproxy:
     def set_rtt(self, rtt_ms: int) -> None:
         """toxiproxy takes whole milliseconds: an odd round trip's extra one goes upstream."""
         for stream, ms in (("upstream", (rtt_ms + 1) // 2), ("downstream", rtt_ms // 2)):
-            self.api("POST", f"/proxies/{self.PROXY}/toxics/latency-{stream}", {"attributes": {"latency": ms, "jitter": 0}})
+            self.api("POST", f"/proxies/{self.PROXY}/toxics/latency-{stream}",
+                     {"attributes": {"latency": ms, "jitter": 0}})
 
     def api(self, method: str, path: str, body: dict) -> dict:
         req = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", data=json.dumps(body).encode(),
@@ -1125,7 +1130,8 @@ class WanBench(Bench):
     def redirected(self) -> float:
         return self.keyward.metric("keyward_produce_records_total", rule="bench-redirect", decision="redirected")
 
-    def wan_produce(self, path: str, rtt: int, rnd: int, *, messages: int = 0, seconds: float = 0, rate: float = 0) -> dict:
+    def wan_produce(self, path: str, rtt: int, rnd: int, *, messages: int = 0, seconds: float = 0,
+                    rate: float = 0) -> dict:
         """One loadgen run on a fresh topic: librdkafka's idempotent producer, acks=all, 1 KiB
         records, `messages` of them as fast as it can, or `seconds` paced at `rate`. Before the
         clock starts, one record per partition, delivered and not counted: connections, producer
@@ -1161,7 +1167,8 @@ class WanBench(Bench):
         rounds, both paths at one rate: half the median full-load rate of the slower path, so
         neither is saturated and their latencies compare."""
         self.toxiproxy.set_rtt(rtt)
-        link = {"rtt_ms": rtt, **round_trip_ms(self.toxi_port), "direct_rtt_ms": round_trip_ms(self.us.nodes[0].port)["rtt_median_ms"]}
+        link = {"rtt_ms": rtt, **round_trip_ms(self.toxi_port),
+                "direct_rtt_ms": round_trip_ms(self.us.nodes[0].port)["rtt_median_ms"]}
         self.links.append(link)
         log(f"link set to {rtt} ms round trip: measured {link['rtt_median_ms']:.2f} ms median "
             f"({link['rtt_min_ms']:.2f}-{link['rtt_max_ms']:.2f}; {link['direct_rtt_ms']:.2f} ms without the link)")
@@ -1312,7 +1319,6 @@ def run_wan(settings: Settings, loadgen: Path, started: float) -> int:
     return 0 if bench.runs and all(r.get("ok") for r in bench.runs) else 1
 
 
-
 # ------------------------------------------------------------------ --latency: unloaded latency
 
 
@@ -1334,7 +1340,8 @@ def latency_round(bench: Bench, rnd: int) -> None:
         if rnd < 0:
             r.update(round=rnd, path=path, kind="warmup")
             bench.warmups.append(r)
-            log(f"  warm-up {PATHS[path][0]:28} p50 {r.get('p50_ms', 0) * 1e3:6.0f} µs p99 {r.get('p99_ms', 0) * 1e3:6.0f} µs")
+            log(f"  warm-up {PATHS[path][0]:28} p50 {r.get('p50_ms', 0) * 1e3:6.0f} µs "
+                f"p99 {r.get('p99_ms', 0) * 1e3:6.0f} µs")
         else:
             bench.record(rnd, LATENCY_LOAD, path, "latency", r)
         bench.delete_topic(topic)

@@ -19,6 +19,11 @@ With --baseline-bin, a second keyward (another build, e.g. the last release or t
 change) runs beside the first with the same config and ownership table on its own ports, and each
 of keyward's paths gets a twin through it (`key@<name>` beside `key`, ...) in the same rotated
 rounds; the report adds a table of current ÷ baseline, taken round by round.
+
+Two modes replace the benchmark. --wan (WanBench): redirect over an emulated WAN, a second
+cluster behind toxiproxy, librdkafka straight to it beside the same load redirected by keyward
+(target/bench/wan.md). --latency: one record at a time directly, through haproxy and through
+keyward (target/bench/latency.md).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +80,10 @@ class Settings:
     stall_seconds: float  # broker frozen this long in the stall run (0: skip it)
     out: Path
     quick: bool
+    wan_rtts: list[int]  # --wan: the round trips (ms) the link is set to, one after the other
+    wan_messages: int  # --wan: records of one full-load run
+    wan_paced_seconds: float  # --wan: one paced run
+    latency_messages: int  # --latency: records of one run, one at a time
     sockmap: Path | None = None  # dev/sockmap-relay.c's binary: run the kernel relay path too
     baseline: Path | None = None  # a second keyward binary, benchmarked beside the current one
     baseline_name: str | None = None  # what its paths are called: `key@<baseline_name>`
@@ -98,6 +109,10 @@ class Settings:
             stall_seconds=float(get("STALL_SECONDS", "5", "3")),
             out=Path(os.environ.get("KEYWARD_BENCH_OUT", ROOT / "target/bench")),
             quick=quick,
+            wan_rtts=ints(get("WAN_RTTS", "20,50", "20,50")),
+            wan_messages=int(get("WAN_MESSAGES", "100000", "50000")),
+            wan_paced_seconds=float(get("WAN_PACED_SECONDS", "6", "3")),
+            latency_messages=int(get("LATENCY_MESSAGES", "10000", "3000")),
         )
 
 
@@ -163,23 +178,27 @@ def paths_for(load: Load, sockmap: bool, baseline: str | None = None, rnd: int =
 class BenchCluster(KafkaCluster):
     """The harness's 1-node cluster plus listeners advertised at the relays' ports, and
     the JIT's full (C2) tiers: the harness limits brokers to C1 to start fast, a benchmark wants
-    the broker as fast as it gets."""
+    the broker as fast as it gets.
 
-    def __init__(self, workdir: Path, relay_port: int, haproxy_port: int, krelay_port: int, sockmap_port: int) -> None:
-        super().__init__("bench", 1, workdir, heap="1g")
-        self.relay_port = relay_port
-        self.haproxy_port = haproxy_port
-        self.krelay_port = krelay_port
-        self.sockmap_port = sockmap_port
+    `relays` maps a listener name to (the port the broker listens on, the port it advertises:
+    the relay's, in front of it). The PLAINTEXT listener (inter-broker traffic, the harness's
+    admin client) and the controller's stay direct."""
+
+    def __init__(self, workdir: Path, relays: dict[str, tuple[int, int]], name: str = "bench") -> None:
+        super().__init__(name, 1, workdir, heap="1g")
+        self.relays = relays
 
     def server_properties(self, node):
         p = super().server_properties(node)
-        p["listeners"] += f",RELAY://127.0.0.1:{self.relay_port},KRELAY://127.0.0.1:{self.krelay_port}"
-        p["advertised.listeners"] += (f",RELAY://127.0.0.1:{self.haproxy_port}"
-                                      f",KRELAY://127.0.0.1:{self.sockmap_port}")
-        p["listener.security.protocol.map"] += ",RELAY:PLAINTEXT,KRELAY:PLAINTEXT"
-        # A deleted topic's files go at once, not a minute later (see Bench.delete_topic).
+        for listener, (port, advertised) in self.relays.items():
+            p["listeners"] += f",{listener}://127.0.0.1:{port}"
+            p["advertised.listeners"] += f",{listener}://127.0.0.1:{advertised}"
+            p["listener.security.protocol.map"] += f",{listener}:PLAINTEXT"
+        # A deleted topic's files go at once, not a minute later (see Bench.delete_topic), and
+        # from the start: the broker runs its first deletion 30 s after it starts by default,
+        # which held the first run's topic (and the benchmark) up that long.
         p["log.segment.delete.delay.ms"] = "0"
+        p["log.initial.task.delay.ms"] = "0"
         return p
 
     def topic_dirs(self, topic: str) -> list[Path]:
@@ -307,7 +326,8 @@ class Bench:
     def start(self) -> None:
         relay_port, self.haproxy_port = env.free_port(), env.free_port()
         krelay_port, self.sockmap_port = env.free_port(), env.free_port()
-        self.cluster = BenchCluster(self.workdir, relay_port, self.haproxy_port, krelay_port, self.sockmap_port)
+        self.cluster = BenchCluster(self.workdir, {"RELAY": (relay_port, self.haproxy_port),
+                                                   "KRELAY": (krelay_port, self.sockmap_port)})
         log("starting Kafka (1 broker, KRaft)")
         self.cluster.start()
         log(f"broker {self.cluster.bootstrap}, relay listeners 127.0.0.1:{relay_port} and :{krelay_port}")
@@ -369,19 +389,20 @@ class Bench:
         self.cluster.create_topic(name, self.s.partitions, replication=1)
         return name
 
-    def delete_topic(self, name: str) -> None:
-        """Deletes a run's topic and waits until its files are gone, so that every run starts
-        with the same page cache. On this kind of VM, once the broker's page cache had grown by
-        ~9 GiB of earlier runs' data, copying produced bytes into it cost the broker three times
-        the CPU per byte (docs/performance.md, "Third run"), so a run's position in a round
-        decided its throughput more than its path did."""
+    def delete_topic(self, name: str, cluster: BenchCluster | None = None) -> None:
+        """Deletes a run's topic (from `cluster`, by default the one cluster) and waits until its
+        files are gone, so that every run starts with the same page cache. On this kind of VM,
+        once the broker's page cache had grown by ~9 GiB of earlier runs' data, copying produced
+        bytes into it cost the broker three times the CPU per byte (docs/performance.md, "Third
+        run"), so a run's position in a round decided its throughput more than its path did."""
+        cluster = cluster or self.cluster
         try:
-            self.cluster.delete_topic(name)
+            cluster.delete_topic(name)
         except Exception as e:  # a leftover topic only costs disk
             log(f"delete {name}: {e}")
             return
         deadline = time.monotonic() + 30
-        while self.cluster.topic_dirs(name) and time.monotonic() < deadline:
+        while cluster.topic_dirs(name) and time.monotonic() < deadline:
             time.sleep(0.1)
 
     # -- one loadgen run, with the relay's CPU and peak RSS around it
@@ -958,6 +979,462 @@ def profile(bench: Bench, settings: Settings, case: str) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ --wan: redirect over a WAN
+
+
+# Every record of the load is owned by us, so eu's keyward redirects all of it over the link.
+WAN_OWNERSHIP = """\
+rules:
+  - name: bench-redirect
+    topics: ["wan.*"]
+    by: key
+    slots: 16
+    owners: { us: ["0-15"] }
+    on_foreign: redirect
+    null_key: reject
+default: allow
+"""
+
+WAN_LOAD = Load(1024, "none")
+WAN_PATHS = ("direct-wan", "keyward-redirect")
+PATHS["direct-wan"] = ("librdkafka straight to us", "wan")
+PATHS["keyward-redirect"] = ("eu's keyward, redirected to us", "wan")
+
+
+class Toxiproxy:
+    """toxiproxy with one proxy, from `listen_port` to `upstream_port`, and a latency toxic on
+    each direction: half the round trip client → broker (upstream), half broker → client
+    (downstream), no jitter. toxiproxy holds each chunk it reads until the latency has passed
+    since it was read, and reads on meanwhile: the link adds delay, not a rate limit."""
+
+    PROXY = "wan"
+
+    def __init__(self, workdir: Path, binary: Path, listen_port: int, upstream_port: int) -> None:
+        self.workdir = workdir
+        self.binary = binary
+        self.listen_port = listen_port
+        self.upstream_port = upstream_port
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.api_port = env.free_port()
+        self.proc = start_relay(self.workdir, "toxiproxy",
+                                [str(self.binary), "-host", "127.0.0.1", "-port", str(self.api_port)], self.api_port)
+        self.api("POST", "/proxies", {"name": self.PROXY, "listen": f"127.0.0.1:{self.listen_port}",
+                                      "upstream": f"127.0.0.1:{self.upstream_port}", "enabled": True})
+        for stream in ("upstream", "downstream"):
+            self.api("POST", f"/proxies/{self.PROXY}/toxics",
+                     {"name": f"latency-{stream}", "type": "latency", "stream": stream, "toxicity": 1.0,
+                      "attributes": {"latency": 0, "jitter": 0}})
+
+    def set_rtt(self, rtt_ms: int) -> None:
+        """toxiproxy takes whole milliseconds: an odd round trip's extra one goes upstream."""
+        for stream, ms in (("upstream", (rtt_ms + 1) // 2), ("downstream", rtt_ms // 2)):
+            self.api("POST", f"/proxies/{self.PROXY}/toxics/latency-{stream}",
+                     {"attributes": {"latency": ms, "jitter": 0}})
+
+    def api(self, method: str, path: str, body: dict) -> dict:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", data=json.dumps(body).encode(),
+                                     method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"toxiproxy {method} {path}: {e.code} {e.read().decode(errors='replace')}") from None
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def round_trip_ms(port: int, samples: int = 20) -> dict:
+    """The round trip a client sees on 127.0.0.1:`port`: ApiVersions v0 requests, one at a time
+    on one connection (after one untimed), each timed from sent to its whole answer read.
+    Includes the broker's own time to answer (well under a millisecond)."""
+    request = struct.pack(">ihhih", 10, 18, 0, 1, -1)
+    times = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(samples + 1):
+            t0 = time.perf_counter()
+            s.sendall(request)
+            (length,) = struct.unpack(">i", _read_exact(s, 4))
+            _read_exact(s, length)
+            if i:
+                times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"rtt_median_ms": statistics.median(times), "rtt_min_ms": times[0], "rtt_max_ms": times[-1]}
+
+
+class WanBench(Bench):
+    """--wan: two 1-broker clusters, eu (keyward's local region) and us. us's broker has a
+    listener of its own for clients, WAN, advertised at toxiproxy's port, so a client that
+    bootstraps at toxiproxy keeps talking through it; its PLAINTEXT listener (the harness's admin
+    client) and its controller listener stay direct. eu's keyward knows us by toxiproxy's address,
+    so its redirected writes take the same link. Every run has a fresh topic, created in both
+    clusters with the same partitions (keyward redirects partition p to partition p)."""
+
+    def __init__(self, settings: Settings, workdir: Path, loadgen: Path) -> None:
+        super().__init__(settings, workdir, loadgen)
+        self.links: list[dict] = []  # per round trip: as set and measured, and the paced rate
+
+    def start(self) -> None:
+        wan_port, self.toxi_port = env.free_port(), env.free_port()
+        self.us = BenchCluster(self.workdir, {"WAN": (wan_port, self.toxi_port)}, name="us")
+        self.eu = BenchCluster(self.workdir, {}, name="eu")
+        self.cluster = self.us  # where the load lands: loadgen_run's broker CPU is us's broker's
+        self.baseline = None
+        log("starting Kafka: us, then eu (1 broker each, KRaft)")
+        self.us.start()
+        self.eu.start()
+        self.toxiproxy = Toxiproxy(self.workdir, Path(os.environ["KEYWARD_TOXIPROXY_BIN"]), self.toxi_port, wan_port)
+        self.toxiproxy.start()
+        log(f"us broker {self.us.bootstrap}, its WAN listener 127.0.0.1:{wan_port} behind toxiproxy "
+            f"127.0.0.1:{self.toxi_port} (pid {self.toxiproxy.proc.pid}); eu broker {self.eu.bootstrap}")
+        self.keyward = Keyward(self.workdir, "eu", {"eu": self.eu, "us": self.us}, WAN_OWNERSHIP, name="keyward",
+                               cluster_yaml={"us": f"{{ bootstrap: ['127.0.0.1:{self.toxi_port}'] }}"})
+        self.keyward.start()
+        log(f"eu's keyward {self.keyward.bootstrap} (pid {self.keyward.proc.pid}, {os.environ['KEYWARD_BIN']})")
+
+    def stop(self) -> None:
+        if getattr(self, "keyward", None):
+            self.keyward.stop()
+        if getattr(self, "toxiproxy", None):
+            self.toxiproxy.stop()
+        for c in (getattr(self, "us", None), getattr(self, "eu", None)):
+            if c:
+                c.stop()
+
+    def bootstrap(self, path: str) -> str:
+        return f"127.0.0.1:{self.toxi_port}" if path == "direct-wan" else self.keyward.bootstrap
+
+    def relay_pid(self, path: str) -> int | None:
+        return self.keyward.proc.pid if path == "keyward-redirect" else None
+
+    def wan_topic(self, path: str, rtt: int, rnd: int) -> str:
+        self.topic_seq += 1
+        name = f"wan.{rtt}ms.r{rnd}.{path}.{self.topic_seq}"
+        for c in (self.us, self.eu):
+            c.create_topic(name, self.s.partitions, replication=1)
+        return name
+
+    def drop_topic(self, name: str) -> None:
+        for c in (self.us, self.eu):
+            self.delete_topic(name, c)
+
+    def redirected(self) -> float:
+        return self.keyward.metric("keyward_produce_records_total", rule="bench-redirect", decision="redirected")
+
+    def wan_produce(self, path: str, rtt: int, rnd: int, *, messages: int = 0, seconds: float = 0,
+                    rate: float = 0) -> dict:
+        """One loadgen run on a fresh topic: librdkafka's idempotent producer, acks=all, 1 KiB
+        records, `messages` of them as fast as it can, or `seconds` paced at `rate`. Before the
+        clock starts, one record per partition, delivered and not counted: connections, producer
+        ids and keyward's redirect pipelines are set up (several round trips) outside the run."""
+        topic = self.wan_topic(path, rtt, rnd)
+        args = ["produce", "--bootstrap", self.bootstrap(path), "--topic", topic, "--size", str(WAN_LOAD.size),
+                "--acks", "all", "--idempotence", "true", "--warm-up", "true", "--tenants", str(TENANTS)]
+        args += ["--messages", str(messages)] if messages else ["--seconds", str(seconds)]
+        if rate:
+            args += ["--rate", f"{rate:.0f}"]
+        before = self.redirected() if path == "keyward-redirect" else None
+        r = self.loadgen_run(args, path)
+        if before is not None:
+            r["redirected_records"] = self.redirected() - before
+        r["rtt_ms"] = rtt
+        self.drop_topic(topic)
+        return r
+
+    def warm_up(self) -> None:
+        """One full-load run of each path, not counted: the brokers' JIT, keyward's first
+        redirect pipeline and connections."""
+        log("warm-up (not counted)")
+        self.toxiproxy.set_rtt(self.s.wan_rtts[0])
+        for path in WAN_PATHS:
+            r = self.wan_produce(path, self.s.wan_rtts[0], -1, messages=self.s.wan_messages)
+            r.update(round=-1, path=path, kind="warmup")
+            self.warmups.append(r)
+            log(f"  warm-up {PATHS[path][0]:32} {r.get('msgs_per_s', 0):10.0f} msg/s {r.get('mb_per_s', 0):7.1f} MB/s")
+
+    def at_rtt(self, rtt: int) -> None:
+        """The link set to `rtt` and measured (into `links`, so an interrupted run still reports
+        its rounds); then the full-load rounds, both paths in alternating order; then the paced
+        rounds, both paths at one rate: half the median full-load rate of the slower path, so
+        neither is saturated and their latencies compare."""
+        self.toxiproxy.set_rtt(rtt)
+        link = {"rtt_ms": rtt, **round_trip_ms(self.toxi_port),
+                "direct_rtt_ms": round_trip_ms(self.us.nodes[0].port)["rtt_median_ms"]}
+        self.links.append(link)
+        log(f"link set to {rtt} ms round trip: measured {link['rtt_median_ms']:.2f} ms median "
+            f"({link['rtt_min_ms']:.2f}-{link['rtt_max_ms']:.2f}; {link['direct_rtt_ms']:.2f} ms without the link)")
+        for rnd in range(self.s.rounds):
+            log(f"{rtt} ms: full-load round {rnd + 1}/{self.s.rounds}")
+            for path in rotated(list(WAN_PATHS), rnd):
+                self.record(rnd, WAN_LOAD, path, "full", self.wan_produce(path, rtt, rnd, messages=self.s.wan_messages))
+        medians = [median([r["msgs_per_s"] for r in self.runs
+                           if r.get("ok") and r["rtt_ms"] == rtt and r["kind"] == "full" and r["path"] == p])
+                   for p in WAN_PATHS]
+        if any(m is None for m in medians):
+            log(f"{rtt} ms: no paced rounds, a path has no successful full-load run")
+            return
+        link["paced_rate"] = min(medians) / 2
+        for rnd in range(self.s.rounds):
+            log(f"{rtt} ms: paced round {rnd + 1}/{self.s.rounds} ({link['paced_rate']:.0f} msg/s)")
+            for path in rotated(list(WAN_PATHS), rnd):
+                self.record(rnd, WAN_LOAD, path, "paced",
+                            self.wan_produce(path, rtt, rnd, seconds=self.s.wan_paced_seconds, rate=link["paced_rate"]))
+
+
+def wan_summary(runs: list[dict], links: list[dict], rounds: int) -> list[dict]:
+    """One row per (round trip, path): medians over rounds; keyward-redirect ÷ direct-wan and
+    keyward-redirect's p99 − direct-wan's taken round by round, then the median."""
+    def get(rtt, rnd, path, kind):
+        return next((r for r in runs if (r["rtt_ms"], r["round"], r["path"], r["kind"]) == (rtt, rnd, path, kind)
+                     and r.get("ok")), None)
+
+    rows = []
+    for link in links:
+        rtt = link["rtt_ms"]
+        for path in WAN_PATHS:
+            per = {k: [get(rtt, i, path, k) for i in range(rounds)] for k in ("full", "paced")}
+            direct = {k: [get(rtt, i, "direct-wan", k) for i in range(rounds)] for k in ("full", "paced")}
+
+            def med(kind, field):
+                return median([r[field] for r in per[kind] if r and field in r])
+
+            ratios = [p["msgs_per_s"] / d["msgs_per_s"] for p, d in zip(per["full"], direct["full"]) if p and d]
+            added = [p["p99_ms"] - d["p99_ms"] for p, d in zip(per["paced"], direct["paced"]) if p and d]
+            redirected = [(r.get("redirected_records", 0), r["delivered"]) for k in ("full", "paced") for r in per[k]
+                          if r and path == "keyward-redirect"]
+            rows.append({
+                **link, "path": path,
+                "rounds_ok": sum(1 for r in per["full"] if r),
+                "msgs_per_s": med("full", "msgs_per_s"), "mb_per_s": med("full", "mb_per_s"),
+                "ratio": median(ratios), "ratios": ratios,
+                "p50_full": med("full", "p50_ms"), "p99_full": med("full", "p99_ms"),
+                "p50_paced": med("paced", "p50_ms"), "p99_paced": med("paced", "p99_ms"),
+                "p999_paced": med("paced", "p999_ms"),
+                "added_p99_paced": median(added), "added_p99s_paced": added,
+                "cpu_s_per_gb": median([r["relay_cpu_s"] / (r["bytes"] / 1e9) for r in per["full"]
+                                        if r and "relay_cpu_s" in r and r.get("bytes")]),
+                "all_redirected": all(n >= d for n, d in redirected) if redirected else None,
+            })
+    return rows
+
+
+def wan_report(settings: Settings, bench: WanBench, links: list[dict], started: float) -> str:
+    rows = wan_summary(bench.runs, links, settings.rounds)
+    failed = [r for r in bench.runs if not r.get("ok")]
+    head = (
+        "| round trip set (measured) | path | msg/s | MB/s | × direct-wan | each round | p50 / p99 full (ms) "
+        "| paced at msg/s | p50 / p99 / p99.9 paced (ms) | p99 paced − direct-wan (ms) | each round | keyward CPU-s/GB |\n"
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n"
+    )
+    lines = []
+    for r in rows:
+        direct = r["path"] == "direct-wan"
+        lines.append(
+            f"| {r['rtt_ms']} ms ({r['rtt_median_ms']:.1f}) | {PATHS[r['path']][0]} | {fmt(r['msgs_per_s'], ',.0f')} "
+            f"| {fmt(r['mb_per_s'], '.1f')} | {'1' if direct else fmt(r['ratio'], '.3f')} "
+            f"| {'' if direct else ', '.join(format(x, '.3f') for x in r['ratios'])} "
+            f"| {fmt(r['p50_full'], '.0f')} / {fmt(r['p99_full'], '.0f')} | {fmt(r.get('paced_rate'), ',.0f')} "
+            f"| {fmt(r['p50_paced'], '.1f')} / {fmt(r['p99_paced'], '.1f')} / {fmt(r['p999_paced'], '.1f')} "
+            f"| {'' if direct else fmt(r['added_p99_paced'], '+.1f')} "
+            f"| {'' if direct else ', '.join(format(x, '+.1f') for x in r['added_p99s_paced'])} "
+            f"| {'' if direct else fmt(r['cpu_s_per_gb'], '.2f')} |"
+        )
+    targets = []
+    for r in rows:
+        if r["path"] != "keyward-redirect":
+            continue
+        mark = "n/a" if r["ratio"] is None else ("met" if r["ratio"] >= 0.8 else "MISSED")
+        targets.append(f"| redirected throughput at {r['rtt_ms']} ms ≥ 0.8 × direct-wan | {fmt(r['ratio'], '.3f')} "
+                       f"| {', '.join(format(x, '.3f') for x in r['ratios'])} | {mark} |")
+        targets.append(f"| p99 added latency of a redirected write at {r['rtt_ms']} ms (paced, same load) "
+                       f"| {fmt(r['added_p99_paced'], '+.1f')} ms "
+                       f"| {', '.join(format(x, '+.1f') for x in r['added_p99s_paced'])} | reported |")
+    out = [
+        f"# dev/bench --wan results ({'quick' if settings.quick else 'full'} run)",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {time.monotonic() - started:.0f} s, {os.cpu_count()} CPUs, "
+        f"load average at the end {os.getloadavg()[0]:.2f}. keyward = {os.environ['KEYWARD_BIN']}; "
+        f"librdkafka {librdkafka_version()}; toxiproxy {Path(os.environ['KEYWARD_TOXIPROXY_BIN']).name}.",
+        "",
+        f"Two 1-broker clusters on this machine, eu and us; us's client listener behind toxiproxy, half the round "
+        f"trip on each direction. direct-wan: librdkafka straight to us through toxiproxy. keyward-redirect: "
+        f"librdkafka to eu's keyward, a `by: key` rule with `on_foreign: redirect` and every slot owned by us, so "
+        f"keyward redirects every record to us through the same toxiproxy. Both: idempotent producer, acks=all, "
+        f"linger.ms 5, 1 KiB records, {settings.partitions} partitions, a fresh topic per run, one record per "
+        f"partition delivered before the clock starts (not counted). {settings.rounds} "
+        f"rounds per round trip, the paths in alternating order. Full load: {settings.wan_messages:,} records as "
+        f"fast as the client goes, timed from the first produce to the last delivery report. Paced: "
+        f"{settings.wan_paced_seconds:g} s at half the slower path's median full-load rate, the same rate on "
+        f"both paths; latency is librdkafka's, produce() to delivery report. Round trip measured: median of 20 "
+        f"ApiVersions round trips through toxiproxy.",
+        "",
+        head + "\n".join(lines) + "\n",
+        "## Targets (issue 13)",
+        "",
+        "| target | measured (median) | each round | |\n|---|--:|--:|---|\n" + "\n".join(targets) + "\n",
+    ]
+    redirected = [r["all_redirected"] for r in rows if r["all_redirected"] is not None]
+    if redirected:
+        out.append("keyward's `keyward_produce_records_total{decision=\"redirected\"}` counted every delivered record "
+                   "of every keyward-redirect run.\n" if all(redirected) else
+                   "**Warning:** keyward's `decision=\"redirected\"` count fell short of the delivered records on a "
+                   "keyward-redirect run: not everything went over the link.\n")
+    if failed:
+        out.append(f"**{len(failed)} run(s) failed** (left out of the medians): " + ", ".join(
+            f"{r['rtt_ms']} ms r{r['round']} {r['path']} {r['kind']}" for r in failed) + "\n")
+    return "\n".join(out)
+
+
+def run_wan(settings: Settings, loadgen: Path, started: float) -> int:
+    if not os.environ.get("KEYWARD_TOXIPROXY_BIN"):
+        raise SystemExit("--wan needs KEYWARD_TOXIPROXY_BIN, the toxiproxy server binary (dev/bench --wan installs it)")
+    workdir = Path(tempfile.mkdtemp(prefix="keyward-bench-wan-"))
+    bench = WanBench(settings, workdir, loadgen)
+    try:
+        bench.start()
+        bench.warm_up()
+        for rtt in settings.wan_rtts:
+            bench.at_rtt(rtt)
+    except KeyboardInterrupt:
+        log("interrupted; reporting what ran")
+    finally:
+        bench.stop()
+    text = wan_report(settings, bench, bench.links, started)
+    (settings.out / "wan.md").write_text(text)
+    (settings.out / "wan.json").write_text(json.dumps({"settings": {**settings.__dict__, "out": str(settings.out)},
+                                                        "links": bench.links, "runs": bench.runs,
+                                                        "warmups": bench.warmups}, indent=1, default=str))
+    print(text)
+    log(f"wrote {settings.out / 'wan.md'} and wan.json (work dir {workdir})")
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if bench.runs and all(r.get("ok") for r in bench.runs) else 1
+
+
+# ------------------------------------------------------------------ --latency: unloaded latency
+
+
+LATENCY_LOAD = Load(100, "none")
+LATENCY_PATHS = ("direct", "haproxy", "key")
+
+
+def latency_round(bench: Bench, rnd: int) -> None:
+    """Every path once, in an order rotated by round, on a fresh topic each: one 100 B record at
+    a time (acks=all, linger.ms 0; the next record is produced when the last one's delivery
+    report is in), after one record per partition delivered and not counted (connections
+    made). Round -1 is a warm-up, kept apart from the results."""
+    for path in rotated(list(LATENCY_PATHS), max(rnd, 0)):
+        topic = bench.new_topic(path, LATENCY_LOAD, rnd)
+        args = ["produce", "--bootstrap", bench.bootstrap(path), "--topic", topic,
+                "--size", str(LATENCY_LOAD.size), "--acks", "all", "--linger-ms", "0", "--one-at-a-time", "true",
+                "--warm-up", "true", "--messages", str(bench.s.latency_messages), "--tenants", str(TENANTS)]
+        r = bench.loadgen_run(args, path)
+        if rnd < 0:
+            r.update(round=rnd, path=path, kind="warmup")
+            bench.warmups.append(r)
+            log(f"  warm-up {PATHS[path][0]:28} p50 {r.get('p50_ms', 0) * 1e3:6.0f} µs "
+                f"p99 {r.get('p99_ms', 0) * 1e3:6.0f} µs")
+        else:
+            bench.record(rnd, LATENCY_LOAD, path, "latency", r)
+        bench.delete_topic(topic)
+
+
+def latency_report(settings: Settings, bench: Bench, started: float) -> str:
+    """Per path: p50, p99, p99.9 in µs (medians over rounds); for haproxy and keyward, what they
+    add to direct's, taken round by round, then the median."""
+    def get(rnd, path):
+        return next((r for r in bench.runs if (r["round"], r["path"]) == (rnd, path) and r.get("ok")), None)
+
+    quantiles = (("p50", "p50_ms"), ("p99", "p99_ms"), ("p99.9", "p999_ms"))
+    rows = []
+    for path in LATENCY_PATHS:
+        per = [get(i, path) for i in range(settings.rounds)]
+        direct = [get(i, "direct") for i in range(settings.rounds)]
+        row = {"path": path, "samples": sum(r["delivered"] for r in per if r)}
+        for q, field in quantiles:
+            row[q] = median([r[field] * 1e3 for r in per if r])
+            row[f"added_{q}s"] = [(p[field] - d[field]) * 1e3 for p, d in zip(per, direct) if p and d]
+            row[f"added_{q}"] = median(row[f"added_{q}s"])
+        rows.append(row)
+
+    head = ("| path | samples | p50 (µs) | p99 (µs) | p99.9 (µs) | p50 − direct | p99 − direct | p99.9 − direct "
+            "| p50 − direct, each round | p99 − direct, each round |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
+    lines = []
+    for r in rows:
+        direct = r["path"] == "direct"
+        lines.append(
+            f"| {PATHS[r['path']][0]} | {r['samples']:,} | {fmt(r['p50'], '.0f')} | {fmt(r['p99'], '.0f')} "
+            f"| {fmt(r['p99.9'], '.0f')} | "
+            + " | ".join("" if direct else fmt(r[f"added_{q}"], "+.0f") for q, _ in quantiles)
+            + " | " + " | ".join("" if direct else ", ".join(format(x, "+.0f") for x in r[f"added_{q}s"])
+                                  for q in ("p50", "p99")) + " |"
+        )
+    key = next(r for r in rows if r["path"] == "key")
+    targets = []
+    for q, limit in (("p50", 40), ("p99", 200)):
+        v = key[f"added_{q}"]
+        mark = "n/a" if v is None else ("met" if v <= limit else "MISSED")
+        targets.append(f"| keyward (by: key) adds ≤ {limit} µs at {q} over direct | {fmt(v, '+.0f')} µs "
+                       f"| {', '.join(format(x, '+.0f') for x in key[f'added_{q}s'])} | {mark} |")
+    failed = [r for r in bench.runs if not r.get("ok")]
+    out = [
+        f"# dev/bench --latency results ({'quick' if settings.quick else 'full'} run)",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {time.monotonic() - started:.0f} s, {os.cpu_count()} CPUs, "
+        f"load average at the end {os.getloadavg()[0]:.2f}. keyward = {os.environ['KEYWARD_BIN']}; "
+        f"librdkafka {librdkafka_version()}.",
+        "",
+        f"Unloaded latency: one 100 B record at a time, acks=all, linger.ms 0, the next produced when the last "
+        f"one's delivery report is in; {settings.latency_messages:,} records per run, {settings.rounds} rounds "
+        f"(after one warm-up round, not counted), the paths in a rotated order, {settings.partitions} partitions, "
+        f"1 broker. Latency is librdkafka's, produce() to delivery report. Quantiles are medians over rounds; "
+        f"\"− direct\" is taken round by round (same round), then the median.",
+        "",
+        head + "\n".join(lines) + "\n",
+        "## Targets (issue 18)",
+        "",
+        "| target | measured (median) | each round | |\n|---|--:|--:|---|\n" + "\n".join(targets) + "\n",
+    ]
+    if failed:
+        out.append(f"**{len(failed)} run(s) failed** (left out of the medians): " + ", ".join(
+            f"r{r['round']} {r['path']}" for r in failed) + "\n")
+    return "\n".join(out)
+
+
+def run_latency(settings: Settings, loadgen: Path, started: float) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="keyward-bench-latency-"))
+    bench = Bench(settings, workdir, loadgen)
+    try:
+        bench.start()
+        log("warm-up round (not counted)")
+        latency_round(bench, -1)
+        for rnd in range(settings.rounds):
+            log(f"latency round {rnd + 1}/{settings.rounds}")
+            latency_round(bench, rnd)
+    except KeyboardInterrupt:
+        log("interrupted; reporting what ran")
+    finally:
+        bench.stop()
+    text = latency_report(settings, bench, started)
+    (settings.out / "latency.md").write_text(text)
+    (settings.out / "latency.json").write_text(json.dumps({"settings": {**settings.__dict__, "out": str(settings.out)},
+                                                            "runs": bench.runs, "warmups": bench.warmups},
+                                                           indent=1, default=str))
+    print(text)
+    log(f"wrote {settings.out / 'latency.md'} and latency.json (work dir {workdir})")
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if bench.runs and all(r.get("ok") for r in bench.runs) else 1
+
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -979,6 +1456,18 @@ def main() -> int:
         help="instead of the benchmark: one full-load run (e.g. key/100/none) with `perf record` on "
         "keyward; writes target/bench/perf-*.txt",
     )
+    ap.add_argument(
+        "--wan",
+        action="store_true",
+        help="instead of the benchmark: redirect over an emulated WAN (toxiproxy), beside librdkafka straight "
+        "to the remote cluster; writes target/bench/wan.md",
+    )
+    ap.add_argument(
+        "--latency",
+        action="store_true",
+        help="instead of the benchmark: unloaded latency, one 100 B record at a time, directly, through "
+        "haproxy and through keyward (by: key); writes target/bench/latency.md",
+    )
     args = ap.parse_args()
     settings = Settings.from_env(args.quick)
     if args.sockmap:
@@ -994,6 +1483,10 @@ def main() -> int:
     os.environ.setdefault("KEYWARD_LOG", "info")
     os.environ.setdefault("KEYWARD_BIN", str(ROOT / "target/release/keyward"))
     settings.out.mkdir(parents=True, exist_ok=True)
+    if args.wan:
+        return run_wan(settings, args.loadgen, started)
+    if args.latency:
+        return run_latency(settings, args.loadgen, started)
     workdir = Path(tempfile.mkdtemp(prefix="keyward-bench-"))
     bench = Bench(settings, workdir, args.loadgen)
     idle: list[dict] = []

@@ -1,22 +1,30 @@
 /*
  * loadgen: the native librdkafka load generator of dev/bench (a minimal rdkafka_performance).
  *
- *   loadgen produce --bootstrap HOST:PORT --topic T --size BYTES --seconds S
+ *   loadgen produce --bootstrap HOST:PORT --topic T --size BYTES (--seconds S | --messages N)
  *                   [--rate MSGS_PER_S] [--compression none|lz4|zstd|gzip|snappy]
  *                   [--keys N] [--tenants N] [--linger-ms MS] [--acks all|1]
+ *                   [--idempotence true|false] [--one-at-a-time true|false] [--warm-up true|false]
  *   loadgen consume --bootstrap HOST:PORT --topic T [--min-seconds S] [--timeout S]
  *
  * Prints exactly one JSON object on stdout; diagnostics go to stderr. Exit 1 on a failed run
  * (delivery errors, nothing delivered, a consumer that does not reach the end).
  *
- * produce: produces for --seconds (as fast as the client can, or paced at --rate), then flushes.
+ * produce: produces for --seconds, or --messages records (as fast as the client can, or paced at
+ * --rate), then flushes. With --one-at-a-time, each record waits for its delivery report before the
+ * next is produced: the unloaded latency of one write (use --linger-ms 0). With --warm-up, one
+ * record goes to each partition and is delivered before the clock starts, and is not counted: the
+ * connection to the leaders, the producer id and (through a proxy) the proxy's own set-up are then
+ * done, which matters when a round trip is long or the run is short.
  * Every message has an 11-byte key ("k" + 10 digits, --keys distinct ones, spread over the
  * partitions by librdkafka's default partitioner), one header `tenant: tNN` (--tenants distinct
  * values), and a --size byte value cut from a text-like pool (compressible the way log lines and
  * JSON are, so lz4 and zstd have work to do). Batching is librdkafka's own (linger.ms 5 by default,
  * batch.size 1 MB, acks=all): the "realistic batching" a librdkafka application gets without
- * tuning. Latency is librdkafka's rd_kafka_message_latency(): from produce() to the delivery
- * report, in microseconds, so it includes client-side queueing (at full load: the whole queue).
+ * tuning. --idempotence true turns on librdkafka's idempotent producer (off by default, as in
+ * librdkafka; it caps max.in.flight at 5 per broker connection). Latency is librdkafka's
+ * rd_kafka_message_latency(): from produce() to the delivery report, in microseconds, so it
+ * includes client-side queueing (at full load: the whole queue).
  *
  * consume: reads every partition of --topic from the beginning to the high watermark it saw at
  * start, again and again until --min-seconds have passed, and reports the rate from the first
@@ -138,8 +146,8 @@ static char *make_pool(void) {
 }
 
 struct opts {
-    const char *mode, *bootstrap, *topic, *compression, *acks;
-    long size, keys, tenants, linger_ms;
+    const char *mode, *bootstrap, *topic, *compression, *acks, *idempotence, *one_at_a_time, *warm_up;
+    long size, keys, tenants, linger_ms, messages;
     double seconds, rate, min_seconds, timeout;
 };
 
@@ -151,8 +159,10 @@ static int produce(const struct opts *o) {
     set(conf, "acks", o->acks);
     snprintf(buf, sizeof buf, "%ld", o->linger_ms);
     set(conf, "linger.ms", buf);
+    set(conf, "enable.idempotence", o->idempotence);
     set(conf, "client.id", "keyward-bench");
     rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
+    int one_at_a_time = !strcmp(o->one_at_a_time, "true");
     rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof err);
     if (!rk) die("producer: %s", err);
 
@@ -168,15 +178,29 @@ static int produce(const struct opts *o) {
     /* Connect and learn the partitions before the clock starts. */
     const struct rd_kafka_metadata *md;
     rd_kafka_topic_t *t = rd_kafka_topic_new(rk, o->topic, NULL);
-    if (rd_kafka_metadata(rk, 0, t, &md, 10000) != RD_KAFKA_RESP_ERR_NO_ERROR)
+    if (rd_kafka_metadata(rk, 0, t, &md, 10000) != RD_KAFKA_RESP_ERR_NO_ERROR || md->topic_cnt != 1 ||
+        md->topics[0].err)
         die("metadata for %s failed", o->topic);
+    int parts = md->topics[0].partition_cnt;
     rd_kafka_metadata_destroy(md);
     rd_kafka_topic_destroy(t);
+
+    if (!strcmp(o->warm_up, "true")) {
+        for (int p = 0; p < parts; p++)
+            if (rd_kafka_producev(rk, RD_KAFKA_V_TOPIC(o->topic), RD_KAFKA_V_PARTITION(p),
+                                  RD_KAFKA_V_KEY("k0000000000", 11),
+                                  RD_KAFKA_V_VALUE(pool, (size_t)o->size), RD_KAFKA_V_END))
+                die("warm-up produce failed");
+        if (rd_kafka_flush(rk, 60000) || failed) die("warm-up: %s", failed ? first_error : "flush timed out");
+        delivered = delivered_bytes = samples = 0;
+        memset(fine, 0, sizeof fine);
+        memset(coarse, 0, sizeof coarse);
+    }
 
     double start = now_s(), end = start + o->seconds;
     for (;;) {
         double now = now_s();
-        if (now >= end) break;
+        if (o->messages > 0 ? sent >= (uint64_t)o->messages : now >= end) break;
         if (o->rate > 0 && (double)sent >= (now - start) * o->rate) {
             rd_kafka_poll(rk, 0);
             usleep(200);
@@ -196,6 +220,13 @@ static int produce(const struct opts *o) {
             double blocked = now_s();
             rd_kafka_poll(rk, 1);
             queue_full_s += now_s() - blocked;
+        }
+        if (one_at_a_time) {
+            /* The delivery report of this record, before the next is produced. */
+            uint64_t done = delivered + failed;
+            while (delivered + failed == done) rd_kafka_poll(rk, 10);
+            sent++;
+            continue;
         }
         if (++sent % 1024 == 0) rd_kafka_poll(rk, 0);
     }
@@ -304,7 +335,8 @@ static int consume(const struct opts *o) {
 /* ------------------------------------------------------------ main */
 
 int main(int argc, char **argv) {
-    struct opts o = {.compression = "none", .acks = "all", .size = 100, .keys = 100000,
+    struct opts o = {.compression = "none", .acks = "all", .idempotence = "false",
+                     .one_at_a_time = "false", .warm_up = "false", .size = 100, .keys = 100000,
                      .tenants = 16, .linger_ms = 5, .seconds = 5, .min_seconds = 3,
                      .timeout = 120};
     if (argc < 2) die("usage: loadgen produce|consume --bootstrap B --topic T ...");
@@ -317,6 +349,10 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--topic")) o.topic = v;
         else if (!strcmp(a, "--compression")) o.compression = v;
         else if (!strcmp(a, "--acks")) o.acks = v;
+        else if (!strcmp(a, "--idempotence")) o.idempotence = v;
+        else if (!strcmp(a, "--one-at-a-time")) o.one_at_a_time = v;
+        else if (!strcmp(a, "--warm-up")) o.warm_up = v;
+        else if (!strcmp(a, "--messages")) o.messages = atol(v);
         else if (!strcmp(a, "--size")) o.size = atol(v);
         else if (!strcmp(a, "--keys")) o.keys = atol(v);
         else if (!strcmp(a, "--tenants")) o.tenants = atol(v);

@@ -42,7 +42,7 @@ const MAP_PAGE: &str = include_str!("admin/map.html");
 /// The page may load nothing from anywhere: its own inline script and style, and requests to
 /// the admin API it came from.
 const MAP_PAGE_POLICY: &str = "default-src 'none'; script-src 'unsafe-inline'; \
-    style-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; \
+    style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; \
     form-action 'none'; frame-ancestors 'none'";
 
 /// Installs the process-wide Prometheus recorder. Call once, before any metric is touched.

@@ -266,3 +266,13 @@ def test_the_map_and_its_json_are_self_contained_and_exact(kw):
     assert parts["tenants"] == [{"values": ["acme", "globex"], **owned("eu")}, {"values": ["initech"], **owned("us")}]
     assert parts["us-only"] == [owned("us")]
     assert parts["telemetry"] == []
+
+
+def test_the_map_needs_no_token_where_reload_does(tmp_path, eu, us):
+    """Read-only, like /ownership: the page and its JSON answer without the reload token."""
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("s3cret-token\n")
+    with Keyward(tmp_path, "eu", {"eu": eu, "us": us}, TABLE, admin_extra=f"reload_token_file: {token_file}") as kw:
+        for path in ("/", "/ownership/map", "/decisions"):
+            assert kw.admin(path)[0] == 200, path
+        assert kw.admin("/reload", "POST")[0] == 401

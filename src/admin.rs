@@ -3,10 +3,13 @@
 //!
 //! | route | answer |
 //! |---|---|
+//! | `GET /` | the ownership map: one HTML page, no external assets, polling the two routes below |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200, or 503 with the reason (listener not bound, serving cluster down) |
 //! | `GET /ownership` | JSON: version, hash, loaded-at, source file, the canonical table, last reload error |
+//! | `GET /ownership/map` | as `/ownership`, with each rule's `parts`: who writes each slot range, value list, partition range or topic after takeover and frozen |
+//! | `GET /decisions` | JSON: records decided per rule of the table in force, by decision, from the `/metrics` counters |
 //! | `GET /ownership/owner?topic=T&key=K` (or `header=NAME=VALUE`, `partition=N`, `null_key=true`; the `keyward owner` flags) | the `keyward owner` line |
 //! | `POST /reload` | 200 with the outcome, or 422 with the validation error; 401 without the bearer token when `admin.reload_token_file` is set |
 
@@ -30,6 +33,17 @@ use crate::ownership;
 use crate::proxy::Shared;
 use crate::reload::{Outcome, Trigger};
 use crate::security;
+
+mod decisions;
+
+/// The ownership map page: HTML, CSS and script in one file, built into the binary.
+const MAP_PAGE: &str = include_str!("admin/map.html");
+
+/// The page may load nothing from anywhere: its own inline script and style, and requests to
+/// the admin API it came from.
+const MAP_PAGE_POLICY: &str = "default-src 'none'; script-src 'unsafe-inline'; \
+    style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; \
+    form-action 'none'; frame-ancestors 'none'";
 
 /// Installs the process-wide Prometheus recorder. Call once, before any metric is touched.
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
@@ -80,7 +94,10 @@ pub async fn serve(
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/", get(map_page))
         .route("/ownership", get(ownership_json))
+        .route("/ownership/map", get(ownership_map))
+        .route("/decisions", get(decisions))
         .route("/ownership/owner", get(owner))
         .route("/reload", post(reload))
         .with_state(AdminState { metrics, shared });
@@ -110,6 +127,19 @@ fn rfc3339(t: SystemTime) -> String {
 }
 
 async fn ownership_json(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    Json(ownership_document(&s, |table| table.canonical_json()))
+}
+
+/// `/ownership` with the table as the map draws it ([`ownership::Table::map_json`]).
+async fn ownership_map(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    Json(ownership_document(&s, ownership::Table::map_json))
+}
+
+/// What `/ownership` and `/ownership/map` answer, with `table` as `table_json` writes it.
+fn ownership_document(
+    s: &AdminState,
+    table_json: impl FnOnce(&ownership::Table) -> serde_json::Value,
+) -> serde_json::Value {
     let ownership = &s.shared.ownership;
     let snapshot = ownership.snapshot();
     let last_error = ownership.last_error().map(|e| {
@@ -119,14 +149,41 @@ async fn ownership_json(State(s): State<AdminState>) -> Json<serde_json::Value> 
             "trigger": e.trigger.as_str(),
         })
     });
-    Json(json!({
+    json!({
         "region": s.shared.config.region,
         "version": snapshot.version,
         "hash": snapshot.hash,
         "loaded_at": rfc3339(snapshot.loaded_at),
         "source": ownership.path().display().to_string(),
         "last_reload_error": last_error,
-        "table": snapshot.table.canonical_json(),
+        "table": table_json(&snapshot.table),
+    })
+}
+
+/// Read-only, like `/ownership`: no token, whatever `admin.reload_token_file` says.
+async fn map_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, MAP_PAGE_POLICY),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        MAP_PAGE,
+    )
+        .into_response()
+}
+
+async fn decisions(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    let snapshot = s.shared.ownership.snapshot();
+    let rules: Vec<&str> = snapshot
+        .table
+        .rules()
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    Json(json!({
+        "version": snapshot.version,
+        "records": decisions::per_rule(&s.metrics.render(), &rules),
     }))
 }
 

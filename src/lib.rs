@@ -12,7 +12,7 @@
 //! - [`codec`]: Kafka framing, request/response headers and record-batch inspection. Pure parsing,
 //!   no sockets.
 //! - [`policy`]: pure decisions over a decoded Produce request and one ownership snapshot.
-//! - [`admin`]: the admin HTTP server (Prometheus metrics, liveness).
+//! - [`admin`]: the admin HTTP server (Prometheus metrics, liveness, the ownership map page).
 //! - [`cli`]: what the `keyward` subcommands do.
 //! - [`proxy`]: listeners, upstream connections, the per-connection pipeline that keeps responses
 //!   in request order ([`proxy::conn`]), and one handler per API keyward reads

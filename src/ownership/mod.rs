@@ -18,6 +18,8 @@
 //! - `table`: [`Table`]: rule lookup by topic, takeover and frozen, `explain` and `summary`.
 //! - `canonical`: the table as canonical JSON, its content hash (the same in every region that
 //!   runs the same table) and the one-line diff a reload logs.
+//! - `map`: the canonical table with who writes each part after takeover and frozen, for the
+//!   admin API's ownership map.
 //!
 //! # Lookup, step by step
 //!
@@ -30,6 +32,7 @@
 mod canonical;
 mod file;
 mod glob;
+mod map;
 pub mod murmur2;
 mod rule;
 mod subject;

@@ -7,7 +7,7 @@
 //! Runs per admin request, never per record; it allocates freely.
 
 use super::RegionId;
-use super::rule::{By, PartOwners, Rule};
+use super::rule::{By, PartOwners, PartState, Rule};
 use super::table::Table;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -38,63 +38,104 @@ impl Table {
     }
 
     fn parts(&self, rule: &Rule) -> Vec<Value> {
+        let states = rule.states();
         match &rule.by {
             By::Key { owners, .. }
             | By::KeyPart {
                 owners: PartOwners::Slots(owners),
                 ..
             } => {
-                let slots = (0i64..).zip(owners.iter()).map(|(s, &r)| (s, s, r));
+                let slots = (0u32..)
+                    .zip(owners.iter())
+                    .map(|(s, &r)| (i64::from(s), i64::from(s), r, states.slot(s)));
                 self.range_parts(slots)
             }
-            By::Partition { owners } => self.range_parts(
-                owners
-                    .iter()
-                    .map(|r| (i64::from(r.first), i64::from(r.last), r.owner)),
-            ),
+            By::Partition { owners } => {
+                // Each owner range, cut where the state of its partitions changes.
+                let mut ranges = Vec::new();
+                for r in owners.iter() {
+                    let mut at = i64::from(r.first);
+                    let last = i64::from(r.last);
+                    for &(first, end, _) in states.partitions.iter() {
+                        let (first, end) = (i64::from(first), i64::from(end));
+                        if end < at || first > last {
+                            continue;
+                        }
+                        if first > at {
+                            ranges.push((at, first - 1, r.owner, states.whole));
+                        }
+                        let to = end.min(last);
+                        // Both ends lie in an i32 partition range.
+                        let state = states.partition(at.max(first) as i32);
+                        ranges.push((at.max(first), to, r.owner, state));
+                        at = to + 1;
+                    }
+                    if at <= last {
+                        ranges.push((at, last, r.owner, states.whole));
+                    }
+                }
+                self.range_parts(ranges.into_iter())
+            }
             By::Header { owners, .. }
             | By::KeyPart {
                 owners: PartOwners::Values(owners),
                 ..
-            } => self.value_parts(owners),
-            By::Topic { owner } => vec![self.part(*owner, Map::new())],
+            } => self.value_parts(owners, |v| states.value(v)),
+            By::Topic { owner } => vec![self.part(*owner, states.whole, Map::new())],
             By::Any => Vec::new(),
         }
     }
 
-    /// Sorted, disjoint `(first, last, owner)` ranges, neighbours of one owner merged.
-    fn range_parts(&self, ranges: impl Iterator<Item = (i64, i64, RegionId)>) -> Vec<Value> {
-        let mut runs: Vec<(i64, i64, RegionId)> = Vec::new();
-        for (first, last, owner) in ranges {
+    /// Sorted, disjoint `(first, last, owner, state)` ranges, neighbours of one owner and
+    /// state merged.
+    fn range_parts(
+        &self,
+        ranges: impl Iterator<Item = (i64, i64, RegionId, PartState)>,
+    ) -> Vec<Value> {
+        let mut runs: Vec<(i64, i64, RegionId, PartState)> = Vec::new();
+        for (first, last, owner, state) in ranges {
             match runs.last_mut() {
-                Some((_, end, o)) if *o == owner && *end + 1 == first => {
+                Some((_, end, o, s)) if *o == owner && *s == state && *end + 1 == first => {
                     *end = last;
                 }
-                _ => runs.push((first, last, owner)),
+                _ => runs.push((first, last, owner, state)),
             }
         }
         runs.into_iter()
-            .map(|(first, last, owner)| {
+            .map(|(first, last, owner, state)| {
                 let mut what = Map::new();
                 what.insert("first".into(), first.into());
                 what.insert("last".into(), last.into());
-                self.part(owner, what)
+                self.part(owner, state, what)
             })
             .collect()
     }
 
-    fn value_parts<S>(&self, owners: &HashMap<Box<[u8]>, RegionId, S>) -> Vec<Value> {
-        let mut by_region: BTreeMap<&str, (RegionId, Vec<&[u8]>)> = BTreeMap::new();
+    /// One part per region of the file and state, its values sorted.
+    fn value_parts<S>(
+        &self,
+        owners: &HashMap<Box<[u8]>, RegionId, S>,
+        state_of: impl Fn(&[u8]) -> PartState,
+    ) -> Vec<Value> {
+        // By file owner, then the parts it keeps before those taken over.
+        type Group<'v> = (RegionId, PartState, Vec<&'v [u8]>);
+        let mut groups: BTreeMap<(&str, Option<&str>, bool), Group> = BTreeMap::new();
         for (value, &owner) in owners {
-            by_region
-                .entry(self.region_name(owner))
-                .or_insert_with(|| (owner, Vec::new()))
-                .1
+            let state = state_of(value);
+            let key = (
+                self.region_name(owner),
+                state.takeover.map(|r| self.region_name(r)),
+                state.frozen,
+            );
+            groups
+                .entry(key)
+                .or_insert_with(|| (owner, state, Vec::new()))
+                .2
                 .push(value);
         }
-        by_region
+        groups
             .into_values()
-            .map(|(owner, mut values)| {
+            .map(|(owner, state, mut values)| {
                 values.sort_unstable();
                 let values: Vec<Value> = values
                     .into_iter()
@@ -102,18 +143,22 @@ impl Table {
                     .collect();
                 let mut what = Map::new();
                 what.insert("values".into(), values.into());
-                self.part(owner, what)
+                self.part(owner, state, what)
             })
             .collect()
     }
 
-    /// `what` with who writes it: `region`, `takeover_from` and `frozen`.
-    fn part(&self, owner: RegionId, mut what: Map<String, Value>) -> Value {
-        let region = self.effective_owner(owner);
+    /// `what` with who writes it, as [`Table::judge`] decides: `region`, `takeover_from` and
+    /// `frozen`.
+    fn part(&self, owner: RegionId, state: PartState, mut what: Map<String, Value>) -> Value {
+        let region = self.effective_owner(state.takeover.unwrap_or(owner));
         what.insert("region".into(), self.region_name(region).into());
         let from = (region != owner).then(|| self.region_name(owner));
         what.insert("takeover_from".into(), from.into());
-        what.insert("frozen".into(), self.is_frozen(region).into());
+        what.insert(
+            "frozen".into(),
+            (state.frozen || self.is_frozen(region)).into(),
+        );
         what.into()
     }
 }
@@ -221,5 +266,50 @@ mod tests {
         assert_eq!(ranges("p"), [r(0, 3, "us")]);
         // Partition 3-4 is nobody's: no part covers it.
         assert_eq!(ranges("q"), [r(0, 1, "eu"), r(2, 2, "us"), r(5, 5, "eu")]);
+    }
+
+    #[test]
+    fn frozen_and_taken_over_parts_of_a_rule_are_parts_of_their_own() {
+        let text = super::super::tests::EXAMPLE
+            .replace(
+                "owners: { eu: [\"0-7\"], us: [\"8-15\"] }   #",
+                "frozen: [\"0-3\"]\n    takeover: { us: [\"4-5\"] }\n    owners: { eu: [\"0-7\"], us: [\"8-15\"] }   #",
+            )
+            .replace(
+                "owners: { eu: [acme, globex], us: [initech] }",
+                "owners: { eu: [acme, globex], us: [initech] }\n    frozen: [acme]\n    takeover: { us: [globex] }",
+            )
+            .replace(
+                "owners: { eu: [\"0-5\"], us: [\"6-11\"] }",
+                "owners: { eu: [\"0-5\"], us: [\"6-11\"] }\n    frozen: [\"0-1\"]\n    takeover: { eu: [\"6-7\"] }",
+            );
+        let map = parse(&text).map_json();
+        let part = |first: u64, last: u64, region: &str, from: Option<&str>, frozen: bool| json!({"first": first, "last": last, "region": region, "takeover_from": from, "frozen": frozen});
+        assert_eq!(
+            parts(&map, "orders"),
+            json!([
+                part(0, 3, "eu", None, true),
+                part(4, 5, "us", Some("eu"), false),
+                part(6, 7, "eu", None, false),
+                part(8, 15, "us", None, false),
+            ])
+        );
+        assert_eq!(
+            parts(&map, "inventory"),
+            json!([
+                part(0, 1, "eu", None, true),
+                part(2, 5, "eu", None, false),
+                part(6, 7, "eu", Some("us"), false),
+                part(8, 11, "us", None, false),
+            ])
+        );
+        assert_eq!(
+            parts(&map, "tenants"),
+            json!([
+                {"values": ["acme"], "region": "eu", "takeover_from": null, "frozen": true},
+                {"values": ["globex"], "region": "us", "takeover_from": "eu", "frozen": false},
+                {"values": ["initech"], "region": "us", "takeover_from": null, "frozen": false},
+            ])
+        );
     }
 }

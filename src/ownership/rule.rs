@@ -64,12 +64,12 @@ pub struct PartStates {
 }
 
 impl PartStates {
-    fn slot(&self, slot: u32) -> PartState {
+    pub(super) fn slot(&self, slot: u32) -> PartState {
         let own = self.slots.get(slot as usize).copied().unwrap_or_default();
         self.whole.with(own)
     }
 
-    fn value(&self, value: &[u8]) -> PartState {
+    pub(super) fn value(&self, value: &[u8]) -> PartState {
         if self.values.is_empty() {
             return self.whole;
         }
@@ -77,7 +77,7 @@ impl PartStates {
             .with(self.values.get(value).copied().unwrap_or_default())
     }
 
-    fn partition(&self, partition: i32) -> PartState {
+    pub(super) fn partition(&self, partition: i32) -> PartState {
         let i = self
             .partitions
             .partition_point(|&(_, last, _)| last < partition);

@@ -85,11 +85,15 @@ class Keyward:
         admin_extra: str = "",
         cluster_yaml: dict[str, str] | None = None,
         binary_path: Path | None = None,
+        command: list[str] | None = None,
     ) -> None:
         """`listen_extra` and `admin_extra` are YAML lines added under `listen:` and `admin:`
         (e.g. `tls: {...}`); `cluster_yaml` replaces the flow mapping of the named clusters
         (e.g. to add `tls` and `sasl`, or to point at another listener); `binary_path` runs
-        another build than `$KEYWARD_BIN` (dev/bench's baseline)."""
+        another build than `$KEYWARD_BIN` (dev/bench's baseline); `command` replaces the whole
+        command line that starts it (test_image.py: keyward in another root file system, where
+        the config is at another path)."""
+        self.command = command
         self.args = tuple(args)
         self.binary_path = binary_path
         self.region = region
@@ -133,9 +137,11 @@ ownership_file: ownership.yaml
 
     def start(self, timeout_s: float = 20) -> "Keyward":
         log = open(self.log_path, "ab")
+        command = self.command or [
+            str(self.binary_path or binary()), "run", "--config", str(self.config_path), *self.args
+        ]
         self.proc = subprocess.Popen(
-            [*env.pdeathsig_prefix(), str(self.binary_path or binary()), "run", "--config", str(self.config_path),
-             *self.args],
+            [*env.pdeathsig_prefix(), *command],
             stdout=log,
             stderr=log,
             env={**os.environ, "KEYWARD_LOG": os.environ.get("KEYWARD_LOG", "info,keyward=debug")},

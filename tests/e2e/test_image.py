@@ -13,6 +13,8 @@ image. The tests run that file system:
   resolver built into the static binary. /readyz answers 200, and records produced through it
   are consumed back through it with librdkafka. A dynamically linked binary would fail here: no
   loader, no libraries.
+* the image's CA bundle: in the same file system, a SASL_SSL cluster whose `tls` names no `ca`
+  is verified against /etc/ssl/certs/ca-certificates.crt (the test CA appended to it).
 * the image (podman, as this user; dev/install-test-deps installs it): the documented command
   builds it, its config says uid 65532, entrypoint and ports, and its layers hold exactly the
   files of that rootfs, byte for byte. Running the image needs a machine where podman can start
@@ -245,12 +247,25 @@ def _serves(kw: Keyward, eu) -> None:
     assert [(m["key"], m["value"]) for m in got] == [(owned.encode(), b"mine")], got
 
 
-def test_the_image_file_system_serves_as_uid_65532_with_nothing_else(tmp_path, image_context, eu, us, summary):
-    sudo = _as_root()
+def _image_root(tmp_path: Path, image_context: Path, hosts: str) -> Path:
+    """A copy of the image's file system plus what a container runtime adds to every container:
+    /etc/hosts and /etc/resolv.conf (naming the test's DNS server)."""
     root = tmp_path / "root"
     shutil.copytree(image_context / "rootfs", root, symlinks=True)
-    # What a container runtime adds to every container: /etc/hosts and /etc/resolv.conf.
-    hosts = f"127.0.0.1 localhost\n127.0.0.1 {HOSTS_NAME}\n"
+    (root / "etc/hosts").write_text(hosts)
+    (root / "etc/resolv.conf").write_text(f"nameserver {DNS_ADDRESS}\noptions timeout:1 attempts:1\n")
+    return root
+
+
+def _in_root(sudo: list[str], root: Path) -> list[str]:
+    """The image's ENTRYPOINT and CMD, run in root as the image's USER."""
+    return [*sudo, "chroot", f"--userspec={UID}:{GID}", f"--groups={GID}", str(root),
+            KEYWARD_IN_IMAGE, "run", "--config", CONFIG_IN_IMAGE]
+
+
+def test_the_image_file_system_serves_as_uid_65532_with_nothing_else(tmp_path, image_context, eu, us, summary):
+    sudo = _as_root()
+    root = _image_root(tmp_path, image_context, f"127.0.0.1 localhost\n127.0.0.1 {HOSTS_NAME}\n")
     dns = None
     if not sudo:
         # As root: the us cluster's name is known to this DNS server only.
@@ -259,14 +274,10 @@ def test_the_image_file_system_serves_as_uid_65532_with_nothing_else(tmp_path, i
     else:
         # Binding port 53 needs root: through sudo, the us cluster is reached by an /etc/hosts name too.
         us_host = HOSTS_NAME
-    (root / "etc/hosts").write_text(hosts)
-    (root / "etc/resolv.conf").write_text(f"nameserver {DNS_ADDRESS}\noptions timeout:1 attempts:1\n")
     # The mount: Keyward writes the config and the table into /etc/keyward, mode 0644, owned by
     # this user, not by keyward's uid.
-    command = [*sudo, "chroot", f"--userspec={UID}:{GID}", f"--groups={GID}", str(root),
-               KEYWARD_IN_IMAGE, "run", "--config", CONFIG_IN_IMAGE]
     kw = Keyward(root / "etc", "eu", {"eu": eu, "us": us}, TABLE, name="keyward",
-                 cluster_yaml={"eu": _named(eu, HOSTS_NAME), "us": _named(us, us_host)}, command=command)
+                 cluster_yaml={"eu": _named(eu, HOSTS_NAME), "us": _named(us, us_host)}, command=_in_root(sudo, root))
     assert kw.config_path == root / CONFIG_IN_IMAGE.lstrip("/")
     # keyward's own log goes to the test's directory, not into the root file system.
     kw.log_path = tmp_path / "keyward.log"
@@ -291,6 +302,28 @@ def test_the_image_file_system_serves_as_uid_65532_with_nothing_else(tmp_path, i
         kw.stop()
         if dns:
             dns.close()
+
+
+def test_the_image_ca_bundle_is_the_system_roots_for_cluster_tls(tmp_path, image_context, eu, secure):
+    """A cluster whose `tls` names no `ca` is verified against the image's
+    /etc/ssl/certs/ca-certificates.crt: with the test CA appended there, keyward, in the image's
+    file system, logs in over SASL_SSL to the secure cluster, named `localhost` as its certificate
+    says, and its probes succeed."""
+    sudo = _as_root()
+    root = _image_root(tmp_path, image_context, "127.0.0.1 localhost\n")
+    bundle = root / "etc/ssl/certs/ca-certificates.crt"
+    bundle.write_text(bundle.read_text() + secure.security.pki.ca.read_text())
+    (root / "etc/keyward/us-password").write_text("keyward-secret\n")
+    sasl = "sasl: { mechanism: SCRAM-SHA-512, username: keyward, password_file: us-password }"
+    us_yaml = _named(secure, "localhost").replace(" }", f", tls: {{}}, {sasl} }}")
+    kw = Keyward(root / "etc", "eu", {"eu": eu, "us": secure}, TABLE, name="keyward",
+                 cluster_yaml={"us": us_yaml}, command=_in_root(sudo, root))
+    kw.log_path = tmp_path / "keyward.log"
+    try:
+        kw.start()
+        _wait_for("the TLS cluster's first answer", lambda: kw.metric("keyward_cluster_up", cluster="us") == 1)
+    finally:
+        kw.stop()
 
 
 # --------------------------------------------------------------------------- the image itself

@@ -11,6 +11,7 @@
 //! | `GET /ownership/map` | as `/ownership`, with each rule's `parts`: who writes each slot range, value list, partition range or topic after takeover and frozen |
 //! | `GET /decisions` | JSON: records decided per rule of the table in force, by decision, from the `/metrics` counters |
 //! | `GET /ownership/owner?topic=T&key=K` (or `header=NAME=VALUE`, `partition=N`, `null_key=true`; the `keyward owner` flags) | the `keyward owner` line |
+//! | `PUT /ownership` (body: the table file; `If-Match: <hash of the table in force>`) | writes the file and puts it in force: 200 with the outcome, 412 with the current hash if it changed, 422 for an invalid table, 409 if the file cannot be written; needs the bearer token as `POST /reload` does |
 //! | `POST /reload` | 200 with the outcome, or 422 with the validation error; 401 without the bearer token when `admin.reload_token_file` is set |
 
 use std::net::SocketAddr;
@@ -31,7 +32,7 @@ use tracing::{info, warn};
 
 use crate::ownership;
 use crate::proxy::Shared;
-use crate::reload::{Outcome, Trigger};
+use crate::reload::{Outcome, ReplaceError, Trigger};
 use crate::security;
 
 mod decisions;
@@ -95,7 +96,7 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/", get(map_page))
-        .route("/ownership", get(ownership_json))
+        .route("/ownership", get(ownership_json).put(replace_table))
         .route("/ownership/map", get(ownership_map))
         .route("/decisions", get(decisions))
         .route("/ownership/owner", get(owner))
@@ -206,22 +207,91 @@ async fn owner(
     .into_response()
 }
 
+/// `None` when the request may change the table: it carries the bearer token of
+/// `admin.reload_token_file`, or none is configured (then the admin listener is loopback, or
+/// `allow_unauthenticated_reload` says anyone who reaches it may). Otherwise the 401 to answer.
+fn refused(s: &AdminState, headers: &HeaderMap, what: &str) -> Option<Response> {
+    let token = s.shared.security.reload_token()?;
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.expose().as_bytes())) {
+        return None;
+    }
+    metrics::counter!("keyward_admin_unauthorized_total").increment(1);
+    warn!("{what} without the right bearer token; refused");
+    Some(
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            format!("{what} needs Authorization: Bearer <the token in admin.reload_token_file>\n"),
+        )
+            .into_response(),
+    )
+}
+
+/// `PUT /ownership`: the body becomes the table file and is put in force, if the table in
+/// force has the hash the `If-Match` header names (428 without one, 412 with the current hash
+/// when it differs), and the body is a valid table (422 with the error, nothing written).
+/// `keyward move` changes the table of every instance this way.
+async fn replace_table(State(s): State<AdminState>, headers: HeaderMap, body: String) -> Response {
+    if let Some(refusal) = refused(&s, &headers, "PUT /ownership") {
+        return refusal;
+    }
+    let Some(expected) = headers
+        .get(header::IF_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().trim_matches('"').to_owned())
+    else {
+        return (
+            StatusCode::PRECONDITION_REQUIRED,
+            "PUT /ownership needs If-Match: <the hash of the table it replaces>\n",
+        )
+            .into_response();
+    };
+    let ownership = s.shared.ownership.clone();
+    let replaced = tokio::task::spawn_blocking(move || ownership.replace(&body, &expected)).await;
+    let (status, body) = match replaced {
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"result": "error", "error": format!("replace task failed: {e}")}),
+        ),
+        Ok(Ok(Outcome::Loaded {
+            version,
+            hash,
+            changes,
+        })) => (
+            StatusCode::OK,
+            json!({"result": "loaded", "version": version, "hash": hash, "changes": changes}),
+        ),
+        Ok(Ok(Outcome::Unchanged { version, hash })) => (
+            StatusCode::OK,
+            json!({"result": "unchanged", "version": version, "hash": hash}),
+        ),
+        Ok(Ok(Outcome::Failed(e))) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"result": "error", "error": e.to_string()}),
+        ),
+        Ok(Err(ReplaceError::Changed { current, .. })) => (
+            StatusCode::PRECONDITION_FAILED,
+            json!({"result": "changed", "hash": current}),
+        ),
+        Ok(Err(e @ ReplaceError::Invalid(_))) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"result": "error", "error": e.to_string()}),
+        ),
+        Ok(Err(e @ (ReplaceError::Unwritable { .. } | ReplaceError::Raced(_)))) => (
+            StatusCode::CONFLICT,
+            json!({"result": "error", "error": e.to_string()}),
+        ),
+    };
+    (status, Json(body)).into_response()
+}
+
 async fn reload(State(s): State<AdminState>, headers: HeaderMap) -> Response {
-    if let Some(token) = s.shared.security.reload_token() {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.expose().as_bytes())) {
-            metrics::counter!("keyward_admin_unauthorized_total").increment(1);
-            warn!("POST /reload without the right bearer token; refused");
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                "POST /reload needs Authorization: Bearer <the token in admin.reload_token_file>\n",
-            )
-                .into_response();
-        }
+    if let Some(refusal) = refused(&s, &headers, "POST /reload") {
+        return refusal;
     }
     let (ownership, security) = (s.shared.ownership.clone(), s.shared.security.clone());
     let reloaded = tokio::task::spawn_blocking(move || {

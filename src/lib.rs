@@ -13,7 +13,7 @@
 //!   no sockets.
 //! - [`policy`]: pure decisions over a decoded Produce request and one ownership snapshot.
 //! - [`admin`]: the admin HTTP server (Prometheus metrics, liveness, the ownership map page).
-//! - [`cli`]: what the `keyward` subcommands do.
+//! - [`cli`]: what the `keyward` subcommands do; [`moves`]: `keyward move`, across a fleet.
 //! - [`proxy`]: listeners, upstream connections, the per-connection pipeline that keeps responses
 //!   in request order ([`proxy::conn`]), and one handler per API keyward reads
 //!   ([`proxy::handlers`]: Produce's ownership decisions, the rewriting of broker addresses).
@@ -34,6 +34,7 @@ pub mod admin;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod moves;
 pub mod ownership;
 pub mod policy;
 pub mod proxy;

@@ -55,6 +55,93 @@ enum Command {
         #[arg(long, group = "what")]
         null_key: bool,
     },
+    /// Move part of a rule's ownership to another region in every instance of a fleet: freeze
+    /// it, wait for replication, flip it.
+    Move {
+        #[command(subcommand)]
+        step: MoveCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum MoveCommand {
+    /// Print what the move would change, in which instances, and the replication lag of the
+    /// rule's topics from the old owner to the new one.
+    Plan {
+        #[command(flatten)]
+        what: MoveArgs,
+    },
+    /// Carry the move out, step by step, each confirmed in every instance; resumes from the
+    /// journal after a crash, and aborts back to the old owner when a step before the flip
+    /// fails or replication does not catch up in time.
+    Run {
+        #[command(flatten)]
+        what: MoveArgs,
+        /// Where the move records its steps (created, or resumed from).
+        #[arg(long)]
+        journal: PathBuf,
+        /// How long to wait for replication before aborting.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        replication_timeout: std::time::Duration,
+        /// Flip without waiting for replication (when no instance measures it).
+        #[arg(long)]
+        no_replication_gate: bool,
+    },
+    /// Put the table a move started from back in force everywhere (before its flip).
+    Abort {
+        #[arg(long)]
+        fleet: PathBuf,
+        #[arg(long)]
+        journal: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+#[group(skip)]
+struct MoveArgs {
+    /// The fleet file: every instance's admin URL, by region.
+    #[arg(long)]
+    fleet: PathBuf,
+    /// The rule whose ownership moves.
+    #[arg(long)]
+    rule: String,
+    /// Slots of a `by: key` rule: `0-3,7`.
+    #[arg(long, group = "parts")]
+    slots: Option<String>,
+    /// Values of a `by: header` or `by: key_part` rule: `acme,globex`.
+    #[arg(long, group = "parts")]
+    values: Option<String>,
+    /// Partitions of a `by: partition` rule: `0-2`.
+    #[arg(long, group = "parts")]
+    partitions: Option<String>,
+    /// The whole rule.
+    #[arg(long, group = "parts")]
+    all: bool,
+    /// The region that owns them after the move.
+    #[arg(long)]
+    to: String,
+}
+
+impl MoveArgs {
+    fn request(&self) -> Result<keyward::moves::Request, String> {
+        use keyward::ownership::moves::{Parts, parse_ranges};
+        let parts = if let Some(slots) = &self.slots {
+            Parts::Slots(parse_ranges(slots)?)
+        } else if let Some(partitions) = &self.partitions {
+            Parts::Partitions(parse_ranges(partitions)?)
+        } else if let Some(values) = &self.values {
+            Parts::Values(values.split(',').map(|v| v.trim().to_owned()).collect())
+        } else if self.all {
+            Parts::All
+        } else {
+            return Err("name what moves: --slots, --values, --partitions or --all".to_owned());
+        };
+        Ok(keyward::moves::Request {
+            rule: self.rule.clone(),
+            parts,
+            to: self.to.clone(),
+        })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -66,6 +153,7 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Move { step } => run_move(step),
         Command::Run { config, log_format } => {
             init_logging(log_format);
             match keyward::cli::run(&config) {
@@ -126,6 +214,46 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// `keyward move ...`: exit 0 when the step asked for is done, 2 for a command line keyward
+/// cannot read, 1 otherwise (with what happened printed).
+fn run_move(step: MoveCommand) -> ExitCode {
+    let result = (|| -> anyhow::Result<()> {
+        match step {
+            MoveCommand::Plan { what } => {
+                let request = what.request().map_err(anyhow::Error::msg)?;
+                let fleet = keyward::moves::Fleet::load(&what.fleet)?;
+                print!("{}", keyward::moves::plan(&fleet, &request)?);
+                Ok(())
+            }
+            MoveCommand::Run {
+                what,
+                journal,
+                replication_timeout,
+                no_replication_gate,
+            } => {
+                let request = what.request().map_err(anyhow::Error::msg)?;
+                let fleet = keyward::moves::Fleet::load(&what.fleet)?;
+                let gate = keyward::moves::Gate {
+                    timeout: replication_timeout,
+                    skip: no_replication_gate,
+                };
+                keyward::moves::run(&fleet, &request, &journal, &gate)
+            }
+            MoveCommand::Abort { fleet, journal } => {
+                let fleet = keyward::moves::Fleet::load(&fleet)?;
+                keyward::moves::abort(&fleet, &journal)
+            }
+        }
+    })();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keyward move: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -105,6 +105,26 @@ pub struct Ownership {
     local_region: String,
     /// Serializes reloads (file, signal and API may fire together) and holds the last error.
     state: Mutex<Option<ReloadError>>,
+    /// Serializes replacements of the file ([`Ownership::replace`]).
+    writing: Mutex<()>,
+}
+
+/// Why [`Ownership::replace`] did not put a table in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplaceError {
+    /// The table in force is not the one the caller based its change on.
+    #[error("the table in force is {current}, not {expected}")]
+    Changed { expected: String, current: String },
+    #[error("{0}")]
+    Invalid(TableError),
+    #[error("cannot write {}: {error}", .path.display())]
+    Unwritable {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// Written, but the reload that followed found another table (the file changed again).
+    #[error("wrote the table, but the reload found {0:?}")]
+    Raced(Outcome),
 }
 
 impl Ownership {
@@ -118,6 +138,7 @@ impl Ownership {
             regions: regions.to_vec(),
             local_region: local_region.to_owned(),
             state: Mutex::new(None),
+            writing: Mutex::new(()),
         };
         ownership.publish(Trigger::Startup, "loaded", None);
         Ok(ownership)
@@ -154,6 +175,35 @@ impl Ownership {
 
     pub fn last_error(&self) -> Option<ReloadError> {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the table file with `text` and reloads it, if the table in force has the
+    /// content hash `expected` (so a change made by someone else in the meantime is not
+    /// overwritten) and `text` is a valid table. The file is written whole, to a temporary file
+    /// beside it renamed over it, so a reader never sees half of it; the file stays the one
+    /// source of the table, so it is what a restart loads.
+    pub fn replace(&self, text: &str, expected: &str) -> Result<Outcome, ReplaceError> {
+        let _one_at_a_time = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.current.load();
+        if current.hash != expected {
+            return Err(ReplaceError::Changed {
+                expected: expected.to_owned(),
+                current: current.hash.clone(),
+            });
+        }
+        let table = Table::parse(text, &self.path, &self.regions).map_err(ReplaceError::Invalid)?;
+        let hash = table.content_hash();
+        write_whole(&self.path, text).map_err(|error| ReplaceError::Unwritable {
+            path: self.path.clone(),
+            error,
+        })?;
+        let outcome = self.reload(Trigger::Api);
+        match &outcome {
+            Outcome::Loaded { hash: h, .. } | Outcome::Unchanged { hash: h, .. } if *h == hash => {
+                Ok(outcome)
+            }
+            _ => Err(ReplaceError::Raced(outcome)),
+        }
     }
 
     /// Reads, validates and, if valid and different, swaps in the file's table.
@@ -251,6 +301,28 @@ impl Ownership {
         let failing = self.last_error().is_some();
         gauge!("keyward_table_reload_failing").set(if failing { 1.0 } else { 0.0 });
     }
+}
+
+/// Writes `text` to `path` through a temporary file in the same directory, renamed over it.
+fn write_whole(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let name = path
+        .file_name()
+        .map_or_else(|| "ownership".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = dir
+        .unwrap_or(Path::new("."))
+        .join(format!(".{name}.keyward-{}", std::process::id()));
+    let written = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Quiet time after the last file event before reloading: editors write in bursts.

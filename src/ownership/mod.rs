@@ -33,6 +33,7 @@ mod canonical;
 mod file;
 mod glob;
 mod map;
+pub mod moves;
 pub mod murmur2;
 mod rule;
 mod subject;

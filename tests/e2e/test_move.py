@@ -1,0 +1,121 @@
+"""`keyward move` against real keyward instances: what it refuses, how it aborts, and that a
+moved table outlives a restart. The move under load, with three clients writing the moving
+slots through two instances, is `test_faults.py::test_a_move_under_load`."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from harness.keyward import Keyward
+
+from test_faults import _fleet, key_per_slot, keyward_move, table
+
+MOVE = ["--rule", "rflip", "--slots", "4-7", "--to", "us"]
+
+
+@pytest.fixture
+def fleet(tmp_path, eu, us):
+    """One keyward for eu and one for us, both taking table changes with a bearer token."""
+    token = "move-" + uuid.uuid4().hex
+    (tmp_path / "admin-token").write_text(token + "\n")
+    admin = f"reload_token_file: {tmp_path / 'admin-token'}"
+    kws = [
+        Keyward(tmp_path, region, {"eu": eu, "us": us}, table(), name=f"kw-{region}", admin_extra=admin).start()
+        for region in ("eu", "us")
+    ]
+    try:
+        yield _fleet(tmp_path, {"eu": kws[:1], "us": kws[1:]}, token), kws
+    finally:
+        for kw in kws:
+            kw.stop()
+
+
+def test_a_move_whose_replication_cannot_be_confirmed_aborts_back_to_the_old_owner(tmp_path, fleet):
+    """No instance measures replication to us here: the move freezes, finds nothing to wait
+    for, and puts the original table back in every instance; the journal says so."""
+    path, kws = fleet
+    original = kws[0].ownership()["hash"]
+    journal = tmp_path / "move.json"
+    run = keyward_move("run", "--fleet", str(path), *MOVE, "--journal", str(journal), "--replication-timeout", "3s")
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "1. freezing rule rflip slots 4-7" in run.stdout, run.stdout
+    assert "aborting" in run.stdout, run.stdout
+    assert {kw.ownership()["hash"] for kw in kws} == {original}
+    assert json.loads(journal.read_text())["step"] == "aborted"
+    # An ended journal is not run again.
+    again = keyward_move("run", "--fleet", str(path), *MOVE, "--journal", str(journal), "--no-replication-gate")
+    assert again.returncode == 1 and "ended (aborted)" in again.stderr, again.stderr
+
+
+def test_a_move_is_refused_when_the_instances_disagree_or_the_token_is_wrong(tmp_path, fleet):
+    path, kws = fleet
+    # Another table in force in one instance: nothing is changed anywhere.
+    kws[1].table_path.write_text(table().replace("on_foreign: reject\n  - name: flip", "on_foreign: audit\n  - name: flip"))
+    status, body = kws[1].admin("/reload", "POST")
+    assert status == 401, body  # a token is configured: POST /reload needs it too
+    kws[1].stop()
+    kws[1].start()
+    hashes = [kw.ownership()["hash"] for kw in kws]
+    assert hashes[0] != hashes[1]
+    planned = keyward_move("plan", "--fleet", str(path), *MOVE)
+    assert planned.returncode == 1 and "the instances serve different tables" in planned.stderr, planned.stderr
+    run = keyward_move("run", "--fleet", str(path), *MOVE, "--journal", str(tmp_path / "j.json"), "--no-replication-gate")
+    assert run.returncode == 1 and "different tables" in run.stderr, run.stderr
+    assert [kw.ownership()["hash"] for kw in kws] == hashes
+
+    # The same table again, and a wrong token: the freeze is refused, nothing is changed.
+    kws[1].table_path.write_text(table())
+    kws[1].stop()
+    kws[1].start()
+    (tmp_path / "admin-token").write_text("wrong\n")
+    run = keyward_move("run", "--fleet", str(path), *MOVE, "--journal", str(tmp_path / "k.json"), "--no-replication-gate")
+    assert run.returncode == 1 and "401" in run.stderr, run.stdout + run.stderr
+    assert len({kw.ownership()["hash"] for kw in kws}) == 1
+
+
+def test_put_ownership_is_conditional_and_a_moved_table_outlives_a_restart(tmp_path, fleet):
+    """PUT /ownership needs the hash of the table it replaces (If-Match) and a valid table; the
+    table it puts in force is the instance's file, so a restart serves it."""
+    import urllib.request
+
+    path, kws = fleet
+    kw = kws[0]
+    token = (tmp_path / "admin-token").read_text().strip()
+    current = kw.ownership()["hash"]
+
+    def put(body: str, if_match: str | None, auth: bool = True) -> tuple[int, dict | str]:
+        req = urllib.request.Request(f"http://127.0.0.1:{kw.admin_port}/ownership", data=body.encode(), method="PUT")
+        if if_match is not None:
+            req.add_header("If-Match", if_match)
+        if auth:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            text = e.read().decode()
+            try:
+                return e.code, json.loads(text)
+            except json.JSONDecodeError:
+                return e.code, text
+
+    flipped = table(flipped=True)
+    assert put(flipped, current, auth=False)[0] == 401
+    assert put(flipped, None)[0] == 428
+    status, body = put(flipped, "0" * 64)
+    assert (status, body["result"], body["hash"]) == (412, "changed", current), body
+    status, body = put("rules: [", current)
+    assert status == 422 and "ownership.yaml" in body["error"], body
+    assert kw.ownership()["hash"] == current and kw.table_path.read_text() == table()
+
+    moved = keyward_move("run", "--fleet", str(path), *MOVE, "--journal", str(tmp_path / "m.json"), "--no-replication-gate")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    after = kw.ownership()["hash"]
+    assert after != current
+    kw.stop()
+    kw.start()
+    assert kw.ownership()["hash"] == after
+    assert kw.owner("rflip.x", "--key", key_per_slot(kw)[4]).startswith("region=us ")

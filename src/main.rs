@@ -87,6 +87,15 @@ enum MoveCommand {
         #[arg(long)]
         no_replication_gate: bool,
     },
+    /// The owner region is down: put the moved table in force in every instance that answers,
+    /// with no freeze and no wait for replication, and print what may be lost. Run again with
+    /// the same journal to reach the instances that did not answer.
+    Failover {
+        #[command(flatten)]
+        what: MoveArgs,
+        #[arg(long)]
+        journal: PathBuf,
+    },
     /// Put the table a move started from back in force everywhere (before its flip).
     Abort {
         #[arg(long)]
@@ -242,6 +251,11 @@ fn run_move(step: MoveCommand) -> ExitCode {
                     skip: no_replication_gate,
                 };
                 keyward::moves::run(&fleet, &request, &journal, &gate)
+            }
+            MoveCommand::Failover { what, journal } => {
+                let request = what.request().map_err(anyhow::Error::msg)?;
+                let fleet = keyward::moves::Fleet::load(&what.fleet)?;
+                keyward::moves::failover(&fleet, &request, &journal)
             }
             MoveCommand::Abort { fleet, journal } => {
                 let fleet = keyward::moves::Fleet::load(&fleet)?;

@@ -249,7 +249,8 @@ pub struct Journal {
     pub original: Stage,
     pub frozen: Stage,
     pub moved: Stage,
-    /// `planned`, `frozen`, `replicated`, `moved`, `aborted`.
+    /// `planned`, `frozen`, `replicated`, `moved`, `aborted`; `failover` while instances of a
+    /// failover have not all taken the moved table.
     pub step: String,
     /// The old owners' end offsets to wait for: `(source region, topic, partition) -> offset`,
     /// read once the freeze was in force everywhere.
@@ -664,6 +665,124 @@ pub fn run(
         ));
     }
     Ok(())
+}
+
+/// `keyward move failover`: the owner region is down, so nothing can be confirmed there. The
+/// moved table (the part owned by `request.to`, no freeze, no wait for replication) goes to
+/// every instance that answers; the command prints what may be lost (the replication lag last
+/// measured from the old owner), and the instances that did not answer, which serve the old
+/// table until the command is run again with the same journal once they answer.
+pub fn failover(fleet: &Fleet, request: &Request, journal_path: &Path) -> anyhow::Result<()> {
+    let agent = agent();
+    let seen = survey(&agent, fleet);
+    let reachable: Vec<Seen> = seen.into_iter().filter(|s| s.answer.is_ok()).collect();
+    if reachable.is_empty() {
+        bail!("no instance of the fleet answers");
+    }
+    let mut journal = match std::fs::read(journal_path) {
+        Ok(bytes) => {
+            let journal: Journal = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is not a move journal", journal_path.display()))?;
+            if journal.step != "failover"
+                || journal.rule != request.rule
+                || journal.to != request.to
+            {
+                bail!(
+                    "{} is the journal of another move ({} {}, step {})",
+                    journal_path.display(),
+                    journal.rule,
+                    journal.parts,
+                    journal.step
+                );
+            }
+            println!("resuming the failover");
+            journal
+        }
+        Err(_) => {
+            let (hash, table) = one_table(&reachable)?;
+            let plan = table.plan_move(&request.as_move())?;
+            println!(
+                "failover: rule {}, {}, from {} to {}, without a freeze and without waiting for replication",
+                request.rule,
+                request.describe_parts(),
+                plan.from.join(", "),
+                request.to
+            );
+            print!(
+                "may be lost (not replicated when last measured): {}",
+                lag_report(&agent, fleet, &table, request, &plan.from)
+            );
+            let journal = Journal {
+                regions: table.regions().to_vec(),
+                rule: request.rule.clone(),
+                parts: request.describe_parts(),
+                to: request.to.clone(),
+                from: plan.from.clone(),
+                original: Stage {
+                    hash,
+                    text: table.file_text(),
+                },
+                frozen: Stage {
+                    hash: String::new(),
+                    text: String::new(),
+                },
+                moved: Stage {
+                    hash: plan.moved.content_hash(),
+                    text: plan.moved.file_text(),
+                },
+                step: "failover".into(),
+                gate: Vec::new(),
+                log: Vec::new(),
+            };
+            journal.save(journal_path)?;
+            journal
+        }
+    };
+    let mut behind = Vec::new();
+    for (region, url) in fleet.instances() {
+        let serving = match ownership_of(&agent, url) {
+            Ok((hash, _)) => hash,
+            Err(e) => {
+                behind.push(format!("{region} {url} ({e:#})"));
+                continue;
+            }
+        };
+        if serving == journal.moved.hash {
+            continue;
+        }
+        if serving != journal.original.hash {
+            bail!(
+                "{url} serves {}, neither the table the failover started from nor its own; stopping",
+                short(&serving)
+            );
+        }
+        put(
+            &agent,
+            fleet,
+            url,
+            &journal.moved.text,
+            &journal.original.hash,
+        )?;
+        journal.note(format!(
+            "  {region} {url}: now serves {}",
+            short(&journal.moved.hash)
+        ));
+    }
+    if behind.is_empty() {
+        journal.step = "moved".into();
+        journal.note(format!(
+            "failed over: every instance serves {}",
+            short(&journal.moved.hash)
+        ));
+    } else {
+        journal.note(format!(
+            "failed over where instances answer; still serving the old table: {}. Run this \
+             command again with the same journal once they answer (keep them from taking \
+             writes until then)",
+            behind.join(", ")
+        ));
+    }
+    journal.save(journal_path)
 }
 
 /// `keyward move abort`: the table the move started from, back in force everywhere, at any

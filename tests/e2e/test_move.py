@@ -119,3 +119,30 @@ def test_put_ownership_is_conditional_and_a_moved_table_outlives_a_restart(tmp_p
     kw.start()
     assert kw.ownership()["hash"] == after
     assert kw.owner("rflip.x", "--key", key_per_slot(kw)[4]).startswith("region=us ")
+
+
+def test_a_failover_reaches_the_instances_that_answer_and_the_rest_when_they_do(tmp_path, fleet):
+    """eu's instance is down: `keyward move failover` hands slots 4-7 to us in the instances
+    that answer, with no freeze, says what it could not reach, and reaches it when run again."""
+    path, kws = fleet
+    eu_kw, us_kw = kws
+    original = us_kw.ownership()["hash"]
+    eu_kw.stop()
+    journal = tmp_path / "failover.json"
+    first = keyward_move("failover", "--fleet", str(path), *MOVE, "--journal", str(journal))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "without a freeze and without waiting for replication" in first.stdout, first.stdout
+    assert "may be lost" in first.stdout, first.stdout
+    assert f"still serving the old table: eu http://127.0.0.1:{eu_kw.admin_port}" in first.stdout, first.stdout
+    moved = json.loads(journal.read_text())
+    assert moved["step"] == "failover"
+    assert us_kw.ownership()["hash"] == moved["moved"]["hash"] != original
+    assert us_kw.owner("rflip.x", "--key", key_per_slot(us_kw)[4]).startswith("region=us ")
+
+    eu_kw.start()
+    assert eu_kw.ownership()["hash"] == original
+    again = keyward_move("failover", "--fleet", str(path), *MOVE, "--journal", str(journal))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "failed over: every instance serves" in again.stdout, again.stdout
+    assert eu_kw.ownership()["hash"] == moved["moved"]["hash"]
+    assert json.loads(journal.read_text())["step"] == "moved"

@@ -197,8 +197,7 @@ impl TopicReport {
             .try_fold(0.0_f64, |max, s| s.map(|s| max.max(s)));
         let error = partitions
             .iter()
-            .find_map(|p| p.error.as_ref())
-            .map(|e| format!("partition {}", e));
+            .find_map(|p| Some(format!("partition {}: {}", p.partition, p.error.as_ref()?)));
         Self {
             topic,
             mirror,
@@ -239,7 +238,7 @@ impl PartitionReport {
         let lag = lag_records(source_end, mirror_end);
         let seconds = lag_seconds(lag, oldest_unmirrored_ms, now_ms);
         let error = seconds.is_none().then(|| {
-            format!("{partition}: the source record at offset {mirror_end} could not be read for its timestamp")
+            format!("the source record at offset {mirror_end} could not be read for its timestamp")
         });
         Self {
             partition,
@@ -263,7 +262,7 @@ impl PartitionReport {
             mirror_end,
             lag_records: None,
             lag_seconds: None,
-            error: Some(format!("{partition}: {error}")),
+            error: Some(error),
         }
     }
 }

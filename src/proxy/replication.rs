@@ -352,24 +352,25 @@ impl Measurer<'_> {
         Resp: kafka_protocol::protocol::Decodable,
     {
         let key = (c, node);
-        let mut session = match self.sessions.remove(&key) {
-            Some(s) if s.is_fresh() => s,
-            _ => {
-                let dialer = &self.shared.dialers[c];
-                match addr {
-                    Some(addr) => dialer.session(addr, CLIENT_ID).await?,
-                    None => {
-                        let bootstrap = &self.shared.clusters.get(c).bootstrap;
-                        dialer.session_any(bootstrap, CLIENT_ID).await?
-                    }
-                }
+        // A kept session the broker has closed since (idle, restarted) fails its first
+        // request: that one is asked again once, on a new session.
+        if let Some(mut session) = self.sessions.remove(&key).filter(Session::is_fresh)
+            && let Ok(answer) = session.call(api, version, request).await
+        {
+            self.sessions.insert(key, session);
+            return Ok(answer);
+        }
+        let dialer = &self.shared.dialers[c];
+        let mut session = match addr {
+            Some(addr) => dialer.session(addr, CLIENT_ID).await?,
+            None => {
+                let bootstrap = &self.shared.clusters.get(c).bootstrap;
+                dialer.session_any(bootstrap, CLIENT_ID).await?
             }
         };
-        let answer = session.call(api, version, request).await;
-        if answer.is_ok() {
-            self.sessions.insert(key, session);
-        }
-        answer
+        let answer = session.call(api, version, request).await?;
+        self.sessions.insert(key, session);
+        Ok(answer)
     }
 
     async fn view(&mut self, c: usize) -> anyhow::Result<View> {

@@ -169,3 +169,65 @@ def test_replication_is_not_measured_unless_configured(tmp_path, eu, us):
         status, body = kw.admin("/replication")
         assert status == 404 and "not measured" in body, (status, body)
         assert "keyward_replication_" not in kw.metrics_text()
+
+
+def test_lag_without_mirrormaker_missing_partitions_vanished_mirrors_and_a_silent_region(tmp_path, eu, us):
+    """Copies written by hand, no MirrorMaker 2: the lag is the difference of the end offsets
+    exactly; a mirror with fewer partitions than its source names the partition it lacks; a
+    mirror that disappears is reported missing and its series become NaN, not 0; a region that
+    does not answer is the pair's error, counted, with no series."""
+    from test_deploy import _Unreachable
+
+    prefix = unique("lag-hand")
+    topic, short = f"{prefix}.orders", f"{prefix}.short"
+    eu.create_topic(topic, partitions=1)
+    us.create_topic(f"eu.{topic}", partitions=1)
+    eu.create_topic(short, partitions=2)
+    us.create_topic(f"eu.{short}", partitions=1)
+    table = f'rules:\n  - name: hand\n    topics: ["{prefix}.*"]\n    by: topic\n    owner: eu\ndefault: allow\n'
+    client = LibrdkafkaClient()
+    for cluster, name, count in ((eu, topic, 5), (us, f"eu.{topic}", 3)):
+        r = client.produce(cluster.bootstrap, name, [record(b"k", b"v", partition=0) for _ in range(count)])
+        assert all(x["ok"] for x in r), r
+
+    kw = Keyward(tmp_path, "eu", {"eu": eu, "us": us}, table, extra_config="replication: { interval_ms: 200 }\n")
+    with kw:
+        t = measured_after(kw, time.time(), "eu", "us", topic, lambda t: t["error"] is None, 10, "a measurement")
+        assert [(p["source_end"], p["mirror_end"], p["lag_records"]) for p in t["partitions"]] == [(5, 3, 2)]
+        assert t["partitions"][0]["lag_seconds"] > 0
+        labels = {"source": "eu", "target": "us", "topic": topic, "partition": "0"}
+        assert kw.metric("keyward_replication_lag_records", **labels) == 2
+
+        s = topic_of(report(kw), "eu", "us", short)
+        assert [p["partition"] for p in s["partitions"]] == [0, 1]
+        assert s["partitions"][0]["lag_records"] == 0 and s["partitions"][1]["lag_records"] is None
+        assert s["error"] == f"partition 1: the mirror eu.{short} has no partition 1", s
+
+        us.delete_topic(f"eu.{topic}")
+        gone = measured_after(
+            kw, time.time(), "eu", "us", topic, lambda t: t["error"] is not None, 20, "the mirror to be missing"
+        )
+        assert "does not exist in us" in gone["error"] and gone["partitions"] == [], gone
+        lag = kw.metric("keyward_replication_lag_records", **labels)
+        assert lag != lag, f"NaN expected, got {lag}"
+
+    kw_silent = Keyward(
+        tmp_path,
+        "eu",
+        {"eu": eu, "us": _Unreachable()},
+        table,
+        name="keyward-silent-us",
+        extra_config="replication: { interval_ms: 200 }\n",
+    )
+    with kw_silent:
+
+        def pair_error():
+            rep = report(kw_silent)
+            return rep["measured_at"] and [p for p in rep["pairs"] if p["source"] == "eu"][0]
+
+        pair = wait_for(pair_error, 10, "a measurement")
+        assert pair["error"].startswith("cannot read us's topics: ") and pair["topics"] == [], pair
+        assert kw_silent.metric("keyward_replication_check_errors_total", source="eu", target="us") >= 1
+        assert kw_silent.metric("keyward_replication_last_check_timestamp_seconds", source="eu", target="us") == 0
+        assert "keyward_replication_lag_records{" not in kw_silent.metrics_text()
+        assert report(kw_silent)["caught_up"] is False

@@ -159,7 +159,34 @@ pub struct PairReport {
     pub target: String,
     /// Why the pair could not be measured at all (a cluster did not answer), or null.
     pub error: Option<String>,
+    /// True when the pair and every topic were measured with no record waiting: what a move
+    /// of ownership from `source` to `target` waits for.
+    pub caught_up: bool,
     pub topics: Vec<TopicReport>,
+}
+
+impl PairReport {
+    pub fn new(source: String, target: String, topics: Vec<TopicReport>) -> Self {
+        let caught_up = topics.iter().all(TopicReport::is_caught_up);
+        Self {
+            source,
+            target,
+            error: None,
+            caught_up,
+            topics,
+        }
+    }
+
+    /// A pair that could not be measured at all.
+    pub fn failed(source: String, target: String, error: String) -> Self {
+        Self {
+            source,
+            target,
+            error: Some(error),
+            caught_up: false,
+            topics: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -274,10 +301,7 @@ impl Report {
         separator: String,
         pairs: Vec<PairReport>,
     ) -> Self {
-        let caught_up = measured_at.is_some()
-            && pairs
-                .iter()
-                .all(|p| p.error.is_none() && p.topics.iter().all(TopicReport::is_caught_up));
+        let caught_up = measured_at.is_some() && pairs.iter().all(|p| p.caught_up);
         Self {
             measured_at,
             interval_ms,
@@ -405,12 +429,12 @@ default: allow
             "eu.orders".into(),
             vec![PartitionReport::measured(0, 10, 10, None, 1)],
         );
-        let pair = |topics| PairReport {
-            source: "eu".into(),
-            target: "us".into(),
-            error: None,
-            topics,
-        };
+        let pair = |topics| PairReport::new("eu".into(), "us".into(), topics);
+        assert!(pair(vec![level.clone()]).caught_up);
+        assert!(pair(vec![]).caught_up, "nothing to copy");
+        let down = PairReport::failed("eu".into(), "us".into(), "cannot read us's topics".into());
+        assert!(!down.caught_up, "unmeasured is not caught up");
+        assert!(!Report::new(Some("t".into()), 1, ".".into(), vec![down]).caught_up);
         assert!(
             Report::new(
                 Some("t".into()),

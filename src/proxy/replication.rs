@@ -242,12 +242,11 @@ impl Measurer<'_> {
                     let error = format!("cannot read {}'s topics: {e}", names[which]);
                     counter!("keyward_replication_check_errors_total", &labels).increment(1);
                     warn!(source = %names[s], target = %names[t], %error, "replication lag not measured");
-                    reports.push(PairReport {
-                        source: names[s].clone(),
-                        target: names[t].clone(),
-                        error: Some(error),
-                        topics: Vec::new(),
-                    });
+                    reports.push(PairReport::failed(
+                        names[s].clone(),
+                        names[t].clone(),
+                        error,
+                    ));
                     continue;
                 }
             };
@@ -316,12 +315,7 @@ impl Measurer<'_> {
             if unmeasured > 0 {
                 debug!(source = %names[s], target = %names[t], unmeasured, "topics whose replication lag could not be measured");
             }
-            reports.push(PairReport {
-                source: names[s].clone(),
-                target: names[t].clone(),
-                error: None,
-                topics,
-            });
+            reports.push(PairReport::new(names[s].clone(), names[t].clone(), topics));
         }
         // A series measured before and not now (topic deleted or no longer covered, mirror
         // gone, a cluster not answering) is NaN: neither a stale value nor a false 0.

@@ -127,7 +127,9 @@ def test_replication_lag_matches_the_offsets_and_follows_mirrormaker(setup, eu, 
     # 2. A covered topic MirrorMaker 2 does not replicate: missing, never lag 0.
     missing = topic_of(rep, "eu", "us", unmirrored)
     assert missing["partitions"] == [] and "does not exist in us" in missing["error"], missing
-    assert rep["caught_up"] is False
+    pairs = {(p["source"], p["target"]): p for p in rep["pairs"]}
+    assert pairs[("us", "eu")]["caught_up"] is True, "us's one topic is level"
+    assert pairs[("eu", "us")]["caught_up"] is False and rep["caught_up"] is False, "a mirror is missing"
     assert f'topic="{unmirrored}"' not in kw.metrics_text()
     assert kw.metric("keyward_replication_unmeasured_topics", source="eu", target="us") == 1
     assert kw.metric("keyward_replication_unmeasured_topics", source="us", target="eu") == 0
@@ -227,6 +229,7 @@ def test_lag_without_mirrormaker_missing_partitions_vanished_mirrors_and_a_silen
 
         pair = wait_for(pair_error, 10, "a measurement")
         assert pair["error"].startswith("cannot read us's topics: ") and pair["topics"] == [], pair
+        assert pair["caught_up"] is False
         assert kw_silent.metric("keyward_replication_check_errors_total", source="eu", target="us") >= 1
         assert kw_silent.metric("keyward_replication_last_check_timestamp_seconds", source="eu", target="us") == 0
         assert "keyward_replication_lag_records{" not in kw_silent.metrics_text()

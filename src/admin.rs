@@ -10,8 +10,8 @@
 //! | `GET /ownership` | JSON: version, hash, loaded-at, source file, the canonical table, last reload error |
 //! | `GET /ownership/map` | as `/ownership`, with each rule's `parts`: who writes each slot range, value list, partition range or topic after takeover and frozen |
 //! | `GET /decisions` | JSON: records decided per rule of the table in force, by decision, from the `/metrics` counters |
-//! | `GET /ownership/owner?topic=T&key=K` (or `header=NAME=VALUE`, `partition=N`, `null_key=true`; the `keyward owner` flags) | the `keyward owner` line |
 //! | `GET /replication` | JSON: MirrorMaker 2's lag per region pair, topic and partition as last measured; 404 when `replication` is not configured |
+//! | `GET /ownership/owner?topic=T&key=K` (or `header=NAME=VALUE`, `partition=N`, `null_key=true`; the `keyward owner` flags) | the `keyward owner` line |
 //! | `POST /reload` | 200 with the outcome, or 422 with the validation error; 401 without the bearer token when `admin.reload_token_file` is set |
 
 use std::net::SocketAddr;
@@ -99,8 +99,8 @@ pub async fn serve(
         .route("/ownership", get(ownership_json))
         .route("/ownership/map", get(ownership_map))
         .route("/decisions", get(decisions))
-        .route("/ownership/owner", get(owner))
         .route("/replication", get(replication))
+        .route("/ownership/owner", get(owner))
         .route("/reload", post(reload))
         .with_state(AdminState { metrics, shared });
     axum::serve(listener, app)
@@ -189,6 +189,23 @@ async fn decisions(State(s): State<AdminState>) -> Json<serde_json::Value> {
     }))
 }
 
+/// The last measurement of MirrorMaker 2's lag (`crate::policy::replication::Report`).
+/// Read-only, like `/ownership`: no token.
+async fn replication(State(s): State<AdminState>) -> Response {
+    match s
+        .shared
+        .replication
+        .report(s.shared.config.replication.as_ref())
+    {
+        Some(report) => Json(report.as_ref().clone()).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "replication lag is not measured: add a replication section to keyward.yaml"})),
+        )
+            .into_response(),
+    }
+}
+
 /// The same parameters as `keyward owner`'s flags, read by the same parser
 /// ([`ownership::Query::parse`]); a query it refuses is a 400 with its message.
 async fn owner(
@@ -206,23 +223,6 @@ async fn owner(
         snapshot.table.explain(&query.subject(), snapshot.local)
     )
     .into_response()
-}
-
-/// The last measurement of MirrorMaker 2's lag (`crate::policy::replication::Report`).
-/// Read-only, like `/ownership`: no token.
-async fn replication(State(s): State<AdminState>) -> Response {
-    match s
-        .shared
-        .replication
-        .report(s.shared.config.replication.as_ref())
-    {
-        Some(report) => Json(report.as_ref().clone()).into_response(),
-        None => (
-            StatusCode::NOT_FOUND,
-            Json(json!({"error": "replication lag is not measured: add a replication section to keyward.yaml"})),
-        )
-            .into_response(),
-    }
 }
 
 async fn reload(State(s): State<AdminState>, headers: HeaderMap) -> Response {

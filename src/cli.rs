@@ -23,6 +23,42 @@ pub fn load(config: &Path) -> anyhow::Result<(Config, Table)> {
     Ok((config, table))
 }
 
+/// Raises the soft limit on open files to the hard limit: every client connection takes two
+/// descriptors (the client's and the broker's), so the soft default of 1024 on many systems
+/// would refuse connections long before `limits.max_connections`. Logs the limit in force, and
+/// warns when it cannot hold `limits.max_connections` connections.
+fn raise_file_limit(config: &Config) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let raised = match (limit.current, limit.maximum) {
+        (Some(soft), hard) if hard.is_none_or(|h| h > soft) => {
+            let wanted = rustix::process::Rlimit {
+                current: hard,
+                maximum: hard,
+            };
+            match setrlimit(Resource::Nofile, wanted) {
+                Ok(()) => hard,
+                Err(e) => {
+                    tracing::warn!(soft, ?hard, error = %e, "could not raise the open-file limit");
+                    Some(soft)
+                }
+            }
+        }
+        (soft, _) => soft,
+    };
+    // Two per connection, plus listeners, keyward's own connections and files.
+    let needed = (config.limits.max_connections as u64).saturating_mul(2) + 256;
+    match raised {
+        Some(limit) if limit < needed => tracing::warn!(
+            limit,
+            needed,
+            "the open-file limit is below what limits.max_connections needs (2 per connection \
+             and 256 more); raise it (systemd: LimitNOFILE) or lower limits.max_connections"
+        ),
+        _ => tracing::info!(limit = ?raised, "open-file limit"),
+    }
+}
+
 /// `keyward check`: the summary printed when the config, the table and every certificate,
 /// key and secret it names are valid.
 pub fn check(config: &Path) -> anyhow::Result<String> {
@@ -108,6 +144,7 @@ pub fn owner(config: &Path, query: &Query) -> anyhow::Result<String> {
 /// `keyward run`: serve until SIGINT or SIGTERM.
 pub fn run(config: &Path) -> anyhow::Result<()> {
     let config = Config::load(config)?;
+    raise_file_limit(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -410,6 +410,18 @@ fn lag(
     request: &Request,
     from: &[String],
 ) -> anyhow::Result<Vec<Lag>> {
+    measured(agent, fleet, table, request, from).map(|(_, rows)| rows)
+}
+
+/// [`lag`], and when the instance's last measurement round began (`measured_at`, by its own
+/// clock), to tell one round from the next.
+fn measured(
+    agent: &ureq::Agent,
+    fleet: &Fleet,
+    table: &Table,
+    request: &Request,
+    from: &[String],
+) -> anyhow::Result<(Option<String>, Vec<Lag>)> {
     let mut last = anyhow!("no instance answered GET /replication");
     for (_, url) in fleet.instances() {
         let response = agent
@@ -427,7 +439,8 @@ fn lag(
             }
         };
         let body: Value = response.body_mut().read_json()?;
-        return Ok(lags_in(&body, table, request, from));
+        let at = body["measured_at"].as_str().map(str::to_owned);
+        return Ok((at, lags_in(&body, table, request, from)));
     }
     Err(last)
 }
@@ -571,7 +584,31 @@ pub fn run(
             journal.note("2. replication: not waited for (--no-replication-gate)".into());
         } else {
             if journal.gate.is_empty() {
-                let now = match lag(&agent, fleet, &table, request, &journal.from) {
+                // The end offsets to wait for are read in a measurement round that began after
+                // the freeze was in force everywhere: two rounds after the one in progress now.
+                let mut rounds: Vec<Option<String>> = Vec::new();
+                let deadline = Instant::now() + gate.timeout;
+                let now = loop {
+                    match measured(&agent, fleet, &table, request, &journal.from) {
+                        Ok((at, rows)) => {
+                            if rounds.last() != Some(&at) {
+                                rounds.push(at);
+                            }
+                            if rounds.len() >= 3 {
+                                break Ok(rows);
+                            }
+                        }
+                        Err(e) => break Err(e),
+                    }
+                    if Instant::now() > deadline {
+                        break Err(anyhow!(
+                            "no new replication measurement within {:?}",
+                            gate.timeout
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                };
+                let now = match now {
                     Ok(rows) if !rows.is_empty() => rows,
                     Ok(_) => {
                         let e = anyhow!(

@@ -225,3 +225,36 @@ def test_many_large_compressed_batches_stay_within_the_memory_budget(tmp_path, e
         assert kw.metric("keyward_decompression_bytes") <= 1 << 20
         landed = len(eu.read_all(topic))
         assert landed == codes.count(0) * records, (landed, codes)
+
+
+def _open_files_limit(pid: int) -> tuple[int, int]:
+    for line in open(f"/proc/{pid}/limits"):
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-file limit in /proc/PID/limits")
+
+
+def test_keyward_raises_its_open_file_limit_and_warns_when_it_is_too_low(tmp_path, eu, us):
+    """Every client connection takes two descriptors. Started with a soft limit of 256, keyward
+    raises it to the hard limit and logs it; with a hard limit below what
+    limits.max_connections needs (2 per connection and 256 more), it says so at start."""
+    from harness.keyward import binary
+
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    kw = Keyward(tmp_path, "eu", {"eu": eu, "us": us}, TABLE, name="raised",
+                 extra_config="limits: { max_connections: 100 }\n")
+    kw.command = ["prlimit", f"--nofile=256:{hard}", str(binary()), "run", "--config", str(kw.config_path)]
+    with kw:
+        assert _open_files_limit(kw.pid) == (hard, hard)
+        assert "open-file limit" in kw.logs(200)
+        assert "below what limits.max_connections needs" not in kw.logs(200)
+
+    low = Keyward(tmp_path, "eu", {"eu": eu, "us": us}, TABLE, name="low",
+                  extra_config="limits: { max_connections: 1000 }\n")
+    low.command = ["prlimit", "--nofile=512:512", str(binary()), "run", "--config", str(low.config_path)]
+    with low:
+        assert _open_files_limit(low.pid) == (512, 512)
+        assert "below what limits.max_connections needs" in low.logs(200), low.logs(40)

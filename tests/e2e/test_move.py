@@ -12,6 +12,7 @@ import pytest
 from harness.keyward import Keyward
 
 from test_faults import _fleet, key_per_slot, keyward_move, table
+from test_operator import wait_for
 
 MOVE = ["--rule", "rflip", "--slots", "4-7", "--to", "us"]
 
@@ -146,3 +147,81 @@ def test_a_failover_reaches_the_instances_that_answer_and_the_rest_when_they_do(
     assert "failed over: every instance serves" in again.stdout, again.stdout
     assert eu_kw.ownership()["hash"] == moved["moved"]["hash"]
     assert json.loads(journal.read_text())["step"] == "moved"
+
+
+def test_the_flip_waits_for_replication_and_a_move_resumes_after_its_own_crash(tmp_path, eu, us):
+    """MirrorMaker 2 stopped with eu's latest records of a rule's topic not yet in us: `move run`
+    freezes, then waits, saying what is behind. Killed there, it leaves its journal at the
+    freeze with the end offsets to wait for (eu's, read after the freeze was in force). Run again
+    once MirrorMaker 2 is back, it resumes, sees us's mirror reach them, and flips."""
+    import subprocess
+
+    from harness import LibrdkafkaClient, record, unique
+    from harness.keyward import binary
+    from harness.mirror import MirrorMaker
+
+    from test_replication import end_offsets
+
+    prefix = unique("gate")
+    topic = f"{prefix}.orders"
+    eu.create_topic(topic, partitions=4)
+    gate_table = f"""
+rules:
+  - name: gate
+    topics: ["{prefix}.*"]
+    by: key
+    slots: 16
+    owners: {{ eu: ["0-7"], us: ["8-15"] }}
+default: allow
+"""
+    token = "move-" + uuid.uuid4().hex
+    (tmp_path / "admin-token").write_text(token + "\n")
+    admin = f"reload_token_file: {tmp_path / 'admin-token'}"
+    kws = [
+        Keyward(tmp_path, region, {"eu": eu, "us": us}, gate_table, name=f"kw-{region}", admin_extra=admin,
+                extra_config="replication: { interval_ms: 300 }\n").start()
+        for region in ("eu", "us")
+    ]
+    mm2 = MirrorMaker(tmp_path, {"eu": eu, "us": us}, topics=topic.replace(".", "\\.")).start()
+    move = ["--fleet", str(_fleet(tmp_path, {"eu": kws[:1], "us": kws[1:]}, token)),
+            "--rule", "gate", "--slots", "4-7", "--to", "us", "--journal", str(tmp_path / "gate.json")]
+    try:
+        client = LibrdkafkaClient()
+        assert all(r["ok"] for r in client.produce(eu.bootstrap, topic, [record(b"a", b"1", partition=p) for p in range(4)]))
+        wait_for(lambda: sum(end_offsets(us, f"eu.{topic}", 4).values()) == 4, 120, f"MirrorMaker 2:\n{mm2.logs(30)}")
+        mm2.stop()
+        assert all(r["ok"] for r in client.produce(eu.bootstrap, topic, [record(b"b", b"2", partition=p) for p in range(4)]))
+
+        waiting = subprocess.Popen([str(binary()), "move", "run", *move, "--replication-timeout", "120s"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen = []
+        try:
+            for line in waiting.stdout:
+                seen.append(line)
+                if line.strip().startswith("waiting:"):
+                    break
+        finally:
+            waiting.kill()
+            waiting.wait()
+        assert seen and seen[-1].strip().startswith("waiting:"), "".join(seen)
+        assert f"eu {topic}[0] 1 behind" in seen[-1], seen[-1]
+        journal = json.loads((tmp_path / "gate.json").read_text())
+        assert journal["step"] == "frozen", journal["step"]
+        assert {(s, t, p): end for s, t, p, end in journal["gate"]} == {
+            ("eu", topic, p): 2 for p in range(4)
+        }, journal["gate"]
+        assert {kw.ownership()["hash"] for kw in kws} == {journal["frozen"]["hash"]}
+
+        mm2.start()
+        resumed = keyward_move("run", *move, "--replication-timeout", "120s", timeout_s=180)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert "resuming from step frozen" in resumed.stdout, resumed.stdout
+        assert "  replicated" in resumed.stdout, resumed.stdout
+        assert all(end >= 2 for end in end_offsets(us, f"eu.{topic}", 4).values())
+        journal = json.loads((tmp_path / "gate.json").read_text())
+        assert journal["step"] == "moved"
+        assert {kw.ownership()["hash"] for kw in kws} == {journal["moved"]["hash"]}
+    finally:
+        mm2.stop()
+        for kw in kws:
+            kw.stop()

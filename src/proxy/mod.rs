@@ -102,14 +102,16 @@ impl Shared {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let redirector = Redirector::new(
-            clusters
-                .all()
-                .iter()
-                .zip(&dialers)
-                .map(|(c, d)| (c.bootstrap.clone(), d.clone())),
+            clusters.all().iter().zip(&dialers).map(|(c, d)| {
+                // Never a redirect target: no series for the local cluster.
+                let landed = (c.name != config.region)
+                    .then(|| meters::Redirected::new(&config.region, &c.name));
+                (c.bootstrap.clone(), d.clone(), landed)
+            }),
             tasks.clone(),
             shutdown.clone(),
         );
+        let meters = meters::RequestMetrics::new(clusters.all().iter().map(|c| c.name.as_str()));
         let decompression_budget = crate::codec::records::DecompressionBudget::new(
             config.limits.max_decompressed_bytes_total,
         );
@@ -129,7 +131,7 @@ impl Shared {
             rejection_log: RateLimit::new(Duration::from_secs(1), 20),
             unreachable_log: RateLimit::new(Duration::from_secs(10), 5),
             decompression_budget,
-            meters: meters::RequestMetrics::new(),
+            meters,
             bootstrap_bound: AtomicBool::new(false),
         }))
     }

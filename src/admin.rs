@@ -10,6 +10,7 @@
 //! | `GET /ownership` | JSON: version, hash, loaded-at, source file, the canonical table, last reload error |
 //! | `GET /ownership/map` | as `/ownership`, with each rule's `parts`: who writes each slot range, value list, partition range or topic after takeover and frozen |
 //! | `GET /decisions` | JSON: records decided per rule of the table in force, by decision, from the `/metrics` counters |
+//! | `GET /replication` | JSON: MirrorMaker 2's lag per region pair, topic and partition as last measured; 404 when `replication` is not configured |
 //! | `GET /ownership/owner?topic=T&key=K` (or `header=NAME=VALUE`, `partition=N`, `null_key=true`; the `keyward owner` flags) | the `keyward owner` line |
 //! | `PUT /ownership` (body: the table file; `If-Match: <hash of the table in force>`) | writes the file and puts it in force: 200 with the outcome, 412 with the current hash if it changed, 422 for an invalid table, 409 if the file cannot be written; needs the bearer token as `POST /reload` does |
 //! | `POST /reload` | 200 with the outcome, or 422 with the validation error; 401 without the bearer token when `admin.reload_token_file` is set |
@@ -99,6 +100,7 @@ pub async fn serve(
         .route("/ownership", get(ownership_json).put(replace_table))
         .route("/ownership/map", get(ownership_map))
         .route("/decisions", get(decisions))
+        .route("/replication", get(replication))
         .route("/ownership/owner", get(owner))
         .route("/reload", post(reload))
         .with_state(AdminState { metrics, shared });
@@ -186,6 +188,23 @@ async fn decisions(State(s): State<AdminState>) -> Json<serde_json::Value> {
         "version": snapshot.version,
         "records": decisions::per_rule(&s.metrics.render(), &rules),
     }))
+}
+
+/// The last measurement of MirrorMaker 2's lag (`crate::policy::replication::Report`).
+/// Read-only, like `/ownership`: no token.
+async fn replication(State(s): State<AdminState>) -> Response {
+    match s
+        .shared
+        .replication
+        .report(s.shared.config.replication.as_ref())
+    {
+        Some(report) => Json(report.as_ref().clone()).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "replication lag is not measured: add a replication section to keyward.yaml"})),
+        )
+            .into_response(),
+    }
 }
 
 /// The same parameters as `keyward owner`'s flags, read by the same parser

@@ -33,6 +33,10 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub reads: Reads,
+    /// How far MirrorMaker 2 is behind, measured (`GET /replication`, the
+    /// `keyward_replication_*` metrics); not measured when absent.
+    #[serde(default)]
+    pub replication: Option<Replication>,
     /// Where this config was read from (not a YAML field).
     #[serde(skip)]
     pub source: PathBuf,
@@ -139,6 +143,39 @@ impl Default for Reads {
             hold_down_ms: Self::default_hold_down_ms(),
             down_after_failed_probes: Self::default_down_after_failed_probes(),
         }
+    }
+}
+
+/// Measuring MirrorMaker 2's lag: every `interval_ms`, for every ordered pair of regions, the
+/// end offsets of the topics the table's rules cover against those of their copies.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replication {
+    #[serde(default = "Replication::default_interval_ms")]
+    pub interval_ms: u64,
+    /// MM2's `replication.policy.class`: only `default` (`DefaultReplicationPolicy`) is
+    /// measured; `identity` is recognised in order to be refused with the reason.
+    #[serde(default)]
+    pub policy: ReplicationPolicy,
+    /// MM2's `replication.policy.separator`: topic T of eu is `eu<separator>T` elsewhere.
+    #[serde(default = "Replication::default_separator")]
+    pub separator: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicationPolicy {
+    #[default]
+    Default,
+    Identity,
+}
+
+impl Replication {
+    fn default_interval_ms() -> u64 {
+        5_000
+    }
+    fn default_separator() -> String {
+        ".".to_owned()
     }
 }
 
@@ -561,6 +598,26 @@ impl Config {
                 ),
             ));
         }
+        if let Some(r) = &config.replication {
+            if r.interval_ms < 100 {
+                return Err(error(
+                    "replication.interval_ms",
+                    "must be at least 100".into(),
+                ));
+            }
+            if r.separator.is_empty() {
+                return Err(error(
+                    "replication.separator",
+                    "must not be empty (MM2's DefaultReplicationPolicy needs one)".into(),
+                ));
+            }
+            if r.policy == ReplicationPolicy::Identity {
+                return Err(error(
+                    "replication.policy",
+                    "identity is not supported: its copies keep the source's name, so keyward cannot tell a copy from the target region's own topic of that name, nor measure both directions; use MM2's default policy or leave replication out".into(),
+                ));
+            }
+        }
         let admin = &config.admin;
         if !admin.listen.ip().is_loopback()
             && admin.reload_token_file.is_none()
@@ -788,6 +845,44 @@ ownership_file: ownership.yaml
             e.to_string(),
             "k.yaml: limits.max_decompressed_bytes_total: 1000 is below limits.max_decompressed_bytes (2000): the largest batch allowed could never be read"
         );
+    }
+
+    #[test]
+    fn replication_is_measured_only_when_configured_and_identity_is_refused() {
+        let c = Config::parse(GOOD, Path::new("k.yaml")).unwrap();
+        assert!(c.replication.is_none());
+        let c = Config::parse(&format!("{GOOD}replication: {{}}\n"), Path::new("k.yaml")).unwrap();
+        let r = c.replication.unwrap();
+        assert_eq!(
+            (r.interval_ms, r.separator.as_str(), r.policy),
+            (5_000, ".", ReplicationPolicy::Default)
+        );
+        for (bad, path, problem) in [
+            (
+                "replication: { policy: identity }",
+                "replication.policy",
+                "identity is not supported",
+            ),
+            (
+                "replication: { policy: custom }",
+                "replication.policy",
+                "unknown variant `custom`",
+            ),
+            (
+                "replication: { separator: \"\" }",
+                "replication.separator",
+                "must not be empty",
+            ),
+            (
+                "replication: { interval_ms: 10 }",
+                "replication.interval_ms",
+                "at least 100",
+            ),
+        ] {
+            let e = Config::parse(&format!("{GOOD}{bad}\n"), Path::new("k.yaml")).unwrap_err();
+            assert_eq!(e.path, path, "{bad}");
+            assert!(e.message.contains(problem), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -1123,3 +1123,40 @@ async fn batches_in_flight_on_a_lost_connection_are_sent_again_and_land_once() {
         "sent again with the same numbers"
     );
 }
+
+/// At shutdown, redirect pipelines write what is queued before they end: with 8 batches sent
+/// to a broker 200 ms away (5 in flight, 3 waiting) when keyward is told to stop, the client
+/// gets all 8 answers and the broker appends all 8, once each, in order.
+#[tokio::test]
+async fn redirect_pipelines_write_what_is_queued_before_keyward_stops() {
+    let _serial = harness::serial().await;
+    let (_eu, us, keyward) = redirecting_to("drain", "drn", distant(200)).await;
+    let mut client = keyward.connect().await;
+    // Known to keyward's producer first, so the 8 below are all queued at once.
+    let warm = produce_pipelined(&mut client, "drn.a", &[1], 1).await;
+    assert_eq!(warm, all_landed("drn.a", &[1], 1));
+
+    let writing = tokio::spawn(async move {
+        let answers = produce_pipelined(&mut client, "drn.a", &[0], 8).await;
+        (client, answers)
+    });
+    let waited = Instant::now();
+    while us.batches().iter().filter(|b| b.partition == 0).count() < 5 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "batches never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    keyward.shared.shutdown_token().cancel();
+    let (_client, answers) = writing.await.unwrap();
+
+    assert_eq!(answers, all_landed("drn.a", &[0], 8));
+    let appended: Vec<Batch> = us
+        .appended()
+        .into_iter()
+        .filter(|b| b.partition == 0)
+        .collect();
+    let expected: Vec<Batch> = (0..8).map(|i| redirected("drn.a", 0, 2 * i, 2)).collect();
+    assert_eq!(appended, expected);
+}

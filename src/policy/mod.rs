@@ -2,6 +2,7 @@
 //! globals, so most unit and property tests live here.
 pub mod alignment;
 pub mod produce;
+pub mod replication;
 
 #[cfg(test)]
 #[allow(unsafe_code)] // a counting global allocator, for tests only

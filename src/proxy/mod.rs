@@ -7,7 +7,8 @@
 //! cluster's ports accept connections ([`serving`]).
 //!
 //! [`run`] owns every task of the proxy in one tracker: the accept loops ([`listener`]), the
-//! connections, the port manager, the probes and the redirect pipelines. Each carries a span
+//! connections, the port manager, the probes, the redirect pipelines and the replication lag
+//! measurement ([`replication`]). Each carries a span
 //! and ends on shutdown.
 
 pub mod alignment;
@@ -19,6 +20,7 @@ mod listener;
 pub mod meters;
 pub mod ports;
 pub mod produce;
+pub mod replication;
 pub mod rewrite;
 pub mod sasl;
 pub mod serving;
@@ -85,6 +87,8 @@ pub struct Shared {
     pub meters: meters::RequestMetrics,
     /// keyward's own producer on the other regions' clusters (`on_foreign: redirect`).
     pub redirector: Redirector,
+    /// MirrorMaker 2's lag as last measured (`replication` in the config).
+    pub replication: replication::Lag,
     bootstrap_bound: AtomicBool,
 }
 
@@ -123,6 +127,7 @@ impl Shared {
             dialers,
             security,
             redirector,
+            replication: replication::Lag::default(),
             serving: Serving::default(),
             ports: Ports::default(),
             advertised_host: StrBytes::from_string(config.listen.advertised_host.clone()),
@@ -369,6 +374,10 @@ pub async fn run(
     shared
         .tasks
         .spawn(alignment::check_at_start(shared.clone()).instrument(info_span!("alignment")));
+    shared.tasks.spawn(
+        replication::run(shared.clone(), shared.shutdown.clone())
+            .instrument(info_span!("replication")),
+    );
 
     tokio::select! {
         () = shutdown => shared.shutdown.cancel(),

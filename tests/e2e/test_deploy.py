@@ -54,6 +54,8 @@ REQUIRED_ALERTS = {
     "KeywardWritesHeldNotFrozen",
     "KeywardRedirectFailing",
     "KeywardPanicked",
+    "KeywardReplicationLagging",
+    "KeywardReplicationUnmeasured",
 }
 
 
@@ -341,7 +343,10 @@ def test_every_metric_in_deploy_files_is_exported(tmp_path, eu, us, pki):
     referenced = referenced_metrics()
     assert len(referenced) >= 10, referenced
 
-    kw = Keyward(tmp_path, "eu", {"eu": eu, "us": us}, TABLE).start()
+    # With replication measured; the mirror of this test's topic, created below, gives it lag series.
+    kw = Keyward(
+        tmp_path, "eu", {"eu": eu, "us": us}, TABLE, extra_config="replication: { interval_ms: 200 }\n"
+    ).start()
     kw_dead = Keyward(tmp_path, "eu", {"eu": _Unreachable(), "us": us}, TABLE, name="keyward-unreachable").start()
     # An instance with TLS on its listeners exports the certificate metrics.
     cert = pki.issue("deploy-proxy")
@@ -357,6 +362,7 @@ def test_every_metric_in_deploy_files_is_exported(tmp_path, eu, us, pki):
         client = LibrdkafkaClient()
         topic = unique("orders.deploy")
         eu.create_topic(topic, partitions=16)
+        us.create_topic(f"eu.{topic}", partitions=16)
         owned, foreign = _key_owned_by(kw, topic, "eu"), _key_owned_by(kw, topic, "us")
 
         # Forwarded and rejected records, then a consume: Produce, Fetch, Metadata, groups, ...

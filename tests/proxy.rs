@@ -492,16 +492,32 @@ async fn reads_leave_a_cluster_after_three_lost_probes_and_return_only_after_the
     assert_eq!(on_eu.recv_frame(interval).await, Ok(None));
     assert_eq!(switched(&keyward.metrics().await) - closed_before, 1.0);
     // ...to us, whose node 0 it is told of under a virtual id no eu node has.
+    let served = |text: &str, cluster: &str| {
+        sample(text, "keyward_served_bytes_total", &[("cluster", cluster)]).unwrap()
+    };
+    let before = keyward.metrics().await;
     let mut on_us = keyward.connect().await;
     on_us
         .send(ApiKey::Metadata, METADATA_VERSION, 1, &metadata_request())
         .await;
-    let (_, metadata) = on_us
-        .recv::<MetadataResponse>(ApiKey::Metadata, METADATA_VERSION)
-        .await
-        .unwrap();
+    let frame = on_us.recv_frame(interval).await.unwrap().unwrap();
+    let on_the_wire = (frame.len() + 4) as f64;
+    let (_, metadata) = response::<MetadataResponse>(frame, ApiKey::Metadata, METADATA_VERSION);
     let us_node = i32::from(PORTS_PER_CLUSTER);
     assert_eq!(advertised(&metadata), vec![(us_node, base + us_node)]);
+    // What reads cost while us serves is counted against us's cluster, to the byte: the
+    // response as the client received it (its length prefix included).
+    let mut after = keyward.metrics().await;
+    for _ in 0..10 {
+        if served(&after, "us") > served(&before, "us") {
+            break;
+        }
+        // The count follows the write to the client by a moment.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        after = keyward.metrics().await;
+    }
+    assert_eq!(served(&after, "us") - served(&before, "us"), on_the_wire);
+    assert_eq!(served(&after, "eu"), served(&before, "eu"));
 
     eu.up();
     let up = Instant::now();

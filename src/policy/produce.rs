@@ -414,6 +414,48 @@ pub fn split_batch(
     })
 }
 
+/// The region owning the first record of a partition that an `on_foreign: audit` rule (by
+/// index) let through, or `None` if it holds none. Decided again against the same table, for
+/// the audit log line: the decision itself counts audited records, not their owners. Walks the
+/// records (inflating a compressed batch again), so call it only for a line that will be
+/// logged.
+pub fn first_audited_owner(
+    table: &Table,
+    rule: usize,
+    local: RegionId,
+    topic: &str,
+    partition: i32,
+    records: &[u8],
+    inflater: &mut Inflater,
+) -> Option<RegionId> {
+    let rule = table.rules().get(rule)?;
+    let foreign = |subject: &Subject<'_>| {
+        let (claim, part) = claim(rule, subject);
+        match table.judge(claim, part, local) {
+            Verdict::Foreign { owner } => Some(owner),
+            _ => None,
+        }
+    };
+    if !rule.reads_records() {
+        return foreign(&Subject::topic(topic).with_partition(partition));
+    }
+    for batch in records::batches(records).flatten() {
+        let mut found = None;
+        let _ = batch.for_each_record(inflater, |_, record| {
+            found = foreign(&Subject::record(topic, partition, record));
+            if found.is_some() {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        if found.is_some() {
+            return found;
+        }
+    }
+    None
+}
+
 /// Decides every partition of `request` for a proxy writing for `local`.
 pub fn decide(
     request: &ProduceView<'_>,
@@ -1481,6 +1523,36 @@ default: allow
             &keys(&[Some(&eu), Some(&us), Some(&us)]),
         );
         assert_eq!(d.action, Action::Forward { audited: 2 });
+    }
+
+    #[test]
+    fn the_first_audited_record_names_its_owner_for_the_log() {
+        let t = table("");
+        let (eu, us) = (key_in(0..8), key_in(8..16));
+        let local = t.region_id("eu").unwrap();
+        let rule = t
+            .rules()
+            .iter()
+            .position(|r| r.name == "orders-audited")
+            .unwrap();
+        let owner = |records: &[u8]| {
+            first_audited_owner(
+                &t,
+                rule,
+                local,
+                "audited",
+                0,
+                records,
+                &mut Inflater::new(1 << 20),
+            )
+        };
+        assert_eq!(
+            owner(&keys(&[Some(&eu), Some(&us)])),
+            t.region_id("us"),
+            "the us record"
+        );
+        assert_eq!(owner(&keys(&[Some(&eu), Some(&eu)])), None, "all owned");
+        assert_eq!(owner(b"junk"), None, "malformed records name nobody");
     }
 
     #[test]

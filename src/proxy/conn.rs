@@ -563,6 +563,7 @@ async fn responses(
                     .proxy_seconds
                     .record((timing.sent - timing.received).as_secs_f64());
                 shared.meters.bytes_sent.increment(sent as u64);
+                shared.meters.served(cluster, sent);
                 activity.answered();
                 continue;
             }
@@ -605,6 +606,9 @@ async fn responses(
         let done = Instant::now();
         match broker_wait {
             Some(wait) => {
+                // The broker's response (rewritten or merged with keyward's answers): served
+                // by this connection's cluster. keyward's own answers are not.
+                shared.meters.served(cluster, out.len());
                 meters.broker_seconds.record(wait.as_secs_f64());
                 let proxy = (timing.sent - timing.received) + (done - handled);
                 meters.proxy_seconds.record(proxy.as_secs_f64());

@@ -75,6 +75,9 @@ pub struct Shared {
     /// Every task of the proxy: [`run`] waits for them at shutdown.
     tasks: TaskTracker,
     pub rejection_log: RateLimit,
+    /// Audited writes (`on_foreign: audit`): steady traffic while a rule is audited, so it has
+    /// a budget of its own, apart from refusals, and its lines say how many were left out.
+    pub audit_log: RateLimit,
     /// "cannot reach the broker" lines: one per client connection otherwise, so a broker that
     /// is down (or a cluster switch in progress) with thousands of clients reconnecting would
     /// flood the log.
@@ -106,14 +109,16 @@ impl Shared {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let redirector = Redirector::new(
-            clusters
-                .all()
-                .iter()
-                .zip(&dialers)
-                .map(|(c, d)| (c.bootstrap.clone(), d.clone())),
+            clusters.all().iter().zip(&dialers).map(|(c, d)| {
+                // Never a redirect target: no series for the local cluster.
+                let landed = (c.name != config.region)
+                    .then(|| meters::Redirected::new(&config.region, &c.name));
+                (c.bootstrap.clone(), d.clone(), landed)
+            }),
             tasks.clone(),
             shutdown.clone(),
         );
+        let meters = meters::RequestMetrics::new(clusters.all().iter().map(|c| c.name.as_str()));
         let decompression_budget = crate::codec::records::DecompressionBudget::new(
             config.limits.max_decompressed_bytes_total,
         );
@@ -132,9 +137,10 @@ impl Shared {
             shutdown,
             tasks,
             rejection_log: RateLimit::new(Duration::from_secs(1), 20),
+            audit_log: RateLimit::new(AUDIT_LOG_INTERVAL, AUDIT_LOG_BURST),
             unreachable_log: RateLimit::new(Duration::from_secs(10), 5),
             decompression_budget,
-            meters: meters::RequestMetrics::new(),
+            meters,
             bootstrap_bound: AtomicBool::new(false),
         }))
     }
@@ -267,6 +273,11 @@ impl rewrite::Advertise for Advertiser<'_> {
         self.shared.clusters.get(self.cluster).node_offset != 0
     }
 }
+
+/// Audited-write log lines: at most this many per [`AUDIT_LOG_INTERVAL`] (the metrics count
+/// every audited record).
+pub const AUDIT_LOG_BURST: u32 = 10;
+pub const AUDIT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Allows a bounded number of events per interval; used so that a flood of refused writes logs
 /// a sample instead of one line per batch (the metrics count every one).

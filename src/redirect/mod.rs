@@ -38,6 +38,7 @@ use crate::codec::errors::{
     UNKNOWN_PRODUCER_ID,
 };
 use crate::codec::records;
+use crate::proxy::meters::Redirected;
 use crate::proxy::upstream::{Dialer, Reply};
 use client::ClusterClient;
 use sequences::{Outcome, Redirect, SequenceBook, StreamKey};
@@ -97,6 +98,8 @@ struct Target {
     client: ClusterClient,
     /// `keyward_redirect_failures_total` for this cluster: batches whose client got an error.
     failures: metrics::Counter,
+    /// What landed here for other regions' clients (`None` for the local cluster).
+    landed: Option<Redirected>,
     producer: tokio::sync::Mutex<ProducerState>,
     pipelines: Mutex<Pipelines>,
 }
@@ -143,23 +146,25 @@ pub struct Redirector {
 }
 
 impl Redirector {
-    /// One target per cluster: its bootstrap addresses and how to connect to it. Pipelines run
-    /// on `tasks` and end after `shutdown`, once what is queued is written.
+    /// One target per cluster: its bootstrap addresses, how to connect to it, and the counters
+    /// of what lands there. Pipelines run on `tasks` and end after `shutdown`, once what is
+    /// queued is written.
     pub fn new(
-        clusters: impl IntoIterator<Item = (Vec<String>, Dialer)>,
+        clusters: impl IntoIterator<Item = (Vec<String>, Dialer, Option<Redirected>)>,
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             targets: clusters
                 .into_iter()
-                .map(|(bootstrap, dialer)| {
+                .map(|(bootstrap, dialer, landed)| {
                     let failures = metrics::counter!("keyward_redirect_failures_total", "cluster" => dialer.cluster.clone());
                     // Exported at 0, so an alert's rate sees the series before the first failure.
                     failures.absolute(0);
                     Arc::new(Target {
                         client: ClusterClient::new(bootstrap, dialer),
                         failures,
+                        landed,
                         producer: tokio::sync::Mutex::new(ProducerState::default()),
                         pipelines: Mutex::new(Pipelines::default()),
                     })
@@ -688,6 +693,8 @@ impl Pipeline {
     fn answer(&self, job: Job, answer: PartitionProduceResponse) {
         if answer.error_code != 0 {
             self.target.failures.increment(1);
+        } else if let Some(landed) = &self.target.landed {
+            landed.landed(job.batch.len(), job.records);
         }
         let _ = job.done.send(Some(answer));
     }

@@ -176,6 +176,17 @@ def test_dashboard_parses_and_uses_its_variables():
         assert g["x"] + g["w"] <= 24, where
 
 
+def test_the_dashboard_shows_what_redirect_and_read_failover_cost():
+    """Redirected bytes/s per region pair and bytes/s served per cluster, each in a panel."""
+    queries = [t["expr"] for p in load_dashboard()["panels"] if p["type"] != "row" for t in p["targets"]]
+    for metric, by in (
+        ("keyward_redirected_bytes_total", "by (from, to)"),
+        ("keyward_redirected_records_total", "by (from, to)"),
+        ("keyward_served_bytes_total", "by (cluster)"),
+    ):
+        assert any(metric in q and by in q and "rate(" in q for q in queries), f"no panel shows {metric} {by}"
+
+
 def test_alert_rules_parse():
     rules = load_alerts()
     assert [g["name"] for g in rules["groups"]] == ["keyward"]

@@ -7,6 +7,7 @@ what the client was told.
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 import threading
@@ -446,6 +447,59 @@ def test_audit_forwards_foreign_writes_and_counts_them(eu, kw_eu):
     assert all(x["ok"] for x in r), r
     assert len(eu.read_all(topic)) == 2
     assert kw_eu.metric("keyward_produce_records_total", rule="watched", decision="audited") - before >= 2
+
+
+# The audit log line's message, and its limit (src/proxy/mod.rs: AUDIT_LOG_BURST per 10 s).
+AUDITED = "records owned by another region written to the local cluster"
+AUDIT_LOG_BURST, AUDIT_LOG_INTERVAL_S = 10, 10
+
+
+def _audit_lines(kw: Keyward) -> list[str]:
+    """Every audit line keyward logged since it started (the whole log: a tail could cut one)."""
+    return [l for l in kw.log_path.read_text(errors="replace").splitlines() if AUDITED in l]
+
+
+def test_audited_writes_are_logged_with_who_and_what_rate_limited(eu, kw_eu):
+    """Each audited batch is a log line naming the rule, the region owning the records, the
+    client's client.id, the topic, the partition and the records audited, at most 10 lines per
+    10 s; the first line of the next window says how many were left out, so every audited
+    batch is either a line or counted in one."""
+    topic = unique("watched.burst")
+    eu.create_topic(topic, partitions=1)
+    foreign, owned = keys_of(kw_eu, "us", 2, "aub"), keys_of(kw_eu, "eu", 1, "aub")[0]
+    leader = eu.admin().list_topics(topic, timeout=10).topics[topic].partitions[0].leader
+    batches = 3 * AUDIT_LOG_BURST
+    lines_before = len(_audit_lines(kw_eu))
+
+    def burst(s: socket.socket, n: int, first_id: int) -> None:
+        batch = raw.record_batch([(owned.encode(), b"o"), (foreign[0].encode(), b"a"), (foreign[1].encode(), b"b")])
+        for i in range(n):  # pipelined: one burst, well inside one 10 s window
+            s.sendall(raw.produce(first_id + i, topic, {0: batch}, version=7))
+        for _ in range(n):
+            assert raw.produce_errors(raw.recv_frame(s)) == {(topic, 0): 0}
+
+    with socket.create_connection(("127.0.0.1", kw_eu.port_base + leader), timeout=10) as s:
+        started = time.monotonic()
+        burst(s, batches, 1)
+        assert time.monotonic() - started < AUDIT_LOG_INTERVAL_S / 2, "not one burst"
+        assert len(eu.read_all(topic)) == 3 * batches, "audited records are written"
+        new = _audit_lines(kw_eu)[lines_before:]
+        assert 1 <= len(new) <= AUDIT_LOG_BURST < batches, new
+        mine = [l for l in new if f'topic="{topic}"' in l]
+        assert mine, new
+        for field in ('rule="watched"', 'owner="us"', 'client_id="raw-client"', "partition=0", "records=2"):
+            assert field in mine[0], (field, mine[0])
+        # The next window: its first line counts the lines left out since the last one.
+        time.sleep(AUDIT_LOG_INTERVAL_S + 0.5)
+        burst(s, 1, 1000)
+    deadline = time.monotonic() + 5
+    while len(lines := _audit_lines(kw_eu)) <= lines_before + len(new) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "suppressed=" in lines[-1] and f'topic="{topic}"' in lines[-1], lines[-1]
+    reported = sum(int(re.search(r"suppressed=(\d+)", l).group(1)) for l in lines)
+    assert reported >= batches - AUDIT_LOG_BURST, lines[-1]
+    # Nothing audited since the last line: every audited batch is a line or counted in one.
+    assert len(lines) + reported == kw_eu.metric("keyward_produce_batches_total", decision="audited")
 
 
 # --------------------------------------------------------------------------- frozen

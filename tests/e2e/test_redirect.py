@@ -5,11 +5,12 @@ whole on the local cluster. Checked in both clusters, read directly, with all th
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
 
-from harness import LibrdkafkaClient, record, unique
+from harness import LibrdkafkaClient, raw, record, unique
 from harness.keyward import Keyward
 
 from test_keyward import keys_of
@@ -171,11 +172,80 @@ def test_every_client_has_its_mixed_batches_split(client, eu, us, kw):
     check_split(eu, us, topic, sent, owners, results)
 
 
+def stored_bytes(cluster, topic: str, partition: int) -> int:
+    """Bytes of the record batches the leader of a partition stores: the size of its log
+    segments on disk. Kafka appends each batch as it was produced (compression.type=producer,
+    the default), so this is the sum of the sizes of the batches written to it."""
+    leader = cluster.partitions(topic)[partition]["leader"]
+    return sum(f.stat().st_size for f in (cluster.node(leader).dir / "data" / f"{topic}-{partition}").glob("*.log"))
+
+
+def redirected(kw) -> tuple[float, float]:
+    """(records, bytes) keyward counted as landed in us's cluster for eu's clients."""
+    pair = {"from": "eu", "to": "us"}
+    return kw.metric("keyward_redirected_records_total", **pair), kw.metric("keyward_redirected_bytes_total", **pair)
+
+
+def test_what_redirect_writes_to_the_owners_cluster_is_counted_to_the_byte(eu, us, kw):
+    """Three batches of us's keys of known size (written by hand, so their bytes are known)
+    and one batch mixing both regions (split: its us part built by keyward): keyward counts
+    every record that landed in us's cluster, and exactly the bytes us's broker stored, which
+    for the whole batches are the bytes the client sent."""
+    topic = make_topic(eu, us, "orders.cost")
+    us_keys, eu_keys = keys_of(kw, "us", 14, "cost"), keys_of(kw, "eu", 2, "cost")
+    whole = [raw.record_batch([(k.encode(), b"x" * 100) for k in us_keys[i * 4 : i * 4 + 4]]) for i in range(3)]
+    mixed = raw.record_batch(
+        [(eu_keys[0].encode(), b"e"), (us_keys[12].encode(), b"u" * 50), (eu_keys[1].encode(), b"e"), (us_keys[13].encode(), b"u")],
+        compress=True,
+    )
+    records_before, bytes_before = redirected(kw)
+    assert stored_bytes(us, topic, 0) == 0
+
+    # The leader's port: the mixed batch's eu part goes on this connection.
+    leader = eu.partitions(topic)[0]["leader"]
+    with socket.create_connection(("127.0.0.1", kw.port_base + leader), timeout=10) as s:
+        for i, batch in enumerate(whole):
+            s.sendall(raw.produce(i, topic, {0: batch}, version=7))
+            assert raw.produce_errors(raw.recv_frame(s)) == {(topic, 0): 0}
+        landed_whole = stored_bytes(us, topic, 0)
+        assert landed_whole == sum(len(b) for b in whole), "us's broker stores the batches as sent"
+        assert redirected(kw) == (records_before + 12, bytes_before + landed_whole)
+
+        s.sendall(raw.produce(9, topic, {0: mixed}, version=7))
+        assert raw.produce_errors(raw.recv_frame(s)) == {(topic, 0): 0}
+
+    assert [r["key"] for r in us.read_all(topic)] == [k.encode() for k in us_keys]
+    records, bytes_ = redirected(kw)
+    assert records - records_before == 14
+    assert bytes_ - bytes_before == stored_bytes(us, topic, 0), "the split part: the bytes us stored"
+    assert stored_bytes(us, topic, 0) > landed_whole
+    # Nothing is redirected to the local cluster: no such series.
+    assert "keyward_redirected_bytes_total{from=\"eu\",to=\"eu\"}" not in kw.metrics_text()
+
+
+def test_bytes_served_to_clients_are_counted_per_cluster(eu, us, kw):
+    """Consuming through keyward: the bytes served by eu's cluster (the serving cluster) grow
+    by at least the payload read, and us's, which serves nothing, not at all."""
+    topic = make_topic(eu, us, "orders.served")
+    payload = [f"{i:03d}".encode() * 1000 for i in range(20)]  # 3000 bytes each
+    results = LibrdkafkaClient().produce(eu.bootstrap, topic, [record(None, v, partition=0) for v in payload])
+    assert all(r["ok"] for r in results), results
+    eu_before, us_before = (kw.metric("keyward_served_bytes_total", cluster=c) for c in ("eu", "us"))
+    got = LibrdkafkaClient().consume(kw.bootstrap, [topic], unique("served"), len(payload))
+    assert sorted(r["value"] for r in got) == sorted(payload)
+    served = kw.metric("keyward_served_bytes_total", cluster="eu") - eu_before
+    assert served >= sum(len(v) for v in payload), served
+    assert kw.metric("keyward_served_bytes_total", cluster="us") == us_before
+    # Served bytes are part of the bytes sent to clients.
+    assert kw.metric("keyward_client_bytes_sent_total") >= kw.metric("keyward_served_bytes_total")
+
+
 def test_a_topic_missing_in_the_owners_cluster_is_an_error_not_a_drop(eu, us, kw):
     topic = unique("orders.only-eu")
     eu.create_topic(topic, partitions=1)
     us_key = keys_of(kw, "us", 1, "miss")[0]
     failures = kw.metric("keyward_redirect_failures_total", cluster="us")
+    not_landed = redirected(kw)
     results = LibrdkafkaClient().produce(
         kw.bootstrap,
         topic,
@@ -190,3 +260,5 @@ def test_a_topic_missing_in_the_owners_cluster_is_an_error_not_a_drop(eu, us, kw
         time.sleep(0.1)
     assert kw.metric("keyward_redirect_failures_total", cluster="us") > failures
     assert kw.metric("keyward_redirect_failures_total", cluster="eu") == 0
+    # Attempts that did not land are not counted as redirected.
+    assert redirected(kw) == not_landed

@@ -22,7 +22,7 @@ use crate::codec::split::Part;
 use crate::ownership::RegionId;
 use crate::policy::produce::{
     Action, Destination, HoldReason, INVALID_RECORD, Placement, ProducePlan, RejectKind, Split,
-    SplitError, decide, split_batch,
+    SplitError, decide, first_audited_owner, split_batch,
 };
 use crate::proxy::Shared;
 use crate::proxy::conn::{BrokerIo, ConnError, Guard};
@@ -98,7 +98,15 @@ pub(crate) async fn request(
     } else {
         Vec::new()
     };
-    record_decisions(shared, &snapshot, &request, &plan, meters, guard.identity);
+    record_decisions(
+        shared,
+        &snapshot,
+        &request,
+        &plan,
+        meters,
+        guard.identity,
+        inflater,
+    );
 
     // Carry the routes out.
     let mut routes = Vec::with_capacity(destinations.len());
@@ -503,19 +511,21 @@ fn record_decisions(
     plan: &ProducePlan,
     meters: &mut DecisionMeters,
     identity: &Identity,
+    inflater: &mut Inflater,
 ) {
     let table = &snapshot.table;
     if meters.table_version != snapshot.version {
         meters.handles.clear();
         meters.table_version = snapshot.version;
     }
-    // The topic and partition of each decision, in request order, for the log.
-    let mut written = request
-        .topics
-        .iter()
-        .flat_map(|t| t.partitions.iter().map(move |p| (t.name, p.index)));
+    // The topic, partition and records of each decision, in request order, for the log.
+    let mut written = request.topics.iter().flat_map(|t| {
+        t.partitions
+            .iter()
+            .map(move |p| (t.name, p.index, p.records))
+    });
     for p in &plan.partitions {
-        let (topic, partition) = written.next().unwrap_or(("-", -1));
+        let (topic, partition, records) = written.next().unwrap_or(("-", -1, None));
         let rule_name = || {
             p.rule
                 .and_then(|i| table.rules().get(i))
@@ -561,6 +571,37 @@ fn record_decisions(
             }
         };
         count(p.owner, decision, reason, p.batches, p.records);
+        if let Action::Forward { audited } = p.action
+            && audited > 0
+            && let Some(suppressed) = shared.audit_log.allow_counting()
+        {
+            let owner = p.rule.and_then(|rule| {
+                first_audited_owner(
+                    table,
+                    rule,
+                    snapshot.local,
+                    topic,
+                    partition,
+                    records.unwrap_or_default(),
+                    inflater,
+                )
+            });
+            let who = identity.who();
+            info!(
+                target: CONN_LOG,
+                rule = rule_name(),
+                owner = owner.map_or("-", |o| table.region_name(o)),
+                decision,
+                client_id = who.client_id,
+                user = who.user,
+                topic,
+                partition,
+                records = audited,
+                suppressed,
+                "audited: {audited} of {} records owned by another region written to the local cluster",
+                p.records
+            );
+        }
         let owner_name = || p.owner.map_or("-", |o| table.region_name(o));
         if let Action::Reject { message, .. } | Action::Hold { message, .. } = &p.action
             && shared.rejection_log.allow()

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::ownership::Table;
-use crate::ownership::moves::{Move, Parts};
+use crate::ownership::moves::{Move, Parts, Plan};
 
 /// The fleet file: every instance's admin URL, by region.
 ///
@@ -267,6 +267,39 @@ pub struct Stage {
 }
 
 impl Journal {
+    /// A new journal of `request` on `table` (whose hash is `hash`), through the tables of
+    /// `plan`, at `step`. A failover has no frozen table.
+    fn new(request: &Request, table: &Table, hash: String, plan: &Plan, step: &str) -> Journal {
+        let stage = |t: &Table| Stage {
+            hash: t.content_hash(),
+            text: t.file_text(),
+        };
+        let frozen = if step == "failover" {
+            Stage {
+                hash: String::new(),
+                text: String::new(),
+            }
+        } else {
+            stage(&plan.frozen)
+        };
+        Journal {
+            regions: table.regions().to_vec(),
+            rule: request.rule.clone(),
+            parts: request.describe_parts(),
+            to: request.to.clone(),
+            from: plan.from.clone(),
+            original: Stage {
+                hash,
+                text: table.file_text(),
+            },
+            frozen,
+            moved: stage(&plan.moved),
+            step: step.into(),
+            gate: Vec::new(),
+            log: Vec::new(),
+        }
+    }
+
     fn save(&self, path: &Path) -> anyhow::Result<()> {
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
@@ -524,26 +557,7 @@ pub fn run(
             let seen = survey(&agent, fleet);
             let (hash, table) = one_table(&seen)?;
             let plan = table.plan_move(&request.as_move())?;
-            let stage = |t: &Table| Stage {
-                hash: t.content_hash(),
-                text: t.file_text(),
-            };
-            let journal = Journal {
-                regions: table.regions().to_vec(),
-                rule: request.rule.clone(),
-                parts: request.describe_parts(),
-                to: request.to.clone(),
-                from: plan.from.clone(),
-                original: Stage {
-                    hash,
-                    text: table.file_text(),
-                },
-                frozen: stage(&plan.frozen),
-                moved: stage(&plan.moved),
-                step: "planned".into(),
-                gate: Vec::new(),
-                log: Vec::new(),
-            };
+            let journal = Journal::new(request, &table, hash, &plan, "planned");
             journal.save(journal_path)?;
             journal
         }
@@ -749,28 +763,7 @@ pub fn failover(fleet: &Fleet, request: &Request, journal_path: &Path) -> anyhow
                 "may be lost (not replicated when last measured): {}",
                 lag_report(&agent, fleet, &table, request, &plan.from)
             );
-            let journal = Journal {
-                regions: table.regions().to_vec(),
-                rule: request.rule.clone(),
-                parts: request.describe_parts(),
-                to: request.to.clone(),
-                from: plan.from.clone(),
-                original: Stage {
-                    hash,
-                    text: table.file_text(),
-                },
-                frozen: Stage {
-                    hash: String::new(),
-                    text: String::new(),
-                },
-                moved: Stage {
-                    hash: plan.moved.content_hash(),
-                    text: plan.moved.file_text(),
-                },
-                step: "failover".into(),
-                gate: Vec::new(),
-                log: Vec::new(),
-            };
+            let journal = Journal::new(request, &table, hash, &plan, "failover");
             journal.save(journal_path)?;
             journal
         }

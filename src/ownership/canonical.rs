@@ -337,7 +337,7 @@ impl Table {
 }
 
 /// `["0-5", "9"]`: sorted `(first, last)` runs, neighbours merged.
-fn merged(runs: impl Iterator<Item = (i64, i64)>) -> Vec<Value> {
+pub(super) fn merged(runs: impl Iterator<Item = (i64, i64)>) -> Vec<Value> {
     let mut out: Vec<(i64, i64)> = Vec::new();
     for (first, last) in runs {
         match out.last_mut() {

@@ -294,22 +294,7 @@ fn range_of(item: &Value) -> Option<(i64, i64)> {
 
 /// Sorted numbers as `"a-b"` / `"n"` entries.
 fn runs(sorted: &[i64]) -> Vec<Value> {
-    let mut out: Vec<(i64, i64)> = Vec::new();
-    for &n in sorted {
-        match out.last_mut() {
-            Some((_, end)) if *end + 1 == n => *end = n,
-            _ => out.push((n, n)),
-        }
-    }
-    out.into_iter()
-        .map(|(a, b)| {
-            if a == b {
-                a.to_string().into()
-            } else {
-                format!("{a}-{b}").into()
-            }
-        })
-        .collect()
+    super::canonical::merged(sorted.iter().map(|&n| (n, n)))
 }
 
 fn rule_mut(table: &mut Value, index: usize) -> &mut Map<String, Value> {

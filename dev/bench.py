@@ -1043,13 +1043,7 @@ class Toxiproxy:
             raise RuntimeError(f"toxiproxy {method} {path}: {e.code} {e.read().decode(errors='replace')}") from None
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        env.terminate(self.proc)
 
 
 def round_trip_ms(port: int, samples: int = 20) -> dict:

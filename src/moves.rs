@@ -412,10 +412,22 @@ fn lag_report(
         Ok(rows) => {
             let mut out = String::from("replication lag (records):\n");
             for r in rows {
-                out.push_str(&format!(
-                    "  {} -> {} {}[{}]: source end {}, mirrored end {}, lag {}\n",
-                    r.source, request.to, r.topic, r.partition, r.source_end, r.mirror_end, r.lag
-                ));
+                match &r.error {
+                    Some(e) => out.push_str(&format!(
+                        "  {} -> {} {}: not measured ({e})\n",
+                        r.source, request.to, r.topic
+                    )),
+                    None => out.push_str(&format!(
+                        "  {} -> {} {}[{}]: source end {}, mirrored end {}, lag {}\n",
+                        r.source,
+                        request.to,
+                        r.topic,
+                        r.partition,
+                        r.source_end,
+                        r.mirror_end,
+                        r.lag
+                    )),
+                }
             }
             out
         }
@@ -423,7 +435,9 @@ fn lag_report(
     }
 }
 
-/// One partition's replication, as `GET /replication` reports it.
+/// One partition's replication, as `GET /replication` reports it, or a topic (or a whole
+/// region pair, topic `*`) it could not measure: `error` set, partition -1. An unmeasured topic
+/// is never taken as caught up.
 #[derive(Debug, Clone)]
 struct Lag {
     source: String,
@@ -432,6 +446,21 @@ struct Lag {
     source_end: i64,
     mirror_end: i64,
     lag: i64,
+    error: Option<String>,
+}
+
+impl Lag {
+    fn unmeasured(source: &str, topic: &str, error: &str) -> Lag {
+        Lag {
+            source: source.to_owned(),
+            topic: topic.to_owned(),
+            partition: -1,
+            source_end: -1,
+            mirror_end: -1,
+            lag: -1,
+            error: Some(error.to_owned()),
+        }
+    }
 }
 
 /// `GET /replication` of the first instance that answers, narrowed to the rule's topics from
@@ -488,6 +517,9 @@ fn lags_in(body: &Value, table: &Table, request: &Request, from: &[String]) -> V
         if target != request.to || !from.iter().any(|f| f == source) {
             continue;
         }
+        if let Some(error) = pair["error"].as_str() {
+            out.push(Lag::unmeasured(source, "*", error));
+        }
         for topic in pair["topics"].as_array().into_iter().flatten() {
             let Some(name) = topic["topic"].as_str() else {
                 continue;
@@ -495,7 +527,15 @@ fn lags_in(body: &Value, table: &Table, request: &Request, from: &[String]) -> V
             if table.rule_for_topic(name).map(|r| r.name.as_str()) != Some(request.rule.as_str()) {
                 continue;
             }
-            for p in topic["partitions"].as_array().into_iter().flatten() {
+            let partitions = topic["partitions"]
+                .as_array()
+                .map_or(&[][..], Vec::as_slice);
+            if let Some(error) = topic["error"].as_str() {
+                out.push(Lag::unmeasured(source, name, error));
+            } else if partitions.is_empty() {
+                out.push(Lag::unmeasured(source, name, "no partition measured"));
+            }
+            for p in partitions {
                 let get = |k: &str| p[k].as_i64().unwrap_or(-1);
                 out.push(Lag {
                     source: source.to_owned(),
@@ -504,6 +544,7 @@ fn lags_in(body: &Value, table: &Table, request: &Request, from: &[String]) -> V
                     source_end: get("source_end"),
                     mirror_end: get("mirror_end"),
                     lag: get("lag_records"),
+                    error: p["error"].as_str().map(str::to_owned),
                 });
             }
         }
@@ -608,15 +649,26 @@ pub fn run(
                             if rounds.last() != Some(&at) {
                                 rounds.push(at);
                             }
-                            if rounds.len() >= 3 {
+                            let unmeasured: Vec<String> = rows
+                                .iter()
+                                .filter_map(|r| {
+                                    let e = r.error.as_ref()?;
+                                    Some(format!("{} {} not measured ({e})", r.source, r.topic))
+                                })
+                                .collect();
+                            if rounds.len() >= 3 && unmeasured.is_empty() {
                                 break Ok(rows);
+                            }
+                            if rounds.len() >= 3 {
+                                println!("  waiting: {}", unmeasured.join(", "));
+                                std::thread::sleep(Duration::from_secs(1));
                             }
                         }
                         Err(e) => break Err(e),
                     }
                     if Instant::now() > deadline {
                         break Err(anyhow!(
-                            "no new replication measurement within {:?}",
+                            "replication of the rule's topics not measured (every topic, in a round begun after the freeze) within {:?}",
                             gate.timeout
                         ));
                     }

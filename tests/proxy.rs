@@ -1042,10 +1042,11 @@ async fn redirect_keeps_five_batches_in_flight_per_partition_to_a_distant_owner(
     let answers = produce_pipelined(&mut client, "inf.a", &[0, 1], 8).await;
 
     assert_eq!(answers, all_landed("inf.a", &[0, 1], 8));
+    assert_eq!(us.most_produce_in_flight(), 10, "5 per partition");
     assert_eq!(
-        us.most_produce_in_flight(),
-        10,
-        "5 per partition, on one connection"
+        us.produce_connections(),
+        1,
+        "both partitions on one connection"
     );
     for partition in [0, 1] {
         let appended: Vec<Batch> = us

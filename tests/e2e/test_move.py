@@ -231,3 +231,62 @@ default: allow
         mm2.stop()
         for kw in kws:
             kw.stop()
+
+
+def test_abort_by_hand_puts_the_original_table_back_while_a_move_waits_for_replication(tmp_path, eu, us):
+    """Instances that measure replication, and a rule's topic MirrorMaker 2 does not copy: the
+    move freezes and waits (the mirror is missing, never taken as caught up). Killed there,
+    `keyward move abort` puts the original table back in every instance."""
+    import subprocess
+
+    from harness import unique
+    from harness.keyward import binary
+
+    prefix = unique("abort")
+    eu.create_topic(f"{prefix}.orders", partitions=2)
+    abort_table = f"""
+rules:
+  - name: gate
+    topics: ["{prefix}.*"]
+    by: key
+    slots: 16
+    owners: {{ eu: ["0-7"], us: ["8-15"] }}
+default: allow
+"""
+    token = "move-" + uuid.uuid4().hex
+    (tmp_path / "admin-token").write_text(token + "\n")
+    admin = f"reload_token_file: {tmp_path / 'admin-token'}"
+    kws = [
+        Keyward(tmp_path, region, {"eu": eu, "us": us}, abort_table, name=f"kw-{region}", admin_extra=admin,
+                extra_config="replication: { interval_ms: 300 }\n").start()
+        for region in ("eu", "us")
+    ]
+    fleet = _fleet(tmp_path, {"eu": kws[:1], "us": kws[1:]}, token)
+    journal = tmp_path / "abort.json"
+    try:
+        original = kws[0].ownership()["hash"]
+        waiting = subprocess.Popen(
+            [str(binary()), "move", "run", "--fleet", str(fleet), "--rule", "gate", "--slots", "4-7",
+             "--to", "us", "--journal", str(journal), "--replication-timeout", "120s"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        seen = []
+        try:
+            for line in waiting.stdout:
+                seen.append(line)
+                if line.strip().startswith("waiting:"):
+                    break
+        finally:
+            waiting.kill()
+            waiting.wait()
+        assert seen and "not measured" in seen[-1], "".join(seen)
+        frozen = json.loads(journal.read_text())["frozen"]["hash"]
+        assert {kw.ownership()["hash"] for kw in kws} == {frozen}
+
+        aborted = keyward_move("abort", "--fleet", str(fleet), "--journal", str(journal))
+        assert aborted.returncode == 0, aborted.stdout + aborted.stderr
+        assert {kw.ownership()["hash"] for kw in kws} == {original}
+        assert json.loads(journal.read_text())["step"] == "aborted"
+    finally:
+        for kw in kws:
+            kw.stop()

@@ -101,6 +101,8 @@ struct State {
     metadata_answers: AtomicUsize,
     /// InitProducerId answers given: the epoch of the next.
     producer_ids: AtomicUsize,
+    /// Connections that carried a Produce request.
+    produce_connections: AtomicUsize,
     /// Produce requests read and not yet answered, and the most there ever were.
     produce_outstanding: AtomicUsize,
     produce_outstanding_max: AtomicUsize,
@@ -161,6 +163,11 @@ impl FakeBroker {
         self.state.appended.lock().unwrap().clone()
     }
 
+    /// How many connections carried Produce requests.
+    pub fn produce_connections(&self) -> usize {
+        self.state.produce_connections.load(Ordering::Relaxed)
+    }
+
     /// The most Produce requests that were ever read and not yet answered at once.
     pub fn most_produce_in_flight(&self) -> usize {
         self.state.produce_outstanding_max.load(Ordering::Relaxed)
@@ -200,6 +207,7 @@ async fn serve(
     let (answers, queued) = mpsc::unbounded_channel();
     tokio::spawn(answer(write, queued, state.clone(), down.clone()));
     let mut buf = BytesMut::new();
+    let mut produced = false;
     loop {
         let frame = tokio::select! {
             frame = read_frame(&mut read, &mut buf) => frame,
@@ -227,6 +235,9 @@ async fn serve(
                 Some(encode(api, version, id, &response))
             }
             ApiKey::Produce => {
+                if !std::mem::replace(&mut produced, true) {
+                    state.produce_connections.fetch_add(1, Ordering::Relaxed);
+                }
                 let request = ProduceRequest::decode(&mut body, version).unwrap();
                 let received = batches(&request);
                 state

@@ -122,3 +122,15 @@ def tail(path: Path, lines: int = 60) -> str:
     except FileNotFoundError:
         return f"({path} does not exist)"
     return "\n".join(text[-lines:])
+
+
+def terminate(proc: "subprocess.Popen | None", timeout_s: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout_s`; nothing if not running."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -160,13 +160,7 @@ ownership_file: ownership.yaml
         raise RuntimeError(f"keyward did not start within {timeout_s}s:\n{self.logs()}")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        env.terminate(self.proc)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown at all, as a crash or an OOM kill. start() brings it back on the

@@ -73,13 +73,7 @@ class MirrorMaker:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        env.terminate(self.proc, 15)
 
     def logs(self, lines: int = 60) -> str:
         return env.tail(self.log_path, lines)

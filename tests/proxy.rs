@@ -1125,6 +1125,131 @@ async fn batches_in_flight_on_a_lost_connection_are_sent_again_and_land_once() {
     );
 }
 
+/// A redirected batch whose answer is lost after its deadline: the broker wrote it, keyward
+/// cannot know, and tells the client its request timed out. The client sends the same batch
+/// again; keyward sends it with the producer id, epoch and sequence of the first attempt, so
+/// the broker recognises it, and the batch is in the owner's cluster once. The client's next
+/// batch follows it there.
+#[tokio::test]
+async fn a_redirected_batch_retried_after_its_answer_was_lost_lands_once() {
+    let _serial = harness::serial().await;
+    let (eu, us, keyward) = redirecting_to("late", "lat", distant(1_000)).await;
+    let mut client = keyward.connect().await;
+    const CLIENT: i64 = 42;
+    const REQUEST_TIMED_OUT: i16 = 7;
+    let first = producer_batch(&[foreign_key(0), foreign_key(1)], CLIENT, 0);
+    // keyward answers a redirected batch 4/5 of the request's timeout after it arrived.
+    let send =
+        |batch: &Bytes| produce(-1, &[("lat.a", vec![(0, batch.clone())])]).with_timeout_ms(1_000);
+
+    let sent = Instant::now();
+    client
+        .send(ApiKey::Produce, PRODUCE_VERSION, 1, &send(&first))
+        .await;
+    while us.appended().is_empty() {
+        assert!(sent.elapsed() < Duration::from_secs(5), "never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Past keyward's deadline and before the broker's answer leaves: the link drops.
+    tokio::time::sleep_until(sent + Duration::from_millis(900)).await;
+    us.down();
+    let (_, answer) = client
+        .recv::<ProduceResponse>(ApiKey::Produce, PRODUCE_VERSION)
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes(&answer),
+        vec![("lat.a".to_owned(), 0, REQUEST_TIMED_OUT, -1)]
+    );
+    us.up();
+
+    for (id, batch) in [
+        (2, &first),
+        (3, &producer_batch(&[foreign_key(2)], CLIENT, 2)),
+    ] {
+        client
+            .send(ApiKey::Produce, PRODUCE_VERSION, id, &send(batch))
+            .await;
+        let (_, answer) = client
+            .recv::<ProduceResponse>(ApiKey::Produce, PRODUCE_VERSION)
+            .await
+            .unwrap();
+        assert_eq!(outcomes(&answer)[0].2, 0, "request {id}: {answer:?}");
+    }
+    let sent: Vec<(i32, i32)> = us
+        .batches()
+        .iter()
+        .map(|b| (b.base_sequence, b.records))
+        .collect();
+    assert_eq!(
+        sent,
+        [(0, 2), (0, 2), (2, 1)],
+        "the retry carries the first attempt's numbers"
+    );
+    assert_eq!(
+        us.appended()
+            .iter()
+            .map(|b| (b.base_sequence, b.records))
+            .collect::<Vec<_>>(),
+        [(0, 2), (2, 1)],
+        "each batch once"
+    );
+    assert_eq!(eu.produced(), vec![]);
+}
+
+/// Every client producer whose batches keyward redirects has a producer id of its own on the
+/// target, numbered per partition from its own batches only. Two producers writing one
+/// partition each keep a gap-free numbering there, and a batch the target refuses for good
+/// leaves no gap behind it: the producer's next batch takes its numbers.
+#[tokio::test]
+async fn each_client_producer_is_numbered_on_its_own_and_a_refused_batch_leaves_no_gap() {
+    let _serial = harness::serial().await;
+    let checking = Script {
+        check_sequences: true,
+        ..Script::default()
+    };
+    let (eu, us, keyward) = redirecting_to("own", "own", checking).await;
+    let mut client = keyward.connect().await;
+    const A: i64 = 11;
+    const B: i64 = 12;
+    const MESSAGE_TOO_LARGE: i16 = 10;
+    let writes = [
+        (A, 0, 2, 0),
+        (B, 0, 1, 0),
+        (A, 2, 1, MESSAGE_TOO_LARGE),
+        (A, 3, 2, 0),
+        (B, 1, 1, 0),
+    ];
+    for (id, &(producer, seq, records, code)) in writes.iter().enumerate() {
+        let keys: Vec<Vec<u8>> = (0..records)
+            .map(|i| foreign_key((seq + i) as usize))
+            .collect();
+        if code != 0 {
+            us.fail_next_produce(code);
+        }
+        let request = produce(
+            -1,
+            &[("own.a", vec![(0, producer_batch(&keys, producer, seq))])],
+        );
+        client
+            .send(ApiKey::Produce, PRODUCE_VERSION, id as i32, &request)
+            .await;
+        let (_, answer) = client
+            .recv::<ProduceResponse>(ApiKey::Produce, PRODUCE_VERSION)
+            .await
+            .unwrap();
+        assert_eq!(outcomes(&answer)[0].2, code, "write {id}");
+    }
+    let appended: Vec<(i64, i32, i32)> = us
+        .appended()
+        .iter()
+        .map(|b| (b.producer_id, b.base_sequence, b.records))
+        .collect();
+    let (a, b) = (PRODUCER_ID, PRODUCER_ID + 1);
+    assert_eq!(appended, [(a, 0, 2), (b, 0, 1), (a, 2, 2), (b, 1, 1)]);
+    assert_eq!(eu.produced(), vec![]);
+}
+
 /// At shutdown, redirect pipelines write what is queued before they end: with 8 batches sent
 /// to a broker 200 ms away (5 in flight, 3 waiting) when keyward is told to stop, the client
 /// gets all 8 answers and the broker appends all 8, once each, in order.

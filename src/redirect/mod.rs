@@ -3,7 +3,8 @@
 //!
 //! A redirected batch cannot keep the client's producer id: that id was issued by the local
 //! cluster. keyward produces it under a producer id it obtains from the target cluster itself,
-//! rewriting the batch header (producer id, epoch, base sequence, CRC). Writes to one target
+//! one per client producer, rewriting the batch header (producer id, epoch, base sequence,
+//! CRC) to the batch's [`Stamp`], which every later attempt at the batch carries too. Writes to one target
 //! partition go through one pipeline task, in the order the client sent them, with up to
 //! [`MAX_IN_FLIGHT`] batches in flight as an idempotent Kafka producer keeps them, so a
 //! round trip to a distant region is paid once per window rather than once per batch.
@@ -63,6 +64,20 @@ enum Booking {
     Part,
 }
 
+/// The numbers a redirected batch is written under on its target: keyward's producer id and
+/// epoch there, and the batch's base sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub producer_id: i64,
+    pub epoch: i16,
+    pub seq: i32,
+}
+
+/// The stamp of one redirected batch, given when it is first sent and shared by every attempt
+/// at it (the pipeline's resends and the client's retries), so the target's broker recognises
+/// a batch it already wrote.
+pub type StampCell = Arc<Mutex<Option<Stamp>>>;
+
 /// One redirected batch for a pipeline.
 struct Job {
     batch: Bytes,
@@ -72,26 +87,50 @@ struct Job {
     /// When the client must have its answer: before its own request times out.
     deadline: Instant,
     done: watch::Sender<Option<PartitionProduceResponse>>,
+    /// The client stream it belongs to; producer id and epoch -1 for a producer without them.
+    stream: StreamKey,
+    stamp: StampCell,
 }
 
-/// keyward's producer identity on one target cluster.
-#[derive(Default)]
-struct ProducerState {
-    id: Option<(i64, i16)>,
-    /// Bumped whenever the id is replaced; pipelines restart their sequences at 0 then.
-    generation: u64,
+/// keyward's numbering of one client stream on a target cluster.
+struct Numbering {
+    /// keyward's producer id and epoch for the stream there.
+    producer: (i64, i16),
+    next: i32,
+    last_used: Instant,
 }
 
 /// A target partition: (topic, partition).
 type PartitionKey = (String, i32);
 
-/// The pipelines of one target cluster.
+/// Where keyward's numbers on one target cluster stand.
+///
+/// Every client producer gets its own producer id on the target (one InitProducerId, shared by
+/// its partitions), and each of its streams (a partition) is numbered on its own: the
+/// numbers a batch is given depend on that stream's earlier batches only, never on other
+/// clients' writes. A resend, or a client's retry, carries the numbers of the first attempt.
+/// Batches of producers without an id of their own (plain, not idempotent) share one
+/// stream per partition.
 #[derive(Default)]
-struct Pipelines {
-    running: HashMap<PartitionKey, mpsc::Sender<Job>>,
-    /// Where an ended pipeline's numbering stopped: (producer generation, next sequence). The
-    /// next pipeline for the partition goes on from there under the same producer id.
-    stopped: HashMap<PartitionKey, (u64, i32)>,
+struct Numbers {
+    /// keyward's producer on the target for each client producer (producer id, epoch).
+    producers: HashMap<(i64, i16), ((i64, i16), Instant)>,
+    streams: HashMap<StreamKey, Numbering>,
+    calls: u64,
+}
+
+impl Numbers {
+    /// Forgets producers and streams unused for [`sequences::STREAM_IDLE`]; a stream written
+    /// again after that starts over under a new producer id.
+    fn prune(&mut self, now: Instant) {
+        self.calls += 1;
+        if !self.calls.is_multiple_of(1024) {
+            return;
+        }
+        let idle = |last: &Instant| now.duration_since(*last) < sequences::STREAM_IDLE;
+        self.streams.retain(|_, n| idle(&n.last_used));
+        self.producers.retain(|_, (_, last)| idle(last));
+    }
 }
 
 struct Target {
@@ -100,33 +139,132 @@ struct Target {
     failures: metrics::Counter,
     /// What landed here for other regions' clients (`None` for the local cluster).
     landed: Option<Redirected>,
-    producer: tokio::sync::Mutex<ProducerState>,
-    pipelines: Mutex<Pipelines>,
+    numbers: Mutex<Numbers>,
+    pipelines: Mutex<HashMap<PartitionKey, mpsc::Sender<Job>>>,
 }
 
 impl Target {
-    fn pipelines(&self) -> std::sync::MutexGuard<'_, Pipelines> {
+    fn pipelines(&self) -> std::sync::MutexGuard<'_, HashMap<PartitionKey, mpsc::Sender<Job>>> {
         self.pipelines.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
 
-impl Target {
-    async fn producer_id(&self) -> anyhow::Result<(i64, i16, u64)> {
-        let mut p = self.producer.lock().await;
-        if p.id.is_none() {
-            p.id = Some(self.client.init_producer_id().await?);
-            p.generation += 1;
-            debug!(cluster = %self.client.name, id = ?p.id, "keyward producer id for redirected writes");
-        }
-        let (id, epoch) = p.id.expect("set above");
-        Ok((id, epoch, p.generation))
+    fn numbers(&self) -> std::sync::MutexGuard<'_, Numbers> {
+        self.numbers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Drops the producer id if it is still the one of `generation`.
-    async fn reset_producer(&self, generation: u64) {
-        let mut p = self.producer.lock().await;
-        if p.generation == generation {
-            p.id = None;
+    /// The stamp `job` is sent with: the one it has while its stream is still numbered under
+    /// that producer id and epoch, or the stream's next numbers (asking the target for a
+    /// producer id first if its client producer has none here yet).
+    async fn stamp(&self, job: &Job) -> anyhow::Result<Stamp> {
+        let stream = &job.stream;
+        let client_producer = (stream.producer_id, stream.epoch);
+        for _ in 0..2 {
+            {
+                let now = Instant::now();
+                let mut numbers = self.numbers();
+                numbers.prune(now);
+                if !numbers.streams.contains_key(stream)
+                    && let Some(&(producer, _)) = numbers.producers.get(&client_producer)
+                {
+                    numbers.streams.insert(
+                        stream.clone(),
+                        Numbering {
+                            producer,
+                            next: 0,
+                            last_used: now,
+                        },
+                    );
+                }
+                if let Some(n) = numbers.streams.get_mut(stream) {
+                    n.last_used = now;
+                    let mut cell = job.stamp.lock().unwrap_or_else(|e| e.into_inner());
+                    let stamp = match *cell {
+                        Some(stamp) if (stamp.producer_id, stamp.epoch) == n.producer => stamp,
+                        _ => {
+                            let stamp = Stamp {
+                                producer_id: n.producer.0,
+                                epoch: n.producer.1,
+                                seq: n.next,
+                            };
+                            n.next = n.next.wrapping_add(job.records);
+                            *cell = Some(stamp);
+                            stamp
+                        }
+                    };
+                    drop(cell);
+                    if let Some((_, last)) = numbers.producers.get_mut(&client_producer) {
+                        *last = now;
+                    }
+                    return Ok(stamp);
+                }
+            }
+            let producer = self.client.init_producer_id().await?;
+            debug!(cluster = %self.client.name, ?client_producer, ?producer, "keyward producer id for a client producer's redirected writes");
+            self.numbers()
+                .producers
+                .entry(client_producer)
+                .or_insert((producer, Instant::now()));
+        }
+        anyhow::bail!("no producer id on cluster {}", self.client.name)
+    }
+
+    /// The broker no longer knows `stale`'s producer or epoch: the stream starts over under a
+    /// new producer id (its client producer's, if that one is newer, or a new one).
+    fn forget_producer(&self, stream: &StreamKey, stale: Stamp) {
+        let mut numbers = self.numbers();
+        let stale_producer = (stale.producer_id, stale.epoch);
+        if numbers
+            .streams
+            .get(stream)
+            .is_some_and(|n| n.producer == stale_producer)
+        {
+            numbers.streams.remove(stream);
+        }
+        let client_producer = (stream.producer_id, stream.epoch);
+        if numbers
+            .producers
+            .get(&client_producer)
+            .is_some_and(|(p, _)| *p == stale_producer)
+        {
+            numbers.producers.remove(&client_producer);
+        }
+    }
+
+    /// `refused` was not written and never will be: if it was its stream's last, its numbers
+    /// are given again; otherwise the stream starts over (see [`Self::restart`]), so what
+    /// follows leaves no gap.
+    fn unwritten(&self, stream: &StreamKey, refused: Stamp, records: i32) {
+        {
+            let mut numbers = self.numbers();
+            let Some(n) = numbers.streams.get_mut(stream) else {
+                return;
+            };
+            if n.producer == (refused.producer_id, refused.epoch)
+                && n.next == refused.seq.wrapping_add(records)
+            {
+                n.next = refused.seq;
+                return;
+            }
+        }
+        self.restart(stream, refused);
+    }
+
+    /// The stream stamped `stale` has a gap that will not be filled: it goes on under the next
+    /// epoch of its producer id from 0 (as an idempotent producer bumps its own epoch), or
+    /// under a new producer id once the epochs run out.
+    fn restart(&self, stream: &StreamKey, stale: Stamp) {
+        let mut numbers = self.numbers();
+        let Some(n) = numbers.streams.get_mut(stream) else {
+            return;
+        };
+        if n.producer != (stale.producer_id, stale.epoch) {
+            return;
+        }
+        if n.producer.1 < i16::MAX {
+            n.producer.1 += 1;
+            n.next = 0;
+        } else {
+            numbers.streams.remove(stream);
         }
     }
 }
@@ -165,8 +303,8 @@ impl Redirector {
                         client: ClusterClient::new(bootstrap, dialer),
                         failures,
                         landed,
-                        producer: tokio::sync::Mutex::new(ProducerState::default()),
-                        pipelines: Mutex::new(Pipelines::default()),
+                        numbers: Mutex::new(Numbers::default()),
+                        pipelines: Mutex::new(HashMap::new()),
                     })
                 })
                 .collect(),
@@ -313,26 +451,30 @@ impl Redirector {
             ),
             None => (None, -1, 0),
         };
-        let key = client_producer.map(|(producer_id, epoch)| StreamKey {
-            producer_id,
-            epoch,
+        let stream = StreamKey {
+            producer_id: client_producer.map_or(-1, |(id, _)| id),
+            epoch: client_producer.map_or(-1, |(_, epoch)| epoch),
             topic: topic.to_owned(),
             partition,
-        });
-        if let Some(key) = &key {
+        };
+        let stamp = if client_producer.is_some() {
             self.active.store(true, Ordering::Relaxed);
             let mut book = self.book();
             let booked = match booking {
-                Booking::Batch => book.redirect(key, client_seq, records, Instant::now()),
-                Booking::Part => book.part(key, client_seq),
+                Booking::Batch => book.redirect(&stream, client_seq, records, Instant::now()),
+                Booking::Part => book.part(&stream, client_seq),
             };
-            if let Redirect::Existing(outcome) = booked {
-                return outcome;
+            match booked {
+                Redirect::Existing(outcome) => return outcome,
+                Redirect::Send(stamp) => stamp,
             }
-        }
+        } else {
+            StampCell::default()
+        };
         let (done, outcome) = watch::channel(None);
-        if let Some(key) = &key {
-            self.book().attach(key, client_seq, outcome.clone());
+        if client_producer.is_some() {
+            self.book()
+                .attach(&stream, client_seq, outcome.clone(), stamp.clone());
         }
         let job = Job {
             batch,
@@ -343,6 +485,8 @@ impl Redirector {
             deadline: Instant::now()
                 + Duration::from_millis((timeout_ms.clamp(1_000, 120_000) as u64) * 4 / 5),
             done,
+            stream,
+            stamp,
         };
         if let Err(job) = self.enqueue(target, topic, partition, job).await {
             self.targets[target].failures.increment(1);
@@ -371,16 +515,15 @@ impl Redirector {
             let key = (topic.to_owned(), partition);
             // A closed queue is a pipeline ending at shutdown: the job is refused below, not
             // given to a second pipeline beside it.
-            let tx = match pipelines.running.get(&key) {
+            let tx = match pipelines.get(&key) {
                 Some(tx) => tx.clone(),
                 None => {
-                    let from = pipelines.stopped.remove(&key).unwrap_or_default();
                     let (tx, rx) = mpsc::channel(PIPELINE_DEPTH);
                     let span = info_span!("redirect", cluster = %t.client.name, topic, partition);
-                    let pipeline = Pipeline::new(t.clone(), key.clone(), from);
+                    let pipeline = Pipeline::new(t.clone(), key.clone());
                     self.tasks
                         .spawn(pipeline.run(rx, self.shutdown.clone()).instrument(span));
-                    pipelines.running.insert(key, tx.clone());
+                    pipelines.insert(key, tx.clone());
                     tx
                 }
             };
@@ -452,9 +595,6 @@ impl Attempt {
 /// A job a pipeline has taken from its queue.
 struct Pending {
     job: Job,
-    /// The (producer generation, sequence) it was last sent with, while it may have landed
-    /// under them: a resend then carries the same, so the broker recognises it.
-    sent_as: Option<(u64, i32)>,
     /// Look the partition's leader up again before sending it.
     refresh: bool,
 }
@@ -462,24 +602,23 @@ struct Pending {
 /// A batch written to the target and not yet answered.
 struct Sent {
     pending: Pending,
+    stamp: Stamp,
     reply: Reply<PartitionProduceResponse>,
 }
 
-/// One target partition's writer: its redirected batches in the order the client sent them,
-/// up to [`MAX_IN_FLIGHT`] at once, under keyward's producer id on the target.
+/// One target partition's writer: its redirected batches in the order clients sent them, up
+/// to [`MAX_IN_FLIGHT`] at once, each under the [`Stamp`] of its client stream.
 ///
-/// Batches are numbered as they are sent and settled in that order. When the oldest one in
-/// flight fails, every later one is settled before anything is sent again (the broker refuses
-/// those after a gap, so they went nowhere), and then they are sent again in order: with the
-/// same numbers when the failure leaves it unknown whether the oldest landed, so the broker
-/// recognises what it already wrote, or renumbered from the oldest's number when the broker
-/// refused it for good, or from 0 under a new producer id when the broker fenced keyward's.
+/// A batch is stamped when first sent and keeps its stamp: when the oldest in flight fails,
+/// every later one is settled before anything is sent again (the broker refuses a stream's
+/// batches behind a gap, so those went nowhere), and what did not land is sent again in order
+/// with the same stamps, so the broker recognises what it already wrote. A client's retry of a
+/// batch whose outcome it was not told carries the same stamp too. A stream goes on under new
+/// numbers only where the broker says nothing under the old ones can land: a batch refused for
+/// good, or a producer id or epoch the broker no longer knows.
 struct Pipeline {
     target: Arc<Target>,
     key: PartitionKey,
-    /// The producer id generation `next_seq` counts under.
-    generation_seen: u64,
-    next_seq: i32,
     /// Taken from the queue and not in flight: batches sent back by a failure first, in their
     /// order, then new ones.
     waiting: VecDeque<Pending>,
@@ -489,16 +628,10 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    fn new(
-        target: Arc<Target>,
-        key: PartitionKey,
-        (generation_seen, next_seq): (u64, i32),
-    ) -> Self {
+    fn new(target: Arc<Target>, key: PartitionKey) -> Self {
         Self {
             target,
             key,
-            generation_seen,
-            next_seq,
             waiting: VecDeque::new(),
             in_flight: VecDeque::new(),
             paused_until: None,
@@ -520,7 +653,7 @@ impl Pipeline {
             self.send_waiting().await;
             let idle = self.in_flight.is_empty() && self.waiting.is_empty();
             if closed && idle {
-                self.park();
+                self.target.pipelines().remove(&self.key);
                 return;
             }
             let room = self.waiting.is_empty() && self.in_flight.len() < MAX_IN_FLIGHT;
@@ -530,7 +663,7 @@ impl Pipeline {
                     self.settle(result).await;
                 }
                 job = jobs.recv(), if room && !closed => match job {
-                    Some(job) => self.waiting.push_back(Pending { job, sent_as: None, refresh: false }),
+                    Some(job) => self.waiting.push_back(Pending { job, refresh: false }),
                     None => closed = true,
                 },
                 () = shutdown.cancelled(), if !jobs.is_closed() => {
@@ -556,14 +689,13 @@ impl Pipeline {
                 return;
             };
             if Instant::now() >= pending.job.deadline {
-                // Too late for its client, who will have given up on it. Were it sent before,
-                // what follows keeps its numbers: should it not have landed, the broker
-                // refuses the next one as out of order and the producer starts over.
+                // Too late for its client, who will have given up on it. A stamp it has stays
+                // with it: the client's retry is sent with the same numbers.
                 self.answer(pending.job, error_response(self.key.1, REQUEST_TIMED_OUT));
                 continue;
             }
-            let (id, epoch, generation) = match self.target.producer_id().await {
-                Ok(p) => p,
+            let stamp = match self.target.stamp(&pending.job).await {
+                Ok(stamp) => stamp,
                 Err(e) => {
                     warn!(cluster = %self.target.client.name, error = %e, "no producer id for redirected writes yet");
                     self.waiting.push_front(pending);
@@ -571,27 +703,11 @@ impl Pipeline {
                     return;
                 }
             };
-            if generation != self.generation_seen {
-                if !self.in_flight.is_empty() {
-                    // Batches under the old id settle first, so none lands after a later one.
-                    self.waiting.push_front(pending);
-                    return;
-                }
-                self.next_seq = 0;
-                self.generation_seen = generation;
-            }
-            let seq = match pending.sent_as {
-                Some((g, seq)) if g == generation => seq,
-                _ => {
-                    let seq = self.next_seq;
-                    self.next_seq = seq.wrapping_add(pending.job.records);
-                    seq
-                }
-            };
-            pending.sent_as = Some((generation, seq));
-            let Ok(batch) = records::renumbered(&pending.job.batch, Some((id, epoch)), seq) else {
+            let producer = Some((stamp.producer_id, stamp.epoch));
+            let Ok(batch) = records::renumbered(&pending.job.batch, producer, stamp.seq) else {
                 // The request half parsed this batch before queueing it; never expected.
-                self.next_seq = seq;
+                self.target
+                    .unwritten(&pending.job.stream, stamp, pending.job.records);
                 self.answer(pending.job, error_response(self.key.1, CORRUPT_MESSAGE));
                 continue;
             };
@@ -608,14 +724,20 @@ impl Pipeline {
                     std::mem::take(&mut pending.refresh),
                 )
                 .await;
-            self.in_flight.push_back(Sent { pending, reply });
+            self.in_flight.push_back(Sent {
+                pending,
+                stamp,
+                reply,
+            });
         }
     }
 
     /// Settles the oldest batch in flight, whose answer is `result`.
     async fn settle(&mut self, result: anyhow::Result<PartitionProduceResponse>) {
         let Some(Sent {
-            pending: mut head, ..
+            pending: mut head,
+            stamp,
+            ..
         }) = self.in_flight.pop_front()
         else {
             return;
@@ -629,7 +751,7 @@ impl Pipeline {
         };
         // The oldest failed: everything sent after it settles before anything is sent again.
         let mut again = VecDeque::new();
-        while let Some(Sent { pending, reply }) = self.in_flight.pop_front() {
+        while let Some(Sent { pending, reply, .. }) = self.in_flight.pop_front() {
             match Attempt::of(reply.await) {
                 Attempt::Landed(answer) => self.answer(pending.job, answer),
                 _ => again.push_back(pending),
@@ -637,12 +759,21 @@ impl Pipeline {
         }
         let in_time = Instant::now() < head.job.deadline;
         let partition = self.key.1;
+        let stream = head.job.stream.clone();
         match failure {
             Attempt::Landed(_) => unreachable!("settled above"),
+            Attempt::Fenced(_) if stamp_gap(&stream, &failure) => {
+                // The batch before it in its stream did not land, and its client was told it
+                // timed out: the client sends that one again, then this one, in order.
+                self.answer(head.job, error_response(partition, REQUEST_TIMED_OUT));
+            }
             Attempt::Fenced(answer) => {
                 warn!(cluster = %self.target.client.name, code = answer.error_code, "redirect producer state reset");
-                let generation = head.sent_as.map_or(self.generation_seen, |(g, _)| g);
-                self.target.reset_producer(generation).await;
+                if answer.error_code == OUT_OF_ORDER_SEQUENCE_NUMBER {
+                    self.target.restart(&stream, stamp);
+                } else {
+                    self.target.forget_producer(&stream, stamp);
+                }
                 if in_time {
                     again.push_front(head);
                 } else {
@@ -654,28 +785,22 @@ impl Pipeline {
                 again.push_front(head);
                 self.pause(Duration::from_millis(100));
             }
-            Attempt::Retry { answer, .. } | Attempt::Refused(answer) => {
-                // Not written: what follows is numbered from its number on.
-                if let Some((generation, seq)) = head.sent_as
-                    && generation == self.generation_seen
-                {
-                    self.next_seq = seq;
-                    for p in again.iter_mut().chain(self.waiting.iter_mut()) {
-                        p.sent_as = None;
-                    }
-                }
+            // Not written, and the client may send it again: with the same stamp.
+            Attempt::Retry { answer, .. } => self.answer(head.job, answer),
+            Attempt::Refused(answer) => {
+                // Not written, ever: its stream goes on without a gap.
+                self.target.unwritten(&stream, stamp, head.job.records);
                 self.answer(head.job, answer);
             }
             Attempt::Lost(e) if in_time => {
-                // Sent again with the same numbers: the broker drops it if it did land.
+                // Sent again with the same stamp: the broker drops it if it did land.
                 debug!(cluster = %self.target.client.name, error = %e, "redirected write failed; retrying");
                 again.push_front(head);
                 self.pause(Duration::from_millis(100));
             }
             Attempt::Lost(e) => {
-                // Whether it landed is unknown, so what follows keeps its numbers: if it did
-                // not, the broker refuses the next as out of order and the producer starts
-                // over under a new id.
+                // Whether it landed is unknown: it keeps its stamp, and so does what follows
+                // it, so the client's retry is recognised if it did land.
                 warn!(cluster = %self.target.client.name, error = %e, "redirected write failed");
                 self.answer(head.job, error_response(partition, REQUEST_TIMED_OUT));
             }
@@ -699,29 +824,25 @@ impl Pipeline {
         let _ = job.done.send(Some(answer));
     }
 
-    /// Ends the pipeline if nothing is queued, under the lock jobs are queued under, keeping
-    /// where its numbering stopped.
+    /// Ends the pipeline if nothing is queued, under the lock jobs are queued under. Its
+    /// streams' numbering lives on in the target.
     fn end_if_idle(&self, jobs: &mpsc::Receiver<Job>) -> bool {
         let mut pipelines = self.target.pipelines();
         if !jobs.is_empty() {
             return false;
         }
-        pipelines.running.remove(&self.key);
-        pipelines
-            .stopped
-            .insert(self.key.clone(), (self.generation_seen, self.next_seq));
+        pipelines.remove(&self.key);
         debug!("idle redirect pipeline ended");
         true
     }
+}
 
-    /// Keeps where the numbering stopped when the queue closed (at shutdown).
-    fn park(&self) {
-        let mut pipelines = self.target.pipelines();
-        pipelines.running.remove(&self.key);
-        pipelines
-            .stopped
-            .insert(self.key.clone(), (self.generation_seen, self.next_seq));
-    }
+/// Whether `failure` of a client producer's batch is the gap left by an earlier batch of its
+/// stream that did not land and that its client will send again (out of order, for a
+/// producer with numbers of its own).
+fn stamp_gap(stream: &StreamKey, failure: &Attempt) -> bool {
+    stream.producer_id >= 0
+        && matches!(failure, Attempt::Fenced(a) if a.error_code == OUT_OF_ORDER_SEQUENCE_NUMBER)
 }
 
 /// The answer to the oldest batch in flight (there is one).

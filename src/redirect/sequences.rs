@@ -7,8 +7,9 @@
 //! every (producer id, epoch, topic, partition) that has had a batch redirected, keyward keeps a
 //! *stream*: how many records went elsewhere (the shift subtracted from later local batches), the
 //! numbers it gave recent local batches (a retry gets the same number again, so the broker can
-//! deduplicate it), and the recent redirected batches with their outcome (a retry of a batch
-//! already written elsewhere gets that outcome, not a second write).
+//! deduplicate it), and the recent redirected batches with their outcome and stamp (a retry of
+//! a batch already written elsewhere gets that outcome, not a second write; a retry of one that
+//! failed is sent under the same stamp, so the target's broker recognises it if it landed).
 //!
 //! Streams live in memory only: an idle stream is forgotten after [`STREAM_IDLE`], and a restart
 //! of keyward forgets them all (see the README for what producers then see).
@@ -18,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use kafka_protocol::messages::produce_response::PartitionProduceResponse;
 use tokio::sync::watch;
+
+use super::StampCell;
 
 /// How long a stream with no traffic is remembered.
 pub const STREAM_IDLE: Duration = Duration::from_secs(15 * 60);
@@ -41,26 +44,26 @@ struct Stream {
     shift: i32,
     /// (client base sequence, local base sequence) of recent local batches.
     local: VecDeque<(i32, i32)>,
-    /// (client base sequence, outcome) of recent redirected batches, and of the redirected
-    /// parts of split batches (keyed by the client's sequence of the part's first record).
-    redirected: VecDeque<(i32, Outcome)>,
+    /// (client base sequence, outcome, stamp) of recent redirected batches, and of the
+    /// redirected parts of split batches (keyed by the client's sequence of the part's first
+    /// record).
+    redirected: VecDeque<(i32, Outcome, StampCell)>,
     last_used: Instant,
 }
 
 impl Stream {
-    /// The outcome of an earlier attempt at the redirected batch or part `seq`, if it is in
-    /// flight or landed: a retry waits for it (or reuses it) instead of writing again.
+    /// An earlier attempt at the redirected batch or part `seq`: its outcome if it is in
+    /// flight or landed (a retry waits for it, or reuses it, instead of writing again), or its
+    /// stamp if it failed (a retry is sent under the same numbers, so the target's broker
+    /// recognises it should it have landed after all).
     fn earlier(&self, seq: i32) -> Option<Redirect> {
-        let (_, outcome) = self.redirected.iter().find(|(c, _)| *c == seq)?;
+        let (_, outcome, stamp) = self.redirected.iter().find(|(c, ..)| *c == seq)?;
         let failed = outcome.borrow().as_ref().is_some_and(|r| r.error_code != 0);
-        (!failed).then(|| Redirect::Existing(outcome.clone()))
-    }
-
-    /// Forgets a failed earlier attempt at `seq`; true if there was one.
-    fn forgot_failed(&mut self, seq: i32) -> bool {
-        let before = self.redirected.len();
-        self.redirected.retain(|(c, _)| *c != seq);
-        self.redirected.len() != before
+        Some(if failed {
+            Redirect::Send(stamp.clone())
+        } else {
+            Redirect::Existing(outcome.clone())
+        })
     }
 
     fn new(now: Instant) -> Self {
@@ -77,8 +80,9 @@ impl Stream {
 pub enum Redirect {
     /// A retry of a batch already sent: wait for (or reuse) that outcome.
     Existing(Outcome),
-    /// Send it; call [`SequenceBook::attach`] with the outcome's receiver.
-    Send,
+    /// Send it, under this stamp (an earlier attempt's, or a new one to be given); call
+    /// [`SequenceBook::attach`] with the outcome's receiver.
+    Send(StampCell),
 }
 
 #[derive(Default)]
@@ -119,13 +123,11 @@ impl SequenceBook {
         now: Instant,
     ) -> Redirect {
         let stream = self.stream(key, now);
-        match stream.earlier(client_seq) {
-            Some(existing) => return existing,
-            // The earlier attempt failed: send again, without counting its records twice.
-            None if stream.forgot_failed(client_seq) => {}
-            None => stream.shift = stream.shift.wrapping_add(records),
-        }
-        Redirect::Send
+        // An earlier attempt (one that failed too) counted the records already.
+        stream.earlier(client_seq).unwrap_or_else(|| {
+            stream.shift = stream.shift.wrapping_add(records);
+            Redirect::Send(StampCell::default())
+        })
     }
 
     /// Books a batch that is split: `local_records` of its `records` go to the local cluster as
@@ -158,14 +160,10 @@ impl SequenceBook {
     /// sequence `part_seq` must be sent: not if an earlier attempt is in flight or landed. Its
     /// records were counted by [`Self::split`]; call [`Self::attach`] with its outcome.
     pub fn part(&mut self, key: &StreamKey, part_seq: i32) -> Redirect {
-        let Some(stream) = self.streams.get_mut(key) else {
-            return Redirect::Send;
-        };
-        if let Some(existing) = stream.earlier(part_seq) {
-            return existing;
-        }
-        stream.forgot_failed(part_seq);
-        Redirect::Send
+        self.streams
+            .get(key)
+            .and_then(|stream| stream.earlier(part_seq))
+            .unwrap_or_else(|| Redirect::Send(StampCell::default()))
     }
 
     /// The stream of `key`, made if new; marks it used now.
@@ -180,13 +178,15 @@ impl SequenceBook {
         stream
     }
 
-    /// Remembers the outcome of a batch booked with [`Self::redirect`].
-    pub fn attach(&mut self, key: &StreamKey, client_seq: i32, outcome: Outcome) {
+    /// Remembers the outcome and stamp of the latest attempt at a batch booked with
+    /// [`Self::redirect`] or [`Self::part`].
+    pub fn attach(&mut self, key: &StreamKey, client_seq: i32, outcome: Outcome, stamp: StampCell) {
         if let Some(stream) = self.streams.get_mut(key) {
+            stream.redirected.retain(|(c, ..)| *c != client_seq);
             if stream.redirected.len() == RECENT {
                 stream.redirected.pop_front();
             }
-            stream.redirected.push_back((client_seq, outcome));
+            stream.redirected.push_back((client_seq, outcome, stamp));
         }
     }
 
@@ -224,7 +224,10 @@ mod tests {
         let now = Instant::now();
         // Batches: [0..2) local, [2..5) redirected, [5..6) local, [6..8) local.
         assert_eq!(book.local(&key(), 0, now), None, "no stream yet: untouched");
-        assert!(matches!(book.redirect(&key(), 2, 3, now), Redirect::Send));
+        assert!(matches!(
+            book.redirect(&key(), 2, 3, now),
+            Redirect::Send(_)
+        ));
         assert!(book.knows(7, 0));
         assert_eq!(book.local(&key(), 5, now), Some(2));
         assert_eq!(book.local(&key(), 6, now), Some(3));
@@ -236,9 +239,12 @@ mod tests {
     fn a_retried_redirect_reuses_its_outcome_and_is_counted_once() {
         let mut book = SequenceBook::default();
         let now = Instant::now();
-        assert!(matches!(book.redirect(&key(), 0, 4, now), Redirect::Send));
+        assert!(matches!(
+            book.redirect(&key(), 0, 4, now),
+            Redirect::Send(_)
+        ));
         let (tx, rx) = watch::channel(None);
-        book.attach(&key(), 0, rx);
+        book.attach(&key(), 0, rx, StampCell::default());
         // In flight: wait for the same outcome.
         assert!(matches!(
             book.redirect(&key(), 0, 4, now),
@@ -250,7 +256,7 @@ mod tests {
         .unwrap();
         match book.redirect(&key(), 0, 4, now) {
             Redirect::Existing(o) => assert_eq!(o.borrow().as_ref().unwrap().base_offset, 42),
-            Redirect::Send => panic!("a written batch must not be sent twice"),
+            Redirect::Send(_) => panic!("a written batch must not be sent twice"),
         }
         assert_eq!(book.local(&key(), 4, now), Some(0), "shift counted once");
     }
@@ -259,12 +265,18 @@ mod tests {
     fn a_failed_redirect_is_sent_again_without_shifting_twice() {
         let mut book = SequenceBook::default();
         let now = Instant::now();
-        assert!(matches!(book.redirect(&key(), 0, 2, now), Redirect::Send));
+        assert!(matches!(
+            book.redirect(&key(), 0, 2, now),
+            Redirect::Send(_)
+        ));
         let (tx, rx) = watch::channel(None);
-        book.attach(&key(), 0, rx);
+        book.attach(&key(), 0, rx, StampCell::default());
         tx.send(Some(PartitionProduceResponse::default().with_error_code(7)))
             .unwrap();
-        assert!(matches!(book.redirect(&key(), 0, 2, now), Redirect::Send));
+        assert!(matches!(
+            book.redirect(&key(), 0, 2, now),
+            Redirect::Send(_)
+        ));
         assert_eq!(book.local(&key(), 2, now), Some(0));
     }
 
@@ -276,9 +288,9 @@ mod tests {
         assert_eq!(book.split(&key(), 0, 5, 3, now), 0);
         assert!(book.knows(7, 0));
         // Its redirected part (first record: client sequence 1).
-        assert!(matches!(book.part(&key(), 1), Redirect::Send));
+        assert!(matches!(book.part(&key(), 1), Redirect::Send(_)));
         let (tx, rx) = watch::channel(None);
-        book.attach(&key(), 1, rx);
+        book.attach(&key(), 1, rx, StampCell::default());
         // The next batch [5..7), wholly local, follows at 3.
         assert_eq!(book.local(&key(), 5, now), Some(3));
         // A retry of the split batch: the same local number, the part not sent again while in
@@ -291,10 +303,10 @@ mod tests {
         // starts where the local numbering is (5). A part that failed is sent again.
         let (tx, rx) = watch::channel(None);
         assert_eq!(book.split(&key(), 7, 4, 0, now), 5);
-        book.attach(&key(), 7, rx);
+        book.attach(&key(), 7, rx, StampCell::default());
         tx.send(Some(PartitionProduceResponse::default().with_error_code(7)))
             .unwrap();
-        assert!(matches!(book.part(&key(), 7), Redirect::Send));
+        assert!(matches!(book.part(&key(), 7), Redirect::Send(_)));
         assert_eq!(book.local(&key(), 11, now), Some(5), "all 4 went elsewhere");
     }
 

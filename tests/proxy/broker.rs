@@ -2,7 +2,7 @@
 //! order as a broker does, just enough for keyward's probes, keyward's redirect client and the
 //! tests' clients. Metadata lists node 0 (this server), and any extra node ids the test
 //! [`FakeBroker::advertise`]s at the same address, and four partitions per topic asked for, led
-//! by node 0; InitProducerId hands out [`PRODUCER_ID`]; Produce is recorded (with each batch's
+//! by node 0; InitProducerId hands out [`PRODUCER_ID`] and the ids after it; Produce is recorded (with each batch's
 //! producer id and base sequence) and answered with [`broker_offset`] for every partition it
 //! holds (in reverse order, so only keyward can put the client's order back), or with an error
 //! the test queued; Fetch is answered empty, or held until the test releases it. A broker taken
@@ -36,8 +36,8 @@ use tokio::sync::{Notify, mpsc, watch};
 /// ALTER, DESCRIBE, DESCRIBE_CONFIGS, ALTER_CONFIGS: bits 3-8, 10, 11).
 const TOPIC_OPERATIONS: i32 = 0b1101_1111_1000;
 
-/// The producer id every InitProducerId is answered with (epoch 0 the first time, one more
-/// each time after).
+/// The producer id the first InitProducerId is answered with (epoch 0); each later one gets
+/// the next id.
 pub const PRODUCER_ID: i64 = 1_000;
 
 /// The base offset the fake broker gives a partition it appends to.
@@ -99,7 +99,7 @@ struct State {
     release: Notify,
     /// Metadata answers written (to keyward's probes and to clients through keyward).
     metadata_answers: AtomicUsize,
-    /// InitProducerId answers given: the epoch of the next.
+    /// InitProducerId answers given.
     producer_ids: AtomicUsize,
     /// Connections that carried a Produce request.
     produce_connections: AtomicUsize,
@@ -227,11 +227,12 @@ async fn serve(
                 Some(encode(api, version, id, &metadata(me, &extra, &request)))
             }
             ApiKey::InitProducerId => {
-                // A producer asking again is fenced off from its earlier epoch.
-                let epoch = state.producer_ids.fetch_add(1, Ordering::Relaxed) as i16;
+                // A new producer id each time, as a broker gives a producer without a
+                // transactional id.
+                let nth = state.producer_ids.fetch_add(1, Ordering::Relaxed) as i64;
                 let response = InitProducerIdResponse::default()
-                    .with_producer_id(ProducerId(PRODUCER_ID))
-                    .with_producer_epoch(epoch);
+                    .with_producer_id(ProducerId(PRODUCER_ID + nth))
+                    .with_producer_epoch(0);
                 Some(encode(api, version, id, &response))
             }
             ApiKey::Produce => {

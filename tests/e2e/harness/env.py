@@ -63,6 +63,11 @@ def franz_client_bin() -> Path:
     return _installed(cache_dir() / "bin" / "franz-client")
 
 
+def helm_bin() -> Path:
+    """Helm, built by dev/install-test-deps at the version it pins."""
+    return _installed(cache_dir() / "bin" / "helm")
+
+
 def java_bin() -> str:
     home = os.environ.get("JAVA_HOME")
     if home and (Path(home) / "bin" / "java").exists():

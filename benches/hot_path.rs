@@ -442,5 +442,107 @@ fn merge(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, ownership, inspect, merge);
+/// A table as `dev/bench --tables` writes it: a `by: key` rule of `slots` slots owned by eu and
+/// us in alternating ranges of 64, and a `by: header` rule of `tenants` values `t000000`...,
+/// every other one eu's, plus `t00`-`t15` (eu's), the tenants of [`batch`]'s records.
+fn large_table_text(tenants: usize, slots: usize) -> String {
+    let mut ranges = [Vec::new(), Vec::new()];
+    for first in (0..slots).step_by(64) {
+        let last = (first + 64).min(slots) - 1;
+        ranges[(first / 64) % 2].push(format!("\"{first}-{last}\""));
+    }
+    let mut values = [
+        (0..16).map(|i| format!("t{i:02}")).collect::<Vec<_>>(),
+        Vec::new(),
+    ];
+    for i in 0..tenants {
+        values[i % 2].push(format!("t{i:06}"));
+    }
+    format!(
+        r#"rules:
+  - name: orders
+    topics: ["key.*"]
+    by: key
+    slots: {slots}
+    owners: {{ eu: [{}], us: [{}] }}
+  - name: tenants
+    topics: ["hdr.*"]
+    by: header
+    header: tenant
+    owners:
+      eu: [{}]
+      us: [{}]
+    unmatched: reject
+default: allow
+"#,
+        ranges[0].join(", "),
+        ranges[1].join(", "),
+        values[0].join(", "),
+        values[1].join(", "),
+    )
+}
+
+/// Issue 18, large tables: the lookups of a 100,000-tenant `by: header` rule and a 65,536-slot
+/// `by: key` rule beside a small table's (16 of each), parsing such a table (what a reload
+/// does before the swap), and a whole Produce request's inspection against each.
+fn large_tables(c: &mut Criterion) {
+    let regions = ["eu".to_owned(), "us".to_owned()];
+    let parse = |text: &str| {
+        Table::parse(text, Path::new("ownership.yaml"), &regions).expect("a valid table")
+    };
+    let small_text = large_table_text(16, 16);
+    let large_text = large_table_text(100_000, 65_536);
+    let tables = [("small", parse(&small_text)), ("large", parse(&large_text))];
+    let keys = keys();
+    let mut g = c.benchmark_group("large_tables");
+    g.throughput(Throughput::Elements(1));
+    for (name, table) in &tables {
+        let key_rule = table.rule_for_topic("key.bench").expect("key rule");
+        let header_rule = table.rule_for_topic("hdr.bench").expect("header rule");
+        let tenant_count = if *name == "small" { 16 } else { 100_000 };
+        // 1,024 tenants spread over the whole rule, so lookups do not stay in one cache line.
+        let tenants: Vec<Vec<u8>> = (0..1024)
+            .map(|i| format!("t{:06}", (i * 2_654_435_761usize) % tenant_count).into_bytes())
+            .collect();
+        let mut i = 0usize;
+        g.bench_function(BenchmarkId::new("claim_key", name), |b| {
+            b.iter(|| {
+                i = (i + 1) % KEYS;
+                key_rule.claim(&Subject::topic("key.bench").with_key(Some(black_box(&keys[i]))))
+            })
+        });
+        g.bench_function(BenchmarkId::new("claim_header", name), |b| {
+            b.iter(|| {
+                i = (i + 1) % tenants.len();
+                header_rule.claim(
+                    &Subject::topic("hdr.bench").with_header(b"tenant", black_box(&tenants[i])),
+                )
+            })
+        });
+    }
+    let local = tables[0].1.region_id("eu").expect("eu");
+    let batches: Vec<Bytes> = (0..PARTITIONS)
+        .map(|_| batch(&keys, 1000, 100, Compression::None))
+        .collect();
+    g.throughput(Throughput::Elements(PARTITIONS as u64 * 1000));
+    let frame = request_frame("hdr.bench", batches);
+    let start = body_start(&frame);
+    for (name, table) in &tables {
+        let mut inflater = Inflater::new(MAX_DECOMPRESSED);
+        let view = produce::parse(&frame[start..], VERSION).expect("parses");
+        assert!(decide(&view, table, local, &mut inflater).all_forward());
+        g.bench_function(BenchmarkId::new("inspect_by_header_100B", name), |b| {
+            b.iter(|| {
+                let view = produce::parse(black_box(&frame[start..]), VERSION).unwrap();
+                decide(&view, table, local, &mut inflater).partitions.len()
+            })
+        });
+    }
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes(large_text.len() as u64));
+    g.bench_function("parse/large", |b| b.iter(|| parse(black_box(&large_text))));
+    g.finish();
+}
+
+criterion_group!(benches, ownership, inspect, merge, large_tables);
 criterion_main!(benches);

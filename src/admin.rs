@@ -280,9 +280,10 @@ async fn replace_table(State(s): State<AdminState>, headers: HeaderMap, body: St
             version,
             hash,
             changes,
+            load,
         })) => (
             StatusCode::OK,
-            json!({"result": "loaded", "version": version, "hash": hash, "changes": changes}),
+            json!({"result": "loaded", "version": version, "hash": hash, "changes": changes, "load_ms": load.as_secs_f64() * 1e3}),
         ),
         Ok(Ok(Outcome::Unchanged { version, hash })) => (
             StatusCode::OK,
@@ -336,7 +337,10 @@ async fn reload(State(s): State<AdminState>, headers: HeaderMap) -> Response {
             version,
             hash,
             changes,
-        } => json!({"result": "loaded", "version": version, "hash": hash, "changes": changes}),
+            load,
+        } => {
+            json!({"result": "loaded", "version": version, "hash": hash, "changes": changes, "load_ms": load.as_secs_f64() * 1e3})
+        }
         Outcome::Unchanged { version, hash } => {
             json!({"result": "unchanged", "version": version, "hash": hash})
         }

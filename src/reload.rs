@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use metrics::{counter, gauge};
@@ -81,6 +81,9 @@ pub enum Outcome {
         version: u64,
         hash: String,
         changes: String,
+        /// From reading the file to the new table serving (what comes after, the summary of
+        /// changes and freeing the old table, is not in it).
+        load: Duration,
     },
     /// The file decodes to the table already in force; nothing was swapped.
     Unchanged {
@@ -150,13 +153,24 @@ impl Ownership {
         local_region: &str,
         path: &Path,
     ) -> Result<Snapshot, TableError> {
+        let hash = table.content_hash();
+        Self::snapshot_with(table, hash, version, local_region, path)
+    }
+
+    fn snapshot_with(
+        table: Table,
+        hash: String,
+        version: u64,
+        local_region: &str,
+        path: &Path,
+    ) -> Result<Snapshot, TableError> {
         let local = table.region_id(local_region).ok_or_else(|| TableError {
             file: path.to_owned(),
             path: String::new(),
             message: format!("region {local_region:?} is not one of the table's regions"),
         })?;
         Ok(Snapshot {
-            hash: table.content_hash(),
+            hash,
             table,
             version,
             loaded_at: SystemTime::now(),
@@ -209,9 +223,14 @@ impl Ownership {
     /// Reads, validates and, if valid and different, swaps in the file's table.
     pub fn reload(&self, trigger: Trigger) -> Outcome {
         let mut last_error = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let started = Instant::now();
         let old = self.current.load_full();
         let loaded = Table::load(&self.path, &self.regions).and_then(|table| {
-            Self::snapshot_of(table, old.version + 1, &self.local_region, &self.path)
+            // Computed once: the hash now, the summary of changes once the table serves.
+            let canonical = table.canonical_json();
+            let hash = Table::hash_of(&canonical);
+            Self::snapshot_with(table, hash, old.version + 1, &self.local_region, &self.path)
+                .map(|snapshot| (snapshot, canonical))
         });
         let outcome = match loaded {
             Err(e) => {
@@ -228,30 +247,34 @@ impl Ownership {
                 });
                 Outcome::Failed(e)
             }
-            Ok(new) if new.hash == old.hash => {
+            Ok((new, _)) if new.hash == old.hash => {
                 *last_error = None;
                 Outcome::Unchanged {
                     version: old.version,
                     hash: old.hash.clone(),
                 }
             }
-            Ok(new) => {
-                let changes = new.table.diff_summary(&old.table);
+            Ok((new, canonical)) => {
+                let (version, hash) = (new.version, new.hash.clone());
+                self.current.store(Arc::new(new));
+                let load = started.elapsed();
+                gauge!("keyward_table_load_seconds").set(load.as_secs_f64());
+                let changes = Table::diff_of(&old.table.canonical_json(), &canonical);
                 info!(
                     trigger = trigger.as_str(),
-                    version = new.version,
-                    hash = new.short_hash(),
+                    version,
+                    hash = &hash[..hash.len().min(12)],
                     previous_hash = old.short_hash(),
+                    load_ms = load.as_millis() as u64,
                     "ownership table loaded: {changes}"
                 );
-                let outcome = Outcome::Loaded {
-                    version: new.version,
-                    hash: new.hash.clone(),
-                    changes,
-                };
-                self.current.store(Arc::new(new));
                 *last_error = None;
-                outcome
+                Outcome::Loaded {
+                    version,
+                    hash,
+                    changes,
+                    load,
+                }
             }
         };
         let result = match &outcome {

@@ -12,7 +12,7 @@
 //! Runs on load and reload only, never per record; it allocates freely.
 
 use super::RegionId;
-use super::rule::{By, Fallback, KeyPart, PartOwners, PartState, Rule};
+use super::rule::{By, Fallback, KeyPart, PartOwners, PartState, Rule, ValueKey};
 use super::table::Table;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -96,10 +96,13 @@ impl Table {
     /// Lowercase hex SHA-256 of the compact serialization of [`Table::canonical_json`]. Two
     /// tables written the same way up to formatting hash the same, in every region.
     pub fn content_hash(&self) -> String {
+        Self::hash_of(&self.canonical_json())
+    }
+
+    /// [`Table::content_hash`] of the table whose [`Table::canonical_json`] is `canonical`.
+    pub fn hash_of(canonical: &Value) -> String {
         // `Display` on a `Value` is the compact serialization; it cannot fail.
-        hex(&Sha256::digest(
-            self.canonical_json().to_string().as_bytes(),
-        ))
+        hex(&Sha256::digest(canonical.to_string().as_bytes()))
     }
 
     /// One bounded line saying what changed from `old` to `self`, for the reload log, e.g.
@@ -112,8 +115,12 @@ impl Table {
     /// one side is `owner: any`, which has none) are compared. `rules moved` names the fewest
     /// rules whose moving explains the new order, with their new position (`now rules[1]`).
     pub fn diff_summary(&self, old: &Table) -> String {
-        let (old, new) = (old.canonical_json(), self.canonical_json());
-        let mut parts = diff_rules(rules_of(&old), rules_of(&new));
+        Self::diff_of(&old.canonical_json(), &self.canonical_json())
+    }
+
+    /// [`Table::diff_summary`] between two tables' [`Table::canonical_json`].
+    pub fn diff_of(old: &Value, new: &Value) -> String {
+        let mut parts = diff_rules(rules_of(old), rules_of(new));
         let mut fields: Vec<&str> = TABLE_FIELDS.to_vec();
         // Anything a later format adds is still reported, after the known fields.
         for key in old
@@ -275,7 +282,7 @@ impl Table {
 
     /// `{"eu": ["acme", "globex"], "us": ["initech"]}`: the values each region owns, sorted by
     /// their bytes.
-    fn values_by_region<S>(&self, owners: &HashMap<Box<[u8]>, RegionId, S>) -> Value {
+    fn values_by_region<S>(&self, owners: &HashMap<ValueKey, RegionId, S>) -> Value {
         let mut values: BTreeMap<&str, Vec<&[u8]>> = BTreeMap::new();
         for (value, &region) in owners {
             values

@@ -7,7 +7,7 @@
 //! Runs per admin request, never per record; it allocates freely.
 
 use super::RegionId;
-use super::rule::{By, PartOwners, PartState, Rule};
+use super::rule::{By, PartOwners, PartState, Rule, ValueKey};
 use super::table::Table;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -114,7 +114,7 @@ impl Table {
     /// One part per region of the file and state, its values sorted.
     fn value_parts<S>(
         &self,
-        owners: &HashMap<Box<[u8]>, RegionId, S>,
+        owners: &HashMap<ValueKey, RegionId, S>,
         state_of: impl Fn(&[u8]) -> PartState,
     ) -> Vec<Value> {
         // By file owner, then the parts it keeps before those taken over.

@@ -8,6 +8,11 @@ use super::subject::{Subject, quote};
 use super::{Claim, RegionId, RejectReason};
 use std::collections::HashMap;
 
+/// A listed header value or key part, as a lookup key: up to 24 bytes are kept in the map's own
+/// entry, so looking up a short value (a tenant id, a country code) reads no second cache line
+/// for the key; longer values live on the heap.
+pub type ValueKey = smallvec::SmallVec<[u8; 24]>;
+
 /// A rule: the topics it covers and how it decides who owns a write to them.
 ///
 /// Only the table builds rules (there is a private field), so the invariants the claims rely on
@@ -113,7 +118,7 @@ pub enum By {
         header: String,
         /// A fast hasher: the map is built once from the table and only read on the hot path
         /// (lookups of client-chosen values cannot degrade a map they cannot insert into).
-        owners: HashMap<Box<[u8]>, RegionId, foldhash::fast::RandomState>,
+        owners: HashMap<ValueKey, RegionId, foldhash::fast::RandomState>,
         unmatched: Fallback,
     },
     /// A part of the record key decides (`tenant-42` of the key `tenant-42|order-9`), looked
@@ -137,7 +142,7 @@ pub enum By {
 #[derive(Debug)]
 pub enum PartOwners {
     /// Each listed value's owner. As for `Header`: built once, only read on the hot path.
-    Values(HashMap<Box<[u8]>, RegionId, foldhash::fast::RandomState>),
+    Values(HashMap<ValueKey, RegionId, foldhash::fast::RandomState>),
     /// `slot = toPositive(murmur2(part)) % slots` (as `by: key` hashes a whole key), indexed
     /// by slot: every slot owned (validated).
     Slots(Box<[RegionId]>),

@@ -8,6 +8,7 @@ use super::file::{
 use super::glob;
 use super::rule::{
     By, Fallback, KeyPart, OnForeign, PartOwners, PartState, PartStates, PartitionRange, Rule,
+    ValueKey,
 };
 use super::table::{DefaultPolicy, Table};
 use super::{RegionId, TableError};
@@ -24,7 +25,7 @@ const MAX_SLOTS: u32 = 65_536;
 const MAX_INDEX: i64 = 255;
 
 /// Values a `by: header` or `by: key_part` rule looks up, by their bytes.
-type Values = HashMap<Box<[u8]>, RegionId, foldhash::fast::RandomState>;
+type Values = HashMap<ValueKey, RegionId, foldhash::fast::RandomState>;
 
 /// Words that mean something else where the file expects a region name.
 const KEYWORDS: [&str; 3] = ["any", "local", "reject"];
@@ -723,7 +724,7 @@ impl Cx<'_> {
                         ));
                     }
                 };
-                match values.entry(value.as_bytes().into()) {
+                match values.entry(ValueKey::from_slice(value.as_bytes())) {
                     Entry::Vacant(slot) => {
                         slot.insert(region);
                     }

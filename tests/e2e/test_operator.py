@@ -168,6 +168,8 @@ def test_post_reload_and_invalid_tables(tmp_path, eu, us):
         reply = json.loads(body)
         assert status == 200 and reply["result"] == "loaded" and reply["version"] == 2, body
         assert reply["hash"] != first["hash"]
+        assert 0 < reply["load_ms"] < 5_000, body
+        assert kw.metric("keyward_table_load_seconds") == pytest.approx(reply["load_ms"] / 1000, rel=1e-6)
         assert kw.ownership()["last_reload_error"] is None
         assert kw.metric("keyward_table_reload_failing") == 0
         assert kw.metric("keyward_table_version") == 2

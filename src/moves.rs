@@ -405,34 +405,53 @@ fn lag_report(
     request: &Request,
     from: &[String],
 ) -> String {
-    match lag(agent, fleet, table, request, from) {
-        Ok(rows) if rows.is_empty() => {
-            "replication lag: no partition of the rule's topics measured\n".to_owned()
-        }
-        Ok(rows) => {
-            let mut out = String::from("replication lag (records):\n");
-            for r in rows {
-                match &r.error {
-                    Some(e) => out.push_str(&format!(
-                        "  {} -> {} {}: not measured ({e})\n",
-                        r.source, request.to, r.topic
-                    )),
-                    None => out.push_str(&format!(
-                        "  {} -> {} {}[{}]: source end {}, mirrored end {}, lag {}\n",
-                        r.source,
-                        request.to,
-                        r.topic,
-                        r.partition,
-                        r.source_end,
-                        r.mirror_end,
-                        r.lag
-                    )),
-                }
-            }
-            out
-        }
+    match measured_with(agent, fleet, table, request, from, true) {
+        Ok((_, rows)) => lag_lines(&rows, &request.to),
         Err(e) => format!("replication lag: not known ({e:#})\n"),
     }
+}
+
+/// One line per partition (or unmeasured topic), then the total of the records measured.
+fn lag_lines(rows: &[Lag], to: &str) -> String {
+    if rows.is_empty() {
+        return "replication lag: no partition of the rule's topics measured\n".to_owned();
+    }
+    let mut out = String::from("replication lag (records):\n");
+    let mut total = 0;
+    let mut unmeasured = 0;
+    for r in rows {
+        match (&r.error, &r.last_measured) {
+            (Some(e), _) => {
+                unmeasured += 1;
+                out.push_str(&format!(
+                    "  {} -> {to} {}: not measured ({e})\n",
+                    r.source, r.topic
+                ));
+            }
+            (None, last) => {
+                total += r.lag.max(0);
+                out.push_str(&format!(
+                    "  {} -> {to} {}[{}]: source end {}, mirrored end {}, lag {}{}\n",
+                    r.source,
+                    r.topic,
+                    r.partition,
+                    r.source_end,
+                    r.mirror_end,
+                    r.lag,
+                    match last {
+                        Some((at, now)) => format!(" (last measured at {at}; now: {now})"),
+                        None => String::new(),
+                    }
+                ));
+            }
+        }
+    }
+    out.push_str(&format!("  total: {total} records"));
+    if unmeasured > 0 {
+        out.push_str(&format!(", and {unmeasured} not measured"));
+    }
+    out.push('\n');
+    out
 }
 
 /// One partition's replication, as `GET /replication` reports it, or a topic (or a whole
@@ -447,6 +466,10 @@ struct Lag {
     mirror_end: i64,
     lag: i64,
     error: Option<String>,
+    /// Set when the pair does not answer now and this is its last measurement: when it was
+    /// taken, and why the pair is not measured now. Only `plan` and `failover` show these; the
+    /// replication gate never takes them as current.
+    last_measured: Option<(String, String)>,
 }
 
 impl Lag {
@@ -459,6 +482,7 @@ impl Lag {
             mirror_end: -1,
             lag: -1,
             error: Some(error.to_owned()),
+            last_measured: None,
         }
     }
 }
@@ -475,14 +499,26 @@ fn lag(
     measured(agent, fleet, table, request, from).map(|(_, rows)| rows)
 }
 
-/// [`lag`], and when the instance's last measurement round began (`measured_at`, by its own
-/// clock), to tell one round from the next.
 fn measured(
     agent: &ureq::Agent,
     fleet: &Fleet,
     table: &Table,
     request: &Request,
     from: &[String],
+) -> anyhow::Result<(Option<String>, Vec<Lag>)> {
+    measured_with(agent, fleet, table, request, from, false)
+}
+
+/// [`lag`], and when the instance's last measurement round began (`measured_at`, by its own
+/// clock), to tell one round from the next. With `last_known`, a pair that does not answer
+/// now is reported by its last measurement (what a failover may lose), marked as such.
+fn measured_with(
+    agent: &ureq::Agent,
+    fleet: &Fleet,
+    table: &Table,
+    request: &Request,
+    from: &[String],
+    last_known: bool,
 ) -> anyhow::Result<(Option<String>, Vec<Lag>)> {
     let mut last = anyhow!("no instance answered GET /replication");
     for (_, url) in fleet.instances() {
@@ -502,12 +538,18 @@ fn measured(
         };
         let body: Value = response.body_mut().read_json()?;
         let at = body["measured_at"].as_str().map(str::to_owned);
-        return Ok((at, lags_in(&body, table, request, from)));
+        return Ok((at, lags_in(&body, table, request, from, last_known)));
     }
     Err(last)
 }
 
-fn lags_in(body: &Value, table: &Table, request: &Request, from: &[String]) -> Vec<Lag> {
+fn lags_in(
+    body: &Value,
+    table: &Table,
+    request: &Request,
+    from: &[String],
+    last_known: bool,
+) -> Vec<Lag> {
     let mut out = Vec::new();
     for pair in body["pairs"].as_array().into_iter().flatten() {
         let (Some(source), Some(target)) = (pair["source"].as_str(), pair["target"].as_str())
@@ -517,10 +559,18 @@ fn lags_in(body: &Value, table: &Table, request: &Request, from: &[String]) -> V
         if target != request.to || !from.iter().any(|f| f == source) {
             continue;
         }
+        let mut topics = &pair["topics"];
+        let mut last = None;
         if let Some(error) = pair["error"].as_str() {
-            out.push(Lag::unmeasured(source, "*", error));
+            match pair["last_measured"]["measured_at"].as_str() {
+                Some(at) if last_known => {
+                    topics = &pair["last_measured"]["topics"];
+                    last = Some((at.to_owned(), error.to_owned()));
+                }
+                _ => out.push(Lag::unmeasured(source, "*", error)),
+            }
         }
-        for topic in pair["topics"].as_array().into_iter().flatten() {
+        for topic in topics.as_array().into_iter().flatten() {
             let Some(name) = topic["topic"].as_str() else {
                 continue;
             };
@@ -545,6 +595,7 @@ fn lags_in(body: &Value, table: &Table, request: &Request, from: &[String]) -> V
                     mirror_end: get("mirror_end"),
                     lag: get("lag_records"),
                     error: p["error"].as_str().map(str::to_owned),
+                    last_measured: last.clone(),
                 });
             }
         }
@@ -918,4 +969,74 @@ fn abort_with(
     )?;
     journal.step = "aborted".into();
     journal.save(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> Table {
+        Table::parse(
+            r#"
+rules:
+  - name: orders
+    topics: ["orders"]
+    by: key
+    slots: 16
+    owners: { eu: ["0-7"], us: ["8-15"] }
+default: allow
+"#,
+            Path::new("ownership.yaml"),
+            &["eu".to_owned(), "us".to_owned()],
+        )
+        .unwrap()
+    }
+
+    /// us's cluster stopped answering after a round that measured 3 records not yet in eu.
+    fn body() -> Value {
+        serde_json::json!({
+            "measured_at": "2026-11-29T12:00:05Z",
+            "pairs": [{
+                "source": "us", "target": "eu", "caught_up": false, "topics": [],
+                "error": "cannot read us's topics: connection refused",
+                "last_measured": {"measured_at": "2026-11-29T12:00:01Z", "topics": [{
+                    "topic": "orders", "mirror": "us.orders", "error": null, "partitions": [
+                        {"partition": 8, "source_end": 10, "mirror_end": 7, "lag_records": 3, "error": null},
+                        {"partition": 9, "source_end": 4, "mirror_end": 4, "lag_records": 0, "error": null}
+                    ]}]}
+            }]
+        })
+    }
+
+    #[test]
+    fn a_failover_reports_the_last_lag_measured_and_the_gate_never_takes_it() {
+        let request = Request {
+            rule: "orders".into(),
+            parts: Parts::Slots(vec![(8, 11)]),
+            to: "eu".into(),
+        };
+        let from = ["us".to_owned()];
+        let gate = lags_in(&body(), &table(), &request, &from, false);
+        assert_eq!(gate.len(), 1);
+        assert_eq!(
+            gate[0].error.as_deref(),
+            Some("cannot read us's topics: connection refused")
+        );
+        let last = lags_in(&body(), &table(), &request, &from, true);
+        assert_eq!(
+            last.iter()
+                .map(|l| (l.partition, l.lag))
+                .collect::<Vec<_>>(),
+            vec![(8, 3), (9, 0)]
+        );
+        let text = lag_lines(&last, "eu");
+        assert!(
+            text.contains(
+                "us -> eu orders[8]: source end 10, mirrored end 7, lag 3 (last measured at 2026-11-29T12:00:01Z; now: cannot read us's topics: connection refused)"
+            ),
+            "{text}"
+        );
+        assert!(text.ends_with("  total: 3 records\n"), "{text}");
+        assert!(lag_lines(&gate, "eu").ends_with("  total: 0 records, and 1 not measured\n"));
+    }
 }

@@ -163,6 +163,45 @@ pub struct PairReport {
     /// of ownership from `source` to `target` waits for.
     pub caught_up: bool,
     pub topics: Vec<TopicReport>,
+    /// For a pair that could not be measured (`error` set): its last measurement with both
+    /// clusters answering, or null if there was none. When a region goes away, this is the
+    /// lag it left behind: what a failover may lose. Never counted as caught up.
+    pub last_measured: Option<LastMeasured>,
+}
+
+/// A pair's last measurement, kept for when its clusters stop answering.
+#[derive(Debug, Clone, Serialize)]
+pub struct LastMeasured {
+    /// When that round started (RFC 3339).
+    pub measured_at: String,
+    pub topics: Vec<TopicReport>,
+}
+
+/// The last measurement of every pair, carried from round to round: a measured pair replaces
+/// its entry; a pair that could not be measured gets the entry as its `last_measured`.
+#[derive(Debug, Default)]
+pub struct LastMeasurements {
+    pairs: std::collections::HashMap<(String, String), LastMeasured>,
+}
+
+impl LastMeasurements {
+    /// `report`, measured in the round that started at `measured_at`, remembered when it was
+    /// measured and completed with the last measurement when it was not.
+    pub fn carry(&mut self, mut report: PairReport, measured_at: &str) -> PairReport {
+        let key = (report.source.clone(), report.target.clone());
+        if report.error.is_none() {
+            self.pairs.insert(
+                key,
+                LastMeasured {
+                    measured_at: measured_at.to_owned(),
+                    topics: report.topics.clone(),
+                },
+            );
+        } else {
+            report.last_measured = self.pairs.get(&key).cloned();
+        }
+        report
+    }
 }
 
 impl PairReport {
@@ -174,6 +213,7 @@ impl PairReport {
             error: None,
             caught_up,
             topics,
+            last_measured: None,
         }
     }
 
@@ -185,6 +225,7 @@ impl PairReport {
             error: Some(error),
             caught_up: false,
             topics: Vec::new(),
+            last_measured: None,
         }
     }
 }
@@ -380,6 +421,49 @@ default: allow
         assert_eq!(
             covered_topics(&table(), &DOT(), &regions, topics),
             vec!["audit-1", "orders", "orders.eu-shop"]
+        );
+    }
+
+    #[test]
+    fn a_pair_that_stops_answering_keeps_its_last_measurement() {
+        let mut last = LastMeasurements::default();
+        let lagging = TopicReport::new(
+            "orders".into(),
+            "us.orders".into(),
+            vec![PartitionReport::measured(0, 12, 9, Some(1_000), 2_000)],
+        );
+        let down =
+            || PairReport::failed("us".into(), "eu".into(), "cannot read us's topics".into());
+        // Never measured: nothing to carry.
+        assert!(last.carry(down(), "t0").last_measured.is_none());
+        let measured = last.carry(
+            PairReport::new("us".into(), "eu".into(), vec![lagging]),
+            "t1",
+        );
+        assert!(
+            measured.last_measured.is_none(),
+            "a measured pair is its own measurement"
+        );
+        let other = last.carry(PairReport::new("eu".into(), "us".into(), vec![]), "t1");
+        assert!(other.error.is_none());
+        let gone = last.carry(down(), "t2");
+        let kept = gone.last_measured.as_ref().expect("the last measurement");
+        assert_eq!(kept.measured_at, "t1");
+        assert_eq!(kept.topics[0].partitions[0].lag_records, Some(3));
+        assert!(
+            !gone.caught_up && gone.topics.is_empty(),
+            "still not measured now"
+        );
+        // Still down a round later: the same last measurement, not the failed round's.
+        assert_eq!(
+            last.carry(down(), "t3").last_measured.unwrap().measured_at,
+            "t1"
+        );
+        // Measured again: that is the new last one.
+        last.carry(PairReport::new("us".into(), "eu".into(), vec![]), "t4");
+        assert_eq!(
+            last.carry(down(), "t5").last_measured.unwrap().measured_at,
+            "t4"
         );
     }
 

@@ -33,7 +33,7 @@ use super::upstream::Session;
 use crate::codec::compression::Inflater;
 use crate::config::Replication as Config;
 use crate::policy::replication::{
-    self as policy, Naming, PairReport, PartitionReport, Report, TopicReport,
+    self as policy, LastMeasurements, Naming, PairReport, PartitionReport, Report, TopicReport,
 };
 
 const CLIENT_ID: &str = "keyward-replication";
@@ -105,6 +105,7 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         config: &config,
         sessions: HashMap::new(),
         published: HashSet::new(),
+        last: LastMeasurements::default(),
         inflater: Inflater::new(shared.config.limits.max_decompressed_bytes),
     };
     let interval = Duration::from_millis(config.interval_ms);
@@ -154,6 +155,8 @@ struct Measurer<'a> {
     sessions: HashMap<(usize, i32), Session>,
     /// Series set last round: (source, target, topic, partition).
     published: HashSet<[String; 4]>,
+    /// Every pair's last measurement with both clusters answering, for when they stop.
+    last: LastMeasurements,
     inflater: Inflater,
 }
 
@@ -323,8 +326,13 @@ impl Measurer<'_> {
             set_lag(gone, f64::NAN, f64::NAN);
         }
         self.published = published;
+        let measured_at = humantime::format_rfc3339_millis(started).to_string();
+        let reports = reports
+            .into_iter()
+            .map(|r| self.last.carry(r, &measured_at))
+            .collect();
         shared.replication.store(Report::new(
-            Some(humantime::format_rfc3339_millis(started).to_string()),
+            Some(measured_at),
             self.config.interval_ms,
             self.config.separator.clone(),
             reports,

@@ -171,6 +171,10 @@ class Stream:
     chunk: int
     flush_every: int
     redirect: bool  # on_foreign: redirect (else reject)
+    # The producers' settings, the bound on one produce call, and on the stream's writing.
+    producer: dict = field(default_factory=lambda: dict(PRODUCER), repr=False)
+    call_s: float = PRODUCE_CALL_S
+    max_s: float = PRODUCE_CALL_S
     run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     records: list[dict] = field(default_factory=list, repr=False)
     owners: list[str] = field(default_factory=list, repr=False)  # per record: "eu", "us", or "flip"
@@ -198,15 +202,15 @@ class Stream:
                 while True:
                     records, owners = self._more(size)
                     results = self.client.produce(
-                        bootstrap, self.topic, records, PRODUCER, PRODUCE_CALL_S, self.flush_every
+                        bootstrap, self.topic, records, self.producer, self.call_s, self.flush_every
                     )
                     assert len(results) == len(records), f"{len(results)} deliveries for {len(records)} records"
                     self.records += records
                     self.owners += owners
                     self.results += results
                     self.calls += 1
-                    # Never past PRODUCE_CALL_S of writing: a test that fails before stop() ends.
-                    if self._stop.is_set() or time.monotonic() - started > PRODUCE_CALL_S:
+                    # Never past max_s of writing: a test that fails before stop() ends.
+                    if self._stop.is_set() or time.monotonic() - started > self.max_s:
                         break
                     size = self.chunk
             except BaseException as e:  # noqa: BLE001 - reported by finish()
@@ -233,7 +237,7 @@ class Stream:
     def finish(self) -> list[dict]:
         self.stop()
         assert self.thread is not None
-        self.thread.join(PRODUCE_CALL_S + 60)
+        self.thread.join(self.call_s + 60)
         assert not self.thread.is_alive(), f"{self.label}: producer still running"
         if self.error is not None:
             raise AssertionError(f"{self.label}: the producer failed: {self.error}") from self.error

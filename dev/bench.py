@@ -1574,6 +1574,101 @@ def run_tables(settings: Settings, started: float) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ --metadata: a large cluster's metadata
+
+META_TOPICS, META_PARTITIONS = 50, 100
+
+
+def bootstrap_seconds(bootstrap: str) -> float:
+    """A new librdkafka client's time from its creation to the metadata of every topic:
+    connecting, ApiVersions, and a Metadata request for all topics (what `list_topics` asks)."""
+    from confluent_kafka import Producer
+
+    started = time.perf_counter()
+    producer = Producer({"bootstrap.servers": bootstrap, "log_level": 3})
+    metadata = producer.list_topics(timeout=60)
+    took = time.perf_counter() - started
+    big = [t for name, t in metadata.topics.items() if name.startswith("big.")]
+    partitions = sum(len(t.partitions) for t in big)
+    if len(big) != META_TOPICS or partitions != META_TOPICS * META_PARTITIONS:
+        raise RuntimeError(f"{bootstrap}: {len(big)} topics, {partitions} partitions")
+    return took
+
+
+def run_metadata(settings: Settings, started: float) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="keyward-bench-metadata-"))
+    replication = int(os.environ.get("KEYWARD_BENCH_METADATA_REPLICATION", "3"))
+    cluster = KafkaCluster("big", 3, workdir, heap="1g")
+    kw = None
+    result: dict = {"topics": META_TOPICS, "partitions": META_TOPICS * META_PARTITIONS, "replication": replication,
+                    "seconds": {"direct": [], "keyward": []}}
+    try:
+        log("starting Kafka (3 brokers, KRaft)")
+        cluster.start()
+        created = time.monotonic()
+        for i in range(META_TOPICS):
+            cluster.create_topic(f"big.{i:02d}", partitions=META_PARTITIONS, replication=replication, timeout_s=300)
+        log(f"{META_TOPICS} topics of {META_PARTITIONS} partitions (replication {replication}) in "
+            f"{time.monotonic() - created:.0f} s")
+        kw = Keyward(workdir, "eu", {"eu": cluster}, "rules: []\ndefault: allow\n", name="keyward")
+        kw.start()
+        paths = {"direct": cluster.bootstrap, "keyward": kw.bootstrap}
+        for name, bootstrap in paths.items():  # warm-up: keyward learns the brokers and opens their ports
+            bootstrap_seconds(bootstrap)
+        rss_before = status_kib(kw.pid, "VmRSS")
+        reset_peak_rss(kw.pid)
+        rounds = settings.rounds * 4
+        for rnd in range(rounds):
+            order = list(paths) if rnd % 2 == 0 else list(reversed(paths))
+            for name in order:
+                result["seconds"][name].append(bootstrap_seconds(paths[name]))
+            log(f"metadata round {rnd + 1}/{rounds}: " + ", ".join(
+                f"{n} {result['seconds'][n][-1] * 1000:.1f} ms" for n in paths))
+        result["keyward_rss_kib"] = {"before": rss_before, "peak": status_kib(kw.pid, "VmHWM")}
+    finally:
+        if kw:
+            kw.stop()
+        cluster.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    text = metadata_report(settings, result, started)
+    (settings.out / "metadata.md").write_text(text)
+    (settings.out / "metadata.json").write_text(json.dumps(result, indent=1))
+    print(text)
+    log(f"wrote {settings.out / 'metadata.md'} and metadata.json")
+    return 0
+
+
+def metadata_report(settings: Settings, result: dict, started: float) -> str:
+    ms = {name: statistics.median(v) * 1000 for name, v in result["seconds"].items()}
+    added = [(k - d) / d * 100 for d, k in zip(result["seconds"]["direct"], result["seconds"]["keyward"])]
+    rss = result["keyward_rss_kib"]
+    out = [
+        f"# dev/bench --metadata results ({'quick' if settings.quick else 'full'} run)",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {time.monotonic() - started:.0f} s, keyward "
+        f"{os.environ['KEYWARD_BIN']}. A 3-broker cluster with {result['topics']} topics of "
+        f"{result['partitions'] // result['topics']} partitions (replication {result['replication']}); a new "
+        "librdkafka client each time, from its creation to the metadata of every topic (`list_topics`), "
+        f"directly and through keyward, alternating, {len(added)} times each after a warm-up.",
+        "",
+        "| path | bootstrap p50 (ms) | min / max (ms) |",
+        "|---|--:|--:|",
+    ]
+    for name, values in result["seconds"].items():
+        out.append(f"| {name} | {ms[name]:.1f} | {min(values) * 1000:.1f} / {max(values) * 1000:.1f} |")
+    out += [
+        "",
+        f"Added by keyward: median of the rounds {statistics.median(added):+.1f} % "
+        f"(each round: {', '.join(f'{a:+.0f}' for a in added)}). keyward's RSS {rss['before'] / 1024:.1f} MiB "
+        f"before the rounds, peak {rss['peak'] / 1024:.1f} MiB during them.",
+        "",
+        "Target (issue 18): added bootstrap time at most 10 %: "
+        + ("met" if statistics.median(added) <= 10 else "**MISSED**") + " (median of the rounds).",
+        "",
+    ]
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -1613,6 +1708,12 @@ def main() -> int:
         help="instead of the benchmark: ownership tables of 100,000 tenants and 65,536 slots, keyward's memory "
         "and reload time with them (no Kafka needed); writes target/bench/tables.md",
     )
+    ap.add_argument(
+        "--metadata",
+        action="store_true",
+        help="instead of the benchmark: a 3-broker cluster of 5,000 partitions, a new client's bootstrap time "
+        "directly and through keyward; writes target/bench/metadata.md",
+    )
     args = ap.parse_args()
     settings = Settings.from_env(args.quick)
     if args.sockmap:
@@ -1634,6 +1735,8 @@ def main() -> int:
         return run_latency(settings, args.loadgen, started)
     if args.tables:
         return run_tables(settings, started)
+    if args.metadata:
+        return run_metadata(settings, started)
     workdir = Path(tempfile.mkdtemp(prefix="keyward-bench-"))
     bench = Bench(settings, workdir, args.loadgen)
     idle: list[dict] = []

@@ -1566,12 +1566,16 @@ def run_tables(settings: Settings, started: float) -> int:
         result = table_round(workdir, settings.rounds * 2)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    text = tables_report(settings, result, started)
-    (settings.out / "tables.md").write_text(text)
-    (settings.out / "tables.json").write_text(json.dumps(result, indent=1))
-    print(text)
-    log(f"wrote {settings.out / 'tables.md'} and tables.json")
+    write_report(settings, "tables", tables_report(settings, result, started), result)
     return 0
+
+
+def write_report(settings: Settings, name: str, text: str, data: dict) -> None:
+    """Prints a mode's report and writes it to <out>/<name>.md, its figures to <name>.json."""
+    (settings.out / f"{name}.md").write_text(text)
+    (settings.out / f"{name}.json").write_text(json.dumps(data, indent=1))
+    print(text)
+    log(f"wrote {settings.out / (name + '.md')} and {name}.json")
 
 
 # ------------------------------------------------------------------ --metadata: a large cluster's metadata
@@ -1630,11 +1634,7 @@ def run_metadata(settings: Settings, started: float) -> int:
             kw.stop()
         cluster.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    text = metadata_report(settings, result, started)
-    (settings.out / "metadata.md").write_text(text)
-    (settings.out / "metadata.json").write_text(json.dumps(result, indent=1))
-    print(text)
-    log(f"wrote {settings.out / 'metadata.md'} and metadata.json")
+    write_report(settings, "metadata", metadata_report(settings, result, started), result)
     return 0
 
 

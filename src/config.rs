@@ -37,6 +37,9 @@ pub struct Config {
     /// `keyward_replication_*` metrics); not measured when absent.
     #[serde(default)]
     pub replication: Option<Replication>,
+    /// How `on_foreign: redirect` keeps its bookkeeping.
+    #[serde(default)]
+    pub redirect: RedirectSettings,
     /// Where this config was read from (not a YAML field).
     #[serde(skip)]
     pub source: PathBuf,
@@ -168,6 +171,36 @@ pub enum ReplicationPolicy {
     #[default]
     Default,
     Identity,
+}
+
+/// `redirect`: where redirect's per-stream bookkeeping lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectSettings {
+    /// Keep each idempotent producer's redirect bookkeeping in the stream journal, a compacted
+    /// topic of the region's own cluster, so that another instance of the region (or this one
+    /// after a restart) carries its streams on. Off: it lives in this process only.
+    #[serde(default)]
+    pub journal: bool,
+    /// The stream journal's topic on the region's own cluster; keyward creates it (compacted,
+    /// one partition) when it is missing.
+    #[serde(default = "RedirectSettings::default_journal_topic")]
+    pub journal_topic: String,
+}
+
+impl RedirectSettings {
+    fn default_journal_topic() -> String {
+        "_keyward_redirect_streams".to_owned()
+    }
+}
+
+impl Default for RedirectSettings {
+    fn default() -> Self {
+        Self {
+            journal: false,
+            journal_topic: Self::default_journal_topic(),
+        }
+    }
 }
 
 impl Replication {

@@ -19,6 +19,8 @@ pub const INVALID_PRODUCER_EPOCH: i16 = E::InvalidProducerEpoch.code();
 pub const UNKNOWN_PRODUCER_ID: i16 = E::UnknownProducerId.code();
 /// Non-retriable, and carries per-record errors (KIP-467): what a refused write is answered with.
 pub const INVALID_RECORD: i16 = E::InvalidRecord.code();
+pub const TOPIC_ALREADY_EXISTS: i16 = E::TopicAlreadyExists.code();
+pub const OFFSET_OUT_OF_RANGE: i16 = E::OffsetOutOfRange.code();
 
 #[cfg(test)]
 mod tests {

@@ -329,6 +329,7 @@ async fn requests(
         next_id: i32::MIN,
         named: false,
         clusters: (0, Vec::new()),
+        streams: std::collections::HashSet::new(),
     };
     let idle = Duration::from_secs(shared.config.limits.idle_timeout_secs);
     let stop = shared.shutdown_token();
@@ -452,6 +453,9 @@ pub(crate) struct Guard<'a> {
     /// The cluster of each region of the table in force (by region id), and that table's
     /// version: worked out again only when the table changes.
     clusters: (u64, Vec<Option<usize>>),
+    /// Idempotent streams this connection has had batches of, brought up to date with the
+    /// stream journal when first seen here (`Redirector::adopt`).
+    pub(crate) streams: std::collections::HashSet<crate::redirect::sequences::StreamKey>,
 }
 
 impl Guard<'_> {

@@ -115,6 +115,12 @@ impl Shared {
                     .then(|| meters::Redirected::new(&config.region, &c.name));
                 (c.bootstrap.clone(), d.clone(), landed)
             }),
+            config
+                .redirect
+                .journal
+                .then(|| clusters.index_of(&config.region))
+                .flatten()
+                .map(|home| (home, config.redirect.journal_topic.clone())),
             tasks.clone(),
             shutdown.clone(),
         );

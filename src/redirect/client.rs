@@ -1,6 +1,7 @@
 //! keyward's own client of one cluster, for redirected writes: a metadata cache (topic ->
-//! partition leaders), one reused connection per broker, and the three requests redirect needs
-//! (Metadata, InitProducerId, Produce).
+//! partition leaders), one reused connection per broker, and the requests redirect needs:
+//! Metadata, InitProducerId and Produce, and for the stream journal ([`super::journal`])
+//! CreateTopics, ListOffsets and Fetch.
 //!
 //! Connections are made by the cluster's [`Dialer`], so they use its TLS and keyward's SASL
 //! credentials for it. Each is [`Pipelined`]: the batches of every partition a broker leads
@@ -12,24 +13,31 @@ use std::sync::Arc;
 
 use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
+use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::produce_response::PartitionProduceResponse;
 use kafka_protocol::messages::{
-    ApiKey, InitProducerIdRequest, InitProducerIdResponse, MetadataRequest, MetadataResponse,
-    ProduceRequest, ProduceResponse, TopicName,
+    ApiKey, BrokerId, CreateTopicsRequest, CreateTopicsResponse, FetchRequest, FetchResponse,
+    InitProducerIdRequest, InitProducerIdResponse, ListOffsetsRequest, ListOffsetsResponse,
+    MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use tokio::sync::Mutex;
 
 use crate::codec::errors::{
-    LEADER_NOT_AVAILABLE, NOT_LEADER_OR_FOLLOWER, UNKNOWN_TOPIC_OR_PARTITION,
+    LEADER_NOT_AVAILABLE, NOT_LEADER_OR_FOLLOWER, TOPIC_ALREADY_EXISTS, UNKNOWN_TOPIC_OR_PARTITION,
 };
 use crate::proxy::upstream::{Dialer, Pipelined, Reply};
 
 const METADATA_VERSION: i16 = 12;
 const INIT_PRODUCER_ID_VERSION: i16 = 4;
 const PRODUCE_VERSION: i16 = 9;
+const CREATE_TOPICS_VERSION: i16 = 5;
+const LIST_OFFSETS_VERSION: i16 = 7;
+const FETCH_VERSION: i16 = 12;
 const CLIENT_ID: &str = "keyward-redirect";
 
 /// Where one partition's leader is.
@@ -264,6 +272,186 @@ impl ClusterClient {
                 .find(|p| p.index == partition)
                 .ok_or_else(|| anyhow!("cluster {cluster} left the partition out of its answer"))
         })
+    }
+}
+
+impl ClusterClient {
+    /// The leader of a partition, or an error naming the Kafka error that says why there is
+    /// none.
+    /// A cached error (a topic not created yet, say) is looked up again.
+    async fn leader_of(&self, topic: &str, partition: i32, refresh: bool) -> anyhow::Result<i32> {
+        let mut found = self.leader(topic, partition, refresh).await?;
+        if found.is_err() && !refresh {
+            found = self.leader(topic, partition, true).await?;
+        }
+        match found {
+            Ok(node) => Ok(node),
+            Err(code) => bail!(
+                "cluster {}: no leader for {topic}[{partition}] (error {code})",
+                self.name
+            ),
+        }
+    }
+
+    /// Creates a topic of one partition with the given configs, unless it exists.
+    pub async fn create_topic(
+        &self,
+        topic: &str,
+        replication_factor: i16,
+        configs: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        let request = CreateTopicsRequest::default()
+            .with_timeout_ms(30_000)
+            .with_topics(vec![
+                CreatableTopic::default()
+                    .with_name(TopicName(StrBytes::from_string(topic.to_owned())))
+                    .with_num_partitions(1)
+                    .with_replication_factor(replication_factor)
+                    .with_configs(
+                        configs
+                            .iter()
+                            .map(|(name, value)| {
+                                CreatableTopicConfig::default()
+                                    .with_name(StrBytes::from_string((*name).to_owned()))
+                                    .with_value(Some(StrBytes::from_string((*value).to_owned())))
+                            })
+                            .collect(),
+                    ),
+            ]);
+        // CreateTopics must go to the controller, which any broker forwards to (KIP-590).
+        let response: CreateTopicsResponse = self
+            .call(None, ApiKey::CreateTopics, CREATE_TOPICS_VERSION, &request)
+            .await
+            .with_context(|| format!("creating topic {topic} on cluster {}", self.name))?;
+        match response.topics.first() {
+            Some(t) if t.error_code == 0 || t.error_code == TOPIC_ALREADY_EXISTS => Ok(()),
+            Some(t) => bail!(
+                "cluster {} refused to create topic {topic} (error {}{})",
+                self.name,
+                t.error_code,
+                t.error_message
+                    .as_ref()
+                    .map(|m| format!(": {}", m.as_str()))
+                    .unwrap_or_default()
+            ),
+            None => bail!("cluster {} did not answer for topic {topic}", self.name),
+        }
+    }
+
+    /// The latest offset of a partition (the high watermark: what a read_uncommitted reader
+    /// can reach).
+    pub async fn end_offset(&self, topic: &str, partition: i32) -> anyhow::Result<i64> {
+        self.offset_at(topic, partition, -1).await
+    }
+
+    /// The first offset of a partition still in its log.
+    pub async fn start_offset(&self, topic: &str, partition: i32) -> anyhow::Result<i64> {
+        self.offset_at(topic, partition, -2).await
+    }
+
+    /// ListOffsets for one partition: `timestamp` -1 for the latest offset, -2 the earliest.
+    async fn offset_at(&self, topic: &str, partition: i32, timestamp: i64) -> anyhow::Result<i64> {
+        let mut refresh = false;
+        for _ in 0..3 {
+            let leader = self.leader_of(topic, partition, refresh).await?;
+            let request = ListOffsetsRequest::default()
+                .with_replica_id(BrokerId(-1))
+                .with_isolation_level(0)
+                .with_topics(vec![
+                    ListOffsetsTopic::default()
+                        .with_name(TopicName(StrBytes::from_string(topic.to_owned())))
+                        .with_partitions(vec![
+                            ListOffsetsPartition::default()
+                                .with_partition_index(partition)
+                                .with_current_leader_epoch(-1)
+                                .with_timestamp(timestamp),
+                        ]),
+                ]);
+            let response: ListOffsetsResponse = self
+                .call(
+                    Some(leader),
+                    ApiKey::ListOffsets,
+                    LIST_OFFSETS_VERSION,
+                    &request,
+                )
+                .await
+                .with_context(|| format!("end offset of {topic} on cluster {}", self.name))?;
+            let answer = response
+                .topics
+                .iter()
+                .flat_map(|t| &t.partitions)
+                .find(|p| p.partition_index == partition)
+                .ok_or_else(|| anyhow!("cluster {} left {topic} out of its answer", self.name))?;
+            if is_stale_leader(answer.error_code) {
+                refresh = true;
+                continue;
+            }
+            if answer.error_code != 0 {
+                bail!(
+                    "cluster {}: end offset of {topic}[{partition}]: error {}",
+                    self.name,
+                    answer.error_code
+                );
+            }
+            return Ok(answer.offset);
+        }
+        bail!("cluster {}: {topic}[{partition}] keeps moving", self.name)
+    }
+
+    /// The record batches of a partition from `offset` on, waiting up to `max_wait_ms` for
+    /// some to arrive; `refresh` looks the leader up again first. `Ok(Err(code))` is the
+    /// partition's Kafka error (a leader that moved, an offset out of range).
+    pub async fn fetch(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        max_wait_ms: i32,
+        refresh: bool,
+    ) -> anyhow::Result<Result<Bytes, i16>> {
+        let leader = self.leader_of(topic, partition, refresh).await?;
+        let request = FetchRequest::default()
+            .with_replica_id(BrokerId(-1))
+            .with_max_wait_ms(max_wait_ms)
+            .with_min_bytes(1)
+            .with_max_bytes(8 * 1024 * 1024)
+            .with_isolation_level(0)
+            .with_session_id(0)
+            .with_session_epoch(-1)
+            .with_topics(vec![
+                FetchTopic::default()
+                    .with_topic(TopicName(StrBytes::from_string(topic.to_owned())))
+                    .with_partitions(vec![
+                        FetchPartition::default()
+                            .with_partition(partition)
+                            .with_current_leader_epoch(-1)
+                            .with_fetch_offset(offset)
+                            .with_log_start_offset(-1)
+                            .with_partition_max_bytes(8 * 1024 * 1024),
+                    ]),
+            ]);
+        let response: FetchResponse = self
+            .call(Some(leader), ApiKey::Fetch, FETCH_VERSION, &request)
+            .await
+            .with_context(|| format!("reading {topic} on cluster {}", self.name))?;
+        if response.error_code != 0 {
+            bail!("cluster {}: fetch error {}", self.name, response.error_code);
+        }
+        let answer = response
+            .responses
+            .into_iter()
+            .flat_map(|t| t.partitions)
+            .find(|p| p.partition_index == partition)
+            .ok_or_else(|| anyhow!("cluster {} left {topic} out of its answer", self.name))?;
+        if answer.error_code != 0 {
+            return Ok(Err(answer.error_code));
+        }
+        Ok(Ok(answer.records.unwrap_or_default()))
+    }
+
+    /// How many brokers the cluster has, as its metadata last said (0 before any).
+    pub fn brokers_known(&self) -> usize {
+        self.brokers.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 

@@ -19,6 +19,7 @@
 //! Transactional batches are never redirected: a transaction cannot span clusters.
 
 pub mod client;
+pub mod journal;
 pub mod sequences;
 
 use std::collections::{HashMap, VecDeque};
@@ -42,6 +43,7 @@ use crate::codec::records;
 use crate::proxy::meters::Redirected;
 use crate::proxy::upstream::{Dialer, Reply};
 use client::ClusterClient;
+use journal::Journal;
 use sequences::{Outcome, Redirect, SequenceBook, StreamKey};
 
 /// Batches waiting per target partition before the client connection stops being read: enough
@@ -66,7 +68,7 @@ enum Booking {
 
 /// The numbers a redirected batch is written under on its target: keyward's producer id and
 /// epoch there, and the batch's base sequence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stamp {
     pub producer_id: i64,
     pub epoch: i16,
@@ -281,17 +283,50 @@ pub struct Redirector {
     /// The proxy's tracker and shutdown: pipelines are its tasks.
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// Where streams are saved for other instances, when the journal is on.
+    journal: Option<Arc<Journal>>,
+    /// This process among the instances that save streams.
+    writer: u64,
+}
+
+/// What one produce request booked for redirect: the streams it changed, saved before the
+/// batches it redirects are queued ([`Redirector::carry_out`]).
+#[derive(Default)]
+pub struct Bookings {
+    streams: Vec<StreamKey>,
+    jobs: Vec<(usize, PartitionKey, Job)>,
 }
 
 impl Redirector {
     /// One target per cluster: its bootstrap addresses, how to connect to it, and the counters
     /// of what lands there. Pipelines run on `tasks` and end after `shutdown`, once what is
     /// queued is written.
+    ///
+    /// With `journal` (the index of the region's own cluster and the topic there), streams are
+    /// saved to and adopted from the stream journal, whose reader runs on `tasks` too.
     pub fn new(
         clusters: impl IntoIterator<Item = (Vec<String>, Dialer, Option<Redirected>)>,
+        journal: Option<(usize, String)>,
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
+        let clusters: Vec<_> = clusters.into_iter().collect();
+        let journal = journal.and_then(|(home, topic)| {
+            let (bootstrap, dialer, _) = clusters.get(home)?;
+            let journal =
+                Journal::new(ClusterClient::new(bootstrap.clone(), dialer.clone()), topic);
+            tasks.spawn(
+                journal
+                    .clone()
+                    .run(shutdown.clone())
+                    .instrument(info_span!("journal")),
+            );
+            Some(journal)
+        });
+        let writer = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ (u64::from(std::process::id()) << 40);
         Self {
             targets: clusters
                 .into_iter()
@@ -312,7 +347,121 @@ impl Redirector {
             active: AtomicBool::new(false),
             tasks,
             shutdown,
+            journal,
+            writer,
         }
+    }
+
+    /// Whether streams are kept in the stream journal.
+    pub fn journals(&self) -> bool {
+        self.journal.is_some()
+    }
+
+    /// The stream a batch of a client producer with an id of its own belongs to.
+    pub fn stream_of(topic: &str, partition: i32, batch: &[u8]) -> Option<StreamKey> {
+        let h = header(batch)?;
+        (h.producer_id >= 0).then(|| StreamKey {
+            producer_id: h.producer_id,
+            epoch: h.epoch,
+            topic: topic.to_owned(),
+            partition,
+        })
+    }
+
+    /// Brings `streams` up to date with the stream journal before their batches are handled
+    /// on a connection that has not had them before: what another instance (or this process
+    /// before a restart) saved of them is carried on here.
+    pub async fn adopt(&self, streams: &[StreamKey]) -> anyhow::Result<()> {
+        let Some(journal) = &self.journal else {
+            return Ok(());
+        };
+        journal.catch_up().await?;
+        let now = Instant::now();
+        for key in streams {
+            let Some(saved) = journal.get(key) else {
+                continue;
+            };
+            if !self.book().adopt(key, &saved, now) {
+                continue;
+            }
+            self.active.store(true, Ordering::Relaxed);
+            for target in &self.targets {
+                let mut numbers = target.numbers();
+                numbers.streams.remove(key);
+                if let Some(&(_, producer_id, epoch, next)) = saved
+                    .targets
+                    .iter()
+                    .find(|(name, ..)| *name == target.client.name)
+                {
+                    numbers.streams.insert(
+                        key.clone(),
+                        Numbering {
+                            producer: (producer_id, epoch),
+                            next,
+                            last_used: now,
+                        },
+                    );
+                }
+            }
+            debug!(?key, rev = saved.rev, "stream carried on from the journal");
+        }
+        Ok(())
+    }
+
+    /// Saves the streams a request changed (when the journal is on), then queues its
+    /// redirected batches. If the journal cannot take them, nothing is queued: each
+    /// redirected batch is answered as timed out (the client's retry is sent under the same
+    /// stamp) and the error is returned, for the connection to be closed before anything
+    /// numbered after the change reaches the local cluster.
+    pub async fn carry_out(&self, mut bookings: Bookings) -> anyhow::Result<()> {
+        if let Some(journal) = &self.journal
+            && !bookings.streams.is_empty()
+        {
+            bookings.streams.sort_by(|a, b| {
+                (a.producer_id, a.epoch, &a.topic, a.partition).cmp(&(
+                    b.producer_id,
+                    b.epoch,
+                    &b.topic,
+                    b.partition,
+                ))
+            });
+            bookings.streams.dedup();
+            let saved: Vec<_> = bookings
+                .streams
+                .iter()
+                .filter_map(|key| {
+                    let mut saved = self.book().save(key, self.writer)?;
+                    saved.targets = self
+                        .targets
+                        .iter()
+                        .filter_map(|t| {
+                            let numbers = t.numbers();
+                            let n = numbers.streams.get(key)?;
+                            Some((t.client.name.clone(), n.producer.0, n.producer.1, n.next))
+                        })
+                        .collect();
+                    Some((key.clone(), saved))
+                })
+                .collect();
+            if let Err(e) = journal.save(saved).await {
+                for (target, (_, partition), job) in bookings.jobs {
+                    self.targets[target].failures.increment(1);
+                    let _ = job
+                        .done
+                        .send(Some(error_response(partition, REQUEST_TIMED_OUT)));
+                }
+                return Err(e);
+            }
+        }
+        for (target, (topic, partition), job) in bookings.jobs {
+            if let Err(job) = self.enqueue(target, &topic, partition, job).await {
+                self.targets[target].failures.increment(1);
+                let _ = job
+                    .done
+                    .send(Some(error_response(partition, REQUEST_TIMED_OUT)));
+            }
+        }
+        Ok(())
     }
 
     fn book(&self) -> std::sync::MutexGuard<'_, SequenceBook> {
@@ -344,10 +493,12 @@ impl Redirector {
         records::renumbered(batch, None, seq).ok()
     }
 
-    /// Sends `batch` to partition `partition` of `topic` on cluster `target`; the outcome
-    /// arrives on the returned receiver. Waits only if the partition's pipeline is full.
+    /// Books `batch` for partition `partition` of `topic` on cluster `target`, to be sent once
+    /// `bookings` is carried out; the outcome arrives on the returned receiver.
+    #[allow(clippy::too_many_arguments)]
     pub async fn redirect(
         &self,
+        bookings: &mut Bookings,
         target: usize,
         topic: &str,
         partition: i32,
@@ -356,6 +507,7 @@ impl Redirector {
         timeout_ms: i32,
     ) -> Outcome {
         self.send(
+            bookings,
             target,
             topic,
             partition,
@@ -371,8 +523,10 @@ impl Redirector {
     /// The part's records were booked when its local part was numbered
     /// ([`Self::local_part`]); a retry of the client's batch does not send a part again that
     /// is in flight or landed.
+    #[allow(clippy::too_many_arguments)]
     pub async fn redirect_part(
         &self,
+        bookings: &mut Bookings,
         target: usize,
         topic: &str,
         partition: i32,
@@ -381,6 +535,7 @@ impl Redirector {
         timeout_ms: i32,
     ) -> Outcome {
         self.send(
+            bookings,
             target,
             topic,
             partition,
@@ -399,6 +554,7 @@ impl Redirector {
     /// parts are sent.
     pub fn local_part(
         &self,
+        bookings: &mut Bookings,
         topic: &str,
         partition: i32,
         client_batch: &[u8],
@@ -425,6 +581,7 @@ impl Redirector {
             local_records,
             Instant::now(),
         );
+        bookings.streams.push(key);
         if local_records == 0 {
             return part;
         }
@@ -435,6 +592,7 @@ impl Redirector {
     #[allow(clippy::too_many_arguments)]
     async fn send(
         &self,
+        bookings: &mut Bookings,
         target: usize,
         topic: &str,
         partition: i32,
@@ -476,7 +634,7 @@ impl Redirector {
             self.book()
                 .attach(&stream, client_seq, outcome.clone(), stamp.clone());
         }
-        let job = Job {
+        let mut job = Job {
             batch,
             records,
             // acks=0 clients get no answer, but keyward needs one to keep its own numbering.
@@ -488,12 +646,20 @@ impl Redirector {
             stream,
             stamp,
         };
-        if let Err(job) = self.enqueue(target, topic, partition, job).await {
-            self.targets[target].failures.increment(1);
-            let _ = job
-                .done
-                .send(Some(error_response(partition, REQUEST_TIMED_OUT)));
+        if client_producer.is_some() {
+            // Stamped now, so the journal saves the numbers it will be sent under. Without a
+            // producer id on the target yet, the pipeline stamps it when it sends it.
+            let asked = Instant::now();
+            if let Err(e) = self.targets[target].stamp(&job).await {
+                debug!(error = %e, "no producer id for a redirected batch yet");
+            }
+            // Asking the target for a producer id is the pipeline's time, not the batch's.
+            job.deadline += asked.elapsed();
+            bookings.streams.push(job.stream.clone());
         }
+        bookings
+            .jobs
+            .push((target, (topic.to_owned(), partition), job));
         outcome
     }
 

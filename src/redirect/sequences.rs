@@ -11,16 +11,21 @@
 //! a batch already written elsewhere gets that outcome, not a second write; a retry of one that
 //! failed is sent under the same stamp, so the target's broker recognises it if it landed).
 //!
-//! Streams live in memory only: an idle stream is forgotten after [`STREAM_IDLE`], and a restart
-//! of keyward forgets them all (see the README for what producers then see).
+//! Streams live in memory: an idle stream is forgotten after [`STREAM_IDLE`]. With the stream
+//! journal on ([`super::journal`]), every change to a stream is also saved ([`Saved`]) before
+//! anything that depends on it is sent, and a stream this process does not know, or knows
+//! only from before another instance took it over, is adopted from the journal
+//! ([`SequenceBook::adopt`]). Without the journal, a restart of keyward forgets them all (see
+//! the README for what producers then see).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use kafka_protocol::messages::produce_response::PartitionProduceResponse;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::StampCell;
+use super::{Stamp, StampCell};
 
 /// How long a stream with no traffic is remembered.
 pub const STREAM_IDLE: Duration = Duration::from_secs(15 * 60);
@@ -46,9 +51,31 @@ struct Stream {
     local: VecDeque<(i32, i32)>,
     /// (client base sequence, outcome, stamp) of recent redirected batches, and of the
     /// redirected parts of split batches (keyed by the client's sequence of the part's first
-    /// record).
-    redirected: VecDeque<(i32, Outcome, StampCell)>,
+    /// record). The outcome is `None` for a batch adopted from the journal: whether it landed
+    /// is not known here.
+    redirected: VecDeque<(i32, Option<Outcome>, StampCell)>,
     last_used: Instant,
+    /// The journal write this state is: (revision, writer). See [`Saved`].
+    version: (u64, u64),
+}
+
+/// One stream's bookkeeping as the stream journal keeps it: everything another keyward
+/// instance needs to carry the stream on where this one left it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Saved {
+    /// How many times the stream was saved, by whichever instance; an instance that carries a
+    /// stream on saves it with the next revision, so the highest is the latest.
+    pub rev: u64,
+    /// The instance that saved it (a number drawn at start).
+    pub writer: u64,
+    pub shift: i32,
+    /// (client base sequence, local base sequence) of recent local batches.
+    pub local: Vec<(i32, i32)>,
+    /// (client base sequence, stamp) of recent redirected batches and parts.
+    pub redirected: Vec<(i32, Option<Stamp>)>,
+    /// keyward's numbering of the stream on each cluster it went to: (cluster, producer id,
+    /// epoch, next sequence).
+    pub targets: Vec<(String, i64, i16, i32)>,
 }
 
 impl Stream {
@@ -58,11 +85,13 @@ impl Stream {
     /// recognises it should it have landed after all).
     fn earlier(&self, seq: i32) -> Option<Redirect> {
         let (_, outcome, stamp) = self.redirected.iter().find(|(c, ..)| *c == seq)?;
-        let failed = outcome.borrow().as_ref().is_some_and(|r| r.error_code != 0);
-        Some(if failed {
-            Redirect::Send(stamp.clone())
-        } else {
-            Redirect::Existing(outcome.clone())
+        Some(match outcome {
+            Some(outcome) if outcome.borrow().as_ref().is_none_or(|r| r.error_code == 0) => {
+                Redirect::Existing(outcome.clone())
+            }
+            // Failed, or adopted from the journal: sent (again) under its stamp, so the
+            // target's broker recognises it if it landed.
+            _ => Redirect::Send(stamp.clone()),
         })
     }
 
@@ -72,6 +101,7 @@ impl Stream {
             local: VecDeque::new(),
             redirected: VecDeque::new(),
             last_used: now,
+            version: (0, 0),
         }
     }
 }
@@ -186,8 +216,56 @@ impl SequenceBook {
             if stream.redirected.len() == RECENT {
                 stream.redirected.pop_front();
             }
-            stream.redirected.push_back((client_seq, outcome, stamp));
+            stream
+                .redirected
+                .push_back((client_seq, Some(outcome), stamp));
         }
+    }
+
+    /// The stream's state to save in the journal, as revision `rev` by `writer`; `None` for a
+    /// stream not kept. The caller adds the targets' numbering.
+    pub fn save(&mut self, key: &StreamKey, writer: u64) -> Option<Saved> {
+        let stream = self.streams.get_mut(key)?;
+        stream.version = (stream.version.0 + 1, writer);
+        Some(Saved {
+            rev: stream.version.0,
+            writer,
+            shift: stream.shift,
+            local: stream.local.iter().copied().collect(),
+            redirected: stream
+                .redirected
+                .iter()
+                .map(|(seq, _, stamp)| (*seq, *stamp.lock().unwrap_or_else(|e| e.into_inner())))
+                .collect(),
+            targets: Vec::new(),
+        })
+    }
+
+    /// Takes the journal's state of a stream unless it is the one this book already holds
+    /// (saved or adopted by this process last): another instance carried the stream on since,
+    /// or this process never had it. Returns whether it was taken.
+    pub fn adopt(&mut self, key: &StreamKey, saved: &Saved, now: Instant) -> bool {
+        if let Some(stream) = self.streams.get(key)
+            && stream.version == (saved.rev, saved.writer)
+        {
+            return false;
+        }
+        let stream = self.stream(key, now);
+        stream.shift = saved.shift;
+        stream.local = saved.local.iter().copied().collect();
+        stream.redirected = saved
+            .redirected
+            .iter()
+            .map(|(seq, stamp)| {
+                (
+                    *seq,
+                    None,
+                    std::sync::Arc::new(std::sync::Mutex::new(*stamp)),
+                )
+            })
+            .collect();
+        stream.version = (saved.rev, saved.writer);
+        true
     }
 
     fn prune(&mut self, now: Instant) {
@@ -308,6 +386,48 @@ mod tests {
             .unwrap();
         assert!(matches!(book.part(&key(), 7), Redirect::Send(_)));
         assert_eq!(book.local(&key(), 11, now), Some(5), "all 4 went elsewhere");
+    }
+
+    #[test]
+    fn a_stream_saved_by_one_book_is_carried_on_by_another() {
+        let now = Instant::now();
+        let mut first = SequenceBook::default();
+        // [0..2) local, [2..5) redirected (stamped 40 on the target), [5..6) local.
+        first.local(&key(), 0, now);
+        let Redirect::Send(stamp) = first.redirect(&key(), 2, 3, now) else {
+            panic!("a new batch is sent");
+        };
+        *stamp.lock().unwrap() = Some(Stamp {
+            producer_id: 90,
+            epoch: 0,
+            seq: 40,
+        });
+        let (_tx, rx) = watch::channel(None);
+        first.attach(&key(), 2, rx, stamp);
+        assert_eq!(first.local(&key(), 5, now), Some(2));
+        let saved = first.save(&key(), 1).unwrap();
+        assert_eq!(saved.rev, 1);
+
+        // Another instance (or this one after a restart) takes the stream over.
+        let mut second = SequenceBook::default();
+        assert!(second.adopt(&key(), &saved, now));
+        assert!(second.knows(7, 0));
+        // The client's retries get what the first book gave: the same local number, and the
+        // redirected batch sent again under its stamp (not waited on: its outcome is unknown).
+        assert_eq!(second.local(&key(), 5, now), Some(2));
+        match second.redirect(&key(), 2, 3, now) {
+            Redirect::Send(stamp) => assert_eq!(stamp.lock().unwrap().unwrap().seq, 40),
+            Redirect::Existing(_) => panic!("an adopted batch's outcome is unknown"),
+        }
+        // New batches follow on, shifted by what went elsewhere once.
+        assert_eq!(second.local(&key(), 6, now), Some(3));
+        // Its own save is the next revision; the journal's copy of it is not taken again.
+        let mine = second.save(&key(), 2).unwrap();
+        assert_eq!((mine.rev, mine.writer), (2, 2));
+        assert!(!second.adopt(&key(), &mine, now));
+        // The first book, handed the stream back, takes the newer state.
+        assert!(first.adopt(&key(), &mine, now));
+        assert_eq!(first.local(&key(), 6, now), Some(3));
     }
 
     #[test]

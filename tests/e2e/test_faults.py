@@ -15,8 +15,10 @@ no test waits out a fixed amount of writing. The fault families:
                                     exit is clean and within the grace period) and restarted
   test_ownership_flips_every_100ms  the table is rewritten (rename over) and reloaded every
                                     100 ms, flipping some slots between eu and us
-  test_redirect_under_ownership_flips  the same with `on_foreign: redirect` (never combined with
-                                    a keyward restart: redirect bookkeeping lives in memory)
+  test_redirect_under_ownership_flips  the same with `on_foreign: redirect`
+  test_keyward_sigkill_under_redirect_with_the_stream_journal  keyward, redirecting with the
+                                    stream journal on, is SIGKILLed twice and restarted while
+                                    every partition mixes local and redirected records
   test_slow_consumer_and_stalled_clients  a consumer reads through keyward with tiny fetches and
                                     pauses, and raw clients send half a frame and stall
 
@@ -83,6 +85,12 @@ rules:
     slots: 16
     owners: {moving}
     on_foreign: reject
+  - name: rfixed
+    topics: ["rfixed.*"]
+    by: key
+    slots: 16
+    owners: {STEADY}
+    on_foreign: redirect
   - name: rflip
     topics: ["rflip.*"]
     by: key
@@ -95,7 +103,7 @@ default: allow
 
 def owner_of(rule: str, slot: int) -> str:
     """eu or us for a slot whose owner never changes, "flip" for one the reload test moves."""
-    if rule == "fixed":
+    if rule in ("fixed", "rfixed"):
         return "eu" if slot < 8 else "us"
     return {0: "eu", 1: "flip", 2: "us", 3: "flip"}[slot // 4]
 
@@ -171,6 +179,9 @@ class Stream:
     chunk: int
     flush_every: int
     redirect: bool  # on_foreign: redirect (else reject)
+    # Partitions a record of slot s goes to: s % partitions. With SLOTS // 2, every partition
+    # carries an eu-owned slot and a us-owned one, alternately.
+    partitions: int = SLOTS
     # The producers' settings, the bound on one produce call, and on the stream's writing.
     producer: dict = field(default_factory=lambda: dict(PRODUCER), repr=False)
     call_s: float = PRODUCE_CALL_S
@@ -190,7 +201,9 @@ class Stream:
         records, owners = [], []
         for i in range(len(self.records), len(self.records) + count):
             slot = i % SLOTS
-            records.append(record(self.keys[slot].encode(), f"{self.run}-{i}".encode(), partition=slot))
+            records.append(
+                record(self.keys[slot].encode(), f"{self.run}-{i}".encode(), partition=slot % self.partitions)
+            )
             owners.append(owner_of(self.rule, slot))
         return records, owners
 
@@ -255,13 +268,17 @@ def make_stream(
     first: int,
     chunk: int,
     flush_every: int,
+    partitions: int = SLOTS,
 ) -> Stream:
     """A stream of records cycling through every slot, on a new topic of `rule` in both clusters
     (so a record in the cluster that does not own it would be found)."""
     topic = unique(f"{rule}.faults")
     for cluster in (eu, us):
-        cluster.create_topic(topic, partitions=SLOTS)
-    return Stream(label, client, topic, keys, rule, first, chunk, flush_every, redirect=rule == "rflip")
+        cluster.create_topic(topic, partitions=partitions)
+    return Stream(
+        label, client, topic, keys, rule, first, chunk, flush_every,
+        redirect=rule in ("rflip", "rfixed"), partitions=partitions,
+    )
 
 
 # --------------------------------------------------------------------------- counting
@@ -448,7 +465,7 @@ class Progress:
         out = []
         for s in self.streams:
             futures = self.admin.list_offsets(
-                {TopicPartition(s.topic, p): OffsetSpec.latest() for p in range(SLOTS)}, request_timeout=5
+                {TopicPartition(s.topic, p): OffsetSpec.latest() for p in range(s.partitions)}, request_timeout=5
             )
             try:
                 offsets = [f.result().offset for f in futures.values()]
@@ -643,6 +660,50 @@ def test_keyward_sigkill_and_sigterm(tmp_path, eu, us, report):
         )
         for s, t in zip(streams, tallies):
             check(s, t)
+        assert "panicked" not in kw.log_path.read_text()
+    finally:
+        kw.stop()
+
+
+def test_keyward_sigkill_under_redirect_with_the_stream_journal(tmp_path, eu, us, report):
+    """Redirect with the stream journal on (`redirect: { journal: true }`), through two
+    SIGKILLs of keyward and its restarts on the same ports. Every partition of every stream
+    carries an eu-owned slot and a us-owned one in turn, so each idempotent producer's
+    partition is a stream whose batches alternate between the local cluster (renumbered around
+    what went to us) and us's cluster (under keyward's producer id there). A new process knows
+    nothing of them but what the journal on eu's cluster holds; the clients resend what was in
+    flight at the kill, and go on. No error may reach a producer, and every record must be in
+    its owner's cluster exactly once. Without the journal, the new process sends a resent
+    redirected batch under a new producer id (a duplicate in us) and numbers the next local
+    batch as the client did (refused as out of order)."""
+    kw = start_keyward(tmp_path, eu, us, extra_config="redirect: { journal: true }\n")
+    try:
+        keys = key_per_slot(kw)
+        half = SLOTS // 2
+        streams = [
+            make_stream("redirect-restarts/java", JavaClient(), eu, us, keys, "rfixed", FIRST, CHUNK, 16, half),
+            make_stream("redirect-restarts/librdkafka", LibrdkafkaClient(), eu, us, keys, "rfixed", FIRST, CHUNK, 16, half),
+            make_stream("redirect-restarts/franz", FranzClient(), eu, us, keys, "rfixed", FIRST, CHUNK, 16, half),
+        ]
+        progress = Progress(eu, streams)
+        for s in streams:
+            s.start(kw.bootstrap)
+        written = [progress.wait_each(100)]
+        for _ in range(2):
+            kw.kill()
+            kw.start()
+            written.append(progress.wait_each([n + 100 for n in written[-1]], first=False))
+        tallies = finish_all(streams, eu, us, report)
+        redirected = kw.metric("keyward_produce_records_total", rule="rfixed", decision="redirected", owner="us")
+        report(
+            f"faults[redirect-restarts/keyward]: written_in_eu_at_each_kill_and_after={written} "
+            f"redirected_by_the_last_process={redirected:.0f}"
+        )
+        for s, t in zip(streams, tallies):
+            check(s, t)
+        # The last process redirected, and carried streams on from the journal.
+        assert redirected > 0
+        assert "stream carried on from the journal" in kw.log_path.read_text()
         assert "panicked" not in kw.log_path.read_text()
     finally:
         kw.stop()

@@ -29,6 +29,7 @@ use crate::proxy::conn::{BrokerIo, ConnError, Guard};
 use crate::proxy::identity::{self, Identity, Standing, Verdict};
 use crate::proxy::produce::{ProduceReply, Route, forwarded_request};
 use crate::proxy::rewrite::{Advertise, RewriteError, recode};
+use crate::redirect::{Bookings, Redirector};
 use crate::reload::Snapshot;
 
 #[allow(clippy::too_many_arguments)]
@@ -108,7 +109,31 @@ pub(crate) async fn request(
         inflater,
     );
 
+    // A stream first seen on this connection may have been another instance's (or this
+    // process's before a restart): carried on from the stream journal before its batches are
+    // numbered.
+    if shared.redirector.journals() {
+        let new: Vec<_> = request
+            .topics
+            .iter()
+            .flat_map(|t| {
+                t.partitions.iter().filter_map(|p| {
+                    Redirector::stream_of(t.name, p.index, p.records?)
+                        .filter(|key| !guard.streams.contains(key))
+                })
+            })
+            .collect();
+        if !new.is_empty() {
+            if let Err(e) = shared.redirector.adopt(&new).await {
+                warn!(target: CONN_LOG, error = format!("{e:#}"), "the stream journal cannot be read; closing the connection, for the producer to retry");
+                return Ok(Step::close("journal_unavailable"));
+            }
+            guard.streams.extend(new);
+        }
+    }
+
     // Carry the routes out.
+    let mut bookings = Bookings::default();
     let mut routes = Vec::with_capacity(destinations.len());
     let mut decided = plan.partitions.iter().zip(destinations).enumerate();
     for topic in &request.topics {
@@ -130,6 +155,7 @@ pub(crate) async fn request(
                     let records = p.records.unwrap_or_default();
                     carry_out_split(
                         shared,
+                        &mut bookings,
                         &snapshot,
                         (topic.name, p.index),
                         records,
@@ -163,6 +189,7 @@ pub(crate) async fn request(
                         shared
                             .redirector
                             .redirect(
+                                &mut bookings,
                                 target,
                                 topic.name,
                                 p.index,
@@ -176,6 +203,10 @@ pub(crate) async fn request(
             };
             routes.push(route);
         }
+    }
+    if let Err(e) = shared.redirector.carry_out(bookings).await {
+        warn!(target: CONN_LOG, error = format!("{e:#}"), "the stream journal refused a save; closing the connection before anything that depends on it is sent");
+        return Ok(Step::close("journal_unavailable"));
     }
 
     let acks0 = request.acks == 0;
@@ -237,6 +268,7 @@ pub(crate) async fn request(
 #[allow(clippy::too_many_arguments)]
 async fn carry_out_split(
     shared: &Shared,
+    bookings: &mut Bookings,
     snapshot: &Snapshot,
     (topic, partition): (&str, i32),
     client_batch: &[u8],
@@ -255,7 +287,7 @@ async fn carry_out_split(
         // No local part: its numbering still counts the records that went elsewhere.
         shared
             .redirector
-            .local_part(topic, partition, client_batch, Bytes::new(), 0);
+            .local_part(bookings, topic, partition, client_batch, Bytes::new(), 0);
     }
     if shared.rejection_log.allow() {
         let who = identity.who();
@@ -282,6 +314,7 @@ async fn carry_out_split(
     for part in parts {
         if part.part == 0 {
             upstream = Some(shared.redirector.local_part(
+                bookings,
                 topic,
                 partition,
                 client_batch,
@@ -297,6 +330,7 @@ async fn carry_out_split(
             shared
                 .redirector
                 .redirect_part(
+                    bookings,
                     cluster,
                     topic,
                     partition,

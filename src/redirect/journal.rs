@@ -1,0 +1,407 @@
+//! The stream journal: redirect's per-stream bookkeeping ([`Saved`]), kept in a compacted topic
+//! of the region's own cluster, so that any keyward instance of the region can carry a client
+//! producer's stream on where another left it: after a restart, a crash, or a load balancer
+//! sending the producer's next connection elsewhere.
+//!
+//! - **Writes.** A stream is saved (one record, keyed by the stream, acks=all) after a request
+//!   changed it and before anything that depends on the change is sent: the redirected batch
+//!   or part under its stamp, and the local batches numbered after it.
+//! - **Reads.** Every instance reads the topic from its start into memory and then follows it.
+//!   Before it handles the first batch of an idempotent stream on a connection, an instance
+//!   asks the partition's end offset and waits until it has read that far ([`Journal::catch_up`]):
+//!   whatever another instance saved before the producer's connection came here is then known.
+//!
+//! Built on the cluster itself, not on a protocol of keyward's own: Kafka orders the writes
+//! and keeps them; compaction keeps the latest record per stream.
+//!
+//! Limits: a save still in flight when its instance died can land after another instance
+//! carried the stream on; every reader then keeps the higher revision, but compaction may keep
+//! the later record (see ARCHITECTURE.md). Streams are never deleted from the topic: it holds
+//! one record per stream ever redirected, and every instance holds them all in memory.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::{Buf, Bytes, BytesMut};
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::client::{ClusterClient, is_stale_leader};
+use super::sequences::{Saved, StreamKey};
+use crate::codec::errors::OFFSET_OUT_OF_RANGE;
+
+/// How long a connection's first idempotent batch waits for the journal before its
+/// connection is closed (the client retries on a new one).
+const CATCH_UP: Duration = Duration::from_secs(10);
+
+pub struct Journal {
+    client: ClusterClient,
+    topic: String,
+    saved: Mutex<HashMap<StreamKey, Saved>>,
+    /// The next offset the reader will read.
+    read_to: watch::Sender<i64>,
+}
+
+impl Journal {
+    pub fn new(client: ClusterClient, topic: String) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            topic,
+            saved: Mutex::new(HashMap::new()),
+            read_to: watch::channel(-1).0,
+        })
+    }
+
+    fn saved(&self) -> std::sync::MutexGuard<'_, HashMap<StreamKey, Saved>> {
+        self.saved.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The latest saved state of a stream, as far as this instance has read.
+    pub fn get(&self, key: &StreamKey) -> Option<Saved> {
+        self.saved().get(key).cloned()
+    }
+
+    /// Waits until this instance has read everything saved before now.
+    pub async fn catch_up(&self) -> anyhow::Result<()> {
+        let end = tokio::time::timeout(CATCH_UP, self.client.end_offset(&self.topic, 0))
+            .await
+            .context("the stream journal's end offset took too long")??;
+        let mut read_to = self.read_to.subscribe();
+        tokio::time::timeout(CATCH_UP, read_to.wait_for(|&at| at >= end))
+            .await
+            .with_context(|| {
+                format!(
+                    "reading the stream journal {} to offset {end} took too long",
+                    self.topic
+                )
+            })?
+            .context("the stream journal's reader ended")?;
+        Ok(())
+    }
+
+    /// Saves streams, all in one batch; returns once the cluster has them (acks=all).
+    pub async fn save(&self, streams: Vec<(StreamKey, Saved)>) -> anyhow::Result<()> {
+        if streams.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<Record> = streams
+            .iter()
+            .enumerate()
+            .map(|(i, (key, saved))| {
+                Ok(Record {
+                    transactional: false,
+                    control: false,
+                    partition_leader_epoch: -1,
+                    producer_id: -1,
+                    producer_epoch: -1,
+                    timestamp_type: TimestampType::Creation,
+                    offset: i as i64,
+                    // The encoder keeps records in one batch while offset - sequence is the
+                    // same; the batch's base sequence is the first one's, -1 (no producer).
+                    sequence: i as i32 - 1,
+                    timestamp: now_ms(),
+                    key: Some(Bytes::from(key_bytes(key))),
+                    value: Some(Bytes::from(serde_json::to_vec(saved)?)),
+                    headers: Default::default(),
+                    delete_horizon: false,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let mut batch = BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut batch,
+            &records,
+            &RecordEncodeOptions {
+                version: 2,
+                compression: Compression::None,
+            },
+        )
+        .context("encoding a stream journal batch")?;
+        let batch = batch.freeze();
+        let mut refresh = false;
+        for _ in 0..3 {
+            let answer = self
+                .client
+                .submit(&self.topic, 0, batch.clone(), -1, 10_000, refresh)
+                .await
+                .await?;
+            if is_stale_leader(answer.error_code) {
+                refresh = true;
+                continue;
+            }
+            if answer.error_code != 0 {
+                bail!(
+                    "cluster {} refused a stream journal write (error {}{})",
+                    self.client.name,
+                    answer.error_code,
+                    answer
+                        .error_message
+                        .as_ref()
+                        .map(|m| format!(": {}", m.as_str()))
+                        .unwrap_or_default()
+                );
+            }
+            let mut saved = self.saved();
+            for (key, state) in streams {
+                keep_latest(&mut saved, key, state);
+            }
+            return Ok(());
+        }
+        bail!("the stream journal's leader keeps moving")
+    }
+
+    /// Creates the topic if it is missing, then reads it from its start and follows it until
+    /// `shutdown`.
+    /// The topic has up to 3 replicas (fewer on a smaller cluster), and with more than one a
+    /// save needs two of them in sync.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let created = async {
+            loop {
+                // Learns the brokers (the topic may not exist yet: that is no error here).
+                let _ = self.client.refresh(&self.topic).await;
+                let replication_factor = self.client.brokers_known().clamp(1, 3) as i16;
+                let configs = [
+                    ("cleanup.policy", "compact"),
+                    (
+                        "min.insync.replicas",
+                        if replication_factor > 1 { "2" } else { "1" },
+                    ),
+                ];
+                match self
+                    .client
+                    .create_topic(&self.topic, replication_factor, &configs)
+                    .await
+                {
+                    Ok(()) => return,
+                    Err(e) => {
+                        warn!(
+                            error = format!("{e:#}"),
+                            "stream journal topic not there yet"
+                        );
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            () = created => {}
+            () = shutdown.cancelled() => return,
+        }
+        info!(topic = %self.topic, cluster = %self.client.name, "reading the stream journal");
+        let mut at = 0i64;
+        let mut refresh = false;
+        loop {
+            let fetched = tokio::select! {
+                f = self.client.fetch(&self.topic, 0, at, 500, refresh) => f,
+                () = shutdown.cancelled() => return,
+            };
+            refresh = false;
+            match fetched {
+                Ok(Ok(data)) => {
+                    let before = at;
+                    at = self.apply(data, at);
+                    if at == before {
+                        // Nothing new: read to the end as it stood.
+                        if let Ok(end) = self.client.end_offset(&self.topic, 0).await
+                            && end <= at
+                        {
+                            self.read_to.send_replace(at);
+                        }
+                    } else {
+                        self.read_to.send_replace(at);
+                    }
+                }
+                failed => {
+                    match failed {
+                        // The log starts past `at` (compaction removed what was there): read
+                        // on from its start.
+                        Ok(Err(OFFSET_OUT_OF_RANGE)) => {
+                            if let Ok(start) = self.client.start_offset(&self.topic, 0).await {
+                                at = at.max(start);
+                            }
+                        }
+                        Ok(Err(code)) => {
+                            debug!(code, "reading the stream journal failed");
+                            refresh = is_stale_leader(code);
+                        }
+                        Err(e) => {
+                            debug!(
+                                error = format!("{e:#}"),
+                                "reading the stream journal failed"
+                            );
+                            refresh = true;
+                        }
+                        Ok(Ok(_)) => unreachable!("matched above"),
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes the records of the whole batches in `data` from offset `at` on; returns the
+    /// offset after the last one read.
+    fn apply(&self, data: Bytes, mut at: i64) -> i64 {
+        let mut saved = self.saved();
+        for mut batch in whole_batches(data) {
+            let Ok(set) = RecordBatchDecoder::decode(&mut batch) else {
+                warn!("a stream journal batch could not be read; skipped");
+                continue;
+            };
+            for record in set.records {
+                if record.offset < at {
+                    continue;
+                }
+                at = record.offset + 1;
+                let Some(key) = record.key.as_deref().and_then(parse_key) else {
+                    continue;
+                };
+                match record.value.as_deref().map(serde_json::from_slice::<Saved>) {
+                    Some(Ok(state)) => keep_latest(&mut saved, key, state),
+                    Some(Err(e)) => warn!(error = %e, "a stream journal record could not be read"),
+                    None => {
+                        saved.remove(&key);
+                    }
+                }
+            }
+        }
+        at
+    }
+}
+
+/// Keeps `state` unless a later revision of the stream is already held.
+fn keep_latest(saved: &mut HashMap<StreamKey, Saved>, key: StreamKey, state: Saved) {
+    match saved.get(&key) {
+        Some(held) if held.rev > state.rev => {}
+        _ => {
+            saved.insert(key, state);
+        }
+    }
+}
+
+/// The whole record batches at the start of a fetched partition's data (a fetch may end in a
+/// partial one).
+fn whole_batches(mut data: Bytes) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    while data.len() >= 12 {
+        let len = i32::from_be_bytes([data[8], data[9], data[10], data[11]]);
+        let Ok(len) = usize::try_from(len) else { break };
+        if data.len() < 12 + len {
+            break;
+        }
+        out.push(data.split_to(12 + len));
+    }
+    data.advance(data.len());
+    out
+}
+
+/// A stream's record key: `producer id/epoch/partition/topic` (topic names cannot hold `/`).
+fn key_bytes(key: &StreamKey) -> String {
+    format!(
+        "{}/{}/{}/{}",
+        key.producer_id, key.epoch, key.partition, key.topic
+    )
+}
+
+fn parse_key(raw: &[u8]) -> Option<StreamKey> {
+    let text = std::str::from_utf8(raw).ok()?;
+    let mut parts = text.splitn(4, '/');
+    Some(StreamKey {
+        producer_id: parts.next()?.parse().ok()?,
+        epoch: parts.next()?.parse().ok()?,
+        partition: parts.next()?.parse().ok()?,
+        topic: parts.next()?.to_owned(),
+    })
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_keys_read_back() {
+        let key = StreamKey {
+            producer_id: 4001,
+            epoch: 3,
+            topic: "orders.eu-1".into(),
+            partition: 12,
+        };
+        assert_eq!(parse_key(key_bytes(&key).as_bytes()), Some(key));
+        assert_eq!(parse_key(b"1/2/x/t"), None);
+    }
+
+    #[test]
+    fn a_later_revision_is_never_replaced_by_an_earlier_one() {
+        let key = StreamKey {
+            producer_id: 1,
+            epoch: 0,
+            topic: "t".into(),
+            partition: 0,
+        };
+        let state = |rev, writer| Saved {
+            rev,
+            writer,
+            shift: rev as i32,
+            local: vec![],
+            redirected: vec![],
+            targets: vec![],
+        };
+        let mut saved = HashMap::new();
+        keep_latest(&mut saved, key.clone(), state(2, 1));
+        // A save of an instance that died, landing late.
+        keep_latest(&mut saved, key.clone(), state(1, 9));
+        assert_eq!(saved[&key].rev, 2);
+        keep_latest(&mut saved, key.clone(), state(3, 9));
+        assert_eq!(saved[&key].writer, 9);
+    }
+
+    #[test]
+    fn only_whole_batches_are_read() {
+        let record = Record {
+            transactional: false,
+            control: false,
+            partition_leader_epoch: -1,
+            producer_id: -1,
+            producer_epoch: -1,
+            timestamp_type: TimestampType::Creation,
+            offset: 0,
+            sequence: -1,
+            timestamp: 0,
+            key: Some(Bytes::from_static(b"k")),
+            value: Some(Bytes::from_static(b"v")),
+            headers: Default::default(),
+            delete_horizon: false,
+        };
+        let mut buf = BytesMut::new();
+        for _ in 0..2 {
+            RecordBatchEncoder::encode(
+                &mut buf,
+                std::slice::from_ref(&record),
+                &RecordEncodeOptions {
+                    version: 2,
+                    compression: Compression::None,
+                },
+            )
+            .unwrap();
+        }
+        let whole = buf.freeze();
+        assert_eq!(whole_batches(whole.clone()).len(), 2);
+        assert_eq!(whole_batches(whole.slice(..whole.len() - 3)).len(), 1);
+        assert!(whole_batches(whole.slice(..5)).is_empty());
+    }
+}

@@ -179,8 +179,10 @@ pub enum ReplicationPolicy {
 pub struct RedirectSettings {
     /// Keep each idempotent producer's redirect bookkeeping in the stream journal, a compacted
     /// topic of the region's own cluster, so that another instance of the region (or this one
-    /// after a restart) carries its streams on. Off: it lives in this process only.
-    #[serde(default)]
+    /// after a restart) carries its streams on. Off: it lives in this process only, and a
+    /// producer whose connection moves to another instance may be refused or see a redirected
+    /// batch written twice.
+    #[serde(default = "RedirectSettings::default_journal")]
     pub journal: bool,
     /// The stream journal's topic on the region's own cluster; keyward creates it (compacted,
     /// one partition) when it is missing.
@@ -189,6 +191,10 @@ pub struct RedirectSettings {
 }
 
 impl RedirectSettings {
+    fn default_journal() -> bool {
+        true
+    }
+
     fn default_journal_topic() -> String {
         "_keyward_redirect_streams".to_owned()
     }
@@ -197,7 +203,7 @@ impl RedirectSettings {
 impl Default for RedirectSettings {
     fn default() -> Self {
         Self {
-            journal: false,
+            journal: Self::default_journal(),
             journal_topic: Self::default_journal_topic(),
         }
     }

@@ -393,7 +393,10 @@ async fn metadata(
     topics: Option<Vec<kafka_protocol::messages::metadata_request::MetadataRequestTopic>>,
 ) -> anyhow::Result<MetadataResponse> {
     let mut session = dialer.session_any(addrs, "keyward").await?;
-    let request = MetadataRequest::default().with_topics(topics);
+    // Naming a topic must not create it (see `ClusterClient::refresh`).
+    let request = MetadataRequest::default()
+        .with_allow_auto_topic_creation(false)
+        .with_topics(topics);
     session
         .call(ApiKey::Metadata, METADATA_VERSION, &request)
         .await

@@ -116,9 +116,12 @@ impl ClusterClient {
             .await
     }
 
-    /// Refreshes the leaders of `topic`.
+    /// Refreshes the leaders of `topic`. Never creates it: a broker with
+    /// `auto.create.topics.enable` (Kafka's default) would otherwise make a missing topic, with
+    /// its default settings, on a Metadata request that names it (the protocol's default).
     pub async fn refresh(&self, topic: &str) -> anyhow::Result<()> {
         let request = MetadataRequest::default()
+            .with_allow_auto_topic_creation(false)
             .with_topics(Some(vec![MetadataRequestTopic::default().with_name(Some(
                 TopicName(StrBytes::from_string(topic.to_owned())),
             ))]));

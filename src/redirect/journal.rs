@@ -20,6 +20,7 @@
 //! one record per stream ever redirected, and every instance holds them all in memory.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,21 +42,34 @@ use crate::codec::errors::OFFSET_OUT_OF_RANGE;
 const CATCH_UP: Duration = Duration::from_secs(10);
 
 pub struct Journal {
+    /// For saves and end offsets.
     client: ClusterClient,
+    /// For the reader's fetches alone: a broker answers one connection's requests in order, so
+    /// a save must not wait behind a fetch the broker holds.
+    reader: ClusterClient,
     topic: String,
     saved: Mutex<HashMap<StreamKey, Saved>>,
     /// The next offset the reader will read.
     read_to: watch::Sender<i64>,
+    /// The reader has been started.
+    started: AtomicBool,
 }
 
 impl Journal {
-    pub fn new(client: ClusterClient, topic: String) -> Arc<Self> {
+    pub fn new(client: ClusterClient, reader: ClusterClient, topic: String) -> Arc<Self> {
         Arc::new(Self {
             client,
+            reader,
             topic,
             saved: Mutex::new(HashMap::new()),
             read_to: watch::channel(-1).0,
+            started: AtomicBool::new(false),
         })
+    }
+
+    /// Whether the caller is the first to ask, and so must start [`Self::run`].
+    pub fn start(&self) -> bool {
+        !self.started.swap(true, Ordering::AcqRel)
     }
 
     fn saved(&self) -> std::sync::MutexGuard<'_, HashMap<StreamKey, Saved>> {
@@ -163,6 +177,11 @@ impl Journal {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let created = async {
             loop {
+                // There already (made by another instance, or by an operator who gives
+                // keyward no CREATE permission): nothing to create.
+                if self.client.end_offset(&self.topic, 0).await.is_ok() {
+                    return;
+                }
                 // Learns the brokers (the topic may not exist yet: that is no error here).
                 let _ = self.client.refresh(&self.topic).await;
                 let replication_factor = self.client.brokers_known().clamp(1, 3) as i16;
@@ -198,7 +217,7 @@ impl Journal {
         let mut refresh = false;
         loop {
             let fetched = tokio::select! {
-                f = self.client.fetch(&self.topic, 0, at, 500, refresh) => f,
+                f = self.reader.fetch(&self.topic, 0, at, 500, refresh) => f,
                 () = shutdown.cancelled() => return,
             };
             refresh = false;
@@ -208,7 +227,7 @@ impl Journal {
                     at = self.apply(data, at);
                     if at == before {
                         // Nothing new: read to the end as it stood.
-                        if let Ok(end) = self.client.end_offset(&self.topic, 0).await
+                        if let Ok(end) = self.reader.end_offset(&self.topic, 0).await
                             && end <= at
                         {
                             self.read_to.send_replace(at);
@@ -222,7 +241,7 @@ impl Journal {
                         // The log starts past `at` (compaction removed what was there): read
                         // on from its start.
                         Ok(Err(OFFSET_OUT_OF_RANGE)) => {
-                            if let Ok(start) = self.client.start_offset(&self.topic, 0).await {
+                            if let Ok(start) = self.reader.start_offset(&self.topic, 0).await {
                                 at = at.max(start);
                             }
                         }
@@ -253,8 +272,11 @@ impl Journal {
     fn apply(&self, data: Bytes, mut at: i64) -> i64 {
         let mut saved = self.saved();
         for mut batch in whole_batches(data) {
+            // The offset after the batch, whatever compaction left in it.
+            let after = batch_end(&batch);
             let Ok(set) = RecordBatchDecoder::decode(&mut batch) else {
                 warn!("a stream journal batch could not be read; skipped");
+                at = at.max(after);
                 continue;
             };
             for record in set.records {
@@ -273,6 +295,7 @@ impl Journal {
                     }
                 }
             }
+            at = at.max(after);
         }
         at
     }
@@ -302,6 +325,15 @@ fn whole_batches(mut data: Bytes) -> Vec<Bytes> {
     }
     data.advance(data.len());
     out
+}
+
+/// The offset after a whole v2 record batch: its base offset plus its last offset delta, plus 1.
+fn batch_end(batch: &[u8]) -> i64 {
+    let base = i64::from_be_bytes(batch[0..8].try_into().unwrap_or_default());
+    let last_delta = batch
+        .get(23..27)
+        .map_or(0, |b| i32::from_be_bytes(b.try_into().unwrap_or_default()));
+    base + i64::from(last_delta) + 1
 }
 
 /// A stream's record key: `producer id/epoch/partition/topic` (topic names cannot hold `/`).
@@ -400,7 +432,9 @@ mod tests {
             .unwrap();
         }
         let whole = buf.freeze();
-        assert_eq!(whole_batches(whole.clone()).len(), 2);
+        let batches = whole_batches(whole.clone());
+        assert_eq!(batches.len(), 2);
+        assert_eq!(batch_end(&batches[0]), 1, "one record at offset 0");
         assert_eq!(whole_batches(whole.slice(..whole.len() - 3)).len(), 1);
         assert!(whole_batches(whole.slice(..5)).is_empty());
     }

@@ -283,8 +283,9 @@ pub struct Redirector {
     /// The proxy's tracker and shutdown: pipelines are its tasks.
     tasks: TaskTracker,
     shutdown: CancellationToken,
-    /// Where streams are saved for other instances, when the journal is on.
-    journal: Option<Arc<Journal>>,
+    /// Where streams are saved for other instances, when the journal is on, and the index of
+    /// the cluster it is on (the region's own).
+    journal: Option<(Arc<Journal>, usize)>,
     /// This process among the instances that save streams.
     writer: u64,
 }
@@ -303,7 +304,8 @@ impl Redirector {
     /// queued is written.
     ///
     /// With `journal` (the index of the region's own cluster and the topic there), streams are
-    /// saved to and adopted from the stream journal, whose reader runs on `tasks` too.
+    /// saved to and adopted from the stream journal, whose reader runs on `tasks` too, from the
+    /// first stream that needs it: an instance that redirects nothing never touches the topic.
     pub fn new(
         clusters: impl IntoIterator<Item = (Vec<String>, Dialer, Option<Redirected>)>,
         journal: Option<(usize, String)>,
@@ -313,15 +315,9 @@ impl Redirector {
         let clusters: Vec<_> = clusters.into_iter().collect();
         let journal = journal.and_then(|(home, topic)| {
             let (bootstrap, dialer, _) = clusters.get(home)?;
-            let journal =
-                Journal::new(ClusterClient::new(bootstrap.clone(), dialer.clone()), topic);
-            tasks.spawn(
-                journal
-                    .clone()
-                    .run(shutdown.clone())
-                    .instrument(info_span!("journal")),
-            );
-            Some(journal)
+            let client = || ClusterClient::new(bootstrap.clone(), dialer.clone());
+            let journal = Journal::new(client(), client(), topic);
+            Some((journal, home))
         });
         let writer = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -352,9 +348,14 @@ impl Redirector {
         }
     }
 
-    /// Whether streams are kept in the stream journal.
-    pub fn journals(&self) -> bool {
-        self.journal.is_some()
+    /// Whether the streams of a connection to cluster `cluster` are kept in the stream
+    /// journal: with the journal on, those of the region's own cluster. (While reads are
+    /// failed over, a connection writes to another region's cluster, whose producer ids are
+    /// that cluster's; its streams stay in this process.)
+    pub fn journals(&self, cluster: usize) -> bool {
+        self.journal
+            .as_ref()
+            .is_some_and(|(_, home)| *home == cluster)
     }
 
     /// The stream a batch of a client producer with an id of its own belongs to.
@@ -372,9 +373,17 @@ impl Redirector {
     /// on a connection that has not had them before: what another instance (or this process
     /// before a restart) saved of them is carried on here.
     pub async fn adopt(&self, streams: &[StreamKey]) -> anyhow::Result<()> {
-        let Some(journal) = &self.journal else {
+        let Some((journal, _)) = &self.journal else {
             return Ok(());
         };
+        if journal.start() {
+            self.tasks.spawn(
+                journal
+                    .clone()
+                    .run(self.shutdown.clone())
+                    .instrument(info_span!("journal")),
+            );
+        }
         journal.catch_up().await?;
         let now = Instant::now();
         for key in streams {
@@ -408,13 +417,15 @@ impl Redirector {
         Ok(())
     }
 
-    /// Saves the streams a request changed (when the journal is on), then queues its
+    /// Saves the streams a request on a connection to `cluster` changed (when
+    /// [`Self::journals`] them), then queues its
     /// redirected batches. If the journal cannot take them, nothing is queued: each
     /// redirected batch is answered as timed out (the client's retry is sent under the same
     /// stamp) and the error is returned, for the connection to be closed before anything
     /// numbered after the change reaches the local cluster.
-    pub async fn carry_out(&self, mut bookings: Bookings) -> anyhow::Result<()> {
-        if let Some(journal) = &self.journal
+    pub async fn carry_out(&self, cluster: usize, mut bookings: Bookings) -> anyhow::Result<()> {
+        if let Some((journal, _)) = &self.journal
+            && self.journals(cluster)
             && !bookings.streams.is_empty()
         {
             bookings.streams.sort_by(|a, b| {

@@ -251,6 +251,10 @@ reads:
 {reads}limits:
   idle_timeout_secs: {idle}
   shutdown_grace_secs: 1
+# The fake brokers serve no topic of keyward's own; the journal is tested against real ones
+# (tests/e2e/test_faults.py).
+redirect:
+  journal: false
 "#,
             idle = options.idle_timeout_secs
         );

@@ -19,7 +19,7 @@ use crate::codec::frame::{self, LENGTH_PREFIX, RequestHead};
 use crate::codec::produce;
 use crate::codec::records::Inflater;
 use crate::codec::split::Part;
-use crate::ownership::RegionId;
+use crate::ownership::{OnForeign, RegionId};
 use crate::policy::produce::{
     Action, Destination, HoldReason, INVALID_RECORD, Placement, ProducePlan, RejectKind, Split,
     SplitError, decide, first_audited_owner, split_batch,
@@ -112,15 +112,25 @@ pub(crate) async fn request(
     // A stream first seen on this connection may have been another instance's (or this
     // process's before a restart): carried on from the stream journal before its batches are
     // numbered.
-    if shared.redirector.journals() {
+    // Only streams a redirect rule decides: no other producer waits for the journal.
+    if shared.redirector.journals(cluster) {
+        let rules = snapshot.table.rules();
+        let redirects = |rule: Option<usize>| {
+            rule.and_then(|i| rules.get(i))
+                .is_some_and(|r| r.on_foreign == OnForeign::Redirect)
+        };
+        let mut decided = plan.partitions.iter();
         let new: Vec<_> = request
             .topics
             .iter()
-            .flat_map(|t| {
-                t.partitions.iter().filter_map(|p| {
-                    Redirector::stream_of(t.name, p.index, p.records?)
-                        .filter(|key| !guard.streams.contains(key))
-                })
+            .flat_map(|t| t.partitions.iter().map(move |p| (t.name, p)))
+            .filter_map(|(topic, p)| {
+                let d = decided.next()?;
+                if !redirects(d.rule) {
+                    return None;
+                }
+                Redirector::stream_of(topic, p.index, p.records?)
+                    .filter(|key| !guard.streams.contains(key))
             })
             .collect();
         if !new.is_empty() {
@@ -204,7 +214,7 @@ pub(crate) async fn request(
             routes.push(route);
         }
     }
-    if let Err(e) = shared.redirector.carry_out(bookings).await {
+    if let Err(e) = shared.redirector.carry_out(cluster, bookings).await {
         warn!(target: CONN_LOG, error = format!("{e:#}"), "the stream journal refused a save; closing the connection before anything that depends on it is sent");
         return Ok(Step::close("journal_unavailable"));
     }

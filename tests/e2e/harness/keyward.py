@@ -86,13 +86,18 @@ class Keyward:
         cluster_yaml: dict[str, str] | None = None,
         binary_path: Path | None = None,
         command: list[str] | None = None,
+        bind_host: str = "127.0.0.1",
+        share_ports_of: "Keyward | None" = None,
     ) -> None:
         """`listen_extra` and `admin_extra` are YAML lines added under `listen:` and `admin:`
         (e.g. `tls: {...}`); `cluster_yaml` replaces the flow mapping of the named clusters
         (e.g. to add `tls` and `sasl`, or to point at another listener); `binary_path` runs
         another build than `$KEYWARD_BIN` (dev/bench's baseline); `command` replaces the whole
         command line that starts it (test_image.py: keyward in another root file system, where
-        the config is at another path)."""
+        the config is at another path). `bind_host` is the address its client listeners bind
+        (the bootstrap and every virtual broker), while it still advertises 127.0.0.1; with
+        `share_ports_of`, it listens on that instance's client ports (on its own `bind_host`),
+        so both can stand behind one load balancer on 127.0.0.1 (test_faults.py)."""
         self.command = command
         self.args = tuple(args)
         self.binary_path = binary_path
@@ -106,6 +111,12 @@ class Keyward:
         self.table_path.write_text(table)
         first = port_block(len(clusters))
         self.bootstrap_port, self.admin_port, self.port_base = first, first + 1, first + 2
+        self.bind_host = bind_host
+        if share_ports_of is not None:
+            self.bootstrap_port, self.port_base = share_ports_of.bootstrap_port, share_ports_of.port_base
+        if bind_host != "127.0.0.1":
+            listen_extra = f"broker_bind: {bind_host}\n{listen_extra}"
+
         overrides = cluster_yaml or {}
         cluster_lines = "\n".join(
             f"  {name}: "
@@ -116,7 +127,7 @@ class Keyward:
         self.config_path.write_text(
             f"""region: {region}
 listen:
-  bootstrap: 127.0.0.1:{self.bootstrap_port}
+  bootstrap: {bind_host}:{self.bootstrap_port}
   advertised_host: 127.0.0.1
   broker_port_base: {self.port_base}
 {indent(listen_extra)}admin:
@@ -151,7 +162,7 @@ ownership_file: ownership.yaml
             if self.proc.poll() is not None:
                 raise RuntimeError(f"keyward exited with {self.proc.returncode}:\n{self.logs()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.bootstrap_port), timeout=1):
+                with socket.create_connection((self.bind_host, self.bootstrap_port), timeout=1):
                     pass
                 self.metrics_text()
                 return self

@@ -769,6 +769,10 @@ async fn foreign_writes_are_produced_to_the_owners_cluster_under_keywards_produc
     );
     // A new partition numbers from 0 under the same producer id.
     assert_eq!(us.batches()[3..], [redirected("red.b", 1, 0, 1)]);
+    // keyward looked the topics' leaders up on us without letting us create them (a broker
+    // with auto.create.topics.enable, Kafka's default, would have on the protocol's default).
+    assert!(us.metadata_answers() > 0);
+    assert_eq!(us.auto_create_asked(), 0);
 }
 
 #[tokio::test]

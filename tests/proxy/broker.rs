@@ -99,6 +99,9 @@ struct State {
     release: Notify,
     /// Metadata answers written (to keyward's probes and to clients through keyward).
     metadata_answers: AtomicUsize,
+    /// Metadata requests naming topics that let the broker create them (a broker with
+    /// `auto.create.topics.enable` would).
+    auto_create_asked: AtomicUsize,
     /// InitProducerId answers given.
     producer_ids: AtomicUsize,
     /// Connections that carried a Produce request.
@@ -179,6 +182,11 @@ impl FakeBroker {
     }
 
     /// Answers the Fetch request held (or the next one, if none is held yet).
+    /// Metadata requests that named topics and let the broker create them.
+    pub fn auto_create_asked(&self) -> usize {
+        self.state.auto_create_asked.load(Ordering::Relaxed)
+    }
+
     pub fn release_fetch(&self) {
         self.state.release.notify_one();
     }
@@ -223,6 +231,11 @@ async fn serve(
         let answer = match api {
             ApiKey::Metadata => {
                 let request = MetadataRequest::decode(&mut body, version).unwrap();
+                if request.allow_auto_topic_creation
+                    && request.topics.as_ref().is_some_and(|t| !t.is_empty())
+                {
+                    state.auto_create_asked.fetch_add(1, Ordering::Relaxed);
+                }
                 let extra = state.extra_nodes.lock().unwrap().clone();
                 Some(encode(api, version, id, &metadata(me, &extra, &request)))
             }

@@ -23,7 +23,9 @@ rounds; the report adds a table of current ÷ baseline, taken round by round.
 Two modes replace the benchmark. --wan (WanBench): redirect over an emulated WAN, a second
 cluster behind toxiproxy, librdkafka straight to it beside the same load redirected by keyward
 (target/bench/wan.md). --latency: one record at a time directly, through haproxy and through
-keyward (target/bench/latency.md).
+keyward (target/bench/latency.md). --tables, --metadata and --connections: issue 18's sizes (a
+100,000-tenant table, a 5,000-partition cluster, 10,000 client connections driven by
+dev/scale_client.py); --scale runs the three.
 """
 
 from __future__ import annotations
@@ -1771,8 +1773,9 @@ def reload_every_second(kw: Keyward, tables: list[str], stop: threading.Event, o
             status, body = 0, str(e)
         took = (time.perf_counter() - started) * 1000
         answer = json.loads(body) if status == 200 else {}
-        ok = answer.get("result") == "loaded"
-        out.append({"ok": ok, "answered_ms": took, "load_ms": answer.get("load_ms"),
+        # "unchanged": the file watch, woken by the same write, loaded this table first.
+        ok = answer.get("result") in ("loaded", "unchanged")
+        out.append({"ok": ok, "result": answer.get("result"), "answered_ms": took, "load_ms": answer.get("load_ms"),
                     **({} if ok else {"status": status, "body": body[:300]})})
         due += 1
         stop.wait(max(0.0, due - time.monotonic()))
@@ -1783,6 +1786,9 @@ def scale_phase(kw: Keyward, client: ScaleClient, broker: int, seconds: float, r
     """One produce phase of the open connections' active tenth, with keyward's, the broker's and the
     machine's CPU around it; with `reload_tables_`, `POST /reload` every second meanwhile."""
     kw_cpu0, broker_cpu0, busy0 = cpu_seconds(kw.pid), cpu_seconds(broker), machine_busy_seconds()
+    # Every table write also wakes keyward's file watch, which reads and parses the file again
+    # after its 200 ms debounce (and finds it loaded, mostly): counted, as it costs CPU too.
+    watched0 = kw.metric("keyward_table_reloads_total", trigger="file")
     reloads: list[dict] = []
     stop = threading.Event()
     reloader = None
@@ -1802,6 +1808,7 @@ def scale_phase(kw: Keyward, client: ScaleClient, broker: int, seconds: float, r
         max_ms=max(lat, default=None), loop_lag_p99_ms=percentile(lags, 0.99),
         keyward_cpu_s=cpu_seconds(kw.pid) - kw_cpu0, broker_cpu_s=cpu_seconds(broker) - broker_cpu0,
         rss_kib=status_kib(kw.pid, "VmRSS"), fds=open_fds(kw.pid), reloads=reloads,
+        file_watch_reloads=kw.metric("keyward_table_reloads_total", trigger="file") - watched0,
     )
     ours = r["keyward_cpu_s"] + r["broker_cpu_s"] + r["client_cpu_s"]
     r["others_cores"] = max(0.0, machine_busy_seconds() - busy0 - ours) / r["wall_s"]
@@ -1861,6 +1868,7 @@ def connections_case(settings: Settings, workdir: Path, cluster: BenchCluster, w
         # slowest whatever it measured.
         client.ask(cmd="grow", to=many, concurrency=settings.scale_concurrency)
         warm = scale_phase(kw, client, broker, settings.scale_seconds, rate)
+        out["fresh_peak_rss_kib"] = status_kib(kw.pid, "VmHWM")  # a process that never had them open before
         client.ask(cmd="shrink", to=small)
         wait_for_open_connections(kw, small)
         out["warm_up"] = warm
@@ -1960,7 +1968,10 @@ def connections_report(settings: Settings, result: dict) -> str:
             "",
             f"keyward's open-file limit {case['open_file_limit']:,}, {case['base_fds']} descriptors held before any "
             f"client: room for {case['fits']:,} connections at two each ({FD_HEADROOM} kept free); "
-            f"{case['connections']:,} opened. RSS at start {case['rss_start_kib'] / 1024:.1f} MiB.",
+            f"{case['connections']:,} opened. RSS at start {case['rss_start_kib'] / 1024:.1f} MiB; peak "
+            f"{case['fresh_peak_rss_kib'] / 1024:.1f} MiB the first time they were all open (the warm-up, not "
+            f"counted: {case['warm_up']['requests']:,} requests, p99 {ms(case['warm_up']['p99_ms'])} ms, "
+            f"{sum(case['warm_up']['failures'].values())} failed).",
             "",
             f"| round | open | opened in (s) | accept while opening, {s['scale_concurrency']} at once: p50 / p99 / max "
             f"(ms) | open failures | accept one at a time beside {s['scale_small']} open: p50 / p99 / max (ms) "
@@ -1981,21 +1992,23 @@ def connections_report(settings: Settings, result: dict) -> str:
             "",
             "| round | phase | active | requests | failed | p50 (ms) | p99 (ms) | p99.9 (ms) | max (ms) | keyward CPU "
             "(µs/request) | broker CPU (cores) | client CPU (cores) | client loop lag p99 (ms) | others (cores) "
-            "| reloads ok / all, serving after p50 / max (ms) |",
-            "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+            "| keyward RSS at the end (MiB) | reloads ok / all, serving after p50 / max (ms) |",
+            "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         for r in case["rounds"]:
             for name, p in r["phases"].items():
                 rl = p["reloads"]
-                served = [x["load_ms"] for x in rl if x["ok"]]
-                reload_cell = (f"{len(served)} / {len(rl)}, {ms(percentile(served, 0.5))} / {ms(max(served, default=None))}"
+                served = [x["load_ms"] for x in rl if x["ok"] and x["load_ms"] is not None]
+                reload_cell = (f"{sum(x['ok'] for x in rl)} / {len(rl)} ({len(served)} loaded, the rest found "
+                               f"loaded by the file watch; it also re-read the file {p['file_watch_reloads']:.0f} "
+                               f"times), {ms(percentile(served, 0.5))} / {ms(max(served, default=None))}"
                                if rl else "")
                 out.append(
                     f"| {r['round'] + 1} | {name} | {p['active']:,} | {p['requests']:,} | {sum(p['failures'].values())} "
                     f"| {ms(p['p50_ms'])} | {ms(p['p99_ms'])} | {ms(p['p999_ms'])} | {ms(p['max_ms'])} | "
                     f"{p['keyward_cpu_s'] / max(1, p['requests']) * 1e6:.0f} | {p['broker_cpu_s'] / p['wall_s']:.2f} | "
                     f"{p['client_cpu_s'] / p['wall_s']:.2f} | "
-                    f"{ms(p['loop_lag_p99_ms'])} | {p['others_cores']:.2f} | {reload_cell} |")
+                    f"{ms(p['loop_lag_p99_ms'])} | {p['others_cores']:.2f} | {p['rss_kib'] / 1024:.1f} | {reload_cell} |")
         out.append("")
         if w != 2:
             continue
@@ -2014,8 +2027,10 @@ def connections_report(settings: Settings, result: dict) -> str:
         targets += [
             f"| {settings.scale_connections:,} concurrent connections | {reached:,} | "
             f"{mark(reached >= settings.scale_connections)}{short} |",
-            f"| RSS ≤ 256 MiB with them open | {peak:.1f} MiB peak (during reloads: {reload_peak:.1f}) | "
-            f"{mark(peak <= 256)} |",
+            f"| RSS ≤ 256 MiB with them open, the first time | {case['fresh_peak_rss_kib'] / 1024:.1f} MiB peak | "
+            f"{mark(case['fresh_peak_rss_kib'] / 1024 <= 256)} |",
+            f"| RSS ≤ 256 MiB with them open, after they closed and opened again | {peak:.1f} MiB peak (during "
+            f"reloads: {reload_peak:.1f}) | {mark(peak <= 256)} |",
             f"| p99 produce at {reached:,} ≤ 2 × at {settings.scale_small} | {statistics.median(ratios):.2f} × "
             f"(each round: {', '.join(f'{x:.2f}' for x in ratios)}) | {mark(statistics.median(ratios) <= 2)} |",
             f"| no failed request (produce, connect, reload) | {failed} produce/connect, {reload_failed} reload | "

@@ -31,6 +31,7 @@ dev/scale_client.py); --scale runs the three.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -1757,7 +1758,8 @@ class ScaleClient:
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"dev/scale_client.py exited with {self.proc.wait()} (log: {self.log.name})")
+            self.log.flush()
+            raise RuntimeError(f"dev/scale_client.py exited with {self.proc.wait()}:\n{env.tail(Path(self.log.name), 30)}")
         answer = json.loads(line)
         if "error" in answer:
             raise RuntimeError(f"dev/scale_client.py: {answer['error']}")
@@ -1779,7 +1781,7 @@ def reload_tables() -> list[str]:
 def reload_every_second(kw: Keyward, tables: list[str], stop: threading.Event, out: list[dict]) -> None:
     """`POST /reload` once a second, alternating the tables, until `stop`; every answer in `out`."""
     due = time.monotonic()
-    for i in range(1, 1_000_000):
+    for i in itertools.count(1):
         if stop.is_set():
             return
         staged = kw.table_path.with_suffix(".next")

@@ -315,7 +315,7 @@ async fn requests(
     identity: &Identity,
 ) -> Result<&'static str, ConnError> {
     let reader = FrameReader::new(shared.config.limits.max_frame_bytes);
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut buf = BytesMut::with_capacity(READ_BUFFER);
     let mut inflater = Inflater::with_budget(
         shared.config.limits.max_decompressed_bytes,
         shared.decompression_budget.clone(),
@@ -525,7 +525,7 @@ async fn responses(
     identity: &Identity,
 ) -> Result<&'static str, ConnError> {
     let reader = FrameReader::new(shared.config.limits.max_frame_bytes);
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut buf = BytesMut::with_capacity(READ_BUFFER);
     while let Some(slot) = slots.recv().await {
         let (out, timing, broker_wait, handled) = match slot {
             Slot::Reply(correlation_id, reply, timing) => {
@@ -669,6 +669,13 @@ fn streams(shared: &Shared, cluster: usize, rewrite: &Rewrite) -> bool {
 /// memory however large the response.
 const RELAY_CHUNK: usize = 256 * 1024;
 
+/// The capacity each of a connection's two read buffers starts with. A frame that does not fit
+/// grows its buffer as it arrives (`FrameReader`, [`RELAY_CHUNK`]), so this only has to hold
+/// the small requests and responses most connections exchange: with 10,000 connections, every
+/// KiB here is 20 MiB of address space, and the allocator keeps the pages a closed connection's
+/// buffers touched for the next ones (`dev/bench --connections`, docs/performance.md).
+const READ_BUFFER: usize = 8 * 1024;
+
 /// Relays the broker's next response to the client as it arrives, after checking its length
 /// and correlation id. Returns the bytes relayed and when the response started to arrive.
 async fn stream_response(
@@ -680,7 +687,8 @@ async fn stream_response(
 ) -> Result<(usize, Instant), ConnError> {
     const HEAD: usize = LENGTH_PREFIX + 4;
     while buf.len() < HEAD {
-        buf.reserve(RELAY_CHUNK);
+        // Only the head until the length is known: a small response must not take a chunk.
+        buf.reserve(HEAD - buf.len());
         if upstream.read_buf(buf).await? == 0 {
             return Err(ConnError::BrokerClosed);
         }
@@ -806,5 +814,30 @@ mod tests {
                 got: 9
             }
         ));
+    }
+
+    /// With 10,000 connections, a chunk reserved for every small response was 2.5 GiB of
+    /// address space, and the allocator kept what closed connections had touched.
+    #[tokio::test]
+    async fn small_responses_leave_the_read_buffer_at_its_starting_size() {
+        let (broker, from_broker) = pair().await;
+        let (to_client, mut client) = pair().await;
+        let (mut upstream, _) = from_broker.into_split();
+        let (_, mut downstream) = to_client.into_split();
+        let (_, mut broker) = broker.into_split();
+        let reader = FrameReader::new(8 * 1024 * 1024);
+        let mut buf = BytesMut::with_capacity(READ_BUFFER);
+        for id in 1..=3 {
+            let frame = response(id, 100);
+            broker.write_all(&frame).await.unwrap();
+            let (n, _) = stream_response(&reader, &mut upstream, &mut downstream, &mut buf, id)
+                .await
+                .unwrap();
+            assert_eq!(n, frame.len());
+            let mut got = vec![0; frame.len()];
+            client.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, frame);
+            assert!(buf.capacity() <= READ_BUFFER, "{}", buf.capacity());
+        }
     }
 }

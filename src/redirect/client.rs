@@ -332,10 +332,7 @@ impl ClusterClient {
                 "cluster {} refused to create topic {topic} (error {}{})",
                 self.name,
                 t.error_code,
-                t.error_message
-                    .as_ref()
-                    .map(|m| format!(": {}", m.as_str()))
-                    .unwrap_or_default()
+                detail(&t.error_message)
             ),
             None => bail!("cluster {} did not answer for topic {topic}", self.name),
         }
@@ -456,6 +453,14 @@ impl ClusterClient {
     pub fn brokers_known(&self) -> usize {
         self.brokers.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
+}
+
+/// A broker's error message, as `": message"` to follow an error code, or nothing.
+pub fn detail(message: &Option<StrBytes>) -> String {
+    message
+        .as_ref()
+        .map(|m| format!(": {}", m.as_str()))
+        .unwrap_or_default()
 }
 
 /// Errors that say the partition's leader is not where keyward thought.

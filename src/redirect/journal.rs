@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::client::{ClusterClient, is_stale_leader};
+use super::client::{ClusterClient, detail, is_stale_leader};
 use super::sequences::{Saved, StreamKey};
 use crate::codec::errors::OFFSET_OUT_OF_RANGE;
 
@@ -104,27 +104,17 @@ impl Journal {
         if streams.is_empty() {
             return Ok(());
         }
+        let now = now_ms();
         let records: Vec<Record> = streams
             .iter()
             .enumerate()
             .map(|(i, (key, saved))| {
-                Ok(Record {
-                    transactional: false,
-                    control: false,
-                    partition_leader_epoch: -1,
-                    producer_id: -1,
-                    producer_epoch: -1,
-                    timestamp_type: TimestampType::Creation,
-                    offset: i as i64,
-                    // The encoder keeps records in one batch while offset - sequence is the
-                    // same; the batch's base sequence is the first one's, -1 (no producer).
-                    sequence: i as i32 - 1,
-                    timestamp: now_ms(),
-                    key: Some(Bytes::from(key_bytes(key))),
-                    value: Some(Bytes::from(serde_json::to_vec(saved)?)),
-                    headers: Default::default(),
-                    delete_horizon: false,
-                })
+                Ok(record(
+                    i as i64,
+                    now,
+                    Bytes::from(key_bytes(key)),
+                    Bytes::from(serde_json::to_vec(saved)?),
+                ))
             })
             .collect::<anyhow::Result<_>>()?;
         let mut batch = BytesMut::new();
@@ -154,11 +144,7 @@ impl Journal {
                     "cluster {} refused a stream journal write (error {}{})",
                     self.client.name,
                     answer.error_code,
-                    answer
-                        .error_message
-                        .as_ref()
-                        .map(|m| format!(": {}", m.as_str()))
-                        .unwrap_or_default()
+                    detail(&answer.error_message)
                 );
             }
             let mut saved = self.saved();
@@ -327,6 +313,28 @@ fn whole_batches(mut data: Bytes) -> Vec<Bytes> {
     out
 }
 
+/// One journal record, at `offset` in the batch being built: no producer id, so no
+/// idempotence (a save written twice is the same state twice).
+fn record(offset: i64, timestamp: i64, key: Bytes, value: Bytes) -> Record {
+    Record {
+        transactional: false,
+        control: false,
+        partition_leader_epoch: -1,
+        producer_id: -1,
+        producer_epoch: -1,
+        timestamp_type: TimestampType::Creation,
+        offset,
+        // The encoder keeps records in one batch while offset - sequence is the same; the
+        // batch's base sequence is the first one's, -1 (no producer).
+        sequence: offset as i32 - 1,
+        timestamp,
+        key: Some(key),
+        value: Some(value),
+        headers: Default::default(),
+        delete_horizon: false,
+    }
+}
+
 /// The offset after a whole v2 record batch: its base offset plus its last offset delta, plus 1.
 fn batch_end(batch: &[u8]) -> i64 {
     let base = i64::from_be_bytes(batch[0..8].try_into().unwrap_or_default());
@@ -404,21 +412,7 @@ mod tests {
 
     #[test]
     fn only_whole_batches_are_read() {
-        let record = Record {
-            transactional: false,
-            control: false,
-            partition_leader_epoch: -1,
-            producer_id: -1,
-            producer_epoch: -1,
-            timestamp_type: TimestampType::Creation,
-            offset: 0,
-            sequence: -1,
-            timestamp: 0,
-            key: Some(Bytes::from_static(b"k")),
-            value: Some(Bytes::from_static(b"v")),
-            headers: Default::default(),
-            delete_horizon: false,
-        };
+        let record = record(0, 0, Bytes::from_static(b"k"), Bytes::from_static(b"v"));
         let mut buf = BytesMut::new();
         for _ in 0..2 {
             RecordBatchEncoder::encode(

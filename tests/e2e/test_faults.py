@@ -681,6 +681,16 @@ def test_keyward_sigkill_and_sigterm(tmp_path, eu, us, report):
         kw.stop()
 
 
+def mixed_redirect_streams(label: str, eu, us, keys: list[str]) -> list[Stream]:
+    """Java, librdkafka and franz-go streams of the redirect rule `rfixed` on topics of 8
+    partitions: every partition carries an eu-owned slot and a us-owned one in turn."""
+    clients = {"java": JavaClient(), "librdkafka": LibrdkafkaClient(), "franz": FranzClient()}
+    return [
+        make_stream(f"{label}/{name}", client, eu, us, keys, "rfixed", FIRST, CHUNK, 16, SLOTS // 2)
+        for name, client in clients.items()
+    ]
+
+
 def test_keyward_sigkill_under_redirect_with_the_stream_journal(tmp_path, eu, us, report):
     """Redirect with the stream journal on (`redirect: { journal: true }`), through two
     SIGKILLs of keyward and its restarts on the same ports. Every partition of every stream
@@ -694,13 +704,7 @@ def test_keyward_sigkill_under_redirect_with_the_stream_journal(tmp_path, eu, us
     batch as the client did (refused as out of order)."""
     kw = start_keyward(tmp_path, eu, us, extra_config="redirect: { journal: true }\n")
     try:
-        keys = key_per_slot(kw)
-        half = SLOTS // 2
-        streams = [
-            make_stream("redirect-restarts/java", JavaClient(), eu, us, keys, "rfixed", FIRST, CHUNK, 16, half),
-            make_stream("redirect-restarts/librdkafka", LibrdkafkaClient(), eu, us, keys, "rfixed", FIRST, CHUNK, 16, half),
-            make_stream("redirect-restarts/franz", FranzClient(), eu, us, keys, "rfixed", FIRST, CHUNK, 16, half),
-        ]
+        streams = mixed_redirect_streams("redirect-restarts", eu, us, key_per_slot(kw))
         progress = Progress(eu, streams)
         for s in streams:
             s.start(kw.bootstrap)
@@ -766,13 +770,7 @@ def test_two_instances_behind_haproxy_under_redirect(tmp_path, eu, us, report):
         a.start()
         b.start()
         lb = start_haproxy(tmp_path, [a.bootstrap_port, *sorted(a.virtual_ports())], ["127.0.0.2", "127.0.0.3"])
-        keys = key_per_slot(a)
-        half = SLOTS // 2
-        streams = [
-            make_stream("two-instances/java", JavaClient(), eu, us, keys, "rfixed", FIRST, CHUNK, 16, half),
-            make_stream("two-instances/librdkafka", LibrdkafkaClient(), eu, us, keys, "rfixed", FIRST, CHUNK, 16, half),
-            make_stream("two-instances/franz", FranzClient(), eu, us, keys, "rfixed", FIRST, CHUNK, 16, half),
-        ]
+        streams = mixed_redirect_streams("two-instances", eu, us, key_per_slot(a))
         progress = Progress(eu, streams)
         for s in streams:
             s.start(a.bootstrap)  # haproxy's address: 127.0.0.1, the ports both instances use

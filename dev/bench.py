@@ -1109,10 +1109,15 @@ class WanBench(Bench):
         self.toxiproxy.start()
         log(f"us broker {self.us.bootstrap}, its WAN listener 127.0.0.1:{wan_port} behind toxiproxy "
             f"127.0.0.1:{self.toxi_port} (pid {self.toxiproxy.proc.pid}); eu broker {self.eu.bootstrap}")
+        # The stream journal (on unless KEYWARD_BENCH_WAN_JOURNAL=false): every redirecting
+        # request waits for one save to eu's cluster.
+        journal = os.environ.get("KEYWARD_BENCH_WAN_JOURNAL", "true")
         self.keyward = Keyward(self.workdir, "eu", {"eu": self.eu, "us": self.us}, WAN_OWNERSHIP, name="keyward",
-                               cluster_yaml={"us": f"{{ bootstrap: ['127.0.0.1:{self.toxi_port}'] }}"})
+                               cluster_yaml={"us": f"{{ bootstrap: ['127.0.0.1:{self.toxi_port}'] }}"},
+                               extra_config=f"redirect: {{ journal: {journal} }}\n")
         self.keyward.start()
-        log(f"eu's keyward {self.keyward.bootstrap} (pid {self.keyward.proc.pid}, {os.environ['KEYWARD_BIN']})")
+        log(f"eu's keyward {self.keyward.bootstrap} (pid {self.keyward.proc.pid}, {os.environ['KEYWARD_BIN']}, "
+            f"stream journal {journal})")
 
     def stop(self) -> None:
         if getattr(self, "keyward", None):

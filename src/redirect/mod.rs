@@ -298,6 +298,19 @@ pub struct Bookings {
     jobs: Vec<(usize, PartitionKey, Job)>,
 }
 
+/// A request whose handling stopped before its bookings were carried out (its connection
+/// ended meanwhile): every booked batch is answered as timed out, so a retry of it is sent
+/// under its stamp rather than left waiting for an answer that never comes.
+impl Drop for Bookings {
+    fn drop(&mut self) {
+        for (_, (_, partition), job) in self.jobs.drain(..) {
+            let _ = job
+                .done
+                .send(Some(error_response(partition, REQUEST_TIMED_OUT)));
+        }
+    }
+}
+
 impl Redirector {
     /// One target per cluster: its bootstrap addresses, how to connect to it, and the counters
     /// of what lands there. Pipelines run on `tasks` and end after `shutdown`, once what is
@@ -455,7 +468,7 @@ impl Redirector {
                 })
                 .collect();
             if let Err(e) = journal.save(saved).await {
-                for (target, (_, partition), job) in bookings.jobs {
+                for (target, (_, partition), job) in std::mem::take(&mut bookings.jobs) {
                     self.targets[target].failures.increment(1);
                     let _ = job
                         .done
@@ -464,7 +477,7 @@ impl Redirector {
                 return Err(e);
             }
         }
-        for (target, (topic, partition), job) in bookings.jobs {
+        for (target, (topic, partition), job) in std::mem::take(&mut bookings.jobs) {
             if let Err(job) = self.enqueue(target, &topic, partition, job).await {
                 self.targets[target].failures.increment(1);
                 let _ = job

@@ -85,12 +85,15 @@ impl Stream {
     /// recognises it should it have landed after all).
     fn earlier(&self, seq: i32) -> Option<Redirect> {
         let (_, outcome, stamp) = self.redirected.iter().find(|(c, ..)| *c == seq)?;
+        // Landed, or still in flight (no answer yet, and someone to give one).
+        let pending_or_landed = |outcome: &Outcome| match outcome.borrow().as_ref() {
+            Some(answer) => answer.error_code == 0,
+            None => outcome.has_changed().is_ok(),
+        };
         Some(match outcome {
-            Some(outcome) if outcome.borrow().as_ref().is_none_or(|r| r.error_code == 0) => {
-                Redirect::Existing(outcome.clone())
-            }
-            // Failed, or adopted from the journal: sent (again) under its stamp, so the
-            // target's broker recognises it if it landed.
+            Some(outcome) if pending_or_landed(outcome) => Redirect::Existing(outcome.clone()),
+            // Failed, never sent, or adopted from the journal: sent (again) under its stamp,
+            // so the target's broker recognises it if it landed.
             _ => Redirect::Send(stamp.clone()),
         })
     }
@@ -386,6 +389,29 @@ mod tests {
             .unwrap();
         assert!(matches!(book.part(&key(), 7), Redirect::Send(_)));
         assert_eq!(book.local(&key(), 11, now), Some(5), "all 4 went elsewhere");
+    }
+
+    #[test]
+    fn a_redirect_whose_answer_can_never_come_is_sent_again() {
+        let mut book = SequenceBook::default();
+        let now = Instant::now();
+        assert!(matches!(
+            book.redirect(&key(), 0, 2, now),
+            Redirect::Send(_)
+        ));
+        let (tx, rx) = watch::channel(None);
+        book.attach(&key(), 0, rx, StampCell::default());
+        assert!(matches!(
+            book.redirect(&key(), 0, 2, now),
+            Redirect::Existing(_)
+        ));
+        // Its job was dropped unsent (the request's handling ended with its connection).
+        drop(tx);
+        assert!(matches!(
+            book.redirect(&key(), 0, 2, now),
+            Redirect::Send(_)
+        ));
+        assert_eq!(book.local(&key(), 2, now), Some(0), "shifted once");
     }
 
     #[test]

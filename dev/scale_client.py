@@ -35,37 +35,17 @@ import struct
 import sys
 import threading
 import time
+from pathlib import Path
+
+# The end-to-end harness's raw encoders: the batch checksum and record varints.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests/e2e"))
+from harness.raw import crc32c, varint  # noqa: E402
 
 ACTIVE_EVERY = 10  # one connection in ten produces
 REQUEST_TIMEOUT_S = 30
 
 
 # ------------------------------------------------------------------ encoding
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC32C = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    c = 0xFFFFFFFF
-    for b in data:
-        c = _CRC32C[(c ^ b) & 0xFF] ^ (c >> 8)
-    return c ^ 0xFFFFFFFF
-
-
-def varint(n: int) -> bytes:
-    """Zigzag varint, as record fields are encoded."""
-    return uvarint((n << 1) ^ (n >> 63))
 
 
 def uvarint(n: int) -> bytes:

@@ -440,6 +440,16 @@ async fn requests(
     }
 }
 
+/// A produce request's changes to redirect streams did not reach the stream journal: its
+/// client is not answered, and the connection closes, so the client sends it again.
+fn unsaved(error: &anyhow::Error) -> &'static str {
+    warn!(
+        error = format!("{error:#}"),
+        "the stream journal refused a save; closing the connection unanswered, for the producer to retry"
+    );
+    "journal_unavailable"
+}
+
 /// What the request half knows of the client it serves, and keyward's own questions to the
 /// broker about it.
 pub(crate) struct Guard<'a> {
@@ -528,7 +538,10 @@ async fn responses(
     let mut buf = BytesMut::with_capacity(READ_BUFFER);
     while let Some(slot) = slots.recv().await {
         let (out, timing, broker_wait, handled) = match slot {
-            Slot::Reply(correlation_id, reply, timing) => {
+            Slot::Reply(correlation_id, mut reply, timing) => {
+                if let Err(e) = reply.durable().await {
+                    return Ok(unsaved(&e));
+                }
                 let out = reply.respond(correlation_id, Default::default()).await?;
                 (out, timing, None, Instant::now())
             }
@@ -590,7 +603,10 @@ async fn responses(
                 // client hears of them.
                 let to = shared.advertiser(cluster);
                 let out = match handling {
-                    Handling::ProduceMerge(reply) => {
+                    Handling::ProduceMerge(mut reply) => {
+                        if let Err(e) = reply.durable().await {
+                            return Ok(unsaved(&e));
+                        }
                         let (correlation_id, broker) = reply.broker_response(&frame, &to)?;
                         to.ready().await;
                         reply.respond(correlation_id, broker).await?

@@ -18,6 +18,7 @@ use super::rewrite::{self, Advertise, RewriteError};
 use crate::codec::errors::UNKNOWN_SERVER_ERROR;
 use crate::codec::frame::{self, LENGTH_PREFIX};
 use crate::codec::produce::ProduceView;
+use crate::redirect::Durable;
 use crate::redirect::sequences::Outcome;
 
 /// First Produce version whose responses carry `record_errors` and `error_message` (KIP-467).
@@ -77,6 +78,10 @@ enum Answer {
 pub struct ProduceReply {
     version: i16,
     topics: Vec<(StrBytes, Vec<(i32, Answer)>)>,
+    /// The stream journal's save of what the request changed: the client is answered only
+    /// once it landed ([`crate::redirect::Redirector::carry_out`]). (In a mutex only so the
+    /// reply is `Sync`; it is only ever taken through `&mut self`.)
+    durable: std::sync::Mutex<Option<Durable>>,
 }
 
 impl ProduceReply {
@@ -125,7 +130,27 @@ impl ProduceReply {
                 (StrBytes::from_string(t.name.to_owned()), partitions)
             })
             .collect();
-        Self { version, topics }
+        Self {
+            version,
+            topics,
+            durable: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The answer waits for `durable` too.
+    pub fn after(mut self, durable: Option<Durable>) -> Self {
+        self.durable = std::sync::Mutex::new(durable);
+        self
+    }
+
+    /// Waits until what the request changed is in the stream journal; an error means the
+    /// client must not be answered.
+    pub async fn durable(&mut self) -> anyhow::Result<()> {
+        let durable = self.durable.get_mut().unwrap_or_else(|e| e.into_inner());
+        match durable.take() {
+            Some(durable) => durable.await,
+            None => Ok(()),
+        }
     }
 
     fn local_partition(&self, index: i32, answer: &LocalAnswer) -> PartitionProduceResponse {

@@ -20,12 +20,15 @@
 //! one record per stream ever redirected, and every instance holds them all in memory.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::{Buf, Bytes, BytesMut};
+use kafka_protocol::messages::produce_response::PartitionProduceResponse;
 use kafka_protocol::records::{
     Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
@@ -53,7 +56,12 @@ pub struct Journal {
     read_to: watch::Sender<i64>,
     /// The reader has been started.
     started: AtomicBool,
+    /// A save found the leader moved: the next one looks it up again.
+    refresh: AtomicBool,
 }
+
+/// A queued save, resolving once the cluster has it ([`Journal::submit`]).
+pub type Durable = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 
 impl Journal {
     pub fn new(client: ClusterClient, reader: ClusterClient, topic: String) -> Arc<Self> {
@@ -64,6 +72,7 @@ impl Journal {
             saved: Mutex::new(HashMap::new()),
             read_to: watch::channel(-1).0,
             started: AtomicBool::new(false),
+            refresh: AtomicBool::new(false),
         })
     }
 
@@ -99,36 +108,14 @@ impl Journal {
         Ok(())
     }
 
-    /// Saves streams, all in one batch; returns once the cluster has them (acks=all).
+    /// Saves streams, all in one batch; returns once the cluster has them (acks=all). A
+    /// leader that moved is looked up again and the batch sent again.
     pub async fn save(&self, streams: Vec<(StreamKey, Saved)>) -> anyhow::Result<()> {
         if streams.is_empty() {
             return Ok(());
         }
-        let now = now_ms();
-        let records: Vec<Record> = streams
-            .iter()
-            .enumerate()
-            .map(|(i, (key, saved))| {
-                Ok(record(
-                    i as i64,
-                    now,
-                    Bytes::from(key_bytes(key)),
-                    Bytes::from(serde_json::to_vec(saved)?),
-                ))
-            })
-            .collect::<anyhow::Result<_>>()?;
-        let mut batch = BytesMut::new();
-        RecordBatchEncoder::encode(
-            &mut batch,
-            &records,
-            &RecordEncodeOptions {
-                version: 2,
-                compression: Compression::None,
-            },
-        )
-        .context("encoding a stream journal batch")?;
-        let batch = batch.freeze();
-        let mut refresh = false;
+        let batch = encode(&streams)?;
+        let mut refresh = self.refresh.swap(false, Ordering::Relaxed);
         for _ in 0..3 {
             let answer = self
                 .client
@@ -139,21 +126,69 @@ impl Journal {
                 refresh = true;
                 continue;
             }
-            if answer.error_code != 0 {
-                bail!(
-                    "cluster {} refused a stream journal write (error {}{})",
-                    self.client.name,
-                    answer.error_code,
-                    detail(&answer.error_message)
-                );
-            }
-            let mut saved = self.saved();
-            for (key, state) in streams {
-                keep_latest(&mut saved, key, state);
-            }
-            return Ok(());
+            return self.saved_if(answer, streams);
         }
         bail!("the stream journal's leader keeps moving")
+    }
+
+    /// Queues a save of `streams` (one batch, acks=all) behind every save queued before it,
+    /// and returns what resolves once the cluster has it. Not sent again if it fails: a
+    /// later save of the same stream could land before it, and compaction keeps the last
+    /// record written. The caller treats a failure as the stream's state being unknown.
+    pub async fn submit(
+        self: &Arc<Self>,
+        streams: Vec<(StreamKey, Saved)>,
+    ) -> anyhow::Result<Durable> {
+        if streams.is_empty() {
+            return Ok(Box::pin(std::future::ready(Ok(()))));
+        }
+        let batch = encode(&streams)?;
+        let refresh = self.refresh.swap(false, Ordering::Relaxed);
+        let answer = self
+            .client
+            .submit(&self.topic, 0, batch, -1, 10_000, refresh)
+            .await;
+        let journal = self.clone();
+        Ok(Box::pin(async move {
+            let answer = answer.await?;
+            if is_stale_leader(answer.error_code) {
+                journal.refresh.store(true, Ordering::Relaxed);
+            }
+            journal.saved_if(answer, streams)
+        }))
+    }
+
+    /// Whether a streams' own numbering on `cluster` under `producer` is saved here: a
+    /// batch sent under a new producer id or epoch cannot be numbered the same way again by
+    /// another instance, so the save comes first.
+    pub fn numbers(&self, key: &StreamKey, cluster: &str, producer: (i64, i16)) -> bool {
+        self.saved().get(key).is_some_and(|s| {
+            s.targets
+                .iter()
+                .any(|(name, id, epoch, _)| name == cluster && (*id, *epoch) == producer)
+        })
+    }
+
+    /// Takes the cluster's answer to a save: on success the streams are known here at once,
+    /// before the reader reads them back.
+    fn saved_if(
+        &self,
+        answer: PartitionProduceResponse,
+        streams: Vec<(StreamKey, Saved)>,
+    ) -> anyhow::Result<()> {
+        if answer.error_code != 0 {
+            bail!(
+                "cluster {} refused a stream journal write (error {}{})",
+                self.client.name,
+                answer.error_code,
+                detail(&answer.error_message)
+            );
+        }
+        let mut saved = self.saved();
+        for (key, state) in streams {
+            keep_latest(&mut saved, key, state);
+        }
+        Ok(())
     }
 
     /// Creates the topic if it is missing, then reads it from its start and follows it until
@@ -295,6 +330,34 @@ fn keep_latest(saved: &mut HashMap<StreamKey, Saved>, key: StreamKey, state: Sav
             saved.insert(key, state);
         }
     }
+}
+
+/// One batch of `streams`, each a record keyed by its stream.
+fn encode(streams: &[(StreamKey, Saved)]) -> anyhow::Result<Bytes> {
+    let now = now_ms();
+    let records: Vec<Record> = streams
+        .iter()
+        .enumerate()
+        .map(|(i, (key, saved))| {
+            Ok(record(
+                i as i64,
+                now,
+                Bytes::from(key_bytes(key)),
+                Bytes::from(serde_json::to_vec(saved)?),
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut batch = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut batch,
+        &records,
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .context("encoding a stream journal batch")?;
+    Ok(batch.freeze())
 }
 
 /// The whole record batches at the start of a fetched partition's data (a fetch may end in a

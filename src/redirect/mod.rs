@@ -43,6 +43,7 @@ use crate::codec::records;
 use crate::proxy::meters::Redirected;
 use crate::proxy::upstream::{Dialer, Reply};
 use client::ClusterClient;
+pub use journal::Durable;
 use journal::Journal;
 use sequences::{Outcome, Redirect, SequenceBook, StreamKey};
 
@@ -431,12 +432,26 @@ impl Redirector {
     }
 
     /// Saves the streams a request on a connection to `cluster` changed (when
-    /// [`Self::journals`] them), then queues its
-    /// redirected batches. If the journal cannot take them, nothing is queued: each
-    /// redirected batch is answered as timed out (the client's retry is sent under the same
-    /// stamp) and the error is returned, for the connection to be closed before anything
-    /// numbered after the change reaches the local cluster.
-    pub async fn carry_out(&self, cluster: usize, mut bookings: Bookings) -> anyhow::Result<()> {
+    /// [`Self::journals`] them) and queues its redirected batches.
+    ///
+    /// The save is queued, not waited for, and the batches go out meanwhile: what the client
+    /// is answered must wait for the returned [`Durable`], and if it fails the connection is
+    /// closed unanswered. Until then nothing the request sent is acknowledged, so the client
+    /// sends it again, and an instance carrying the stream on from its last save numbers it
+    /// the same way (a stream's numbers follow from its saved state and the client's batches
+    /// in the client's order). The one thing it could not number the same way is a batch
+    /// under a producer id or epoch on a target that no save holds yet: a request that
+    /// numbered a stream so is saved first, and its batches are queued once the save landed.
+    ///
+    /// If the journal cannot take a save, nothing of the request is queued: each redirected
+    /// batch is answered as timed out (the client's retry is sent under the same stamp) and
+    /// the error is returned, for the connection to be closed.
+    pub async fn carry_out(
+        &self,
+        cluster: usize,
+        mut bookings: Bookings,
+    ) -> anyhow::Result<Option<Durable>> {
+        let mut durable = None;
         if let Some((journal, _)) = &self.journal
             && self.journals(cluster)
             && !bookings.streams.is_empty()
@@ -450,6 +465,7 @@ impl Redirector {
                 ))
             });
             bookings.streams.dedup();
+            let mut first = false;
             let saved: Vec<_> = bookings
                 .streams
                 .iter()
@@ -461,20 +477,29 @@ impl Redirector {
                         .filter_map(|t| {
                             let numbers = t.numbers();
                             let n = numbers.streams.get(key)?;
+                            first |= !journal.numbers(key, &t.client.name, n.producer);
                             Some((t.client.name.clone(), n.producer.0, n.producer.1, n.next))
                         })
                         .collect();
                     Some((key.clone(), saved))
                 })
                 .collect();
-            if let Err(e) = journal.save(saved).await {
-                for (target, (_, partition), job) in std::mem::take(&mut bookings.jobs) {
-                    self.targets[target].failures.increment(1);
-                    let _ = job
-                        .done
-                        .send(Some(error_response(partition, REQUEST_TIMED_OUT)));
+            let queued = if first {
+                journal.save(saved).await.map(|()| None)
+            } else {
+                journal.submit(saved).await.map(Some)
+            };
+            match queued {
+                Ok(d) => durable = d,
+                Err(e) => {
+                    for (target, (_, partition), job) in std::mem::take(&mut bookings.jobs) {
+                        self.targets[target].failures.increment(1);
+                        let _ = job
+                            .done
+                            .send(Some(error_response(partition, REQUEST_TIMED_OUT)));
+                    }
+                    return Err(e);
                 }
-                return Err(e);
             }
         }
         for (target, (topic, partition), job) in std::mem::take(&mut bookings.jobs) {
@@ -485,7 +510,7 @@ impl Redirector {
                     .send(Some(error_response(partition, REQUEST_TIMED_OUT)));
             }
         }
-        Ok(())
+        Ok(durable)
     }
 
     fn book(&self) -> std::sync::MutexGuard<'_, SequenceBook> {

@@ -214,13 +214,25 @@ pub(crate) async fn request(
             routes.push(route);
         }
     }
-    if let Err(e) = shared.redirector.carry_out(cluster, bookings).await {
-        warn!(target: CONN_LOG, error = format!("{e:#}"), "the stream journal refused a save; closing the connection before anything that depends on it is sent");
-        return Ok(Step::close("journal_unavailable"));
-    }
+    let mut durable = match shared.redirector.carry_out(cluster, bookings).await {
+        Ok(durable) => durable,
+        Err(e) => {
+            warn!(target: CONN_LOG, error = format!("{e:#}"), "the stream journal refused a save; closing the connection before anything that depends on it is sent");
+            return Ok(Step::close("journal_unavailable"));
+        }
+    };
 
     let acks0 = request.acks == 0;
     let untouched = routes.iter().all(Route::is_untouched);
+    // Nothing to hold an acknowledgement back on (no answer is owed, or keyward adds none of
+    // its own): the save is waited for here instead.
+    if (acks0 || untouched)
+        && let Some(save) = durable.take()
+        && let Err(e) = save.await
+    {
+        warn!(target: CONN_LOG, error = format!("{e:#}"), "the stream journal refused a save; closing the connection");
+        return Ok(Step::close("journal_unavailable"));
+    }
     let any_upstream = routes.iter().any(Route::is_upstream);
     let answered = routes.iter().any(|r| matches!(r, Route::Answer(_)));
     let path = if untouched {
@@ -249,7 +261,7 @@ pub(crate) async fn request(
     } else {
         None
     };
-    let reply = ProduceReply::new(version, &request, routes, snapshot.short_hash());
+    let reply = ProduceReply::new(version, &request, routes, snapshot.short_hash()).after(durable);
     let slot = if acks0 {
         if answered {
             counter!("keyward_acks0_rejections_total").increment(1);

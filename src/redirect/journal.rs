@@ -90,11 +90,27 @@ impl Journal {
         self.saved().get(key).cloned()
     }
 
-    /// Waits until this instance has read everything saved before now.
+    /// Waits until this instance has read everything saved before now. The topic may still
+    /// be in the making (the first stream an instance meets starts the reader, which creates
+    /// it): its end offset is asked again until it is there.
     pub async fn catch_up(&self) -> anyhow::Result<()> {
-        let end = tokio::time::timeout(CATCH_UP, self.client.end_offset(&self.topic, 0))
+        let asked = async {
+            loop {
+                match self.client.end_offset(&self.topic, 0).await {
+                    Ok(end) => return end,
+                    Err(e) => {
+                        debug!(
+                            error = format!("{e:#}"),
+                            "the stream journal is not there yet"
+                        );
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        };
+        let end = tokio::time::timeout(CATCH_UP, asked)
             .await
-            .context("the stream journal's end offset took too long")??;
+            .context("the stream journal's end offset took too long")?;
         let mut read_to = self.read_to.subscribe();
         tokio::time::timeout(CATCH_UP, read_to.wait_for(|&at| at >= end))
             .await

@@ -465,6 +465,21 @@ impl Redirector {
                 ))
             });
             bookings.streams.dedup();
+            // A batch without a stamp yet (the target gave no producer id) would be stamped by
+            // its pipeline, under numbers no save holds: its client is answered with a
+            // retriable error instead, and the retry is stamped anew.
+            let (unstamped, stamped) = std::mem::take(&mut bookings.jobs)
+                .into_iter()
+                .partition::<Vec<_>, _>(|(_, _, job)| {
+                    job.stream.producer_id >= 0 && job.stamp.lock().is_ok_and(|s| s.is_none())
+                });
+            bookings.jobs = stamped;
+            for (target, (_, partition), job) in unstamped {
+                self.targets[target].failures.increment(1);
+                let _ = job
+                    .done
+                    .send(Some(error_response(partition, REQUEST_TIMED_OUT)));
+            }
             let mut first = false;
             let saved: Vec<_> = bookings
                 .streams

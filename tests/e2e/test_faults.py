@@ -22,6 +22,9 @@ no test waits out a fixed amount of writing. The fault families:
   test_two_instances_behind_haproxy_under_redirect  the same load through haproxy in front of two
                                     eu instances: one is SIGKILLed and comes back, then both
                                     are restarted in turn (SIGTERM)
+  test_an_answer_waits_for_the_stream_journal  a raw idempotent producer redirecting while the
+                                    stream journal refuses every save: nothing is acknowledged,
+                                    and nothing is sent under a producer id no save holds
   test_slow_consumer_and_stalled_clients  a consumer reads through keyward with tiny fetches and
                                     pauses, and raw clients send half a frame and stall
 
@@ -805,6 +808,127 @@ def test_two_instances_behind_haproxy_under_redirect(tmp_path, eu, us, report):
         if lb is not None:
             lb.terminate()
             lb.wait(10)
+
+
+def journal_refuses(cluster: KafkaCluster, topic: str, refuse: bool) -> None:
+    """Makes every stream journal save to `topic` too large for the cluster (max.message.bytes
+    of 64), or lifts that again, and waits until the cluster reports the setting."""
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
+
+    op = AlterConfigOpType.SET if refuse else AlterConfigOpType.DELETE
+    entry = ConfigEntry("max.message.bytes", "64", incremental_operation=op)
+    admin = cluster.admin()
+    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[entry])
+    for f in admin.incremental_alter_configs([resource]).values():
+        f.result(timeout=30)
+
+    def reported() -> bool:
+        configs = admin.describe_configs([ConfigResource(ResourceType.TOPIC, topic)])
+        value = next(iter(configs.values())).result(timeout=10)["max.message.bytes"].value
+        return (value == "64") == refuse
+
+    wait_for(reported, 30, f"max.message.bytes of {topic} to be {'set' if refuse else 'lifted'}")
+    time.sleep(1)  # every broker, not only the one that answered
+
+
+def test_an_answer_waits_for_the_stream_journal(tmp_path, eu, us, report):
+    """A redirected batch is acknowledged only once the stream journal has the save that goes
+    with it (README, "Instances and restarts"). A raw idempotent producer writes us-owned
+    records through eu's keyward, which redirects them; then the journal topic is made to refuse
+    every save (its max.message.bytes set to 64 bytes):
+    - the stream's next batch goes to us while its save is refused, and its client gets no
+      answer: the connection closes. Sent again on a new connection once the journal takes
+      saves, the batch is numbered as it was first sent (keyward carries the stream on from its
+      last save), so us's broker recognises it: it is in us once;
+    - a new producer's first batch needs a new producer id of keyward's on us, which no later
+      instance could give it again: it is not sent at all before its save lands, and is in
+      neither cluster.
+    Were the answer not held for the save, the first would be acknowledged with the journal
+    refusing; were the save not first for a new producer id, the second would be in us."""
+    journal = unique("_keyward_refusal")
+    kw = start_keyward(tmp_path, eu, us, extra_config=f"redirect: {{ journal: true, journal_topic: {journal} }}\n")
+    try:
+        keys = key_per_slot(kw)
+        us_keys = [keys[8].encode(), keys[9].encode()]  # slots owned by us
+        topic = unique("rfixed.journal")
+        for cluster in (eu, us):
+            cluster.create_topic(topic, partitions=1)
+        host, port = kw.bootstrap.rsplit(":", 1)
+        ids = iter(range(1, 1000))
+
+        def connect() -> socket.socket:
+            return socket.create_connection((host, int(port)), timeout=30)
+
+        def new_producer(sock: socket.socket) -> tuple[int, int]:
+            for _ in range(100):
+                sock.sendall(raw.init_producer_id(next(ids)))
+                frame = raw.recv_frame(sock)
+                # COORDINATOR_LOAD_IN_PROGRESS while a fresh cluster sets its producer ids up.
+                if struct.unpack_from(">h", frame, 8)[0] != 14:
+                    return raw.producer_id(frame)
+                time.sleep(0.2)
+            raise AssertionError("no producer id")
+
+        def send(sock: socket.socket, producer: tuple[int, int], seq: int, tag: str) -> dict:
+            batch = raw.record_batch(
+                [(k, f"{tag}-{i}".encode()) for i, k in enumerate(us_keys)], producer=producer, base_sequence=seq
+            )
+            sock.sendall(raw.produce(next(ids), topic, {0: batch}, version=7))
+            return raw.produce_errors(raw.recv_frame(sock))
+
+        def values(cluster: KafkaCluster) -> list[bytes]:
+            return [r["value"] for r in cluster.read_all(topic, timeout_s=30)]
+
+        first = connect()
+        producer = new_producer(first)
+        # Retried as a producer retries: a cluster that has just started may not give keyward a
+        # producer id at once (a batch of a journalled stream is never sent without one).
+        for _ in range(50):
+            if send(first, producer, 0, "a") == {(topic, 0): 0}:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the first batch was never acknowledged")
+        wait_for(lambda: kw.metric("keyward_produce_records_total", rule="rfixed", decision="redirected") >= 2, 10, "the redirect")
+
+        journal_refuses(eu, journal, True)
+        closed_before = kw.metric("keyward_client_connections_closed_total", cause="journal_unavailable")
+        with pytest.raises(ConnectionError):
+            send(first, producer, 2, "b")
+        first.close()
+        # Sent meanwhile, not acknowledged.
+        deadline = time.monotonic() + 15
+        while b"b-0" not in values(us):
+            assert time.monotonic() < deadline, "the unacknowledged batch never landed in us"
+            time.sleep(0.5)
+
+        second = connect()
+        other = new_producer(second)
+        with pytest.raises(ConnectionError):
+            send(second, other, 0, "c")
+        second.close()
+        closed = kw.metric("keyward_client_connections_closed_total", cause="journal_unavailable") - closed_before
+
+        journal_refuses(eu, journal, False)
+        third = connect()
+        assert send(third, producer, 2, "b") == {(topic, 0): 0}, "the batch sent again"
+        assert send(third, producer, 4, "d") == {(topic, 0): 0}
+        assert send(third, other, 0, "c") == {(topic, 0): 0}, "the new producer, once the journal takes saves"
+        third.close()
+
+        in_us, in_eu = values(us), values(eu)
+        report(
+            f"faults[journal-refusal]: closed_unanswered={closed:.0f} in_us={[v.decode() for v in in_us]} "
+            f"in_eu={len(in_eu)}"
+        )
+        assert closed == 2
+        assert in_eu == []
+        # Every batch once, in the order sent; "c" only from its last attempt, after "d".
+        assert in_us == [b"a-0", b"a-1", b"b-0", b"b-1", b"d-0", b"d-1", b"c-0", b"c-1"]
+        assert "the stream journal refused a save" in kw.log_path.read_text()
+        assert "panicked" not in kw.log_path.read_text()
+    finally:
+        kw.stop()
 
 
 class Flipper:

@@ -65,8 +65,14 @@ def _frame(api_key: int, version: int, correlation_id: int, body: bytes, client_
     return struct.pack(">i", len(msg)) + msg
 
 
-def record_batch(records: list[tuple[bytes | None, bytes | None]], compress: bool = False) -> bytes:
-    """One magic-2 batch, no producer id (not idempotent); gzip-compressed with `compress`."""
+def record_batch(
+    records: list[tuple[bytes | None, bytes | None]],
+    compress: bool = False,
+    producer: tuple[int, int] = (-1, -1),
+    base_sequence: int = -1,
+) -> bytes:
+    """One magic-2 batch; gzip-compressed with `compress`. Without `producer` (id, epoch) it has
+    no producer id (not idempotent); with one, its records are numbered from `base_sequence`."""
     now = int(time.time() * 1000)
     body = b""
     for i, (key, value) in enumerate(records):
@@ -79,7 +85,8 @@ def record_batch(records: list[tuple[bytes | None, bytes | None]], compress: boo
     if compress:
         body = gzip.compress(body, 6)
     after_crc = (
-        struct.pack(">hiqqqhii", attributes, len(records) - 1, now, now, -1, -1, -1, len(records)) + body
+        struct.pack(">hiqqqhii", attributes, len(records) - 1, now, now, *producer, base_sequence, len(records))
+        + body
     )
     after_length = struct.pack(">ib", -1, 2) + struct.pack(">I", crc32c(after_crc)) + after_crc
     return struct.pack(">qi", 0, len(after_length)) + after_length
@@ -98,6 +105,11 @@ def sasl_handshake(correlation_id: int, mechanism: str) -> bytes:
 
 def sasl_authenticate(correlation_id: int, auth_bytes: bytes) -> bytes:
     return _frame(36, 1, correlation_id, _bytes(auth_bytes))
+
+
+def init_producer_id(correlation_id: int) -> bytes:
+    """InitProducerId v1 for an idempotent producer (no transactional id)."""
+    return _frame(22, 1, correlation_id, _string(None) + struct.pack(">i", 60_000))
 
 
 def produce(
@@ -155,6 +167,13 @@ def produce_errors(frame: bytes, version: int = 7) -> dict[tuple[str, int], int]
             pos += 4 + 2 + 8 + 8 + (8 if version >= 5 else 0)
             out[(name, index)] = code
     return out
+
+
+def producer_id(frame: bytes) -> tuple[int, int]:
+    """(producer id, epoch) of an InitProducerId v1 response; AssertionError on an error code."""
+    _, _, error, producer, epoch = struct.unpack_from(">iihqh", frame, 0)
+    assert error == 0, f"InitProducerId failed: error {error}"
+    return producer, epoch
 
 
 def sasl_authenticate_error(frame: bytes) -> int:

@@ -3,9 +3,13 @@
 //! producer's stream on where another left it: after a restart, a crash, or a load balancer
 //! sending the producer's next connection elsewhere.
 //!
-//! - **Writes.** A stream is saved (one record, keyed by the stream, acks=all) after a request
-//!   changed it and before anything that depends on the change is sent: the redirected batch
-//!   or part under its stamp, and the local batches numbered after it.
+//! - **Writes.** A stream is saved (one record, keyed by the stream, acks=all) each time a
+//!   request changed it. The request's batches go out while the save is in flight, and its
+//!   client is answered only once the save landed ([`Journal::submit`]): until then the client
+//!   sends the batches again if anything fails, and an instance that carries the stream on from
+//!   an older save numbers them the same way. A save that gives a stream numbers under a new
+//!   producer id or epoch on a target is waited for before anything is sent
+//!   ([`Journal::save`]), since no other instance could give those numbers again.
 //! - **Reads.** Every instance reads the topic from its start into memory and then follows it.
 //!   Before it handles the first batch of an idempotent stream on a connection, an instance
 //!   asks the partition's end offset and waits until it has read that far ([`Journal::catch_up`]):
@@ -26,13 +30,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use bytes::{Buf, Bytes, BytesMut};
 use kafka_protocol::messages::produce_response::PartitionProduceResponse;
 use kafka_protocol::records::{
     Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -54,10 +58,17 @@ pub struct Journal {
     saved: Mutex<HashMap<StreamKey, Saved>>,
     /// The next offset the reader will read.
     read_to: watch::Sender<i64>,
-    /// The reader has been started.
+    /// The reader and the writer have been started.
     started: AtomicBool,
-    /// A save found the leader moved: the next one looks it up again.
-    refresh: AtomicBool,
+    /// Saves waiting for the writer ([`Self::write`]), and its end of the queue until it starts.
+    saves: mpsc::UnboundedSender<Save>,
+    queued: Mutex<Option<mpsc::UnboundedReceiver<Save>>>,
+}
+
+/// Streams to save, and who waits for them.
+struct Save {
+    streams: Vec<(StreamKey, Saved)>,
+    done: oneshot::Sender<Result<(), String>>,
 }
 
 /// A queued save, resolving once the cluster has it ([`Journal::submit`]).
@@ -65,6 +76,7 @@ pub type Durable = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 
 impl Journal {
     pub fn new(client: ClusterClient, reader: ClusterClient, topic: String) -> Arc<Self> {
+        let (saves, queued) = mpsc::unbounded_channel();
         Arc::new(Self {
             client,
             reader,
@@ -72,11 +84,13 @@ impl Journal {
             saved: Mutex::new(HashMap::new()),
             read_to: watch::channel(-1).0,
             started: AtomicBool::new(false),
-            refresh: AtomicBool::new(false),
+            saves,
+            queued: Mutex::new(Some(queued)),
         })
     }
 
-    /// Whether the caller is the first to ask, and so must start [`Self::run`].
+    /// Whether the caller is the first to ask, and so must start [`Self::run`] and
+    /// [`Self::write`].
     pub fn start(&self) -> bool {
         !self.started.swap(true, Ordering::AcqRel)
     }
@@ -124,14 +138,72 @@ impl Journal {
         Ok(())
     }
 
-    /// Saves streams, all in one batch; returns once the cluster has them (acks=all). A
-    /// leader that moved is looked up again and the batch sent again.
+    /// Saves streams; returns once the cluster has them (acks=all).
     pub async fn save(&self, streams: Vec<(StreamKey, Saved)>) -> anyhow::Result<()> {
+        self.submit(streams).await
+    }
+
+    /// Queues a save of `streams` behind every save queued before it, and returns what
+    /// resolves once the cluster has it (or a later save of the same streams).
+    pub fn submit(&self, streams: Vec<(StreamKey, Saved)>) -> Durable {
         if streams.is_empty() {
-            return Ok(());
+            return Box::pin(std::future::ready(Ok(())));
         }
+        let (done, saved) = oneshot::channel();
+        let queued = self.saves.send(Save { streams, done });
+        Box::pin(async move {
+            queued.map_err(|_| anyhow!("the stream journal's writer has stopped"))?;
+            match saved.await {
+                Ok(result) => result.map_err(|e| anyhow!(e)),
+                Err(_) => bail!("the stream journal's writer stopped before the save landed"),
+            }
+        })
+    }
+
+    /// Writes the queued saves, one batch at a time (group commit): what is queued while a
+    /// batch is in flight goes in the next one, only the latest revision of each stream, so
+    /// a busy instance writes far fewer records than it has requests. One batch in flight
+    /// also keeps the saves in order when a batch is sent again after a leader moved. At
+    /// `shutdown`, what is queued is still written; then the writer ends.
+    pub async fn write(self: Arc<Self>, shutdown: CancellationToken) {
+        let taken = self.queued.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(mut queue) = taken else {
+            return;
+        };
+        loop {
+            let first = tokio::select! {
+                biased;
+                save = queue.recv() => match save {
+                    Some(save) => save,
+                    None => return,
+                },
+                () = shutdown.cancelled() => return,
+            };
+            let mut waiting = vec![first.done];
+            let mut latest = HashMap::new();
+            for (key, state) in first.streams {
+                keep_latest(&mut latest, key, state);
+            }
+            while let Ok(save) = queue.try_recv() {
+                waiting.push(save.done);
+                for (key, state) in save.streams {
+                    keep_latest(&mut latest, key, state);
+                }
+            }
+            let result = self
+                .write_batch(latest.into_iter().collect())
+                .await
+                .map_err(|e| format!("{e:#}"));
+            for done in waiting {
+                let _ = done.send(result.clone());
+            }
+        }
+    }
+
+    /// One batch of saves, sent again (up to 3 times) if the leader moved.
+    async fn write_batch(&self, streams: Vec<(StreamKey, Saved)>) -> anyhow::Result<()> {
         let batch = encode(&streams)?;
-        let mut refresh = self.refresh.swap(false, Ordering::Relaxed);
+        let mut refresh = false;
         for _ in 0..3 {
             let answer = self
                 .client
@@ -145,33 +217,6 @@ impl Journal {
             return self.saved_if(answer, streams);
         }
         bail!("the stream journal's leader keeps moving")
-    }
-
-    /// Queues a save of `streams` (one batch, acks=all) behind every save queued before it,
-    /// and returns what resolves once the cluster has it. Not sent again if it fails: a
-    /// later save of the same stream could land before it, and compaction keeps the last
-    /// record written. The caller treats a failure as the stream's state being unknown.
-    pub async fn submit(
-        self: &Arc<Self>,
-        streams: Vec<(StreamKey, Saved)>,
-    ) -> anyhow::Result<Durable> {
-        if streams.is_empty() {
-            return Ok(Box::pin(std::future::ready(Ok(()))));
-        }
-        let batch = encode(&streams)?;
-        let refresh = self.refresh.swap(false, Ordering::Relaxed);
-        let answer = self
-            .client
-            .submit(&self.topic, 0, batch, -1, 10_000, refresh)
-            .await;
-        let journal = self.clone();
-        Ok(Box::pin(async move {
-            let answer = answer.await?;
-            if is_stale_leader(answer.error_code) {
-                journal.refresh.store(true, Ordering::Relaxed);
-            }
-            journal.saved_if(answer, streams)
-        }))
     }
 
     /// Whether a streams' own numbering on `cluster` under `producer` is saved here: a

@@ -390,14 +390,7 @@ impl Redirector {
         let Some((journal, _)) = &self.journal else {
             return Ok(());
         };
-        if journal.start() {
-            self.tasks.spawn(
-                journal
-                    .clone()
-                    .run(self.shutdown.clone())
-                    .instrument(info_span!("journal")),
-            );
-        }
+        self.start_journal(journal);
         journal.catch_up().await?;
         let now = Instant::now();
         for key in streams {
@@ -429,6 +422,24 @@ impl Redirector {
             debug!(?key, rev = saved.rev, "stream carried on from the journal");
         }
         Ok(())
+    }
+
+    /// Starts the journal's reader and writer, unless they run.
+    fn start_journal(&self, journal: &Arc<Journal>) {
+        if journal.start() {
+            self.tasks.spawn(
+                journal
+                    .clone()
+                    .run(self.shutdown.clone())
+                    .instrument(info_span!("journal")),
+            );
+            self.tasks.spawn(
+                journal
+                    .clone()
+                    .write(self.shutdown.clone())
+                    .instrument(info_span!("journal_writer")),
+            );
+        }
     }
 
     /// Saves the streams a request on a connection to `cluster` changed (when
@@ -499,10 +510,11 @@ impl Redirector {
                     Some((key.clone(), saved))
                 })
                 .collect();
+            self.start_journal(journal);
             let queued = if first {
                 journal.save(saved).await.map(|()| None)
             } else {
-                journal.submit(saved).await.map(Some)
+                Ok(Some(journal.submit(saved)))
             };
             match queued {
                 Ok(d) => durable = d,

@@ -1148,6 +1148,14 @@ class WanBench(Bench):
     def redirected(self) -> float:
         return self.keyward.metric("keyward_produce_records_total", rule="bench-redirect", decision="redirected")
 
+    def journal_figures(self) -> dict[str, float]:
+        """keyward's stream journal counters: saves asked for (and how many of them before the
+        request's batches were sent), batches written, and the seconds the saves waited."""
+        m = self.keyward.metric
+        return {"saves": m("keyward_journal_saves_total"), "batches": m("keyward_journal_batches_total"),
+                "first": m("keyward_journal_requests_total", save="before_sending"),
+                "seconds": m("keyward_journal_save_seconds_sum")}
+
     def wan_produce(self, path: str, rtt: int, rnd: int, *, messages: int = 0, seconds: float = 0,
                     rate: float = 0) -> dict:
         """One loadgen run on a fresh topic: librdkafka's idempotent producer, acks=all, 1 KiB
@@ -1161,9 +1169,15 @@ class WanBench(Bench):
         if rate:
             args += ["--rate", f"{rate:.0f}"]
         before = self.redirected() if path == "keyward-redirect" else None
+        journal = self.journal_figures() if before is not None else None
         r = self.loadgen_run(args, path)
         if before is not None:
             r["redirected_records"] = self.redirected() - before
+        if journal is not None:
+            after = self.journal_figures()
+            j = r["journal"] = {k: after[k] - journal[k] for k in after}
+            log(f"    journal: {j['saves']:.0f} saves ({j['first']:.0f} before sending) in {j['batches']:.0f} "
+                f"batches, {1000 * j['seconds'] / max(j['saves'], 1):.2f} ms mean wait")
         r["rtt_ms"] = rtt
         self.drop_topic(topic)
         return r

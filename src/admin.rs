@@ -55,6 +55,11 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
             LATENCY_BUCKETS,
         )
         .context("latency buckets")?
+        .set_buckets_for_metric(
+            Matcher::Full("keyward_journal_save_seconds".to_owned()),
+            LATENCY_BUCKETS,
+        )
+        .context("journal latency buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
     // Which build runs where: one series, always 1, joined onto others by instance.

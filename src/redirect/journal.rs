@@ -10,10 +10,11 @@
 //!   an older save numbers them the same way. A save that gives a stream numbers under a new
 //!   producer id or epoch on a target is waited for before anything is sent
 //!   ([`Journal::save`]), since no other instance could give those numbers again.
-//! - **Reads.** Every instance reads the topic from its start into memory and then follows it.
-//!   Before it handles the first batch of an idempotent stream on a connection, an instance
-//!   asks the partition's end offset and waits until it has read that far ([`Journal::catch_up`]):
-//!   whatever another instance saved before the producer's connection came here is then known.
+//! - **Reads.** Before it handles the first batch of an idempotent stream on a connection, an
+//!   instance asks the partition's end offset and reads the topic into memory that far
+//!   ([`Journal::catch_up`]): whatever another instance saved before the producer's connection
+//!   came here is then known. The reader reads only then, from where it last stopped: a save
+//!   costs the cluster no fetch, and a quiet journal costs it nothing.
 //!
 //! Built on the cluster itself, not on a protocol of keyward's own: Kafka orders the writes
 //! and keeps them; compaction keeps the latest record per stream.
@@ -28,7 +29,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use bytes::{Buf, Bytes, BytesMut};
@@ -36,6 +37,7 @@ use kafka_protocol::messages::produce_response::PartitionProduceResponse;
 use kafka_protocol::records::{
     Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
+use metrics::{counter, histogram};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -58,6 +60,10 @@ pub struct Journal {
     saved: Mutex<HashMap<StreamKey, Saved>>,
     /// The next offset the reader will read.
     read_to: watch::Sender<i64>,
+    /// The offset a catch-up waits for: the reader reads only while this is ahead of
+    /// `read_to`, so a quiet journal costs its cluster nothing, and a busy one no fetch per
+    /// save.
+    wanted: watch::Sender<i64>,
     /// The reader and the writer have been started.
     started: AtomicBool,
     /// Saves waiting for the writer ([`Self::write`]), and its end of the queue until it starts.
@@ -69,6 +75,7 @@ pub struct Journal {
 struct Save {
     streams: Vec<(StreamKey, Saved)>,
     done: oneshot::Sender<Result<(), String>>,
+    queued_at: Instant,
 }
 
 /// A queued save, resolving once the cluster has it ([`Journal::submit`]).
@@ -83,6 +90,7 @@ impl Journal {
             topic,
             saved: Mutex::new(HashMap::new()),
             read_to: watch::channel(-1).0,
+            wanted: watch::channel(-1).0,
             started: AtomicBool::new(false),
             saves,
             queued: Mutex::new(Some(queued)),
@@ -125,6 +133,11 @@ impl Journal {
         let end = tokio::time::timeout(CATCH_UP, asked)
             .await
             .context("the stream journal's end offset took too long")?;
+        self.wanted.send_if_modified(|wanted| {
+            let ahead = end > *wanted;
+            *wanted = (*wanted).max(end);
+            ahead
+        });
         let mut read_to = self.read_to.subscribe();
         tokio::time::timeout(CATCH_UP, read_to.wait_for(|&at| at >= end))
             .await
@@ -150,7 +163,11 @@ impl Journal {
             return Box::pin(std::future::ready(Ok(())));
         }
         let (done, saved) = oneshot::channel();
-        let queued = self.saves.send(Save { streams, done });
+        let queued = self.saves.send(Save {
+            streams,
+            done,
+            queued_at: Instant::now(),
+        });
         Box::pin(async move {
             queued.map_err(|_| anyhow!("the stream journal's writer has stopped"))?;
             match saved.await {
@@ -179,13 +196,13 @@ impl Journal {
                 },
                 () = shutdown.cancelled() => return,
             };
-            let mut waiting = vec![first.done];
+            let mut waiting = vec![(first.done, first.queued_at)];
             let mut latest = HashMap::new();
             for (key, state) in first.streams {
                 keep_latest(&mut latest, key, state);
             }
             while let Ok(save) = queue.try_recv() {
-                waiting.push(save.done);
+                waiting.push((save.done, save.queued_at));
                 for (key, state) in save.streams {
                     keep_latest(&mut latest, key, state);
                 }
@@ -194,7 +211,11 @@ impl Journal {
                 .write_batch(latest.into_iter().collect())
                 .await
                 .map_err(|e| format!("{e:#}"));
-            for done in waiting {
+            counter!("keyward_journal_batches_total").increment(1);
+            counter!("keyward_journal_saves_total").increment(waiting.len() as u64);
+            let waited = histogram!("keyward_journal_save_seconds");
+            for (done, queued_at) in waiting {
+                waited.record(queued_at.elapsed());
                 let _ = done.send(result.clone());
             }
         }
@@ -252,8 +273,8 @@ impl Journal {
         Ok(())
     }
 
-    /// Creates the topic if it is missing, then reads it from its start and follows it until
-    /// `shutdown`.
+    /// Creates the topic if it is missing, then reads it from its start, as far as
+    /// [`Self::catch_up`] asks each time, until `shutdown`.
     /// The topic has up to 3 replicas (fewer on a smaller cluster), and with more than one a
     /// save needs two of them in sync.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
@@ -297,7 +318,15 @@ impl Journal {
         info!(topic = %self.topic, cluster = %self.client.name, "reading the stream journal");
         let mut at = 0i64;
         let mut refresh = false;
+        let mut wanted = self.wanted.subscribe();
         loop {
+            // Read only what a catch-up waits for (this instance's own saves are known without
+            // reading them back).
+            let read_to = *self.read_to.borrow();
+            tokio::select! {
+                w = wanted.wait_for(|&w| w > read_to) => if w.is_err() { return },
+                () = shutdown.cancelled() => return,
+            }
             let fetched = tokio::select! {
                 f = self.reader.fetch(&self.topic, 0, at, 500, refresh) => f,
                 () = shutdown.cancelled() => return,

@@ -511,6 +511,7 @@ impl Redirector {
                 })
                 .collect();
             self.start_journal(journal);
+            metrics::counter!("keyward_journal_requests_total", "save" => if first { "before_sending" } else { "with_sending" }).increment(1);
             let queued = if first {
                 journal.save(saved).await.map(|()| None)
             } else {

@@ -883,7 +883,7 @@ def test_an_answer_waits_for_the_stream_journal(tmp_path, eu, us, report):
         producer = new_producer(first)
         # Retried as a producer retries: a cluster that has just started may not give keyward a
         # producer id at once (a batch of a journalled stream is never sent without one).
-        for _ in range(50):
+        for tries in range(50):
             if send(first, producer, 0, "a") == {(topic, 0): 0}:
                 break
             time.sleep(0.2)
@@ -923,6 +923,13 @@ def test_an_answer_waits_for_the_stream_journal(tmp_path, eu, us, report):
         )
         assert closed == 2
         assert in_eu == []
+        # Saved first: a, and c twice (refused, then saved). With the sending: b refused, b
+        # again, d, and any try at a that had no producer id on us yet.
+        assert kw.metric("keyward_journal_requests_total", save="before_sending") == 3
+        assert kw.metric("keyward_journal_requests_total", save="with_sending") == 3 + tries
+        saves, batches = kw.metric("keyward_journal_saves_total"), kw.metric("keyward_journal_batches_total")
+        assert saves == 6 + tries and 1 <= batches <= saves
+        assert kw.metric("keyward_journal_save_seconds_count") == saves
         # Every batch once, in the order sent; "c" only from its last attempt, after "d".
         assert in_us == [b"a-0", b"a-1", b"b-0", b"b-1", b"d-0", b"d-1", b"c-0", b"c-1"]
         assert "the stream journal refused a save" in kw.log_path.read_text()

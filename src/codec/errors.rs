@@ -21,6 +21,8 @@ pub const UNKNOWN_PRODUCER_ID: i16 = E::UnknownProducerId.code();
 pub const INVALID_RECORD: i16 = E::InvalidRecord.code();
 pub const TOPIC_ALREADY_EXISTS: i16 = E::TopicAlreadyExists.code();
 pub const OFFSET_OUT_OF_RANGE: i16 = E::OffsetOutOfRange.code();
+pub const COORDINATOR_LOAD_IN_PROGRESS: i16 = E::CoordinatorLoadInProgress.code();
+pub const COORDINATOR_NOT_AVAILABLE: i16 = E::CoordinatorNotAvailable.code();
 
 #[cfg(test)]
 mod tests {

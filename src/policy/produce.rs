@@ -723,13 +723,16 @@ impl<'t> Tally<'t> {
                 self.audited += 1;
             }
             Verdict::Foreign { owner } => {
-                let why = format!(
-                    "{} is owned by region {}{}; this proxy writes for {}",
-                    self.describe(subject),
-                    self.table.region_name(owner),
-                    self.where_(claim),
-                    self.table.region_name(self.local),
-                );
+                // Worded only for the records whose message is kept: no allocation per record.
+                let why = |t: &Self| {
+                    format!(
+                        "{} is owned by region {}{}; this proxy writes for {}",
+                        t.describe(subject),
+                        t.table.region_name(owner),
+                        t.where_(claim),
+                        t.table.region_name(t.local),
+                    )
+                };
                 if self.rule.on_foreign == OnForeign::Redirect {
                     match self.foreign.iter_mut().find(|(o, _)| *o == owner) {
                         Some((_, n)) => *n += 1,
@@ -737,6 +740,7 @@ impl<'t> Tally<'t> {
                     }
                     self.redirected_count += 1;
                     if self.redirected.len() < MAX_RECORD_ERRORS {
+                        let why = why(self);
                         self.redirected.push((index, why));
                     }
                 } else {
@@ -744,8 +748,8 @@ impl<'t> Tally<'t> {
                 }
             }
             Verdict::Reject(reason) => {
-                let why = self.describe_reject(reason, subject);
                 // Refused whatever the region: there is no owner to name.
+                let why = |t: &Self| t.describe_reject(reason, subject);
                 self.refuse(index, RejectKind::Unowned(reason), why, None);
             }
             Verdict::Frozen { owner } => {
@@ -762,9 +766,21 @@ impl<'t> Tally<'t> {
         }
     }
 
-    fn refuse(&mut self, index: i32, kind: RejectKind, why: String, owner: Option<RegionId>) {
+    /// Counts a refused record; `why` words its message, asked only while messages are kept.
+    fn refuse(
+        &mut self,
+        index: i32,
+        kind: RejectKind,
+        why: impl FnOnce(&Self) -> String,
+        owner: Option<RegionId>,
+    ) {
         self.refused += 1;
-        if self.record_errors.len() < MAX_RECORD_ERRORS {
+        let listed = self.record_errors.len() < MAX_RECORD_ERRORS;
+        if !listed && self.first_refusal.is_some() {
+            return;
+        }
+        let why = why(self);
+        if listed {
             self.record_errors.push((index, why.clone()));
         }
         if self.first_refusal.is_none() {

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
@@ -28,7 +29,8 @@ use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use tokio::sync::Mutex;
 
 use crate::codec::errors::{
-    LEADER_NOT_AVAILABLE, NOT_LEADER_OR_FOLLOWER, TOPIC_ALREADY_EXISTS, UNKNOWN_TOPIC_OR_PARTITION,
+    COORDINATOR_LOAD_IN_PROGRESS, COORDINATOR_NOT_AVAILABLE, LEADER_NOT_AVAILABLE,
+    NOT_LEADER_OR_FOLLOWER, TOPIC_ALREADY_EXISTS, UNKNOWN_TOPIC_OR_PARTITION,
 };
 use crate::proxy::upstream::{Dialer, Pipelined, Reply};
 
@@ -206,15 +208,31 @@ impl ClusterClient {
             .with_transaction_timeout_ms(60_000)
             .with_producer_id((-1).into())
             .with_producer_epoch(-1);
-        let response: InitProducerIdResponse = self
-            .call(
-                None,
-                ApiKey::InitProducerId,
-                INIT_PRODUCER_ID_VERSION,
-                &request,
-            )
-            .await
-            .with_context(|| format!("producer id from cluster {}", self.name))?;
+        // A cluster that has just started answers COORDINATOR_LOAD_IN_PROGRESS (or NOT
+        // AVAILABLE) for a moment, as a Kafka producer finds at its start: asked again, for up
+        // to a second, before the batch waiting for it is given up.
+        let mut response: InitProducerIdResponse;
+        let mut tries = 0;
+        loop {
+            response = self
+                .call(
+                    None,
+                    ApiKey::InitProducerId,
+                    INIT_PRODUCER_ID_VERSION,
+                    &request,
+                )
+                .await
+                .with_context(|| format!("producer id from cluster {}", self.name))?;
+            tries += 1;
+            let loading = matches!(
+                response.error_code,
+                COORDINATOR_LOAD_IN_PROGRESS | COORDINATOR_NOT_AVAILABLE
+            );
+            if !loading || tries == 10 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         if response.error_code != 0 {
             bail!(
                 "cluster {} refused a producer id (error {})",

@@ -79,9 +79,8 @@ pub struct ProduceReply {
     version: i16,
     topics: Vec<(StrBytes, Vec<(i32, Answer)>)>,
     /// The stream journal's save of what the request changed: the client is answered only
-    /// once it landed ([`crate::redirect::Redirector::carry_out`]). (In a mutex only so the
-    /// reply is `Sync`; it is only ever taken through `&mut self`.)
-    durable: std::sync::Mutex<Option<Durable>>,
+    /// once it landed ([`crate::redirect::Redirector::carry_out`]).
+    durable: Option<Durable>,
 }
 
 impl ProduceReply {
@@ -133,21 +132,20 @@ impl ProduceReply {
         Self {
             version,
             topics,
-            durable: std::sync::Mutex::new(None),
+            durable: None,
         }
     }
 
     /// The answer waits for `durable` too.
     pub fn after(mut self, durable: Option<Durable>) -> Self {
-        self.durable = std::sync::Mutex::new(durable);
+        self.durable = durable;
         self
     }
 
     /// Waits until what the request changed is in the stream journal; an error means the
     /// client must not be answered.
     pub async fn durable(&mut self) -> anyhow::Result<()> {
-        let durable = self.durable.get_mut().unwrap_or_else(|e| e.into_inner());
-        match durable.take() {
+        match self.durable.take() {
             Some(durable) => durable.await,
             None => Ok(()),
         }

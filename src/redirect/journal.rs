@@ -8,8 +8,7 @@
 //!   client is answered only once the save landed ([`Journal::submit`]): until then the client
 //!   sends the batches again if anything fails, and an instance that carries the stream on from
 //!   an older save numbers them the same way. A save that gives a stream numbers under a new
-//!   producer id or epoch on a target is waited for before anything is sent
-//!   ([`Journal::save`]), since no other instance could give those numbers again.
+//!   producer id or epoch on a target is waited for before anything is sent, since no other instance could give those numbers again.
 //! - **Reads.** Before it handles the first batch of an idempotent stream on a connection, an
 //!   instance asks the partition's end offset and reads the topic into memory that far
 //!   ([`Journal::catch_up`]): whatever another instance saved before the producer's connection
@@ -79,7 +78,7 @@ struct Save {
 }
 
 /// A queued save, resolving once the cluster has it ([`Journal::submit`]).
-pub type Durable = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+pub type Durable = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + Sync>>;
 
 impl Journal {
     pub fn new(client: ClusterClient, reader: ClusterClient, topic: String) -> Arc<Self> {
@@ -149,11 +148,6 @@ impl Journal {
             })?
             .context("the stream journal's reader ended")?;
         Ok(())
-    }
-
-    /// Saves streams; returns once the cluster has them (acks=all).
-    pub async fn save(&self, streams: Vec<(StreamKey, Saved)>) -> anyhow::Result<()> {
-        self.submit(streams).await
     }
 
     /// Queues a save of `streams` behind every save queued before it, and returns what
@@ -240,7 +234,7 @@ impl Journal {
         bail!("the stream journal's leader keeps moving")
     }
 
-    /// Whether a streams' own numbering on `cluster` under `producer` is saved here: a
+    /// Whether a stream's own numbering on `cluster` under `producer` is saved here: a
     /// batch sent under a new producer id or epoch cannot be numbered the same way again by
     /// another instance, so the save comes first.
     pub fn numbers(&self, key: &StreamKey, cluster: &str, producer: (i64, i16)) -> bool {

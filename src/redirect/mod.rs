@@ -513,7 +513,7 @@ impl Redirector {
             self.start_journal(journal);
             metrics::counter!("keyward_journal_requests_total", "save" => if first { "before_sending" } else { "with_sending" }).increment(1);
             let queued = if first {
-                journal.save(saved).await.map(|()| None)
+                journal.submit(saved).await.map(|()| None)
             } else {
                 Ok(Some(journal.submit(saved)))
             };

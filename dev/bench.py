@@ -1154,7 +1154,10 @@ class WanBench(Bench):
         m = self.keyward.metric
         return {"saves": m("keyward_journal_saves_total"), "batches": m("keyward_journal_batches_total"),
                 "first": m("keyward_journal_requests_total", save="before_sending"),
-                "seconds": m("keyward_journal_save_seconds_sum")}
+                "seconds": m("keyward_journal_save_seconds_sum"),
+                "write_seconds": m("keyward_journal_write_seconds_sum"),
+                "held": m("keyward_journal_answer_wait_seconds_count"),
+                "held_seconds": m("keyward_journal_answer_wait_seconds_sum")}
 
     def wan_produce(self, path: str, rtt: int, rnd: int, *, messages: int = 0, seconds: float = 0,
                     rate: float = 0) -> dict:
@@ -1176,8 +1179,11 @@ class WanBench(Bench):
         if journal is not None:
             after = self.journal_figures()
             j = r["journal"] = {k: after[k] - journal[k] for k in after}
-            log(f"    journal: {j['saves']:.0f} saves ({j['first']:.0f} before sending) in {j['batches']:.0f} "
-                f"batches, {1000 * j['seconds'] / max(j['saves'], 1):.2f} ms mean wait")
+            if j["saves"]:
+                log(f"    journal: {j['saves']:.0f} saves ({j['first']:.0f} before sending) in {j['batches']:.0f} "
+                    f"batches ({1000 * j['write_seconds'] / max(j['batches'], 1):.2f} ms mean write), "
+                    f"{1000 * j['seconds'] / max(j['saves'], 1):.2f} ms mean wait; answers held "
+                    f"{1000 * j['held_seconds'] / max(j['held'], 1):.2f} ms on average after their parts landed")
         r["rtt_ms"] = rtt
         self.drop_topic(topic)
         return r

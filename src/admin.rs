@@ -56,7 +56,7 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
         )
         .context("latency buckets")?
         .set_buckets_for_metric(
-            Matcher::Full("keyward_journal_save_seconds".to_owned()),
+            Matcher::Prefix("keyward_journal_".to_owned()),
             LATENCY_BUCKETS,
         )
         .context("journal latency buckets")?

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use metrics::{counter, gauge};
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -101,13 +102,26 @@ pub struct ReloadError {
     pub trigger: Trigger,
 }
 
+/// What reloads remember.
+struct Reloads {
+    /// The last failed reload, until one succeeds.
+    last_error: Option<ReloadError>,
+    /// The digest of the file text the table in force was read from: a reload that reads the
+    /// same text again is answered without parsing it (a change is often seen twice, by the
+    /// file watch and by a `POST /reload`, and parsing a 100,000-tenant table takes a core
+    /// for a tenth of a second).
+    read: [u8; 32],
+    /// How many times a reload parsed the file.
+    parsed: u64,
+}
+
 pub struct Ownership {
     current: ArcSwap<Snapshot>,
     path: PathBuf,
     regions: Vec<String>,
     local_region: String,
-    /// Serializes reloads (file, signal and API may fire together) and holds the last error.
-    state: Mutex<Option<ReloadError>>,
+    /// Serializes reloads (file, signal and API may fire together).
+    state: Mutex<Reloads>,
     /// Serializes replacements of the file ([`Ownership::replace`]).
     writing: Mutex<()>,
 }
@@ -133,14 +147,19 @@ pub enum ReplaceError {
 impl Ownership {
     /// Loads the table at start; an invalid table here stops keyward from starting.
     pub fn load(path: &Path, regions: &[String], local_region: &str) -> Result<Self, TableError> {
-        let table = Table::load(path, regions)?;
+        let text = Table::read(path)?;
+        let table = Table::parse(&text, path, regions)?;
         let snapshot = Self::snapshot_of(table, 1, local_region, path)?;
         let ownership = Self {
             current: ArcSwap::from_pointee(snapshot),
             path: path.to_owned(),
             regions: regions.to_vec(),
             local_region: local_region.to_owned(),
-            state: Mutex::new(None),
+            state: Mutex::new(Reloads {
+                last_error: None,
+                read: Sha256::digest(&text).into(),
+                parsed: 0,
+            }),
             writing: Mutex::new(()),
         };
         ownership.publish(Trigger::Startup, "loaded", None);
@@ -188,7 +207,8 @@ impl Ownership {
     }
 
     pub fn last_error(&self) -> Option<ReloadError> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.last_error.clone()
     }
 
     /// Replaces the table file with `text` and reloads it, if the table in force has the
@@ -222,16 +242,32 @@ impl Ownership {
 
     /// Reads, validates and, if valid and different, swaps in the file's table.
     pub fn reload(&self, trigger: Trigger) -> Outcome {
-        let mut last_error = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let started = Instant::now();
         let old = self.current.load_full();
-        let loaded = Table::load(&self.path, &self.regions).and_then(|table| {
+        let text = Table::read(&self.path);
+        let digest: Option<[u8; 32]> = text.as_ref().ok().map(|t| Sha256::digest(t).into());
+        if digest == Some(state.read) {
+            state.last_error = None;
+            drop(state);
+            self.publish(trigger, "unchanged", None);
+            return Outcome::Unchanged {
+                version: old.version,
+                hash: old.hash.clone(),
+            };
+        }
+        state.parsed += 1;
+        let loaded = text.and_then(|text| {
+            let table = Table::parse(&text, &self.path, &self.regions)?;
             // Computed once: the hash now, the summary of changes once the table serves.
             let canonical = table.canonical_json();
             let hash = Table::hash_of(&canonical);
             Self::snapshot_with(table, hash, old.version + 1, &self.local_region, &self.path)
                 .map(|snapshot| (snapshot, canonical))
         });
+        if let (Ok(_), Some(digest)) = (&loaded, digest) {
+            state.read = digest;
+        }
         let outcome = match loaded {
             Err(e) => {
                 error!(
@@ -240,7 +276,7 @@ impl Ownership {
                     hash = old.short_hash(),
                     "ownership table reload failed; the old table keeps serving: {e}"
                 );
-                *last_error = Some(ReloadError {
+                state.last_error = Some(ReloadError {
                     message: e.to_string(),
                     at: SystemTime::now(),
                     trigger,
@@ -248,7 +284,7 @@ impl Ownership {
                 Outcome::Failed(e)
             }
             Ok((new, _)) if new.hash == old.hash => {
-                *last_error = None;
+                state.last_error = None;
                 Outcome::Unchanged {
                     version: old.version,
                     hash: old.hash.clone(),
@@ -268,7 +304,7 @@ impl Ownership {
                     load_ms = load.as_millis() as u64,
                     "ownership table loaded: {changes}"
                 );
-                *last_error = None;
+                state.last_error = None;
                 Outcome::Loaded {
                     version,
                     hash,
@@ -283,7 +319,7 @@ impl Ownership {
             Outcome::Failed(_) => "error",
         };
         let previous = matches!(outcome, Outcome::Loaded { .. }).then_some(&*old);
-        drop(last_error);
+        drop(state);
         self.publish(trigger, result, previous);
         outcome
     }
@@ -509,6 +545,61 @@ mod tests {
         assert_ne!(o.snapshot().hash, first.hash);
         // A snapshot taken before the swap is unaffected by it.
         assert_eq!(first.version, 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn parsed(o: &Ownership) -> u64 {
+        o.state.lock().unwrap().parsed
+    }
+
+    #[test]
+    fn the_same_file_text_is_not_parsed_again() {
+        let dir = std::env::temp_dir().join(format!("keyward-reread-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("ownership.yaml");
+        std::fs::write(&file, TABLE).unwrap();
+        let o = Ownership::load(&file, &regions(), "eu").unwrap();
+
+        // The text the table in force came from: answered without parsing.
+        assert!(matches!(
+            o.reload(Trigger::File),
+            Outcome::Unchanged { version: 1, .. }
+        ));
+        assert_eq!(parsed(&o), 0);
+
+        // A failed reload leaves the table in force, and the text it came from is still known.
+        std::fs::write(&file, "rules: [").unwrap();
+        assert!(matches!(o.reload(Trigger::File), Outcome::Failed(_)));
+        std::fs::write(&file, TABLE).unwrap();
+        assert!(matches!(
+            o.reload(Trigger::Api),
+            Outcome::Unchanged { version: 1, .. }
+        ));
+        assert!(o.last_error().is_none(), "the error is cleared");
+        assert_eq!(parsed(&o), 1);
+
+        // New text is parsed once, whether it changes the table or not.
+        let changed = TABLE.replace("slots: 2", "slots: 2\n    null_key: local");
+        std::fs::write(&file, &changed).unwrap();
+        assert!(matches!(
+            o.reload(Trigger::File),
+            Outcome::Loaded { version: 2, .. }
+        ));
+        assert!(matches!(
+            o.reload(Trigger::Api),
+            Outcome::Unchanged { version: 2, .. }
+        ));
+        assert_eq!(parsed(&o), 2);
+        std::fs::write(&file, format!("# a comment\n{changed}")).unwrap();
+        assert!(matches!(
+            o.reload(Trigger::File),
+            Outcome::Unchanged { version: 2, .. }
+        ));
+        assert!(matches!(
+            o.reload(Trigger::File),
+            Outcome::Unchanged { version: 2, .. }
+        ));
+        assert_eq!(parsed(&o), 3);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -44,12 +44,16 @@ pub struct Table {
 impl Table {
     /// Reads and validates the file. Errors carry the file path.
     pub fn load(path: &Path, regions: &[String]) -> Result<Table, TableError> {
-        let text = std::fs::read_to_string(path).map_err(|e| TableError {
+        Table::parse(&Table::read(path)?, path, regions)
+    }
+
+    /// The file's text, unvalidated.
+    pub fn read(path: &Path) -> Result<String, TableError> {
+        std::fs::read_to_string(path).map_err(|e| TableError {
             file: path.to_owned(),
             path: String::new(),
             message: format!("cannot read the file: {e}"),
-        })?;
-        Table::parse(&text, path, regions)
+        })
     }
 
     /// Validates `text`. `source` is only used in error messages and kept for display.

@@ -4,6 +4,7 @@
 //! redirected writes, or all of them merged in the order the client asked).
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use bytes::Bytes;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
@@ -12,6 +13,7 @@ use kafka_protocol::messages::produce_response::{
 };
 use kafka_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, TopicName};
 use kafka_protocol::protocol::{Encodable, StrBytes};
+use metrics::histogram;
 
 use super::handlers;
 use super::rewrite::{self, Advertise, RewriteError};
@@ -143,12 +145,31 @@ impl ProduceReply {
     }
 
     /// Waits until what the request changed is in the stream journal; an error means the
-    /// client must not be answered.
+    /// client must not be answered. The redirected parts' answers are waited for first, so
+    /// `keyward_journal_answer_wait_seconds` is what the journal adds to the answer.
     pub async fn durable(&mut self) -> anyhow::Result<()> {
-        match self.durable.take() {
-            Some(durable) => durable.await,
-            None => Ok(()),
+        let Some(durable) = self.durable.take() else {
+            return Ok(());
+        };
+        for (_, partitions) in &self.topics {
+            for (_, answer) in partitions {
+                match answer {
+                    Answer::Redirected(outcome) => {
+                        outcome_of(outcome).await;
+                    }
+                    Answer::Split { redirected, .. } => {
+                        for outcome in redirected {
+                            outcome_of(outcome).await;
+                        }
+                    }
+                    Answer::Broker | Answer::Local(_) => {}
+                }
+            }
         }
+        let answered = Instant::now();
+        let saved = durable.await;
+        histogram!("keyward_journal_answer_wait_seconds").record(answered.elapsed());
+        saved
     }
 
     fn local_partition(&self, index: i32, answer: &LocalAnswer) -> PartitionProduceResponse {

@@ -218,6 +218,8 @@ impl Journal {
     /// One batch of saves, sent again (up to 3 times) if the leader moved.
     async fn write_batch(&self, streams: Vec<(StreamKey, Saved)>) -> anyhow::Result<()> {
         let batch = encode(&streams)?;
+        let started = Instant::now();
+        let written = histogram!("keyward_journal_write_seconds");
         let mut refresh = false;
         for _ in 0..3 {
             let answer = self
@@ -229,6 +231,7 @@ impl Journal {
                 refresh = true;
                 continue;
             }
+            written.record(started.elapsed());
             return self.saved_if(answer, streams);
         }
         bail!("the stream journal's leader keeps moving")

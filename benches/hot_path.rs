@@ -37,6 +37,7 @@ use keyward::policy::produce::{Destination, Placement, decide};
 use keyward::proxy::brokers::UnmappableNode;
 use keyward::proxy::produce::{ProduceReply, Route, forwarded_request};
 use keyward::proxy::rewrite::Advertise;
+use keyward::reload::{Outcome, Ownership, Trigger};
 
 /// The table of the end-to-end benchmark (dev/bench.py) plus a split key rule for the merge
 /// benchmark: eu owns slots 0-7 of `split.*`, us 8-15; and key_part rules for the lookups.
@@ -541,6 +542,28 @@ fn large_tables(c: &mut Criterion) {
     g.sample_size(10);
     g.throughput(Throughput::Bytes(large_text.len() as u64));
     g.bench_function("parse/large", |b| b.iter(|| parse(black_box(&large_text))));
+
+    // A whole reload of the large table, as `POST /reload` does it: the file read, parsed,
+    // validated, hashed and swapped in, and the summary of changes logged. Two tables that
+    // differ in one tenant take turns, so every reload swaps.
+    let dir = std::env::temp_dir().join(format!("keyward-bench-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    let file = dir.join("ownership.yaml");
+    let texts = [large_text.clone(), large_table_text(100_001, 65_536)];
+    std::fs::write(&file, &texts[0]).expect("the table file");
+    let ownership = Ownership::load(&file, &regions, "eu").expect("a valid table");
+    let mut turn = 0;
+    g.bench_function("reload/large", |b| {
+        b.iter(|| {
+            turn += 1;
+            std::fs::write(&file, &texts[turn % 2]).expect("the table file");
+            assert!(matches!(
+                ownership.reload(Trigger::Api),
+                Outcome::Loaded { .. }
+            ));
+        })
+    });
+    std::fs::remove_dir_all(&dir).expect("the temporary directory");
     g.finish();
 }
 

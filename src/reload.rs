@@ -44,6 +44,11 @@ pub struct Snapshot {
     pub version: u64,
     /// SHA-256 of the canonical table: equal across instances that run the same table.
     pub hash: String,
+    /// The canonical table ([`Table::canonical_json`]) as compact JSON text: what the next
+    /// reload's summary of changes compares with, kept as text because it is a fraction of
+    /// the size of its parsed form, and far cheaper to parse again than to build again (a
+    /// large table's values are sorted to build it).
+    canonical: Box<str>,
     pub loaded_at: SystemTime,
     /// The region this instance writes for, as the table numbers it.
     pub local: RegionId,
@@ -149,7 +154,8 @@ impl Ownership {
     pub fn load(path: &Path, regions: &[String], local_region: &str) -> Result<Self, TableError> {
         let text = Table::read(path)?;
         let table = Table::parse(&text, path, regions)?;
-        let snapshot = Self::snapshot_of(table, 1, local_region, path)?;
+        let canonical = table.canonical_json();
+        let snapshot = Self::snapshot_with(table, &canonical, 1, local_region, path)?;
         let ownership = Self {
             current: ArcSwap::from_pointee(snapshot),
             path: path.to_owned(),
@@ -166,19 +172,10 @@ impl Ownership {
         Ok(ownership)
     }
 
-    fn snapshot_of(
-        table: Table,
-        version: u64,
-        local_region: &str,
-        path: &Path,
-    ) -> Result<Snapshot, TableError> {
-        let hash = table.content_hash();
-        Self::snapshot_with(table, hash, version, local_region, path)
-    }
-
+    /// `canonical` is the table's [`Table::canonical_json`].
     fn snapshot_with(
         table: Table,
-        hash: String,
+        canonical: &serde_json::Value,
         version: u64,
         local_region: &str,
         path: &Path,
@@ -188,8 +185,11 @@ impl Ownership {
             path: String::new(),
             message: format!("region {local_region:?} is not one of the table's regions"),
         })?;
+        // `Display` on a `Value` is the compact serialization; it cannot fail.
+        let canonical = canonical.to_string();
         Ok(Snapshot {
-            hash,
+            hash: Table::hash_of_text(&canonical),
+            canonical: canonical.into(),
             table,
             version,
             loaded_at: SystemTime::now(),
@@ -259,11 +259,16 @@ impl Ownership {
         state.parsed += 1;
         let loaded = text.and_then(|text| {
             let table = Table::parse(&text, &self.path, &self.regions)?;
-            // Computed once: the hash now, the summary of changes once the table serves.
+            // Built once: for the hash now, for the summary of changes once the table serves.
             let canonical = table.canonical_json();
-            let hash = Table::hash_of(&canonical);
-            Self::snapshot_with(table, hash, old.version + 1, &self.local_region, &self.path)
-                .map(|snapshot| (snapshot, canonical))
+            Self::snapshot_with(
+                table,
+                &canonical,
+                old.version + 1,
+                &self.local_region,
+                &self.path,
+            )
+            .map(|snapshot| (snapshot, canonical))
         });
         if let (Ok(_), Some(digest)) = (&loaded, digest) {
             state.read = digest;
@@ -295,7 +300,12 @@ impl Ownership {
                 self.current.store(Arc::new(new));
                 let load = started.elapsed();
                 gauge!("keyward_table_load_seconds").set(load.as_secs_f64());
-                let changes = Table::diff_of(&old.table.canonical_json(), &canonical);
+                let changes = match serde_json::from_str(&old.canonical) {
+                    Ok(before) => Table::diff_of(&before, &canonical),
+                    // Text keyward wrote itself: cannot happen, but a log line is no reason
+                    // to fail a reload.
+                    Err(_) => Table::diff_of(&old.table.canonical_json(), &canonical),
+                };
                 info!(
                     trigger = trigger.as_str(),
                     version,

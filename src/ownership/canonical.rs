@@ -102,7 +102,12 @@ impl Table {
     /// [`Table::content_hash`] of the table whose [`Table::canonical_json`] is `canonical`.
     pub fn hash_of(canonical: &Value) -> String {
         // `Display` on a `Value` is the compact serialization; it cannot fail.
-        hex(&Sha256::digest(canonical.to_string().as_bytes()))
+        Self::hash_of_text(&canonical.to_string())
+    }
+
+    /// [`Table::hash_of`] the compact serialization of the canonical table.
+    pub fn hash_of_text(compact: &str) -> String {
+        hex(&Sha256::digest(compact.as_bytes()))
     }
 
     /// One bounded line saying what changed from `old` to `self`, for the reload log, e.g.

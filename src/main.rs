@@ -159,6 +159,12 @@ enum LogFormat {
     Json,
 }
 
+/// jemalloc rather than glibc's malloc: memory that thousands of connections touched goes back
+/// to the system once they close (its background thread purges pages unused for 10 s), where
+/// glibc's per-thread arenas kept it (docs/performance.md, "Many connections").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {

@@ -591,10 +591,20 @@ mod tests {
         // New text is parsed once, whether it changes the table or not.
         let changed = TABLE.replace("slots: 2", "slots: 2\n    null_key: local");
         std::fs::write(&file, &changed).unwrap();
-        assert!(matches!(
-            o.reload(Trigger::File),
-            Outcome::Loaded { version: 2, .. }
-        ));
+        match o.reload(Trigger::File) {
+            // The summary, made from the canonical text kept with the old table, is the one
+            // the two tables give.
+            Outcome::Loaded {
+                version: 2,
+                changes,
+                ..
+            } => {
+                let table = |text: &str| Table::parse(text, &file, &regions()).unwrap();
+                assert_eq!(changes, table(&changed).diff_summary(&table(TABLE)));
+                assert!(changes.contains("orders"), "{changes}");
+            }
+            other => panic!("expected a load, got {other:?}"),
+        }
         assert!(matches!(
             o.reload(Trigger::Api),
             Outcome::Unchanged { version: 2, .. }

@@ -161,7 +161,9 @@ enum LogFormat {
 
 /// jemalloc rather than glibc's malloc: memory that thousands of connections touched goes back
 /// to the system once they close (its background thread purges pages unused for 10 s), where
-/// glibc's per-thread arenas kept it (docs/performance.md, "Many connections").
+/// glibc's per-thread arenas kept it (docs/performance.md, "Many connections"). The default
+/// feature `jemalloc`; without it (`--no-default-features`) the binary uses the system's malloc.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

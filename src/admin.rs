@@ -157,8 +157,13 @@ fn ownership_document(
             "trigger": e.trigger.as_str(),
         })
     });
+    let serving = s.shared.serving.index();
     json!({
         "region": s.shared.config.region,
+        "reads": {
+            "serving": s.shared.clusters.get(serving).name,
+            "view": s.shared.view(serving).map(|v| v.describe()),
+        },
         "version": snapshot.version,
         "hash": snapshot.hash,
         "loaded_at": rfc3339(snapshot.loaded_at),

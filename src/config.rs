@@ -120,6 +120,23 @@ pub struct Reads {
     /// it), so one lost probe does not close every client connection.
     #[serde(default = "Reads::default_down_after_failed_probes")]
     pub down_after_failed_probes: u32,
+    /// Which topics a client reads while another region's cluster serves its reads.
+    #[serde(default)]
+    pub topic_names: TopicNames,
+}
+
+/// `reads.topic_names`: the names of this region's topics in another region's cluster.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TopicNames {
+    /// MirrorMaker 2's default replication policy: this region's topic `T` is read from the
+    /// serving cluster's mirror `<region><separator>T` (`replication.separator`, "." by
+    /// default), and topics are mapped in every request and response that names them.
+    #[default]
+    Mirrored,
+    /// The serving cluster's topics under their own names: for MM2's identity replication
+    /// policy (a copy keeps its source's name) or clusters that hold the same data otherwise.
+    Same,
 }
 
 impl Reads {
@@ -145,6 +162,7 @@ impl Default for Reads {
             probe_timeout_ms: Self::default_probe_timeout_ms(),
             hold_down_ms: Self::default_hold_down_ms(),
             down_after_failed_probes: Self::default_down_after_failed_probes(),
+            topic_names: TopicNames::default(),
         }
     }
 }

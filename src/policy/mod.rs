@@ -2,6 +2,7 @@
 //! globals, so most unit and property tests live here.
 pub mod alignment;
 pub mod produce;
+pub mod region_view;
 pub mod replication;
 
 #[cfg(test)]

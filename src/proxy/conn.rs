@@ -22,19 +22,21 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use super::handlers::{
-    self, Handling, Pending, Rewrite, Step, api_versions, client_sasl, handling, produce,
+    self, Handling, Pending, Rewrite, Step, Viewed, api_versions, client_sasl, handling, produce,
 };
 use super::identity::{self, Authorizations, Identity, Requirement};
 use super::produce::ProduceReply;
 use super::rewrite::RewriteError;
 use super::stream::{ReadHalf, Stream, WriteHalf};
 use super::versions::{self, Admission};
+use super::view::ViewError;
 use super::{Advertiser, Shared};
 use crate::codec::frame::{self, FrameError, FrameReader, LENGTH_PREFIX, RequestHead};
 use crate::codec::produce::ProduceParseError;
 use crate::codec::records::Inflater;
 use crate::codec::wire::WireError;
 use crate::config::ClientAuth;
+use crate::policy::region_view::RegionView;
 use crate::reload::Snapshot;
 
 /// Which real broker a client connection is relayed to.
@@ -332,6 +334,7 @@ async fn requests(
         streams: std::collections::HashSet::new(),
     };
     let idle = Duration::from_secs(shared.config.limits.idle_timeout_secs);
+    let view = shared.view(cluster);
     let stop = shared.shutdown_token();
     let mut wait = idle;
     loop {
@@ -368,7 +371,13 @@ async fn requests(
             identity.set_client_id(id);
             guard.named = true;
         }
-        let admission = versions::admit(head.api_key, head.api_version);
+        let mut admission = versions::admit(head.api_key, head.api_version);
+        if let (Some(_), Admission::Forward, Ok(key)) =
+            (view, admission, ApiKey::try_from(head.api_key))
+            && !super::view::admits(key, head.api_version)
+        {
+            admission = Admission::Refuse;
+        }
         let step = match (admission, ApiKey::try_from(head.api_key)) {
             (Admission::Forward, Ok(ApiKey::Produce)) => {
                 let mut io = BrokerIo {
@@ -393,9 +402,10 @@ async fn requests(
             (Admission::Forward, Ok(ApiKey::SaslAuthenticate)) => {
                 client_sasl::authenticate(frame, head, identity)
             }
-            (Admission::Forward, Ok(key)) => {
-                Step::forward(frame, head.correlation_id, handling(key, head.api_version))
-            }
+            (Admission::Forward, Ok(key)) => match view {
+                Some(view) => viewed(shared, identity, view, frame, head, key),
+                None => Step::forward(frame, head.correlation_id, handling(key, head.api_version)),
+            },
             // `admit` refuses every API key this build cannot name, so only versions keyward
             // does not offer come here.
             (refused, _) => api_versions::unsupported(refused, identity.peer, &frame, head),
@@ -436,6 +446,64 @@ async fn requests(
         activity.asked();
         if slots.send(slot).await.is_err() {
             return Ok("client_closed");
+        }
+    }
+}
+
+/// A request on a connection served by another region's cluster: its topic names mapped to
+/// that cluster's (`super::view`), and the response's mapped back.
+fn viewed(
+    shared: &Shared,
+    identity: &Identity,
+    view: &RegionView,
+    frame: Bytes,
+    head: RequestHead,
+    key: ApiKey,
+) -> Step {
+    let inner = handling(key, head.api_version);
+    match super::view::request(&frame, key, head.api_version, view) {
+        Ok(None) => Step::forward(frame, head.correlation_id, inner),
+        Ok(Some(mapped)) => {
+            let Handling::Rewrite(inner) = inner else {
+                unreachable!("only Produce is merged, and it is never mapped")
+            };
+            for topic in &mapped.unknown {
+                if shared.view_log.allow() {
+                    warn!(
+                        peer = ?identity.peer,
+                        topic = %topic,
+                        serving = view.serving(),
+                        "a client asked for a topic with no counterpart in the serving cluster; answered unknown"
+                    );
+                }
+            }
+            let handling = Handling::Rewrite(Rewrite::View(Box::new(Viewed {
+                inner,
+                key,
+                version: head.api_version,
+                unknown: mapped.unknown,
+            })));
+            Step::forward(mapped.frame, head.correlation_id, handling)
+        }
+        Err(ViewError::Unmapped {
+            api,
+            topic,
+            serving,
+        }) => {
+            if shared.view_log.allow() {
+                warn!(
+                    peer = ?identity.peer,
+                    ?api,
+                    topic,
+                    serving,
+                    "a client named a topic with no counterpart in the serving cluster; closing"
+                );
+            }
+            Step::close("unmapped_topic")
+        }
+        Err(e) => {
+            debug!(peer = ?identity.peer, error = %e, "malformed request in a region view; closing");
+            Step::close("malformed_request")
         }
     }
 }
@@ -756,7 +824,9 @@ fn respond(
 ) -> Result<Bytes, RewriteError> {
     match rewrite {
         Rewrite::Passthrough => Ok(frame),
-        Rewrite::ApiVersions(v) => handlers::api_versions::response(&frame, v),
+        Rewrite::ApiVersions(v) => {
+            handlers::api_versions::response(&frame, v, shared.view(cluster).is_some())
+        }
         Rewrite::Metadata(v) => handlers::metadata::response(&frame, v, to, &|t| {
             super::alignment::observe(shared, cluster, t.iter().copied())
         }),
@@ -765,6 +835,31 @@ fn respond(
         Rewrite::Fetch(v) => handlers::fetch::response(&frame, v, to),
         Rewrite::Produce(v) => handlers::produce::response(&frame, v, to),
         Rewrite::SaslAuthenticate(_) | Rewrite::SaslHandshake(_) => Ok(frame),
+        Rewrite::View(viewed) => {
+            let Viewed {
+                inner,
+                key,
+                version,
+                unknown,
+            } = *viewed;
+            let frame = respond(shared, cluster, inner, frame, to)?;
+            let view = shared
+                .view(cluster)
+                .expect("a mapped request was sent on a connection with a view");
+            let mut missing = Vec::new();
+            let out = super::view::response(&frame, key, version, view, &unknown, &mut missing)?;
+            for topic in missing {
+                if shared.view_log.allow() {
+                    warn!(
+                        topic,
+                        mirror = view.to_serving(&topic),
+                        serving = view.serving(),
+                        "a topic's mirror is missing in the serving cluster: answered unknown (retriable) until MirrorMaker 2 creates it"
+                    );
+                }
+            }
+            Ok(out)
+        }
     }
 }
 

@@ -27,6 +27,7 @@ pub mod serving;
 pub mod stream;
 pub mod upstream;
 pub mod versions;
+pub mod view;
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -42,7 +43,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::config::Config;
+use crate::config::{Config, TopicNames};
+use crate::policy::region_view::RegionView;
+use crate::policy::replication::Naming;
 use crate::redirect::Redirector;
 use crate::reload::Ownership;
 use crate::security::Security;
@@ -89,6 +92,11 @@ pub struct Shared {
     pub redirector: Redirector,
     /// MirrorMaker 2's lag as last measured (`replication` in the config).
     pub replication: replication::Lag,
+    /// Per cluster: the region view a connection served by it sees (`None` for the local
+    /// cluster, and with `reads.topic_names: same`).
+    views: Vec<Option<RegionView>>,
+    /// "no counterpart in the serving cluster" lines: a consumer retries its metadata often.
+    pub view_log: RateLimit,
     bootstrap_bound: AtomicBool,
 }
 
@@ -128,7 +136,10 @@ impl Shared {
         let decompression_budget = crate::codec::records::DecompressionBudget::new(
             config.limits.max_decompressed_bytes_total,
         );
+        let views = region_views(&config, &clusters);
         Ok(Arc::new(Self {
+            views,
+            view_log: RateLimit::new(Duration::from_secs(10), 5),
             clusters,
             dialers,
             security,
@@ -160,6 +171,11 @@ impl Shared {
         }
     }
 
+    /// The region view of connections served by cluster `cluster`, if names are mapped there.
+    pub fn view(&self, cluster: usize) -> Option<&RegionView> {
+        self.views.get(cluster)?.as_ref()
+    }
+
     fn probe(&self) -> Probe<'_> {
         Probe {
             clusters: &self.clusters,
@@ -167,6 +183,7 @@ impl Shared {
             ports: &self.ports,
             serving: &self.serving,
             reads: &self.config.reads,
+            views: &self.views,
         }
     }
 
@@ -287,6 +304,26 @@ pub const AUDIT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Allows a bounded number of events per interval; used so that a flood of refused writes logs
 /// a sample instead of one line per batch (the metrics count every one).
+/// Every cluster's region view: how this region's topic names map onto it while it serves
+/// (`reads.topic_names`).
+fn region_views(config: &Config, clusters: &Clusters) -> Vec<Option<RegionView>> {
+    let regions: Vec<String> = clusters.all().iter().map(|c| c.name.clone()).collect();
+    let naming = Naming {
+        separator: config
+            .replication
+            .as_ref()
+            .map_or_else(|| ".".to_owned(), |r| r.separator.clone()),
+    };
+    clusters
+        .all()
+        .iter()
+        .map(|c| {
+            (c.name != config.region && config.reads.topic_names == TopicNames::Mirrored)
+                .then(|| RegionView::new(&config.region, &c.name, &regions, naming.clone()))
+        })
+        .collect()
+}
+
 pub struct RateLimit {
     interval: Duration,
     burst: u32,

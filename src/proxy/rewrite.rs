@@ -33,6 +33,10 @@ pub enum RewriteError {
     },
     #[error(transparent)]
     Unmappable(#[from] UnmappableNode),
+    /// In a region view (`super::view`), a response names a topic the view has no name for,
+    /// where only topics the request named can be.
+    #[error("{api:?} response names topic {topic:?}, which has no name in the region view")]
+    UnmappedTopic { api: ApiKey, topic: String },
     #[error("malformed response header: {0}")]
     Header(#[from] WireError),
 }

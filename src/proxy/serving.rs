@@ -18,6 +18,7 @@ use super::brokers::{Clusters, Health};
 use super::ports::Ports;
 use super::upstream::{self, Dialer};
 use crate::config::Reads;
+use crate::policy::region_view::RegionView;
 
 /// The serving cluster's index (see [`Clusters`]): the one source of truth for bootstrap
 /// connections, readiness and the `keyward_serving_cluster` gauge.
@@ -60,6 +61,8 @@ pub(super) struct Probe<'a> {
     pub ports: &'a Ports,
     pub serving: &'a Serving,
     pub reads: &'a Reads,
+    /// Each cluster's region view, for the log line of a switch.
+    pub views: &'a [Option<RegionView>],
 }
 
 impl Probe<'_> {
@@ -128,7 +131,13 @@ impl Probe<'_> {
                 &self.clusters.get(current).name,
                 &self.clusters.get(next).name,
             );
-            warn!(from = %from, to = %to, "serving cluster changes; closing client connections so they reconnect to it");
+            let view = self.views.get(next).and_then(Option::as_ref);
+            warn!(
+                from = %from,
+                to = %to,
+                topics = view.map_or_else(|| format!("{to}'s own, under their own names"), |v| v.describe()),
+                "serving cluster changes; closing client connections so they reconnect to it"
+            );
             counter!("keyward_serving_cluster_switches_total", "to" => to.clone()).increment(1);
             self.serving.switch_to(next);
         }

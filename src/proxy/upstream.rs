@@ -194,7 +194,7 @@ impl Session {
 }
 
 /// A request frame: length prefix, header (v1 or v2, with `client_id`) and body.
-fn encode_request<Req: Encodable>(
+pub(crate) fn encode_request<Req: Encodable>(
     client_id: &'static str,
     correlation_id: i32,
     api: ApiKey,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from harness import KafkaCluster, LibrdkafkaClient, record, unique
+from harness import FranzClient, JavaClient, KafkaCluster, LibrdkafkaClient, record, unique
 from harness.keyward import Keyward
 
 from test_keyward import INVALID_RECORD, TABLE, keys_of
@@ -21,9 +21,11 @@ def test_reads_fail_over_to_the_next_healthy_cluster_and_come_back(tmp_path, us)
     client = LibrdkafkaClient()
     try:
         topic = unique("orders.reads")
-        for cluster, origin in ((eu, b"from-eu"), (us, b"from-us")):
-            cluster.create_topic(topic, partitions=1)
-            assert client.produce(cluster.bootstrap, topic, [record(b"k", origin)])[0]["ok"]
+        # eu's topic, us's own topic of the same name, and us's copy of eu's (MirrorMaker 2's
+        # name for it, written here directly).
+        for cluster, name, origin in ((eu, topic, b"from-eu"), (us, topic, b"from-us"), (us, f"eu.{topic}", b"eu-copy")):
+            cluster.create_topic(name, partitions=1)
+            assert client.produce(cluster.bootstrap, name, [record(b"k", origin)])[0]["ok"]
 
         hold_down_s = 4
         kw = Keyward(
@@ -58,8 +60,36 @@ def test_reads_fail_over_to_the_next_healthy_cluster_and_come_back(tmp_path, us)
 
             # us's broker under a virtual node id that cannot be confused with eu's node 1.
             assert client.metadata(kw.bootstrap) == [(101, "127.0.0.1", kw.port_base + 101)]
+            # eu's topic is read from us's copy of it, never from us's own topic of that name.
             got = client.consume(kw.bootstrap, [topic], unique("g"), expected_count=1, timeout_s=20)
+            assert [r["value"] for r in got] == [b"eu-copy"]
+            # us's own topic is `us.<topic>` to eu's clients, as MirrorMaker 2 names it in eu.
+            got = client.consume(kw.bootstrap, [f"us.{topic}"], unique("g"), expected_count=1, timeout_s=20)
             assert [r["value"] for r in got] == [b"from-us"]
+            reads = kw.ownership()["reads"]
+            assert reads["serving"] == "us" and reads["view"].startswith("eu's topics as us holds them"), reads
+            # A topic whose copy us lacks is unknown (retriable), and the log names the copy;
+            # us's own topic of that name is never served in its place.
+            from confluent_kafka.admin import AdminClient, NewTopic
+
+            admin = AdminClient({"bootstrap.servers": kw.bootstrap})
+            shown = admin.list_topics(timeout=10).topics
+            assert topic in shown and f"us.{topic}" in shown and not any(t.startswith("__") for t in shown), shown
+            assert f"eu.{topic}" not in shown, "us's copy of eu's topic is eu's topic itself"
+            us.create_topic(uncopied := unique("uncopied"), partitions=1)
+            md = admin.list_topics(topic=uncopied, timeout=10)
+            assert md.topics[uncopied].error is not None and md.topics[uncopied].error.code() == 3, md.topics
+            wait_for(lambda: f'mirror="eu.{uncopied}"' in kw.logs(200), 5, "the missing copy named in the log")
+            # APIs whose topic names keyward does not map are not offered while reads are failed over.
+            created = admin.create_topics([NewTopic(unique("created"), 1, 1)], operation_timeout=5, request_timeout=10)
+            for future in created.values():
+                try:
+                    future.result(timeout=15)
+                    raise AssertionError("CreateTopics passed through a failed-over connection")
+                except AssertionError:
+                    raise
+                except Exception as e:  # librdkafka: the broker does not support the request
+                    assert "not supported" in str(e).lower() or "unsupported" in str(e).lower(), e
 
             # eu's own writes are held (retriable), never written to us; foreign keys are still refused.
             r = client.produce(
@@ -113,6 +143,22 @@ def replicated(cluster: KafkaCluster, topic: str) -> list[dict]:
         return []
 
 
+def translated(cluster: KafkaCluster, group: str, topic: str = "us.orders") -> int | None:
+    """The offset `group` has committed on `cluster` for partition 0 of `topic`, as MirrorMaker 2
+    wrote it there; None while there is none."""
+    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+
+    request = [ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0)])]
+    admin = cluster.admin()  # held: its futures never complete once it is collected
+    try:
+        for future in admin.list_consumer_group_offsets(request, request_timeout=5).values():
+            offset = future.result(timeout=10).topic_partitions[0].offset
+            return offset if offset >= 0 else None
+    except Exception:  # the coordinator is loading, or the group is not there yet
+        return None
+    return None
+
+
 def test_failover_and_failback_with_mirrormaker(tmp_path):
     """Two regions, MirrorMaker 2 replicating both ways, a keyward in front of each, the same
     table everywhere: normal operation, us fails, us is handed to eu, us returns behind a
@@ -129,7 +175,7 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
     try:
         for c in clusters.values():
             c.create_topic("orders", partitions=1)
-        mm2 = MirrorMaker(tmp_path, clusters, topics="orders").start()
+        mm2 = MirrorMaker(tmp_path, clusters, topics="orders", checkpoints=True).start()
         reads = "reads: {{ prefer: [{0}, {1}], probe_interval_ms: 300, probe_timeout_ms: 1000, hold_down_ms: 2000 }}\n"
         proxies = {
             "eu": Keyward(tmp_path, "eu", clusters, REDIRECT_TABLE, extra_config=reads.format("eu", "us")).start(),
@@ -167,19 +213,46 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
         #    each region reads both regions' data (its own topic and the replicated copy).
         must_land(kw_eu, eu_keys, 1, "eu")
         must_land(kw_eu, us_keys, 1, "us")
+        # A consumer group of each client reads us's first records through us's keyward and
+        # commits; MirrorMaker 2 translates each group's position into eu (`us.orders`).
+        readers = {"java": JavaClient(), "librdkafka": client, "franz": FranzClient()}
+        groups = {name: unique(f"fo-{name}") for name in readers}
+        first = {f"{k}|1".encode() for k in us_keys}
+        for name, reader in readers.items():
+            got = reader.consume(kw_us.bootstrap, ["orders"], groups[name], 3, timeout_s=30)
+            assert {r["value"] for r in got} == first, (name, got)
         must_land(kw_us, us_keys, 2, "us")
         must_land(kw_us, eu_keys, 2, "eu")
         wait_for(lambda: len(replicated(us, "eu.orders")) >= 6, 90, "eu's writes replicated to us")
         wait_for(lambda: len(replicated(eu, "us.orders")) >= 6, 90, "us's writes replicated to eu")
         seen = client.consume(kw_eu.bootstrap, ["orders", "us.orders"], unique("eu-readers"), 12, timeout_s=30)
         assert len({r["value"] for r in seen}) == 12
+        wait_for(lambda: all(translated(eu, g) is not None for g in groups.values()), 60, "groups translated into eu")
+        start = {name: translated(eu, g) for name, g in groups.items()}
 
         # 2. us fails: its proxy serves reads from eu; us-owned writes are held, not lost.
         us.stop(grace_s=2)
         wait_for(lambda: kw_us.metric("keyward_serving_cluster", cluster="eu") == 1, 10, "us proxy to read from eu")
         must_wait(kw_us, us_keys, 3)
+        # us's clients read us's `orders` from eu's copy of it, `us.orders`: us's records, not
+        # eu's own `orders`.
+        us_records = sorted(f"{k}|{p}".encode() for k in us_keys for p in (1, 2))
         got = client.consume(kw_us.bootstrap, ["orders"], unique("us-readers"), 6, timeout_s=30)
-        assert {r["value"] for r in got} >= {f"{k}|1".encode() for k in eu_keys}
+        assert sorted(r["value"] for r in got) == us_records, got
+        # Each group resumes from its position as MirrorMaker translated it: nothing skipped,
+        # and what it reads twice is what the translation is short of its commit.
+        second = {f"{k}|2".encode() for k in us_keys}
+        for name, reader in readers.items():
+            began = time.monotonic()
+            got = reader.consume(kw_us.bootstrap, ["orders"], groups[name], 6 - start[name], timeout_s=30)
+            values = [r["value"] for r in got]
+            assert second <= set(values), f"{name} skipped {second - set(values)}"
+            twice = [v for v in values if v in first]
+            assert len(twice) == 3 - start[name], (name, start[name], values)
+            print(
+                f"read-failover[{name}]: translated_offset={start[name]} skipped=0 read_twice={len(twice)}"
+                f" consume_call={time.monotonic() - began:.1f}s"
+            )
 
         # 3. Failover: eu takes over everything us owns, through either proxy.
         flip(REDIRECT_TABLE + "takeover: { us: eu }\n")
@@ -201,6 +274,17 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
         wait_for(lambda: kw_us.metric("keyward_serving_cluster", cluster="us") == 1, 15, "us proxy back on us")
         must_land(kw_us, us_keys, 7, "us")
         must_land(kw_eu, us_keys, 8, "us")
+        # Back on us, each group resumes from its last commit on us: positions committed on eu's
+        # copy during the failover are not carried back, so what it read there is read again
+        # (issue 15's failback translation is not built yet); nothing is skipped.
+        after = {f"{k}|{p}".encode() for k in us_keys for p in (7, 8)}
+        for name, reader in readers.items():
+            got = reader.consume(kw_us.bootstrap, ["orders"], groups[name], 9, timeout_s=30)
+            values = [r["value"] for r in got]
+            assert after <= set(values), f"{name} skipped {after - set(values)} after the failback"
+            twice = [v for v in values if v in second]
+            assert len(twice) == 3, (name, values)
+            print(f"read-failback[{name}]: skipped=0 read_twice={len(twice)}")
 
         # Every acknowledged record exactly once in its owner's cluster, in order per key; no
         # held record anywhere.

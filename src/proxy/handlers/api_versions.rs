@@ -22,8 +22,13 @@ use crate::codec::frame::{self, LENGTH_PREFIX};
 use crate::codec::wire::Reader;
 use crate::proxy::rewrite::{RewriteError, recode_as};
 use crate::proxy::versions::{self, Admission, DECODED, WITHHELD};
+use crate::proxy::view;
 
-pub fn response(frame: &Bytes, version: i16) -> Result<Bytes, RewriteError> {
+///
+/// On a connection in a region view (`in_view`), APIs whose topic names keyward does not map
+/// are withheld as well, and mapped ones capped at the versions it maps
+/// (`crate::proxy::view::offer`).
+pub fn response(frame: &Bytes, version: i16, in_view: bool) -> Result<Bytes, RewriteError> {
     let api = ApiKey::ApiVersions;
     let header_len = frame::response_header_len(frame, api.response_header_version(version))?;
     let error_code = Reader::new(&frame[LENGTH_PREFIX + header_len..]).i16()?;
@@ -39,6 +44,20 @@ pub fn response(frame: &Bytes, version: i16) -> Result<Bytes, RewriteError> {
         body_version,
         |r: &mut ApiVersionsResponse| {
             versions::intersect(&mut r.api_keys);
+            if in_view {
+                r.api_keys.retain_mut(|v| {
+                    let Ok(key) = ApiKey::try_from(v.api_key) else {
+                        return false;
+                    };
+                    match view::offer(key, v.min_version, v.max_version) {
+                        Some((min, max)) => {
+                            (v.min_version, v.max_version) = (min, max);
+                            true
+                        }
+                        None => false,
+                    }
+                });
+            }
             Ok(())
         },
     )

@@ -80,6 +80,18 @@ pub(crate) enum Rewrite {
     /// Passed on untouched when the broker refuses it; accepted by a cluster keyward was told
     /// does not authenticate clients, it closes the connection instead.
     SaslHandshake(i16),
+    /// A request whose topic names keyward mapped into a region view (`super::super::view`):
+    /// the response is rewritten as `inner` says, then its names are mapped back.
+    View(Box<Viewed>),
+}
+
+/// What mapping a response back into a region view needs.
+pub(crate) struct Viewed {
+    pub(crate) inner: Rewrite,
+    pub(crate) key: ApiKey,
+    pub(crate) version: i16,
+    /// Topics the request left out, answered unknown (Metadata).
+    pub(crate) unknown: Vec<kafka_protocol::protocol::StrBytes>,
 }
 
 /// How the broker's response to a request of API `key` at `version` is handled.

@@ -13,12 +13,33 @@ from . import env
 from .kafka import KafkaCluster
 
 
+# MirrorMaker's own lines (what it replicates, checkpoints and syncs) into mm2.log; the Connect
+# runtime and clients only when they warn.
+LOG4J2 = """\
+status = warn
+appender.out.type = Console
+appender.out.name = OUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = WARN
+rootLogger.appenderRef.out.ref = OUT
+logger.mirror.name = org.apache.kafka.connect.mirror
+logger.mirror.level = INFO
+"""
+
+
 class MirrorMaker:
-    def __init__(self, workdir: Path, clusters: dict[str, KafkaCluster], topics: str) -> None:
+    def __init__(
+        self, workdir: Path, clusters: dict[str, KafkaCluster], topics: str, checkpoints: bool = False
+    ) -> None:
+        """`checkpoints`: MirrorMaker translates consumer groups' committed offsets into the
+        other clusters every second (checkpoints, and group offsets written to the target's
+        `__consumer_offsets` for groups with no member there); off, it copies records only."""
         self.dir = Path(workdir) / "mm2"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.clusters = clusters
         self.topics = topics
+        self.checkpoints = checkpoints
         self.proc: subprocess.Popen | None = None
         self.log_path = self.dir / "mm2.log"
 
@@ -41,19 +62,35 @@ class MirrorMaker:
             "offset.storage.replication.factor = 1",
             "status.storage.replication.factor = 1",
             "refresh.topics.interval.seconds = 1",
-            "refresh.groups.enabled = false",
             "sync.topic.acls.enabled = false",
-            "emit.checkpoints.enabled = false",
-            "sync.group.offsets.enabled = false",
             "offset.flush.interval.ms = 1000",
             # Read from the start of a topic MirrorMaker discovers after records were written.
             "consumer.auto.offset.reset = earliest",
         ]
+        if self.checkpoints:
+            lines += [
+                "refresh.groups.enabled = true",
+                "refresh.groups.interval.seconds = 1",
+                "emit.checkpoints.enabled = true",
+                "emit.checkpoints.interval.seconds = 1",
+                "sync.group.offsets.enabled = true",
+                "sync.group.offsets.interval.seconds = 1",
+                # An offset sync for every record copied, so a committed offset translates exactly.
+                "offset.lag.max = 0",
+            ]
+        else:
+            lines += [
+                "refresh.groups.enabled = false",
+                "emit.checkpoints.enabled = false",
+                "sync.group.offsets.enabled = false",
+            ]
         return "\n".join(lines) + "\n"
 
     def start(self) -> "MirrorMaker":
         config = self.dir / "mm2.properties"
         config.write_text(self.properties())
+        log4j = self.dir / "log4j2.properties"
+        log4j.write_text(LOG4J2)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [
@@ -62,6 +99,7 @@ class MirrorMaker:
                 "-Xmx384m",
                 "-XX:+UseSerialGC",
                 "-XX:TieredStopAtLevel=1",
+                f"-Dlog4j2.configurationFile={log4j}",
                 "-cp",
                 f"{env.kafka_libs()}/*",
                 "org.apache.kafka.connect.mirror.MirrorMaker",

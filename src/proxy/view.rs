@@ -1,0 +1,748 @@
+//! The region view on the wire: while another region's cluster serves a connection, the topic
+//! names of every request and response that carries them are mapped (`policy::region_view`),
+//! so a client of region R reads R's topics from the serving cluster's mirrors of them.
+//!
+//! Mapped, in both directions: Metadata, Fetch (v4-v12 name topics; v13+ name them by id, and
+//! the ids a client knows came from the serving cluster's Metadata, so they pass as they are),
+//! ListOffsets, OffsetFetch, OffsetCommit and OffsetForLeaderEpoch. Passed as they are: the APIs
+//! that carry no topic name ([`PASSED`]; Produce is decided by the ownership policy, against
+//! the topic's own name, which is the same in every region). Every other API is withheld from
+//! ApiVersions on such a connection and closes it if asked anyway, since passing it would
+//! name another region's topic under R's name.
+//!
+//! A request naming a topic with no counterpart in the serving cluster (an internal topic, a
+//! name MM2 never makes) is refused: in Metadata the topic is answered
+//! `UNKNOWN_TOPIC_OR_PARTITION` by keyward and never asked of the broker; anywhere else the
+//! connection closes. Metadata requests never create topics here: a missing mirror is MM2's to
+//! create, and the client is told the topic is unknown (retriable) while it is missing.
+
+use bytes::Bytes;
+use kafka_protocol::messages::metadata_response::MetadataResponseTopic;
+use kafka_protocol::messages::{
+    ApiKey, FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
+    MetadataResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
+    OffsetFetchResponse, OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse, TopicName,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+
+use super::rewrite::{RewriteError, recode};
+use crate::codec::errors::UNKNOWN_TOPIC_OR_PARTITION;
+use crate::codec::frame::{self, LENGTH_PREFIX};
+use crate::policy::region_view::RegionView;
+
+/// APIs that carry no topic name (or, for Produce, one the ownership policy decides by its own
+/// name): offered and passed as they are in a view.
+pub const PASSED: &[ApiKey] = &[
+    ApiKey::ApiVersions,
+    ApiKey::SaslHandshake,
+    ApiKey::SaslAuthenticate,
+    ApiKey::Produce,
+    ApiKey::FindCoordinator,
+    ApiKey::JoinGroup,
+    ApiKey::SyncGroup,
+    ApiKey::Heartbeat,
+    ApiKey::LeaveGroup,
+    ApiKey::DescribeGroups,
+    ApiKey::ListGroups,
+    ApiKey::InitProducerId,
+    ApiKey::DescribeCluster,
+    ApiKey::GetTelemetrySubscriptions,
+    ApiKey::PushTelemetry,
+];
+
+/// APIs whose topic names are mapped, with the versions keyward maps (both the request's and
+/// the response's types decode them).
+pub const MAPPED: &[(ApiKey, i16, i16)] = &[
+    (ApiKey::Metadata, 0, 13),
+    (ApiKey::Fetch, 4, 18),
+    (ApiKey::ListOffsets, 1, 10),
+    (ApiKey::OffsetFetch, 1, 9),
+    (ApiKey::OffsetCommit, 2, 9),
+    (ApiKey::OffsetForLeaderEpoch, 2, 4),
+];
+
+/// First Fetch version that names topics by id only.
+const FETCH_BY_ID: i16 = 13;
+
+/// The version range offered for `key` in a view, given the range offered otherwise; `None`
+/// withholds it.
+pub fn offer(key: ApiKey, min: i16, max: i16) -> Option<(i16, i16)> {
+    if PASSED.contains(&key) {
+        return Some((min, max));
+    }
+    let &(_, our_min, our_max) = MAPPED.iter().find(|(k, _, _)| *k == key)?;
+    let (min, max) = (min.max(our_min), max.min(our_max));
+    (min <= max).then_some((min, max))
+}
+
+/// Whether a request of `key` at `version` may be sent in a view.
+pub fn admits(key: ApiKey, version: i16) -> bool {
+    offer(key, version, version).is_some()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    #[error("cannot decode {api:?} v{version} request: {source}")]
+    Decode {
+        api: ApiKey,
+        version: i16,
+        source: anyhow::Error,
+    },
+    #[error("cannot encode {api:?} v{version} request: {source}")]
+    Encode {
+        api: ApiKey,
+        version: i16,
+        source: anyhow::Error,
+    },
+    #[error("malformed request header: {0}")]
+    Header(#[from] crate::codec::wire::WireError),
+    /// A request names a topic the serving cluster has no counterpart of.
+    #[error("{api:?} names topic {topic:?}, which has no counterpart in {serving}'s cluster")]
+    Unmapped {
+        api: ApiKey,
+        topic: String,
+        serving: String,
+    },
+}
+
+/// A request with its topic names mapped to the serving cluster's.
+#[derive(Debug)]
+pub struct Mapped {
+    pub frame: Bytes,
+    /// Metadata only: topics the client asked for that were left out of the request, to be
+    /// answered `UNKNOWN_TOPIC_OR_PARTITION` in the response.
+    pub unknown: Vec<StrBytes>,
+}
+
+/// Maps the topic names of a request in the serving cluster's terms. `None` when the request
+/// carries none (it goes as it came).
+pub fn request(
+    frame: &Bytes,
+    key: ApiKey,
+    version: i16,
+    view: &RegionView,
+) -> Result<Option<Mapped>, ViewError> {
+    let to_serving = |name: &mut TopicName| -> Result<(), ViewError> {
+        match view.to_serving(name.0.as_str()) {
+            Some(mapped) => {
+                name.0 = StrBytes::from_string(mapped);
+                Ok(())
+            }
+            None => Err(ViewError::Unmapped {
+                api: key,
+                topic: name.0.to_string(),
+                serving: view.serving().to_owned(),
+            }),
+        }
+    };
+    let mut unknown = Vec::new();
+    let frame = match key {
+        ApiKey::Metadata => recode_request(frame, key, version, |r: &mut MetadataRequest| {
+            if let Some(topics) = &mut r.topics {
+                let asked = topics.len();
+                topics.retain_mut(|t| match &mut t.name {
+                    Some(name) => match view.to_serving(name.0.as_str()) {
+                        Some(mapped) => {
+                            name.0 = StrBytes::from_string(mapped);
+                            true
+                        }
+                        None => {
+                            unknown.push(name.0.clone());
+                            false
+                        }
+                    },
+                    // By topic id: the serving cluster's ids are the ones clients know.
+                    None => true,
+                });
+                // v0 reads an empty list as "every topic".
+                if version == 0 && asked > 0 && topics.is_empty() {
+                    return Err(ViewError::Unmapped {
+                        api: key,
+                        topic: unknown[0].to_string(),
+                        serving: view.serving().to_owned(),
+                    });
+                }
+            }
+            if version >= 4 {
+                r.allow_auto_topic_creation = false;
+            }
+            Ok(())
+        })?,
+        ApiKey::Fetch if version < FETCH_BY_ID => {
+            recode_request(frame, key, version, |r: &mut FetchRequest| {
+                for t in &mut r.topics {
+                    to_serving(&mut t.topic)?;
+                }
+                for t in &mut r.forgotten_topics_data {
+                    to_serving(&mut t.topic)?;
+                }
+                Ok(())
+            })?
+        }
+        ApiKey::ListOffsets => {
+            recode_request(frame, key, version, |r: &mut ListOffsetsRequest| {
+                r.topics
+                    .iter_mut()
+                    .try_for_each(|t| to_serving(&mut t.name))
+            })?
+        }
+        ApiKey::OffsetFetch => {
+            recode_request(frame, key, version, |r: &mut OffsetFetchRequest| {
+                for t in r.topics.iter_mut().flatten() {
+                    to_serving(&mut t.name)?;
+                }
+                for t in r
+                    .groups
+                    .iter_mut()
+                    .flat_map(|g| g.topics.iter_mut().flatten())
+                {
+                    to_serving(&mut t.name)?;
+                }
+                Ok(())
+            })?
+        }
+        ApiKey::OffsetCommit => {
+            recode_request(frame, key, version, |r: &mut OffsetCommitRequest| {
+                r.topics
+                    .iter_mut()
+                    .try_for_each(|t| to_serving(&mut t.name))
+            })?
+        }
+        ApiKey::OffsetForLeaderEpoch => recode_request(
+            frame,
+            key,
+            version,
+            |r: &mut OffsetForLeaderEpochRequest| {
+                r.topics
+                    .iter_mut()
+                    .try_for_each(|t| to_serving(&mut t.topic))
+            },
+        )?,
+        _ => return Ok(None),
+    };
+    Ok(Some(Mapped { frame, unknown }))
+}
+
+/// Maps the topic names of the broker's response to a [`request`] back to the client's.
+/// `unknown` are the topics a Metadata request left out, answered here as unknown. Topics with
+/// no name in the view (the serving cluster's internal topics, in answers that list every
+/// topic) are left out. The client's names of topics whose mirror the serving cluster does
+/// not have (Metadata answered `UNKNOWN_TOPIC_OR_PARTITION`) are added to `missing`.
+pub fn response(
+    frame: &Bytes,
+    key: ApiKey,
+    version: i16,
+    view: &RegionView,
+    unknown: &[StrBytes],
+    missing: &mut Vec<String>,
+) -> Result<Bytes, RewriteError> {
+    // A name the view does not have, where the request named the topic: the broker answered
+    // about a topic keyward did not ask for.
+    let to_client = |name: &mut TopicName| -> Result<(), RewriteError> {
+        let mapped =
+            view.to_client(name.0.as_str())
+                .ok_or_else(|| RewriteError::UnmappedTopic {
+                    api: key,
+                    topic: name.0.to_string(),
+                })?;
+        name.0 = StrBytes::from_string(mapped);
+        Ok(())
+    };
+    // Keeps the topic, renamed, if it has a name in the view.
+    let keep = |name: &mut TopicName| match view.to_client(name.0.as_str()) {
+        Some(mapped) => {
+            name.0 = StrBytes::from_string(mapped);
+            true
+        }
+        None => false,
+    };
+    match key {
+        ApiKey::Metadata => recode(frame, key, version, |r: &mut MetadataResponse| {
+            r.topics.retain_mut(|t| t.name.as_mut().is_none_or(keep));
+            missing.extend(
+                r.topics
+                    .iter()
+                    .filter(|t| t.error_code == UNKNOWN_TOPIC_OR_PARTITION)
+                    .filter_map(|t| Some(t.name.as_ref()?.0.to_string())),
+            );
+            r.topics.extend(unknown.iter().map(|name| {
+                MetadataResponseTopic::default()
+                    .with_error_code(UNKNOWN_TOPIC_OR_PARTITION)
+                    .with_name(Some(TopicName(name.clone())))
+            }));
+            Ok(())
+        }),
+        ApiKey::Fetch if version < FETCH_BY_ID => {
+            recode(frame, key, version, |r: &mut FetchResponse| {
+                r.responses
+                    .iter_mut()
+                    .try_for_each(|t| to_client(&mut t.topic))
+            })
+        }
+        ApiKey::ListOffsets => recode(frame, key, version, |r: &mut ListOffsetsResponse| {
+            r.topics.iter_mut().try_for_each(|t| to_client(&mut t.name))
+        }),
+        // A request for every topic a group committed is answered with all of them: those with
+        // no name in the view are left out.
+        ApiKey::OffsetFetch => recode(frame, key, version, |r: &mut OffsetFetchResponse| {
+            r.topics.retain_mut(|t| keep(&mut t.name));
+            for g in &mut r.groups {
+                g.topics.retain_mut(|t| keep(&mut t.name));
+            }
+            Ok(())
+        }),
+        ApiKey::OffsetCommit => recode(frame, key, version, |r: &mut OffsetCommitResponse| {
+            r.topics.iter_mut().try_for_each(|t| to_client(&mut t.name))
+        }),
+        ApiKey::OffsetForLeaderEpoch => recode(
+            frame,
+            key,
+            version,
+            |r: &mut OffsetForLeaderEpochResponse| {
+                r.topics
+                    .iter_mut()
+                    .try_for_each(|t| to_client(&mut t.topic))
+            },
+        ),
+        _ => Ok(frame.clone()),
+    }
+}
+
+/// Decodes a request body, lets `edit` change it, and re-encodes it behind the client's own
+/// header.
+fn recode_request<T, F>(
+    frame: &Bytes,
+    api: ApiKey,
+    version: i16,
+    edit: F,
+) -> Result<Bytes, ViewError>
+where
+    T: Decodable + Encodable,
+    F: FnOnce(&mut T) -> Result<(), ViewError>,
+{
+    let header_len = frame::request_header_len(frame, api.request_header_version(version))?;
+    let header = &frame[LENGTH_PREFIX..LENGTH_PREFIX + header_len];
+    let mut body = frame.slice(LENGTH_PREFIX + header_len..);
+    let mut message = T::decode(&mut body, version).map_err(|source| ViewError::Decode {
+        api,
+        version,
+        source,
+    })?;
+    edit(&mut message)?;
+    let mut encoded = Vec::with_capacity(frame.len());
+    message
+        .encode(&mut encoded, version)
+        .map_err(|source| ViewError::Encode {
+            api,
+            version,
+            source,
+        })?;
+    Ok(frame::assemble(header, &encoded))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every mapped API at every version it is mapped at, in both directions: us's keyward,
+    //! its reads served by eu's cluster.
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic, ForgottenTopic};
+    use kafka_protocol::messages::fetch_response::FetchableTopicResponse;
+    use kafka_protocol::messages::list_offsets_request::ListOffsetsTopic;
+    use kafka_protocol::messages::list_offsets_response::ListOffsetsTopicResponse;
+    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+    use kafka_protocol::messages::offset_commit_request::OffsetCommitRequestTopic;
+    use kafka_protocol::messages::offset_commit_response::OffsetCommitResponseTopic;
+    use kafka_protocol::messages::offset_fetch_request::{
+        OffsetFetchRequestGroup, OffsetFetchRequestTopic, OffsetFetchRequestTopics,
+    };
+    use kafka_protocol::messages::offset_fetch_response::{
+        OffsetFetchResponseGroup, OffsetFetchResponseTopic, OffsetFetchResponseTopics,
+    };
+    use kafka_protocol::messages::offset_for_leader_epoch_request::OffsetForLeaderTopic;
+    use kafka_protocol::messages::offset_for_leader_epoch_response::OffsetForLeaderTopicResult;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::policy::replication::Naming;
+    use crate::proxy::rewrite::testing::{decode_body, response_frame};
+    use crate::proxy::upstream::encode_request;
+
+    fn view() -> RegionView {
+        RegionView::new(
+            "us",
+            "eu",
+            &["eu".into(), "us".into()],
+            Naming {
+                separator: ".".into(),
+            },
+        )
+    }
+
+    fn name(s: &'static str) -> TopicName {
+        TopicName(StrBytes::from_static_str(s))
+    }
+
+    fn names<'a>(names: impl IntoIterator<Item = &'a TopicName>) -> Vec<&'a str> {
+        names.into_iter().map(|n| n.0.as_str()).collect()
+    }
+
+    /// The request `request` at `version`, mapped, decoded again.
+    fn mapped<T: Encodable + Decodable>(key: ApiKey, version: i16, request: &T) -> Mapped {
+        let frame = encode_request("t", 7, key, version, request).unwrap();
+        request_mapped(&frame, key, version).expect("names to map")
+    }
+
+    fn request_mapped(frame: &Bytes, key: ApiKey, version: i16) -> Option<Mapped> {
+        super::request(frame, key, version, &view()).unwrap()
+    }
+
+    fn decode_request<T: Decodable>(frame: &Bytes, key: ApiKey, version: i16) -> T {
+        let len = frame::request_header_len(frame, key.request_header_version(version)).unwrap();
+        // The client's header went out as it came.
+        assert_eq!(frame::RequestHead::parse(frame).unwrap().correlation_id, 7);
+        T::decode(&mut frame.slice(LENGTH_PREFIX + len..), version).unwrap()
+    }
+
+    /// The response `body` at `version`, mapped back, decoded again.
+    fn back<T: Encodable + Decodable>(
+        key: ApiKey,
+        version: i16,
+        body: &T,
+        unknown: &[StrBytes],
+    ) -> T {
+        let frame = response_frame(key, version, body);
+        let out = super::response(&frame, key, version, &view(), unknown, &mut Vec::new()).unwrap();
+        decode_body(&out, key, version)
+    }
+
+    fn versions(key: ApiKey) -> std::ops::RangeInclusive<i16> {
+        let &(_, min, max) = MAPPED.iter().find(|(k, _, _)| *k == key).unwrap();
+        min..=max
+    }
+
+    #[test]
+    fn metadata_in_every_version() {
+        for v in versions(ApiKey::Metadata) {
+            let request = MetadataRequest::default().with_topics(Some(vec![
+                MetadataRequestTopic::default().with_name(Some(name("orders"))),
+                MetadataRequestTopic::default().with_name(Some(name("eu.orders"))),
+                MetadataRequestTopic::default().with_name(Some(name("__consumer_offsets"))),
+            ]));
+            let m = mapped(ApiKey::Metadata, v, &request);
+            let sent: MetadataRequest = decode_request(&m.frame, ApiKey::Metadata, v);
+            let sent_names: Vec<_> = sent
+                .topics
+                .unwrap()
+                .into_iter()
+                .map(|t| t.name.unwrap())
+                .collect();
+            assert_eq!(names(&sent_names), ["us.orders", "orders"], "v{v}");
+            assert_eq!(
+                m.unknown,
+                [StrBytes::from_static_str("__consumer_offsets")],
+                "v{v}"
+            );
+            assert_eq!(
+                sent.allow_auto_topic_creation,
+                v < 4,
+                "v{v}: a mirror is MM2's to create"
+            );
+
+            let topic = |n| MetadataResponseTopic::default().with_name(Some(name(n)));
+            let answer = MetadataResponse::default().with_topics(vec![
+                topic("us.orders"),
+                topic("orders"),
+                topic("__consumer_offsets").with_is_internal(v >= 1),
+                topic("us.eu.orders"),
+            ]);
+            let got = back(ApiKey::Metadata, v, &answer, &m.unknown);
+            // The serving cluster has no mirror of `orders` yet: its name is reported missing.
+            let answer = MetadataResponse::default().with_topics(vec![
+                topic("us.orders").with_error_code(UNKNOWN_TOPIC_OR_PARTITION),
+            ]);
+            let mut missing = Vec::new();
+            let frame = response_frame(ApiKey::Metadata, v, &answer);
+            super::response(&frame, ApiKey::Metadata, v, &view(), &[], &mut missing).unwrap();
+            assert_eq!(missing, ["orders"], "v{v}");
+            let got_names: Vec<_> = got.topics.iter().map(|t| t.name.clone().unwrap()).collect();
+            assert_eq!(
+                names(&got_names),
+                ["orders", "eu.orders", "__consumer_offsets"],
+                "v{v}"
+            );
+            assert_eq!(got.topics[2].error_code, UNKNOWN_TOPIC_OR_PARTITION);
+            assert_eq!(got.topics[0].error_code, 0);
+        }
+    }
+
+    #[test]
+    fn a_metadata_v0_request_for_nothing_mappable_is_refused_rather_than_asking_for_every_topic() {
+        let request = MetadataRequest::default().with_topics(Some(vec![
+            MetadataRequestTopic::default().with_name(Some(name("__consumer_offsets"))),
+        ]));
+        let frame = encode_request("t", 7, ApiKey::Metadata, 0, &request).unwrap();
+        assert!(matches!(
+            super::request(&frame, ApiKey::Metadata, 0, &view()),
+            Err(ViewError::Unmapped { .. })
+        ));
+        // From v1 on, an empty list asks for no topic.
+        let frame = encode_request("t", 7, ApiKey::Metadata, 1, &request).unwrap();
+        let m = request_mapped(&frame, ApiKey::Metadata, 1).unwrap();
+        let sent: MetadataRequest = decode_request(&m.frame, ApiKey::Metadata, 1);
+        assert_eq!(sent.topics.map(|t| t.len()), Some(0));
+    }
+
+    #[test]
+    fn fetch_in_every_version() {
+        for v in versions(ApiKey::Fetch) {
+            let topic = |n| {
+                FetchTopic::default()
+                    .with_topic(if v < FETCH_BY_ID {
+                        name(n)
+                    } else {
+                        TopicName::default()
+                    })
+                    .with_topic_id(if v < FETCH_BY_ID {
+                        Default::default()
+                    } else {
+                        Uuid::from_u128(7)
+                    })
+                    .with_partitions(vec![FetchPartition::default()])
+            };
+            let mut request =
+                FetchRequest::default().with_topics(vec![topic("orders"), topic("eu.orders")]);
+            if (7..FETCH_BY_ID).contains(&v) {
+                request.forgotten_topics_data =
+                    vec![ForgottenTopic::default().with_topic(name("orders"))];
+            }
+            let frame = encode_request("t", 7, ApiKey::Fetch, v, &request).unwrap();
+            let Some(m) = request_mapped(&frame, ApiKey::Fetch, v) else {
+                assert!(v >= FETCH_BY_ID, "v{v} names topics and must be mapped");
+                // By id: the ids are the serving cluster's, and the response passes as it came.
+                let answer = FetchResponse::default().with_responses(vec![
+                    FetchableTopicResponse::default().with_topic_id(Uuid::from_u128(7)),
+                ]);
+                let f = response_frame(ApiKey::Fetch, v, &answer);
+                assert_eq!(
+                    super::response(&f, ApiKey::Fetch, v, &view(), &[], &mut Vec::new()).unwrap(),
+                    f
+                );
+                continue;
+            };
+            let sent: FetchRequest = decode_request(&m.frame, ApiKey::Fetch, v);
+            assert_eq!(
+                names(sent.topics.iter().map(|t| &t.topic)),
+                ["us.orders", "orders"],
+                "v{v}"
+            );
+            if v >= 7 {
+                assert_eq!(
+                    names(sent.forgotten_topics_data.iter().map(|t| &t.topic)),
+                    ["us.orders"]
+                );
+            }
+            let answer = FetchResponse::default().with_responses(vec![
+                FetchableTopicResponse::default().with_topic(name("us.orders")),
+                FetchableTopicResponse::default().with_topic(name("orders")),
+            ]);
+            let got = back(ApiKey::Fetch, v, &answer, &[]);
+            assert_eq!(
+                names(got.responses.iter().map(|t| &t.topic)),
+                ["orders", "eu.orders"],
+                "v{v}"
+            );
+        }
+    }
+
+    #[test]
+    fn list_offsets_in_every_version() {
+        for v in versions(ApiKey::ListOffsets) {
+            let request = ListOffsetsRequest::default().with_topics(vec![
+                ListOffsetsTopic::default().with_name(name("orders")),
+                ListOffsetsTopic::default().with_name(name("eu.orders")),
+            ]);
+            let m = mapped(ApiKey::ListOffsets, v, &request);
+            let sent: ListOffsetsRequest = decode_request(&m.frame, ApiKey::ListOffsets, v);
+            assert_eq!(
+                names(sent.topics.iter().map(|t| &t.name)),
+                ["us.orders", "orders"],
+                "v{v}"
+            );
+            let answer = ListOffsetsResponse::default().with_topics(vec![
+                ListOffsetsTopicResponse::default().with_name(name("us.orders")),
+                ListOffsetsTopicResponse::default().with_name(name("orders")),
+            ]);
+            let got = back(ApiKey::ListOffsets, v, &answer, &[]);
+            assert_eq!(
+                names(got.topics.iter().map(|t| &t.name)),
+                ["orders", "eu.orders"],
+                "v{v}"
+            );
+        }
+    }
+
+    #[test]
+    fn offset_fetch_in_every_version() {
+        for v in versions(ApiKey::OffsetFetch) {
+            let request = if v < 8 {
+                OffsetFetchRequest::default().with_topics(Some(vec![
+                    OffsetFetchRequestTopic::default().with_name(name("orders")),
+                    OffsetFetchRequestTopic::default().with_name(name("eu.orders")),
+                ]))
+            } else {
+                OffsetFetchRequest::default().with_groups(vec![
+                    OffsetFetchRequestGroup::default().with_topics(Some(vec![
+                        OffsetFetchRequestTopics::default().with_name(name("orders")),
+                        OffsetFetchRequestTopics::default().with_name(name("eu.orders")),
+                    ])),
+                ])
+            };
+            let m = mapped(ApiKey::OffsetFetch, v, &request);
+            let sent: OffsetFetchRequest = decode_request(&m.frame, ApiKey::OffsetFetch, v);
+            let sent_names = if v < 8 {
+                sent.topics
+                    .unwrap()
+                    .into_iter()
+                    .map(|t| t.name)
+                    .collect::<Vec<_>>()
+            } else {
+                sent.groups[0]
+                    .topics
+                    .clone()
+                    .unwrap()
+                    .into_iter()
+                    .map(|t| t.name)
+                    .collect()
+            };
+            assert_eq!(names(&sent_names), ["us.orders", "orders"], "v{v}");
+
+            // Every topic the group committed, the serving cluster's internal ones included.
+            let committed = ["us.orders", "orders", "__consumer_offsets"];
+            let answer = if v < 8 {
+                OffsetFetchResponse::default().with_topics(
+                    committed
+                        .map(|n| OffsetFetchResponseTopic::default().with_name(name(n)))
+                        .to_vec(),
+                )
+            } else {
+                OffsetFetchResponse::default().with_groups(vec![
+                    OffsetFetchResponseGroup::default().with_topics(
+                        committed
+                            .map(|n| OffsetFetchResponseTopics::default().with_name(name(n)))
+                            .to_vec(),
+                    ),
+                ])
+            };
+            let got = back(ApiKey::OffsetFetch, v, &answer, &[]);
+            let got_names = if v < 8 {
+                got.topics.into_iter().map(|t| t.name).collect::<Vec<_>>()
+            } else {
+                got.groups[0]
+                    .topics
+                    .clone()
+                    .into_iter()
+                    .map(|t| t.name)
+                    .collect()
+            };
+            assert_eq!(names(&got_names), ["orders", "eu.orders"], "v{v}");
+        }
+    }
+
+    #[test]
+    fn offset_commit_in_every_version() {
+        for v in versions(ApiKey::OffsetCommit) {
+            let request = OffsetCommitRequest::default().with_topics(vec![
+                OffsetCommitRequestTopic::default().with_name(name("orders")),
+                OffsetCommitRequestTopic::default().with_name(name("eu.orders")),
+            ]);
+            let m = mapped(ApiKey::OffsetCommit, v, &request);
+            let sent: OffsetCommitRequest = decode_request(&m.frame, ApiKey::OffsetCommit, v);
+            assert_eq!(
+                names(sent.topics.iter().map(|t| &t.name)),
+                ["us.orders", "orders"],
+                "v{v}"
+            );
+            let answer = OffsetCommitResponse::default().with_topics(vec![
+                OffsetCommitResponseTopic::default().with_name(name("us.orders")),
+                OffsetCommitResponseTopic::default().with_name(name("orders")),
+            ]);
+            let got = back(ApiKey::OffsetCommit, v, &answer, &[]);
+            assert_eq!(
+                names(got.topics.iter().map(|t| &t.name)),
+                ["orders", "eu.orders"],
+                "v{v}"
+            );
+        }
+    }
+
+    #[test]
+    fn offset_for_leader_epoch_in_every_version() {
+        for v in versions(ApiKey::OffsetForLeaderEpoch) {
+            let request = OffsetForLeaderEpochRequest::default().with_topics(vec![
+                OffsetForLeaderTopic::default().with_topic(name("orders")),
+                OffsetForLeaderTopic::default().with_topic(name("eu.orders")),
+            ]);
+            let m = mapped(ApiKey::OffsetForLeaderEpoch, v, &request);
+            let sent: OffsetForLeaderEpochRequest =
+                decode_request(&m.frame, ApiKey::OffsetForLeaderEpoch, v);
+            assert_eq!(
+                names(sent.topics.iter().map(|t| &t.topic)),
+                ["us.orders", "orders"],
+                "v{v}"
+            );
+            let answer = OffsetForLeaderEpochResponse::default().with_topics(vec![
+                OffsetForLeaderTopicResult::default().with_topic(name("us.orders")),
+                OffsetForLeaderTopicResult::default().with_topic(name("orders")),
+            ]);
+            let got = back(ApiKey::OffsetForLeaderEpoch, v, &answer, &[]);
+            assert_eq!(
+                names(got.topics.iter().map(|t| &t.topic)),
+                ["orders", "eu.orders"],
+                "v{v}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_topic_without_a_counterpart_is_refused_where_it_cannot_be_answered_unknown() {
+        let request = ListOffsetsRequest::default().with_topics(vec![
+            ListOffsetsTopic::default().with_name(name("__consumer_offsets")),
+        ]);
+        let frame = encode_request("t", 7, ApiKey::ListOffsets, 5, &request).unwrap();
+        let err = super::request(&frame, ApiKey::ListOffsets, 5, &view()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("\"__consumer_offsets\", which has no counterpart in eu's cluster"),
+            "{err}"
+        );
+        // A broker naming a topic nobody asked for fails the response, never passes it on.
+        let answer = ListOffsetsResponse::default().with_topics(vec![
+            ListOffsetsTopicResponse::default().with_name(name("__consumer_offsets")),
+        ]);
+        let f = response_frame(ApiKey::ListOffsets, 5, &answer);
+        assert!(
+            super::response(&f, ApiKey::ListOffsets, 5, &view(), &[], &mut Vec::new()).is_err()
+        );
+    }
+
+    #[test]
+    fn only_apis_without_topic_names_or_mapped_ones_are_offered() {
+        assert_eq!(offer(ApiKey::Fetch, 0, 17), Some((4, 17)));
+        assert_eq!(offer(ApiKey::OffsetCommit, 2, 10), Some((2, 9)));
+        assert_eq!(offer(ApiKey::JoinGroup, 0, 9), Some((0, 9)));
+        for withheld in [
+            ApiKey::CreateTopics,
+            ApiKey::DeleteTopics,
+            ApiKey::DeleteRecords,
+            ApiKey::DescribeConfigs,
+            ApiKey::TxnOffsetCommit,
+            ApiKey::AddPartitionsToTxn,
+            ApiKey::DescribeTopicPartitions,
+            ApiKey::ConsumerGroupHeartbeat,
+            ApiKey::ConsumerGroupDescribe,
+            ApiKey::OffsetDelete,
+        ] {
+            assert_eq!(offer(withheld, 0, 5), None, "{withheld:?}");
+            assert!(!admits(withheld, 0));
+        }
+    }
+}

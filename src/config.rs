@@ -905,6 +905,28 @@ ownership_file: ownership.yaml
     }
 
     #[test]
+    fn read_topic_names_are_mirrored_unless_said_otherwise() {
+        let c = Config::parse(GOOD, Path::new("k.yaml")).unwrap();
+        assert_eq!(c.reads.topic_names, TopicNames::Mirrored);
+        let c = Config::parse(
+            &format!("{GOOD}reads: {{ topic_names: same }}\n"),
+            Path::new("k.yaml"),
+        )
+        .unwrap();
+        assert_eq!(c.reads.topic_names, TopicNames::Same);
+        let e = Config::parse(
+            &format!("{GOOD}reads: {{ topic_names: renamed }}\n"),
+            Path::new("k.yaml"),
+        )
+        .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("k.yaml") && e.contains("reads.topic_names"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn replication_is_measured_only_when_configured_and_identity_is_refused() {
         let c = Config::parse(GOOD, Path::new("k.yaml")).unwrap();
         assert!(c.replication.is_none());

@@ -501,6 +501,12 @@ fn viewed(
             }
             Step::close("unmapped_topic")
         }
+        Err(e @ ViewError::Pattern { .. }) => {
+            if shared.view_log.allow() {
+                warn!(peer = ?identity.peer, "{e}; closing");
+            }
+            Step::close("unmapped_topic")
+        }
         Err(e) => {
             debug!(peer = ?identity.peer, error = %e, "malformed request in a region view; closing");
             Step::close("malformed_request")

@@ -458,4 +458,30 @@ mod tests {
         assert_eq!(limit.allow_at(t1), None);
         assert_eq!(limit.allow_at(t1 + Duration::from_secs(10)), Some(1));
     }
+
+    #[test]
+    fn only_other_regions_clusters_have_a_view_and_only_with_mirrored_names() {
+        const CONFIG: &str = "region: eu\nlisten: { bootstrap: 127.0.0.1:9192, advertised_host: 127.0.0.1, broker_port_base: 9193 }\nclusters:\n  eu: { bootstrap: [\"127.0.0.1:19092\"] }\n  us: { bootstrap: [\"127.0.0.1:29092\"] }\nownership_file: o.yaml\n";
+        let views = |extra: &str| {
+            let config =
+                Config::parse(&format!("{CONFIG}{extra}"), std::path::Path::new("k.yaml")).unwrap();
+            let clusters = Clusters::new(&config);
+            region_views(&config, &clusters)
+        };
+        let mirrored = views("");
+        assert!(mirrored[0].is_none(), "the local cluster needs no view");
+        let us = mirrored[1].as_ref().unwrap();
+        assert_eq!(us.to_serving("orders").as_deref(), Some("eu.orders"));
+        // MM2's separator as `replication` gives it.
+        let custom = views("replication: { separator: _ }\n");
+        assert_eq!(
+            custom[1].as_ref().unwrap().to_serving("orders").as_deref(),
+            Some("eu_orders")
+        );
+        assert!(
+            views("reads: { topic_names: same }\n")
+                .iter()
+                .all(Option::is_none)
+        );
+    }
 }

@@ -4,7 +4,9 @@
 //!
 //! Mapped, in both directions: Metadata, Fetch (v4-v12 name topics; v13+ name them by id, and
 //! the ids a client knows came from the serving cluster's Metadata, so they pass as they are),
-//! ListOffsets, OffsetFetch, OffsetCommit and OffsetForLeaderEpoch. Passed as they are: the APIs
+//! ListOffsets, OffsetFetch, OffsetCommit, OffsetForLeaderEpoch, and KIP-848's
+//! ConsumerGroupHeartbeat (subscribed names; a subscription by pattern is refused) and
+//! ConsumerGroupDescribe. Passed as they are: the APIs
 //! that carry no topic name ([`PASSED`]; Produce is decided by the ownership policy, against
 //! the topic's own name, which is the same in every region). Every other API is withheld from
 //! ApiVersions on such a connection and closes it if asked anyway, since passing it would
@@ -19,9 +21,10 @@
 use bytes::Bytes;
 use kafka_protocol::messages::metadata_response::MetadataResponseTopic;
 use kafka_protocol::messages::{
-    ApiKey, FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
-    MetadataResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
-    OffsetFetchResponse, OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse, TopicName,
+    ApiKey, ConsumerGroupDescribeResponse, ConsumerGroupHeartbeatRequest, FetchRequest,
+    FetchResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse,
+    OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse,
+    OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 
@@ -59,6 +62,8 @@ pub const MAPPED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::OffsetFetch, 1, 9),
     (ApiKey::OffsetCommit, 2, 9),
     (ApiKey::OffsetForLeaderEpoch, 2, 4),
+    (ApiKey::ConsumerGroupHeartbeat, 0, 1),
+    (ApiKey::ConsumerGroupDescribe, 0, 1),
 ];
 
 /// First Fetch version that names topics by id only.
@@ -103,6 +108,12 @@ pub enum ViewError {
         topic: String,
         serving: String,
     },
+    /// A KIP-848 subscription by regular expression: the broker would match it against the
+    /// serving cluster's own names.
+    #[error(
+        "a consumer subscribes by the pattern {regex:?}, which cannot be matched against this region's topic names while {serving}'s cluster serves"
+    )]
+    Pattern { regex: String, serving: String },
 }
 
 /// A request with its topic names mapped to the serving cluster's.
@@ -218,6 +229,28 @@ pub fn request(
                     .try_for_each(|t| to_serving(&mut t.topic))
             },
         )?,
+        ApiKey::ConsumerGroupHeartbeat => {
+            recode_request(
+                frame,
+                key,
+                version,
+                |r: &mut ConsumerGroupHeartbeatRequest| {
+                    if let Some(regex) = &r.subscribed_topic_regex {
+                        return Err(ViewError::Pattern {
+                            regex: regex.to_string(),
+                            serving: view.serving().to_owned(),
+                        });
+                    }
+                    // The assignment is by topic id, the serving cluster's: nothing to map back.
+                    r.subscribed_topic_names
+                        .iter_mut()
+                        .flatten()
+                        .try_for_each(to_serving)
+                },
+            )?
+        }
+        // The request names groups only; the response names topics.
+        ApiKey::ConsumerGroupDescribe => frame.clone(),
         _ => return Ok(None),
     };
     Ok(Some(Mapped { frame, unknown }))
@@ -302,6 +335,20 @@ pub fn response(
                 r.topics
                     .iter_mut()
                     .try_for_each(|t| to_client(&mut t.topic))
+            },
+        ),
+        ApiKey::ConsumerGroupDescribe => recode(
+            frame,
+            key,
+            version,
+            |r: &mut ConsumerGroupDescribeResponse| {
+                for m in r.groups.iter_mut().flat_map(|g| g.members.iter_mut()) {
+                    m.subscribed_topic_names.retain_mut(keep);
+                    for a in [&mut m.assignment, &mut m.target_assignment] {
+                        a.topic_partitions.retain_mut(|t| keep(&mut t.topic_name));
+                    }
+                }
+                Ok(())
             },
         ),
         _ => Ok(frame.clone()),
@@ -703,6 +750,87 @@ mod tests {
     }
 
     #[test]
+    fn consumer_group_heartbeat_in_every_version() {
+        for v in versions(ApiKey::ConsumerGroupHeartbeat) {
+            let request = ConsumerGroupHeartbeatRequest::default()
+                .with_subscribed_topic_names(Some(vec![name("orders"), name("eu.orders")]));
+            let m = mapped(ApiKey::ConsumerGroupHeartbeat, v, &request);
+            let sent: ConsumerGroupHeartbeatRequest =
+                decode_request(&m.frame, ApiKey::ConsumerGroupHeartbeat, v);
+            assert_eq!(
+                names(&sent.subscribed_topic_names.unwrap()),
+                ["us.orders", "orders"],
+                "v{v}"
+            );
+            // A pattern (v1+) would be matched against eu's own names.
+            if v == 0 {
+                continue;
+            }
+            let request = ConsumerGroupHeartbeatRequest::default()
+                .with_subscribed_topic_regex(Some(StrBytes::from_static_str("orders.*")));
+            let frame =
+                encode_request("t", 7, ApiKey::ConsumerGroupHeartbeat, v, &request).unwrap();
+            let err =
+                super::request(&frame, ApiKey::ConsumerGroupHeartbeat, v, &view()).unwrap_err();
+            assert!(matches!(err, ViewError::Pattern { .. }), "v{v}: {err}");
+        }
+    }
+
+    #[test]
+    fn consumer_group_describe_in_every_version() {
+        use kafka_protocol::messages::consumer_group_describe_response::{
+            Assignment, DescribedGroup, Member, TopicPartitions,
+        };
+        for v in versions(ApiKey::ConsumerGroupDescribe) {
+            let request = kafka_protocol::messages::ConsumerGroupDescribeRequest::default();
+            let frame = encode_request("t", 7, ApiKey::ConsumerGroupDescribe, v, &request).unwrap();
+            let m = request_mapped(&frame, ApiKey::ConsumerGroupDescribe, v).unwrap();
+            assert_eq!(m.frame, frame, "the request names no topic");
+            let assignment = |names: &[&'static str]| {
+                Assignment::default().with_topic_partitions(
+                    names
+                        .iter()
+                        .map(|&n| TopicPartitions::default().with_topic_name(name(n)))
+                        .collect(),
+                )
+            };
+            let member = Member::default()
+                .with_subscribed_topic_names(vec![name("us.orders"), name("orders")])
+                .with_assignment(assignment(&["us.orders", "__consumer_offsets"]))
+                .with_target_assignment(assignment(&["orders"]));
+            let answer = ConsumerGroupDescribeResponse::default()
+                .with_groups(vec![DescribedGroup::default().with_members(vec![member])]);
+            let got = back(ApiKey::ConsumerGroupDescribe, v, &answer, &[]);
+            let member = &got.groups[0].members[0];
+            assert_eq!(
+                names(&member.subscribed_topic_names),
+                ["orders", "eu.orders"],
+                "v{v}"
+            );
+            assert_eq!(
+                names(
+                    member
+                        .assignment
+                        .topic_partitions
+                        .iter()
+                        .map(|t| &t.topic_name)
+                ),
+                ["orders"]
+            );
+            assert_eq!(
+                names(
+                    member
+                        .target_assignment
+                        .topic_partitions
+                        .iter()
+                        .map(|t| &t.topic_name)
+                ),
+                ["eu.orders"]
+            );
+        }
+    }
+
+    #[test]
     fn a_topic_without_a_counterpart_is_refused_where_it_cannot_be_answered_unknown() {
         let request = ListOffsetsRequest::default().with_topics(vec![
             ListOffsetsTopic::default().with_name(name("__consumer_offsets")),
@@ -729,6 +857,7 @@ mod tests {
         assert_eq!(offer(ApiKey::Fetch, 0, 17), Some((4, 17)));
         assert_eq!(offer(ApiKey::OffsetCommit, 2, 10), Some((2, 9)));
         assert_eq!(offer(ApiKey::JoinGroup, 0, 9), Some((0, 9)));
+        assert_eq!(offer(ApiKey::ConsumerGroupHeartbeat, 0, 1), Some((0, 1)));
         for withheld in [
             ApiKey::CreateTopics,
             ApiKey::DeleteTopics,
@@ -737,8 +866,6 @@ mod tests {
             ApiKey::TxnOffsetCommit,
             ApiKey::AddPartitionsToTxn,
             ApiKey::DescribeTopicPartitions,
-            ApiKey::ConsumerGroupHeartbeat,
-            ApiKey::ConsumerGroupDescribe,
             ApiKey::OffsetDelete,
         ] {
             assert_eq!(offer(withheld, 0, 5), None, "{withheld:?}");

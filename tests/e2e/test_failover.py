@@ -215,11 +215,17 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
         must_land(kw_eu, us_keys, 1, "us")
         # A consumer group of each client reads us's first records through us's keyward and
         # commits; MirrorMaker 2 translates each group's position into eu (`us.orders`).
-        readers = {"java": JavaClient(), "librdkafka": client, "franz": FranzClient()}
+        # (Java twice: with the classic group protocol and with KIP-848's.)
+        readers = {
+            "java": (JavaClient(), None),
+            "java-kip848": (JavaClient(), {"group_protocol": "consumer"}),
+            "librdkafka": (client, None),
+            "franz": (FranzClient(), None),
+        }
         groups = {name: unique(f"fo-{name}") for name in readers}
         first = {f"{k}|1".encode() for k in us_keys}
-        for name, reader in readers.items():
-            got = reader.consume(kw_us.bootstrap, ["orders"], groups[name], 3, timeout_s=30)
+        for name, (reader, cfg) in readers.items():
+            got = reader.consume(kw_us.bootstrap, ["orders"], groups[name], 3, timeout_s=30, config=cfg)
             assert {r["value"] for r in got} == first, (name, got)
         must_land(kw_us, us_keys, 2, "us")
         must_land(kw_us, eu_keys, 2, "eu")
@@ -242,9 +248,12 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
         # Each group resumes from its position as MirrorMaker translated it: nothing skipped,
         # and what it reads twice is what the translation is short of its commit.
         second = {f"{k}|2".encode() for k in us_keys}
-        for name, reader in readers.items():
+        heartbeats = kw_us.metric("keyward_requests_total", api="ConsumerGroupHeartbeat")
+        for name, (reader, cfg) in readers.items():
             began = time.monotonic()
-            got = reader.consume(kw_us.bootstrap, ["orders"], groups[name], 6 - start[name], timeout_s=30)
+            got = reader.consume(
+                kw_us.bootstrap, ["orders"], groups[name], 6 - start[name], timeout_s=30, config=cfg
+            )
             values = [r["value"] for r in got]
             assert second <= set(values), f"{name} skipped {second - set(values)}"
             twice = [v for v in values if v in first]
@@ -253,6 +262,7 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
                 f"read-failover[{name}]: translated_offset={start[name]} skipped=0 read_twice={len(twice)}"
                 f" consume_call={time.monotonic() - began:.1f}s"
             )
+        assert kw_us.metric("keyward_requests_total", api="ConsumerGroupHeartbeat") > heartbeats, "KIP-848 was used"
 
         # 3. Failover: eu takes over everything us owns, through either proxy.
         flip(REDIRECT_TABLE + "takeover: { us: eu }\n")
@@ -278,8 +288,8 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
         # copy during the failover are not carried back, so what it read there is read again
         # (issue 15's failback translation is not built yet); nothing is skipped.
         after = {f"{k}|{p}".encode() for k in us_keys for p in (7, 8)}
-        for name, reader in readers.items():
-            got = reader.consume(kw_us.bootstrap, ["orders"], groups[name], 9, timeout_s=30)
+        for name, (reader, cfg) in readers.items():
+            got = reader.consume(kw_us.bootstrap, ["orders"], groups[name], 9, timeout_s=30, config=cfg)
             values = [r["value"] for r in got]
             assert after <= set(values), f"{name} skipped {after - set(values)} after the failback"
             twice = [v for v in values if v in second]

@@ -324,8 +324,23 @@ impl<'a> Batch<'a> {
     where
         F: FnMut(usize, RecordView<'_>) -> ControlFlow<()>,
     {
+        self.for_each_record_wanting(inflater, None, f)
+    }
+
+    /// As [`Batch::for_each_record`], keeping the first header named `header` of each record as
+    /// its headers are validated, so that [`RecordView::header`] for that name reads nothing
+    /// again (the `by: header` rules' lookup).
+    pub fn for_each_record_wanting<F>(
+        &self,
+        inflater: &mut Inflater,
+        header: Option<&[u8]>,
+        f: F,
+    ) -> Result<(), RecordsError>
+    where
+        F: FnMut(usize, RecordView<'_>) -> ControlFlow<()>,
+    {
         let walked = match inflater.decompress(self.compression, self.records_data()) {
-            Ok(records) => walk_records(records, self.records_count, f),
+            Ok(records) => walk_records(records, self.records_count, header, f),
             Err(e) => Err(e),
         };
         // A large batch's buffers are freed now, not kept as this connection's high-water mark.
@@ -340,7 +355,12 @@ impl<'a> Batch<'a> {
 }
 
 /// Walks a batch's (decompressed) records section: see [`Batch::for_each_record`].
-pub(crate) fn walk_records<F>(mut data: &[u8], declared: i32, mut f: F) -> Result<(), RecordsError>
+pub(crate) fn walk_records<F>(
+    mut data: &[u8],
+    declared: i32,
+    header: Option<&[u8]>,
+    mut f: F,
+) -> Result<(), RecordsError>
 where
     F: FnMut(usize, RecordView<'_>) -> ControlFlow<()>,
 {
@@ -353,7 +373,7 @@ where
                 found: index,
             });
         }
-        let record = RecordView::parse(&mut data)?;
+        let record = RecordView::parse(&mut data, header)?;
         if f(index, record).is_break() {
             return Ok(());
         }
@@ -378,6 +398,10 @@ pub struct RecordView<'r> {
     /// The encoded headers, already validated, with their count: decoded again on demand.
     headers: &'r [u8],
     header_count: usize,
+    /// The first header with the name the walk asked for, as (name, value), both borrowed from
+    /// the record: found while the headers were validated, so the rule's lookup reads nothing
+    /// again.
+    wanted: Option<(&'r [u8], Option<&'r [u8]>)>,
     /// Key, value and headers as encoded: what a re-encoded record copies unchanged.
     tail: &'r [u8],
 }
@@ -395,8 +419,9 @@ impl fmt::Debug for RecordView<'_> {
 }
 
 impl<'r> RecordView<'r> {
-    /// Reads one length-prefixed record from the front of `data` and validates all of it.
-    fn parse(data: &mut &'r [u8]) -> Result<Self, RecordsError> {
+    /// Reads one length-prefixed record from the front of `data` and validates all of it,
+    /// keeping the first header named `want`.
+    fn parse(data: &mut &'r [u8], want: Option<&[u8]>) -> Result<Self, RecordsError> {
         let len = read_varint(data)?;
         if len < 0 {
             return Err(RecordsError::BadLength {
@@ -419,8 +444,12 @@ impl<'r> RecordView<'r> {
             });
         }
         let headers = body;
+        let mut wanted = None;
         for _ in 0..header_count {
-            read_header(&mut body)?;
+            let (name, value) = read_header(&mut body)?;
+            if wanted.is_none() && want == Some(name) {
+                wanted = Some((name, value));
+            }
         }
         if !body.is_empty() {
             return Err(RecordsError::TrailingBytes {
@@ -436,6 +465,7 @@ impl<'r> RecordView<'r> {
             value,
             headers,
             header_count: header_count as usize,
+            wanted,
             tail,
         })
     }
@@ -458,6 +488,11 @@ impl<'r> RecordView<'r> {
     /// Value of the first header named `name`: `None` if absent, `Some(None)` if present with a
     /// null value. Kafka allows repeated names; only the first counts here.
     pub fn header(&self, name: &[u8]) -> Option<Option<&'r [u8]>> {
+        if let Some((wanted, value)) = self.wanted
+            && wanted == name
+        {
+            return Some(value);
+        }
         self.headers()
             .find(|(key, _)| *key == name)
             .map(|(_, value)| value)
@@ -1079,6 +1114,37 @@ mod tests {
                 records,
                 "{codec:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_wanted_header_is_kept_as_the_record_is_validated_and_answers_as_a_scan_would() {
+        let r = rec(
+            b"k",
+            &[
+                (b"trace", None),
+                (b"region", Some(b"eu")),
+                (b"region", Some(b"us")),
+            ],
+        );
+        let data = build_batch(0, 1, &encode_records(&[r]));
+        let batch = batches(&data).next().unwrap().unwrap();
+        for want in [&b"region"[..], b"trace", b"absent", b""] {
+            batch
+                .for_each_record_wanting(&mut Inflater::new(MB), Some(want), |_, r| {
+                    // Kept only when present, and then the first of its name.
+                    let first = r.headers().find(|(name, _)| *name == want);
+                    assert_eq!(r.wanted, first, "{want:?}");
+                    for name in [&b"region"[..], b"trace", b"absent"] {
+                        assert_eq!(
+                            r.header(name),
+                            r.headers().find(|(n, _)| *n == name).map(|(_, v)| v),
+                            "wanting {want:?}, asking {name:?}"
+                        );
+                    }
+                    ControlFlow::Continue(())
+                })
+                .unwrap();
         }
     }
 

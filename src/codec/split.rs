@@ -186,7 +186,7 @@ where
     let mut first = None;
     let mut owners: Vec<u32> = Vec::new();
     let mut failed = None;
-    walk_records(data, declared, |index, record| {
+    walk_records(data, declared, None, |index, record| {
         let part = owner_of(index, &record);
         let Some(id) = u32::try_from(part).ok().filter(|_| part < parts) else {
             failed = Some(SplitError::PartOutOfRange { part, parts });
@@ -272,7 +272,7 @@ where
 fn plan(header: &BatchHeader, data: &[u8], owners: &[u32]) -> Result<Vec<Plan>, SplitError> {
     let mut plans: Vec<Plan> = Vec::new();
     let mut too_long = None;
-    walk_records(data, header.records_count, |index, record| {
+    walk_records(data, header.records_count, None, |index, record| {
         let Some(&part) = owners.get(index) else {
             return ControlFlow::Break(());
         };
@@ -328,7 +328,7 @@ fn encode_part(
     out: &mut Vec<u8>,
 ) -> Result<(), SplitError> {
     let mut written = 0usize;
-    walk_records(data, header.records_count, |index, record| {
+    walk_records(data, header.records_count, None, |index, record| {
         if owners.get(index) == Some(&plan.part) {
             let timestamp = header.base_timestamp.wrapping_add(record.timestamp_delta());
             encode_record(

@@ -318,6 +318,15 @@ impl Rule {
         }
     }
 
+    /// The header whose value decides (`by: header`): what a record walk keeps as it validates
+    /// each record's headers.
+    pub fn header_name(&self) -> Option<&[u8]> {
+        match &self.by {
+            By::Header { header, .. } => Some(header.as_bytes()),
+            _ => None,
+        }
+    }
+
     /// The raw owner of `subject` under this rule, or `None` when the subject does not say what
     /// the rule needs ([`Rule::needs`]): a query naming a partition for a key rule, another
     /// header than the rule's. A subject built from a record always answers.

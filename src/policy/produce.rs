@@ -441,7 +441,7 @@ pub fn first_audited_owner(
     }
     for batch in records::batches(records).flatten() {
         let mut found = None;
-        let _ = batch.for_each_record(inflater, |_, record| {
+        let _ = batch.for_each_record_wanting(inflater, rule.header_name(), |_, record| {
             found = foreign(&Subject::record(topic, partition, record));
             if found.is_some() {
                 ControlFlow::Break(())
@@ -571,12 +571,13 @@ fn decide_rule(
             Err(e) => return malformed(total, topic, partition, &e),
         };
         let mut tally = Tally::new(table, rule, local);
-        let walked = batch.for_each_record(inflater, |index, record| {
-            let subject = Subject::record(topic, partition, record);
-            let (claim, part) = claim(rule, &subject);
-            tally.add(index as i32, claim, part, &subject);
-            ControlFlow::Continue(())
-        });
+        let walked =
+            batch.for_each_record_wanting(inflater, rule.header_name(), |index, record| {
+                let subject = Subject::record(topic, partition, record);
+                let (claim, part) = claim(rule, &subject);
+                tally.add(index as i32, claim, part, &subject);
+                ControlFlow::Continue(())
+            });
         if let Err(e) = walked {
             return malformed(total, topic, partition, &e);
         }

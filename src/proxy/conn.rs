@@ -460,13 +460,10 @@ fn viewed(
     head: RequestHead,
     key: ApiKey,
 ) -> Step {
-    let inner = handling(key, head.api_version);
+    let inner = handlers::rewrite(key, head.api_version);
     match super::view::request(&frame, key, head.api_version, view) {
-        Ok(None) => Step::forward(frame, head.correlation_id, inner),
+        Ok(None) => Step::forward(frame, head.correlation_id, Handling::Rewrite(inner)),
         Ok(Some(mapped)) => {
-            let Handling::Rewrite(inner) = inner else {
-                unreachable!("only Produce is merged, and it is never mapped")
-            };
             for topic in &mapped.unknown {
                 if shared.view_log.allow() {
                     warn!(

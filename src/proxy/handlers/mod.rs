@@ -96,7 +96,12 @@ pub(crate) struct Viewed {
 
 /// How the broker's response to a request of API `key` at `version` is handled.
 pub(crate) fn handling(key: ApiKey, version: i16) -> Handling {
-    Handling::Rewrite(match key {
+    Handling::Rewrite(rewrite(key, version))
+}
+
+/// What the broker's response to a request of API `key` at `version` needs on its way.
+pub(crate) fn rewrite(key: ApiKey, version: i16) -> Rewrite {
+    match key {
         ApiKey::ApiVersions => Rewrite::ApiVersions(version),
         ApiKey::Metadata => Rewrite::Metadata(version),
         ApiKey::FindCoordinator => Rewrite::FindCoordinator(version),
@@ -104,5 +109,5 @@ pub(crate) fn handling(key: ApiKey, version: i16) -> Handling {
         ApiKey::Fetch => Rewrite::Fetch(version),
         ApiKey::SaslAuthenticate => Rewrite::SaslAuthenticate(version),
         _ => Rewrite::Passthrough,
-    })
+    }
 }

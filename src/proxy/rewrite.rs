@@ -97,23 +97,48 @@ where
     F: FnOnce(&mut T) -> Result<(), RewriteError>,
 {
     let header_len = frame::response_header_len(frame, api.response_header_version(version))?;
+    recode_behind(frame, header_len, body_version, edit).map_err(|e| match e {
+        Recoded::Decode(source) => RewriteError::Decode {
+            api,
+            version: body_version,
+            source,
+        },
+        Recoded::Edit(e) => e,
+        Recoded::Encode(source) => RewriteError::Encode {
+            api,
+            version: body_version,
+            source,
+        },
+    })
+}
+
+/// Which step of [`recode_behind`] failed.
+pub(crate) enum Recoded<E> {
+    Decode(anyhow::Error),
+    Edit(E),
+    Encode(anyhow::Error),
+}
+
+/// Decodes the message after the frame's `header_len` bytes of header (a request's or a
+/// response's), lets `edit` change it, and re-encodes it behind the same header bytes: what
+/// response rewrites and the region view's request rewrites (`super::view`) share.
+pub(crate) fn recode_behind<T, E>(
+    frame: &Bytes,
+    header_len: usize,
+    version: i16,
+    edit: impl FnOnce(&mut T) -> Result<(), E>,
+) -> Result<Bytes, Recoded<E>>
+where
+    T: Decodable + Encodable,
+{
     let header = &frame[LENGTH_PREFIX..LENGTH_PREFIX + header_len];
     let mut body = frame.slice(LENGTH_PREFIX + header_len..);
-    let mut message =
-        T::decode(&mut body, body_version).map_err(|source| RewriteError::Decode {
-            api,
-            version: body_version,
-            source,
-        })?;
-    edit(&mut message)?;
+    let mut message = T::decode(&mut body, version).map_err(Recoded::Decode)?;
+    edit(&mut message).map_err(Recoded::Edit)?;
     let mut encoded = Vec::with_capacity(frame.len());
     message
-        .encode(&mut encoded, body_version)
-        .map_err(|source| RewriteError::Encode {
-            api,
-            version: body_version,
-            source,
-        })?;
+        .encode(&mut encoded, version)
+        .map_err(Recoded::Encode)?;
     Ok(frame::assemble(header, &encoded))
 }
 

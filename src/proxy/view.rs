@@ -28,9 +28,9 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 
-use super::rewrite::{RewriteError, recode};
+use super::rewrite::{Recoded, RewriteError, recode, recode_behind};
 use crate::codec::errors::UNKNOWN_TOPIC_OR_PARTITION;
-use crate::codec::frame::{self, LENGTH_PREFIX};
+use crate::codec::frame;
 use crate::policy::region_view::RegionView;
 
 /// APIs that carry no topic name (or, for Produce, one the ownership policy decides by its own
@@ -368,23 +368,19 @@ where
     F: FnOnce(&mut T) -> Result<(), ViewError>,
 {
     let header_len = frame::request_header_len(frame, api.request_header_version(version))?;
-    let header = &frame[LENGTH_PREFIX..LENGTH_PREFIX + header_len];
-    let mut body = frame.slice(LENGTH_PREFIX + header_len..);
-    let mut message = T::decode(&mut body, version).map_err(|source| ViewError::Decode {
-        api,
-        version,
-        source,
-    })?;
-    edit(&mut message)?;
-    let mut encoded = Vec::with_capacity(frame.len());
-    message
-        .encode(&mut encoded, version)
-        .map_err(|source| ViewError::Encode {
+    recode_behind(frame, header_len, version, edit).map_err(|e| match e {
+        Recoded::Decode(source) => ViewError::Decode {
             api,
             version,
             source,
-        })?;
-    Ok(frame::assemble(header, &encoded))
+        },
+        Recoded::Edit(e) => e,
+        Recoded::Encode(source) => ViewError::Encode {
+            api,
+            version,
+            source,
+        },
+    })
 }
 
 #[cfg(test)]
@@ -409,6 +405,7 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
+    use crate::codec::frame::LENGTH_PREFIX;
     use crate::policy::replication::Naming;
     use crate::proxy::rewrite::testing::{decode_body, response_frame};
     use crate::proxy::upstream::encode_request;

@@ -163,6 +163,7 @@ fn ownership_document(
         "reads": {
             "serving": s.shared.clusters.get(serving).name,
             "view": s.shared.view(serving).map(|v| v.describe()),
+            "failback": s.shared.failback.current().map(|w| w.describe()),
         },
         "version": snapshot.version,
         "hash": snapshot.hash,

@@ -123,6 +123,12 @@ pub struct Reads {
     /// Which topics a client reads while another region's cluster serves its reads.
     #[serde(default)]
     pub topic_names: TopicNames,
+    /// For how long after reads move back to the local cluster keyward carries consumer
+    /// groups' positions home from the copies they read during the failover (through
+    /// MirrorMaker 2's offset syncs; `proxy/failback.rs`). 0: never, groups resume from their
+    /// last commit here. Only with `topic_names: mirrored`.
+    #[serde(default = "Reads::default_failback_translation_ms")]
+    pub failback_translation_ms: u64,
 }
 
 /// `reads.topic_names`: the names of this region's topics in another region's cluster.
@@ -152,6 +158,9 @@ impl Reads {
     fn default_down_after_failed_probes() -> u32 {
         3
     }
+    fn default_failback_translation_ms() -> u64 {
+        600_000
+    }
 }
 
 impl Default for Reads {
@@ -163,6 +172,7 @@ impl Default for Reads {
             hold_down_ms: Self::default_hold_down_ms(),
             down_after_failed_probes: Self::default_down_after_failed_probes(),
             topic_names: TopicNames::default(),
+            failback_translation_ms: Self::default_failback_translation_ms(),
         }
     }
 }
@@ -922,6 +932,28 @@ ownership_file: ownership.yaml
         let e = format!("{e:#}");
         assert!(
             e.contains("k.yaml") && e.contains("reads.topic_names"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn failback_carries_positions_home_for_ten_minutes_unless_said_otherwise() {
+        let c = Config::parse(GOOD, Path::new("k.yaml")).unwrap();
+        assert_eq!(c.reads.failback_translation_ms, 600_000);
+        let c = Config::parse(
+            &format!("{GOOD}reads: {{ failback_translation_ms: 0 }}\n"),
+            Path::new("k.yaml"),
+        )
+        .unwrap();
+        assert_eq!(c.reads.failback_translation_ms, 0);
+        let e = Config::parse(
+            &format!("{GOOD}reads: {{ failback_translation_ms: soon }}\n"),
+            Path::new("k.yaml"),
+        )
+        .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("k.yaml") && e.contains("reads.failback_translation_ms"),
             "{e}"
         );
     }

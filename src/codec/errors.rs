@@ -23,6 +23,7 @@ pub const TOPIC_ALREADY_EXISTS: i16 = E::TopicAlreadyExists.code();
 pub const OFFSET_OUT_OF_RANGE: i16 = E::OffsetOutOfRange.code();
 pub const COORDINATOR_LOAD_IN_PROGRESS: i16 = E::CoordinatorLoadInProgress.code();
 pub const COORDINATOR_NOT_AVAILABLE: i16 = E::CoordinatorNotAvailable.code();
+pub const NOT_COORDINATOR: i16 = E::NotCoordinator.code();
 
 #[cfg(test)]
 mod tests {

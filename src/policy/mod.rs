@@ -1,6 +1,7 @@
 //! Pure decisions over decoded requests and one ownership snapshot: no sockets, clocks or
 //! globals, so most unit and property tests live here.
 pub mod alignment;
+pub mod offset_syncs;
 pub mod produce;
 pub mod region_view;
 pub mod replication;

@@ -46,6 +46,18 @@ impl RegionView {
         &self.serving
     }
 
+    /// The region whose clients see this view.
+    pub fn local(&self) -> &str {
+        &self.local
+    }
+
+    /// The serving cluster's copy of `topic` when it is one of the local region's own topics
+    /// (not a mirror, not internal): `orders` is `eu.orders` for eu's clients.
+    pub fn own_copy(&self, topic: &str) -> Option<String> {
+        (!topic.is_empty() && !is_internal(topic) && self.mirror_of(topic).is_none())
+            .then(|| self.naming.mirror(&self.local, topic))
+    }
+
     /// One line for logs and `/ownership`: how names map now.
     pub fn describe(&self) -> String {
         let s = &self.naming.separator;
@@ -143,6 +155,23 @@ mod tests {
         // A topic whose name has dots but no region prefix is an ordinary topic.
         assert_eq!(v.to_serving("orders.v2").as_deref(), Some("us.orders.v2"));
         assert_eq!(v.to_client("orders.v2").as_deref(), Some("eu.orders.v2"));
+    }
+
+    #[test]
+    fn only_the_local_region_s_own_topics_have_a_copy_of_their_own() {
+        let v = view("us", "eu");
+        assert_eq!(v.own_copy("orders").as_deref(), Some("us.orders"));
+        assert_eq!(v.own_copy("orders.v2").as_deref(), Some("us.orders.v2"));
+        // Mirrors held here, internal topics: not us's own.
+        for other in [
+            "eu.orders",
+            "ap.orders",
+            "__consumer_offsets",
+            "",
+            "us.orders",
+        ] {
+            assert_eq!(v.own_copy(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -404,7 +404,17 @@ async fn requests(
             }
             (Admission::Forward, Ok(key)) => match view {
                 Some(view) => viewed(shared, identity, view, frame, head, key),
-                None => Step::forward(frame, head.correlation_id, handling(key, head.api_version)),
+                None => {
+                    let carried = (key == ApiKey::OffsetFetch)
+                        .then(|| shared.failback.current())
+                        .flatten()
+                        .and_then(|w| super::failback::ask(w, &frame, head.api_version));
+                    let handling = match carried {
+                        Some(asked) => Handling::CarryHome(Box::new(asked)),
+                        None => handling(key, head.api_version),
+                    };
+                    Step::forward(frame, head.correlation_id, handling)
+                }
             },
             // `admit` refuses every API key this build cannot name, so only versions keyward
             // does not offer come here.
@@ -687,6 +697,7 @@ async fn responses(
                         to.ready().await;
                         out
                     }
+                    Handling::CarryHome(asked) => super::failback::respond(*asked, frame).await,
                 };
                 (out, timing, Some(arrived - timing.sent), arrived)
             }
@@ -828,7 +839,12 @@ fn respond(
     match rewrite {
         Rewrite::Passthrough => Ok(frame),
         Rewrite::ApiVersions(v) => {
-            handlers::api_versions::response(&frame, v, shared.view(cluster).is_some())
+            let offered = match shared.view(cluster) {
+                Some(_) => api_versions::Offered::View,
+                None if shared.failback.current().is_some() => api_versions::Offered::Failback,
+                None => api_versions::Offered::All,
+            };
+            api_versions::response(&frame, v, offered)
         }
         Rewrite::Metadata(v) => handlers::metadata::response(&frame, v, to, &|t| {
             super::alignment::observe(shared, cluster, t.iter().copied())

@@ -14,6 +14,7 @@
 pub mod alignment;
 pub mod brokers;
 pub mod conn;
+pub mod failback;
 pub mod handlers;
 pub mod identity;
 mod listener;
@@ -97,6 +98,9 @@ pub struct Shared {
     views: Vec<Option<RegionView>>,
     /// "no counterpart in the serving cluster" lines: a consumer retries its metadata often.
     pub view_log: RateLimit,
+    /// After reads move back here from another region's cluster: consumer groups' positions
+    /// carried home from the copies they read there.
+    pub failback: failback::Failback,
     bootstrap_bound: AtomicBool,
 }
 
@@ -139,6 +143,7 @@ impl Shared {
         let views = region_views(&config, &clusters);
         Ok(Arc::new(Self {
             views,
+            failback: failback::Failback::new(tasks.clone(), shutdown.clone()),
             view_log: RateLimit::new(Duration::from_secs(10), 5),
             clusters,
             dialers,
@@ -184,6 +189,7 @@ impl Shared {
             serving: &self.serving,
             reads: &self.config.reads,
             views: &self.views,
+            failback: &self.failback,
         }
     }
 
@@ -240,8 +246,12 @@ fn register_metrics(clusters: &Clusters, tls: bool) {
         "keyward_acks0_rejections_total",
         "keyward_panics_total",
         "keyward_admin_unauthorized_total",
+        "keyward_failback_rereads_at_most_total",
     ] {
         counter!(name).absolute(0);
+    }
+    for outcome in ["carried", "kept", "no_commit", "no_sync", "failed"] {
+        counter!("keyward_failback_offsets_total", "outcome" => outcome).absolute(0);
     }
     gauge!("keyward_client_connections_open").set(0.0);
 }

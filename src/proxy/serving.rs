@@ -15,10 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::brokers::{Clusters, Health};
+use super::failback::Failback;
 use super::ports::Ports;
 use super::upstream::{self, Dialer};
 use crate::config::Reads;
 use crate::policy::region_view::RegionView;
+use crate::redirect::client::ClusterClient;
 
 /// The serving cluster's index (see [`Clusters`]): the one source of truth for bootstrap
 /// connections, readiness and the `keyward_serving_cluster` gauge.
@@ -63,6 +65,8 @@ pub(super) struct Probe<'a> {
     pub reads: &'a Reads,
     /// Each cluster's region view, for the log line of a switch.
     pub views: &'a [Option<RegionView>],
+    /// Begun when reads move back to the local cluster from a cluster with a view.
+    pub failback: &'a Failback,
 }
 
 impl Probe<'_> {
@@ -139,9 +143,29 @@ impl Probe<'_> {
                 "serving cluster changes; closing client connections so they reconnect to it"
             );
             counter!("keyward_serving_cluster_switches_total", "to" => to.clone()).increment(1);
+            self.failback_from(current, next);
             self.serving.switch_to(next);
         }
         self.publish();
+    }
+
+    /// Ends the failback window in force, and begins one when reads move from a cluster with a
+    /// region view back to the local cluster (the one without).
+    fn failback_from(&self, current: usize, next: usize) {
+        self.failback.end();
+        let length = Duration::from_millis(self.reads.failback_translation_ms);
+        let view = self.views.get(current).and_then(Option::as_ref);
+        let home = self.views.get(next).is_some_and(Option::is_none);
+        if let (Some(view), true, false) = (view, home, length.is_zero()) {
+            let client = |index: usize| {
+                ClusterClient::new(
+                    self.clusters.get(index).bootstrap.clone(),
+                    self.dialers[index].clone(),
+                )
+            };
+            self.failback
+                .begin(view.clone(), client(current), client(next), length);
+        }
     }
 
     fn publish(&self) {
@@ -168,7 +192,63 @@ impl Probe<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use tokio_util::task::TaskTracker;
+
     use super::*;
+    use crate::config::Config;
+    use crate::security::Security;
+
+    /// Which switches open a failback window: only from a cluster with a view to the local one,
+    /// and only while `reads.failback_translation_ms` is not 0.
+    #[tokio::test]
+    async fn a_failback_window_opens_only_when_reads_come_home_from_a_view() {
+        const CONFIG: &str = "region: us\nlisten: { bootstrap: 127.0.0.1:9192, advertised_host: 127.0.0.1, broker_port_base: 9193 }\nclusters:\n  us: { bootstrap: [\"127.0.0.1:1\"] }\n  eu: { bootstrap: [\"127.0.0.1:2\"] }\n  ap: { bootstrap: [\"127.0.0.1:3\"] }\nownership_file: o.yaml\n";
+        let window_after = |extra: &str, from: &str, to: &str| {
+            let config =
+                Config::parse(&format!("{CONFIG}{extra}"), std::path::Path::new("k.yaml")).unwrap();
+            let clusters = Clusters::new(&config);
+            let security = Arc::new(Security::load(&config).unwrap());
+            let dialers: Vec<Dialer> = clusters
+                .all()
+                .iter()
+                .map(|c| Dialer::new(c.name.clone(), security.clone(), Duration::from_secs(1)))
+                .collect();
+            let views = super::super::region_views(&config, &clusters);
+            let shutdown = CancellationToken::new();
+            let failback = Failback::new(TaskTracker::new(), shutdown.clone());
+            let (ports, serving) = (Ports::default(), Serving::default());
+            let probe = Probe {
+                clusters: &clusters,
+                dialers: &dialers,
+                ports: &ports,
+                serving: &serving,
+                reads: &config.reads,
+                views: &views,
+                failback: &failback,
+            };
+            let index = |name: &str| clusters.index_of(name).unwrap();
+            probe.failback_from(index("us"), index("eu"));
+            probe.failback_from(index(from), index(to));
+            let window = failback.current().map(|w| w.describe()["from"].clone());
+            shutdown.cancel();
+            window
+        };
+        assert_eq!(window_after("", "eu", "us"), Some("eu".into()));
+        assert_eq!(window_after("", "ap", "us"), Some("ap".into()));
+        // Leaving the local cluster, or moving between two others, ends any window.
+        assert_eq!(window_after("", "us", "eu"), None);
+        assert_eq!(window_after("", "eu", "ap"), None);
+        assert_eq!(
+            window_after("reads: { failback_translation_ms: 0 }\n", "eu", "us"),
+            None
+        );
+        assert_eq!(
+            window_after("reads: { topic_names: same }\n", "eu", "us"),
+            None
+        );
+    }
 
     #[tokio::test]
     async fn a_switch_wakes_every_connection_of_the_old_cluster() {

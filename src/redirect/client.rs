@@ -1,7 +1,8 @@
 //! keyward's own client of one cluster, for redirected writes: a metadata cache (topic ->
 //! partition leaders), one reused connection per broker, and the requests redirect needs:
 //! Metadata, InitProducerId and Produce, and for the stream journal ([`super::journal`])
-//! CreateTopics, ListOffsets and Fetch.
+//! CreateTopics, ListOffsets and Fetch. At failback (`crate::proxy::failback`) it also asks a
+//! group's coordinator for the group's committed offsets (FindCoordinator, OffsetFetch).
 //!
 //! Connections are made by the cluster's [`Dialer`], so they use its TLS and keyward's SASL
 //! credentials for it. Each is [`Pipelined`]: the batches of every partition a broker leads
@@ -13,23 +14,29 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use kafka_protocol::messages::offset_fetch_request::{
+    OffsetFetchRequestGroup, OffsetFetchRequestTopics,
+};
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::produce_response::PartitionProduceResponse;
 use kafka_protocol::messages::{
     ApiKey, BrokerId, CreateTopicsRequest, CreateTopicsResponse, FetchRequest, FetchResponse,
-    InitProducerIdRequest, InitProducerIdResponse, ListOffsetsRequest, ListOffsetsResponse,
-    MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, TopicName,
+    FindCoordinatorRequest, FindCoordinatorResponse, GroupId, InitProducerIdRequest,
+    InitProducerIdResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
+    MetadataResponse, OffsetFetchRequest, OffsetFetchResponse, ProduceRequest, ProduceResponse,
+    TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::records::{Record, RecordBatchDecoder};
 use tokio::sync::Mutex;
 
 use crate::codec::errors::{
-    COORDINATOR_LOAD_IN_PROGRESS, COORDINATOR_NOT_AVAILABLE, LEADER_NOT_AVAILABLE,
+    COORDINATOR_LOAD_IN_PROGRESS, COORDINATOR_NOT_AVAILABLE, LEADER_NOT_AVAILABLE, NOT_COORDINATOR,
     NOT_LEADER_OR_FOLLOWER, TOPIC_ALREADY_EXISTS, UNKNOWN_TOPIC_OR_PARTITION,
 };
 use crate::proxy::upstream::{Dialer, Pipelined, Reply};
@@ -40,6 +47,10 @@ const PRODUCE_VERSION: i16 = 9;
 const CREATE_TOPICS_VERSION: i16 = 5;
 const LIST_OFFSETS_VERSION: i16 = 7;
 const FETCH_VERSION: i16 = 12;
+/// Batched keys (KIP-699).
+const FIND_COORDINATOR_VERSION: i16 = 4;
+/// Several groups per request, topics by name (v10 names them by id).
+const OFFSET_FETCH_VERSION: i16 = 8;
 const CLIENT_ID: &str = "keyward-redirect";
 
 /// Where one partition's leader is.
@@ -134,12 +145,7 @@ impl ClusterClient {
         {
             let mut brokers = self.brokers.lock().unwrap_or_else(|e| e.into_inner());
             for b in &response.brokers {
-                let addr = if b.host.contains(':') {
-                    format!("[{}]:{}", b.host.as_str(), b.port)
-                } else {
-                    format!("{}:{}", b.host.as_str(), b.port)
-                };
-                brokers.insert(b.node_id.0, addr);
+                brokers.insert(b.node_id.0, address(&b.host, b.port));
             }
         }
         let mut leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
@@ -467,9 +473,172 @@ impl ClusterClient {
         Ok(Ok(answer.records.unwrap_or_default()))
     }
 
+    /// The offsets `group` has committed for `topics` (each a name and its partitions), as its
+    /// coordinator answers; partitions with no commit, or an error of their own, are left out.
+    pub async fn committed(
+        &self,
+        group: &str,
+        topics: &[(String, Vec<i32>)],
+    ) -> anyhow::Result<HashMap<(String, i32), i64>> {
+        let request = OffsetFetchRequest::default()
+            .with_require_stable(false)
+            .with_groups(vec![
+                OffsetFetchRequestGroup::default()
+                    .with_group_id(GroupId(StrBytes::from_string(group.to_owned())))
+                    .with_topics(Some(
+                        topics
+                            .iter()
+                            .map(|(name, partitions)| {
+                                OffsetFetchRequestTopics::default()
+                                    .with_name(TopicName(StrBytes::from_string(name.clone())))
+                                    .with_partition_indexes(partitions.clone())
+                            })
+                            .collect(),
+                    )),
+            ]);
+        for _ in 0..3 {
+            let coordinator = self.coordinator(group).await?;
+            let response: OffsetFetchResponse = self
+                .call(
+                    Some(coordinator),
+                    ApiKey::OffsetFetch,
+                    OFFSET_FETCH_VERSION,
+                    &request,
+                )
+                .await
+                .with_context(|| format!("offsets of group {group} on cluster {}", self.name))?;
+            let answer = response
+                .groups
+                .into_iter()
+                .find(|g| g.group_id.as_str() == group)
+                .ok_or_else(|| anyhow!("cluster {} left group {group} out", self.name))?;
+            match answer.error_code {
+                0 => {}
+                NOT_COORDINATOR | COORDINATOR_LOAD_IN_PROGRESS | COORDINATOR_NOT_AVAILABLE => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                code => bail!(
+                    "cluster {}: offsets of group {group}: error {code}",
+                    self.name
+                ),
+            }
+            return Ok(answer
+                .topics
+                .into_iter()
+                .flat_map(|t| {
+                    let name = t.name.0.to_string();
+                    t.partitions.into_iter().filter_map(move |p| {
+                        (p.error_code == 0 && p.committed_offset >= 0)
+                            .then(|| ((name.clone(), p.partition_index), p.committed_offset))
+                    })
+                })
+                .collect());
+        }
+        bail!(
+            "cluster {}: group {group}'s coordinator keeps moving",
+            self.name
+        )
+    }
+
+    /// The node that coordinates `group`, its address learned.
+    async fn coordinator(&self, group: &str) -> anyhow::Result<i32> {
+        let request = FindCoordinatorRequest::default()
+            .with_key_type(0)
+            .with_coordinator_keys(vec![StrBytes::from_string(group.to_owned())]);
+        let response: FindCoordinatorResponse = self
+            .call(
+                None,
+                ApiKey::FindCoordinator,
+                FIND_COORDINATOR_VERSION,
+                &request,
+            )
+            .await
+            .with_context(|| format!("coordinator of group {group} on cluster {}", self.name))?;
+        let found = response
+            .coordinators
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow!("cluster {} named no coordinator", self.name))?;
+        if found.error_code != 0 {
+            bail!(
+                "cluster {}: coordinator of group {group}: error {}{}",
+                self.name,
+                found.error_code,
+                detail(&found.error_message)
+            );
+        }
+        self.brokers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(found.node_id.0, address(&found.host, found.port));
+        Ok(found.node_id.0)
+    }
+
+    /// Reads a partition from its start to its end as it stands now, handing each record to
+    /// `each`; returns how many records were read. Batches that cannot be decoded are skipped.
+    pub async fn read_all(
+        &self,
+        topic: &str,
+        partition: i32,
+        mut each: impl FnMut(&Record),
+    ) -> anyhow::Result<u64> {
+        let end = self.end_offset(topic, partition).await?;
+        let mut at = self.start_offset(topic, partition).await?;
+        let mut read = 0;
+        let mut refresh = false;
+        while at < end {
+            let data = match self.fetch(topic, partition, at, 0, refresh).await? {
+                Ok(data) => data,
+                Err(code) if is_stale_leader(code) && !refresh => {
+                    refresh = true;
+                    continue;
+                }
+                // The log starts past `at` now (retention or compaction).
+                Err(crate::codec::errors::OFFSET_OUT_OF_RANGE) => {
+                    let start = self.start_offset(topic, partition).await?;
+                    if start <= at {
+                        bail!("cluster {}: {topic} has no offset {at}", self.name);
+                    }
+                    at = start;
+                    continue;
+                }
+                Err(code) => bail!("cluster {}: reading {topic}: error {code}", self.name),
+            };
+            refresh = false;
+            let before = at;
+            for mut batch in whole_batches(data) {
+                let after = batch_end(&batch);
+                if let Ok(set) = RecordBatchDecoder::decode(&mut batch) {
+                    for record in set.records.iter().filter(|r| r.offset >= at) {
+                        each(record);
+                        read += 1;
+                    }
+                }
+                at = at.max(after);
+            }
+            if at == before {
+                bail!(
+                    "cluster {}: {topic} holds nothing at offset {at} before its end {end}",
+                    self.name
+                );
+            }
+        }
+        Ok(read)
+    }
+
     /// How many brokers the cluster has, as its metadata last said (0 before any).
     pub fn brokers_known(&self) -> usize {
         self.brokers.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// A broker's `host:port`, an IPv6 host in brackets.
+fn address(host: &str, port: i32) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
     }
 }
 
@@ -494,4 +663,29 @@ fn error_response(partition: i32, code: i16) -> PartitionProduceResponse {
         .with_index(partition)
         .with_error_code(code)
         .with_base_offset(-1)
+}
+
+/// The whole record batches at the start of a fetched partition's data (a fetch may end in a
+/// partial one).
+pub(crate) fn whole_batches(mut data: Bytes) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    while data.len() >= 12 {
+        let len = i32::from_be_bytes([data[8], data[9], data[10], data[11]]);
+        let Ok(len) = usize::try_from(len) else { break };
+        if data.len() < 12 + len {
+            break;
+        }
+        out.push(data.split_to(12 + len));
+    }
+    data.advance(data.len());
+    out
+}
+
+/// The offset after a whole v2 record batch: its base offset plus its last offset delta, plus 1.
+pub(crate) fn batch_end(batch: &[u8]) -> i64 {
+    let base = i64::from_be_bytes(batch[0..8].try_into().unwrap_or_default());
+    let last_delta = batch
+        .get(23..27)
+        .map_or(0, |b| i32::from_be_bytes(b.try_into().unwrap_or_default()));
+    base + i64::from(last_delta) + 1
 }

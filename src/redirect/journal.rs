@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::produce_response::PartitionProduceResponse;
 use kafka_protocol::records::{
     Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
@@ -41,7 +41,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::client::{ClusterClient, detail, is_stale_leader};
+use super::client::{ClusterClient, batch_end, detail, is_stale_leader, whole_batches};
 use super::sequences::{Saved, StreamKey};
 use crate::codec::errors::OFFSET_OUT_OF_RANGE;
 
@@ -447,22 +447,6 @@ fn encode(streams: &[(StreamKey, Saved)]) -> anyhow::Result<Bytes> {
     Ok(batch.freeze())
 }
 
-/// The whole record batches at the start of a fetched partition's data (a fetch may end in a
-/// partial one).
-fn whole_batches(mut data: Bytes) -> Vec<Bytes> {
-    let mut out = Vec::new();
-    while data.len() >= 12 {
-        let len = i32::from_be_bytes([data[8], data[9], data[10], data[11]]);
-        let Ok(len) = usize::try_from(len) else { break };
-        if data.len() < 12 + len {
-            break;
-        }
-        out.push(data.split_to(12 + len));
-    }
-    data.advance(data.len());
-    out
-}
-
 /// One journal record, at `offset` in the batch being built: no producer id, so no
 /// idempotence (a save written twice is the same state twice).
 fn record(offset: i64, timestamp: i64, key: Bytes, value: Bytes) -> Record {
@@ -483,15 +467,6 @@ fn record(offset: i64, timestamp: i64, key: Bytes, value: Bytes) -> Record {
         headers: Default::default(),
         delete_horizon: false,
     }
-}
-
-/// The offset after a whole v2 record batch: its base offset plus its last offset delta, plus 1.
-fn batch_end(batch: &[u8]) -> i64 {
-    let base = i64::from_be_bytes(batch[0..8].try_into().unwrap_or_default());
-    let last_delta = batch
-        .get(23..27)
-        .map_or(0, |b| i32::from_be_bytes(b.try_into().unwrap_or_default()));
-    base + i64::from(last_delta) + 1
 }
 
 /// A stream's record key: `producer id/epoch/partition/topic` (topic names cannot hold `/`).

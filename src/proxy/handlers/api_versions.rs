@@ -22,13 +22,24 @@ use crate::codec::frame::{self, LENGTH_PREFIX};
 use crate::codec::wire::Reader;
 use crate::proxy::rewrite::{RewriteError, recode_as};
 use crate::proxy::versions::{self, Admission, DECODED, WITHHELD};
-use crate::proxy::view;
+use crate::proxy::{failback, view};
 
 ///
 /// On a connection in a region view (`in_view`), APIs whose topic names keyward does not map
 /// are withheld as well, and mapped ones capped at the versions it maps
 /// (`crate::proxy::view::offer`).
-pub fn response(frame: &Bytes, version: i16, in_view: bool) -> Result<Bytes, RewriteError> {
+/// What a connection is offered besides what [`versions::intersect`] keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offered {
+    All,
+    /// Served by another region's cluster: only what the region view maps ([`view::offer`]).
+    View,
+    /// Served by the local cluster while positions are carried home after a failover:
+    /// OffsetFetch up to the last version that names topics (`super::super::failback`).
+    Failback,
+}
+
+pub fn response(frame: &Bytes, version: i16, offered: Offered) -> Result<Bytes, RewriteError> {
     let api = ApiKey::ApiVersions;
     let header_len = frame::response_header_len(frame, api.response_header_version(version))?;
     let error_code = Reader::new(&frame[LENGTH_PREFIX + header_len..]).i16()?;
@@ -44,7 +55,15 @@ pub fn response(frame: &Bytes, version: i16, in_view: bool) -> Result<Bytes, Rew
         body_version,
         |r: &mut ApiVersionsResponse| {
             versions::intersect(&mut r.api_keys);
-            if in_view {
+            if offered == Offered::Failback
+                && let Some(v) = r
+                    .api_keys
+                    .iter_mut()
+                    .find(|v| v.api_key == ApiKey::OffsetFetch as i16)
+            {
+                v.max_version = v.max_version.min(failback::OFFSET_FETCH_MAX_VERSION);
+            }
+            if offered == Offered::View {
                 r.api_keys.retain_mut(|v| {
                     let Ok(key) = ApiKey::try_from(v.api_key) else {
                         return false;

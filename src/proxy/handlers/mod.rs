@@ -62,6 +62,9 @@ pub(crate) enum Handling {
     Rewrite(Rewrite),
     /// A produce keyward forwarded in part: merge its own answers into the broker's.
     ProduceMerge(ProduceReply),
+    /// An OffsetFetch after reads moved back here: positions carried home from the copies the
+    /// group read during the failover (`super::super::failback`).
+    CarryHome(Box<super::failback::Asked>),
 }
 
 /// What a broker response needs on its way to the client.

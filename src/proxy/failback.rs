@@ -1,0 +1,578 @@
+//! Failback: consumer groups' positions carried home from the copies they read during a read
+//! failover.
+//!
+//! While another region's cluster C served this region's reads, consumer groups committed their
+//! positions on C's copies of this region's topics (the region view: `orders` was `us.orders`
+//! in C). Back on the local cluster, a group would resume from its last commit here and read
+//! again everything it read on the copy. So for `reads.failback_translation_ms` after reads
+//! move back, keyward answers a group's OffsetFetch with the position it reached on the copy,
+//! translated through MirrorMaker 2's offset syncs ([`crate::policy::offset_syncs`]), wherever
+//! that is ahead of the group's commit here:
+//!
+//! - at the switch back, a task reads the offset syncs of this region's topics into C
+//!   (`mm2-offset-syncs.<C>.internal`, in the local cluster) once;
+//! - an OffsetFetch goes to the broker as it came; its answer waits while keyward asks C, on
+//!   keyward's own connection, for the group's commits on the copies of this region's topics
+//!   the answer names. Each commit that translates ahead of the answer's replaces it.
+//!
+//! Nothing is written: the client commits from the carried position as it commits anyway, and
+//! from then on its commit here is ahead. Whatever fails (C unreachable, no sync at or below the
+//! position, an answer later than [`ASK_TIMEOUT`]) leaves the broker's answer as it is: the group
+//! reads again what it read on the copy, and never skips.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kafka_protocol::messages::{ApiKey, OffsetFetchRequest, OffsetFetchResponse};
+use kafka_protocol::protocol::Decodable;
+use metrics::counter;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use super::rewrite;
+use crate::codec::frame::{self, LENGTH_PREFIX};
+use crate::policy::offset_syncs::{self, OffsetSyncs};
+use crate::policy::region_view::RegionView;
+use crate::redirect::client::ClusterClient;
+
+/// OffsetFetch v10 names topics by id, which the local cluster's and C's do not share:
+/// connections opened during a window are offered OffsetFetch up to v9.
+pub const OFFSET_FETCH_MAX_VERSION: i16 = 9;
+
+/// How long an OffsetFetch answer waits for C and the offset syncs before it goes out as the
+/// broker gave it. Well within every client's request timeout.
+pub const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The window in force, if any: set when reads move back to the local cluster from another
+/// region's, cleared at the next switch.
+pub struct Failback {
+    window: Mutex<Option<Arc<Window>>>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+/// One failback: where reads were served, until when positions are carried, and the syncs.
+pub struct Window {
+    /// The view the failed-over connections had (C's copies of this region's topics).
+    view: RegionView,
+    until: Instant,
+    /// keyward's own client of C, for the groups' commits on the copies.
+    copies: ClusterClient,
+    /// The offset syncs of this region's topics into C, once read.
+    syncs: watch::Receiver<Option<Arc<OffsetSyncs>>>,
+    stop: CancellationToken,
+    /// Groups whose carried position was logged in this window.
+    logged: Mutex<HashSet<String>>,
+}
+
+impl Failback {
+    pub fn new(tasks: TaskTracker, shutdown: CancellationToken) -> Self {
+        Self {
+            window: Mutex::new(None),
+            tasks,
+            shutdown,
+        }
+    }
+
+    /// Reads moved back to the local cluster from the one `view` maps into: positions are
+    /// carried home for `length`. `home` is keyward's client of the local cluster, where the
+    /// offset syncs are; `copies` its client of the cluster that served.
+    pub fn begin(
+        &self,
+        view: RegionView,
+        copies: ClusterClient,
+        home: ClusterClient,
+        length: Duration,
+    ) {
+        let (loaded, syncs) = watch::channel(None);
+        let stop = self.shutdown.child_token();
+        let topic = format!("mm2-offset-syncs.{}.internal", view.serving());
+        info!(
+            from = view.serving(),
+            window_s = length.as_secs(),
+            offset_syncs = %topic,
+            "reads are back on the local cluster: consumer groups' positions on the copies they read are carried home"
+        );
+        self.tasks
+            .spawn(read_syncs(home, topic, loaded, stop.clone()));
+        let window = Arc::new(Window {
+            view,
+            until: Instant::now() + length,
+            copies,
+            syncs,
+            stop,
+            logged: Mutex::new(HashSet::new()),
+        });
+        if let Some(old) = self.lock().replace(window) {
+            old.stop.cancel();
+        }
+    }
+
+    /// Reads moved elsewhere: no position is carried any more.
+    pub fn end(&self) {
+        if let Some(old) = self.lock().take() {
+            old.stop.cancel();
+        }
+    }
+
+    /// The window in force now.
+    pub fn current(&self) -> Option<Arc<Window>> {
+        self.lock()
+            .as_ref()
+            .filter(|w| w.until > Instant::now())
+            .cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<Window>>> {
+        self.window.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Reads the offset syncs into `loaded`, trying again until it succeeds or the window ends.
+async fn read_syncs(
+    home: ClusterClient,
+    topic: String,
+    loaded: watch::Sender<Option<Arc<OffsetSyncs>>>,
+    stop: CancellationToken,
+) {
+    let started = Instant::now();
+    loop {
+        let mut syncs = OffsetSyncs::default();
+        let read = home.read_all(&topic, 0, |record| {
+            if let (Some(key), Some(value)) = (&record.key, &record.value)
+                && let Some((topic, partition, sync)) = offset_syncs::parse(key, value)
+            {
+                syncs.add(topic, partition, sync);
+            }
+        });
+        let read = tokio::select! {
+            read = read => read,
+            () = stop.cancelled() => return,
+        };
+        match read {
+            Ok(records) => {
+                info!(
+                    topic,
+                    records,
+                    kept = syncs.len(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "offset syncs read"
+                );
+                loaded.send_replace(Some(Arc::new(syncs)));
+                return;
+            }
+            Err(e) => warn!(
+                topic,
+                error = format!("{e:#}"),
+                "cannot read MirrorMaker 2's offset syncs; consumer groups resume from their commits here until they are read"
+            ),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// An OffsetFetch whose answer may carry positions home.
+pub(crate) struct Asked {
+    window: Arc<Window>,
+    version: i16,
+    /// The group of a v1-v7 request (v8+ answers name their groups).
+    group: Option<String>,
+}
+
+/// Whether the answer to this OffsetFetch request is worth waiting on (`None`: pass it on).
+pub(crate) fn ask(window: Arc<Window>, frame: &Bytes, version: i16) -> Option<Asked> {
+    Some(Asked {
+        window,
+        version,
+        group: request_group(frame, version)?,
+    })
+}
+
+/// The group a v1-v7 request names (`Some(None)` from v8: answers name their groups), or
+/// `None` for a version or request this module leaves alone.
+fn request_group(frame: &Bytes, version: i16) -> Option<Option<String>> {
+    if !(1..=OFFSET_FETCH_MAX_VERSION).contains(&version) {
+        return None;
+    }
+    if version >= 8 {
+        return Some(None);
+    }
+    let api = ApiKey::OffsetFetch;
+    let header_len = frame::request_header_len(frame, api.request_header_version(version)).ok()?;
+    let mut body = frame.slice(LENGTH_PREFIX + header_len..);
+    let request = OffsetFetchRequest::decode(&mut body, version).ok()?;
+    Some(Some(request.group_id.0.to_string()))
+}
+
+/// One partition of the local cluster's answer that may be carried: group, topic, partition,
+/// and the offset committed here (-1 for none).
+type Here = (String, String, i32, i64);
+
+/// The broker's answer, with positions carried home where they are ahead of it. Never fails:
+/// anything that cannot be done leaves the answer as the broker gave it.
+pub(crate) async fn respond(asked: Asked, frame: Bytes) -> Bytes {
+    let api = ApiKey::OffsetFetch;
+    let Ok(answer) = rewrite::decode::<OffsetFetchResponse>(&frame, api, asked.version) else {
+        return frame;
+    };
+    let here = committed_here(&answer, asked.group.as_deref(), &asked.window.view);
+    if here.is_empty() {
+        return frame;
+    }
+    let carried = match tokio::time::timeout(ASK_TIMEOUT, asked.window.carry(&here)).await {
+        Ok(carried) => carried,
+        Err(_) => {
+            counter!("keyward_failback_offsets_total", "outcome" => "failed")
+                .increment(here.len() as u64);
+            warn!(
+                timeout_ms = ASK_TIMEOUT.as_millis() as u64,
+                "no translated position in time; the group resumes from its commit here"
+            );
+            return frame;
+        }
+    };
+    if carried.is_empty() {
+        return frame;
+    }
+    let group = asked.group.as_deref();
+    rewrite::recode(&frame, api, asked.version, |r: &mut OffsetFetchResponse| {
+        apply(r, group, &carried);
+        Ok(())
+    })
+    .unwrap_or(frame)
+}
+
+/// The partitions of this region's own topics in an answer, without an error.
+fn committed_here(
+    answer: &OffsetFetchResponse,
+    group: Option<&str>,
+    view: &RegionView,
+) -> Vec<Here> {
+    let mut out = Vec::new();
+    let mut add = |group: &str, topic: &str, partition: i32, offset: i64| {
+        if view.own_copy(topic).is_some() {
+            out.push((group.to_owned(), topic.to_owned(), partition, offset));
+        }
+    };
+    match group {
+        Some(group) if answer.error_code == 0 => {
+            for t in &answer.topics {
+                for p in t.partitions.iter().filter(|p| p.error_code == 0) {
+                    add(group, &t.name, p.partition_index, p.committed_offset);
+                }
+            }
+        }
+        Some(_) => {}
+        None => {
+            for g in answer.groups.iter().filter(|g| g.error_code == 0) {
+                for t in &g.topics {
+                    for p in t.partitions.iter().filter(|p| p.error_code == 0) {
+                        add(&g.group_id, &t.name, p.partition_index, p.committed_offset);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Replaces the committed offsets `carried` has a position for.
+fn apply(
+    answer: &mut OffsetFetchResponse,
+    group: Option<&str>,
+    carried: &HashMap<(String, String, i32), i64>,
+) {
+    let at = |group: &str, topic: &str, partition: i32| {
+        carried
+            .get(&(group.to_owned(), topic.to_owned(), partition))
+            .copied()
+    };
+    match group {
+        Some(group) => {
+            for t in &mut answer.topics {
+                for p in &mut t.partitions {
+                    if let Some(offset) = at(group, &t.name, p.partition_index) {
+                        p.committed_offset = offset;
+                        // An epoch of the copy's leader means nothing here.
+                        p.committed_leader_epoch = -1;
+                    }
+                }
+            }
+        }
+        None => {
+            for g in &mut answer.groups {
+                for t in &mut g.topics {
+                    for p in &mut t.partitions {
+                        if let Some(offset) = at(&g.group_id, &t.name, p.partition_index) {
+                            p.committed_offset = offset;
+                            p.committed_leader_epoch = -1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Window {
+    /// For `/ownership`: where positions are carried from, for how much longer, and whether
+    /// the offset syncs are read.
+    pub fn describe(&self) -> serde_json::Value {
+        let syncs = self.syncs.borrow().as_ref().map(|s| s.len());
+        serde_json::json!({
+            "from": self.view.serving(),
+            "remaining_ms": self.until.saturating_duration_since(Instant::now()).as_millis() as u64,
+            "offset_syncs_kept": syncs,
+        })
+    }
+
+    /// The positions to answer instead of the local commits in `here`, by group, topic and
+    /// partition: only those ahead.
+    async fn carry(&self, here: &[Here]) -> HashMap<(String, String, i32), i64> {
+        let mut out = HashMap::new();
+        let mut syncs = self.syncs.clone();
+        let Ok(syncs) = syncs.wait_for(Option::is_some).await.map(|s| s.clone()) else {
+            return out;
+        };
+        let Some(syncs) = syncs else { return out };
+        let mut groups: HashMap<&str, Vec<&Here>> = HashMap::new();
+        for h in here {
+            groups.entry(h.0.as_str()).or_default().push(h);
+        }
+        for (group, parts) in groups {
+            let mut topics: HashMap<String, Vec<i32>> = HashMap::new();
+            for (_, topic, partition, _) in &parts {
+                if let Some(copy) = self.view.own_copy(topic) {
+                    topics.entry(copy).or_default().push(*partition);
+                }
+            }
+            let topics: Vec<(String, Vec<i32>)> = topics.into_iter().collect();
+            let on_copy = match self.copies.committed(group, &topics).await {
+                Ok(c) => c,
+                Err(e) => {
+                    counter!("keyward_failback_offsets_total", "outcome" => "failed")
+                        .increment(parts.len() as u64);
+                    warn!(
+                        group,
+                        from = self.view.serving(),
+                        error = format!("{e:#}"),
+                        "cannot ask for a group's position on the copies; it resumes from its commit here"
+                    );
+                    continue;
+                }
+            };
+            for (_, topic, partition, committed) in parts {
+                let Some(copy) = self.view.own_copy(topic) else {
+                    continue;
+                };
+                let outcome = match on_copy.get(&(copy.clone(), *partition)) {
+                    None => "no_commit",
+                    Some(&position) => match syncs.translate(topic, *partition, position) {
+                        None => "no_sync",
+                        Some(t) if t.offset > *committed => {
+                            out.insert((group.to_owned(), topic.clone(), *partition), t.offset);
+                            counter!("keyward_failback_rereads_at_most_total")
+                                .increment(t.reread_at_most as u64);
+                            if self.first_for(group) {
+                                info!(
+                                    group,
+                                    topic = %topic,
+                                    partition,
+                                    copy = %copy,
+                                    position_on_copy = position,
+                                    committed_here = *committed,
+                                    answered = t.offset,
+                                    rereads_at_most = t.reread_at_most,
+                                    "a consumer group's position carried home from the copy it read during the failover"
+                                );
+                            }
+                            "carried"
+                        }
+                        Some(_) => "kept",
+                    },
+                };
+                counter!("keyward_failback_offsets_total", "outcome" => outcome).increment(1);
+            }
+        }
+        out
+    }
+
+    /// Whether `group` has not been logged in this window yet (and is now).
+    fn first_for(&self, group: &str) -> bool {
+        self.logged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(group.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kafka_protocol::messages::offset_fetch_response::{
+        OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions,
+        OffsetFetchResponseTopic, OffsetFetchResponseTopics,
+    };
+    use kafka_protocol::messages::{GroupId, TopicName};
+    use kafka_protocol::protocol::StrBytes;
+
+    use super::*;
+    use crate::policy::replication::Naming;
+    use crate::proxy::rewrite::testing::{decode_body, response_frame};
+    use crate::proxy::upstream::encode_request;
+
+    fn view() -> RegionView {
+        RegionView::new(
+            "us",
+            "eu",
+            &["eu".into(), "us".into()],
+            Naming {
+                separator: ".".into(),
+            },
+        )
+    }
+
+    fn name(s: &'static str) -> TopicName {
+        TopicName(StrBytes::from_static_str(s))
+    }
+
+    /// us's `orders` (partition 0 committed at 3, partition 1 never) and eu's `eu.orders`
+    /// (committed at 5), as the local cluster answers group `g` at `version`.
+    fn answer(version: i16) -> OffsetFetchResponse {
+        let committed = [("orders", 0, 3), ("orders", 1, -1), ("eu.orders", 0, 5)];
+        if version >= 8 {
+            let topics = committed.iter().map(|(t, p, o)| {
+                OffsetFetchResponseTopics::default()
+                    .with_name(name(t))
+                    .with_partitions(vec![
+                        OffsetFetchResponsePartitions::default()
+                            .with_partition_index(*p)
+                            .with_committed_offset(*o)
+                            .with_committed_leader_epoch(4),
+                    ])
+            });
+            OffsetFetchResponse::default().with_groups(vec![
+                OffsetFetchResponseGroup::default()
+                    .with_group_id(GroupId(StrBytes::from_static_str("g")))
+                    .with_topics(topics.collect()),
+            ])
+        } else {
+            let topics = committed.iter().map(|(t, p, o)| {
+                OffsetFetchResponseTopic::default()
+                    .with_name(name(t))
+                    .with_partitions(vec![
+                        OffsetFetchResponsePartition::default()
+                            .with_partition_index(*p)
+                            .with_committed_offset(*o)
+                            .with_committed_leader_epoch(if version >= 5 { 4 } else { -1 }),
+                    ])
+            });
+            OffsetFetchResponse::default().with_topics(topics.collect())
+        }
+    }
+
+    /// (topic, partition, offset, epoch) of every partition in an answer.
+    fn offsets(answer: &OffsetFetchResponse, version: i16) -> Vec<(String, i32, i64, i32)> {
+        let mut out = Vec::new();
+        if version >= 8 {
+            for t in answer.groups.iter().flat_map(|g| &g.topics) {
+                for p in &t.partitions {
+                    out.push((
+                        t.name.to_string(),
+                        p.partition_index,
+                        p.committed_offset,
+                        p.committed_leader_epoch,
+                    ));
+                }
+            }
+        } else {
+            for t in &answer.topics {
+                for p in &t.partitions {
+                    out.push((
+                        t.name.to_string(),
+                        p.partition_index,
+                        p.committed_offset,
+                        p.committed_leader_epoch,
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn only_this_region_s_own_topics_are_carried_in_every_version() {
+        for v in 1..=OFFSET_FETCH_MAX_VERSION {
+            let request = if v >= 8 {
+                OffsetFetchRequest::default()
+            } else {
+                OffsetFetchRequest::default().with_group_id(GroupId(StrBytes::from_static_str("g")))
+            };
+            let frame = encode_request("t", 7, ApiKey::OffsetFetch, v, &request).unwrap();
+            let group = request_group(&frame, v).expect("a version that carries");
+            assert_eq!(group.as_deref(), (v < 8).then_some("g"), "v{v}");
+
+            let frame = response_frame(ApiKey::OffsetFetch, v, &answer(v));
+            let decoded: OffsetFetchResponse =
+                rewrite::decode(&frame, ApiKey::OffsetFetch, v).unwrap();
+            let here = committed_here(&decoded, group.as_deref(), &view());
+            assert_eq!(
+                here,
+                [
+                    ("g".into(), "orders".into(), 0, 3),
+                    ("g".into(), "orders".into(), 1, -1)
+                ],
+                "v{v}: eu's own topic is not carried"
+            );
+
+            let carried = HashMap::from([
+                (("g".into(), "orders".into(), 0), 6),
+                (("g".into(), "orders".into(), 1), 2),
+            ]);
+            let out = rewrite::recode(
+                &frame,
+                ApiKey::OffsetFetch,
+                v,
+                |r: &mut OffsetFetchResponse| {
+                    apply(r, group.as_deref(), &carried);
+                    Ok(())
+                },
+            )
+            .unwrap();
+            let got: OffsetFetchResponse = decode_body(&out, ApiKey::OffsetFetch, v);
+            let eu_epoch = if v >= 5 { 4 } else { -1 };
+            assert_eq!(
+                offsets(&got, v),
+                [
+                    ("orders".into(), 0, 6, -1),
+                    ("orders".into(), 1, 2, -1),
+                    ("eu.orders".into(), 0, 5, eu_epoch)
+                ],
+                "v{v}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_answer_with_an_error_carries_nothing() {
+        let mut failed = answer(7);
+        failed.error_code = 16; // NOT_COORDINATOR
+        assert!(committed_here(&failed, Some("g"), &view()).is_empty());
+        let mut failed = answer(8);
+        failed.groups[0].error_code = 16;
+        assert!(committed_here(&failed, None, &view()).is_empty());
+    }
+
+    #[test]
+    fn versions_that_name_topics_by_id_are_left_alone() {
+        // Not even read.
+        assert_eq!(request_group(&Bytes::new(), 10), None);
+        assert_eq!(request_group(&Bytes::new(), 0), None);
+    }
+}

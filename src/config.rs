@@ -534,6 +534,20 @@ impl Config {
                 ),
             ));
         }
+        // Each cluster's producer ids are shown to other regions' clients in a range chosen by
+        // its name (`policy::producer_ids`): two clusters must not share one.
+        let mut ranges = std::collections::HashMap::new();
+        for name in config.clusters.keys() {
+            let range = crate::policy::producer_ids::base(name);
+            if let Some(other) = ranges.insert(range, name) {
+                return Err(error(
+                    "clusters",
+                    format!(
+                        "clusters {other:?} and {name:?} would show producer ids in the same range during a read failover (their names hash alike); rename one"
+                    ),
+                ));
+            }
+        }
         for (name, cluster) in &config.clusters {
             if cluster.bootstrap.is_empty() {
                 return Err(error(
@@ -932,6 +946,30 @@ ownership_file: ownership.yaml
         let e = format!("{e:#}");
         assert!(
             e.contains("k.yaml") && e.contains("reads.topic_names"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn clusters_whose_producer_id_ranges_meet_are_refused() {
+        // Two names that hash into the same range, found the way a user would meet them.
+        let mut seen = std::collections::HashMap::new();
+        let (a, b) = (0..)
+            .map(|i| format!("r{i}"))
+            .find_map(|n| {
+                let base = crate::policy::producer_ids::base(&n);
+                seen.insert(base, n.clone()).map(|other| (other, n))
+            })
+            .unwrap();
+        let config = format!(
+            "region: {a}\nlisten: {{ bootstrap: 127.0.0.1:9092, advertised_host: 127.0.0.1, broker_port_base: 9093 }}\nclusters:\n  {a}: {{ bootstrap: [\"127.0.0.1:1\"] }}\n  {b}: {{ bootstrap: [\"127.0.0.1:2\"] }}\nownership_file: o.yaml\n"
+        );
+        let e = format!(
+            "{:#}",
+            Config::parse(&config, Path::new("k.yaml")).unwrap_err()
+        );
+        assert!(
+            e.contains("k.yaml") && e.contains("clusters") && e.contains(&b),
             "{e}"
         );
     }

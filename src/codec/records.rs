@@ -73,6 +73,16 @@ pub enum RecordsError {
     TrailingBytes { what: &'static str, count: usize },
 }
 
+/// Writes `producer_id` into the whole v2 batch `batch` and its CRC again, which covers it.
+pub fn set_producer_id(batch: &mut [u8], producer_id: i64) {
+    if batch.len() < BATCH_HEADER_LEN {
+        return;
+    }
+    batch[PRODUCER_ID_OFFSET..PRODUCER_ID_OFFSET + 8].copy_from_slice(&producer_id.to_be_bytes());
+    let crc = crc32c::crc32c(&batch[ATTRIBUTES_OFFSET..]);
+    batch[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
+}
+
 /// The fixed header of a v2 record batch, as sent by the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchHeader {

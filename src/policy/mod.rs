@@ -3,6 +3,7 @@
 pub mod alignment;
 pub mod offset_syncs;
 pub mod produce;
+pub mod producer_ids;
 pub mod region_view;
 pub mod replication;
 

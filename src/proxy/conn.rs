@@ -384,7 +384,7 @@ async fn requests(
                     upstream: &mut upstream,
                     slots: &slots,
                 };
-                produce::request(
+                let mut step = produce::request(
                     shared,
                     cluster,
                     frame,
@@ -394,7 +394,15 @@ async fn requests(
                     &mut guard,
                     &mut io,
                 )
-                .await?
+                .await?;
+                // The serving cluster sees producer ids as it issued them (`policy::producer_ids`).
+                if let Some(view) = view
+                    && let Some(bytes) = step.upstream.take()
+                {
+                    step.upstream =
+                        Some(super::view::produce_request(bytes, head.api_version, view)?);
+                }
+                step
             }
             (Admission::Forward, Ok(ApiKey::SaslHandshake)) => {
                 client_sasl::handshake(frame, head, identity)

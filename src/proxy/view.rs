@@ -6,7 +6,9 @@
 //! the ids a client knows came from the serving cluster's Metadata, so they pass as they are),
 //! ListOffsets, OffsetFetch, OffsetCommit, OffsetForLeaderEpoch, and KIP-848's
 //! ConsumerGroupHeartbeat (subscribed names; a subscription by pattern is refused) and
-//! ConsumerGroupDescribe. Passed as they are: the APIs
+//! ConsumerGroupDescribe. Producer ids are mapped too (`policy::producer_ids`): in InitProducerId
+//! both ways, and in the batches of Produce requests ([`produce_request`]), so that no id is
+//! ever shared by two producers in either cluster. Passed as they are: the APIs
 //! that carry no topic name ([`PASSED`]; Produce is decided by the ownership policy, against
 //! the topic's own name, which is the same in every region). Every other API is withheld from
 //! ApiVersions on such a connection and closes it if asked anyway, since passing it would
@@ -22,15 +24,19 @@ use bytes::Bytes;
 use kafka_protocol::messages::metadata_response::MetadataResponseTopic;
 use kafka_protocol::messages::{
     ApiKey, ConsumerGroupDescribeResponse, ConsumerGroupHeartbeatRequest, FetchRequest,
-    FetchResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse,
-    OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse,
-    OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse, TopicName,
+    FetchResponse, InitProducerIdRequest, InitProducerIdResponse, ListOffsetsRequest,
+    ListOffsetsResponse, MetadataRequest, MetadataResponse, OffsetCommitRequest,
+    OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse, OffsetForLeaderEpochRequest,
+    OffsetForLeaderEpochResponse, ProducerId, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 
 use super::rewrite::{Recoded, RewriteError, recode, recode_behind};
 use crate::codec::errors::UNKNOWN_TOPIC_OR_PARTITION;
 use crate::codec::frame;
+use crate::codec::produce::{self as produce_codec, ProduceParseError};
+use crate::codec::records;
+use crate::policy::producer_ids::ProducerIds;
 use crate::policy::region_view::RegionView;
 
 /// APIs that carry no topic name (or, for Produce, one the ownership policy decides by its own
@@ -47,7 +53,6 @@ pub const PASSED: &[ApiKey] = &[
     ApiKey::LeaveGroup,
     ApiKey::DescribeGroups,
     ApiKey::ListGroups,
-    ApiKey::InitProducerId,
     ApiKey::DescribeCluster,
     ApiKey::GetTelemetrySubscriptions,
     ApiKey::PushTelemetry,
@@ -64,6 +69,7 @@ pub const MAPPED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::OffsetForLeaderEpoch, 2, 4),
     (ApiKey::ConsumerGroupHeartbeat, 0, 1),
     (ApiKey::ConsumerGroupDescribe, 0, 1),
+    (ApiKey::InitProducerId, 0, 5),
 ];
 
 /// First Fetch version that names topics by id only.
@@ -251,6 +257,13 @@ pub fn request(
         }
         // The request names groups only; the response names topics.
         ApiKey::ConsumerGroupDescribe => frame.clone(),
+        ApiKey::InitProducerId => {
+            let ids = producer_ids(view);
+            recode_request(frame, key, version, |r: &mut InitProducerIdRequest| {
+                r.producer_id = ProducerId(ids.to_serving(r.producer_id.0));
+                Ok(())
+            })?
+        }
         _ => return Ok(None),
     };
     Ok(Some(Mapped { frame, unknown }))
@@ -351,8 +364,59 @@ pub fn response(
                 Ok(())
             },
         ),
+        ApiKey::InitProducerId => {
+            let ids = producer_ids(view);
+            recode(frame, key, version, |r: &mut InitProducerIdResponse| {
+                r.producer_id = ProducerId(ids.to_client(r.producer_id.0));
+                Ok(())
+            })
+        }
         _ => Ok(frame.clone()),
     }
+}
+
+fn producer_ids(view: &RegionView) -> ProducerIds {
+    ProducerIds::new(view.local(), view.serving())
+}
+
+/// A Produce request on its way to the serving cluster, every batch's producer id as that
+/// cluster must see it (`policy::producer_ids`). The bytes as they came when no id changes;
+/// otherwise a copy with each changed batch's id and CRC written again (same length). A batch
+/// whose CRC does not hold is left as it is, for the broker to refuse.
+pub fn produce_request(
+    frame: Bytes,
+    version: i16,
+    view: &RegionView,
+) -> Result<Bytes, ProduceParseError> {
+    let ids = producer_ids(view);
+    let api = ApiKey::Produce;
+    let header_len = frame::request_header_len(&frame, api.request_header_version(version))
+        .map_err(ProduceParseError::Wire)?;
+    let body = &frame[frame::LENGTH_PREFIX + header_len..];
+    let request = produce_codec::parse(body, version)?;
+    let mut changed = Vec::new();
+    for data in request
+        .topics
+        .iter()
+        .flat_map(|t| &t.partitions)
+        .filter_map(|p| p.records)
+    {
+        for batch in records::batches(data).flatten() {
+            let id = ids.to_serving(batch.header.producer_id);
+            if id != batch.header.producer_id && batch.verify_crc() {
+                let at = batch.raw().as_ptr() as usize - frame.as_ptr() as usize;
+                changed.push((at..at + batch.raw().len(), id));
+            }
+        }
+    }
+    if changed.is_empty() {
+        return Ok(frame);
+    }
+    let mut out = bytes::BytesMut::from(&frame[..]);
+    for (batch, id) in changed {
+        records::set_producer_id(&mut out[batch], id);
+    }
+    Ok(out.freeze())
 }
 
 /// Decodes a request body, lets `edit` change it, and re-encodes it behind the client's own
@@ -868,5 +932,77 @@ mod tests {
             assert_eq!(offer(withheld, 0, 5), None, "{withheld:?}");
             assert!(!admits(withheld, 0));
         }
+    }
+
+    #[test]
+    fn init_producer_id_in_every_version() {
+        use crate::policy::producer_ids::base;
+        for v in versions(ApiKey::InitProducerId) {
+            // From v3 a client may name its id, to have its epoch bumped.
+            let request = InitProducerIdRequest::default()
+                .with_producer_id(ProducerId(if v >= 3 { base("eu") + 41 } else { -1 }));
+            let sent: InitProducerIdRequest = decode_request(
+                &mapped(ApiKey::InitProducerId, v, &request).frame,
+                ApiKey::InitProducerId,
+                v,
+            );
+            assert_eq!(sent.producer_id.0, if v >= 3 { 41 } else { -1 }, "v{v}");
+            let answer = InitProducerIdResponse::default().with_producer_id(ProducerId(42));
+            let got = back(ApiKey::InitProducerId, v, &answer, &[]);
+            assert_eq!(got.producer_id.0, base("eu") + 42, "v{v}");
+        }
+    }
+
+    #[test]
+    fn produce_batches_reach_the_serving_cluster_under_the_ids_it_knows() {
+        use kafka_protocol::messages::ProduceRequest;
+        use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+        use kafka_protocol::records::Compression;
+
+        use crate::codec::records::Batch;
+        use crate::policy::producer_ids::base;
+        use crate::testkit;
+
+        let batch = |producer_id: i64| {
+            let record = kafka_protocol::records::Record {
+                producer_id,
+                producer_epoch: 0,
+                ..testkit::record(Some(b"k"), Some(b"v"), &[])
+            };
+            testkit::batch(&[record.clone(), record], Compression::None)
+        };
+        let frame = |ids: &[i64]| {
+            let partitions = ids.iter().enumerate().map(|(i, id)| {
+                PartitionProduceData::default()
+                    .with_index(i as i32)
+                    .with_records(Some(batch(*id)))
+            });
+            let request = ProduceRequest::default()
+                .with_acks(-1)
+                .with_topic_data(vec![
+                    TopicProduceData::default()
+                        .with_name(name("orders"))
+                        .with_partition_data(partitions.collect()),
+                ]);
+            encode_request("t", 7, ApiKey::Produce, 9, &request).unwrap()
+        };
+        // eu's own id back in its place, us's id in us's range, no id and ap's as they are.
+        let sent =
+            produce_request(frame(&[base("eu") + 5, 5, -1, base("ap") + 5]), 9, &view()).unwrap();
+        let request: ProduceRequest = decode_request(&sent, ApiKey::Produce, 9);
+        let ids: Vec<i64> = request.topic_data[0]
+            .partition_data
+            .iter()
+            .map(|p| {
+                let (batch, _) = Batch::parse(p.records.as_ref().unwrap()).unwrap();
+                assert!(batch.verify_crc());
+                batch.header.producer_id
+            })
+            .collect();
+        assert_eq!(ids, [5, base("us") + 5, -1, base("ap") + 5]);
+        // Nothing to change: the very bytes that came.
+        let untouched = frame(&[-1, base("ap") + 5]);
+        let sent = produce_request(untouched.clone(), 9, &view()).unwrap();
+        assert_eq!(sent.as_ptr(), untouched.as_ptr());
     }
 }

@@ -79,11 +79,19 @@ type spec struct {
 	Topics        []string `json:"topics"`
 	Records       []record `json:"records"`
 	FlushEvery    int      `json:"flush_every"`
+	Pause         *pause   `json:"pause"`
 	TimeoutMs     int64    `json:"timeout_ms"`
 	GroupID       string   `json:"group_id"`
 	ExpectedCount int      `json:"expected_count"`
 	Commit        *bool    `json:"commit"`
 	Config        config   `json:"config"`
+}
+
+// pause keeps one producer across a switch: after the first After records are sent and
+// flushed, it waits until UntilFile exists before it sends the rest.
+type pause struct {
+	After     int    `json:"after"`
+	UntilFile string `json:"until_file"`
 }
 
 type delivery struct {
@@ -316,6 +324,15 @@ func produce(s *spec) (any, error) {
 		})
 		if s.FlushEvery > 0 && (i+1)%s.FlushEvery == 0 {
 			_ = cl.Flush(ctx)
+		}
+		if s.Pause != nil && i+1 == s.Pause.After {
+			_ = cl.Flush(ctx)
+			for time.Now().Before(deadline) {
+				if _, err := os.Stat(s.Pause.UntilFile); err == nil {
+					break
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
 		}
 	}
 	if err := cl.Flush(ctx); err != nil {

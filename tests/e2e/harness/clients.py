@@ -210,11 +210,14 @@ class Client(ABC):
         config: dict | None = None,
         timeout_s: float = 30,
         flush_every: int = 0,
+        pause: tuple[int, str] | None = None,
     ) -> list[dict]:
         """Produce `records` with ONE producer; returns one delivery dict per record, in order.
 
         flush_every=N sends N records, waits for all of them (flush), then goes on with the
         next N on the same producer; 0 sends everything, then flushes once.
+        pause=(N, path): after the first N records are sent and flushed, the same producer waits
+        until `path` exists before it sends the rest (a producer kept across a switch).
         """
 
     @abstractmethod
@@ -304,7 +307,7 @@ class _CliClient(Client):
         except ValueError:
             raise ClientError(f"{self.name}: not JSON on stdout: {p.stdout[:500]!r}\n{_tail(p.stderr)}") from None
 
-    def produce(self, bootstrap, topic, records, config=None, timeout_s=30, flush_every=0):
+    def produce(self, bootstrap, topic, records, config=None, timeout_s=30, flush_every=0, pause=None):
         cfg = normalize_producer_config(config, timeout_s)
         spec = {
             "op": "produce",
@@ -315,6 +318,8 @@ class _CliClient(Client):
             "timeout_ms": int(timeout_s * 1000),
             "config": cfg,
         }
+        if pause is not None:
+            spec["pause"] = {"after": pause[0], "until_file": str(pause[1])}
         return self._run(spec, timeout_s)["results"]
 
     def consume(self, bootstrap, topics, group_id, expected_count, timeout_s=30, commit=True, config=None):
@@ -379,10 +384,10 @@ class FranzClient(_CliClient):
     def _command(self) -> list[str]:
         return [str(env.franz_client_bin())]
 
-    def produce(self, bootstrap, topic, records, config=None, timeout_s=30, flush_every=0):
+    def produce(self, bootstrap, topic, records, config=None, timeout_s=30, flush_every=0, pause=None):
         if (config or {}).get("native"):
             raise ValueError("franz-go takes no raw properties")
-        return super().produce(bootstrap, topic, records, config, timeout_s, flush_every)
+        return super().produce(bootstrap, topic, records, config, timeout_s, flush_every, pause)
 
 
 class LibrdkafkaClient(Client):
@@ -393,7 +398,7 @@ class LibrdkafkaClient(Client):
     def __init__(self) -> None:
         self._log = logging.getLogger("harness.librdkafka")
 
-    def produce(self, bootstrap, topic, records, config=None, timeout_s=30, flush_every=0):
+    def produce(self, bootstrap, topic, records, config=None, timeout_s=30, flush_every=0, pause=None):
         cfg = normalize_producer_config(config, timeout_s)
         conf = {
             "bootstrap.servers": bootstrap,
@@ -453,6 +458,10 @@ class LibrdkafkaClient(Client):
             producer.poll(0)
             if flush_every > 0 and (i + 1) % flush_every == 0:
                 producer.flush(max(0.0, deadline - time.monotonic()))
+            if pause is not None and i + 1 == pause[0]:
+                producer.flush(max(0.0, deadline - time.monotonic()))
+                while not os.path.exists(pause[1]) and time.monotonic() < deadline:
+                    producer.poll(0.1)
         if producer.flush(max(0.0, deadline - time.monotonic())) > 0:
             # Out of time: fail what is left (_PURGE_QUEUE / _PURGE_INFLIGHT reports) rather
             # than leave librdkafka holding messages while the handle is destroyed.

@@ -115,6 +115,10 @@ public final class Main {
     String topic = spec.path("topic").asText();
     int n = records.size();
     int flushEvery = spec.path("flush_every").asInt(0);
+    // Kept across a switch: after the first `after` records are sent and flushed, the same
+    // producer waits until `until_file` exists before it sends the rest.
+    int pauseAfter = spec.path("pause").path("after").asInt(-1);
+    java.nio.file.Path pauseFile = java.nio.file.Path.of(spec.path("pause").path("until_file").asText("."));
     AtomicReferenceArray<ObjectNode> results = new AtomicReferenceArray<>(n);
 
     long start = System.nanoTime();
@@ -136,6 +140,13 @@ public final class Main {
         }
         if (flushEvery > 0 && (i + 1) % flushEvery == 0) {
           producer.flush();
+        }
+        if (i + 1 == pauseAfter) {
+          producer.flush();
+          long until = start + TimeUnit.MILLISECONDS.toNanos(timeoutMs);
+          while (!java.nio.file.Files.exists(pauseFile) && System.nanoTime() < until) {
+            Thread.sleep(100);
+          }
         }
       }
       producer.flush();

@@ -413,9 +413,11 @@ async fn requests(
             (Admission::Forward, Ok(key)) => match view {
                 Some(view) => viewed(shared, identity, view, frame, head, key),
                 None => {
+                    // Not while the cluster that served is down: the answer would only wait.
                     let carried = (key == ApiKey::OffsetFetch)
                         .then(|| shared.failback.current())
                         .flatten()
+                        .filter(|w| shared.clusters.get(w.from).is_up())
                         .and_then(|w| super::failback::ask(w, &frame, head.api_version));
                     let handling = match carried {
                         Some(asked) => Handling::CarryHome(Box::new(asked)),

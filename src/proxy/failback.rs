@@ -57,6 +57,8 @@ pub struct Failback {
 
 /// One failback: where reads were served, until when positions are carried, and the syncs.
 pub struct Window {
+    /// The cluster that served (by index, see `super::brokers::Clusters`).
+    pub from: usize,
     /// The view the failed-over connections had (C's copies of this region's topics).
     view: RegionView,
     until: Instant,
@@ -83,6 +85,7 @@ impl Failback {
     /// offset syncs are; `copies` its client of the cluster that served.
     pub fn begin(
         &self,
+        from: usize,
         view: RegionView,
         copies: ClusterClient,
         home: ClusterClient,
@@ -100,6 +103,7 @@ impl Failback {
         self.tasks
             .spawn(read_syncs(home, topic, loaded, stop.clone()));
         let window = Arc::new(Window {
+            from,
             view,
             until: Instant::now() + length,
             copies,

@@ -164,7 +164,7 @@ impl Probe<'_> {
                 )
             };
             self.failback
-                .begin(view.clone(), client(current), client(next), length);
+                .begin(current, view.clone(), client(current), client(next), length);
         }
     }
 

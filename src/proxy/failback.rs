@@ -419,32 +419,17 @@ impl Window {
 
 #[cfg(test)]
 mod tests {
+    use kafka_protocol::messages::GroupId;
     use kafka_protocol::messages::offset_fetch_response::{
         OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions,
         OffsetFetchResponseTopic, OffsetFetchResponseTopics,
     };
-    use kafka_protocol::messages::{GroupId, TopicName};
     use kafka_protocol::protocol::StrBytes;
 
     use super::*;
-    use crate::policy::replication::Naming;
     use crate::proxy::rewrite::testing::{decode_body, response_frame};
     use crate::proxy::upstream::encode_request;
-
-    fn view() -> RegionView {
-        RegionView::new(
-            "us",
-            "eu",
-            &["eu".into(), "us".into()],
-            Naming {
-                separator: ".".into(),
-            },
-        )
-    }
-
-    fn name(s: &'static str) -> TopicName {
-        TopicName(StrBytes::from_static_str(s))
-    }
+    use crate::proxy::view::tests::{name, view};
 
     /// us's `orders` (partition 0 committed at 3, partition 1 never) and eu's `eu.orders`
     /// (committed at 5), as the local cluster answers group `g` at `version`.

@@ -448,7 +448,7 @@ where
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! Every mapped API at every version it is mapped at, in both directions: us's keyward,
     //! its reads served by eu's cluster.
     use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic, ForgottenTopic};
@@ -474,7 +474,8 @@ mod tests {
     use crate::proxy::rewrite::testing::{decode_body, response_frame};
     use crate::proxy::upstream::encode_request;
 
-    fn view() -> RegionView {
+    /// us's keyward, its reads served by eu's cluster.
+    pub(crate) fn view() -> RegionView {
         RegionView::new(
             "us",
             "eu",
@@ -485,7 +486,7 @@ mod tests {
         )
     }
 
-    fn name(s: &'static str) -> TopicName {
+    pub(crate) fn name(s: &'static str) -> TopicName {
         TopicName(StrBytes::from_static_str(s))
     }
 

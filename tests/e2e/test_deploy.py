@@ -185,6 +185,8 @@ def test_the_dashboard_shows_what_redirect_and_read_failover_cost():
         ("keyward_served_bytes_total", "by (cluster)"),
     ):
         assert any(metric in q and by in q and "rate(" in q for q in queries), f"no panel shows {metric} {by}"
+    # Failback: how consumer groups' positions were carried home, by outcome.
+    assert any("keyward_failback_offsets_total" in q and "by (outcome)" in q for q in queries)
 
 
 def test_alert_rules_parse():

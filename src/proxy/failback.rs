@@ -55,6 +55,16 @@ pub struct Failback {
     shutdown: CancellationToken,
 }
 
+/// Where the reading of the offset syncs stands.
+#[derive(Clone)]
+enum Syncs {
+    /// The first attempt is under way: answers wait for it.
+    Reading,
+    Read(Arc<OffsetSyncs>),
+    /// The last attempt failed (another follows): answers do not wait.
+    Unreadable,
+}
+
 /// One failback: where reads were served, until when positions are carried, and the syncs.
 pub struct Window {
     /// The cluster that served (by index, see `super::brokers::Clusters`).
@@ -65,7 +75,7 @@ pub struct Window {
     /// keyward's own client of C, for the groups' commits on the copies.
     copies: ClusterClient,
     /// The offset syncs of this region's topics into C, once read.
-    syncs: watch::Receiver<Option<Arc<OffsetSyncs>>>,
+    syncs: watch::Receiver<Syncs>,
     stop: CancellationToken,
     /// Groups whose carried position was logged in this window.
     logged: Mutex<HashSet<String>>,
@@ -91,7 +101,7 @@ impl Failback {
         home: ClusterClient,
         length: Duration,
     ) {
-        let (loaded, syncs) = watch::channel(None);
+        let (loaded, syncs) = watch::channel(Syncs::Reading);
         let stop = self.shutdown.child_token();
         let topic = format!("mm2-offset-syncs.{}.internal", view.serving());
         info!(
@@ -136,14 +146,16 @@ impl Failback {
     }
 }
 
-/// Reads the offset syncs into `loaded`, trying again until it succeeds or the window ends.
+/// Reads the offset syncs into `loaded`, trying again (every 2 s, then less often, up to once
+/// a minute) until it succeeds or the window ends.
 async fn read_syncs(
     home: ClusterClient,
     topic: String,
-    loaded: watch::Sender<Option<Arc<OffsetSyncs>>>,
+    loaded: watch::Sender<Syncs>,
     stop: CancellationToken,
 ) {
     let started = Instant::now();
+    let mut pause = Duration::from_secs(2);
     loop {
         let mut syncs = OffsetSyncs::default();
         let read = home.read_all(&topic, 0, |record| {
@@ -166,19 +178,24 @@ async fn read_syncs(
                     took_ms = started.elapsed().as_millis() as u64,
                     "offset syncs read"
                 );
-                loaded.send_replace(Some(Arc::new(syncs)));
+                loaded.send_replace(Syncs::Read(Arc::new(syncs)));
                 return;
             }
-            Err(e) => warn!(
-                topic,
-                error = format!("{e:#}"),
-                "cannot read MirrorMaker 2's offset syncs; consumer groups resume from their commits here until they are read"
-            ),
+            Err(e) => {
+                warn!(
+                    topic,
+                    error = format!("{e:#}"),
+                    retry_s = pause.as_secs(),
+                    "cannot read MirrorMaker 2's offset syncs; consumer groups resume from their commits here until they are read"
+                );
+                loaded.send_replace(Syncs::Unreadable);
+            }
         }
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            () = tokio::time::sleep(pause) => {}
             () = stop.cancelled() => return,
         }
+        pause = (pause * 2).min(Duration::from_secs(60));
     }
 }
 
@@ -329,7 +346,10 @@ impl Window {
     /// For `/ownership`: where positions are carried from, for how much longer, and whether
     /// the offset syncs are read.
     pub fn describe(&self) -> serde_json::Value {
-        let syncs = self.syncs.borrow().as_ref().map(|s| s.len());
+        let syncs = match &*self.syncs.borrow() {
+            Syncs::Read(s) => Some(s.len()),
+            Syncs::Reading | Syncs::Unreadable => None,
+        };
         serde_json::json!({
             "from": self.view.serving(),
             "remaining_ms": self.until.saturating_duration_since(Instant::now()).as_millis() as u64,
@@ -342,10 +362,15 @@ impl Window {
     async fn carry(&self, here: &[Here]) -> HashMap<(String, String, i32), i64> {
         let mut out = HashMap::new();
         let mut syncs = self.syncs.clone();
-        let Ok(syncs) = syncs.wait_for(Option::is_some).await.map(|s| s.clone()) else {
+        let read = syncs
+            .wait_for(|s| !matches!(s, Syncs::Reading))
+            .await
+            .map(|s| s.clone());
+        let Ok(Syncs::Read(syncs)) = read else {
+            counter!("keyward_failback_offsets_total", "outcome" => "failed")
+                .increment(here.len() as u64);
             return out;
         };
-        let Some(syncs) = syncs else { return out };
         let mut groups: HashMap<&str, Vec<&Here>> = HashMap::new();
         for h in here {
             groups.entry(h.0.as_str()).or_default().push(h);

@@ -117,6 +117,14 @@ def test_reads_fail_over_to_the_next_healthy_cluster_and_come_back(tmp_path, us)
             assert client.metadata(kw.bootstrap) == [(1, "127.0.0.1", kw.port_base + 1)]
             assert producer.send(topic, eu_key) is None, "the long-lived producer writes again"
             assert [x["key"] for x in eu.read_all(topic)][-1] == eu_key.encode()
+            # No MirrorMaker here: the offset syncs cannot be read, so a group's offsets are
+            # answered as the broker gives them, without waiting for them.
+            wait_for(lambda: "cannot read MirrorMaker 2's offset syncs" in kw.logs(300), 10, "the failed read logged")
+            began = time.monotonic()
+            got = client.consume(kw.bootstrap, [topic], unique("g"), expected_count=1, timeout_s=20)
+            assert [r["value"] for r in got] == [b"from-eu"]
+            assert time.monotonic() - began < 5, "the answer waited for the offset syncs"
+            assert kw.metric("keyward_failback_offsets_total", outcome="failed") >= 1
     finally:
         eu.stop(grace_s=2)
 

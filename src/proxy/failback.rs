@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kafka_protocol::messages::{ApiKey, OffsetFetchRequest, OffsetFetchResponse};
-use kafka_protocol::protocol::Decodable;
+use kafka_protocol::protocol::{Decodable, Encodable};
 use metrics::counter;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -239,8 +239,7 @@ type Here = (String, String, i32, i64);
 /// The broker's answer, with positions carried home where they are ahead of it. Never fails:
 /// anything that cannot be done leaves the answer as the broker gave it.
 pub(crate) async fn respond(asked: Asked, frame: Bytes) -> Bytes {
-    let api = ApiKey::OffsetFetch;
-    let Ok(answer) = rewrite::decode::<OffsetFetchResponse>(&frame, api, asked.version) else {
+    let Some(answer) = decoded(&frame, asked.version) else {
         return frame;
     };
     let here = committed_here(&answer, asked.group.as_deref(), &asked.window.view);
@@ -262,12 +261,40 @@ pub(crate) async fn respond(asked: Asked, frame: Bytes) -> Bytes {
     if carried.is_empty() {
         return frame;
     }
-    let group = asked.group.as_deref();
-    rewrite::recode(&frame, api, asked.version, |r: &mut OffsetFetchResponse| {
-        apply(r, group, &carried);
-        Ok(())
-    })
+    carried_into(
+        &frame,
+        asked.version,
+        answer,
+        asked.group.as_deref(),
+        &carried,
+    )
     .unwrap_or(frame)
+}
+
+/// The broker's answer, decoded once: what is carried is written into this same value.
+fn decoded(frame: &Bytes, version: i16) -> Option<OffsetFetchResponse> {
+    rewrite::decode(frame, ApiKey::OffsetFetch, version).ok()
+}
+
+/// `answer` (decoded from `frame`) with the `carried` positions, encoded behind `frame`'s own
+/// header.
+fn carried_into(
+    frame: &Bytes,
+    version: i16,
+    mut answer: OffsetFetchResponse,
+    group: Option<&str>,
+    carried: &HashMap<(String, String, i32), i64>,
+) -> Option<Bytes> {
+    let api = ApiKey::OffsetFetch;
+    let header_len =
+        frame::response_header_len(frame, api.response_header_version(version)).ok()?;
+    apply(&mut answer, group, carried);
+    let mut body = Vec::with_capacity(frame.len());
+    answer.encode(&mut body, version).ok()?;
+    Some(frame::assemble(
+        &frame[LENGTH_PREFIX..LENGTH_PREFIX + header_len],
+        &body,
+    ))
 }
 
 /// The partitions of this region's own topics in an answer, without an error.
@@ -533,9 +560,8 @@ mod tests {
             assert_eq!(group.as_deref(), (v < 8).then_some("g"), "v{v}");
 
             let frame = response_frame(ApiKey::OffsetFetch, v, &answer(v));
-            let decoded: OffsetFetchResponse =
-                rewrite::decode(&frame, ApiKey::OffsetFetch, v).unwrap();
-            let here = committed_here(&decoded, group.as_deref(), &view());
+            let answer = decoded(&frame, v).unwrap();
+            let here = committed_here(&answer, group.as_deref(), &view());
             assert_eq!(
                 here,
                 [
@@ -549,16 +575,12 @@ mod tests {
                 (("g".into(), "orders".into(), 0), 6),
                 (("g".into(), "orders".into(), 1), 2),
             ]);
-            let out = rewrite::recode(
-                &frame,
-                ApiKey::OffsetFetch,
-                v,
-                |r: &mut OffsetFetchResponse| {
-                    apply(r, group.as_deref(), &carried);
-                    Ok(())
-                },
-            )
-            .unwrap();
+            let out = carried_into(&frame, v, answer, group.as_deref(), &carried).unwrap();
+            // The broker's header (its correlation id) goes back as it came.
+            assert_eq!(
+                frame::response_correlation_id(&out).unwrap(),
+                frame::response_correlation_id(&frame).unwrap()
+            );
             let got: OffsetFetchResponse = decode_body(&out, ApiKey::OffsetFetch, v);
             let eu_epoch = if v >= 5 { 4 } else { -1 };
             assert_eq!(

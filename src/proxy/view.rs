@@ -1001,6 +1001,13 @@ pub(crate) mod tests {
             })
             .collect();
         assert_eq!(ids, [5, base("us") + 5, -1, base("ap") + 5]);
+        // A batch whose CRC does not hold keeps its id (and its CRC), for the broker to refuse.
+        let mut corrupt = frame(&[base("eu") + 5]).to_vec();
+        // The last record's value, `v`: inside the bytes the CRC covers.
+        let value = corrupt.iter().rposition(|b| *b == b'v').unwrap();
+        corrupt[value] = b'w';
+        let sent = produce_request(Bytes::from(corrupt.clone()), 9, &view()).unwrap();
+        assert_eq!(&sent[..], &corrupt[..]);
         // Nothing to change: the very bytes that came.
         let untouched = frame(&[-1, base("ap") + 5]);
         let sent = produce_request(untouched.clone(), 9, &view()).unwrap();

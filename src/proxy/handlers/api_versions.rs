@@ -302,6 +302,36 @@ mod tests {
     }
 
     #[test]
+    fn a_failback_window_offers_offset_fetch_only_up_to_the_last_version_naming_topics() {
+        use kafka_protocol::messages::api_versions_response::ApiVersion;
+
+        use crate::proxy::rewrite::testing::{decode_body, response_frame};
+
+        let broker = ApiVersionsResponse::default().with_api_keys(vec![
+            ApiVersion::default()
+                .with_api_key(ApiKey::OffsetFetch as i16)
+                .with_min_version(1)
+                .with_max_version(10),
+            ApiVersion::default()
+                .with_api_key(ApiKey::OffsetCommit as i16)
+                .with_min_version(2)
+                .with_max_version(10),
+        ]);
+        let frame = response_frame(ApiKey::ApiVersions, 3, &broker);
+        let offered = |o: Offered| {
+            let out = response(&frame, 3, o).unwrap();
+            let got: ApiVersionsResponse = decode_body(&out, ApiKey::ApiVersions, 3);
+            got.api_keys
+                .iter()
+                .map(|v| (v.api_key, v.max_version))
+                .collect::<Vec<_>>()
+        };
+        let (fetch, commit) = (ApiKey::OffsetFetch as i16, ApiKey::OffsetCommit as i16);
+        assert_eq!(offered(Offered::Failback), [(fetch, 9), (commit, 10)]);
+        assert_eq!(offered(Offered::All), [(fetch, 10), (commit, 10)]);
+    }
+
+    #[test]
     fn notices_are_remembered_once_and_bounded() {
         let mut noticed = Noticed::new(3);
         assert!(noticed.first(&("a", 5)));

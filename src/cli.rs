@@ -11,7 +11,7 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::ownership::{Query, Table};
 use crate::policy::alignment;
-use crate::proxy::upstream::{Dialer, fetch_partition_counts};
+use crate::proxy::upstream::{Dialer, fetch_topics};
 use crate::proxy::{self, Shared};
 use crate::reload::{self, Ownership};
 use crate::security::Security;
@@ -101,7 +101,7 @@ pub fn check_clusters(config: &Path) -> anyhow::Result<String> {
     let mut out = String::new();
     for cluster in clusters.all() {
         let dialer = Dialer::new(cluster.name.clone(), security.clone(), timeout);
-        let fetched = runtime.block_on(fetch_partition_counts(&dialer, &cluster.bootstrap));
+        let fetched = runtime.block_on(fetch_topics(&dialer, &cluster.bootstrap));
         let topics = match fetched {
             Ok(topics) => topics,
             Err(e) => {
@@ -115,7 +115,9 @@ pub fn check_clusters(config: &Path) -> anyhow::Result<String> {
         };
         let found = alignment::misaligned(
             &table,
-            topics.iter().map(|(name, count)| (name.as_str(), *count)),
+            topics
+                .iter()
+                .map(|(name, count, _)| (name.as_str(), *count)),
         );
         let _ = writeln!(
             out,

@@ -102,7 +102,9 @@ fn publish(shared: &Shared) {
 }
 
 /// Asks the local cluster for every topic's partition count once it answers (retrying every
-/// `reads.probe_interval_ms`), checks them, and ends; shutdown stops it.
+/// `reads.probe_interval_ms`), checks them, and ends; shutdown stops it. The topics' ids are
+/// kept (`ClusterState::topic_ids`): the ones this region's clients know, which the region view
+/// shows them if the local cluster goes down.
 pub async fn check_at_start(shared: Arc<Shared>) {
     let interval = Duration::from_millis(shared.config.reads.probe_interval_ms);
     let stop = shared.shutdown_token();
@@ -111,7 +113,7 @@ pub async fn check_at_start(shared: Arc<Shared>) {
     publish(&shared);
     loop {
         let fetched = tokio::select! {
-            fetched = upstream::fetch_partition_counts(&shared.dialers[0], &local.bootstrap) => fetched,
+            fetched = upstream::fetch_topics(&shared.dialers[0], &local.bootstrap) => fetched,
             () = stop.cancelled() => return,
         };
         match fetched {
@@ -119,8 +121,13 @@ pub async fn check_at_start(shared: Arc<Shared>) {
                 observe(
                     &shared,
                     0,
-                    topics.iter().map(|(name, count)| (name.as_str(), *count)),
+                    topics
+                        .iter()
+                        .map(|(name, count, _)| (name.as_str(), *count)),
                 );
+                local
+                    .topic_ids
+                    .learn(topics.iter().map(|(name, _, id)| (name.as_str(), *id)));
                 info!(
                     cluster = %local.name,
                     topics = topics.len(),

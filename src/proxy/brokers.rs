@@ -98,6 +98,8 @@ pub struct ClusterState {
     /// Topics of this cluster whose partition count does not line up with their `by: key`
     /// rule's slots, as last seen (`super::alignment`).
     pub misaligned: super::alignment::Warned,
+    /// This cluster's topic ids, as seen in Metadata (`super::topic_ids`).
+    pub topic_ids: super::topic_ids::TopicIds,
 }
 
 impl ClusterState {
@@ -202,6 +204,7 @@ impl Clusters {
                 }),
                 rtt_micros: AtomicU64::new(0),
                 misaligned: Default::default(),
+                topic_ids: Default::default(),
             })
             .collect();
         Self {

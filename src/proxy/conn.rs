@@ -36,7 +36,6 @@ use crate::codec::produce::ProduceParseError;
 use crate::codec::records::Inflater;
 use crate::codec::wire::WireError;
 use crate::config::ClientAuth;
-use crate::policy::region_view::RegionView;
 use crate::reload::Snapshot;
 
 /// Which real broker a client connection is relayed to.
@@ -411,7 +410,7 @@ async fn requests(
                 client_sasl::authenticate(frame, head, identity)
             }
             (Admission::Forward, Ok(key)) => match view {
-                Some(view) => viewed(shared, identity, view, frame, head, key),
+                Some(_) => viewed(shared, identity, cluster, frame, head, key),
                 None => {
                     // Not while the cluster that served is down: the answer would only wait.
                     let carried = (key == ApiKey::OffsetFetch)
@@ -475,13 +474,15 @@ async fn requests(
 fn viewed(
     shared: &Shared,
     identity: &Identity,
-    view: &RegionView,
+    cluster: usize,
     frame: Bytes,
     head: RequestHead,
     key: ApiKey,
 ) -> Step {
     let inner = handlers::rewrite(key, head.api_version);
-    match super::view::request(&frame, key, head.api_version, view) {
+    let ids = shared.view_ids(cluster).expect("a connection with a view");
+    let view = ids.view;
+    match super::view::request(&frame, key, head.api_version, ids) {
         Ok(None) => Step::forward(frame, head.correlation_id, Handling::Rewrite(inner)),
         Ok(Some(mapped)) => {
             for topic in &mapped.unknown {
@@ -857,7 +858,9 @@ fn respond(
             api_versions::response(&frame, v, offered)
         }
         Rewrite::Metadata(v) => handlers::metadata::response(&frame, v, to, &|t| {
-            super::alignment::observe(shared, cluster, t.iter().copied())
+            super::alignment::observe(shared, cluster, t.iter().map(|t| (t.name, t.partitions)));
+            let ids = &shared.clusters.get(cluster).topic_ids;
+            ids.learn(t.iter().map(|t| (t.name, t.id)));
         }),
         Rewrite::FindCoordinator(v) => handlers::find_coordinator::response(&frame, v, to),
         Rewrite::DescribeCluster(v) => handlers::describe_cluster::response(&frame, v, to),
@@ -872,11 +875,12 @@ fn respond(
                 unknown,
             } = *viewed;
             let frame = respond(shared, cluster, inner, frame, to)?;
-            let view = shared
-                .view(cluster)
+            let ids = shared
+                .view_ids(cluster)
                 .expect("a mapped request was sent on a connection with a view");
+            let view = ids.view;
             let mut missing = Vec::new();
-            let out = super::view::response(&frame, key, version, view, &unknown, &mut missing)?;
+            let out = super::view::response(&frame, key, version, ids, &unknown, &mut missing)?;
             for topic in missing {
                 if shared.view_log.allow() {
                     warn!(

@@ -26,6 +26,7 @@ pub mod rewrite;
 pub mod sasl;
 pub mod serving;
 pub mod stream;
+pub mod topic_ids;
 pub mod upstream;
 pub mod versions;
 pub mod view;
@@ -179,6 +180,16 @@ impl Shared {
     /// The region view of connections served by cluster `cluster`, if names are mapped there.
     pub fn view(&self, cluster: usize) -> Option<&RegionView> {
         self.views.get(cluster)?.as_ref()
+    }
+
+    /// The region view of connections served by cluster `cluster`, with the topic ids of both
+    /// sides (the local cluster is the first).
+    pub fn view_ids(&self, cluster: usize) -> Option<view::Ids<'_>> {
+        Some(view::Ids {
+            view: self.view(cluster)?,
+            local: &self.clusters.get(0).topic_ids,
+            serving: &self.clusters.get(cluster).topic_ids,
+        })
     }
 
     fn probe(&self) -> Probe<'_> {

@@ -143,10 +143,37 @@ impl Probe<'_> {
                 "serving cluster changes; closing client connections so they reconnect to it"
             );
             counter!("keyward_serving_cluster_switches_total", "to" => to.clone()).increment(1);
+            if view.is_some() {
+                self.learn_topic_ids(next, timeout).await;
+            }
             self.failback_from(current, next);
             self.serving.switch_to(next);
         }
         self.publish();
+    }
+
+    /// Learns every topic id of cluster `index` before clients are sent to it through a region
+    /// view, so the view can show them the ids they knew (`super::view::Ids`) from their first
+    /// request there: a KIP-848 heartbeat answered with an assignment names the serving
+    /// cluster's ids before the client has asked that cluster for any Metadata. A failure only
+    /// costs a log line: the ids are learned from the Metadata clients ask for too.
+    async fn learn_topic_ids(&self, index: usize, timeout: Duration) {
+        let cluster = self.clusters.get(index);
+        let fetch = upstream::fetch_topics(&self.dialers[index], &cluster.bootstrap);
+        match tokio::time::timeout(timeout, fetch).await {
+            Ok(Ok(topics)) => {
+                cluster
+                    .topic_ids
+                    .learn(topics.iter().map(|(name, _, id)| (name.as_str(), *id)));
+                info!(cluster = %cluster.name, topics = cluster.topic_ids.len(), "learned the serving cluster's topic ids");
+            }
+            Ok(Err(e)) => {
+                warn!(cluster = %cluster.name, error = format!("{e:#}"), "cannot learn the serving cluster's topic ids; learning them from clients' Metadata")
+            }
+            Err(_) => {
+                warn!(cluster = %cluster.name, ?timeout, "no topic ids from the serving cluster in time; learning them from clients' Metadata")
+            }
+        }
     }
 
     /// Ends the failback window in force, and begins one when reads move from a cluster with a

@@ -415,12 +415,12 @@ pub async fn fetch_brokers(
         .collect())
 }
 
-/// Asks one of `addrs` for the partition count of every topic the cluster lets keyward see:
-/// `(topic, partitions)`, topics the broker answers with an error left out.
-pub async fn fetch_partition_counts(
+/// Asks one of `addrs` for the partition count and id of every topic the cluster lets keyward
+/// see: `(topic, partitions, id)`, topics the broker answers with an error left out.
+pub async fn fetch_topics(
     dialer: &Dialer,
     addrs: &[String],
-) -> anyhow::Result<Vec<(String, i32)>> {
+) -> anyhow::Result<Vec<(String, i32, uuid::Uuid)>> {
     // No topic list: every topic.
     let response = metadata(dialer, addrs, None).await?;
     Ok(response
@@ -429,7 +429,11 @@ pub async fn fetch_partition_counts(
         .filter(|t| t.error_code == 0)
         .filter_map(|t| {
             let name = t.name.as_ref()?;
-            Some((name.to_string(), i32::try_from(t.partitions.len()).ok()?))
+            Some((
+                name.to_string(),
+                i32::try_from(t.partitions.len()).ok()?,
+                t.topic_id,
+            ))
         })
         .collect())
 }

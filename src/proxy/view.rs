@@ -2,11 +2,16 @@
 //! names of every request and response that carries them are mapped (`policy::region_view`),
 //! so a client of region R reads R's topics from the serving cluster's mirrors of them.
 //!
-//! Mapped, in both directions: Metadata, Fetch (v4-v12 name topics; v13+ name them by id, and
-//! the ids a client knows came from the serving cluster's Metadata, so they pass as they are),
-//! ListOffsets, OffsetFetch, OffsetCommit, OffsetForLeaderEpoch, and KIP-848's
-//! ConsumerGroupHeartbeat (subscribed names; a subscription by pattern is refused) and
-//! ConsumerGroupDescribe. Producer ids are mapped too (`policy::producer_ids`): in InitProducerId
+//! Mapped, in both directions: Metadata, Fetch, ListOffsets, OffsetFetch, OffsetCommit,
+//! OffsetForLeaderEpoch, and KIP-848's ConsumerGroupHeartbeat (subscribed names, a subscription
+//! by pattern refused; owned and assigned partitions by id) and ConsumerGroupDescribe.
+//!
+//! Topic ids are mapped too ([`Ids`]): a client is shown, for each topic, the id the local
+//! cluster gave it, the one it knew before the switch and will know after the failback, so a
+//! client that stays connected across a switch sees no topic deleted and created again
+//! (franz-go fails such a topic). keyward knows the local cluster's ids from Metadata seen
+//! before the switch (`super::topic_ids`); an id it cannot map, because it never saw the local
+//! one, or the serving cluster's, passes as it is. Producer ids are mapped too (`policy::producer_ids`): in InitProducerId
 //! both ways, and in the batches of Produce requests ([`produce_request`]), so that no id is
 //! ever shared by two producers in either cluster. Passed as they are: the APIs
 //! that carry no topic name ([`PASSED`]; Produce is decided by the ownership policy, against
@@ -23,17 +28,21 @@
 use bytes::Bytes;
 use kafka_protocol::messages::metadata_response::MetadataResponseTopic;
 use kafka_protocol::messages::{
-    ApiKey, ConsumerGroupDescribeResponse, ConsumerGroupHeartbeatRequest, FetchRequest,
-    FetchResponse, InitProducerIdRequest, InitProducerIdResponse, ListOffsetsRequest,
-    ListOffsetsResponse, MetadataRequest, MetadataResponse, OffsetCommitRequest,
-    OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse, OffsetForLeaderEpochRequest,
-    OffsetForLeaderEpochResponse, ProducerId, TopicName,
+    ApiKey, ConsumerGroupDescribeResponse, ConsumerGroupHeartbeatRequest,
+    ConsumerGroupHeartbeatResponse, FetchRequest, FetchResponse, InitProducerIdRequest,
+    InitProducerIdResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
+    MetadataResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
+    OffsetFetchResponse, OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse, ProducerId,
+    TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use uuid::Uuid;
 
+use super::handlers::fetch as fetch_handler;
 use super::rewrite::{Recoded, RewriteError, recode, recode_behind};
+use super::topic_ids::TopicIds;
 use crate::codec::errors::UNKNOWN_TOPIC_OR_PARTITION;
-use crate::codec::frame;
+use crate::codec::frame::{self, LENGTH_PREFIX};
 use crate::codec::produce::{self as produce_codec, ProduceParseError};
 use crate::codec::records;
 use crate::policy::producer_ids::ProducerIds;
@@ -74,6 +83,48 @@ pub const MAPPED: &[(ApiKey, i16, i16)] = &[
 
 /// First Fetch version that names topics by id only.
 const FETCH_BY_ID: i16 = 13;
+
+/// The topic ids on both sides of a view: the local cluster's, which this region's clients
+/// know, and the serving cluster's. Ids map through names: the local cluster's `orders` is the
+/// serving cluster's `eu.orders` (`RegionView`).
+#[derive(Clone, Copy)]
+pub struct Ids<'a> {
+    pub view: &'a RegionView,
+    pub local: &'a TopicIds,
+    pub serving: &'a TopicIds,
+}
+
+impl Ids<'_> {
+    /// The serving cluster's id of the topic a client knows by `id`; `id` itself when keyward
+    /// cannot tell (it never saw one of the two, or the client was given the serving cluster's
+    /// own id because the local one was unknown).
+    pub fn to_serving(&self, id: Uuid) -> Uuid {
+        self.local
+            .name(id)
+            .and_then(|name| self.view.to_serving(&name))
+            .and_then(|name| self.serving.id(&name))
+            .unwrap_or(id)
+    }
+
+    /// The id a client is shown for the serving cluster's topic `id`; `id` itself when keyward
+    /// cannot tell.
+    pub fn to_client(&self, id: Uuid) -> Uuid {
+        self.serving
+            .name(id)
+            .and_then(|name| self.view.to_client(&name))
+            .and_then(|name| self.local.id(&name))
+            .unwrap_or(id)
+    }
+
+    /// The id a client is shown for the topic it calls `name`, whose id in the serving cluster
+    /// is `id`.
+    fn named(&self, name: &str, id: Uuid) -> Uuid {
+        match self.local.id(name) {
+            Some(local) if !id.is_nil() => local,
+            _ => id,
+        }
+    }
+}
 
 /// The version range offered for `key` in a view, given the range offered otherwise; `None`
 /// withholds it.
@@ -137,8 +188,9 @@ pub fn request(
     frame: &Bytes,
     key: ApiKey,
     version: i16,
-    view: &RegionView,
+    ids: Ids<'_>,
 ) -> Result<Option<Mapped>, ViewError> {
+    let view = ids.view;
     let to_serving = |name: &mut TopicName| -> Result<(), ViewError> {
         match view.to_serving(name.0.as_str()) {
             Some(mapped) => {
@@ -168,8 +220,10 @@ pub fn request(
                             false
                         }
                     },
-                    // By topic id: the serving cluster's ids are the ones clients know.
-                    None => true,
+                    None => {
+                        t.topic_id = ids.to_serving(t.topic_id);
+                        true
+                    }
                 });
                 // v0 reads an empty list as "every topic".
                 if version == 0 && asked > 0 && topics.is_empty() {
@@ -185,17 +239,22 @@ pub fn request(
             }
             Ok(())
         })?,
-        ApiKey::Fetch if version < FETCH_BY_ID => {
-            recode_request(frame, key, version, |r: &mut FetchRequest| {
-                for t in &mut r.topics {
-                    to_serving(&mut t.topic)?;
+        ApiKey::Fetch => recode_request(frame, key, version, |r: &mut FetchRequest| {
+            let by_id = version >= FETCH_BY_ID;
+            for t in &mut r.topics {
+                match by_id {
+                    true => t.topic_id = ids.to_serving(t.topic_id),
+                    false => to_serving(&mut t.topic)?,
                 }
-                for t in &mut r.forgotten_topics_data {
-                    to_serving(&mut t.topic)?;
+            }
+            for t in &mut r.forgotten_topics_data {
+                match by_id {
+                    true => t.topic_id = ids.to_serving(t.topic_id),
+                    false => to_serving(&mut t.topic)?,
                 }
-                Ok(())
-            })?
-        }
+            }
+            Ok(())
+        })?,
         ApiKey::ListOffsets => {
             recode_request(frame, key, version, |r: &mut ListOffsetsRequest| {
                 r.topics
@@ -235,26 +294,26 @@ pub fn request(
                     .try_for_each(|t| to_serving(&mut t.topic))
             },
         )?,
-        ApiKey::ConsumerGroupHeartbeat => {
-            recode_request(
-                frame,
-                key,
-                version,
-                |r: &mut ConsumerGroupHeartbeatRequest| {
-                    if let Some(regex) = &r.subscribed_topic_regex {
-                        return Err(ViewError::Pattern {
-                            regex: regex.to_string(),
-                            serving: view.serving().to_owned(),
-                        });
-                    }
-                    // The assignment is by topic id, the serving cluster's: nothing to map back.
-                    r.subscribed_topic_names
-                        .iter_mut()
-                        .flatten()
-                        .try_for_each(to_serving)
-                },
-            )?
-        }
+        ApiKey::ConsumerGroupHeartbeat => recode_request(
+            frame,
+            key,
+            version,
+            |r: &mut ConsumerGroupHeartbeatRequest| {
+                if let Some(regex) = &r.subscribed_topic_regex {
+                    return Err(ViewError::Pattern {
+                        regex: regex.to_string(),
+                        serving: view.serving().to_owned(),
+                    });
+                }
+                for t in r.topic_partitions.iter_mut().flatten() {
+                    t.topic_id = ids.to_serving(t.topic_id);
+                }
+                r.subscribed_topic_names
+                    .iter_mut()
+                    .flatten()
+                    .try_for_each(to_serving)
+            },
+        )?,
         // The request names groups only; the response names topics.
         ApiKey::ConsumerGroupDescribe => frame.clone(),
         ApiKey::InitProducerId => {
@@ -278,10 +337,11 @@ pub fn response(
     frame: &Bytes,
     key: ApiKey,
     version: i16,
-    view: &RegionView,
+    ids: Ids<'_>,
     unknown: &[StrBytes],
     missing: &mut Vec<String>,
 ) -> Result<Bytes, RewriteError> {
+    let view = ids.view;
     // A name the view does not have, where the request named the topic: the broker answered
     // about a topic keyward did not ask for.
     let to_client = |name: &mut TopicName| -> Result<(), RewriteError> {
@@ -305,6 +365,14 @@ pub fn response(
     match key {
         ApiKey::Metadata => recode(frame, key, version, |r: &mut MetadataResponse| {
             r.topics.retain_mut(|t| t.name.as_mut().is_none_or(keep));
+            if version >= 10 {
+                for t in &mut r.topics {
+                    t.topic_id = match &t.name {
+                        Some(name) => ids.named(name, t.topic_id),
+                        None => ids.to_client(t.topic_id),
+                    };
+                }
+            }
             missing.extend(
                 r.topics
                     .iter()
@@ -325,6 +393,22 @@ pub fn response(
                     .try_for_each(|t| to_client(&mut t.topic))
             })
         }
+        ApiKey::Fetch => fetch_response_ids(frame, version, ids),
+        ApiKey::ConsumerGroupHeartbeat => recode(
+            frame,
+            key,
+            version,
+            |r: &mut ConsumerGroupHeartbeatResponse| {
+                for t in r
+                    .assignment
+                    .iter_mut()
+                    .flat_map(|a| &mut a.topic_partitions)
+                {
+                    t.topic_id = ids.to_client(t.topic_id);
+                }
+                Ok(())
+            },
+        ),
         ApiKey::ListOffsets => recode(frame, key, version, |r: &mut ListOffsetsResponse| {
             r.topics.iter_mut().try_for_each(|t| to_client(&mut t.name))
         }),
@@ -359,6 +443,9 @@ pub fn response(
                     m.subscribed_topic_names.retain_mut(keep);
                     for a in [&mut m.assignment, &mut m.target_assignment] {
                         a.topic_partitions.retain_mut(|t| keep(&mut t.topic_name));
+                        for t in &mut a.topic_partitions {
+                            t.topic_id = ids.named(&t.topic_name, t.topic_id);
+                        }
                     }
                 }
                 Ok(())
@@ -373,6 +460,25 @@ pub fn response(
         }
         _ => Ok(frame.clone()),
     }
+}
+
+/// A Fetch response (v13+) with each topic's id as the client knows it: the broker's bytes when
+/// no id changes, otherwise one copy with the ids written over in place (records untouched).
+fn fetch_response_ids(frame: &Bytes, version: i16, ids: Ids<'_>) -> Result<Bytes, RewriteError> {
+    let header_len =
+        frame::response_header_len(frame, ApiKey::Fetch.response_header_version(version))?;
+    let body_at = LENGTH_PREFIX + header_len;
+    let mut out: Option<bytes::BytesMut> = None;
+    for at in fetch_handler::topic_id_offsets(&frame[body_at..])? {
+        let at = body_at + at..body_at + at + 16;
+        let id = Uuid::from_slice(&frame[at.clone()]).expect("16 bytes");
+        let mapped = ids.to_client(id);
+        if mapped != id {
+            let out = out.get_or_insert_with(|| bytes::BytesMut::from(&frame[..]));
+            out[at].copy_from_slice(mapped.as_bytes());
+        }
+    }
+    Ok(out.map_or_else(|| frame.clone(), bytes::BytesMut::freeze))
 }
 
 fn producer_ids(view: &RegionView) -> ProducerIds {
@@ -452,7 +558,7 @@ pub(crate) mod tests {
     //! Every mapped API at every version it is mapped at, in both directions: us's keyward,
     //! its reads served by eu's cluster.
     use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic, ForgottenTopic};
-    use kafka_protocol::messages::fetch_response::FetchableTopicResponse;
+    use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
     use kafka_protocol::messages::list_offsets_request::ListOffsetsTopic;
     use kafka_protocol::messages::list_offsets_response::ListOffsetsTopicResponse;
     use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
@@ -486,6 +592,25 @@ pub(crate) mod tests {
         )
     }
 
+    /// The topic ids us and eu gave: us's `orders` is 1 and eu's copy of it, `us.orders`, is
+    /// 11; eu's own `orders` is 12 and us's copy of it, `eu.orders`, is 2. `fresh` is a topic
+    /// whose id us has seen and eu's not yet.
+    pub(crate) fn ids() -> Ids<'static> {
+        let local: &'static TopicIds = Box::leak(Box::default());
+        local.learn([("orders", id(1)), ("eu.orders", id(2)), ("fresh", id(3))]);
+        let serving: &'static TopicIds = Box::leak(Box::default());
+        serving.learn([("us.orders", id(11)), ("orders", id(12))]);
+        Ids {
+            view: Box::leak(Box::new(view())),
+            local,
+            serving,
+        }
+    }
+
+    pub(crate) fn id(n: u128) -> Uuid {
+        Uuid::from_u128(n)
+    }
+
     pub(crate) fn name(s: &'static str) -> TopicName {
         TopicName(StrBytes::from_static_str(s))
     }
@@ -501,7 +626,7 @@ pub(crate) mod tests {
     }
 
     fn request_mapped(frame: &Bytes, key: ApiKey, version: i16) -> Option<Mapped> {
-        super::request(frame, key, version, &view()).unwrap()
+        super::request(frame, key, version, ids()).unwrap()
     }
 
     fn decode_request<T: Decodable>(frame: &Bytes, key: ApiKey, version: i16) -> T {
@@ -519,7 +644,7 @@ pub(crate) mod tests {
         unknown: &[StrBytes],
     ) -> T {
         let frame = response_frame(key, version, body);
-        let out = super::response(&frame, key, version, &view(), unknown, &mut Vec::new()).unwrap();
+        let out = super::response(&frame, key, version, ids(), unknown, &mut Vec::new()).unwrap();
         decode_body(&out, key, version)
     }
 
@@ -570,7 +695,7 @@ pub(crate) mod tests {
             ]);
             let mut missing = Vec::new();
             let frame = response_frame(ApiKey::Metadata, v, &answer);
-            super::response(&frame, ApiKey::Metadata, v, &view(), &[], &mut missing).unwrap();
+            super::response(&frame, ApiKey::Metadata, v, ids(), &[], &mut missing).unwrap();
             assert_eq!(missing, ["orders"], "v{v}");
             let got_names: Vec<_> = got.topics.iter().map(|t| t.name.clone().unwrap()).collect();
             assert_eq!(
@@ -580,6 +705,35 @@ pub(crate) mod tests {
             );
             assert_eq!(got.topics[2].error_code, UNKNOWN_TOPIC_OR_PARTITION);
             assert_eq!(got.topics[0].error_code, 0);
+            if v < 10 {
+                continue;
+            }
+            // From v10 topics have ids: a client is shown the local cluster's, and a request by
+            // id goes out with the serving cluster's.
+            let by_id = MetadataRequest::default().with_topics(Some(vec![
+                MetadataRequestTopic::default()
+                    .with_name(None)
+                    .with_topic_id(id(1)),
+            ]));
+            let m = mapped(ApiKey::Metadata, v, &by_id);
+            let sent: MetadataRequest = decode_request(&m.frame, ApiKey::Metadata, v);
+            assert_eq!(sent.topics.unwrap()[0].topic_id, id(11), "v{v}");
+            let answer = MetadataResponse::default().with_topics(vec![
+                topic("us.orders").with_topic_id(id(11)),
+                topic("orders").with_topic_id(id(12)),
+                topic("us.audit").with_topic_id(id(13)),
+            ]);
+            let got = back(ApiKey::Metadata, v, &answer, &[]);
+            let shown: Vec<_> = got
+                .topics
+                .iter()
+                .map(|t| (t.name.as_ref().unwrap().as_str(), t.topic_id))
+                .collect();
+            assert_eq!(
+                shown,
+                [("orders", id(1)), ("eu.orders", id(2)), ("audit", id(13))],
+                "v{v}: a topic whose local id keyward never saw keeps the serving cluster's"
+            );
         }
     }
 
@@ -590,7 +744,7 @@ pub(crate) mod tests {
         ]));
         let frame = encode_request("t", 7, ApiKey::Metadata, 0, &request).unwrap();
         assert!(matches!(
-            super::request(&frame, ApiKey::Metadata, 0, &view()),
+            super::request(&frame, ApiKey::Metadata, 0, ids()),
             Err(ViewError::Unmapped { .. })
         ));
         // From v1 on, an empty list asks for no topic.
@@ -600,44 +754,76 @@ pub(crate) mod tests {
         assert_eq!(sent.topics.map(|t| t.len()), Some(0));
     }
 
+    /// v4-v12 name topics; v13+ name them by id: the client's ids (the local cluster's) go out
+    /// as the serving cluster's and come back as the client's, an id keyward cannot map as it
+    /// came, and records untouched.
     #[test]
     fn fetch_in_every_version() {
         for v in versions(ApiKey::Fetch) {
-            let topic = |n| {
-                FetchTopic::default()
-                    .with_topic(if v < FETCH_BY_ID {
-                        name(n)
-                    } else {
-                        TopicName::default()
-                    })
-                    .with_topic_id(if v < FETCH_BY_ID {
-                        Default::default()
-                    } else {
-                        Uuid::from_u128(7)
-                    })
-                    .with_partitions(vec![FetchPartition::default()])
+            let by_id = v >= FETCH_BY_ID;
+            let topic = |n, i| {
+                match by_id {
+                    true => FetchTopic::default().with_topic_id(id(i)),
+                    false => FetchTopic::default().with_topic(name(n)),
+                }
+                .with_partitions(vec![FetchPartition::default()])
             };
-            let mut request =
-                FetchRequest::default().with_topics(vec![topic("orders"), topic("eu.orders")]);
-            if (7..FETCH_BY_ID).contains(&v) {
-                request.forgotten_topics_data =
-                    vec![ForgottenTopic::default().with_topic(name("orders"))];
+            let mut request = FetchRequest::default().with_topics(vec![
+                topic("orders", 1),
+                topic("eu.orders", 2),
+                topic("fresh", 99),
+            ]);
+            if v >= 7 {
+                request.forgotten_topics_data = vec![match by_id {
+                    true => ForgottenTopic::default().with_topic_id(id(1)),
+                    false => ForgottenTopic::default().with_topic(name("orders")),
+                }];
             }
-            let frame = encode_request("t", 7, ApiKey::Fetch, v, &request).unwrap();
-            let Some(m) = request_mapped(&frame, ApiKey::Fetch, v) else {
-                assert!(v >= FETCH_BY_ID, "v{v} names topics and must be mapped");
-                // By id: the ids are the serving cluster's, and the response passes as it came.
-                let answer = FetchResponse::default().with_responses(vec![
-                    FetchableTopicResponse::default().with_topic_id(Uuid::from_u128(7)),
-                ]);
-                let f = response_frame(ApiKey::Fetch, v, &answer);
-                assert_eq!(
-                    super::response(&f, ApiKey::Fetch, v, &view(), &[], &mut Vec::new()).unwrap(),
-                    f
-                );
-                continue;
-            };
+            if !by_id {
+                request.topics.pop();
+            }
+            let m = mapped(ApiKey::Fetch, v, &request);
             let sent: FetchRequest = decode_request(&m.frame, ApiKey::Fetch, v);
+            let response_topic = |n, i| match by_id {
+                true => FetchableTopicResponse::default().with_topic_id(id(i)),
+                false => FetchableTopicResponse::default().with_topic(name(n)),
+            };
+            let mut answer = FetchResponse::default().with_responses(vec![
+                response_topic("us.orders", 11),
+                response_topic("orders", 12),
+            ]);
+            for t in &mut answer.responses {
+                t.partitions = vec![
+                    PartitionData::default()
+                        .with_records(Some(Bytes::from_static(b"records")))
+                        .with_aborted_transactions(Some(vec![Default::default()])),
+                ];
+            }
+            if by_id {
+                assert_eq!(
+                    sent.topics.iter().map(|t| t.topic_id).collect::<Vec<_>>(),
+                    [id(11), id(12), id(99)],
+                    "v{v}: an id keyward cannot map goes as it came"
+                );
+                assert_eq!(sent.forgotten_topics_data[0].topic_id, id(11));
+                answer.responses.push(response_topic("", 99));
+                let got = back(ApiKey::Fetch, v, &answer, &[]);
+                assert_eq!(
+                    got.responses.iter().map(|t| t.topic_id).collect::<Vec<_>>(),
+                    [id(1), id(2), id(99)],
+                    "v{v}"
+                );
+                assert_eq!(
+                    got.responses[1].partitions[0].records.as_deref(),
+                    Some(&b"records"[..])
+                );
+                // Nothing to map: the broker's bytes, not a copy.
+                let only = FetchResponse::default().with_responses(vec![response_topic("", 99)]);
+                let f = response_frame(ApiKey::Fetch, v, &only);
+                let out = super::response(&f, ApiKey::Fetch, v, ids(), &[], &mut Vec::new());
+                assert_eq!(out.unwrap().as_ptr(), f.as_ptr(), "v{v}");
+                continue;
+            }
             assert_eq!(
                 names(sent.topics.iter().map(|t| &t.topic)),
                 ["us.orders", "orders"],
@@ -649,10 +835,6 @@ pub(crate) mod tests {
                     ["us.orders"]
                 );
             }
-            let answer = FetchResponse::default().with_responses(vec![
-                FetchableTopicResponse::default().with_topic(name("us.orders")),
-                FetchableTopicResponse::default().with_topic(name("orders")),
-            ]);
             let got = back(ApiKey::Fetch, v, &answer, &[]);
             assert_eq!(
                 names(got.responses.iter().map(|t| &t.topic)),
@@ -814,8 +996,18 @@ pub(crate) mod tests {
     #[test]
     fn consumer_group_heartbeat_in_every_version() {
         for v in versions(ApiKey::ConsumerGroupHeartbeat) {
+            use kafka_protocol::messages::consumer_group_heartbeat_request::TopicPartitions as Owned;
+            use kafka_protocol::messages::consumer_group_heartbeat_response::{
+                Assignment, TopicPartitions as Assigned,
+            };
+            // The partitions a member owns, by the ids it knows (the local cluster's).
             let request = ConsumerGroupHeartbeatRequest::default()
-                .with_subscribed_topic_names(Some(vec![name("orders"), name("eu.orders")]));
+                .with_subscribed_topic_names(Some(vec![name("orders"), name("eu.orders")]))
+                .with_topic_partitions(Some(
+                    [1, 2, 99]
+                        .map(|i| Owned::default().with_topic_id(id(i)))
+                        .to_vec(),
+                ));
             let m = mapped(ApiKey::ConsumerGroupHeartbeat, v, &request);
             let sent: ConsumerGroupHeartbeatRequest =
                 decode_request(&m.frame, ApiKey::ConsumerGroupHeartbeat, v);
@@ -824,6 +1016,34 @@ pub(crate) mod tests {
                 ["us.orders", "orders"],
                 "v{v}"
             );
+            let owned: Vec<_> = sent
+                .topic_partitions
+                .unwrap()
+                .iter()
+                .map(|t| t.topic_id)
+                .collect();
+            assert_eq!(owned, [id(11), id(12), id(99)], "v{v}");
+            // The assignment, by the serving cluster's ids, comes back by the client's.
+            let answer = ConsumerGroupHeartbeatResponse::default().with_assignment(Some(
+                Assignment::default().with_topic_partitions(
+                    [11, 12, 99]
+                        .map(|i| {
+                            Assigned::default()
+                                .with_topic_id(id(i))
+                                .with_partitions(vec![0])
+                        })
+                        .to_vec(),
+                ),
+            ));
+            let got = back(ApiKey::ConsumerGroupHeartbeat, v, &answer, &[]);
+            let assigned: Vec<_> = got
+                .assignment
+                .unwrap()
+                .topic_partitions
+                .iter()
+                .map(|t| t.topic_id)
+                .collect();
+            assert_eq!(assigned, [id(1), id(2), id(99)], "v{v}");
             // A pattern (v1+) would be matched against eu's own names.
             if v == 0 {
                 continue;
@@ -832,8 +1052,7 @@ pub(crate) mod tests {
                 .with_subscribed_topic_regex(Some(StrBytes::from_static_str("orders.*")));
             let frame =
                 encode_request("t", 7, ApiKey::ConsumerGroupHeartbeat, v, &request).unwrap();
-            let err =
-                super::request(&frame, ApiKey::ConsumerGroupHeartbeat, v, &view()).unwrap_err();
+            let err = super::request(&frame, ApiKey::ConsumerGroupHeartbeat, v, ids()).unwrap_err();
             assert!(matches!(err, ViewError::Pattern { .. }), "v{v}: {err}");
         }
     }
@@ -852,7 +1071,15 @@ pub(crate) mod tests {
                 Assignment::default().with_topic_partitions(
                     names
                         .iter()
-                        .map(|&n| TopicPartitions::default().with_topic_name(name(n)))
+                        .map(|&n| {
+                            TopicPartitions::default()
+                                .with_topic_name(name(n))
+                                .with_topic_id(match n {
+                                    "us.orders" => id(11),
+                                    "orders" => id(12),
+                                    _ => id(98),
+                                })
+                        })
                         .collect(),
                 )
             };
@@ -889,6 +1116,14 @@ pub(crate) mod tests {
                 ),
                 ["eu.orders"]
             );
+            let ids_of = |a: &Assignment| {
+                a.topic_partitions
+                    .iter()
+                    .map(|t| t.topic_id)
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(ids_of(&member.assignment), [id(1)], "v{v}");
+            assert_eq!(ids_of(&member.target_assignment), [id(2)], "v{v}");
         }
     }
 
@@ -898,7 +1133,7 @@ pub(crate) mod tests {
             ListOffsetsTopic::default().with_name(name("__consumer_offsets")),
         ]);
         let frame = encode_request("t", 7, ApiKey::ListOffsets, 5, &request).unwrap();
-        let err = super::request(&frame, ApiKey::ListOffsets, 5, &view()).unwrap_err();
+        let err = super::request(&frame, ApiKey::ListOffsets, 5, ids()).unwrap_err();
         assert!(
             err.to_string()
                 .contains("\"__consumer_offsets\", which has no counterpart in eu's cluster"),
@@ -909,9 +1144,7 @@ pub(crate) mod tests {
             ListOffsetsTopicResponse::default().with_name(name("__consumer_offsets")),
         ]);
         let f = response_frame(ApiKey::ListOffsets, 5, &answer);
-        assert!(
-            super::response(&f, ApiKey::ListOffsets, 5, &view(), &[], &mut Vec::new()).is_err()
-        );
+        assert!(super::response(&f, ApiKey::ListOffsets, 5, ids(), &[], &mut Vec::new()).is_err());
     }
 
     #[test]

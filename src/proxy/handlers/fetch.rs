@@ -24,7 +24,7 @@ pub fn response(frame: &Bytes, version: i16, to: &dyn Advertise) -> Result<Bytes
         }
         let header_len =
             frame::response_header_len(frame, ApiKey::Fetch.response_header_version(version))?;
-        if !has_node_endpoints(&frame[LENGTH_PREFIX + header_len..])? {
+        if !walk(&frame[LENGTH_PREFIX + header_len..], &mut |_| {})? {
             return Ok(frame.clone());
         }
     }
@@ -40,12 +40,22 @@ pub fn response(frame: &Bytes, version: i16, to: &dyn Advertise) -> Result<Bytes
     })
 }
 
-/// Whether a Fetch response body (v16+, flexible) has the top-level node-endpoints tagged field.
-fn has_node_endpoints(body: &[u8]) -> Result<bool, WireError> {
+/// The offset in a Fetch response body (v13+, where topics are named by id) of each topic's
+/// id: a region view maps them in place (`crate::proxy::view`). Walked, records untouched.
+pub fn topic_id_offsets(body: &[u8]) -> Result<Vec<usize>, WireError> {
+    let mut at = Vec::new();
+    walk(body, &mut |offset| at.push(offset))?;
+    Ok(at)
+}
+
+/// Walks a Fetch response body (v12+, flexible): tells `topic_id` where each topic's id is
+/// (v13+), and returns whether the body has the top-level node-endpoints tagged field (v16+).
+fn walk(body: &[u8], topic_id: &mut dyn FnMut(usize)) -> Result<bool, WireError> {
     let mut r = Reader::new(body);
     r.skip(4 + 2 + 4)?; // throttle_time_ms, error_code, session_id
     let topics = r.array_len(true, 17)?;
     for _ in 0..topics {
+        topic_id(r.position());
         r.skip(16)?; // topic_id
         let partitions = r.array_len(true, 4)?;
         for _ in 0..partitions {

@@ -14,15 +14,26 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::ApiKey;
 use kafka_protocol::messages::metadata_response::MetadataResponseBroker;
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use uuid::Uuid;
 
 use crate::codec::frame::{self, LENGTH_PREFIX};
 use crate::proxy::rewrite::{Advertise, RewriteError};
 
-/// Who hears of the topics a Metadata response lists: (name, partition count).
-pub type TopicsSeen<'a> = dyn Fn(&[(&str, i32)]) + 'a;
+/// A topic a Metadata response lists without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listed<'a> {
+    pub name: &'a str,
+    pub partitions: i32,
+    /// Nil before v10.
+    pub id: Uuid,
+}
 
-/// `seen` hears of every topic the response lists without an error, with its partition count
-/// (keyward checks them against the table's `by: key` rules, `crate::proxy::alignment`).
+/// Who hears of the topics a Metadata response lists.
+pub type TopicsSeen<'a> = dyn Fn(&[Listed<'_>]) + 'a;
+
+/// `seen` hears of every topic the response lists without an error: its partition count
+/// (keyward checks them against the table's `by: key` rules, `crate::proxy::alignment`) and
+/// its id (`crate::proxy::topic_ids`).
 pub fn response(
     frame: &Bytes,
     version: i16,
@@ -112,8 +123,8 @@ pub fn response(
     Ok(out.freeze())
 }
 
-/// Walks the fields after the brokers (`rest`): it tells `seen` the name and partition count
-/// of every topic without an error, and `node` the offset in `rest` and the value of every node
+/// Walks the fields after the brokers (`rest`): it tells `seen` the name, partition count and
+/// id of every topic without an error, and `node` the offset in `rest` and the value of every node
 /// id (the controller, and each partition's leader, replicas, in-sync and offline replicas).
 fn walk(
     rest: Bytes,
@@ -134,13 +145,16 @@ fn walk(
         node(pos, take_i32(body)?); // controller_id
     }
     let count = take_array_len(body, flexible)?;
-    let mut topics: Vec<(StrBytes, i32)> = Vec::new();
+    let mut topics: Vec<(StrBytes, i32, Uuid)> = Vec::new();
     for _ in 0..count {
         let error_code = take_i16(body)?;
         let name = take_string(body, flexible, version >= 12)?;
-        if version >= 10 {
-            take_bytes(body, 16)?; // topic_id
-        }
+        let id = if version >= 10 {
+            let id = take_bytes(body, 16)?;
+            Uuid::from_bytes(id[..].try_into().expect("16 bytes"))
+        } else {
+            Uuid::nil()
+        };
         if version >= 1 {
             take_bytes(body, 1)?; // is_internal
         }
@@ -174,7 +188,7 @@ fn walk(
             && let Some(name) = name
             && let Ok(partitions) = i32::try_from(partitions)
         {
-            topics.push((name, partitions));
+            topics.push((name, partitions, id));
         }
     }
     // What follows the topics, checked as a full decode would check it.
@@ -191,7 +205,14 @@ fn walk(
         body.remaining()
     );
     if !topics.is_empty() {
-        let named: Vec<(&str, i32)> = topics.iter().map(|(n, p)| (n.as_str(), *p)).collect();
+        let named: Vec<Listed<'_>> = topics
+            .iter()
+            .map(|(name, partitions, id)| Listed {
+                name,
+                partitions: *partitions,
+                id: *id,
+            })
+            .collect();
         seen(&named);
     }
     Ok(())
@@ -310,13 +331,20 @@ mod tests {
             ApiKey::Metadata,
             version,
             |r: &mut MetadataResponse| {
-                let topics: Vec<(&str, i32)> = r
+                let topics: Vec<Listed<'_>> = r
                     .topics
                     .iter()
                     .filter(|t| t.error_code == 0)
                     .filter_map(|t| {
-                        let name: &str = t.name.as_ref()?;
-                        Some((name, i32::try_from(t.partitions.len()).ok()?))
+                        Some(Listed {
+                            name: t.name.as_ref()?,
+                            partitions: i32::try_from(t.partitions.len()).ok()?,
+                            id: if version >= 10 {
+                                t.topic_id
+                            } else {
+                                Uuid::nil()
+                            },
+                        })
                     })
                     .collect();
                 if !topics.is_empty() {
@@ -406,6 +434,11 @@ mod tests {
             MetadataResponseTopic::default()
                 .with_error_code(error_code)
                 .with_name(Some(TopicName(StrBytes::from_string(name.to_owned()))))
+                .with_topic_id(if version >= 10 {
+                    Uuid::from_u128(u128::from(name.len() as u64))
+                } else {
+                    Uuid::nil()
+                })
                 .with_is_internal(false)
                 .with_topic_authorized_operations(if version >= 8 { 248 } else { -2147483648 })
                 .with_partitions(
@@ -453,9 +486,12 @@ mod tests {
     #[test]
     fn the_walking_rewrite_equals_a_full_decode_and_encode_in_every_version() {
         use std::cell::RefCell;
-        fn record(into: &RefCell<Vec<(String, i32)>>, topics: &[(&str, i32)]) {
-            into.borrow_mut()
-                .extend(topics.iter().map(|(t, p)| (t.to_string(), *p)));
+        fn record(into: &RefCell<Vec<(String, i32, Uuid)>>, topics: &[Listed<'_>]) {
+            into.borrow_mut().extend(
+                topics
+                    .iter()
+                    .map(|t| (t.name.to_owned(), t.partitions, t.id)),
+            );
         }
         let advertisers: [&dyn Advertise; 2] = [&To, &Renumbered];
         for version in 0..=13 {
@@ -470,7 +506,15 @@ mod tests {
                 assert_eq!(walked_seen, full_seen, "{what}");
                 assert_eq!(
                     walked_seen.into_inner(),
-                    [("orders".to_owned(), 4), ("payments".to_owned(), 2)],
+                    [("orders", 4), ("payments", 2)].map(|(name, partitions)| (
+                        name.to_owned(),
+                        partitions,
+                        if version >= 10 {
+                            Uuid::from_u128(name.len() as u128)
+                        } else {
+                            Uuid::nil()
+                        }
+                    )),
                     "{what}"
                 );
             }

@@ -1,0 +1,94 @@
+//! The topic ids of one cluster, as keyward has seen them: in the Metadata responses its
+//! clients receive, and in the Metadata keyward asks for itself (the local cluster's at start,
+//! a serving cluster's when reads move to it).
+//!
+//! Every cluster gives its topics ids of its own: `orders` in eu and its copy `eu.orders` in us
+//! have different ids. While another region's cluster serves this region's reads, the region
+//! view (`super::view`) shows clients the ids they knew before the switch (the local cluster's)
+//! and maps them to the serving cluster's and back, by name, through two of these.
+//!
+//! A topic deleted and created again under its name gets a new id: the newest seen wins, and
+//! the old id is forgotten.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use uuid::Uuid;
+
+#[derive(Debug, Default)]
+pub struct TopicIds {
+    known: RwLock<Known>,
+}
+
+#[derive(Debug, Default)]
+struct Known {
+    by_name: HashMap<String, Uuid>,
+    by_id: HashMap<Uuid, String>,
+}
+
+impl TopicIds {
+    /// Records topics' ids: `(name, id)`. The nil id (Metadata before v10, or a broker that
+    /// does not know) tells nothing and is skipped. Cheap when nothing is new: a read lock and
+    /// one lookup per topic, no allocation.
+    pub fn learn<'a>(&self, topics: impl IntoIterator<Item = (&'a str, Uuid)> + Clone) {
+        let new = |known: &Known, (name, id): &(&str, Uuid)| {
+            !id.is_nil() && known.by_name.get(*name) != Some(id)
+        };
+        {
+            let known = self.read();
+            if !topics.clone().into_iter().any(|t| new(&known, &t)) {
+                return;
+            }
+        }
+        let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
+        for t in topics {
+            if !new(&known, &t) {
+                continue;
+            }
+            let (name, id) = t;
+            if let Some(old) = known.by_name.insert(name.to_owned(), id) {
+                known.by_id.remove(&old);
+            }
+            known.by_id.insert(id, name.to_owned());
+        }
+    }
+
+    pub fn id(&self, name: &str) -> Option<Uuid> {
+        self.read().by_name.get(name).copied()
+    }
+
+    pub fn name(&self, id: Uuid) -> Option<String> {
+        self.read().by_id.get(&id).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Known> {
+        self.known.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_topic_created_again_keeps_only_its_new_id() {
+        let ids = TopicIds::default();
+        let (old, new) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        ids.learn([("orders", old), ("nil", Uuid::nil())]);
+        assert_eq!(ids.id("orders"), Some(old));
+        assert_eq!(ids.id("nil"), None, "the nil id tells nothing");
+        ids.learn([("orders", new)]);
+        assert_eq!(ids.id("orders"), Some(new));
+        assert_eq!(ids.name(new).as_deref(), Some("orders"));
+        assert_eq!(ids.name(old), None, "the old id is forgotten");
+        assert_eq!(ids.len(), 1);
+    }
+}

@@ -24,6 +24,8 @@ pub const OFFSET_OUT_OF_RANGE: i16 = E::OffsetOutOfRange.code();
 pub const COORDINATOR_LOAD_IN_PROGRESS: i16 = E::CoordinatorLoadInProgress.code();
 pub const COORDINATOR_NOT_AVAILABLE: i16 = E::CoordinatorNotAvailable.code();
 pub const NOT_COORDINATOR: i16 = E::NotCoordinator.code();
+pub const UNKNOWN_MEMBER_ID: i16 = E::UnknownMemberId.code();
+pub const GROUP_ID_NOT_FOUND: i16 = E::GroupIdNotFound.code();
 
 #[cfg(test)]
 mod tests {

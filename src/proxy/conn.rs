@@ -500,6 +500,7 @@ fn viewed(
                 key,
                 version: head.api_version,
                 unknown: mapped.unknown,
+                member_epoch: mapped.member_epoch,
             })));
             Step::forward(mapped.frame, head.correlation_id, handling)
         }
@@ -873,6 +874,7 @@ fn respond(
                 key,
                 version,
                 unknown,
+                member_epoch,
             } = *viewed;
             let frame = respond(shared, cluster, inner, frame, to)?;
             let ids = shared
@@ -880,7 +882,17 @@ fn respond(
                 .expect("a mapped request was sent on a connection with a view");
             let view = ids.view;
             let mut missing = Vec::new();
-            let out = super::view::response(&frame, key, version, ids, &unknown, &mut missing)?;
+            let out = super::view::response(
+                &frame,
+                key,
+                version,
+                ids,
+                &super::view::Asked {
+                    unknown: &unknown,
+                    member_epoch,
+                },
+                &mut missing,
+            )?;
             for topic in missing {
                 if shared.view_log.allow() {
                     warn!(

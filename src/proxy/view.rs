@@ -41,7 +41,7 @@ use uuid::Uuid;
 use super::handlers::fetch as fetch_handler;
 use super::rewrite::{Recoded, RewriteError, recode, recode_behind};
 use super::topic_ids::TopicIds;
-use crate::codec::errors::UNKNOWN_TOPIC_OR_PARTITION;
+use crate::codec::errors::{GROUP_ID_NOT_FOUND, UNKNOWN_MEMBER_ID, UNKNOWN_TOPIC_OR_PARTITION};
 use crate::codec::frame::{self, LENGTH_PREFIX};
 use crate::codec::produce::{self as produce_codec, ProduceParseError};
 use crate::codec::records;
@@ -180,6 +180,17 @@ pub struct Mapped {
     /// Metadata only: topics the client asked for that were left out of the request, to be
     /// answered `UNKNOWN_TOPIC_OR_PARTITION` in the response.
     pub unknown: Vec<StrBytes>,
+    /// ConsumerGroupHeartbeat only: the member epoch it came with.
+    pub member_epoch: Option<i32>,
+}
+
+/// What the response to a mapped request needs to know of the request.
+#[derive(Debug, Default)]
+pub struct Asked<'a> {
+    /// [`Mapped::unknown`].
+    pub unknown: &'a [StrBytes],
+    /// [`Mapped::member_epoch`].
+    pub member_epoch: Option<i32>,
 }
 
 /// Maps the topic names of a request in the serving cluster's terms. `None` when the request
@@ -205,6 +216,7 @@ pub fn request(
         }
     };
     let mut unknown = Vec::new();
+    let mut member_epoch = None;
     let frame = match key {
         ApiKey::Metadata => recode_request(frame, key, version, |r: &mut MetadataRequest| {
             if let Some(topics) = &mut r.topics {
@@ -305,6 +317,7 @@ pub fn request(
                         serving: view.serving().to_owned(),
                     });
                 }
+                member_epoch = Some(r.member_epoch);
                 for t in r.topic_partitions.iter_mut().flatten() {
                     t.topic_id = ids.to_serving(t.topic_id);
                 }
@@ -325,7 +338,11 @@ pub fn request(
         }
         _ => return Ok(None),
     };
-    Ok(Some(Mapped { frame, unknown }))
+    Ok(Some(Mapped {
+        frame,
+        unknown,
+        member_epoch,
+    }))
 }
 
 /// Maps the topic names of the broker's response to a [`request`] back to the client's.
@@ -338,10 +355,11 @@ pub fn response(
     key: ApiKey,
     version: i16,
     ids: Ids<'_>,
-    unknown: &[StrBytes],
+    asked: &Asked<'_>,
     missing: &mut Vec<String>,
 ) -> Result<Bytes, RewriteError> {
     let view = ids.view;
+    let unknown = asked.unknown;
     // A name the view does not have, where the request named the topic: the broker answered
     // about a topic keyward did not ask for.
     let to_client = |name: &mut TopicName| -> Result<(), RewriteError> {
@@ -399,6 +417,18 @@ pub fn response(
             key,
             version,
             |r: &mut ConsumerGroupHeartbeatResponse| {
+                // A member that joined another cluster's coordinator before the switch comes
+                // with that coordinator's epoch. Where MM2 synced the group's offsets, this
+                // cluster holds the group as an empty classic group, and answers such a
+                // member "not a consumer group", which the Java client takes as fatal. Told
+                // its membership is unknown, the member joins again from epoch 0, and the
+                // broker converts the empty group.
+                if r.error_code == GROUP_ID_NOT_FOUND && asked.member_epoch.is_some_and(|e| e > 0) {
+                    r.error_code = UNKNOWN_MEMBER_ID;
+                    r.error_message = Some(StrBytes::from_static_str(
+                        "the member joined the coordinator of the cluster that served before a switch; join again",
+                    ));
+                }
                 for t in r
                     .assignment
                     .iter_mut()
@@ -644,7 +674,18 @@ pub(crate) mod tests {
         unknown: &[StrBytes],
     ) -> T {
         let frame = response_frame(key, version, body);
-        let out = super::response(&frame, key, version, ids(), unknown, &mut Vec::new()).unwrap();
+        let out = super::response(
+            &frame,
+            key,
+            version,
+            ids(),
+            &Asked {
+                unknown,
+                member_epoch: None,
+            },
+            &mut Vec::new(),
+        )
+        .unwrap();
         decode_body(&out, key, version)
     }
 
@@ -695,7 +736,15 @@ pub(crate) mod tests {
             ]);
             let mut missing = Vec::new();
             let frame = response_frame(ApiKey::Metadata, v, &answer);
-            super::response(&frame, ApiKey::Metadata, v, ids(), &[], &mut missing).unwrap();
+            super::response(
+                &frame,
+                ApiKey::Metadata,
+                v,
+                ids(),
+                &Asked::default(),
+                &mut missing,
+            )
+            .unwrap();
             assert_eq!(missing, ["orders"], "v{v}");
             let got_names: Vec<_> = got.topics.iter().map(|t| t.name.clone().unwrap()).collect();
             assert_eq!(
@@ -820,7 +869,14 @@ pub(crate) mod tests {
                 // Nothing to map: the broker's bytes, not a copy.
                 let only = FetchResponse::default().with_responses(vec![response_topic("", 99)]);
                 let f = response_frame(ApiKey::Fetch, v, &only);
-                let out = super::response(&f, ApiKey::Fetch, v, ids(), &[], &mut Vec::new());
+                let out = super::response(
+                    &f,
+                    ApiKey::Fetch,
+                    v,
+                    ids(),
+                    &Asked::default(),
+                    &mut Vec::new(),
+                );
                 assert_eq!(out.unwrap().as_ptr(), f.as_ptr(), "v{v}");
                 continue;
             }
@@ -1057,6 +1113,43 @@ pub(crate) mod tests {
         }
     }
 
+    /// A member whose epoch came from the coordinator of the cluster that served before the
+    /// switch, answered "not a consumer group" (the group is MM2's empty classic one here), is
+    /// told its membership is unknown, so that it joins again; a member joining (epoch 0) gets
+    /// the broker's answer as it is.
+    #[test]
+    fn a_member_from_another_clusters_coordinator_is_told_to_join_again() {
+        for v in versions(ApiKey::ConsumerGroupHeartbeat) {
+            let answer = ConsumerGroupHeartbeatResponse::default()
+                .with_error_code(GROUP_ID_NOT_FOUND)
+                .with_error_message(Some(StrBytes::from_static_str("not a consumer group")));
+            let frame = response_frame(ApiKey::ConsumerGroupHeartbeat, v, &answer);
+            for (epoch, code) in [(Some(2), UNKNOWN_MEMBER_ID), (Some(0), GROUP_ID_NOT_FOUND)] {
+                let asked = Asked {
+                    unknown: &[],
+                    member_epoch: epoch,
+                };
+                let out = super::response(
+                    &frame,
+                    ApiKey::ConsumerGroupHeartbeat,
+                    v,
+                    ids(),
+                    &asked,
+                    &mut Vec::new(),
+                )
+                .unwrap();
+                let got: ConsumerGroupHeartbeatResponse =
+                    decode_body(&out, ApiKey::ConsumerGroupHeartbeat, v);
+                assert_eq!(got.error_code, code, "v{v}, epoch {epoch:?}");
+            }
+            let request = ConsumerGroupHeartbeatRequest::default().with_member_epoch(5);
+            assert_eq!(
+                mapped(ApiKey::ConsumerGroupHeartbeat, v, &request).member_epoch,
+                Some(5)
+            );
+        }
+    }
+
     #[test]
     fn consumer_group_describe_in_every_version() {
         use kafka_protocol::messages::consumer_group_describe_response::{
@@ -1144,7 +1237,17 @@ pub(crate) mod tests {
             ListOffsetsTopicResponse::default().with_name(name("__consumer_offsets")),
         ]);
         let f = response_frame(ApiKey::ListOffsets, 5, &answer);
-        assert!(super::response(&f, ApiKey::ListOffsets, 5, ids(), &[], &mut Vec::new()).is_err());
+        assert!(
+            super::response(
+                &f,
+                ApiKey::ListOffsets,
+                5,
+                ids(),
+                &Asked::default(),
+                &mut Vec::new()
+            )
+            .is_err()
+        );
     }
 
     #[test]

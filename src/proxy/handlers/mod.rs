@@ -95,6 +95,8 @@ pub(crate) struct Viewed {
     pub(crate) version: i16,
     /// Topics the request left out, answered unknown (Metadata).
     pub(crate) unknown: Vec<kafka_protocol::protocol::StrBytes>,
+    /// The member epoch a KIP-848 heartbeat came with.
+    pub(crate) member_epoch: Option<i32>,
 }
 
 /// How the broker's response to a request of API `key` at `version` is handled.

@@ -36,13 +36,15 @@ type header struct {
 }
 
 type record struct {
-	Topic     string   `json:"topic,omitempty"`
-	Partition *int32   `json:"partition"`
-	Offset    *int64   `json:"offset,omitempty"`
-	Timestamp *int64   `json:"timestamp,omitempty"`
-	Key       []byte   `json:"key"`
-	Value     []byte   `json:"value"`
-	Headers   []header `json:"headers"`
+	Topic     string `json:"topic,omitempty"`
+	Partition *int32 `json:"partition"`
+	Offset    *int64 `json:"offset,omitempty"`
+	Timestamp *int64 `json:"timestamp,omitempty"`
+	// When the consumer handed the record to the application (Unix ms).
+	ReceivedMs *int64   `json:"received_ms,omitempty"`
+	Key        []byte   `json:"key"`
+	Value      []byte   `json:"value"`
+	Headers    []header `json:"headers"`
 }
 
 type config struct {
@@ -57,6 +59,7 @@ type config struct {
 	MaxInFlight       *int           `json:"max_in_flight"`
 	ClientID          *string        `json:"client_id"`
 	GroupProtocol     *string        `json:"group_protocol"`
+	AutoCommitMs      *int64         `json:"auto_commit_ms"`
 	Security          *security      `json:"security"`
 	Native            map[string]any `json:"native"`
 }
@@ -83,8 +86,10 @@ type spec struct {
 	TimeoutMs     int64    `json:"timeout_ms"`
 	GroupID       string   `json:"group_id"`
 	ExpectedCount int      `json:"expected_count"`
-	Commit        *bool    `json:"commit"`
-	Config        config   `json:"config"`
+	// StopFile ends a consume early once it exists (a consumer kept open across switches).
+	StopFile string `json:"stop_file"`
+	Commit   *bool  `json:"commit"`
+	Config   config `json:"config"`
 }
 
 // pause keeps one producer across a switch: after the first After records are sent and
@@ -407,8 +412,12 @@ func consume(s *spec) (any, error) {
 		kgo.ConsumerGroup(s.GroupID),
 		kgo.ConsumeTopics(s.Topics...),
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
-		kgo.DisableAutoCommit(),
 	)
+	if ms := s.Config.AutoCommitMs; ms != nil {
+		opts = append(opts, kgo.AutoCommitInterval(time.Duration(*ms)*time.Millisecond))
+	} else {
+		opts = append(opts, kgo.DisableAutoCommit())
+	}
 	if p := s.Config.GroupProtocol; p != nil {
 		switch *p {
 		case "classic":
@@ -426,9 +435,18 @@ func consume(s *spec) (any, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(s.TimeoutMs)*time.Millisecond)
 	defer cancel()
 
+	stopped := func() bool {
+		if s.StopFile == "" {
+			return false
+		}
+		_, err := os.Stat(s.StopFile)
+		return err == nil
+	}
 	records := []record{}
-	for len(records) < s.ExpectedCount && ctx.Err() == nil {
-		fetches := cl.PollFetches(ctx)
+	for len(records) < s.ExpectedCount && ctx.Err() == nil && !stopped() {
+		pctx, pcancel := context.WithTimeout(ctx, 200*time.Millisecond)
+		fetches := cl.PollFetches(pctx)
+		pcancel()
 		for _, fe := range fetches.Errors() {
 			if !errors.Is(fe.Err, context.DeadlineExceeded) && !errors.Is(fe.Err, context.Canceled) {
 				fmt.Fprintf(os.Stderr, "franz-client: fetch %s/%d: %v\n", fe.Topic, fe.Partition, fe.Err)
@@ -436,7 +454,8 @@ func consume(s *spec) (any, error) {
 		}
 		fetches.EachRecord(func(r *kgo.Record) {
 			p, o, ts := r.Partition, r.Offset, r.Timestamp.UnixMilli()
-			rec := record{Topic: r.Topic, Partition: &p, Offset: &o, Timestamp: &ts, Key: r.Key, Value: r.Value, Headers: []header{}}
+			now := time.Now().UnixMilli()
+			rec := record{Topic: r.Topic, Partition: &p, Offset: &o, Timestamp: &ts, ReceivedMs: &now, Key: r.Key, Value: r.Value, Headers: []header{}}
 			for _, h := range r.Headers {
 				rec.Headers = append(rec.Headers, header{Key: h.Key, Value: h.Value})
 			}

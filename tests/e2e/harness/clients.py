@@ -95,6 +95,7 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 CONSUMER_DEFAULTS: dict[str, Any] = {
     "client_id": None,
     "group_protocol": None,  # "classic" | "consumer" (java, librdkafka)
+    "auto_commit_ms": None,  # commit every N ms while consuming; None: only at the end
     "security": None,
     "native": {},
 }
@@ -230,10 +231,12 @@ class Client(ABC):
         timeout_s: float = 30,
         commit: bool = True,
         config: dict | None = None,
+        stop_file: str | None = None,
     ) -> list[dict]:
         """Join `group_id`, subscribe to `topics` (from the earliest offset when the group has
-        none) and poll until at least expected_count records came or timeout_s passed;
-        then commit synchronously (commit=True) and leave. Returns what was consumed."""
+        none) and poll until at least expected_count records came, timeout_s passed or
+        `stop_file` exists; then commit synchronously (commit=True) and leave. Returns what was
+        consumed; each record has `received_ms`, when the client handed it over (Unix ms)."""
 
     @abstractmethod
     def metadata(
@@ -272,6 +275,7 @@ def _from_wire(r: dict) -> dict:
         "partition": r["partition"],
         "offset": r["offset"],
         "timestamp": r.get("timestamp"),
+        "received_ms": r.get("received_ms"),
         "key": _unb64(r.get("key")),
         "value": _unb64(r.get("value")),
         "headers": [(h["key"], _unb64(h.get("value"))) for h in r.get("headers") or []],
@@ -322,7 +326,8 @@ class _CliClient(Client):
             spec["pause"] = {"after": pause[0], "until_file": str(pause[1])}
         return self._run(spec, timeout_s)["results"]
 
-    def consume(self, bootstrap, topics, group_id, expected_count, timeout_s=30, commit=True, config=None):
+    def consume(self, bootstrap, topics, group_id, expected_count, timeout_s=30, commit=True, config=None,
+                stop_file=None):
         spec = {
             "op": "consume",
             "bootstrap": bootstrap,
@@ -332,6 +337,7 @@ class _CliClient(Client):
             "timeout_ms": int(timeout_s * 1000),
             "commit": commit,
             "config": normalize_consumer_config(config),
+            "stop_file": None if stop_file is None else str(stop_file),
         }
         return [_from_wire(r) for r in self._run(spec, timeout_s)["records"]]
 
@@ -479,15 +485,18 @@ class LibrdkafkaClient(Client):
                 }
         return results
 
-    def consume(self, bootstrap, topics, group_id, expected_count, timeout_s=30, commit=True, config=None):
+    def consume(self, bootstrap, topics, group_id, expected_count, timeout_s=30, commit=True, config=None,
+                stop_file=None):
         cfg = normalize_consumer_config(config)
         conf = {
             "bootstrap.servers": bootstrap,
             "group.id": group_id,
             "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
+            "enable.auto.commit": cfg["auto_commit_ms"] is not None,
             "logger": self._log,
         }
+        if cfg["auto_commit_ms"] is not None:
+            conf["auto.commit.interval.ms"] = cfg["auto_commit_ms"]
         if cfg["client_id"] is not None:
             conf["client.id"] = cfg["client_id"]
         if cfg["group_protocol"] is not None:
@@ -502,7 +511,8 @@ class LibrdkafkaClient(Client):
         deadline = time.monotonic() + timeout_s
         try:
             c.subscribe(list(topics))
-            while len(out) < expected_count and time.monotonic() < deadline:
+            while (len(out) < expected_count and time.monotonic() < deadline
+                   and not (stop_file is not None and os.path.exists(stop_file))):
                 msg = c.poll(0.2)
                 if msg is None:
                     continue
@@ -515,13 +525,19 @@ class LibrdkafkaClient(Client):
                         "partition": msg.partition(),
                         "offset": msg.offset(),
                         "timestamp": msg.timestamp()[1],
+                        "received_ms": int(time.time() * 1000),
                         "key": msg.key(),
                         "value": msg.value(),
                         "headers": list(msg.headers() or []),
                     }
                 )
             if commit and out:
-                c.commit(asynchronous=False)
+                try:
+                    c.commit(asynchronous=False)
+                except KafkaException as e:
+                    # Auto-commit (auto_commit_ms) may have committed everything already.
+                    if e.args[0].code() != KafkaError._NO_OFFSET:
+                        raise
         finally:
             c.close()
         return out

@@ -214,6 +214,10 @@ public final class Main {
     p.put(ConsumerConfig.ENABLE_AUTO_COMMIT_CONFIG, "false");
     putIfSet(p, ConsumerConfig.CLIENT_ID_CONFIG, c.get("client_id"));
     putIfSet(p, ConsumerConfig.GROUP_PROTOCOL_CONFIG, c.get("group_protocol"));
+    if (c.hasNonNull("auto_commit_ms")) {
+      p.put(ConsumerConfig.ENABLE_AUTO_COMMIT_CONFIG, "true");
+      p.put(ConsumerConfig.AUTO_COMMIT_INTERVAL_MS_CONFIG, c.get("auto_commit_ms").asText());
+    }
     putSecurity(p, c.path("security"));
     putNative(p, c.path("native"));
 
@@ -222,12 +226,14 @@ public final class Main {
     int expected = spec.path("expected_count").asInt();
     long deadline = System.nanoTime() + TimeUnit.MILLISECONDS.toNanos(spec.path("timeout_ms").asLong(30_000));
     boolean commit = spec.path("commit").asBoolean(true);
+    java.nio.file.Path stopFile = spec.hasNonNull("stop_file") ? java.nio.file.Path.of(spec.get("stop_file").asText()) : null;
 
     ObjectNode out = JSON.createObjectNode();
     ArrayNode arr = out.putArray("records");
     try (KafkaConsumer<byte[], byte[]> consumer = new KafkaConsumer<>(p)) {
       consumer.subscribe(topics);
-      while (arr.size() < expected && System.nanoTime() < deadline) {
+      while (arr.size() < expected && System.nanoTime() < deadline
+          && (stopFile == null || !java.nio.file.Files.exists(stopFile))) {
         for (ConsumerRecord<byte[], byte[]> r : consumer.poll(Duration.ofMillis(200))) {
           arr.add(record(r));
         }
@@ -245,6 +251,7 @@ public final class Main {
     o.put("partition", r.partition());
     o.put("offset", r.offset());
     o.put("timestamp", r.timestamp());
+    o.put("received_ms", System.currentTimeMillis());
     putBytes(o, "key", r.key());
     putBytes(o, "value", r.value());
     ArrayNode hs = o.putArray("headers");

@@ -282,8 +282,9 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
         # scenario is over. What it read, and when, shows what a switch costs it. At the switch
         # its member epoch is eu's coordinator's news: keyward has it join again rather than
         # fail (`view::tests::a_member_from_another_clusters_coordinator_is_told_to_join_again`).
-        # Classic-protocol consumers kept open are not here yet: at failback us's coordinator
-        # waits for their member from before the failure until its session expires (45 s).
+        # A classic group's member comes back to us's coordinator under a new member id (eu's
+        # gave it one): us's coordinator waits for the member it knew before the failure until
+        # its session expires, so the classic consumers here keep sessions of 10 s.
         import threading
 
         stop_kept = tmp_path / "kept-consumers-stop"
@@ -291,11 +292,14 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
 
         def keep_reading(name: str, reader, cfg: dict | None) -> None:
             kept_read[name] = reader.consume(
-                kw_us.bootstrap, ["orders", "eu.orders"], unique(f"kept-{name}"), 1000, timeout_s=300,
-                config={**(cfg or {}), "auto_commit_ms": 1000}, stop_file=stop_kept,
+                kw_us.bootstrap, ["orders", "eu.orders"], unique_kept[name], 1000, timeout_s=300,
+                config={**(cfg or {}), "auto_commit_ms": 1000,
+                        **({} if cfg else {"session_timeout_ms": 10_000})},
+                stop_file=stop_kept,
             )
 
-        kept_readers = {"java-kip848": readers["java-kip848"]}
+        kept_readers = readers
+        unique_kept = {name: unique(f"kept-{name}") for name in kept_readers}
         kept_consumers = [threading.Thread(target=keep_reading, args=(n, r, c), daemon=True)
                           for n, (r, c) in kept_readers.items()]
         for t in kept_consumers:
@@ -418,8 +422,12 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
 
         # The consumers kept open: nothing skipped across either switch; what they read twice and
         # how long after each switch they read again.
-        # (The readers above took seconds more than the last write needs to reach them.)
+        # Each has read all there is once its group committed the end of us's `orders` (it
+        # commits every second).
         wanted = {v for _, v, _ in acked}
+        us_end = max(r["offset"] for r in us.read_all("orders")) + 1
+        wait_for(lambda: all(translated(us, unique_kept[n], "orders") == us_end for n in kept_readers),
+                 60, "the kept consumers to read us's `orders` to its end")
         stop_kept.touch()
         for t in kept_consumers:
             t.join(timeout=60)

@@ -60,6 +60,7 @@ type config struct {
 	ClientID          *string        `json:"client_id"`
 	GroupProtocol     *string        `json:"group_protocol"`
 	AutoCommitMs      *int64         `json:"auto_commit_ms"`
+	SessionTimeoutMs  *int64         `json:"session_timeout_ms"`
 	Security          *security      `json:"security"`
 	Native            map[string]any `json:"native"`
 }
@@ -413,6 +414,9 @@ func consume(s *spec) (any, error) {
 		kgo.ConsumeTopics(s.Topics...),
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
 	)
+	if ms := s.Config.SessionTimeoutMs; ms != nil {
+		opts = append(opts, kgo.SessionTimeout(time.Duration(*ms)*time.Millisecond))
+	}
 	if ms := s.Config.AutoCommitMs; ms != nil {
 		opts = append(opts, kgo.AutoCommitInterval(time.Duration(*ms)*time.Millisecond))
 	} else {

@@ -96,6 +96,7 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "client_id": None,
     "group_protocol": None,  # "classic" | "consumer" (java, librdkafka)
     "auto_commit_ms": None,  # commit every N ms while consuming; None: only at the end
+    "session_timeout_ms": None,  # classic groups only; None: the client's default (45 s)
     "security": None,
     "native": {},
 }
@@ -497,6 +498,8 @@ class LibrdkafkaClient(Client):
         }
         if cfg["auto_commit_ms"] is not None:
             conf["auto.commit.interval.ms"] = cfg["auto_commit_ms"]
+        if cfg["session_timeout_ms"] is not None:
+            conf["session.timeout.ms"] = cfg["session_timeout_ms"]
         if cfg["client_id"] is not None:
             conf["client.id"] = cfg["client_id"]
         if cfg["group_protocol"] is not None:

@@ -214,6 +214,9 @@ public final class Main {
     p.put(ConsumerConfig.ENABLE_AUTO_COMMIT_CONFIG, "false");
     putIfSet(p, ConsumerConfig.CLIENT_ID_CONFIG, c.get("client_id"));
     putIfSet(p, ConsumerConfig.GROUP_PROTOCOL_CONFIG, c.get("group_protocol"));
+    if (c.hasNonNull("session_timeout_ms")) {
+      p.put(ConsumerConfig.SESSION_TIMEOUT_MS_CONFIG, c.get("session_timeout_ms").asText());
+    }
     if (c.hasNonNull("auto_commit_ms")) {
       p.put(ConsumerConfig.ENABLE_AUTO_COMMIT_CONFIG, "true");
       p.put(ConsumerConfig.AUTO_COMMIT_INTERVAL_MS_CONFIG, c.get("auto_commit_ms").asText());

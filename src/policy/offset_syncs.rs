@@ -17,6 +17,14 @@
 //! turned around. With no sync at or below `D`, there is no translation: the group keeps its
 //! commit in R, and reads again what it read on the copy.
 //!
+//! The same syncs serve the other way too ([`OffsetSyncs::translate_downstream`]): a group that
+//! read C's own topic `orders` during the failover (R's `C.orders`, in the view) comes back to
+//! R's copy `C.orders`. MM2 carries such a position itself only while the group has no member
+//! in R (`sync.group.offsets.enabled`); keyward carries it from the syncs of C's topics into R
+//! (`mm2-offset-syncs.<R>.internal`, in C's cluster), by MM2's own rule: the last sync at or
+//! below the position on the source, `(u, d)` with `u <= U`, gives `d`, or `d + 1` when
+//! `u < U`.
+//!
 //! Pure: parsing the records, keeping the syncs, and the translation.
 
 use std::collections::HashMap;
@@ -93,6 +101,29 @@ impl OffsetSyncs {
 
     pub fn is_empty(&self) -> bool {
         self.partitions.is_empty()
+    }
+
+    /// The position on the copy of a group at `position` on the source `topic`'s `partition`
+    /// (MM2's `translateDownstream`), or `None` when no sync is at or below it. Reads again at
+    /// most the copies of the source records between the sync and the position.
+    pub fn translate_downstream(
+        &self,
+        topic: &str,
+        partition: i32,
+        position: i64,
+    ) -> Option<Translated> {
+        let syncs = self.partitions.get(&(topic.to_owned(), partition))?;
+        // Sorted by downstream offset; after an MM2 restart upstream offsets may repeat out of
+        // order, so the latest sync at or below the position is searched for, not bisected.
+        let sync = syncs
+            .iter()
+            .filter(|s| s.upstream <= position)
+            .max_by_key(|s| (s.upstream, s.downstream))?;
+        let past = i64::from(position > sync.upstream);
+        Some(Translated {
+            offset: sync.downstream + past,
+            reread_at_most: (position - sync.upstream - past).max(0),
+        })
     }
 
     /// The source position of a group at `position` on the copy of `topic`'s `partition`, or
@@ -201,7 +232,53 @@ mod tests {
         assert!(syncs.translate("orders", 0, 1).is_some());
     }
 
+    #[test]
+    fn a_position_on_the_source_translates_to_the_copy_as_mirror_maker_translates_it() {
+        let mut syncs = OffsetSyncs::default();
+        for (u, d) in [(100, 0), (101, 1), (102, 2), (103, 3), (104, 4), (106, 5)] {
+            syncs.add("orders".into(), 0, sync(u, d));
+        }
+        let at = |p| {
+            syncs
+                .translate_downstream("orders", 0, p)
+                .map(|t| (t.offset, t.reread_at_most))
+        };
+        assert_eq!(at(99), None, "before the first sync");
+        assert_eq!(at(100), Some((0, 0)));
+        assert_eq!(at(104), Some((4, 0)));
+        // 105 was never copied (a marker): the record after sync (104, 4).
+        assert_eq!(at(105), Some((5, 0)));
+        assert_eq!(at(106), Some((5, 0)));
+        assert_eq!(at(110), Some((6, 3)));
+    }
+
     proptest! {
+        /// From the source to the copy likewise: never past the first record the group had not
+        /// consumed, and no more read again than it says.
+        #[test]
+        fn a_translation_downstream_never_skips(
+            gaps in proptest::collection::vec(1i64..4, 1..2_000),
+            every in 1usize..50,
+            position in 0i64..5_000,
+        ) {
+            let mut sources = Vec::new();
+            let mut u = 0;
+            for gap in &gaps {
+                u += gap;
+                sources.push(u);
+            }
+            let mut syncs = OffsetSyncs::default();
+            for (d, u) in sources.iter().enumerate().step_by(every) {
+                syncs.add("t".into(), 0, sync(*u, d as i64));
+            }
+            if let Some(t) = syncs.translate_downstream("t", 0, position) {
+                // The first copied record the group had not consumed on the source.
+                let first_unread = sources.partition_point(|u| *u < position) as i64;
+                prop_assert!(t.offset <= first_unread, "{t:?} past {first_unread}");
+                prop_assert!(first_unread - t.offset <= t.reread_at_most);
+            }
+        }
+
         /// Whatever syncs were kept, a translated position never skips a record the group had
         /// not consumed on the copy, and rereads no more than it says.
         #[test]

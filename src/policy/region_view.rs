@@ -58,6 +58,17 @@ impl RegionView {
             .then(|| self.naming.mirror(&self.local, topic))
     }
 
+    /// The serving cluster's own topic that the local cluster's `topic` copies (`eu.orders` is
+    /// eu's `orders` when eu serves), or `None` for any other name.
+    pub fn serving_origin(&self, topic: &str) -> Option<String> {
+        match self.mirror_of(topic) {
+            Some((region, rest)) if region == self.serving && !is_internal(rest) => {
+                Some(rest.to_owned())
+            }
+            _ => None,
+        }
+    }
+
     /// One line for logs and `/ownership`: how names map now.
     pub fn describe(&self) -> String {
         let s = &self.naming.separator;
@@ -171,6 +182,21 @@ mod tests {
             "us.orders",
         ] {
             assert_eq!(v.own_copy(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn only_copies_of_the_serving_region_s_topics_have_an_origin_there() {
+        let v = view("us", "eu");
+        assert_eq!(v.serving_origin("eu.orders").as_deref(), Some("orders"));
+        for other in [
+            "orders",
+            "ap.orders",
+            "us.orders",
+            "eu.",
+            "__consumer_offsets",
+        ] {
+            assert_eq!(v.serving_origin(other), None, "{other}");
         }
     }
 

@@ -10,10 +10,15 @@
 //! that is ahead of the group's commit here:
 //!
 //! - at the switch back, a task reads the offset syncs of this region's topics into C
-//!   (`mm2-offset-syncs.<C>.internal`, in the local cluster) once;
+//!   (`mm2-offset-syncs.<C>.internal`, in the local cluster) once, and another those of C's
+//!   topics into this region (`mm2-offset-syncs.<R>.internal`, in C's cluster);
 //! - an OffsetFetch goes to the broker as it came; its answer waits while keyward asks C, on
-//!   keyward's own connection, for the group's commits on the copies of this region's topics
-//!   the answer names. Each commit that translates ahead of the answer's replaces it.
+//!   keyward's own connection, for the group's commits on the topics the answer names, as C
+//!   holds them: the copies of this region's topics (`orders` is `R.orders` there), and C's own
+//!   topics, which this region holds as copies (`C.orders` is `orders` there). Each commit that
+//!   translates ahead of the answer's replaces it: up the first syncs for this region's topics,
+//!   down the second for C's (MM2 would carry those itself, but only while the group has no
+//!   member here, which a consumer kept open across the switch always has).
 //!
 //! Nothing is written: the client commits from the carried position as it commits anyway, and
 //! from then on its commit here is ahead. Whatever fails (C unreachable, no sync at or below the
@@ -31,7 +36,7 @@ use metrics::counter;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::rewrite;
 use crate::codec::frame::{self, LENGTH_PREFIX};
@@ -72,10 +77,12 @@ pub struct Window {
     /// The view the failed-over connections had (C's copies of this region's topics).
     view: RegionView,
     until: Instant,
-    /// keyward's own client of C, for the groups' commits on the copies.
-    copies: ClusterClient,
+    /// keyward's own client of C, for the groups' commits there and C's offset syncs.
+    copies: Arc<ClusterClient>,
     /// The offset syncs of this region's topics into C, once read.
     syncs: watch::Receiver<Syncs>,
+    /// The offset syncs of C's topics into this region, once read.
+    origin_syncs: watch::Receiver<Syncs>,
     stop: CancellationToken,
     /// Groups whose carried position was logged in this window.
     logged: Mutex<HashSet<String>>,
@@ -101,23 +108,34 @@ impl Failback {
         home: ClusterClient,
         length: Duration,
     ) {
+        let copies = Arc::new(copies);
         let (loaded, syncs) = watch::channel(Syncs::Reading);
+        let (origin_loaded, origin_syncs) = watch::channel(Syncs::Reading);
         let stop = self.shutdown.child_token();
         let topic = format!("mm2-offset-syncs.{}.internal", view.serving());
+        let origin_topic = format!("mm2-offset-syncs.{}.internal", view.local());
         info!(
             from = view.serving(),
             window_s = length.as_secs(),
             offset_syncs = %topic,
+            origin_offset_syncs = %origin_topic,
             "reads are back on the local cluster: consumer groups' positions on the copies they read are carried home"
         );
         self.tasks
-            .spawn(read_syncs(home, topic, loaded, stop.clone()));
+            .spawn(read_syncs(Arc::new(home), topic, loaded, stop.clone()));
+        self.tasks.spawn(read_syncs(
+            copies.clone(),
+            origin_topic,
+            origin_loaded,
+            stop.clone(),
+        ));
         let window = Arc::new(Window {
             from,
             view,
             until: Instant::now() + length,
             copies,
             syncs,
+            origin_syncs,
             stop,
             logged: Mutex::new(HashSet::new()),
         });
@@ -149,7 +167,7 @@ impl Failback {
 /// Reads the offset syncs into `loaded`, trying again (every 2 s, then less often, up to once
 /// a minute) until it succeeds or the window ends.
 async fn read_syncs(
-    home: ClusterClient,
+    from: Arc<ClusterClient>,
     topic: String,
     loaded: watch::Sender<Syncs>,
     stop: CancellationToken,
@@ -158,7 +176,7 @@ async fn read_syncs(
     let mut pause = Duration::from_secs(2);
     loop {
         let mut syncs = OffsetSyncs::default();
-        let read = home.read_all(&topic, 0, |record| {
+        let read = from.read_all(&topic, 0, |record| {
             if let (Some(key), Some(value)) = (&record.key, &record.value)
                 && let Some((topic, partition, sync)) = offset_syncs::parse(key, value)
             {
@@ -297,7 +315,8 @@ fn carried_into(
     ))
 }
 
-/// The partitions of this region's own topics in an answer, without an error.
+/// The partitions in an answer, without an error, of topics whose position may be carried: this
+/// region's own, and copies of the serving region's.
 fn committed_here(
     answer: &OffsetFetchResponse,
     group: Option<&str>,
@@ -305,7 +324,7 @@ fn committed_here(
 ) -> Vec<Here> {
     let mut out = Vec::new();
     let mut add = |group: &str, topic: &str, partition: i32, offset: i64| {
-        if view.own_copy(topic).is_some() {
+        if on_serving(view, topic).is_some() {
             out.push((group.to_owned(), topic.to_owned(), partition, offset));
         }
     };
@@ -369,18 +388,47 @@ fn apply(
     }
 }
 
+/// Where a topic of the local cluster was read while C served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Read {
+    /// This region's own topic, read on C's copy of it.
+    OnCopy,
+    /// A copy of C's own topic, read on that topic.
+    OnOrigin,
+}
+
+/// The topic C holds for the local cluster's `topic`, and how it was read there; `None` for
+/// topics whose position is not carried.
+fn on_serving(view: &RegionView, topic: &str) -> Option<(String, Read)> {
+    match view.own_copy(topic) {
+        Some(copy) => Some((copy, Read::OnCopy)),
+        None => Some((view.serving_origin(topic)?, Read::OnOrigin)),
+    }
+}
+
+/// The syncs once read, or `None` when they could not be.
+async fn once_read(syncs: &watch::Receiver<Syncs>) -> Option<Arc<OffsetSyncs>> {
+    let mut syncs = syncs.clone();
+    let read = syncs.wait_for(|s| !matches!(s, Syncs::Reading)).await;
+    match read.map(|s| s.clone()) {
+        Ok(Syncs::Read(s)) => Some(s),
+        _ => None,
+    }
+}
+
 impl Window {
     /// For `/ownership`: where positions are carried from, for how much longer, and whether
     /// the offset syncs are read.
     pub fn describe(&self) -> serde_json::Value {
-        let syncs = match &*self.syncs.borrow() {
+        let kept = |syncs: &watch::Receiver<Syncs>| match &*syncs.borrow() {
             Syncs::Read(s) => Some(s.len()),
             Syncs::Reading | Syncs::Unreadable => None,
         };
         serde_json::json!({
             "from": self.view.serving(),
             "remaining_ms": self.until.saturating_duration_since(Instant::now()).as_millis() as u64,
-            "offset_syncs_kept": syncs,
+            "offset_syncs_kept": kept(&self.syncs),
+            "origin_offset_syncs_kept": kept(&self.origin_syncs),
         })
     }
 
@@ -388,29 +436,46 @@ impl Window {
     /// partition: only those ahead.
     async fn carry(&self, here: &[Here]) -> HashMap<(String, String, i32), i64> {
         let mut out = HashMap::new();
-        let mut syncs = self.syncs.clone();
-        let read = syncs
-            .wait_for(|s| !matches!(s, Syncs::Reading))
-            .await
-            .map(|s| s.clone());
-        let Ok(Syncs::Read(syncs)) = read else {
-            counter!("keyward_failback_offsets_total", "outcome" => "failed")
-                .increment(here.len() as u64);
-            return out;
+        let reads = |read: Read| {
+            here.iter()
+                .filter(move |h| on_serving(&self.view, &h.1).is_some_and(|(_, r)| r == read))
         };
-        let mut groups: HashMap<&str, Vec<&Here>> = HashMap::new();
+        // Each side's syncs, waited for only when a partition needs them.
+        let mut syncs = HashMap::new();
+        for (read, rx) in [
+            (Read::OnCopy, &self.syncs),
+            (Read::OnOrigin, &self.origin_syncs),
+        ] {
+            let needed = reads(read).count();
+            if needed == 0 {
+                continue;
+            }
+            match once_read(rx).await {
+                Some(s) => {
+                    syncs.insert(read, s);
+                }
+                None => counter!("keyward_failback_offsets_total", "outcome" => "failed")
+                    .increment(needed as u64),
+            }
+        }
+        let mut groups: HashMap<&str, Vec<(&Here, String, Read)>> = HashMap::new();
         for h in here {
-            groups.entry(h.0.as_str()).or_default().push(h);
+            if let Some((there, read)) = on_serving(&self.view, &h.1)
+                && syncs.contains_key(&read)
+            {
+                groups
+                    .entry(h.0.as_str())
+                    .or_default()
+                    .push((h, there, read));
+            }
         }
         for (group, parts) in groups {
             let mut topics: HashMap<String, Vec<i32>> = HashMap::new();
-            for (_, topic, partition, _) in &parts {
-                if let Some(copy) = self.view.own_copy(topic) {
-                    topics.entry(copy).or_default().push(*partition);
-                }
+            for ((_, _, partition, _), there, _) in &parts {
+                topics.entry(there.clone()).or_default().push(*partition);
             }
             let topics: Vec<(String, Vec<i32>)> = topics.into_iter().collect();
-            let on_copy = match self.copies.committed(group, &topics).await {
+            let on_serving = match self.copies.committed(group, &topics).await {
                 Ok(c) => c,
                 Err(e) => {
                     counter!("keyward_failback_offsets_total", "outcome" => "failed")
@@ -419,41 +484,60 @@ impl Window {
                         group,
                         from = self.view.serving(),
                         error = format!("{e:#}"),
-                        "cannot ask for a group's position on the copies; it resumes from its commit here"
+                        "cannot ask for a group's position on the serving cluster's topics; it resumes from its commit here"
                     );
                     continue;
                 }
             };
-            for (_, topic, partition, committed) in parts {
-                let Some(copy) = self.view.own_copy(topic) else {
-                    continue;
-                };
-                let outcome = match on_copy.get(&(copy.clone(), *partition)) {
-                    None => "no_commit",
-                    Some(&position) => match syncs.translate(topic, *partition, position) {
-                        None => "no_sync",
-                        Some(t) if t.offset > *committed => {
-                            out.insert((group.to_owned(), topic.clone(), *partition), t.offset);
-                            counter!("keyward_failback_rereads_at_most_total")
-                                .increment(t.reread_at_most as u64);
-                            if self.first_for(group) {
-                                info!(
-                                    group,
-                                    topic = %topic,
-                                    partition,
-                                    copy = %copy,
-                                    position_on_copy = position,
-                                    committed_here = *committed,
-                                    answered = t.offset,
-                                    rereads_at_most = t.reread_at_most,
-                                    "a consumer group's position carried home from the copy it read during the failover"
-                                );
+            for ((_, topic, partition, committed), there, read) in parts {
+                let translated = on_serving
+                    .get(&(there.clone(), *partition))
+                    .map(|&position| {
+                        let syncs = &syncs[&read];
+                        let t = match read {
+                            Read::OnCopy => syncs.translate(topic, *partition, position),
+                            Read::OnOrigin => {
+                                syncs.translate_downstream(&there, *partition, position)
                             }
-                            "carried"
+                        };
+                        (position, t)
+                    });
+                let outcome = match translated {
+                    None => "no_commit",
+                    Some((_, None)) => "no_sync",
+                    Some((position, Some(t))) if t.offset > *committed => {
+                        out.insert((group.to_owned(), topic.clone(), *partition), t.offset);
+                        counter!("keyward_failback_rereads_at_most_total")
+                            .increment(t.reread_at_most as u64);
+                        if self.first_for(group) {
+                            info!(
+                                group,
+                                topic = %topic,
+                                partition,
+                                read_as = %there,
+                                position_there = position,
+                                committed_here = *committed,
+                                answered = t.offset,
+                                rereads_at_most = t.reread_at_most,
+                                "a consumer group's position carried home from what it read during the failover"
+                            );
                         }
-                        Some(_) => "kept",
-                    },
+                        "carried"
+                    }
+                    Some(_) => "kept",
                 };
+                if outcome != "carried" {
+                    debug!(
+                        group,
+                        topic = %topic,
+                        partition,
+                        read_as = %there,
+                        position_there = translated.map(|(p, _)| p),
+                        committed_here = *committed,
+                        outcome,
+                        "a consumer group's position not carried home"
+                    );
+                }
                 counter!("keyward_failback_offsets_total", "outcome" => outcome).increment(1);
             }
         }
@@ -483,10 +567,16 @@ mod tests {
     use crate::proxy::upstream::encode_request;
     use crate::proxy::view::tests::{name, view};
 
-    /// us's `orders` (partition 0 committed at 3, partition 1 never) and eu's `eu.orders`
-    /// (committed at 5), as the local cluster answers group `g` at `version`.
+    /// us's `orders` (partition 0 committed at 3, partition 1 never), eu's `eu.orders`
+    /// (committed at 5) and an internal topic, as the local cluster answers group `g` at
+    /// `version`.
     fn answer(version: i16) -> OffsetFetchResponse {
-        let committed = [("orders", 0, 3), ("orders", 1, -1), ("eu.orders", 0, 5)];
+        let committed = [
+            ("orders", 0, 3),
+            ("orders", 1, -1),
+            ("eu.orders", 0, 5),
+            ("mm2-configs.eu.internal", 0, 9),
+        ];
         if version >= 8 {
             let topics = committed.iter().map(|(t, p, o)| {
                 OffsetFetchResponseTopics::default()
@@ -548,7 +638,7 @@ mod tests {
     }
 
     #[test]
-    fn only_this_region_s_own_topics_are_carried_in_every_version() {
+    fn this_region_s_own_topics_and_the_serving_region_s_are_carried_in_every_version() {
         for v in 1..=OFFSET_FETCH_MAX_VERSION {
             let request = if v >= 8 {
                 OffsetFetchRequest::default()
@@ -566,14 +656,16 @@ mod tests {
                 here,
                 [
                     ("g".into(), "orders".into(), 0, 3),
-                    ("g".into(), "orders".into(), 1, -1)
+                    ("g".into(), "orders".into(), 1, -1),
+                    ("g".into(), "eu.orders".into(), 0, 5)
                 ],
-                "v{v}: eu's own topic is not carried"
+                "v{v}: an internal topic is not carried"
             );
 
             let carried = HashMap::from([
                 (("g".into(), "orders".into(), 0), 6),
                 (("g".into(), "orders".into(), 1), 2),
+                (("g".into(), "eu.orders".into(), 0), 8),
             ]);
             let out = carried_into(&frame, v, answer, group.as_deref(), &carried).unwrap();
             // The broker's header (its correlation id) goes back as it came.
@@ -582,13 +674,14 @@ mod tests {
                 frame::response_correlation_id(&frame).unwrap()
             );
             let got: OffsetFetchResponse = decode_body(&out, ApiKey::OffsetFetch, v);
-            let eu_epoch = if v >= 5 { 4 } else { -1 };
+            let epoch = if v >= 5 { 4 } else { -1 };
             assert_eq!(
                 offsets(&got, v),
                 [
                     ("orders".into(), 0, 6, -1),
                     ("orders".into(), 1, 2, -1),
-                    ("eu.orders".into(), 0, 5, eu_epoch)
+                    ("eu.orders".into(), 0, 8, -1),
+                    ("mm2-configs.eu.internal".into(), 0, 9, epoch)
                 ],
                 "v{v}"
             );

@@ -862,6 +862,11 @@ fn respond(
             super::alignment::observe(shared, cluster, t.iter().map(|t| (t.name, t.partitions)));
             let ids = &shared.clusters.get(cluster).topic_ids;
             ids.learn(t.iter().map(|t| (t.name, t.id)));
+            if cluster == 0 {
+                for t in t {
+                    ids.learn_leader_epochs(t.name, t.leader_epochs);
+                }
+            }
         }),
         Rewrite::FindCoordinator(v) => handlers::find_coordinator::response(&frame, v, to),
         Rewrite::DescribeCluster(v) => handlers::describe_cluster::response(&frame, v, to),

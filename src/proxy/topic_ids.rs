@@ -18,6 +18,9 @@ use uuid::Uuid;
 #[derive(Debug, Default)]
 pub struct TopicIds {
     known: RwLock<Known>,
+    /// Each topic's partitions' leader epochs, by partition (-1: not seen), as last seen: for
+    /// the local cluster only (see [`TopicIds::learn_leader_epochs`]).
+    leader_epochs: RwLock<HashMap<String, Vec<i32>>>,
 }
 
 #[derive(Debug, Default)]
@@ -53,6 +56,45 @@ impl TopicIds {
         }
     }
 
+    /// Records a topic's partitions' leader epochs: `(partition, epoch)`. A region view shows
+    /// clients these, the local cluster's, in place of the serving cluster's (`super::view`),
+    /// so that no client sees a partition's epoch go down at a switch, in either direction:
+    /// epochs only grow in the local cluster. Cheap when nothing changed.
+    pub fn learn_leader_epochs(&self, topic: &str, epochs: &[(i32, i32)]) {
+        let fits = |known: &[i32]| {
+            epochs
+                .iter()
+                .all(|&(p, e)| usize::try_from(p).is_ok_and(|p| known.get(p) == Some(&e)))
+        };
+        if epochs.is_empty() || self.epochs().get(topic).is_some_and(|k| fits(k)) {
+            return;
+        }
+        let mut all = self
+            .leader_epochs
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let known = all.entry(topic.to_owned()).or_default();
+        for &(p, e) in epochs {
+            // A partition index is bounded by what a response may hold (each takes bytes).
+            let Ok(p) = usize::try_from(p) else { continue };
+            if p >= known.len() {
+                known.resize(p + 1, -1);
+            }
+            known[p] = known[p].max(e);
+        }
+    }
+
+    /// The leader epoch last seen of `topic`'s `partition`.
+    pub fn leader_epoch(&self, topic: &str, partition: i32) -> Option<i32> {
+        let p = usize::try_from(partition).ok()?;
+        let e = *self.epochs().get(topic)?.get(p)?;
+        (e >= 0).then_some(e)
+    }
+
+    fn epochs(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Vec<i32>>> {
+        self.leader_epochs.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn id(&self, name: &str) -> Option<Uuid> {
         self.read().by_name.get(name).copied()
     }
@@ -77,6 +119,20 @@ impl TopicIds {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leader_epochs_are_kept_per_partition_and_never_go_down() {
+        let ids = TopicIds::default();
+        ids.learn_leader_epochs("orders", &[(0, 3), (2, 5)]);
+        assert_eq!(ids.leader_epoch("orders", 0), Some(3));
+        assert_eq!(ids.leader_epoch("orders", 1), None);
+        assert_eq!(ids.leader_epoch("orders", 2), Some(5));
+        ids.learn_leader_epochs("orders", &[(0, 2), (1, 4)]);
+        assert_eq!(ids.leader_epoch("orders", 0), Some(3), "an older answer");
+        assert_eq!(ids.leader_epoch("orders", 1), Some(4));
+        assert_eq!(ids.leader_epoch("payments", 0), None);
+        assert_eq!(ids.leader_epoch("orders", -1), None);
+    }
 
     #[test]
     fn a_topic_created_again_keeps_only_its_new_id() {

@@ -81,6 +81,9 @@ pub const MAPPED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::InitProducerId, 0, 5),
 ];
 
+/// A leader epoch left out: the broker checks none, and a client takes none as newer or older.
+const NO_EPOCH: i32 = -1;
+
 /// First Fetch version that names topics by id only.
 const FETCH_BY_ID: i16 = 13;
 
@@ -265,10 +268,19 @@ pub fn request(
                     false => to_serving(&mut t.topic)?,
                 }
             }
+            // The epochs a client holds are the local cluster's (see the Metadata response):
+            // the serving cluster does not check them.
+            for p in r.topics.iter_mut().flat_map(|t| t.partitions.iter_mut()) {
+                p.current_leader_epoch = NO_EPOCH;
+                p.last_fetched_epoch = NO_EPOCH;
+            }
             Ok(())
         })?,
         ApiKey::ListOffsets => {
             recode_request(frame, key, version, |r: &mut ListOffsetsRequest| {
+                for p in r.topics.iter_mut().flat_map(|t| t.partitions.iter_mut()) {
+                    p.current_leader_epoch = NO_EPOCH;
+                }
                 r.topics
                     .iter_mut()
                     .try_for_each(|t| to_serving(&mut t.name))
@@ -291,6 +303,9 @@ pub fn request(
         }
         ApiKey::OffsetCommit => {
             recode_request(frame, key, version, |r: &mut OffsetCommitRequest| {
+                for p in r.topics.iter_mut().flat_map(|t| t.partitions.iter_mut()) {
+                    p.committed_leader_epoch = NO_EPOCH;
+                }
                 r.topics
                     .iter_mut()
                     .try_for_each(|t| to_serving(&mut t.name))
@@ -301,6 +316,9 @@ pub fn request(
             key,
             version,
             |r: &mut OffsetForLeaderEpochRequest| {
+                for p in r.topics.iter_mut().flat_map(|t| t.partitions.iter_mut()) {
+                    p.current_leader_epoch = NO_EPOCH;
+                }
                 r.topics
                     .iter_mut()
                     .try_for_each(|t| to_serving(&mut t.topic))
@@ -383,6 +401,21 @@ pub fn response(
     match key {
         ApiKey::Metadata => recode(frame, key, version, |r: &mut MetadataResponse| {
             r.topics.retain_mut(|t| t.name.as_mut().is_none_or(keep));
+            // Leader epochs as the local cluster last gave them, never the serving cluster's:
+            // a client takes metadata whose epoch went down for stale and keeps a leader it
+            // cannot reach (librdkafka, franz-go, even with no epoch at all for franz-go), in
+            // both directions of a switch. The local cluster's only grow.
+            if version >= 7 {
+                for t in &mut r.topics {
+                    let Some(name) = &t.name else { continue };
+                    for p in &mut t.partitions {
+                        p.leader_epoch = ids
+                            .local
+                            .leader_epoch(name, p.partition_index)
+                            .unwrap_or(NO_EPOCH);
+                    }
+                }
+            }
             if version >= 10 {
                 for t in &mut r.topics {
                     t.topic_id = match &t.name {
@@ -440,14 +473,24 @@ pub fn response(
             },
         ),
         ApiKey::ListOffsets => recode(frame, key, version, |r: &mut ListOffsetsResponse| {
+            for p in r.topics.iter_mut().flat_map(|t| t.partitions.iter_mut()) {
+                p.leader_epoch = NO_EPOCH;
+            }
             r.topics.iter_mut().try_for_each(|t| to_client(&mut t.name))
         }),
         // A request for every topic a group committed is answered with all of them: those with
-        // no name in the view are left out.
+        // no name in the view are left out. Epochs of commits made here are the serving
+        // cluster's: none is shown.
         ApiKey::OffsetFetch => recode(frame, key, version, |r: &mut OffsetFetchResponse| {
             r.topics.retain_mut(|t| keep(&mut t.name));
+            for p in r.topics.iter_mut().flat_map(|t| t.partitions.iter_mut()) {
+                p.committed_leader_epoch = NO_EPOCH;
+            }
             for g in &mut r.groups {
                 g.topics.retain_mut(|t| keep(&mut t.name));
+                for p in g.topics.iter_mut().flat_map(|t| t.partitions.iter_mut()) {
+                    p.committed_leader_epoch = NO_EPOCH;
+                }
             }
             Ok(())
         }),
@@ -628,6 +671,7 @@ pub(crate) mod tests {
     pub(crate) fn ids() -> Ids<'static> {
         let local: &'static TopicIds = Box::leak(Box::default());
         local.learn([("orders", id(1)), ("eu.orders", id(2)), ("fresh", id(3))]);
+        local.learn_leader_epochs("orders", &[(0, 7)]);
         let serving: &'static TopicIds = Box::leak(Box::default());
         serving.learn([("us.orders", id(11)), ("orders", id(12))]);
         Ids {
@@ -1146,6 +1190,120 @@ pub(crate) mod tests {
             assert_eq!(
                 mapped(ApiKey::ConsumerGroupHeartbeat, v, &request).member_epoch,
                 Some(5)
+            );
+        }
+    }
+
+    /// Clients see the local cluster's leader epochs, never the serving cluster's, and the
+    /// epochs they send are not checked there.
+    #[test]
+    fn leader_epochs_are_the_local_cluster_s_in_every_version() {
+        use kafka_protocol::messages::list_offsets_request::ListOffsetsPartition;
+        use kafka_protocol::messages::list_offsets_response::ListOffsetsPartitionResponse;
+        use kafka_protocol::messages::metadata_response::MetadataResponsePartition;
+        use kafka_protocol::messages::offset_commit_request::OffsetCommitRequestPartition;
+        use kafka_protocol::messages::offset_for_leader_epoch_request::OffsetForLeaderPartition;
+        for v in versions(ApiKey::Metadata).filter(|v| *v >= 7) {
+            let partition = |p| {
+                MetadataResponsePartition::default()
+                    .with_partition_index(p)
+                    .with_leader_epoch(42)
+            };
+            let answer = MetadataResponse::default().with_topics(vec![
+                MetadataResponseTopic::default()
+                    .with_name(Some(name("us.orders")))
+                    .with_partitions(vec![partition(0), partition(1)]),
+            ]);
+            let got = back(ApiKey::Metadata, v, &answer, &[]);
+            let epochs: Vec<_> = got.topics[0]
+                .partitions
+                .iter()
+                .map(|p| p.leader_epoch)
+                .collect();
+            assert_eq!(
+                epochs,
+                [7, NO_EPOCH],
+                "v{v}: us's epoch for partition 0, none known for 1"
+            );
+        }
+        for v in versions(ApiKey::Fetch).filter(|v| *v >= 9) {
+            let mut p = FetchPartition::default().with_current_leader_epoch(7);
+            if v >= 12 {
+                p.last_fetched_epoch = 6;
+            }
+            let topic = match v >= FETCH_BY_ID {
+                true => FetchTopic::default().with_topic_id(id(1)),
+                false => FetchTopic::default().with_topic(name("orders")),
+            };
+            let request = FetchRequest::default().with_topics(vec![topic.with_partitions(vec![p])]);
+            let sent: FetchRequest =
+                decode_request(&mapped(ApiKey::Fetch, v, &request).frame, ApiKey::Fetch, v);
+            let p = &sent.topics[0].partitions[0];
+            assert_eq!(
+                (p.current_leader_epoch, p.last_fetched_epoch),
+                (NO_EPOCH, NO_EPOCH),
+                "v{v}"
+            );
+        }
+        for v in versions(ApiKey::ListOffsets).filter(|v| *v >= 4) {
+            let request = ListOffsetsRequest::default().with_topics(vec![
+                ListOffsetsTopic::default()
+                    .with_name(name("orders"))
+                    .with_partitions(vec![
+                        ListOffsetsPartition::default().with_current_leader_epoch(7),
+                    ]),
+            ]);
+            let sent: ListOffsetsRequest = decode_request(
+                &mapped(ApiKey::ListOffsets, v, &request).frame,
+                ApiKey::ListOffsets,
+                v,
+            );
+            assert_eq!(
+                sent.topics[0].partitions[0].current_leader_epoch, NO_EPOCH,
+                "v{v}"
+            );
+            let answer = ListOffsetsResponse::default().with_topics(vec![
+                ListOffsetsTopicResponse::default()
+                    .with_name(name("us.orders"))
+                    .with_partitions(vec![
+                        ListOffsetsPartitionResponse::default().with_leader_epoch(42),
+                    ]),
+            ]);
+            let got = back(ApiKey::ListOffsets, v, &answer, &[]);
+            assert_eq!(got.topics[0].partitions[0].leader_epoch, NO_EPOCH, "v{v}");
+        }
+        for v in versions(ApiKey::OffsetForLeaderEpoch) {
+            let request = OffsetForLeaderEpochRequest::default().with_topics(vec![
+                OffsetForLeaderTopic::default()
+                    .with_topic(name("orders"))
+                    .with_partitions(vec![
+                        OffsetForLeaderPartition::default().with_current_leader_epoch(7),
+                    ]),
+            ]);
+            let frame = mapped(ApiKey::OffsetForLeaderEpoch, v, &request).frame;
+            let sent: OffsetForLeaderEpochRequest =
+                decode_request(&frame, ApiKey::OffsetForLeaderEpoch, v);
+            assert_eq!(
+                sent.topics[0].partitions[0].current_leader_epoch, NO_EPOCH,
+                "v{v}"
+            );
+        }
+        for v in versions(ApiKey::OffsetCommit).filter(|v| *v >= 6) {
+            let request = OffsetCommitRequest::default().with_topics(vec![
+                OffsetCommitRequestTopic::default()
+                    .with_name(name("orders"))
+                    .with_partitions(vec![
+                        OffsetCommitRequestPartition::default().with_committed_leader_epoch(7),
+                    ]),
+            ]);
+            let sent: OffsetCommitRequest = decode_request(
+                &mapped(ApiKey::OffsetCommit, v, &request).frame,
+                ApiKey::OffsetCommit,
+                v,
+            );
+            assert_eq!(
+                sent.topics[0].partitions[0].committed_leader_epoch, NO_EPOCH,
+                "v{v}"
             );
         }
     }

@@ -26,6 +26,9 @@ pub struct Listed<'a> {
     pub partitions: i32,
     /// Nil before v10.
     pub id: Uuid,
+    /// (partition, leader epoch) of each partition, errors or not (a partition whose leader is
+    /// being elected has its new epoch already); empty before v7.
+    pub leader_epochs: &'a [(i32, i32)],
 }
 
 /// Who hears of the topics a Metadata response lists.
@@ -145,7 +148,8 @@ fn walk(
         node(pos, take_i32(body)?); // controller_id
     }
     let count = take_array_len(body, flexible)?;
-    let mut topics: Vec<(StrBytes, i32, Uuid)> = Vec::new();
+    let mut topics: Vec<(StrBytes, i32, Uuid, std::ops::Range<usize>)> = Vec::new();
+    let mut epochs: Vec<(i32, i32)> = Vec::new();
     for _ in 0..count {
         let error_code = take_i16(body)?;
         let name = take_string(body, flexible, version >= 12)?;
@@ -159,12 +163,17 @@ fn walk(
             take_bytes(body, 1)?; // is_internal
         }
         let partitions = take_array_len(body, flexible)?;
+        let first_epoch = epochs.len();
         for _ in 0..partitions {
-            take_bytes(body, 6)?; // error_code, partition_index
+            take_i16(body)?; // error_code
+            let index = take_i32(body)?;
             let pos = at(body);
             node(pos, take_i32(body)?); // leader_id
             if version >= 7 {
-                take_i32(body)?; // leader_epoch
+                let epoch = take_i32(body)?;
+                if error_code == 0 {
+                    epochs.push((index, epoch));
+                }
             }
             let arrays = if version >= 5 { 3 } else { 2 }; // replicas, isr, offline replicas
             for _ in 0..arrays {
@@ -188,7 +197,7 @@ fn walk(
             && let Some(name) = name
             && let Ok(partitions) = i32::try_from(partitions)
         {
-            topics.push((name, partitions, id));
+            topics.push((name, partitions, id, first_epoch..epochs.len()));
         }
     }
     // What follows the topics, checked as a full decode would check it.
@@ -207,10 +216,11 @@ fn walk(
     if !topics.is_empty() {
         let named: Vec<Listed<'_>> = topics
             .iter()
-            .map(|(name, partitions, id)| Listed {
+            .map(|(name, partitions, id, at)| Listed {
                 name,
                 partitions: *partitions,
                 id: *id,
+                leader_epochs: &epochs[at.clone()],
             })
             .collect();
         seen(&named);
@@ -331,11 +341,23 @@ mod tests {
             ApiKey::Metadata,
             version,
             |r: &mut MetadataResponse| {
+                let epochs: Vec<Vec<(i32, i32)>> = r
+                    .topics
+                    .iter()
+                    .map(|t| {
+                        t.partitions
+                            .iter()
+                            .filter(|_| version >= 7)
+                            .map(|p| (p.partition_index, p.leader_epoch))
+                            .collect()
+                    })
+                    .collect();
                 let topics: Vec<Listed<'_>> = r
                     .topics
                     .iter()
-                    .filter(|t| t.error_code == 0)
-                    .filter_map(|t| {
+                    .zip(&epochs)
+                    .filter(|(t, _)| t.error_code == 0)
+                    .filter_map(|(t, epochs)| {
                         Some(Listed {
                             name: t.name.as_ref()?,
                             partitions: i32::try_from(t.partitions.len()).ok()?,
@@ -344,6 +366,7 @@ mod tests {
                             } else {
                                 Uuid::nil()
                             },
+                            leader_epochs: epochs,
                         })
                     })
                     .collect();
@@ -486,12 +509,16 @@ mod tests {
     #[test]
     fn the_walking_rewrite_equals_a_full_decode_and_encode_in_every_version() {
         use std::cell::RefCell;
-        fn record(into: &RefCell<Vec<(String, i32, Uuid)>>, topics: &[Listed<'_>]) {
-            into.borrow_mut().extend(
-                topics
-                    .iter()
-                    .map(|t| (t.name.to_owned(), t.partitions, t.id)),
-            );
+        type Heard = (String, i32, Uuid, Vec<(i32, i32)>);
+        fn record(into: &RefCell<Vec<Heard>>, topics: &[Listed<'_>]) {
+            into.borrow_mut().extend(topics.iter().map(|t| {
+                (
+                    t.name.to_owned(),
+                    t.partitions,
+                    t.id,
+                    t.leader_epochs.to_vec(),
+                )
+            }));
         }
         let advertisers: [&dyn Advertise; 2] = [&To, &Renumbered];
         for version in 0..=13 {
@@ -513,6 +540,11 @@ mod tests {
                             Uuid::from_u128(name.len() as u128)
                         } else {
                             Uuid::nil()
+                        },
+                        if version >= 7 {
+                            (0..partitions).map(|p| (p, 5)).collect()
+                        } else {
+                            Vec::new()
                         }
                     )),
                     "{what}"

@@ -420,6 +420,15 @@ async fn requests(
                         .and_then(|w| super::failback::ask(w, &frame, head.api_version));
                     let handling = match carried {
                         Some(asked) => Handling::CarryHome(Box::new(asked)),
+                        // Members come back from C's coordinator (`handlers::group_heartbeat`).
+                        None if key == ApiKey::ConsumerGroupHeartbeat
+                            && shared.failback.current().is_some() =>
+                        {
+                            Handling::Rewrite(Rewrite::GroupHeartbeat(
+                                head.api_version,
+                                handlers::group_heartbeat::member_epoch(&frame, head.api_version),
+                            ))
+                        }
                         None => handling(key, head.api_version),
                     };
                     Step::forward(frame, head.correlation_id, handling)
@@ -872,6 +881,7 @@ fn respond(
         Rewrite::DescribeCluster(v) => handlers::describe_cluster::response(&frame, v, to),
         Rewrite::Fetch(v) => handlers::fetch::response(&frame, v, to),
         Rewrite::Produce(v) => handlers::produce::response(&frame, v, to),
+        Rewrite::GroupHeartbeat(v, epoch) => handlers::group_heartbeat::response(&frame, v, epoch),
         Rewrite::SaslAuthenticate(_) | Rewrite::SaslHandshake(_) => Ok(frame),
         Rewrite::View(viewed) => {
             let Viewed {

@@ -41,7 +41,7 @@ use uuid::Uuid;
 use super::handlers::fetch as fetch_handler;
 use super::rewrite::{Recoded, RewriteError, recode, recode_behind};
 use super::topic_ids::TopicIds;
-use crate::codec::errors::{GROUP_ID_NOT_FOUND, UNKNOWN_MEMBER_ID, UNKNOWN_TOPIC_OR_PARTITION};
+use crate::codec::errors::UNKNOWN_TOPIC_OR_PARTITION;
 use crate::codec::frame::{self, LENGTH_PREFIX};
 use crate::codec::produce::{self as produce_codec, ProduceParseError};
 use crate::codec::records;
@@ -450,18 +450,7 @@ pub fn response(
             key,
             version,
             |r: &mut ConsumerGroupHeartbeatResponse| {
-                // A member that joined another cluster's coordinator before the switch comes
-                // with that coordinator's epoch. Where MM2 synced the group's offsets, this
-                // cluster holds the group as an empty classic group, and answers such a
-                // member "not a consumer group", which the Java client takes as fatal. Told
-                // its membership is unknown, the member joins again from epoch 0, and the
-                // broker converts the empty group.
-                if r.error_code == GROUP_ID_NOT_FOUND && asked.member_epoch.is_some_and(|e| e > 0) {
-                    r.error_code = UNKNOWN_MEMBER_ID;
-                    r.error_message = Some(StrBytes::from_static_str(
-                        "the member joined the coordinator of the cluster that served before a switch; join again",
-                    ));
-                }
+                super::handlers::group_heartbeat::join_again(r, asked.member_epoch);
                 for t in r
                     .assignment
                     .iter_mut()
@@ -648,6 +637,7 @@ pub(crate) mod tests {
     use uuid::Uuid;
 
     use super::*;
+    use crate::codec::errors::{GROUP_ID_NOT_FOUND, UNKNOWN_MEMBER_ID};
     use crate::codec::frame::LENGTH_PREFIX;
     use crate::policy::replication::Naming;
     use crate::proxy::rewrite::testing::{decode_body, response_frame};

@@ -12,6 +12,7 @@ pub mod client_sasl;
 pub mod describe_cluster;
 pub mod fetch;
 pub mod find_coordinator;
+pub mod group_heartbeat;
 pub mod metadata;
 pub mod produce;
 
@@ -83,6 +84,9 @@ pub(crate) enum Rewrite {
     /// Passed on untouched when the broker refuses it; accepted by a cluster keyward was told
     /// does not authenticate clients, it closes the connection instead.
     SaslHandshake(i16),
+    /// A KIP-848 heartbeat on a local connection during a failback window, at the member epoch
+    /// it came with (`group_heartbeat`).
+    GroupHeartbeat(i16, Option<i32>),
     /// A request whose topic names keyward mapped into a region view (`super::super::view`):
     /// the response is rewritten as `inner` says, then its names are mapped back.
     View(Box<Viewed>),

@@ -318,6 +318,8 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
         for t in kept_consumers:
             t.start()
         time.sleep(8)  # each joins its group and reads what is there
+        # The topic ids us gave, as the Java admin client describes them.
+        ids_in_us = {t["name"]: t["topic_id"] for t in JavaClient().describe_topics(us.bootstrap, ["orders", "eu.orders"])}
 
         # 2. us fails: its proxy serves reads from eu; us-owned writes are held, not lost.
         us.stop(grace_s=2)
@@ -348,6 +350,13 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
                 f" consume_call={time.monotonic() - began:.1f}s"
             )
         assert kw_us.metric("keyward_requests_total", api="ConsumerGroupHeartbeat") > heartbeats, "KIP-848 was used"
+        # The Java admin client describes us's topics through the view under the ids us gave
+        # them (not eu's copies' ids), each partition with a leader.
+        began = time.monotonic()
+        described = JavaClient().describe_topics(kw_us.bootstrap, ["orders", "eu.orders"])
+        print(f"admin-describe-through-view: {time.monotonic() - began:.1f}s")
+        assert {t["name"]: t["topic_id"] for t in described} == ids_in_us, (described, ids_in_us)
+        assert all(p["leader"] >= 0 for t in described for p in t["partitions"]), described
 
         # An idempotent producer of each client connects now, through us's keyward served by eu:
         # its producer id is issued by eu. It writes an eu-owned key (to eu), then stays open,

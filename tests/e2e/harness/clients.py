@@ -37,10 +37,14 @@ raised inside a client are reported the client's own way:
 
 The JSON spec the Java and Go CLIs read (one document, file or stdin):
   {"op": "produce", "bootstrap": str, "topic": str, "records": [wire record],
-   "flush_every": int, "timeout_ms": int, "config": {normalized config}}
+   "flush_every": int, "timeout_ms": int, "pause": {"after": int, "until_file": str},
+   "config": {normalized config}}
   {"op": "consume", "bootstrap": str, "topics": [str], "group_id": str,
-   "expected_count": int, "timeout_ms": int, "commit": bool, "config": {...}}
+   "expected_count": int, "timeout_ms": int, "commit": bool, "stop_file": str | null,
+   "config": {...}}
   {"op": "metadata", "bootstrap": str, "timeout_ms": int, "config": {...}}
+  {"op": "describe_topics", "bootstrap": str, "topics": [str], "timeout_ms": int,
+   "config": {...}}   (Java only)
 with bytes as standard base64 and headers as [{"key": str, "value": b64|null}]; the
 metadata op's config holds only {"security": ...}.
 They answer {"results": [delivery]}, {"records": [wire record]} or
@@ -381,6 +385,14 @@ class JavaClient(_CliClient):
             str(env.java_client_libs(self.kafka_clients) / "*"),
             "dev.keyward.testclient.Main",
         ]
+
+
+    def describe_topics(self, bootstrap: str, topics: list[str], timeout_s: float = 15) -> list[dict]:
+        """The admin client's description of `topics` (Java only): [{name, topic_id, partitions:
+        [{partition, leader, isr}]}], topic_id as Kafka prints it."""
+        spec = {"op": "describe_topics", "bootstrap": bootstrap, "topics": list(topics),
+                "timeout_ms": int(timeout_s * 1000), "config": {"security": None}}
+        return self._run(spec, timeout_s)["topics"]
 
 
 class FranzClient(_CliClient):

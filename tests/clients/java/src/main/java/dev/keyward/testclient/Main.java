@@ -79,6 +79,7 @@ public final class Main {
           case "produce" -> produce(spec);
           case "consume" -> consume(spec);
           case "metadata" -> metadata(spec);
+          case "describe_topics" -> describeTopics(spec);
           default -> throw new IllegalArgumentException("unknown op: " + op);
         };
     out.println(JSON.writeValueAsString(result));
@@ -293,6 +294,38 @@ public final class Main {
         o.put("node_id", n.id());
         o.put("host", n.host());
         o.put("port", n.port());
+      }
+    }
+    return out;
+  }
+
+  /** The admin client's description of topics: id, and each partition's leader and ISR. */
+  private static ObjectNode describeTopics(JsonNode spec) throws Exception {
+    long timeoutMs = spec.path("timeout_ms").asLong(15_000);
+    Properties p = new Properties();
+    p.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, spec.path("bootstrap").asText());
+    p.put(AdminClientConfig.DEFAULT_API_TIMEOUT_MS_CONFIG, String.valueOf(timeoutMs));
+    p.put(AdminClientConfig.REQUEST_TIMEOUT_MS_CONFIG, String.valueOf(Math.min(timeoutMs, 30_000)));
+    putSecurity(p, spec.path("config").path("security"));
+    List<String> names = new ArrayList<>();
+    spec.path("topics").forEach(t -> names.add(t.asText()));
+    ObjectNode out = JSON.createObjectNode();
+    ArrayNode arr = out.putArray("topics");
+    try (Admin admin = Admin.create(p)) {
+      Map<String, org.apache.kafka.clients.admin.TopicDescription> described =
+          admin.describeTopics(names).allTopicNames().get(timeoutMs, TimeUnit.MILLISECONDS);
+      for (String name : names) {
+        org.apache.kafka.clients.admin.TopicDescription d = described.get(name);
+        ObjectNode o = arr.addObject();
+        o.put("name", d.name());
+        o.put("topic_id", d.topicId().toString());
+        ArrayNode parts = o.putArray("partitions");
+        for (org.apache.kafka.common.TopicPartitionInfo tp : d.partitions()) {
+          ObjectNode po = parts.addObject();
+          po.put("partition", tp.partition());
+          po.put("leader", tp.leader() == null ? -1 : tp.leader().id());
+          po.put("isr", tp.isr().size());
+        }
       }
     }
     return out;

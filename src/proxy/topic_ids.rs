@@ -15,6 +15,9 @@ use std::sync::RwLock;
 
 use uuid::Uuid;
 
+/// Partition indexes at or above this are not kept (Kafka's own limits are far below).
+const MAX_PARTITIONS: usize = 1 << 20;
+
 #[derive(Debug, Default)]
 pub struct TopicIds {
     known: RwLock<Known>,
@@ -61,10 +64,13 @@ impl TopicIds {
     /// so that no client sees a partition's epoch go down at a switch, in either direction:
     /// epochs only grow in the local cluster. Cheap when nothing changed.
     pub fn learn_leader_epochs(&self, topic: &str, epochs: &[(i32, i32)]) {
+        // Nothing new: every epoch at or below the one kept (an older answer), or for a
+        // partition index no topic has.
         let fits = |known: &[i32]| {
-            epochs
-                .iter()
-                .all(|&(p, e)| usize::try_from(p).is_ok_and(|p| known.get(p) == Some(&e)))
+            epochs.iter().all(|&(p, e)| match usize::try_from(p) {
+                Ok(p) if p < MAX_PARTITIONS => known.get(p).is_some_and(|k| *k >= e),
+                _ => true,
+            })
         };
         if epochs.is_empty() || self.epochs().get(topic).is_some_and(|k| fits(k)) {
             return;
@@ -75,8 +81,12 @@ impl TopicIds {
             .unwrap_or_else(|e| e.into_inner());
         let known = all.entry(topic.to_owned()).or_default();
         for &(p, e) in epochs {
-            // A partition index is bounded by what a response may hold (each takes bytes).
+            // The index is the broker's word: one past any real topic's is not kept, so that
+            // no answer makes this store grow without bound.
             let Ok(p) = usize::try_from(p) else { continue };
+            if p >= MAX_PARTITIONS {
+                continue;
+            }
             if p >= known.len() {
                 known.resize(p + 1, -1);
             }
@@ -132,6 +142,10 @@ mod tests {
         assert_eq!(ids.leader_epoch("orders", 1), Some(4));
         assert_eq!(ids.leader_epoch("payments", 0), None);
         assert_eq!(ids.leader_epoch("orders", -1), None);
+        // A broker's index far past any topic's makes nothing grow.
+        ids.learn_leader_epochs("orders", &[(i32::MAX, 9)]);
+        assert_eq!(ids.leader_epoch("orders", i32::MAX), None);
+        assert_eq!(ids.epochs()["orders"].len(), 3);
     }
 
     #[test]

@@ -269,16 +269,21 @@ public final class Main {
 
   // ---------------------------------------------------------------- metadata
 
-  private static ObjectNode metadata(JsonNode spec) throws Exception {
-    long timeoutMs = spec.path("timeout_ms").asLong(15_000);
+  /** An admin client's properties from a spec: bootstrap, timeouts, security, native. */
+  private static Properties adminProperties(JsonNode spec, long timeoutMs) {
     Properties p = new Properties();
     p.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, spec.path("bootstrap").asText());
     p.put(AdminClientConfig.DEFAULT_API_TIMEOUT_MS_CONFIG, String.valueOf(timeoutMs));
     p.put(AdminClientConfig.REQUEST_TIMEOUT_MS_CONFIG, String.valueOf(Math.min(timeoutMs, 30_000)));
     putSecurity(p, spec.path("config").path("security"));
     putNative(p, spec.path("config").path("native"));
+    return p;
+  }
+
+  private static ObjectNode metadata(JsonNode spec) throws Exception {
+    long timeoutMs = spec.path("timeout_ms").asLong(15_000);
     ObjectNode out = JSON.createObjectNode();
-    try (Admin admin = Admin.create(p)) {
+    try (Admin admin = Admin.create(adminProperties(spec, timeoutMs))) {
       DescribeClusterResult dc = admin.describeCluster();
       Collection<Node> nodes = dc.nodes().get(timeoutMs, TimeUnit.MILLISECONDS);
       Node controller = dc.controller().get(timeoutMs, TimeUnit.MILLISECONDS);
@@ -302,16 +307,11 @@ public final class Main {
   /** The admin client's description of topics: id, and each partition's leader and ISR. */
   private static ObjectNode describeTopics(JsonNode spec) throws Exception {
     long timeoutMs = spec.path("timeout_ms").asLong(15_000);
-    Properties p = new Properties();
-    p.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, spec.path("bootstrap").asText());
-    p.put(AdminClientConfig.DEFAULT_API_TIMEOUT_MS_CONFIG, String.valueOf(timeoutMs));
-    p.put(AdminClientConfig.REQUEST_TIMEOUT_MS_CONFIG, String.valueOf(Math.min(timeoutMs, 30_000)));
-    putSecurity(p, spec.path("config").path("security"));
     List<String> names = new ArrayList<>();
     spec.path("topics").forEach(t -> names.add(t.asText()));
     ObjectNode out = JSON.createObjectNode();
     ArrayNode arr = out.putArray("topics");
-    try (Admin admin = Admin.create(p)) {
+    try (Admin admin = Admin.create(adminProperties(spec, timeoutMs))) {
       Map<String, org.apache.kafka.clients.admin.TopicDescription> described =
           admin.describeTopics(names).allTopicNames().get(timeoutMs, TimeUnit.MILLISECONDS);
       for (String name : names) {

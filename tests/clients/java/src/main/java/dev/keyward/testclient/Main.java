@@ -270,7 +270,7 @@ public final class Main {
   // ---------------------------------------------------------------- metadata
 
   /** An admin client's properties from a spec: bootstrap, timeouts, security, native. */
-  private static Properties adminProperties(JsonNode spec, long timeoutMs) {
+  private static Properties adminProperties(JsonNode spec, long timeoutMs) throws IOException {
     Properties p = new Properties();
     p.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, spec.path("bootstrap").asText());
     p.put(AdminClientConfig.DEFAULT_API_TIMEOUT_MS_CONFIG, String.valueOf(timeoutMs));

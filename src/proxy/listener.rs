@@ -90,9 +90,12 @@ async fn accept_loop(
 ) {
     let accepting = &shared.accepting;
     loop {
+        // Shutdown first: clients queued in the backlog (they reconnect in a loop) must not keep
+        // the listener open once keyward stops accepting.
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            biased;
             () = shared.shutdown.cancelled() => return,
+            a = listener.accept() => a,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,

@@ -36,6 +36,7 @@ use crate::codec::produce::ProduceParseError;
 use crate::codec::records::Inflater;
 use crate::codec::wire::WireError;
 use crate::config::ClientAuth;
+use crate::policy::region_view::RegionView;
 use crate::reload::Snapshot;
 
 /// Which real broker a client connection is relayed to.
@@ -896,7 +897,7 @@ fn respond(
                 .view_ids(cluster)
                 .expect("a mapped request was sent on a connection with a view");
             let view = ids.view;
-            let mut missing = Vec::new();
+            let mut noticed = super::view::Noticed::default();
             let out = super::view::response(
                 &frame,
                 key,
@@ -906,9 +907,18 @@ fn respond(
                     unknown: &unknown,
                     member_epoch,
                 },
-                &mut missing,
+                &mut noticed,
             )?;
-            for topic in missing {
+            count_view_positions(view, &noticed.positions);
+            let unplaced = noticed.positions.get(super::view::ReadFrom::Origin, false);
+            if unplaced > 0 && shared.view_log.allow() {
+                warn!(
+                    partitions = unplaced,
+                    serving = view.serving(),
+                    "a consumer group has no position on the serving cluster's own topic it reads through the view: its position on this region's copy cannot be carried there, and it resumes by its auto.offset.reset"
+                );
+            }
+            for topic in noticed.missing {
                 if shared.view_log.allow() {
                     warn!(
                         topic,
@@ -919,6 +929,25 @@ fn respond(
                 }
             }
             Ok(out)
+        }
+    }
+}
+
+/// `keyward_view_offsets_total`: the positions consumer groups found, or did not, on the
+/// serving cluster as they fetched them through the view.
+fn count_view_positions(view: &RegionView, positions: &super::view::Positions) {
+    for from in super::view::ReadFrom::ALL {
+        for (found, outcome) in [(true, "found"), (false, "none")] {
+            let n = positions.get(from, found);
+            if n > 0 {
+                counter!(
+                    "keyward_view_offsets_total",
+                    "serving" => view.serving().to_owned(),
+                    "reads" => from.label(),
+                    "outcome" => outcome,
+                )
+                .increment(n);
+            }
         }
     }
 }

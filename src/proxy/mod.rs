@@ -264,6 +264,21 @@ fn register_metrics(clusters: &Clusters, tls: bool) {
     for outcome in ["carried", "kept", "no_commit", "no_sync", "failed"] {
         counter!("keyward_failback_offsets_total", "outcome" => outcome).absolute(0);
     }
+    if let Some(local) = clusters.all().first() {
+        for c in clusters.all().iter().filter(|c| c.name != local.name) {
+            for reads in view::ReadFrom::ALL {
+                for outcome in ["found", "none"] {
+                    counter!(
+                        "keyward_view_offsets_total",
+                        "serving" => c.name.clone(),
+                        "reads" => reads.label(),
+                        "outcome" => outcome,
+                    )
+                    .absolute(0);
+                }
+            }
+        }
+    }
     gauge!("keyward_client_connections_open").set(0.0);
 }
 

@@ -187,6 +187,72 @@ pub struct Mapped {
     pub member_epoch: Option<i32>,
 }
 
+/// Where the serving cluster keeps a topic a client names: what decides whether a consumer
+/// group's position on it can be there at a switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadFrom {
+    /// The serving cluster's copy of one of the local region's topics (`us.orders` for us's
+    /// `orders`): MM2's group-offset sync translates groups' positions into it.
+    Copy,
+    /// The serving cluster's own topic, which the local region copies (`orders` for us's
+    /// `eu.orders`): a group's position on the copy is in the local cluster only, so nothing
+    /// carries it there at the switch.
+    Origin,
+    /// A third region's topic, copied into both clusters.
+    Other,
+}
+
+impl ReadFrom {
+    pub const ALL: [ReadFrom; 3] = [ReadFrom::Copy, ReadFrom::Origin, ReadFrom::Other];
+
+    /// Its label in `keyward_view_offsets_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ReadFrom::Copy => "copy",
+            ReadFrom::Origin => "origin",
+            ReadFrom::Other => "other",
+        }
+    }
+
+    fn of(view: &RegionView, client_name: &str) -> Self {
+        if view.serving_origin(client_name).is_some() {
+            ReadFrom::Origin
+        } else if view.own_copy(client_name).is_some() {
+            ReadFrom::Copy
+        } else {
+            ReadFrom::Other
+        }
+    }
+}
+
+/// The committed positions an OffsetFetch answer through the view carried, by where the topic
+/// is read from and whether the serving cluster had one (`found`) or not (`none`: the consumer
+/// resumes by its `auto.offset.reset`). Partitions answered with an error are not counted.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Positions {
+    counts: [[u64; 2]; 3],
+}
+
+impl Positions {
+    fn add(&mut self, from: ReadFrom, found: bool) {
+        self.counts[from as usize][usize::from(found)] += 1;
+    }
+
+    /// How many partitions were answered with a position (`found`) or none.
+    pub fn get(&self, from: ReadFrom, found: bool) -> u64 {
+        self.counts[from as usize][usize::from(found)]
+    }
+}
+
+/// What a response through the view showed that keyward reports (logs and metrics).
+#[derive(Debug, Default)]
+pub struct Noticed {
+    /// Topics the serving cluster does not have (Metadata answered `UNKNOWN_TOPIC_OR_PARTITION`).
+    pub missing: Vec<String>,
+    /// OffsetFetch only.
+    pub positions: Positions,
+}
+
 /// What the response to a mapped request needs to know of the request.
 #[derive(Debug, Default)]
 pub struct Asked<'a> {
@@ -367,14 +433,15 @@ pub fn request(
 /// `unknown` are the topics a Metadata request left out, answered here as unknown. Topics with
 /// no name in the view (the serving cluster's internal topics, in answers that list every
 /// topic) are left out. The client's names of topics whose mirror the serving cluster does
-/// not have (Metadata answered `UNKNOWN_TOPIC_OR_PARTITION`) are added to `missing`.
+/// not have (Metadata answered `UNKNOWN_TOPIC_OR_PARTITION`) are added to `noticed`, and so are
+/// the positions an OffsetFetch answer carried.
 pub fn response(
     frame: &Bytes,
     key: ApiKey,
     version: i16,
     ids: Ids<'_>,
     asked: &Asked<'_>,
-    missing: &mut Vec<String>,
+    noticed: &mut Noticed,
 ) -> Result<Bytes, RewriteError> {
     let view = ids.view;
     let unknown = asked.unknown;
@@ -424,7 +491,7 @@ pub fn response(
                     };
                 }
             }
-            missing.extend(
+            noticed.missing.extend(
                 r.topics
                     .iter()
                     .filter(|t| t.error_code == UNKNOWN_TOPIC_OR_PARTITION)
@@ -471,14 +538,27 @@ pub fn response(
         // no name in the view are left out. Epochs of commits made here are the serving
         // cluster's: none is shown.
         ApiKey::OffsetFetch => recode(frame, key, version, |r: &mut OffsetFetchResponse| {
+            let positions = &mut noticed.positions;
             r.topics.retain_mut(|t| keep(&mut t.name));
-            for p in r.topics.iter_mut().flat_map(|t| t.partitions.iter_mut()) {
-                p.committed_leader_epoch = NO_EPOCH;
+            for t in &mut r.topics {
+                let from = ReadFrom::of(view, t.name.0.as_str());
+                for p in &mut t.partitions {
+                    p.committed_leader_epoch = NO_EPOCH;
+                    if p.error_code == 0 {
+                        positions.add(from, p.committed_offset >= 0);
+                    }
+                }
             }
             for g in &mut r.groups {
                 g.topics.retain_mut(|t| keep(&mut t.name));
-                for p in g.topics.iter_mut().flat_map(|t| t.partitions.iter_mut()) {
-                    p.committed_leader_epoch = NO_EPOCH;
+                for t in &mut g.topics {
+                    let from = ReadFrom::of(view, t.name.0.as_str());
+                    for p in &mut t.partitions {
+                        p.committed_leader_epoch = NO_EPOCH;
+                        if g.error_code == 0 && p.error_code == 0 {
+                            positions.add(from, p.committed_offset >= 0);
+                        }
+                    }
                 }
             }
             Ok(())
@@ -717,7 +797,7 @@ pub(crate) mod tests {
                 unknown,
                 member_epoch: None,
             },
-            &mut Vec::new(),
+            &mut Noticed::default(),
         )
         .unwrap();
         decode_body(&out, key, version)
@@ -768,7 +848,7 @@ pub(crate) mod tests {
             let answer = MetadataResponse::default().with_topics(vec![
                 topic("us.orders").with_error_code(UNKNOWN_TOPIC_OR_PARTITION),
             ]);
-            let mut missing = Vec::new();
+            let mut noticed = Noticed::default();
             let frame = response_frame(ApiKey::Metadata, v, &answer);
             super::response(
                 &frame,
@@ -776,10 +856,10 @@ pub(crate) mod tests {
                 v,
                 ids(),
                 &Asked::default(),
-                &mut missing,
+                &mut noticed,
             )
             .unwrap();
-            assert_eq!(missing, ["orders"], "v{v}");
+            assert_eq!(noticed.missing, ["orders"], "v{v}");
             let got_names: Vec<_> = got.topics.iter().map(|t| t.name.clone().unwrap()).collect();
             assert_eq!(
                 names(&got_names),
@@ -909,7 +989,7 @@ pub(crate) mod tests {
                     v,
                     ids(),
                     &Asked::default(),
-                    &mut Vec::new(),
+                    &mut Noticed::default(),
                 );
                 assert_eq!(out.unwrap().as_ptr(), f.as_ptr(), "v{v}");
                 continue;
@@ -1025,6 +1105,110 @@ pub(crate) mod tests {
                     .collect()
             };
             assert_eq!(names(&got_names), ["orders", "eu.orders"], "v{v}");
+        }
+    }
+
+    /// Each partition an OffsetFetch answer carries is counted by where its topic is read from
+    /// and whether the serving cluster had a position: us's `orders` is eu's copy `us.orders`
+    /// (MM2 syncs positions there), us's `eu.orders` is eu's own `orders` (nothing does).
+    /// Partitions and groups answered with an error are not counted.
+    #[test]
+    fn offset_fetch_answers_count_the_positions_found_in_every_version() {
+        use kafka_protocol::messages::offset_fetch_response::{
+            OffsetFetchResponsePartition, OffsetFetchResponsePartitions,
+        };
+        const UNSTABLE_OFFSET_COMMIT: i16 = 88;
+        // (offset, error) per partition, per topic as eu names it.
+        let answered: [(&str, &[(i64, i16)]); 2] = [
+            (
+                "us.orders",
+                &[(5, 0), (-1, 0), (-1, UNSTABLE_OFFSET_COMMIT)],
+            ),
+            ("orders", &[(-1, 0), (9, 0), (-1, 0)]),
+        ];
+        for v in versions(ApiKey::OffsetFetch) {
+            let answer = |group_error: i16| {
+                if v < 8 {
+                    OffsetFetchResponse::default().with_topics(
+                        answered
+                            .iter()
+                            .map(|(n, parts)| {
+                                OffsetFetchResponseTopic::default()
+                                    .with_name(name(n))
+                                    .with_partitions(
+                                        parts
+                                            .iter()
+                                            .enumerate()
+                                            .map(|(i, &(offset, error))| {
+                                                OffsetFetchResponsePartition::default()
+                                                    .with_partition_index(i as i32)
+                                                    .with_committed_offset(offset)
+                                                    .with_error_code(error)
+                                            })
+                                            .collect(),
+                                    )
+                            })
+                            .collect(),
+                    )
+                } else {
+                    OffsetFetchResponse::default().with_groups(vec![
+                        OffsetFetchResponseGroup::default()
+                            .with_error_code(group_error)
+                            .with_topics(
+                                answered
+                                    .iter()
+                                    .map(|(n, parts)| {
+                                        OffsetFetchResponseTopics::default()
+                                            .with_name(name(n))
+                                            .with_partitions(
+                                                parts
+                                                    .iter()
+                                                    .enumerate()
+                                                    .map(|(i, &(offset, error))| {
+                                                        OffsetFetchResponsePartitions::default()
+                                                            .with_partition_index(i as i32)
+                                                            .with_committed_offset(offset)
+                                                            .with_error_code(error)
+                                                    })
+                                                    .collect(),
+                                            )
+                                    })
+                                    .collect(),
+                            ),
+                    ])
+                }
+            };
+            let counted = |body: &OffsetFetchResponse| {
+                let mut noticed = Noticed::default();
+                super::response(
+                    &response_frame(ApiKey::OffsetFetch, v, body),
+                    ApiKey::OffsetFetch,
+                    v,
+                    ids(),
+                    &Asked::default(),
+                    &mut noticed,
+                )
+                .unwrap();
+                noticed.positions
+            };
+            let p = counted(&answer(0));
+            let got = ReadFrom::ALL.map(|from| (from, p.get(from, true), p.get(from, false)));
+            assert_eq!(
+                got,
+                [
+                    (ReadFrom::Copy, 1, 1),
+                    (ReadFrom::Origin, 1, 2),
+                    (ReadFrom::Other, 0, 0)
+                ],
+                "v{v}"
+            );
+            if v >= 8 {
+                assert_eq!(
+                    counted(&answer(UNSTABLE_OFFSET_COMMIT)),
+                    Positions::default(),
+                    "v{v}: a group answered with an error"
+                );
+            }
         }
     }
 
@@ -1169,7 +1353,7 @@ pub(crate) mod tests {
                     v,
                     ids(),
                     &asked,
-                    &mut Vec::new(),
+                    &mut Noticed::default(),
                 )
                 .unwrap();
                 let got: ConsumerGroupHeartbeatResponse =
@@ -1392,7 +1576,7 @@ pub(crate) mod tests {
                 5,
                 ids(),
                 &Asked::default(),
-                &mut Vec::new()
+                &mut Noticed::default()
             )
             .is_err()
         );

@@ -357,6 +357,16 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
         print(f"admin-describe-through-view: {time.monotonic() - began:.1f}s")
         assert {t["name"]: t["topic_id"] for t in described} == ids_in_us, (described, ids_in_us)
         assert all(p["leader"] >= 0 for t in described for p in t["partitions"]), described
+        # The positions groups fetched through the view, as keyward counts them: MM2's
+        # translations on eu's copy of us's `orders` for the groups above; none on eu's own
+        # `orders` (us's `eu.orders`) for the consumers kept open, which read it from
+        # `auto.offset.reset`: what nothing can carry while us is down.
+        def view_positions(reads: str, outcome: str) -> float:
+            return kw_us.metric("keyward_view_offsets_total", serving="eu", reads=reads, outcome=outcome)
+
+        assert view_positions("copy", "found") >= sum(1 for s in start.values() if s > 0), kw_us.metrics_text()
+        wait_for(lambda: view_positions("origin", "none") >= 1, 30, "a kept consumer's position on eu's own `orders`")
+        assert "a consumer group has no position on the serving cluster's own topic" in kw_us.log_path.read_text()
 
         # An idempotent producer of each client connects now, through us's keyward served by eu:
         # its producer id is issued by eu. It writes an eu-owned key (to eu), then stays open,
@@ -483,6 +493,9 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
         carried_lines = [line for line in kw_us.log_path.read_text(errors="replace").splitlines()
                          if "position carried home" in line and f'group="{unique_kept["java"]}"' in line]
         assert any("topic=eu.orders" in line and "read_as=orders" in line for line in carried_lines), carried_lines
+        print("view-positions: " + " ".join(
+            f"{reads}_{outcome}={view_positions(reads, outcome):.0f}"
+            for reads in ("copy", "origin", "other") for outcome in ("found", "none")))
 
         # Every acknowledged record exactly once in its owner's cluster, in order per key; no
         # held record anywhere.

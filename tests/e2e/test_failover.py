@@ -7,9 +7,12 @@ cluster has been healthy for the hold-down.
 from __future__ import annotations
 
 import re
+import socket
 import time
 
-from harness import FranzClient, JavaClient, KafkaCluster, LibrdkafkaClient, record, unique
+import pytest
+
+from harness import FranzClient, JavaClient, KafkaCluster, LibrdkafkaClient, raw, record, unique
 from harness.keyward import Keyward
 
 from test_keyward import INVALID_RECORD, TABLE, keys_of
@@ -91,6 +94,20 @@ def test_reads_fail_over_to_the_next_healthy_cluster_and_come_back(tmp_path, us)
                     raise
                 except Exception as e:  # librdkafka: the broker does not support the request
                     assert "not supported" in str(e).lower() or "unsupported" in str(e).lower(), e
+            # Sent anyway (a hand-written client), a withheld API closes the connection
+            # unanswered, and us never sees it.
+            closed = kw.metric("keyward_client_connections_closed_total", cause="unsupported_version")
+            sent_anyway = unique("created")
+            with socket.create_connection(("127.0.0.1", kw.bootstrap_port), timeout=10) as sock:
+                sock.sendall(raw.create_topics(5, sent_anyway))
+                with pytest.raises(ConnectionError):
+                    raw.recv_frame(sock)
+            wait_for(
+                lambda: kw.metric("keyward_client_connections_closed_total", cause="unsupported_version") > closed,
+                5,
+                "the close counted",
+            )
+            assert sent_anyway not in us.admin().list_topics(timeout=10).topics, "CreateTopics reached us"
 
             # eu's own writes are held (retriable), never written to us; foreign keys are still refused.
             r = client.produce(

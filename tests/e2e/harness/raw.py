@@ -112,6 +112,17 @@ def init_producer_id(correlation_id: int) -> bytes:
     return _frame(22, 1, correlation_id, _string(None) + struct.pack(">i", 60_000))
 
 
+def create_topics(correlation_id: int, topic: str, partitions: int = 1) -> bytes:
+    """CreateTopics v2: one topic, replication factor 1, no assignments or configs."""
+    body = (
+        struct.pack(">i", 1)
+        + _string(topic)
+        + struct.pack(">ihii", partitions, 1, 0, 0)
+        + struct.pack(">i?", 10_000, False)
+    )
+    return _frame(19, 2, correlation_id, body)
+
+
 def produce(
     correlation_id: int,
     topic: str,

@@ -164,6 +164,7 @@ fn ownership_document(
             "serving": s.shared.clusters.get(serving).name,
             "view": s.shared.view(serving).map(|v| v.describe()),
             "failback": s.shared.failback.current().map(|w| w.describe()),
+            "positions_kept": s.shared.positions.load().describe(&s.shared),
         },
         "version": snapshot.version,
         "hash": snapshot.hash,

@@ -129,6 +129,14 @@ pub struct Reads {
     /// last commit here. Only with `topic_names: mirrored`.
     #[serde(default = "Reads::default_failback_translation_ms")]
     pub failback_translation_ms: u64,
+    /// How often, while the local cluster is up, keyward reads consumer groups' positions on
+    /// this region's copies of other regions' topics (`eu.orders`) and MirrorMaker 2's offset
+    /// syncs of those topics, so that at a switch to region C's cluster a group that has no
+    /// position on C's own topic resumes from its position here, translated
+    /// (`proxy/positions.rs`). 0: never, such a group resumes by its `auto.offset.reset`. Only
+    /// with `topic_names: mirrored`.
+    #[serde(default = "Reads::default_positions_interval_ms")]
+    pub positions_interval_ms: u64,
 }
 
 /// `reads.topic_names`: the names of this region's topics in another region's cluster.
@@ -161,6 +169,9 @@ impl Reads {
     fn default_failback_translation_ms() -> u64 {
         600_000
     }
+    fn default_positions_interval_ms() -> u64 {
+        10_000
+    }
 }
 
 impl Default for Reads {
@@ -173,6 +184,7 @@ impl Default for Reads {
             down_after_failed_probes: Self::default_down_after_failed_probes(),
             topic_names: TopicNames::default(),
             failback_translation_ms: Self::default_failback_translation_ms(),
+            positions_interval_ms: Self::default_positions_interval_ms(),
         }
     }
 }

@@ -70,7 +70,7 @@ pub struct Translated {
 
 /// The offset syncs of one flow (one source region into one copy), by the source's topic and
 /// partition, each partition's sorted by downstream offset.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct OffsetSyncs {
     partitions: HashMap<(String, i32), Vec<Sync>>,
 }

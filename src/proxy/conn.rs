@@ -511,6 +511,7 @@ fn viewed(
                 version: head.api_version,
                 unknown: mapped.unknown,
                 member_epoch: mapped.member_epoch,
+                group: mapped.group,
             })));
             Step::forward(mapped.frame, head.correlation_id, handling)
         }
@@ -891,6 +892,7 @@ fn respond(
                 version,
                 unknown,
                 member_epoch,
+                group,
             } = *viewed;
             let frame = respond(shared, cluster, inner, frame, to)?;
             let ids = shared
@@ -898,6 +900,13 @@ fn respond(
                 .expect("a mapped request was sent on a connection with a view");
             let view = ids.view;
             let mut noticed = super::view::Noticed::default();
+            // Positions kept for a switch (`super::positions`), for OffsetFetch answers.
+            let kept = (key == ApiKey::OffsetFetch).then(|| shared.positions.load());
+            let carry = |group: &str, topic: &str, partition: i32| {
+                let origin = view.serving_origin(topic)?;
+                kept.as_ref()?
+                    .carried(cluster, group, topic, &origin, partition)
+            };
             let out = super::view::response(
                 &frame,
                 key,
@@ -906,11 +915,15 @@ fn respond(
                 &super::view::Asked {
                     unknown: &unknown,
                     member_epoch,
+                    group: group.as_deref(),
+                    carry: Some(&carry),
                 },
                 &mut noticed,
             )?;
             count_view_positions(view, &noticed.positions);
-            let unplaced = noticed.positions.get(super::view::ReadFrom::Origin, false);
+            let unplaced = noticed
+                .positions
+                .get(super::view::ReadFrom::Origin, super::view::Outcome::None);
             if unplaced > 0 && shared.view_log.allow() {
                 warn!(
                     partitions = unplaced,
@@ -937,18 +950,22 @@ fn respond(
 /// serving cluster as they fetched them through the view.
 fn count_view_positions(view: &RegionView, positions: &super::view::Positions) {
     for from in super::view::ReadFrom::ALL {
-        for (found, outcome) in [(true, "found"), (false, "none")] {
-            let n = positions.get(from, found);
+        for outcome in super::view::Outcome::ALL {
+            let n = positions.get(from, outcome);
             if n > 0 {
                 counter!(
                     "keyward_view_offsets_total",
                     "serving" => view.serving().to_owned(),
                     "reads" => from.label(),
-                    "outcome" => outcome,
+                    "outcome" => outcome.label(),
                 )
                 .increment(n);
             }
         }
+    }
+    if positions.reread_at_most > 0 {
+        counter!("keyward_view_rereads_at_most_total", "serving" => view.serving().to_owned())
+            .increment(positions.reread_at_most);
     }
 }
 

@@ -20,6 +20,7 @@ pub mod identity;
 mod listener;
 pub mod meters;
 pub mod ports;
+pub mod positions;
 pub mod produce;
 pub mod replication;
 pub mod rewrite;
@@ -102,6 +103,8 @@ pub struct Shared {
     /// After reads move back here from another region's cluster: consumer groups' positions
     /// carried home from the copies they read there.
     pub failback: failback::Failback,
+    /// Consumer groups' positions kept for a switch (`positions`).
+    pub positions: positions::KeptPositions,
     bootstrap_bound: AtomicBool,
 }
 
@@ -145,6 +148,7 @@ impl Shared {
         Ok(Arc::new(Self {
             views,
             failback: failback::Failback::new(tasks.clone(), shutdown.clone()),
+            positions: positions::KeptPositions::default(),
             view_log: RateLimit::new(Duration::from_secs(10), 5),
             clusters,
             dialers,
@@ -265,18 +269,23 @@ fn register_metrics(clusters: &Clusters, tls: bool) {
         counter!("keyward_failback_offsets_total", "outcome" => outcome).absolute(0);
     }
     if let Some(local) = clusters.all().first() {
+        counter!("keyward_positions_read_errors_total", "cluster" => local.name.clone())
+            .absolute(0);
         for c in clusters.all().iter().filter(|c| c.name != local.name) {
             for reads in view::ReadFrom::ALL {
-                for outcome in ["found", "none"] {
+                for outcome in view::Outcome::ALL {
                     counter!(
                         "keyward_view_offsets_total",
                         "serving" => c.name.clone(),
                         "reads" => reads.label(),
-                        "outcome" => outcome,
+                        "outcome" => outcome.label(),
                     )
                     .absolute(0);
                 }
             }
+            counter!("keyward_view_rereads_at_most_total", "serving" => c.name.clone()).absolute(0);
+            counter!("keyward_positions_read_errors_total", "cluster" => c.name.clone())
+                .absolute(0);
         }
     }
     gauge!("keyward_client_connections_open").set(0.0);
@@ -456,6 +465,9 @@ pub async fn run(
     shared.tasks.spawn(
         replication::run(shared.clone(), shared.shutdown.clone())
             .instrument(info_span!("replication")),
+    );
+    shared.tasks.spawn(
+        positions::run(shared.clone(), shared.shutdown.clone()).instrument(info_span!("positions")),
     );
 
     tokio::select! {

@@ -45,6 +45,7 @@ use crate::codec::errors::UNKNOWN_TOPIC_OR_PARTITION;
 use crate::codec::frame::{self, LENGTH_PREFIX};
 use crate::codec::produce::{self as produce_codec, ProduceParseError};
 use crate::codec::records;
+use crate::policy::offset_syncs;
 use crate::policy::producer_ids::ProducerIds;
 use crate::policy::region_view::RegionView;
 
@@ -185,6 +186,8 @@ pub struct Mapped {
     pub unknown: Vec<StrBytes>,
     /// ConsumerGroupHeartbeat only: the member epoch it came with.
     pub member_epoch: Option<i32>,
+    /// OffsetFetch v1-v7 only (later answers name their groups): the group asked about.
+    pub group: Option<StrBytes>,
 }
 
 /// Where the serving cluster keeps a topic a client names: what decides whether a consumer
@@ -225,24 +228,56 @@ impl ReadFrom {
     }
 }
 
+/// What an OffsetFetch answer through the view showed of a partition's committed position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The serving cluster had one.
+    Found,
+    /// It had none, and keyward kept none to carry: the consumer resumes by its
+    /// `auto.offset.reset`.
+    None,
+    /// It had none, and keyward answered the group's position on the local cluster's copy,
+    /// translated (`super::positions`).
+    Carried,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 3] = [Outcome::Found, Outcome::None, Outcome::Carried];
+
+    /// Its label in `keyward_view_offsets_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Found => "found",
+            Outcome::None => "none",
+            Outcome::Carried => "carried",
+        }
+    }
+}
+
 /// The committed positions an OffsetFetch answer through the view carried, by where the topic
-/// is read from and whether the serving cluster had one (`found`) or not (`none`: the consumer
-/// resumes by its `auto.offset.reset`). Partitions answered with an error are not counted.
+/// is read from and what the answer showed. Partitions answered with an error are not counted.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Positions {
-    counts: [[u64; 2]; 3],
+    counts: [[u64; 3]; 3],
+    /// For the carried positions: how many records the groups may read again at most, those
+    /// between the offset sync used and the kept position.
+    pub reread_at_most: u64,
 }
 
 impl Positions {
-    fn add(&mut self, from: ReadFrom, found: bool) {
-        self.counts[from as usize][usize::from(found)] += 1;
+    fn add(&mut self, from: ReadFrom, outcome: Outcome) {
+        self.counts[from as usize][outcome as usize] += 1;
     }
 
-    /// How many partitions were answered with a position (`found`) or none.
-    pub fn get(&self, from: ReadFrom, found: bool) -> u64 {
-        self.counts[from as usize][usize::from(found)]
+    /// How many partitions were answered so.
+    pub fn get(&self, from: ReadFrom, outcome: Outcome) -> u64 {
+        self.counts[from as usize][outcome as usize]
     }
 }
+
+/// A group's position to answer where the serving cluster has none: `(group, topic as the client
+/// names it, partition)` to the translated position (`super::positions::Kept::carried`).
+pub type Carry<'a> = &'a dyn Fn(&str, &str, i32) -> Option<offset_syncs::Translated>;
 
 /// What a response through the view showed that keyward reports (logs and metrics).
 #[derive(Debug, Default)]
@@ -254,12 +289,16 @@ pub struct Noticed {
 }
 
 /// What the response to a mapped request needs to know of the request.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Asked<'a> {
     /// [`Mapped::unknown`].
     pub unknown: &'a [StrBytes],
     /// [`Mapped::member_epoch`].
     pub member_epoch: Option<i32>,
+    /// [`Mapped::group`].
+    pub group: Option<&'a str>,
+    /// OffsetFetch: positions kept for a switch.
+    pub carry: Option<Carry<'a>>,
 }
 
 /// Maps the topic names of a request in the serving cluster's terms. `None` when the request
@@ -286,6 +325,7 @@ pub fn request(
     };
     let mut unknown = Vec::new();
     let mut member_epoch = None;
+    let mut group = None;
     let frame = match key {
         ApiKey::Metadata => recode_request(frame, key, version, |r: &mut MetadataRequest| {
             if let Some(topics) = &mut r.topics {
@@ -354,6 +394,9 @@ pub fn request(
         }
         ApiKey::OffsetFetch => {
             recode_request(frame, key, version, |r: &mut OffsetFetchRequest| {
+                if version < 8 {
+                    group = Some(r.group_id.0.clone());
+                }
                 for t in r.topics.iter_mut().flatten() {
                     to_serving(&mut t.name)?;
                 }
@@ -426,6 +469,7 @@ pub fn request(
         frame,
         unknown,
         member_epoch,
+        group,
     }))
 }
 
@@ -537,15 +581,36 @@ pub fn response(
         // A request for every topic a group committed is answered with all of them: those with
         // no name in the view are left out. Epochs of commits made here are the serving
         // cluster's: none is shown.
+        // Where the serving cluster has no position on its own topic, the group's position on
+        // our copy of it, kept for the switch, is answered translated.
         ApiKey::OffsetFetch => recode(frame, key, version, |r: &mut OffsetFetchResponse| {
             let positions = &mut noticed.positions;
+            let mut answer = |group: Option<&str>, topic: &str, from, offset: &mut i64, p: i32| {
+                let carried = match (group, asked.carry) {
+                    (Some(group), Some(carry)) if *offset < 0 && from == ReadFrom::Origin => {
+                        carry(group, topic, p)
+                    }
+                    _ => None,
+                };
+                let outcome = match carried {
+                    Some(t) => {
+                        *offset = t.offset;
+                        positions.reread_at_most += t.reread_at_most.max(0) as u64;
+                        Outcome::Carried
+                    }
+                    None if *offset >= 0 => Outcome::Found,
+                    None => Outcome::None,
+                };
+                positions.add(from, outcome);
+            };
             r.topics.retain_mut(|t| keep(&mut t.name));
             for t in &mut r.topics {
                 let from = ReadFrom::of(view, t.name.0.as_str());
                 for p in &mut t.partitions {
                     p.committed_leader_epoch = NO_EPOCH;
                     if p.error_code == 0 {
-                        positions.add(from, p.committed_offset >= 0);
+                        let i = p.partition_index;
+                        answer(asked.group, &t.name.0, from, &mut p.committed_offset, i);
                     }
                 }
             }
@@ -556,7 +621,9 @@ pub fn response(
                     for p in &mut t.partitions {
                         p.committed_leader_epoch = NO_EPOCH;
                         if g.error_code == 0 && p.error_code == 0 {
-                            positions.add(from, p.committed_offset >= 0);
+                            let i = p.partition_index;
+                            let group = Some(g.group_id.0.as_str());
+                            answer(group, &t.name.0, from, &mut p.committed_offset, i);
                         }
                     }
                 }
@@ -795,7 +862,7 @@ pub(crate) mod tests {
             ids(),
             &Asked {
                 unknown,
-                member_epoch: None,
+                ..Asked::default()
             },
             &mut Noticed::default(),
         )
@@ -1109,11 +1176,13 @@ pub(crate) mod tests {
     }
 
     /// Each partition an OffsetFetch answer carries is counted by where its topic is read from
-    /// and whether the serving cluster had a position: us's `orders` is eu's copy `us.orders`
-    /// (MM2 syncs positions there), us's `eu.orders` is eu's own `orders` (nothing does).
-    /// Partitions and groups answered with an error are not counted.
+    /// and what the answer showed: us's `orders` is eu's copy `us.orders` (MM2 syncs positions
+    /// there), us's `eu.orders` is eu's own `orders` (nothing does). Where eu has no position on
+    /// its own topic, the group's position kept for the switch is answered (`carried`); never
+    /// where eu has one, nor on the copy. Partitions and groups answered with an error are not
+    /// counted. v1-v7 name the group in the request only.
     #[test]
-    fn offset_fetch_answers_count_the_positions_found_in_every_version() {
+    fn offset_fetch_answers_carry_and_count_positions_in_every_version() {
         use kafka_protocol::messages::offset_fetch_response::{
             OffsetFetchResponsePartition, OffsetFetchResponsePartitions,
         };
@@ -1126,7 +1195,30 @@ pub(crate) mod tests {
             ),
             ("orders", &[(-1, 0), (9, 0), (-1, 0)]),
         ];
+        // Kept: group g's positions on us's `eu.orders`, partitions 1 and 2 (1 is eu's own
+        // commit, which stands), and on `orders` partition 1 (a copy: not carried).
+        let carry = |group: &str, topic: &str, partition: i32| {
+            let kept = (group == "g" && topic == "eu.orders" && partition > 0)
+                || (group == "g" && topic == "orders" && partition == 1);
+            kept.then_some(offset_syncs::Translated {
+                offset: 40 + i64::from(partition),
+                reread_at_most: 2,
+            })
+        };
         for v in versions(ApiKey::OffsetFetch) {
+            let request = if v < 8 {
+                OffsetFetchRequest::default()
+                    .with_group_id(kafka_protocol::messages::GroupId(
+                        StrBytes::from_static_str("g"),
+                    ))
+                    .with_topics(Some(vec![
+                        OffsetFetchRequestTopic::default().with_name(name("eu.orders")),
+                    ]))
+            } else {
+                OffsetFetchRequest::default()
+            };
+            let group = mapped(ApiKey::OffsetFetch, v, &request).group;
+            assert_eq!(group.as_deref(), (v < 8).then_some("g"), "v{v}");
             let answer = |group_error: i16| {
                 if v < 8 {
                     OffsetFetchResponse::default().with_topics(
@@ -1153,6 +1245,9 @@ pub(crate) mod tests {
                 } else {
                     OffsetFetchResponse::default().with_groups(vec![
                         OffsetFetchResponseGroup::default()
+                            .with_group_id(kafka_protocol::messages::GroupId(
+                                StrBytes::from_static_str("g"),
+                            ))
                             .with_error_code(group_error)
                             .with_topics(
                                 answered
@@ -1178,33 +1273,64 @@ pub(crate) mod tests {
                     ])
                 }
             };
-            let counted = |body: &OffsetFetchResponse| {
+            let through = |body: &OffsetFetchResponse, carry: Option<Carry<'_>>| {
                 let mut noticed = Noticed::default();
-                super::response(
+                let out = super::response(
                     &response_frame(ApiKey::OffsetFetch, v, body),
                     ApiKey::OffsetFetch,
                     v,
                     ids(),
-                    &Asked::default(),
+                    &Asked {
+                        group: group.as_deref(),
+                        carry,
+                        ..Asked::default()
+                    },
                     &mut noticed,
                 )
                 .unwrap();
-                noticed.positions
+                let got: OffsetFetchResponse = decode_body(&out, ApiKey::OffsetFetch, v);
+                let offsets: Vec<(String, Vec<i64>)> = if v < 8 {
+                    got.topics
+                        .iter()
+                        .map(|t| {
+                            let o = t.partitions.iter().map(|p| p.committed_offset);
+                            (t.name.0.to_string(), o.collect())
+                        })
+                        .collect()
+                } else {
+                    got.groups[0]
+                        .topics
+                        .iter()
+                        .map(|t| {
+                            let o = t.partitions.iter().map(|p| p.committed_offset);
+                            (t.name.0.to_string(), o.collect())
+                        })
+                        .collect()
+                };
+                (noticed.positions, offsets)
             };
-            let p = counted(&answer(0));
-            let got = ReadFrom::ALL.map(|from| (from, p.get(from, true), p.get(from, false)));
+            let counts = |p: &Positions| {
+                ReadFrom::ALL.map(|from| Outcome::ALL.map(|outcome| p.get(from, outcome)))
+            };
+            // [found, none, carried] for copy, origin, other.
+            let (p, offsets) = through(&answer(0), Some(&carry));
+            assert_eq!(counts(&p), [[1, 1, 0], [1, 1, 1], [0, 0, 0]], "v{v}");
+            assert_eq!(p.reread_at_most, 2, "v{v}");
             assert_eq!(
-                got,
+                offsets,
                 [
-                    (ReadFrom::Copy, 1, 1),
-                    (ReadFrom::Origin, 1, 2),
-                    (ReadFrom::Other, 0, 0)
+                    ("orders".to_owned(), vec![5, -1, -1]),
+                    ("eu.orders".to_owned(), vec![-1, 9, 42]),
                 ],
                 "v{v}"
             );
+            // Nothing kept: nothing carried.
+            let (p, _) = through(&answer(0), None);
+            assert_eq!(counts(&p), [[1, 1, 0], [1, 2, 0], [0, 0, 0]], "v{v}");
             if v >= 8 {
+                let (p, _) = through(&answer(UNSTABLE_OFFSET_COMMIT), Some(&carry));
                 assert_eq!(
-                    counted(&answer(UNSTABLE_OFFSET_COMMIT)),
+                    p,
                     Positions::default(),
                     "v{v}: a group answered with an error"
                 );
@@ -1344,8 +1470,8 @@ pub(crate) mod tests {
             let frame = response_frame(ApiKey::ConsumerGroupHeartbeat, v, &answer);
             for (epoch, code) in [(Some(2), UNKNOWN_MEMBER_ID), (Some(0), GROUP_ID_NOT_FOUND)] {
                 let asked = Asked {
-                    unknown: &[],
                     member_epoch: epoch,
+                    ..Asked::default()
                 };
                 let out = super::response(
                     &frame,

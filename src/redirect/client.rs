@@ -2,7 +2,9 @@
 //! partition leaders), one reused connection per broker, and the requests redirect needs:
 //! Metadata, InitProducerId and Produce, and for the stream journal ([`super::journal`])
 //! CreateTopics, ListOffsets and Fetch. At failback (`crate::proxy::failback`) it also asks a
-//! group's coordinator for the group's committed offsets (FindCoordinator, OffsetFetch).
+//! group's coordinator for the group's committed offsets (FindCoordinator, OffsetFetch), and
+//! for the positions kept for a switch (`crate::proxy::positions`) every broker for the groups
+//! it coordinates and their offsets (ListGroups, OffsetFetch).
 //!
 //! Connections are made by the cluster's [`Dialer`], so they use its TLS and keyward's SASL
 //! credentials for it. Each is [`Pipelined`]: the batches of every partition a broker leads
@@ -27,9 +29,9 @@ use kafka_protocol::messages::produce_response::PartitionProduceResponse;
 use kafka_protocol::messages::{
     ApiKey, BrokerId, CreateTopicsRequest, CreateTopicsResponse, FetchRequest, FetchResponse,
     FindCoordinatorRequest, FindCoordinatorResponse, GroupId, InitProducerIdRequest,
-    InitProducerIdResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
-    MetadataResponse, OffsetFetchRequest, OffsetFetchResponse, ProduceRequest, ProduceResponse,
-    TopicName,
+    InitProducerIdResponse, ListGroupsRequest, ListGroupsResponse, ListOffsetsRequest,
+    ListOffsetsResponse, MetadataRequest, MetadataResponse, OffsetFetchRequest,
+    OffsetFetchResponse, ProduceRequest, ProduceResponse, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use kafka_protocol::records::{Record, RecordBatchDecoder};
@@ -51,6 +53,8 @@ const FETCH_VERSION: i16 = 12;
 const FIND_COORDINATOR_VERSION: i16 = 4;
 /// Several groups per request, topics by name (v10 names them by id).
 const OFFSET_FETCH_VERSION: i16 = 8;
+/// Groups of both protocols, classic and KIP-848, with their states (v4); no type filter.
+const LIST_GROUPS_VERSION: i16 = 4;
 const CLIENT_ID: &str = "keyward-redirect";
 
 /// Where one partition's leader is.
@@ -575,16 +579,135 @@ impl ClusterClient {
         Ok(found.node_id.0)
     }
 
+    /// The node ids of the cluster's brokers, as its metadata says now.
+    pub async fn broker_ids(&self) -> anyhow::Result<Vec<i32>> {
+        let request = MetadataRequest::default()
+            .with_allow_auto_topic_creation(false)
+            .with_topics(Some(Vec::new()));
+        let response: MetadataResponse = self
+            .call(None, ApiKey::Metadata, METADATA_VERSION, &request)
+            .await
+            .with_context(|| format!("brokers of cluster {}", self.name))?;
+        let mut brokers = self.brokers.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(response
+            .brokers
+            .iter()
+            .map(|b| {
+                brokers.insert(b.node_id.0, address(&b.host, b.port));
+                b.node_id.0
+            })
+            .collect())
+    }
+
+    /// The consumer groups broker `node` coordinates (ListGroups goes to every broker: each
+    /// answers for its own).
+    pub async fn groups_of(&self, node: i32) -> anyhow::Result<Vec<String>> {
+        let response: ListGroupsResponse = self
+            .call(
+                Some(node),
+                ApiKey::ListGroups,
+                LIST_GROUPS_VERSION,
+                &ListGroupsRequest::default(),
+            )
+            .await
+            .with_context(|| format!("groups of broker {node} of cluster {}", self.name))?;
+        if response.error_code != 0 {
+            bail!(
+                "cluster {}: groups of broker {node}: error {}",
+                self.name,
+                response.error_code
+            );
+        }
+        Ok(response
+            .groups
+            .into_iter()
+            .map(|g| g.group_id.0.to_string())
+            .collect())
+    }
+
+    /// Every offset `groups` have committed, asked of their coordinator `node`: group ->
+    /// (topic, partition) -> offset. A group answered with an error (it moved to another
+    /// coordinator, say) is left out, and so are partitions with no commit.
+    pub async fn committed_by(
+        &self,
+        node: i32,
+        groups: &[String],
+    ) -> anyhow::Result<HashMap<String, HashMap<(String, i32), i64>>> {
+        let request = OffsetFetchRequest::default()
+            .with_require_stable(false)
+            .with_groups(
+                groups
+                    .iter()
+                    .map(|g| {
+                        OffsetFetchRequestGroup::default()
+                            .with_group_id(GroupId(StrBytes::from_string(g.clone())))
+                            .with_topics(None)
+                    })
+                    .collect(),
+            );
+        let response: OffsetFetchResponse = self
+            .call(
+                Some(node),
+                ApiKey::OffsetFetch,
+                OFFSET_FETCH_VERSION,
+                &request,
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "groups' offsets from broker {node} of cluster {}",
+                    self.name
+                )
+            })?;
+        Ok(response
+            .groups
+            .into_iter()
+            .filter(|g| g.error_code == 0)
+            .map(|g| {
+                let offsets = g
+                    .topics
+                    .into_iter()
+                    .flat_map(|t| {
+                        let name = t.name.0.to_string();
+                        t.partitions.into_iter().filter_map(move |p| {
+                            (p.error_code == 0 && p.committed_offset >= 0)
+                                .then(|| ((name.clone(), p.partition_index), p.committed_offset))
+                        })
+                    })
+                    .collect();
+                (g.group_id.0.to_string(), offsets)
+            })
+            .collect())
+    }
+
     /// Reads a partition from its start to its end as it stands now, handing each record to
     /// `each`; returns how many records were read. Batches that cannot be decoded are skipped.
     pub async fn read_all(
         &self,
         topic: &str,
         partition: i32,
-        mut each: impl FnMut(&Record),
+        each: impl FnMut(&Record),
     ) -> anyhow::Result<u64> {
+        Ok(self.read_from(topic, partition, None, each).await?.0)
+    }
+
+    /// Reads a partition from `from` (its start when `None`, or when the log no longer holds
+    /// `from`) to its end as it stands now, handing each record to `each`; returns how many
+    /// records were read and the offset to read from next time.
+    pub async fn read_from(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: Option<i64>,
+        mut each: impl FnMut(&Record),
+    ) -> anyhow::Result<(u64, i64)> {
         let end = self.end_offset(topic, partition).await?;
-        let mut at = self.start_offset(topic, partition).await?;
+        let start = self.start_offset(topic, partition).await?;
+        // A `from` past the end: the topic was deleted and made again, read it whole.
+        let mut at = match from {
+            Some(f) if f <= end => f.max(start),
+            _ => start,
+        };
         let mut read = 0;
         let mut refresh = false;
         while at < end {
@@ -624,7 +747,7 @@ impl ClusterClient {
                 );
             }
         }
-        Ok(read)
+        Ok((read, at))
     }
 
     /// How many brokers the cluster has, as its metadata last said (0 before any).

@@ -247,7 +247,10 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
         for c in clusters.values():
             c.create_topic("orders", partitions=1)
         mm2 = MirrorMaker(tmp_path, clusters, topics="orders", checkpoints=True).start()
-        reads = "reads: {{ prefer: [{0}, {1}], probe_interval_ms: 300, probe_timeout_ms: 1000, hold_down_ms: 2000 }}\n"
+        reads = (
+            "reads: {{ prefer: [{0}, {1}], probe_interval_ms: 300, probe_timeout_ms: 1000, hold_down_ms: 2000,"
+            " positions_interval_ms: 1000 }}\n"
+        )
         proxies = {
             "eu": Keyward(tmp_path, "eu", clusters, REDIRECT_TABLE, extra_config=reads.format("eu", "us")).start(),
             "us": Keyward(tmp_path, "us", clusters, REDIRECT_TABLE, extra_config=reads.format("us", "eu")).start(),
@@ -338,6 +341,12 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
         # The topic ids us gave, as the Java admin client describes them.
         ids_in_us = {t["name"]: t["topic_id"] for t in JavaClient().describe_topics(us.bootstrap, ["orders", "eu.orders"])}
 
+        # us's keyward keeps each kept group's position on `eu.orders` (us's copy of eu's
+        # `orders`), and MM2's syncs of eu's `orders` into us, for the switch.
+        wait_for(lambda: kw_us.ownership()["reads"]["positions_kept"]["groups"] >= len(kept_readers), 20,
+                 "the kept groups' positions on `eu.orders` kept")
+        print(f"positions-kept: {kw_us.ownership()['reads']['positions_kept']}")
+
         # 2. us fails: its proxy serves reads from eu; us-owned writes are held, not lost.
         us.stop(grace_s=2)
         wait_for(lambda: kw_us.metric("keyward_serving_cluster", cluster="eu") == 1, 10, "us proxy to read from eu")
@@ -375,15 +384,14 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
         assert {t["name"]: t["topic_id"] for t in described} == ids_in_us, (described, ids_in_us)
         assert all(p["leader"] >= 0 for t in described for p in t["partitions"]), described
         # The positions groups fetched through the view, as keyward counts them: MM2's
-        # translations on eu's copy of us's `orders` for the groups above; none on eu's own
-        # `orders` (us's `eu.orders`) for the consumers kept open, which read it from
-        # `auto.offset.reset`: what nothing can carry while us is down.
+        # translations on eu's copy of us's `orders` for the groups above; on eu's own `orders`
+        # (us's `eu.orders`), where eu has none, the kept consumers' positions kept by us's
+        # keyward, translated down MM2's syncs.
         def view_positions(reads: str, outcome: str) -> float:
             return kw_us.metric("keyward_view_offsets_total", serving="eu", reads=reads, outcome=outcome)
 
         assert view_positions("copy", "found") >= sum(1 for s in start.values() if s > 0), kw_us.metrics_text()
-        wait_for(lambda: view_positions("origin", "none") >= 1, 30, "a kept consumer's position on eu's own `orders`")
-        assert "a consumer group has no position on the serving cluster's own topic" in kw_us.log_path.read_text()
+        wait_for(lambda: view_positions("origin", "carried") >= 1, 30, "a kept consumer's position on eu's own `orders`")
 
         # An idempotent producer of each client connects now, through us's keyward served by eu:
         # its producer id is issued by eu. It writes an eu-owned key (to eu), then stays open,
@@ -481,6 +489,10 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
         # When us's keyward switched (its log): reads move back as soon as us is up, before the
         # ownership flips back.
         switched = switch_times(kw_us)
+        # The switch to eu's cluster says how names map from then on.
+        to_eu_lines = [line for line in kw_us.log_path.read_text(errors="replace").splitlines()
+                       if "serving cluster changes" in line and "to=eu" in line]
+        assert to_eu_lines and all("us's topics as eu holds them" in line for line in to_eu_lines), to_eu_lines
         for name in kept_readers:
             got = kept_read.get(name)
             assert got is not None, f"kept {name} consumer did not return"
@@ -497,6 +509,12 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
                 lag = min(r["received_ms"] / 1000 for r in got if r["value"] in written) - acked_at
                 figures.append(f"to_{to}: read_again={read_again:.1f}s written_after_read_in={max(lag, 0):.1f}s")
             print(f"kept-consumer[{name}]: skipped=0 read_twice={twice} " + " ".join(figures))
+            if name == "java":
+                # A classic member joins its group again at both switches and fetches its
+                # positions: those kept for the switch into the view (its `eu.orders`), those
+                # carried home at failback. It reads nothing twice (6 records of eu's `orders`
+                # before positions were kept for the switch).
+                assert twice == 0, f"kept {name} consumer read {twice} records twice"
             # Each read through the view, before reads moved back: eu's records written after
             # the switch (a client that takes the view's leader epochs for stale reads them only
             # once reads are back on us; librdkafka did, before). Not asserted for franz-go,
@@ -512,7 +530,8 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
         assert any("topic=eu.orders" in line and "read_as=orders" in line for line in carried_lines), carried_lines
         print("view-positions: " + " ".join(
             f"{reads}_{outcome}={view_positions(reads, outcome):.0f}"
-            for reads in ("copy", "origin", "other") for outcome in ("found", "none")))
+            for reads in ("copy", "origin", "other") for outcome in ("found", "none", "carried"))
+            + f" rereads_at_most={kw_us.metric('keyward_view_rereads_at_most_total', serving='eu'):.0f}")
 
         # Every acknowledged record exactly once in its owner's cluster, in order per key; no
         # held record anywhere.

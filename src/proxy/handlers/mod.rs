@@ -101,6 +101,8 @@ pub(crate) struct Viewed {
     pub(crate) unknown: Vec<kafka_protocol::protocol::StrBytes>,
     /// The member epoch a KIP-848 heartbeat came with.
     pub(crate) member_epoch: Option<i32>,
+    /// The group a v1-v7 OffsetFetch asked about.
+    pub(crate) group: Option<kafka_protocol::protocol::StrBytes>,
 }
 
 /// How the broker's response to a request of API `key` at `version` is handled.

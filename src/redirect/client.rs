@@ -24,6 +24,7 @@ use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::offset_fetch_request::{
     OffsetFetchRequestGroup, OffsetFetchRequestTopics,
 };
+use kafka_protocol::messages::offset_fetch_response::OffsetFetchResponseTopics;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::produce_response::PartitionProduceResponse;
 use kafka_protocol::messages::{
@@ -527,17 +528,7 @@ impl ClusterClient {
                     self.name
                 ),
             }
-            return Ok(answer
-                .topics
-                .into_iter()
-                .flat_map(|t| {
-                    let name = t.name.0.to_string();
-                    t.partitions.into_iter().filter_map(move |p| {
-                        (p.error_code == 0 && p.committed_offset >= 0)
-                            .then(|| ((name.clone(), p.partition_index), p.committed_offset))
-                    })
-                })
-                .collect());
+            return Ok(committed_offsets(answer.topics));
         }
         bail!(
             "cluster {}: group {group}'s coordinator keeps moving",
@@ -663,20 +654,7 @@ impl ClusterClient {
             .groups
             .into_iter()
             .filter(|g| g.error_code == 0)
-            .map(|g| {
-                let offsets = g
-                    .topics
-                    .into_iter()
-                    .flat_map(|t| {
-                        let name = t.name.0.to_string();
-                        t.partitions.into_iter().filter_map(move |p| {
-                            (p.error_code == 0 && p.committed_offset >= 0)
-                                .then(|| ((name.clone(), p.partition_index), p.committed_offset))
-                        })
-                    })
-                    .collect();
-                (g.group_id.0.to_string(), offsets)
-            })
+            .map(|g| (g.group_id.0.to_string(), committed_offsets(g.topics)))
             .collect())
     }
 
@@ -754,6 +732,21 @@ impl ClusterClient {
     pub fn brokers_known(&self) -> usize {
         self.brokers.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
+}
+
+/// The committed offsets of one group's OffsetFetch answer, by topic and partition; partitions
+/// with no commit, or an error of their own, left out.
+fn committed_offsets(topics: Vec<OffsetFetchResponseTopics>) -> HashMap<(String, i32), i64> {
+    topics
+        .into_iter()
+        .flat_map(|t| {
+            let name = t.name.0.to_string();
+            t.partitions.into_iter().filter_map(move |p| {
+                (p.error_code == 0 && p.committed_offset >= 0)
+                    .then(|| ((name.clone(), p.partition_index), p.committed_offset))
+            })
+        })
+        .collect()
 }
 
 /// A broker's `host:port`, an IPv6 host in brackets.

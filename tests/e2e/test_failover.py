@@ -508,6 +508,15 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
                 written, acked_at = written_after[to]
                 lag = min(r["received_ms"] / 1000 for r in got if r["value"] in written) - acked_at
                 figures.append(f"to_{to}: read_again={read_again:.1f}s written_after_read_in={max(lag, 0):.1f}s")
+            # Which switch each second reading followed, and of which topic.
+            seen_values, again_after = set(), {}
+            for r in sorted(got, key=lambda r: r["received_ms"]):
+                if r["value"] in seen_values:
+                    after = ([to for to, at in switched if at <= r["received_ms"] / 1000] or ["start"])[-1]
+                    key = f"{after}:{r.get('topic', '?')}"
+                    again_after[key] = again_after.get(key, 0) + 1
+                seen_values.add(r["value"])
+            figures.append(f"read_twice_after={again_after}")
             print(f"kept-consumer[{name}]: skipped=0 read_twice={twice} " + " ".join(figures))
             if name == "java":
                 # A classic member joins its group again at both switches and fetches its

@@ -129,12 +129,13 @@ pub struct Reads {
     /// last commit here. Only with `topic_names: mirrored`.
     #[serde(default = "Reads::default_failback_translation_ms")]
     pub failback_translation_ms: u64,
-    /// How often, while the local cluster is up, keyward reads consumer groups' positions on
-    /// this region's copies of other regions' topics (`eu.orders`) and MirrorMaker 2's offset
-    /// syncs of those topics, so that at a switch to region C's cluster a group that has no
-    /// position on C's own topic resumes from its position here, translated
-    /// (`proxy/positions.rs`). 0: never, such a group resumes by its `auto.offset.reset`. Only
-    /// with `topic_names: mirrored`.
+    /// How often, while the local cluster is up, keyward reads consumer groups' positions here
+    /// on topics another region's cluster holds under another name (this region's own, and its
+    /// copies of other regions' topics) and MirrorMaker 2's offset syncs both ways, so that at
+    /// a switch to that cluster a group resumes from its position here, translated, wherever
+    /// the cluster has none or one behind it (`proxy/positions.rs`). 0: never, such a group
+    /// resumes from what MM2 synced, or by its `auto.offset.reset`. Only with
+    /// `topic_names: mirrored`.
     #[serde(default = "Reads::default_positions_interval_ms")]
     pub positions_interval_ms: u64,
 }

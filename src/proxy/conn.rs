@@ -903,9 +903,8 @@ fn respond(
             // Positions kept for a switch (`super::positions`), for OffsetFetch answers.
             let kept = (key == ApiKey::OffsetFetch).then(|| shared.positions.load());
             let carry = |group: &str, topic: &str, partition: i32| {
-                let origin = view.serving_origin(topic)?;
                 kept.as_ref()?
-                    .carried(cluster, group, topic, &origin, partition)
+                    .carried(cluster, view, group, topic, partition)
             };
             let out = super::view::response(
                 &frame,

@@ -195,7 +195,7 @@ pub struct Mapped {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadFrom {
     /// The serving cluster's copy of one of the local region's topics (`us.orders` for us's
-    /// `orders`): MM2's group-offset sync translates groups' positions into it.
+    /// `orders`): MM2's group-offset sync translates groups' positions into it, when enabled.
     Copy,
     /// The serving cluster's own topic, which the local region copies (`orders` for us's
     /// `eu.orders`): a group's position on the copy is in the local cluster only, so nothing
@@ -236,8 +236,9 @@ pub enum Outcome {
     /// It had none, and keyward kept none to carry: the consumer resumes by its
     /// `auto.offset.reset`.
     None,
-    /// It had none, and keyward answered the group's position on the local cluster's copy,
-    /// translated (`super::positions`).
+    /// keyward answered the group's position on the local cluster's topic, kept for the
+    /// switch and translated (`super::positions`), which was ahead of the serving cluster's
+    /// answer (or it had none).
     Carried,
 }
 
@@ -581,14 +582,14 @@ pub fn response(
         // A request for every topic a group committed is answered with all of them: those with
         // no name in the view are left out. Epochs of commits made here are the serving
         // cluster's: none is shown.
-        // Where the serving cluster has no position on its own topic, the group's position on
-        // our copy of it, kept for the switch, is answered translated.
+        // Where the group's position kept for the switch, translated, is ahead of the serving
+        // cluster's answer (none, or MM2's translation from longer ago), it is answered.
         ApiKey::OffsetFetch => recode(frame, key, version, |r: &mut OffsetFetchResponse| {
             let positions = &mut noticed.positions;
             let mut answer = |group: Option<&str>, topic: &str, from, offset: &mut i64, p: i32| {
                 let carried = match (group, asked.carry) {
-                    (Some(group), Some(carry)) if *offset < 0 && from == ReadFrom::Origin => {
-                        carry(group, topic, p)
+                    (Some(group), Some(carry)) if from != ReadFrom::Other => {
+                        carry(group, topic, p).filter(|t| t.offset > *offset)
                     }
                     _ => None,
                 };
@@ -1176,11 +1177,11 @@ pub(crate) mod tests {
     }
 
     /// Each partition an OffsetFetch answer carries is counted by where its topic is read from
-    /// and what the answer showed: us's `orders` is eu's copy `us.orders` (MM2 syncs positions
-    /// there), us's `eu.orders` is eu's own `orders` (nothing does). Where eu has no position on
-    /// its own topic, the group's position kept for the switch is answered (`carried`); never
-    /// where eu has one, nor on the copy. Partitions and groups answered with an error are not
-    /// counted. v1-v7 name the group in the request only.
+    /// and what the answer showed: us's `orders` is eu's copy `us.orders` (MM2 may sync
+    /// positions there), us's `eu.orders` is eu's own `orders` (nothing does). Where the group's
+    /// position kept for the switch, translated, is ahead of eu's answer, it is answered
+    /// (`carried`); where eu's is at or ahead of it, eu's stands. Partitions and groups answered
+    /// with an error are not counted. v1-v7 name the group in the request only.
     #[test]
     fn offset_fetch_answers_carry_and_count_positions_in_every_version() {
         use kafka_protocol::messages::offset_fetch_response::{
@@ -1195,13 +1196,18 @@ pub(crate) mod tests {
             ),
             ("orders", &[(-1, 0), (9, 0), (-1, 0)]),
         ];
-        // Kept: group g's positions on us's `eu.orders`, partitions 1 and 2 (1 is eu's own
-        // commit, which stands), and on `orders` partition 1 (a copy: not carried).
+        // Kept for group g, translated: on `orders` 3 (behind eu's 5: eu's stands) and 41
+        // (eu has none); on `eu.orders` 5 (behind eu's 9) and 42 (eu has none).
         let carry = |group: &str, topic: &str, partition: i32| {
-            let kept = (group == "g" && topic == "eu.orders" && partition > 0)
-                || (group == "g" && topic == "orders" && partition == 1);
-            kept.then_some(offset_syncs::Translated {
-                offset: 40 + i64::from(partition),
+            let offset = match (group, topic, partition) {
+                ("g", "orders", 0) => 3,
+                ("g", "orders", 1) => 41,
+                ("g", "eu.orders", 1) => 5,
+                ("g", "eu.orders", 2) => 42,
+                _ => return None,
+            };
+            Some(offset_syncs::Translated {
+                offset,
                 reread_at_most: 2,
             })
         };
@@ -1314,12 +1320,12 @@ pub(crate) mod tests {
             };
             // [found, none, carried] for copy, origin, other.
             let (p, offsets) = through(&answer(0), Some(&carry));
-            assert_eq!(counts(&p), [[1, 1, 0], [1, 1, 1], [0, 0, 0]], "v{v}");
-            assert_eq!(p.reread_at_most, 2, "v{v}");
+            assert_eq!(counts(&p), [[1, 0, 1], [1, 1, 1], [0, 0, 0]], "v{v}");
+            assert_eq!(p.reread_at_most, 4, "v{v}");
             assert_eq!(
                 offsets,
                 [
-                    ("orders".to_owned(), vec![5, -1, -1]),
+                    ("orders".to_owned(), vec![5, 41, -1]),
                     ("eu.orders".to_owned(), vec![-1, 9, 42]),
                 ],
                 "v{v}"

@@ -181,6 +181,15 @@ def switch_times(kw: Keyward) -> list[tuple[str, float]]:
     return out
 
 
+def group_state(cluster: KafkaCluster, group: str) -> str:
+    """The state of `group` in `cluster` ("STABLE", "EMPTY", ...)."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": cluster.bootstrap})
+    described = admin.describe_consumer_groups([group], request_timeout=10)[group].result(timeout=15)
+    return described.state.name
+
+
 def translated(cluster: KafkaCluster, group: str, topic: str = "us.orders") -> int | None:
     """The offset `group` has committed on `cluster` for partition 0 of `topic`, as MirrorMaker 2
     wrote it there; None while there is none."""
@@ -343,8 +352,25 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
 
         # us's keyward keeps each kept group's position on `eu.orders` (us's copy of eu's
         # `orders`), and MM2's syncs of eu's `orders` into us, for the switch.
-        wait_for(lambda: kw_us.ownership()["reads"]["positions_kept"]["groups"] >= len(kept_readers), 20,
-                 "the kept groups' positions on `eu.orders` kept")
+        def kept_on(topic: str) -> int:
+            return kw_us.ownership()["reads"]["positions_kept"]["partitions_by_topic"].get(topic, 0)
+
+        wait_for(lambda: kept_on("eu.orders") >= len(kept_readers), 20, "the kept groups' positions on `eu.orders` kept")
+        # A group MM2 never syncs into eu, since it has a member there (reading eu's own `orders`
+        # directly) and MM2 syncs only groups that are empty in the target: its position on us's
+        # `orders`, committed through us's keyward, is in us only, and keyward keeps it.
+        late = unique("fo-late")
+        blocker_stop = tmp_path / "blocker-stop"
+        blocker = threading.Thread(
+            target=lambda: client.consume(eu.bootstrap, ["orders"], late, 1000, timeout_s=120, stop_file=blocker_stop),
+            daemon=True,
+        )
+        blocker.start()
+        wait_for(lambda: group_state(eu, late) == "STABLE", 30, "the late group's member in eu")
+        on_orders = kept_on("orders")
+        got = client.consume(kw_us.bootstrap, ["orders"], late, 3, timeout_s=30)
+        assert {r["value"] for r in got} == first, got
+        wait_for(lambda: kept_on("orders") > on_orders, 20, "the late group's position kept")
         print(f"positions-kept: {kw_us.ownership()['reads']['positions_kept']}")
 
         # 2. us fails: its proxy serves reads from eu; us-owned writes are held, not lost.
@@ -376,6 +402,15 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
                 f" consume_call={time.monotonic() - began:.1f}s"
             )
         assert kw_us.metric("keyward_requests_total", api="ConsumerGroupHeartbeat") > heartbeats, "KIP-848 was used"
+        # The late group: MM2 synced nothing into eu, yet it resumes at its position in us (3),
+        # kept by keyward and translated down MM2's syncs of us's `orders`: us's second records.
+        blocker_stop.touch()
+        blocker.join(timeout=30)
+        assert translated(eu, late) is None, "MM2 synced the late group: the case is not the one tested"
+        carried_before = kw_us.metric("keyward_view_offsets_total", serving="eu", reads="copy", outcome="carried")
+        got = client.consume(kw_us.bootstrap, ["orders"], late, 3, timeout_s=30)
+        assert sorted(r["value"] for r in got) == sorted(second), got
+        assert kw_us.metric("keyward_view_offsets_total", serving="eu", reads="copy", outcome="carried") > carried_before
         # The Java admin client describes us's topics through the view under the ids us gave
         # them (not eu's copies' ids), each partition with a leader.
         began = time.monotonic()

@@ -187,6 +187,8 @@ def test_the_dashboard_shows_what_redirect_and_read_failover_cost():
         assert any(metric in q and by in q and "rate(" in q for q in queries), f"no panel shows {metric} {by}"
     # Failback: how consumer groups' positions were carried home, by outcome.
     assert any("keyward_failback_offsets_total" in q and "by (outcome)" in q for q in queries)
+    # The switch into the view: the positions groups found, were carried, or had none.
+    assert any("keyward_view_offsets_total" in q and "by (reads, outcome)" in q for q in queries)
 
 
 def test_alert_rules_parse():

@@ -177,6 +177,7 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                     next: None,
                     held: Arc::default(),
                     failing: false,
+                    missing_logged: false,
                 })
             })
             .collect()
@@ -228,7 +229,14 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                 }
                 let name = &shared.clusters.get(from).name;
                 match s.read_on().await {
-                    Ok(()) => s.failing = false,
+                    Ok(Read::Read) => s.failing = false,
+                    // No MirrorMaker 2 writing this flow (yet): nothing to carry through, and
+                    // nothing wrong with keyward.
+                    Ok(Read::Missing) => {
+                        if !std::mem::replace(&mut s.missing_logged, true) {
+                            info!(cluster = %name, topic = s.topic, "no MirrorMaker 2 offset syncs topic: positions are carried through it once MirrorMaker 2 creates it");
+                        }
+                    }
                     Err(e) => {
                         counter!("keyward_positions_read_errors_total", "cluster" => name.clone())
                             .increment(1);
@@ -305,10 +313,22 @@ struct Syncs {
     held: Arc<OffsetSyncs>,
     /// The last read failed.
     failing: bool,
+    /// That the topic does not exist was logged.
+    missing_logged: bool,
+}
+
+/// What a round found of a syncs topic.
+enum Read {
+    Read,
+    /// The topic does not exist.
+    Missing,
 }
 
 impl Syncs {
-    async fn read_on(&mut self) -> anyhow::Result<()> {
+    async fn read_on(&mut self) -> anyhow::Result<Read> {
+        if self.next.is_none() && !self.client.topic_exists(&self.topic).await? {
+            return Ok(Read::Missing);
+        }
         let mut read = Vec::new();
         let (records, next) = self
             .client
@@ -333,7 +353,7 @@ impl Syncs {
             );
         }
         self.next = Some(next);
-        Ok(())
+        Ok(Read::Read)
     }
 }
 

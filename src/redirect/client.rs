@@ -184,6 +184,16 @@ impl ClusterClient {
         Ok(())
     }
 
+    /// Whether `topic` exists, as the cluster's metadata says now.
+    pub async fn topic_exists(&self, topic: &str) -> anyhow::Result<bool> {
+        self.refresh(topic).await?;
+        let leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(!matches!(
+            leaders.get(topic).and_then(|t| t.get(&-1)),
+            Some(l) if l.error_code == UNKNOWN_TOPIC_OR_PARTITION
+        ))
+    }
+
     /// The leader of a partition, or the Kafka error that says why there is none.
     async fn leader(
         &self,

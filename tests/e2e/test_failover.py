@@ -67,6 +67,9 @@ def test_reads_fail_over_to_the_next_healthy_cluster_and_come_back(tmp_path, us)
             # eu's topic is read from us's copy of it, never from us's own topic of that name.
             got = client.consume(kw.bootstrap, [topic], unique("g"), expected_count=1, timeout_s=20)
             assert [r["value"] for r in got] == [b"eu-copy"]
+            # That new group had no position anywhere: counted (no MirrorMaker here, so there
+            # are no offset syncs to translate a kept position through either).
+            assert kw.metric("keyward_view_offsets_total", serving="us", reads="copy", outcome="none") >= 1
             # us's own topic is `us.<topic>` to eu's clients, as MirrorMaker 2 names it in eu.
             got = client.consume(kw.bootstrap, [f"us.{topic}"], unique("g"), expected_count=1, timeout_s=20)
             assert [r["value"] for r in got] == [b"from-us"]

@@ -920,14 +920,15 @@ fn respond(
                 &mut noticed,
             )?;
             count_view_positions(view, &noticed.positions);
-            let unplaced = noticed
-                .positions
-                .get(super::view::ReadFrom::Origin, super::view::Outcome::None);
+            let unplaced: u64 = super::view::ReadFrom::ALL
+                .iter()
+                .map(|&from| noticed.positions.get(from, super::view::Outcome::None))
+                .sum();
             if unplaced > 0 && shared.view_log.allow() {
                 warn!(
                     partitions = unplaced,
                     serving = view.serving(),
-                    "a consumer group has no position on the serving cluster's own topic it reads through the view: its position on this region's copy cannot be carried there, and it resumes by its auto.offset.reset"
+                    "a consumer group has no position through the view, neither in the serving cluster nor kept by keyward for the switch: it resumes by its auto.offset.reset"
                 );
             }
             for topic in noticed.missing {

@@ -205,7 +205,7 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                         positions_failing = false;
                     }
                     Err(e) => {
-                        counter!("keyward_positions_read_errors_total", "cluster" => shared.config.region.clone()).increment(1);
+                        counter!("keyward_positions_read_errors_total", "cluster" => shared.clusters.get(0).name.clone()).increment(1);
                         let error = format!("{e:#}");
                         if std::mem::replace(&mut positions_failing, true) {
                             debug!(error, "cannot read consumer groups' positions");

@@ -67,9 +67,13 @@ def test_reads_fail_over_to_the_next_healthy_cluster_and_come_back(tmp_path, us)
             # eu's topic is read from us's copy of it, never from us's own topic of that name.
             got = client.consume(kw.bootstrap, [topic], unique("g"), expected_count=1, timeout_s=20)
             assert [r["value"] for r in got] == [b"eu-copy"]
-            # That new group had no position anywhere: counted (no MirrorMaker here, so there
-            # are no offset syncs to translate a kept position through either).
+            # That new group had no position anywhere: counted and logged (no MirrorMaker here:
+            # keyward logged once that there are no offset syncs to carry positions through).
             assert kw.metric("keyward_view_offsets_total", serving="us", reads="copy", outcome="none") >= 1
+            logs = kw.log_path.read_text(errors="replace")
+            assert "a consumer group has no position through the view" in logs
+            assert 'no MirrorMaker 2 offset syncs topic' in logs and 'topic="mm2-offset-syncs.eu.internal"' in logs
+            assert kw.metric("keyward_positions_read_errors_total", cluster="us") == 0, "a missing topic is no failure"
             # us's own topic is `us.<topic>` to eu's clients, as MirrorMaker 2 names it in eu.
             got = client.consume(kw.bootstrap, [f"us.{topic}"], unique("g"), expected_count=1, timeout_s=20)
             assert [r["value"] for r in got] == [b"from-us"]

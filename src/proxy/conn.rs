@@ -505,6 +505,19 @@ fn viewed(
                     );
                 }
             }
+            if !mapped.ask {
+                return match super::view::unknown_topics_answer(
+                    head.api_version,
+                    head.correlation_id,
+                    &mapped.unknown,
+                ) {
+                    Ok(answer) => Step::answer(answer),
+                    Err(e) => {
+                        debug!(peer = ?identity.peer, error = %e, "cannot encode keyward's answer in a region view; closing");
+                        Step::close("malformed_request")
+                    }
+                };
+            }
             let handling = Handling::Rewrite(Rewrite::View(Box::new(Viewed {
                 inner,
                 key,
@@ -881,6 +894,9 @@ fn respond(
         }),
         Rewrite::FindCoordinator(v) => handlers::find_coordinator::response(&frame, v, to),
         Rewrite::DescribeCluster(v) => handlers::describe_cluster::response(&frame, v, to),
+        Rewrite::DescribeTopicPartitions(v) => {
+            handlers::describe_topic_partitions::response(&frame, v, to)
+        }
         Rewrite::Fetch(v) => handlers::fetch::response(&frame, v, to),
         Rewrite::Produce(v) => handlers::produce::response(&frame, v, to),
         Rewrite::GroupHeartbeat(v, epoch) => handlers::group_heartbeat::response(&frame, v, epoch),

@@ -3,8 +3,9 @@
 //! so a client of region R reads R's topics from the serving cluster's mirrors of them.
 //!
 //! Mapped, in both directions: Metadata, Fetch, ListOffsets, OffsetFetch, OffsetCommit,
-//! OffsetForLeaderEpoch, and KIP-848's ConsumerGroupHeartbeat (subscribed names, a subscription
-//! by pattern refused; owned and assigned partitions by id) and ConsumerGroupDescribe.
+//! OffsetForLeaderEpoch, DescribeTopicPartitions (the admin client's describe), and KIP-848's
+//! ConsumerGroupHeartbeat (subscribed names, a subscription by pattern refused; owned and
+//! assigned partitions by id) and ConsumerGroupDescribe.
 //!
 //! Topic ids are mapped too ([`Ids`]): a client is shown, for each topic, the id the local
 //! cluster gave it, the one it knew before the switch and will know after the failback, so a
@@ -20,20 +21,22 @@
 //! name another region's topic under R's name.
 //!
 //! A request naming a topic with no counterpart in the serving cluster (an internal topic, a
-//! name MM2 never makes) is refused: in Metadata the topic is answered
-//! `UNKNOWN_TOPIC_OR_PARTITION` by keyward and never asked of the broker; anywhere else the
-//! connection closes. Metadata requests never create topics here: a missing mirror is MM2's to
+//! name MM2 never makes) is refused: in Metadata and DescribeTopicPartitions the topic is
+//! answered `UNKNOWN_TOPIC_OR_PARTITION` by keyward and never asked of the broker; anywhere
+//! else the connection closes. Metadata requests never create topics here: a missing mirror is MM2's to
 //! create, and the client is told the topic is unknown (retriable) while it is missing.
 
 use bytes::Bytes;
+use kafka_protocol::messages::describe_topic_partitions_response::DescribeTopicPartitionsResponseTopic;
 use kafka_protocol::messages::metadata_response::MetadataResponseTopic;
 use kafka_protocol::messages::{
     ApiKey, ConsumerGroupDescribeResponse, ConsumerGroupHeartbeatRequest,
-    ConsumerGroupHeartbeatResponse, FetchRequest, FetchResponse, InitProducerIdRequest,
+    ConsumerGroupHeartbeatResponse, DescribeTopicPartitionsRequest,
+    DescribeTopicPartitionsResponse, FetchRequest, FetchResponse, InitProducerIdRequest,
     InitProducerIdResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
     MetadataResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
     OffsetFetchResponse, OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse, ProducerId,
-    TopicName,
+    ResponseHeader, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use uuid::Uuid;
@@ -80,6 +83,7 @@ pub const MAPPED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::ConsumerGroupHeartbeat, 0, 1),
     (ApiKey::ConsumerGroupDescribe, 0, 1),
     (ApiKey::InitProducerId, 0, 5),
+    (ApiKey::DescribeTopicPartitions, 0, 0),
 ];
 
 /// A leader epoch left out: the broker checks none, and a client takes none as newer or older.
@@ -181,13 +185,16 @@ pub enum ViewError {
 #[derive(Debug)]
 pub struct Mapped {
     pub frame: Bytes,
-    /// Metadata only: topics the client asked for that were left out of the request, to be
-    /// answered `UNKNOWN_TOPIC_OR_PARTITION` in the response.
+    /// Metadata and DescribeTopicPartitions: topics the client asked for that were left out of
+    /// the request, to be answered `UNKNOWN_TOPIC_OR_PARTITION` in the response.
     pub unknown: Vec<StrBytes>,
     /// ConsumerGroupHeartbeat only: the member epoch it came with.
     pub member_epoch: Option<i32>,
     /// OffsetFetch v1-v7 only (later answers name their groups): the group asked about.
     pub group: Option<StrBytes>,
+    /// False when nothing is left to ask the broker: every topic named is in `unknown`, and
+    /// keyward answers the request itself ([`unknown_topics_answer`]).
+    pub ask: bool,
 }
 
 /// Where the serving cluster keeps a topic a client names: what decides whether a consumer
@@ -327,6 +334,7 @@ pub fn request(
     let mut unknown = Vec::new();
     let mut member_epoch = None;
     let mut group = None;
+    let mut ask = true;
     let frame = match key {
         ApiKey::Metadata => recode_request(frame, key, version, |r: &mut MetadataRequest| {
             if let Some(topics) = &mut r.topics {
@@ -434,6 +442,32 @@ pub fn request(
                     .try_for_each(|t| to_serving(&mut t.topic))
             },
         )?,
+        // Like Metadata: a topic with no counterpart is answered unknown by keyward. A request
+        // left with none to ask is answered here (an empty list would ask for every topic).
+        // The cursor names a topic of an earlier answer, so it maps.
+        ApiKey::DescribeTopicPartitions => recode_request(
+            frame,
+            key,
+            version,
+            |r: &mut DescribeTopicPartitionsRequest| {
+                let asked = r.topics.len();
+                r.topics
+                    .retain_mut(|t| match view.to_serving(t.name.0.as_str()) {
+                        Some(mapped) => {
+                            t.name.0 = StrBytes::from_string(mapped);
+                            true
+                        }
+                        None => {
+                            unknown.push(t.name.0.clone());
+                            false
+                        }
+                    });
+                ask = asked == 0 || !r.topics.is_empty();
+                r.cursor
+                    .iter_mut()
+                    .try_for_each(|c| to_serving(&mut c.topic_name))
+            },
+        )?,
         ApiKey::ConsumerGroupHeartbeat => recode_request(
             frame,
             key,
@@ -471,6 +505,7 @@ pub fn request(
         unknown,
         member_epoch,
         group,
+        ask,
     }))
 }
 
@@ -549,6 +584,43 @@ pub fn response(
             }));
             Ok(())
         }),
+        // As Metadata, and so is the cursor to the next page: the serving cluster pages in the
+        // order of its own names, which a client only hands back. A cursor at a topic with no
+        // name in the view (listing every topic, when a page ends inside one of the serving
+        // cluster's internal topics) cannot be handed back: the answer fails, and the
+        // connection closes.
+        ApiKey::DescribeTopicPartitions => recode(
+            frame,
+            key,
+            version,
+            |r: &mut DescribeTopicPartitionsResponse| {
+                r.topics.retain_mut(|t| t.name.as_mut().is_none_or(keep));
+                for t in &mut r.topics {
+                    let Some(name) = &t.name else {
+                        t.topic_id = ids.to_client(t.topic_id);
+                        continue;
+                    };
+                    t.topic_id = ids.named(name, t.topic_id);
+                    for p in &mut t.partitions {
+                        p.leader_epoch = ids
+                            .local
+                            .leader_epoch(name, p.partition_index)
+                            .unwrap_or(NO_EPOCH);
+                    }
+                }
+                r.next_cursor
+                    .iter_mut()
+                    .try_for_each(|c| to_client(&mut c.topic_name))?;
+                noticed.missing.extend(
+                    r.topics
+                        .iter()
+                        .filter(|t| t.error_code == UNKNOWN_TOPIC_OR_PARTITION)
+                        .filter_map(|t| Some(t.name.as_ref()?.0.to_string())),
+                );
+                r.topics.extend(unknown.iter().map(unknown_topic));
+                Ok(())
+            },
+        ),
         ApiKey::Fetch if version < FETCH_BY_ID => {
             recode(frame, key, version, |r: &mut FetchResponse| {
                 r.responses
@@ -670,6 +742,33 @@ pub fn response(
         }
         _ => Ok(frame.clone()),
     }
+}
+
+/// A DescribeTopicPartitions answer's entry for a topic the serving cluster has no counterpart
+/// of: unknown, as the broker answers a topic it does not have.
+fn unknown_topic(name: &StrBytes) -> DescribeTopicPartitionsResponseTopic {
+    DescribeTopicPartitionsResponseTopic::default()
+        .with_error_code(UNKNOWN_TOPIC_OR_PARTITION)
+        .with_name(Some(TopicName(name.clone())))
+}
+
+/// keyward's own answer to a DescribeTopicPartitions request none of whose topics has a
+/// counterpart in the serving cluster ([`Mapped::ask`]): each of them unknown.
+pub fn unknown_topics_answer(
+    version: i16,
+    correlation_id: i32,
+    unknown: &[StrBytes],
+) -> anyhow::Result<Bytes> {
+    let key = ApiKey::DescribeTopicPartitions;
+    let mut header = Vec::new();
+    ResponseHeader::default()
+        .with_correlation_id(correlation_id)
+        .encode(&mut header, key.response_header_version(version))?;
+    let answer = DescribeTopicPartitionsResponse::default()
+        .with_topics(unknown.iter().map(unknown_topic).collect());
+    let mut body = Vec::new();
+    answer.encode(&mut body, version)?;
+    Ok(frame::assemble(&header, &body))
 }
 
 /// A Fetch response (v13+) with each topic's id as the client knows it: the broker's bytes when
@@ -964,6 +1063,126 @@ pub(crate) mod tests {
                 shown,
                 [("orders", id(1)), ("eu.orders", id(2)), ("audit", id(13))],
                 "v{v}: a topic whose local id keyward never saw keeps the serving cluster's"
+            );
+        }
+    }
+
+    #[test]
+    fn describe_topic_partitions_in_every_version() {
+        use kafka_protocol::messages::describe_topic_partitions_request::{
+            Cursor as AskedCursor, TopicRequest,
+        };
+        use kafka_protocol::messages::describe_topic_partitions_response::{
+            Cursor, DescribeTopicPartitionsResponsePartition,
+        };
+        let key = ApiKey::DescribeTopicPartitions;
+        for v in versions(key) {
+            let topic = |n| TopicRequest::default().with_name(name(n));
+            let request = DescribeTopicPartitionsRequest::default()
+                .with_topics(vec![
+                    topic("eu.orders"),
+                    topic("orders"),
+                    topic("__consumer_offsets"),
+                ])
+                .with_cursor(Some(
+                    AskedCursor::default()
+                        .with_topic_name(name("orders"))
+                        .with_partition_index(3),
+                ));
+            let m = mapped(key, v, &request);
+            assert!(m.ask);
+            let sent: DescribeTopicPartitionsRequest = decode_request(&m.frame, key, v);
+            let sent_names: Vec<_> = sent.topics.iter().map(|t| &t.name).collect();
+            assert_eq!(names(sent_names), ["orders", "us.orders"], "v{v}");
+            assert_eq!(sent.cursor.unwrap().topic_name.0.as_str(), "us.orders");
+            assert_eq!(m.unknown, [StrBytes::from_static_str("__consumer_offsets")]);
+
+            // eu's answer: its copy of us's `orders` (id 11, eu's epoch 3), its own `orders`
+            // (id 12), and the next page at its copy's partition 4.
+            let partition = DescribeTopicPartitionsResponsePartition::default()
+                .with_partition_index(0)
+                .with_leader_epoch(3);
+            let described = |n, i| {
+                DescribeTopicPartitionsResponseTopic::default()
+                    .with_name(Some(name(n)))
+                    .with_topic_id(id(i))
+                    .with_partitions(vec![partition.clone()])
+            };
+            let answer = DescribeTopicPartitionsResponse::default()
+                .with_topics(vec![described("orders", 12), described("us.orders", 11)])
+                .with_next_cursor(Some(
+                    Cursor::default()
+                        .with_topic_name(name("us.orders"))
+                        .with_partition_index(4),
+                ));
+            let got = back(key, v, &answer, &m.unknown);
+            let got_names: Vec<_> = got.topics.iter().filter_map(|t| t.name.as_ref()).collect();
+            assert_eq!(
+                names(got_names),
+                ["eu.orders", "orders", "__consumer_offsets"],
+                "v{v}"
+            );
+            // The ids and leader epochs us gave (none known for us's `eu.orders`).
+            let shown: Vec<_> = got
+                .topics
+                .iter()
+                .map(|t| (t.topic_id, t.partitions.first().map(|p| p.leader_epoch)))
+                .collect();
+            assert_eq!(
+                shown,
+                [
+                    (id(2), Some(NO_EPOCH)),
+                    (id(1), Some(7)),
+                    (Uuid::nil(), None)
+                ]
+            );
+            assert_eq!(got.topics[2].error_code, UNKNOWN_TOPIC_OR_PARTITION);
+            let next = got.next_cursor.unwrap();
+            assert_eq!(
+                (next.topic_name.0.as_str(), next.partition_index),
+                ("orders", 4)
+            );
+
+            // Every topic in a listing of all of them: the serving cluster's internal ones are
+            // left out, and a page ending inside one cannot be handed back.
+            let all = DescribeTopicPartitionsRequest::default();
+            assert!(mapped(key, v, &all).ask);
+            let answer = DescribeTopicPartitionsResponse::default().with_topics(vec![
+                described("__consumer_offsets", 50),
+                described("orders", 12),
+            ]);
+            let got = back(key, v, &answer, &[]);
+            assert_eq!(got.topics.len(), 1);
+            assert_eq!(got.topics[0].name.as_ref().unwrap().0.as_str(), "eu.orders");
+            let cut = answer.with_next_cursor(Some(
+                Cursor::default().with_topic_name(name("__consumer_offsets")),
+            ));
+            let f = response_frame(key, v, &cut);
+            let asked = Asked::default();
+            assert!(super::response(&f, key, v, ids(), &asked, &mut Noticed::default()).is_err());
+        }
+    }
+
+    #[test]
+    fn describe_topic_partitions_naming_nothing_mappable_is_answered_by_keyward() {
+        use kafka_protocol::messages::describe_topic_partitions_request::TopicRequest;
+        let key = ApiKey::DescribeTopicPartitions;
+        for v in versions(key) {
+            let request = DescribeTopicPartitionsRequest::default().with_topics(vec![
+                TopicRequest::default().with_name(name("__consumer_offsets")),
+            ]);
+            let m = mapped(key, v, &request);
+            assert!(!m.ask, "an empty list would ask for every topic");
+            let answer = unknown_topics_answer(v, 7, &m.unknown).unwrap();
+            let head = frame::response_header_len(&answer, key.response_header_version(v));
+            assert!(head.is_ok());
+            assert_eq!(i32::from_be_bytes(answer[4..8].try_into().unwrap()), 7);
+            let got: DescribeTopicPartitionsResponse = decode_body(&answer, key, v);
+            assert_eq!(got.topics.len(), 1);
+            assert_eq!(got.topics[0].error_code, UNKNOWN_TOPIC_OR_PARTITION);
+            assert_eq!(
+                got.topics[0].name.as_ref().unwrap().0.as_str(),
+                "__consumer_offsets"
             );
         }
     }
@@ -1720,6 +1939,7 @@ pub(crate) mod tests {
         assert_eq!(offer(ApiKey::OffsetCommit, 2, 10), Some((2, 9)));
         assert_eq!(offer(ApiKey::JoinGroup, 0, 9), Some((0, 9)));
         assert_eq!(offer(ApiKey::ConsumerGroupHeartbeat, 0, 1), Some((0, 1)));
+        assert_eq!(offer(ApiKey::DescribeTopicPartitions, 0, 0), Some((0, 0)));
         for withheld in [
             ApiKey::CreateTopics,
             ApiKey::DeleteTopics,
@@ -1727,7 +1947,6 @@ pub(crate) mod tests {
             ApiKey::DescribeConfigs,
             ApiKey::TxnOffsetCommit,
             ApiKey::AddPartitionsToTxn,
-            ApiKey::DescribeTopicPartitions,
             ApiKey::OffsetDelete,
         ] {
             assert_eq!(offer(withheld, 0, 5), None, "{withheld:?}");

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from harness import FranzClient, JavaClient, KafkaCluster, LibrdkafkaClient, raw, record, unique
+from harness import ClientError, FranzClient, JavaClient, KafkaCluster, LibrdkafkaClient, raw, record, unique
 from harness.keyward import Keyward
 
 from test_keyward import INVALID_RECORD, TABLE, keys_of
@@ -418,13 +418,18 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
         got = client.consume(kw_us.bootstrap, ["orders"], late, 3, timeout_s=30)
         assert sorted(r["value"] for r in got) == sorted(second), got
         assert kw_us.metric("keyward_view_offsets_total", serving="eu", reads="copy", outcome="carried") > carried_before
-        # The Java admin client describes us's topics through the view under the ids us gave
-        # them (not eu's copies' ids), each partition with a leader.
+        # The Java admin client describes us's topics through the view (DescribeTopicPartitions,
+        # mapped) under the ids us gave them (not eu's copies' ids), each partition with a
+        # leader. A topic with no counterpart in eu is unknown, answered by keyward.
+        described_before = kw_us.metric("keyward_requests_total", api="DescribeTopicPartitions")
         began = time.monotonic()
         described = JavaClient().describe_topics(kw_us.bootstrap, ["orders", "eu.orders"])
         print(f"admin-describe-through-view: {time.monotonic() - began:.1f}s")
         assert {t["name"]: t["topic_id"] for t in described} == ids_in_us, (described, ids_in_us)
         assert all(p["leader"] >= 0 for t in described for p in t["partitions"]), described
+        assert kw_us.metric("keyward_requests_total", api="DescribeTopicPartitions") > described_before
+        with pytest.raises(ClientError, match="UnknownTopicOrPartition"):
+            JavaClient().describe_topics(kw_us.bootstrap, ["__consumer_offsets"])
         # The positions groups fetched through the view, as keyward counts them: MM2's
         # translations on eu's copy of us's `orders` for the groups above; on eu's own `orders`
         # (us's `eu.orders`), where eu has none, the kept consumers' positions kept by us's

@@ -10,6 +10,7 @@
 pub mod api_versions;
 pub mod client_sasl;
 pub mod describe_cluster;
+pub mod describe_topic_partitions;
 pub mod fetch;
 pub mod find_coordinator;
 pub mod group_heartbeat;
@@ -49,6 +50,14 @@ impl Step {
         }
     }
 
+    /// Answered by keyward; nothing goes to the broker.
+    pub(crate) fn answer(frame: Bytes) -> Self {
+        Step {
+            upstream: None,
+            slot: Some(Pending::Answer(frame)),
+        }
+    }
+
     pub(crate) fn close(cause: &'static str) -> Self {
         Step {
             upstream: None,
@@ -75,6 +84,8 @@ pub(crate) enum Rewrite {
     Metadata(i16),
     FindCoordinator(i16),
     DescribeCluster(i16),
+    /// Node ids renumbered while another cluster serves.
+    DescribeTopicPartitions(i16),
     Fetch(i16),
     /// A produce keyward forwarded whole (v10+ responses may carry node endpoints).
     Produce(i16),
@@ -97,7 +108,7 @@ pub(crate) struct Viewed {
     pub(crate) inner: Rewrite,
     pub(crate) key: ApiKey,
     pub(crate) version: i16,
-    /// Topics the request left out, answered unknown (Metadata).
+    /// Topics the request left out, answered unknown (Metadata, DescribeTopicPartitions).
     pub(crate) unknown: Vec<kafka_protocol::protocol::StrBytes>,
     /// The member epoch a KIP-848 heartbeat came with.
     pub(crate) member_epoch: Option<i32>,
@@ -117,6 +128,7 @@ pub(crate) fn rewrite(key: ApiKey, version: i16) -> Rewrite {
         ApiKey::Metadata => Rewrite::Metadata(version),
         ApiKey::FindCoordinator => Rewrite::FindCoordinator(version),
         ApiKey::DescribeCluster => Rewrite::DescribeCluster(version),
+        ApiKey::DescribeTopicPartitions => Rewrite::DescribeTopicPartitions(version),
         ApiKey::Fetch => Rewrite::Fetch(version),
         ApiKey::SaslAuthenticate => Rewrite::SaslAuthenticate(version),
         _ => Rewrite::Passthrough,

@@ -26,6 +26,8 @@ pub const COORDINATOR_NOT_AVAILABLE: i16 = E::CoordinatorNotAvailable.code();
 pub const NOT_COORDINATOR: i16 = E::NotCoordinator.code();
 pub const UNKNOWN_MEMBER_ID: i16 = E::UnknownMemberId.code();
 pub const GROUP_ID_NOT_FOUND: i16 = E::GroupIdNotFound.code();
+pub const FENCED_MEMBER_EPOCH: i16 = E::FencedMemberEpoch.code();
+pub const UNKNOWN_LEADER_EPOCH: i16 = E::UnknownLeaderEpoch.code();
 
 #[cfg(test)]
 mod tests {

@@ -19,7 +19,7 @@ use kafka_protocol::messages::ApiKey;
 use metrics::counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::handlers::{
     self, Handling, Pending, Rewrite, Step, Viewed, api_versions, client_sasl, handling, produce,
@@ -412,6 +412,9 @@ async fn requests(
             }
             (Admission::Forward, Ok(key)) => match view {
                 Some(_) => viewed(shared, identity, cluster, frame, head, key),
+                None if let Some(step) = held_in_failback(shared, identity, &frame, head, key) => {
+                    step
+                }
                 None => {
                     // Not while the cluster that served is down: the answer would only wait.
                     let carried = (key == ApiKey::OffsetFetch)
@@ -479,6 +482,68 @@ async fn requests(
     }
 }
 
+/// keyward's own answer, on a local connection in a failback window, to a consumer kept open
+/// across the switch (`super::failback`): its offset validations are held for a while, and its
+/// KIP-848 membership from the other cluster's coordinator is fenced at its first heartbeat,
+/// its commits refused until then.
+/// `None` for every other request.
+fn held_in_failback(
+    shared: &Shared,
+    identity: &Identity,
+    frame: &Bytes,
+    head: RequestHead,
+    key: ApiKey,
+) -> Option<Step> {
+    if !matches!(
+        key,
+        ApiKey::OffsetForLeaderEpoch | ApiKey::ConsumerGroupHeartbeat | ApiKey::OffsetCommit
+    ) {
+        return None;
+    }
+    let window = shared.failback.current()?;
+    let answer = match key {
+        ApiKey::OffsetForLeaderEpoch if window.holds_validations() => {
+            super::failback::held_validation_answer(frame, head.api_version, head.correlation_id)
+                .map(|(answer, held)| {
+                    counter!("keyward_failback_validations_held_total").increment(held as u64);
+                    answer
+                })
+        }
+        ApiKey::OffsetCommit => super::failback::refused_commit_answer(
+            &window,
+            frame,
+            head.api_version,
+            head.correlation_id,
+        )?
+        .map(|(answer, refused)| {
+            counter!("keyward_failback_commits_refused_total").increment(refused as u64);
+            answer
+        }),
+        ApiKey::ConsumerGroupHeartbeat => {
+            let (member, epoch) = handlers::group_heartbeat::member(frame, head.api_version)?;
+            if epoch <= 0 || !window.fence(member) {
+                return None;
+            }
+            counter!("keyward_failback_members_fenced_total").increment(1);
+            info!(
+                peer = ?identity.peer,
+                member,
+                epoch,
+                "a KIP-848 member that heartbeat through the region view is fenced here: it joins again, from its committed position carried home"
+            );
+            handlers::group_heartbeat::fenced_answer(head.api_version, head.correlation_id)
+        }
+        _ => return None,
+    };
+    Some(match answer {
+        Ok(answer) => Step::answer(answer),
+        Err(e) => {
+            debug!(peer = ?identity.peer, error = %e, ?key, "malformed request in a failback window; closing");
+            Step::close("malformed_request")
+        }
+    })
+}
+
 /// A request on a connection served by another region's cluster: its topic names mapped to
 /// that cluster's (`super::view`), and the response's mapped back.
 fn viewed(
@@ -490,6 +555,11 @@ fn viewed(
     key: ApiKey,
 ) -> Step {
     let inner = handlers::rewrite(key, head.api_version);
+    if key == ApiKey::ConsumerGroupHeartbeat
+        && let Some((member, _)) = handlers::group_heartbeat::member(&frame, head.api_version)
+    {
+        shared.failback.seen_in_view(member);
+    }
     let ids = shared.view_ids(cluster).expect("a connection with a view");
     let view = ids.view;
     match super::view::request(&frame, key, head.api_version, ids) {

@@ -39,6 +39,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::rewrite;
+use crate::codec::errors::{UNKNOWN_LEADER_EPOCH, UNKNOWN_MEMBER_ID};
 use crate::codec::frame::{self, LENGTH_PREFIX};
 use crate::policy::offset_syncs::{self, OffsetSyncs};
 use crate::policy::region_view::RegionView;
@@ -52,10 +53,23 @@ pub const OFFSET_FETCH_MAX_VERSION: i16 = 9;
 /// broker gave it. Well within every client's request timeout.
 pub const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long after reads move back a consumer's offset validation (OffsetForLeaderEpoch) on a
+/// local connection is answered "retry" ([`held_validation_answer`]): long enough for the
+/// consumers kept open across the switch to hear at their next heartbeat that their group
+/// membership is gone (KIP-848's interval is 5 s by default, the classic protocol's 3 s), short
+/// enough that a consumer validating for another reason waits little.
+pub const VALIDATION_HOLD: Duration = Duration::from_secs(10);
+
+/// At most this many KIP-848 member ids seen through the region view are kept for fencing.
+const VIEWED_MEMBERS_MAX: usize = 100_000;
+
 /// The window in force, if any: set when reads move back to the local cluster from another
 /// region's, cleared at the next switch.
 pub struct Failback {
     window: Mutex<Option<Arc<Window>>>,
+    /// KIP-848 members that heartbeat through the region view since the last switch: each is
+    /// fenced at its first heartbeat here in the window that follows ([`Window::fence`]).
+    viewed_members: Mutex<HashSet<String>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -77,6 +91,10 @@ pub struct Window {
     /// The view the failed-over connections had (C's copies of this region's topics).
     view: RegionView,
     until: Instant,
+    /// Until when offset validations are answered "retry" ([`VALIDATION_HOLD`]).
+    hold_until: Instant,
+    /// The KIP-848 members seen through the view, not yet fenced here.
+    members: Mutex<HashSet<String>>,
     /// keyward's own client of C, for the groups' commits there and C's offset syncs.
     copies: Arc<ClusterClient>,
     /// The offset syncs of this region's topics into C, once read.
@@ -92,6 +110,7 @@ impl Failback {
     pub fn new(tasks: TaskTracker, shutdown: CancellationToken) -> Self {
         Self {
             window: Mutex::new(None),
+            viewed_members: Mutex::new(HashSet::new()),
             tasks,
             shutdown,
         }
@@ -129,10 +148,14 @@ impl Failback {
             origin_loaded,
             stop.clone(),
         ));
+        let members = std::mem::take(&mut *lock(&self.viewed_members));
+        let begun = Instant::now();
         let window = Arc::new(Window {
             from,
             view,
-            until: Instant::now() + length,
+            until: begun + length,
+            hold_until: begun + VALIDATION_HOLD.min(length),
+            members: Mutex::new(members),
             copies,
             syncs,
             origin_syncs,
@@ -151,6 +174,20 @@ impl Failback {
         }
     }
 
+    /// Reads moved to a cluster other than the local one: the members seen through the view
+    /// until now are forgotten. (A window beginning takes them instead.)
+    pub fn forget_members(&self) {
+        lock(&self.viewed_members).clear();
+    }
+
+    /// A KIP-848 member heartbeat through the region view.
+    pub fn seen_in_view(&self, member_id: &str) {
+        let mut members = lock(&self.viewed_members);
+        if members.len() < VIEWED_MEMBERS_MAX && !members.contains(member_id) {
+            members.insert(member_id.to_owned());
+        }
+    }
+
     /// The window in force now.
     pub fn current(&self) -> Option<Arc<Window>> {
         self.lock()
@@ -160,8 +197,12 @@ impl Failback {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<Window>>> {
-        self.window.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.window)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Reads the offset syncs into `loaded`, trying again (every 2 s, then less often, up to once
@@ -248,6 +289,123 @@ fn request_group(frame: &Bytes, version: i16) -> Option<Option<String>> {
     let mut body = frame.slice(LENGTH_PREFIX + header_len..);
     let request = OffsetFetchRequest::decode(&mut body, version).ok()?;
     Some(Some(request.group_id.0.to_string()))
+}
+
+/// keyward's answer, in a failback window's first [`VALIDATION_HOLD`], to an offset validation
+/// (OffsetForLeaderEpoch) on a local connection: every partition `UNKNOWN_LEADER_EPOCH`, which
+/// every client retries after a backoff (librdkafka every 500 ms) without fetching meanwhile.
+///
+/// A consumer kept open across the switch validates the position it reached on the other
+/// cluster's log with that log's leader epoch; the local cluster answers the end of its own
+/// epoch of that number, unrelated, and the client seeks there: back, reading again what it
+/// read (librdkafka, franz-go and Java's KIP-848 consumer read 12 records twice in the MM2
+/// test), or forward, skipping. Held, the client hears at its next heartbeat that its
+/// membership is gone (the classic protocol's member id is another coordinator's; a KIP-848
+/// member is fenced, [`Window::fence`]), drops the partition and its validation, and takes the
+/// partition again from its committed position, carried home. Also returns the partitions held.
+pub fn held_validation_answer(
+    frame: &Bytes,
+    version: i16,
+    correlation_id: i32,
+) -> anyhow::Result<(Bytes, usize)> {
+    use kafka_protocol::messages::offset_for_leader_epoch_response::{
+        EpochEndOffset, OffsetForLeaderTopicResult,
+    };
+    use kafka_protocol::messages::{
+        OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse, ResponseHeader,
+    };
+    let api = ApiKey::OffsetForLeaderEpoch;
+    let header_len = frame::request_header_len(frame, api.request_header_version(version))?;
+    let mut body = frame.slice(LENGTH_PREFIX + header_len..);
+    let request = OffsetForLeaderEpochRequest::decode(&mut body, version)?;
+    let mut held = 0;
+    let topics = request
+        .topics
+        .into_iter()
+        .map(|t| {
+            held += t.partitions.len();
+            OffsetForLeaderTopicResult::default()
+                .with_topic(t.topic)
+                .with_partitions(
+                    t.partitions
+                        .iter()
+                        .map(|p| {
+                            EpochEndOffset::default()
+                                .with_partition(p.partition)
+                                .with_error_code(UNKNOWN_LEADER_EPOCH)
+                                .with_leader_epoch(-1)
+                                .with_end_offset(-1)
+                        })
+                        .collect(),
+                )
+        })
+        .collect();
+    let mut header = Vec::new();
+    ResponseHeader::default()
+        .with_correlation_id(correlation_id)
+        .encode(&mut header, api.response_header_version(version))?;
+    let mut out = Vec::new();
+    OffsetForLeaderEpochResponse::default()
+        .with_topics(topics)
+        .encode(&mut out, version)?;
+    Ok((frame::assemble(&header, &out), held))
+}
+
+/// keyward's answer to an OffsetCommit on a local connection in a failback window from a KIP-848
+/// member not yet fenced here ([`Window::to_fence`]), or `None` for any other commit. Its
+/// positions are on the other cluster's log, whose offsets are not this cluster's: committed
+/// here (this coordinator may know the member at the same epoch), they would be answered to
+/// the group after it joins again, and could lie past records it never read. Every partition
+/// is answered `UNKNOWN_MEMBER_ID`, which a client takes as a failed commit (an automatic one
+/// is only logged). Also returns the partitions refused.
+pub fn refused_commit_answer(
+    window: &Window,
+    frame: &Bytes,
+    version: i16,
+    correlation_id: i32,
+) -> Option<anyhow::Result<(Bytes, usize)>> {
+    use kafka_protocol::messages::offset_commit_response::{
+        OffsetCommitResponsePartition, OffsetCommitResponseTopic,
+    };
+    use kafka_protocol::messages::{OffsetCommitRequest, OffsetCommitResponse, ResponseHeader};
+    if lock(&window.members).is_empty() {
+        return None;
+    }
+    let api = ApiKey::OffsetCommit;
+    let header_len = frame::request_header_len(frame, api.request_header_version(version)).ok()?;
+    let mut body = frame.slice(LENGTH_PREFIX + header_len..);
+    let request = OffsetCommitRequest::decode(&mut body, version).ok()?;
+    if !window.to_fence(request.member_id.as_str()) {
+        return None;
+    }
+    let mut refused = 0;
+    let topics = request
+        .topics
+        .into_iter()
+        .map(|t| {
+            refused += t.partitions.len();
+            let partitions = t.partitions.iter().map(|p| {
+                OffsetCommitResponsePartition::default()
+                    .with_partition_index(p.partition_index)
+                    .with_error_code(UNKNOWN_MEMBER_ID)
+            });
+            OffsetCommitResponseTopic::default()
+                .with_name(t.name)
+                .with_partitions(partitions.collect())
+        })
+        .collect();
+    let answer = || -> anyhow::Result<Bytes> {
+        let mut header = Vec::new();
+        ResponseHeader::default()
+            .with_correlation_id(correlation_id)
+            .encode(&mut header, api.response_header_version(version))?;
+        let mut out = Vec::new();
+        OffsetCommitResponse::default()
+            .with_topics(topics)
+            .encode(&mut out, version)?;
+        Ok(frame::assemble(&header, &out))
+    };
+    Some(answer().map(|a| (a, refused)))
 }
 
 /// One partition of the local cluster's answer that may be carried: group, topic, partition,
@@ -429,7 +587,26 @@ impl Window {
             "remaining_ms": self.until.saturating_duration_since(Instant::now()).as_millis() as u64,
             "offset_syncs_kept": kept(&self.syncs),
             "origin_offset_syncs_kept": kept(&self.origin_syncs),
+            "validations_held_ms": self.hold_until.saturating_duration_since(Instant::now()).as_millis() as u64,
+            "members_to_fence": lock(&self.members).len(),
         })
+    }
+
+    /// Whether offset validations are still answered "retry" ([`VALIDATION_HOLD`]).
+    pub fn holds_validations(&self) -> bool {
+        Instant::now() < self.hold_until
+    }
+
+    /// Whether the heartbeat of `member_id` here is to be fenced: it heartbeat through the view
+    /// and has not been fenced here yet. Each member is fenced once.
+    pub fn fence(&self, member_id: &str) -> bool {
+        lock(&self.members).remove(member_id)
+    }
+
+    /// Whether `member_id` heartbeat through the view and has not been fenced here yet: what it
+    /// would commit is a position on the other cluster's log ([`refused_commit_answer`]).
+    pub fn to_fence(&self, member_id: &str) -> bool {
+        lock(&self.members).contains(member_id)
     }
 
     /// The positions to answer instead of the local commits in `here`, by group, topic and
@@ -566,6 +743,57 @@ mod tests {
     use crate::proxy::rewrite::testing::{decode_body, response_frame};
     use crate::proxy::upstream::encode_request;
     use crate::proxy::view::tests::{name, view};
+
+    /// Every partition an offset validation names is answered "retry", in every version the
+    /// region view offers.
+    #[test]
+    fn a_held_validation_is_answered_unknown_leader_epoch_in_every_version() {
+        use kafka_protocol::messages::offset_for_leader_epoch_request::{
+            OffsetForLeaderPartition, OffsetForLeaderTopic,
+        };
+        use kafka_protocol::messages::{OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse};
+        let api = ApiKey::OffsetForLeaderEpoch;
+        for v in 2..=4 {
+            let partition = |p| {
+                OffsetForLeaderPartition::default()
+                    .with_partition(p)
+                    .with_leader_epoch(0)
+                    .with_current_leader_epoch(1)
+            };
+            let request = OffsetForLeaderEpochRequest::default().with_topics(vec![
+                OffsetForLeaderTopic::default()
+                    .with_topic(name("eu.orders"))
+                    .with_partitions(vec![partition(0), partition(2)]),
+                OffsetForLeaderTopic::default()
+                    .with_topic(name("orders"))
+                    .with_partitions(vec![partition(1)]),
+            ]);
+            let frame = encode_request("c", 5, api, v, &request).unwrap();
+            let (answer, held) = held_validation_answer(&frame, v, 5).unwrap();
+            assert_eq!(held, 3);
+            assert_eq!(i32::from_be_bytes(answer[4..8].try_into().unwrap()), 5);
+            let got: OffsetForLeaderEpochResponse = decode_body(&answer, api, v);
+            let shown: Vec<_> = got
+                .topics
+                .iter()
+                .flat_map(|t| {
+                    t.partitions
+                        .iter()
+                        .map(|p| (t.topic.0.as_str(), p.partition, p.error_code, p.end_offset))
+                })
+                .collect();
+            assert_eq!(
+                shown,
+                [
+                    ("eu.orders", 0, UNKNOWN_LEADER_EPOCH, -1),
+                    ("eu.orders", 2, UNKNOWN_LEADER_EPOCH, -1),
+                    ("orders", 1, UNKNOWN_LEADER_EPOCH, -1)
+                ],
+                "v{v}"
+            );
+            assert!(held_validation_answer(&frame.slice(..frame.len() - 3), v, 5).is_err());
+        }
+    }
 
     /// us's `orders` (partition 0 committed at 3, partition 1 never), eu's `eu.orders`
     /// (committed at 5) and an internal topic, as the local cluster answers group `g` at

@@ -262,6 +262,9 @@ fn register_metrics(clusters: &Clusters, tls: bool) {
         "keyward_panics_total",
         "keyward_admin_unauthorized_total",
         "keyward_failback_rereads_at_most_total",
+        "keyward_failback_validations_held_total",
+        "keyward_failback_members_fenced_total",
+        "keyward_failback_commits_refused_total",
     ] {
         counter!(name).absolute(0);
     }

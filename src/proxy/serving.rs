@@ -192,6 +192,8 @@ impl Probe<'_> {
             };
             self.failback
                 .begin(current, view.clone(), client(current), client(next), length);
+        } else {
+            self.failback.forget_members();
         }
     }
 
@@ -227,40 +229,136 @@ mod tests {
     use crate::config::Config;
     use crate::security::Security;
 
+    const CONFIG: &str = "region: us\nlisten: { bootstrap: 127.0.0.1:9192, advertised_host: 127.0.0.1, broker_port_base: 9193 }\nclusters:\n  us: { bootstrap: [\"127.0.0.1:1\"] }\n  eu: { bootstrap: [\"127.0.0.1:2\"] }\n  ap: { bootstrap: [\"127.0.0.1:3\"] }\nownership_file: o.yaml\n";
+
+    /// Runs `switches` (from, to) on a probe of [`CONFIG`] plus `extra`, a KIP-848 member
+    /// heartbeating through the view after the first; then what `check` makes of the failback
+    /// window in force.
+    fn after_switches<T>(
+        extra: &str,
+        switches: &[(&str, &str)],
+        check: impl FnOnce(Option<Arc<super::super::failback::Window>>) -> T,
+    ) -> T {
+        let config =
+            Config::parse(&format!("{CONFIG}{extra}"), std::path::Path::new("k.yaml")).unwrap();
+        let clusters = Clusters::new(&config);
+        let security = Arc::new(Security::load(&config).unwrap());
+        let dialers: Vec<Dialer> = clusters
+            .all()
+            .iter()
+            .map(|c| Dialer::new(c.name.clone(), security.clone(), Duration::from_secs(1)))
+            .collect();
+        let views = super::super::region_views(&config, &clusters);
+        let shutdown = CancellationToken::new();
+        let failback = Failback::new(TaskTracker::new(), shutdown.clone());
+        let (ports, serving) = (Ports::default(), Serving::default());
+        let probe = Probe {
+            clusters: &clusters,
+            dialers: &dialers,
+            ports: &ports,
+            serving: &serving,
+            reads: &config.reads,
+            views: &views,
+            failback: &failback,
+        };
+        let index = |name: &str| clusters.index_of(name).unwrap();
+        for (i, (from, to)) in switches.iter().enumerate() {
+            probe.failback_from(index(from), index(to));
+            if i == 0 {
+                failback.seen_in_view("member-1");
+            }
+        }
+        let out = check(failback.current());
+        shutdown.cancel();
+        out
+    }
+
+    /// A KIP-848 member seen through the view is fenced once, in the failback window that
+    /// follows, and only there; offset validations are held at the window's start.
+    #[tokio::test]
+    async fn members_seen_through_the_view_are_fenced_once_in_the_window_that_follows() {
+        let fenced = |switches: &[(&str, &str)]| {
+            after_switches("", switches, |w| {
+                w.map(|w| {
+                    (
+                        w.fence("member-1"),
+                        w.fence("member-1"),
+                        w.fence("member-2"),
+                        w.holds_validations(),
+                    )
+                })
+            })
+        };
+        assert_eq!(
+            fenced(&[("us", "eu"), ("eu", "us")]),
+            Some((true, false, false, true))
+        );
+        // Moving on to a third cluster forgets the members the first view saw.
+        assert_eq!(
+            fenced(&[("us", "eu"), ("eu", "ap"), ("ap", "us")]),
+            Some((false, false, false, true))
+        );
+        assert_eq!(fenced(&[("us", "eu"), ("eu", "ap")]), None);
+    }
+
+    /// Until it is fenced, a member seen through the view commits nothing here: its positions
+    /// are on the other cluster's log.
+    #[tokio::test]
+    async fn a_member_not_yet_fenced_commits_nothing_here() {
+        use kafka_protocol::messages::offset_commit_request::{
+            OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+        };
+        use kafka_protocol::messages::{
+            ApiKey, OffsetCommitRequest, OffsetCommitResponse, TopicName,
+        };
+        use kafka_protocol::protocol::StrBytes;
+
+        use crate::codec::errors::UNKNOWN_MEMBER_ID;
+        use crate::proxy::failback::refused_commit_answer;
+        use crate::proxy::rewrite::testing::decode_body;
+        use crate::proxy::upstream::encode_request;
+
+        let commit = |member: &'static str, version: i16| {
+            let request = OffsetCommitRequest::default()
+                .with_member_id(StrBytes::from_static_str(member))
+                .with_generation_id_or_member_epoch(3)
+                .with_topics(vec![
+                    OffsetCommitRequestTopic::default()
+                        .with_name(TopicName(StrBytes::from_static_str("eu.orders")))
+                        .with_partitions(vec![
+                            OffsetCommitRequestPartition::default().with_committed_offset(18),
+                        ]),
+                ]);
+            encode_request("c", 4, ApiKey::OffsetCommit, version, &request).unwrap()
+        };
+        after_switches("", &[("us", "eu"), ("eu", "us")], |w| {
+            let w = w.expect("a window");
+            for v in [2, 8, 9] {
+                let (answer, refused) = refused_commit_answer(&w, &commit("member-1", v), v, 4)
+                    .expect("refused")
+                    .unwrap();
+                assert_eq!(refused, 1);
+                let got: OffsetCommitResponse = decode_body(&answer, ApiKey::OffsetCommit, v);
+                assert_eq!(
+                    got.topics[0].partitions[0].error_code, UNKNOWN_MEMBER_ID,
+                    "v{v}"
+                );
+                assert!(refused_commit_answer(&w, &commit("member-2", v), v, 4).is_none());
+            }
+            // Fenced, it joins again and commits what it reads here.
+            assert!(w.fence("member-1"));
+            assert!(refused_commit_answer(&w, &commit("member-1", 9), 9, 4).is_none());
+        });
+    }
+
     /// Which switches open a failback window: only from a cluster with a view to the local one,
     /// and only while `reads.failback_translation_ms` is not 0.
     #[tokio::test]
     async fn a_failback_window_opens_only_when_reads_come_home_from_a_view() {
-        const CONFIG: &str = "region: us\nlisten: { bootstrap: 127.0.0.1:9192, advertised_host: 127.0.0.1, broker_port_base: 9193 }\nclusters:\n  us: { bootstrap: [\"127.0.0.1:1\"] }\n  eu: { bootstrap: [\"127.0.0.1:2\"] }\n  ap: { bootstrap: [\"127.0.0.1:3\"] }\nownership_file: o.yaml\n";
         let window_after = |extra: &str, from: &str, to: &str| {
-            let config =
-                Config::parse(&format!("{CONFIG}{extra}"), std::path::Path::new("k.yaml")).unwrap();
-            let clusters = Clusters::new(&config);
-            let security = Arc::new(Security::load(&config).unwrap());
-            let dialers: Vec<Dialer> = clusters
-                .all()
-                .iter()
-                .map(|c| Dialer::new(c.name.clone(), security.clone(), Duration::from_secs(1)))
-                .collect();
-            let views = super::super::region_views(&config, &clusters);
-            let shutdown = CancellationToken::new();
-            let failback = Failback::new(TaskTracker::new(), shutdown.clone());
-            let (ports, serving) = (Ports::default(), Serving::default());
-            let probe = Probe {
-                clusters: &clusters,
-                dialers: &dialers,
-                ports: &ports,
-                serving: &serving,
-                reads: &config.reads,
-                views: &views,
-                failback: &failback,
-            };
-            let index = |name: &str| clusters.index_of(name).unwrap();
-            probe.failback_from(index("us"), index("eu"));
-            probe.failback_from(index(from), index(to));
-            let window = failback.current().map(|w| w.describe()["from"].clone());
-            shutdown.cancel();
-            window
+            after_switches(extra, &[("us", "eu"), (from, to)], |w| {
+                w.map(|w| w.describe()["from"].clone())
+            })
         };
         assert_eq!(window_after("", "eu", "us"), Some("eu".into()));
         assert_eq!(window_after("", "ap", "us"), Some("ap".into()));

@@ -561,10 +561,17 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
                 if r["value"] in seen_values:
                     after = ([to for to, at in switched if at <= r["received_ms"] / 1000] or ["start"])[-1]
                     key = f"{after}:{r.get('topic', '?')}"
-                    again_after[key] = again_after.get(key, 0) + 1
+                    again_after.setdefault(key, []).append(r["value"].decode())
                 seen_values.add(r["value"])
-            figures.append(f"read_twice_after={again_after}")
+            figures.append(f"read_twice_after={ {k: len(v) for k, v in again_after.items()} }")
+            figures.append(f"values={again_after}")
             print(f"kept-consumer[{name}]: skipped=0 read_twice={twice} " + " ".join(figures))
+            # Back on us, none reads anything twice: keyward holds each one's validation of the
+            # position it reached on eu's log (which us would answer with the end of us's own
+            # epoch of that number, and the client would seek back there) until its membership
+            # from eu's coordinator is gone, and fences the KIP-848 member at its first
+            # heartbeat here; each then takes its partitions from the position carried home.
+            assert not [k for k in again_after if k.startswith("us:")], f"kept {name} consumer: {again_after}"
             if name == "java":
                 # A classic member joins its group again at both switches and fetches its
                 # positions: those kept for the switch into the view (its `eu.orders`), those
@@ -579,6 +586,8 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
             first_in_view = min(r["received_ms"] / 1000 for r in got if r["value"] in written_after["eu"][0])
             if name != "franz":
                 assert to_eu < first_in_view < back, f"kept {name} consumer read nothing through the view"
+        assert kw_us.metric("keyward_failback_members_fenced_total") >= 1, "the kept KIP-848 member was not fenced"
+        assert kw_us.metric("keyward_failback_validations_held_total") >= 1
         # A kept classic group's position on eu's `orders` (its `eu.orders`) was carried home
         # down MM2's syncs of eu's topics (MM2 does not sync a group with members in us).
         carried_lines = [line for line in kw_us.log_path.read_text(errors="replace").splitlines()

@@ -13,25 +13,52 @@
 //! member's epoch from another cluster.
 
 use bytes::Bytes;
-use kafka_protocol::messages::{ApiKey, ConsumerGroupHeartbeatResponse};
-use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::messages::{ApiKey, ConsumerGroupHeartbeatResponse, ResponseHeader};
+use kafka_protocol::protocol::{Encodable, StrBytes};
 
-use crate::codec::errors::{GROUP_ID_NOT_FOUND, UNKNOWN_MEMBER_ID};
+use crate::codec::errors::{FENCED_MEMBER_EPOCH, GROUP_ID_NOT_FOUND, UNKNOWN_MEMBER_ID};
 use crate::codec::frame::{self, LENGTH_PREFIX};
 use crate::codec::wire::Reader;
 use crate::proxy::rewrite::{RewriteError, recode};
 
-/// The member epoch of a ConsumerGroupHeartbeat request, read in place: the body starts with
-/// the group id and the member id (compact strings), then the epoch. `None` when malformed.
+/// The member epoch of a ConsumerGroupHeartbeat request, read in place. `None` when malformed.
 pub fn member_epoch(frame: &[u8], version: i16) -> Option<i32> {
+    member(frame, version).map(|(_, epoch)| epoch)
+}
+
+/// The member id and member epoch of a ConsumerGroupHeartbeat request, read in place: the body
+/// starts with the group id and the member id (compact strings), then the epoch. `None` when
+/// malformed.
+pub fn member(frame: &[u8], version: i16) -> Option<(&str, i32)> {
     let api = ApiKey::ConsumerGroupHeartbeat;
     let header_len = frame::request_header_len(frame, api.request_header_version(version)).ok()?;
     let mut r = Reader::new(frame.get(LENGTH_PREFIX + header_len..)?);
-    for _ in 0..2 {
-        let len = r.uvarint().ok()?.checked_sub(1)?;
-        r.skip(len as usize).ok()?;
-    }
-    r.i32().ok()
+    r.string(true).ok()?;
+    let member_id = r.string(true).ok()?;
+    Some((member_id, r.i32().ok()?))
+}
+
+/// keyward's answer to the first heartbeat, on a local connection in a failback window, of a
+/// member that heartbeat through the region view while another cluster served
+/// (`crate::proxy::failback`): its member epoch is fenced. The client gives up its partitions
+/// as lost (it commits nothing for them) and joins again from epoch 0, so it takes each
+/// partition from its committed position, carried home, and not from the position it reached
+/// on the other cluster's log, whose offsets are not this cluster's.
+pub fn fenced_answer(version: i16, correlation_id: i32) -> anyhow::Result<Bytes> {
+    let api = ApiKey::ConsumerGroupHeartbeat;
+    let mut header = Vec::new();
+    ResponseHeader::default()
+        .with_correlation_id(correlation_id)
+        .encode(&mut header, api.response_header_version(version))?;
+    let answer = ConsumerGroupHeartbeatResponse::default()
+        .with_error_code(FENCED_MEMBER_EPOCH)
+        .with_error_message(Some(StrBytes::from_static_str(
+            "the member's epoch is another cluster's coordinator's: reads moved back to this cluster; join again",
+        )))
+        .with_member_epoch(-1);
+    let mut body = Vec::new();
+    answer.encode(&mut body, version)?;
+    Ok(frame::assemble(&header, &body))
 }
 
 /// Tells a member from another cluster's coordinator to join again rather than that its group
@@ -93,11 +120,28 @@ mod tests {
                     encode_request("c", 9, ApiKey::ConsumerGroupHeartbeat, v, &request).unwrap();
                 assert_eq!(member_epoch(&frame, v), Some(epoch), "v{v}");
                 assert_eq!(
+                    member(&frame, v),
+                    Some(("q7MW2Qu3R_SK7_BMorrMwA", epoch)),
+                    "v{v}"
+                );
+                assert_eq!(
                     member_epoch(&frame[..frame.len() - 40], v),
                     None,
                     "cut short"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn a_fenced_answer_in_every_version() {
+        for v in 0..=1 {
+            let out = fenced_answer(v, 9).unwrap();
+            assert_eq!(i32::from_be_bytes(out[4..8].try_into().unwrap()), 9);
+            let got: ConsumerGroupHeartbeatResponse =
+                decode_body(&out, ApiKey::ConsumerGroupHeartbeat, v);
+            assert_eq!(got.error_code, FENCED_MEMBER_EPOCH, "v{v}");
+            assert!(got.assignment.is_none());
         }
     }
 

@@ -187,6 +187,9 @@ def test_the_dashboard_shows_what_redirect_and_read_failover_cost():
         assert any(metric in q and by in q and "rate(" in q for q in queries), f"no panel shows {metric} {by}"
     # Failback: how consumer groups' positions were carried home, by outcome.
     assert any("keyward_failback_offsets_total" in q and "by (outcome)" in q for q in queries)
+    for metric in ("keyward_failback_validations_held_total", "keyward_failback_members_fenced_total",
+                   "keyward_failback_commits_refused_total"):
+        assert any(metric in q for q in queries), f"no panel shows {metric}"
     # The switch into the view: the positions groups found, were carried, or had none.
     assert any("keyward_view_offsets_total" in q and "by (reads, outcome)" in q for q in queries)
 

@@ -521,7 +521,7 @@ fn held_in_failback(
         }),
         ApiKey::ConsumerGroupHeartbeat => {
             let (member, epoch) = handlers::group_heartbeat::member(frame, head.api_version)?;
-            if epoch <= 0 || !window.fence(member) {
+            if !window.fence(member, epoch) {
                 return None;
             }
             counter!("keyward_failback_members_fenced_total").increment(1);
@@ -529,7 +529,7 @@ fn held_in_failback(
                 peer = ?identity.peer,
                 member,
                 epoch,
-                "a KIP-848 member that heartbeat through the region view is fenced here: it joins again, from its committed position carried home"
+                "a KIP-848 member from the other cluster's coordinator is fenced here: it joins again, from its committed position carried home"
             );
             handlers::group_heartbeat::fenced_answer(head.api_version, head.correlation_id)
         }

@@ -93,8 +93,11 @@ pub struct Window {
     until: Instant,
     /// Until when offset validations are answered "retry" ([`VALIDATION_HOLD`]).
     hold_until: Instant,
-    /// The KIP-848 members seen through the view, not yet fenced here.
+    /// The KIP-848 members seen through the view on this instance, not yet heartbeating here:
+    /// their commits are refused ([`refused_commit_answer`]).
     members: Mutex<HashSet<String>>,
+    /// The KIP-848 members that heartbeat here in this window ([`Window::fence`]).
+    settled: Mutex<HashSet<String>>,
     /// keyward's own client of C, for the groups' commits there and C's offset syncs.
     copies: Arc<ClusterClient>,
     /// The offset syncs of this region's topics into C, once read.
@@ -156,6 +159,7 @@ impl Failback {
             until: begun + length,
             hold_until: begun + VALIDATION_HOLD.min(length),
             members: Mutex::new(members),
+            settled: Mutex::new(HashSet::new()),
             copies,
             syncs,
             origin_syncs,
@@ -352,7 +356,8 @@ pub fn held_validation_answer(
 }
 
 /// keyward's answer to an OffsetCommit on a local connection in a failback window from a KIP-848
-/// member not yet fenced here ([`Window::to_fence`]), or `None` for any other commit. Its
+/// member seen through the view on this instance and not yet fenced here
+/// ([`Window::to_fence`]), or `None` for any other commit. Its
 /// positions are on the other cluster's log, whose offsets are not this cluster's: committed
 /// here (this coordinator may know the member at the same epoch), they would be answered to
 /// the group after it joins again, and could lie past records it never read. Every partition
@@ -597,13 +602,23 @@ impl Window {
         Instant::now() < self.hold_until
     }
 
-    /// Whether the heartbeat of `member_id` here is to be fenced: it heartbeat through the view
-    /// and has not been fenced here yet. Each member is fenced once.
-    pub fn fence(&self, member_id: &str) -> bool {
-        lock(&self.members).remove(member_id)
+    /// Whether a KIP-848 heartbeat here of `member_id` at `epoch` is to be fenced: its first in
+    /// the window, at an epoch above 0. Every member heartbeating through this region's
+    /// keyward before the window did so through a view (a switch closes every connection), on
+    /// this instance or another behind the same load balancer, so an epoch it brings is another
+    /// cluster's coordinator's. A member that joins here (epoch 0) is never fenced, and none is
+    /// fenced twice in a window. Past `VIEWED_MEMBERS_MAX` members none is fenced.
+    pub fn fence(&self, member_id: &str, epoch: i32) -> bool {
+        let mut settled = lock(&self.settled);
+        if settled.contains(member_id) || settled.len() >= VIEWED_MEMBERS_MAX {
+            return false;
+        }
+        settled.insert(member_id.to_owned());
+        lock(&self.members).remove(member_id);
+        epoch > 0
     }
 
-    /// Whether `member_id` heartbeat through the view and has not been fenced here yet: what it
+    /// Whether `member_id` heartbeat through the view on this instance and not yet here: what it
     /// would commit is a position on the other cluster's log ([`refused_commit_answer`]).
     pub fn to_fence(&self, member_id: &str) -> bool {
         lock(&self.members).contains(member_id)

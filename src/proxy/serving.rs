@@ -273,32 +273,30 @@ mod tests {
         out
     }
 
-    /// A KIP-848 member seen through the view is fenced once, in the failback window that
-    /// follows, and only there; offset validations are held at the window's start.
+    /// In a failback window, a KIP-848 member is fenced once, at its first heartbeat with an
+    /// epoch above 0, whichever instance it heartbeat through before; one that joins here
+    /// (epoch 0) is not. Offset validations are held at the window's start.
     #[tokio::test]
-    async fn members_seen_through_the_view_are_fenced_once_in_the_window_that_follows() {
-        let fenced = |switches: &[(&str, &str)]| {
-            after_switches("", switches, |w| {
-                w.map(|w| {
-                    (
-                        w.fence("member-1"),
-                        w.fence("member-1"),
-                        w.fence("member-2"),
-                        w.holds_validations(),
-                    )
-                })
-            })
-        };
-        assert_eq!(
-            fenced(&[("us", "eu"), ("eu", "us")]),
-            Some((true, false, false, true))
-        );
-        // Moving on to a third cluster forgets the members the first view saw.
-        assert_eq!(
-            fenced(&[("us", "eu"), ("eu", "ap"), ("ap", "us")]),
-            Some((false, false, false, true))
-        );
-        assert_eq!(fenced(&[("us", "eu"), ("eu", "ap")]), None);
+    async fn kip848_members_are_fenced_once_in_a_failback_window_unless_they_joined_in_it() {
+        let switches = [("us", "eu"), ("eu", "us")];
+        let fenced = after_switches("", &switches, |w| {
+            let w = w.expect("a window");
+            assert!(w.holds_validations());
+            [
+                w.fence("member-1", 3),
+                w.fence("member-1", 3),
+                w.fence("member-1", 0),
+                // Through another instance's view.
+                w.fence("member-2", 5),
+                // Joins here, then heartbeats at the epoch this coordinator gave.
+                w.fence("member-3", 0),
+                w.fence("member-3", 1),
+                // Leaving.
+                w.fence("member-4", -1),
+            ]
+        });
+        assert_eq!(fenced, [true, false, false, true, false, false, false]);
+        assert!(after_switches("", &[("us", "eu"), ("eu", "ap")], |w| w.is_none()));
     }
 
     /// Until it is fenced, a member seen through the view commits nothing here: its positions
@@ -346,7 +344,12 @@ mod tests {
                 assert!(refused_commit_answer(&w, &commit("member-2", v), v, 4).is_none());
             }
             // Fenced, it joins again and commits what it reads here.
-            assert!(w.fence("member-1"));
+            assert!(w.fence("member-1", 3));
+            assert!(refused_commit_answer(&w, &commit("member-1", 9), 9, 4).is_none());
+        });
+        // Moving on to a third cluster forgets the members the first view saw.
+        after_switches("", &[("us", "eu"), ("eu", "ap"), ("ap", "us")], |w| {
+            let w = w.expect("a window");
             assert!(refused_commit_answer(&w, &commit("member-1", 9), 9, 4).is_none());
         });
     }

@@ -556,9 +556,29 @@ fn viewed(
 ) -> Step {
     let inner = handlers::rewrite(key, head.api_version);
     if key == ApiKey::ConsumerGroupHeartbeat
-        && let Some((member, _)) = handlers::group_heartbeat::member(&frame, head.api_version)
+        && let Some((member, epoch)) = handlers::group_heartbeat::member(&frame, head.api_version)
     {
         shared.failback.seen_in_view(member);
+        if shared.failback.in_view.fence(member, epoch) {
+            counter!("keyward_view_members_fenced_total", "serving" => shared.clusters.get(cluster).name.clone())
+                .increment(1);
+            info!(
+                peer = ?identity.peer,
+                member,
+                epoch,
+                "a KIP-848 member from the other cluster's coordinator is fenced through the view: it joins again, from its committed position translated"
+            );
+            return match handlers::group_heartbeat::fenced_answer(
+                head.api_version,
+                head.correlation_id,
+            ) {
+                Ok(answer) => Step::answer(answer),
+                Err(e) => {
+                    debug!(peer = ?identity.peer, error = %e, "cannot encode keyward's answer in a region view; closing");
+                    Step::close("malformed_request")
+                }
+            };
+        }
     }
     let ids = shared.view_ids(cluster).expect("a connection with a view");
     let view = ids.view;

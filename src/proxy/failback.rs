@@ -63,6 +63,34 @@ pub const VALIDATION_HOLD: Duration = Duration::from_secs(10);
 /// At most this many KIP-848 member ids seen through the region view are kept for fencing.
 const VIEWED_MEMBERS_MAX: usize = 100_000;
 
+/// The KIP-848 members that heartbeat since a switch, on connections where a member's epoch may
+/// be another cluster's coordinator's: each is fenced at its first heartbeat above epoch 0.
+/// Every member heartbeating through this region's keyward before a switch did so on a
+/// connection the switch closed, to the cluster that served before, so the epoch it brings at
+/// its first heartbeat after is that cluster's coordinator's, whichever instance it used; a
+/// member that joins after the switch (epoch 0) is never fenced, and none twice. The new
+/// coordinator may know the member at the same epoch (from before a failover, or from an
+/// earlier one), and would let it read on at positions in the other cluster's log. Past
+/// `VIEWED_MEMBERS_MAX` members none is fenced.
+#[derive(Default)]
+pub struct Fences(Mutex<HashSet<String>>);
+
+impl Fences {
+    /// Whether this heartbeat of `member_id` at `epoch` is to be answered `FENCED_MEMBER_EPOCH`.
+    pub fn fence(&self, member_id: &str, epoch: i32) -> bool {
+        let mut settled = lock(&self.0);
+        if settled.contains(member_id) || settled.len() >= VIEWED_MEMBERS_MAX {
+            return false;
+        }
+        settled.insert(member_id.to_owned());
+        epoch > 0
+    }
+
+    fn clear(&self) {
+        lock(&self.0).clear();
+    }
+}
+
 /// The window in force, if any: set when reads move back to the local cluster from another
 /// region's, cleared at the next switch.
 pub struct Failback {
@@ -70,6 +98,8 @@ pub struct Failback {
     /// KIP-848 members that heartbeat through the region view since the last switch: each is
     /// fenced at its first heartbeat here in the window that follows ([`Window::fence`]).
     viewed_members: Mutex<HashSet<String>>,
+    /// KIP-848 members that heartbeat through a region view since the last switch.
+    pub in_view: Fences,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -97,7 +127,7 @@ pub struct Window {
     /// their commits are refused ([`refused_commit_answer`]).
     members: Mutex<HashSet<String>>,
     /// The KIP-848 members that heartbeat here in this window ([`Window::fence`]).
-    settled: Mutex<HashSet<String>>,
+    settled: Fences,
     /// keyward's own client of C, for the groups' commits there and C's offset syncs.
     copies: Arc<ClusterClient>,
     /// The offset syncs of this region's topics into C, once read.
@@ -114,6 +144,7 @@ impl Failback {
         Self {
             window: Mutex::new(None),
             viewed_members: Mutex::new(HashSet::new()),
+            in_view: Fences::default(),
             tasks,
             shutdown,
         }
@@ -159,7 +190,7 @@ impl Failback {
             until: begun + length,
             hold_until: begun + VALIDATION_HOLD.min(length),
             members: Mutex::new(members),
-            settled: Mutex::new(HashSet::new()),
+            settled: Fences::default(),
             copies,
             syncs,
             origin_syncs,
@@ -171,11 +202,13 @@ impl Failback {
         }
     }
 
-    /// Reads moved elsewhere: no position is carried any more.
+    /// Reads moved elsewhere: no position is carried any more, and members heartbeating through
+    /// a view from now on came from the cluster that served before.
     pub fn end(&self) {
         if let Some(old) = self.lock().take() {
             old.stop.cancel();
         }
+        self.in_view.clear();
     }
 
     /// Reads moved to a cluster other than the local one: the members seen through the view
@@ -315,9 +348,7 @@ pub fn held_validation_answer(
     use kafka_protocol::messages::offset_for_leader_epoch_response::{
         EpochEndOffset, OffsetForLeaderTopicResult,
     };
-    use kafka_protocol::messages::{
-        OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse, ResponseHeader,
-    };
+    use kafka_protocol::messages::{OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse};
     let api = ApiKey::OffsetForLeaderEpoch;
     let header_len = frame::request_header_len(frame, api.request_header_version(version))?;
     let mut body = frame.slice(LENGTH_PREFIX + header_len..);
@@ -344,15 +375,11 @@ pub fn held_validation_answer(
                 )
         })
         .collect();
-    let mut header = Vec::new();
-    ResponseHeader::default()
-        .with_correlation_id(correlation_id)
-        .encode(&mut header, api.response_header_version(version))?;
-    let mut out = Vec::new();
-    OffsetForLeaderEpochResponse::default()
-        .with_topics(topics)
-        .encode(&mut out, version)?;
-    Ok((frame::assemble(&header, &out), held))
+    let answer = OffsetForLeaderEpochResponse::default().with_topics(topics);
+    Ok((
+        rewrite::answer(api, version, correlation_id, &answer)?,
+        held,
+    ))
 }
 
 /// keyward's answer to an OffsetCommit on a local connection in a failback window from a KIP-848
@@ -372,7 +399,7 @@ pub fn refused_commit_answer(
     use kafka_protocol::messages::offset_commit_response::{
         OffsetCommitResponsePartition, OffsetCommitResponseTopic,
     };
-    use kafka_protocol::messages::{OffsetCommitRequest, OffsetCommitResponse, ResponseHeader};
+    use kafka_protocol::messages::{OffsetCommitRequest, OffsetCommitResponse};
     if lock(&window.members).is_empty() {
         return None;
     }
@@ -399,18 +426,8 @@ pub fn refused_commit_answer(
                 .with_partitions(partitions.collect())
         })
         .collect();
-    let answer = || -> anyhow::Result<Bytes> {
-        let mut header = Vec::new();
-        ResponseHeader::default()
-            .with_correlation_id(correlation_id)
-            .encode(&mut header, api.response_header_version(version))?;
-        let mut out = Vec::new();
-        OffsetCommitResponse::default()
-            .with_topics(topics)
-            .encode(&mut out, version)?;
-        Ok(frame::assemble(&header, &out))
-    };
-    Some(answer().map(|a| (a, refused)))
+    let answer = OffsetCommitResponse::default().with_topics(topics);
+    Some(rewrite::answer(api, version, correlation_id, &answer).map(|a| (a, refused)))
 }
 
 /// One partition of the local cluster's answer that may be carried: group, topic, partition,
@@ -602,20 +619,12 @@ impl Window {
         Instant::now() < self.hold_until
     }
 
-    /// Whether a KIP-848 heartbeat here of `member_id` at `epoch` is to be fenced: its first in
-    /// the window, at an epoch above 0. Every member heartbeating through this region's
-    /// keyward before the window did so through a view (a switch closes every connection), on
-    /// this instance or another behind the same load balancer, so an epoch it brings is another
-    /// cluster's coordinator's. A member that joins here (epoch 0) is never fenced, and none is
-    /// fenced twice in a window. Past `VIEWED_MEMBERS_MAX` members none is fenced.
+    /// Whether a KIP-848 heartbeat here of `member_id` at `epoch` is to be fenced ([`Fences`]):
+    /// every member heartbeating through this region's keyward before the window did so
+    /// through a view.
     pub fn fence(&self, member_id: &str, epoch: i32) -> bool {
-        let mut settled = lock(&self.settled);
-        if settled.contains(member_id) || settled.len() >= VIEWED_MEMBERS_MAX {
-            return false;
-        }
-        settled.insert(member_id.to_owned());
         lock(&self.members).remove(member_id);
-        epoch > 0
+        self.settled.fence(member_id, epoch)
     }
 
     /// Whether `member_id` heartbeat through the view on this instance and not yet here: what it

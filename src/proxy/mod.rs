@@ -287,6 +287,7 @@ fn register_metrics(clusters: &Clusters, tls: bool) {
                 }
             }
             counter!("keyward_view_rereads_at_most_total", "serving" => c.name.clone()).absolute(0);
+            counter!("keyward_view_members_fenced_total", "serving" => c.name.clone()).absolute(0);
             counter!("keyward_positions_read_errors_total", "cluster" => c.name.clone())
                 .absolute(0);
         }

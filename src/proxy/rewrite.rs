@@ -58,6 +58,23 @@ pub trait Advertise {
     fn renumbers(&self) -> bool;
 }
 
+/// keyward's own answer to a request of `api` at `version`: `body` behind a response header
+/// carrying the request's `correlation_id`, as the broker would frame it.
+pub fn answer<T: Encodable>(
+    api: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    body: &T,
+) -> anyhow::Result<Bytes> {
+    let mut header = Vec::new();
+    kafka_protocol::messages::ResponseHeader::default()
+        .with_correlation_id(correlation_id)
+        .encode(&mut header, api.response_header_version(version))?;
+    let mut encoded = Vec::new();
+    body.encode(&mut encoded, version)?;
+    Ok(frame::assemble(&header, &encoded))
+}
+
 /// Decodes a response body.
 pub fn decode<T: Decodable>(frame: &Bytes, api: ApiKey, version: i16) -> Result<T, RewriteError> {
     let header_len = frame::response_header_len(frame, api.response_header_version(version))?;

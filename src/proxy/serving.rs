@@ -237,7 +237,7 @@ mod tests {
     fn after_switches<T>(
         extra: &str,
         switches: &[(&str, &str)],
-        check: impl FnOnce(Option<Arc<super::super::failback::Window>>) -> T,
+        check: impl FnOnce(&Failback) -> T,
     ) -> T {
         let config =
             Config::parse(&format!("{CONFIG}{extra}"), std::path::Path::new("k.yaml")).unwrap();
@@ -268,7 +268,7 @@ mod tests {
                 failback.seen_in_view("member-1");
             }
         }
-        let out = check(failback.current());
+        let out = check(&failback);
         shutdown.cancel();
         out
     }
@@ -279,8 +279,8 @@ mod tests {
     #[tokio::test]
     async fn kip848_members_are_fenced_once_in_a_failback_window_unless_they_joined_in_it() {
         let switches = [("us", "eu"), ("eu", "us")];
-        let fenced = after_switches("", &switches, |w| {
-            let w = w.expect("a window");
+        let fenced = after_switches("", &switches, |f| {
+            let w = f.current().expect("a window");
             assert!(w.holds_validations());
             [
                 w.fence("member-1", 3),
@@ -296,7 +296,33 @@ mod tests {
             ]
         });
         assert_eq!(fenced, [true, false, false, true, false, false, false]);
-        assert!(after_switches("", &[("us", "eu"), ("eu", "ap")], |w| w.is_none()));
+        assert!(after_switches("", &[("us", "eu"), ("eu", "ap")], |f| f
+            .current()
+            .is_none()));
+    }
+
+    /// Through a region view, likewise: a KIP-848 member is fenced once after each switch, at
+    /// its first heartbeat above epoch 0; one that joined through the view is not.
+    #[tokio::test]
+    async fn kip848_members_are_fenced_once_through_a_view_after_each_switch() {
+        let fenced = |switches: &[(&str, &str)]| {
+            after_switches("", switches, |f| {
+                [
+                    f.in_view.fence("member-1", 3),
+                    f.in_view.fence("member-1", 3),
+                    f.in_view.fence("member-2", 0),
+                    f.in_view.fence("member-2", 1),
+                ]
+            })
+        };
+        assert_eq!(fenced(&[("us", "eu")]), [true, false, false, false]);
+        // Each switch begins anew: members fenced through eu's view come to ap's.
+        let again = after_switches("", &[("us", "eu")], |f| {
+            assert!(f.in_view.fence("member-1", 3));
+            f.end();
+            f.in_view.fence("member-1", 4)
+        });
+        assert!(again);
     }
 
     /// Until it is fenced, a member seen through the view commits nothing here: its positions
@@ -329,8 +355,8 @@ mod tests {
                 ]);
             encode_request("c", 4, ApiKey::OffsetCommit, version, &request).unwrap()
         };
-        after_switches("", &[("us", "eu"), ("eu", "us")], |w| {
-            let w = w.expect("a window");
+        after_switches("", &[("us", "eu"), ("eu", "us")], |f| {
+            let w = f.current().expect("a window");
             for v in [2, 8, 9] {
                 let (answer, refused) = refused_commit_answer(&w, &commit("member-1", v), v, 4)
                     .expect("refused")
@@ -348,8 +374,8 @@ mod tests {
             assert!(refused_commit_answer(&w, &commit("member-1", 9), 9, 4).is_none());
         });
         // Moving on to a third cluster forgets the members the first view saw.
-        after_switches("", &[("us", "eu"), ("eu", "ap"), ("ap", "us")], |w| {
-            let w = w.expect("a window");
+        after_switches("", &[("us", "eu"), ("eu", "ap"), ("ap", "us")], |f| {
+            let w = f.current().expect("a window");
             assert!(refused_commit_answer(&w, &commit("member-1", 9), 9, 4).is_none());
         });
     }
@@ -359,8 +385,8 @@ mod tests {
     #[tokio::test]
     async fn a_failback_window_opens_only_when_reads_come_home_from_a_view() {
         let window_after = |extra: &str, from: &str, to: &str| {
-            after_switches(extra, &[("us", "eu"), (from, to)], |w| {
-                w.map(|w| w.describe()["from"].clone())
+            after_switches(extra, &[("us", "eu"), (from, to)], |f| {
+                f.current().map(|w| w.describe()["from"].clone())
             })
         };
         assert_eq!(window_after("", "eu", "us"), Some("eu".into()));

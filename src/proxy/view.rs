@@ -36,7 +36,7 @@ use kafka_protocol::messages::{
     InitProducerIdResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
     MetadataResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
     OffsetFetchResponse, OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse, ProducerId,
-    ResponseHeader, TopicName,
+    TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use uuid::Uuid;
@@ -759,16 +759,14 @@ pub fn unknown_topics_answer(
     correlation_id: i32,
     unknown: &[StrBytes],
 ) -> anyhow::Result<Bytes> {
-    let key = ApiKey::DescribeTopicPartitions;
-    let mut header = Vec::new();
-    ResponseHeader::default()
-        .with_correlation_id(correlation_id)
-        .encode(&mut header, key.response_header_version(version))?;
     let answer = DescribeTopicPartitionsResponse::default()
         .with_topics(unknown.iter().map(unknown_topic).collect());
-    let mut body = Vec::new();
-    answer.encode(&mut body, version)?;
-    Ok(frame::assemble(&header, &body))
+    super::rewrite::answer(
+        ApiKey::DescribeTopicPartitions,
+        version,
+        correlation_id,
+        &answer,
+    )
 }
 
 /// A Fetch response (v13+) with each topic's id as the client knows it: the broker's bytes when

@@ -586,6 +586,9 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
             first_in_view = min(r["received_ms"] / 1000 for r in got if r["value"] in written_after["eu"][0])
             if name != "franz":
                 assert to_eu < first_in_view < back, f"kept {name} consumer read nothing through the view"
+        # The kept KIP-848 member was fenced at its first heartbeat after each switch (through
+        # the view, and back on us), whatever epoch the new coordinator knew it at.
+        assert kw_us.metric("keyward_view_members_fenced_total", serving="eu") >= 1, "not fenced through the view"
         assert kw_us.metric("keyward_failback_members_fenced_total") >= 1, "the kept KIP-848 member was not fenced"
         assert kw_us.metric("keyward_failback_validations_held_total") >= 1
         # A kept classic group's position on eu's `orders` (its `eu.orders`) was carried home

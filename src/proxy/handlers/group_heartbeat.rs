@@ -13,8 +13,8 @@
 //! member's epoch from another cluster.
 
 use bytes::Bytes;
-use kafka_protocol::messages::{ApiKey, ConsumerGroupHeartbeatResponse, ResponseHeader};
-use kafka_protocol::protocol::{Encodable, StrBytes};
+use kafka_protocol::messages::{ApiKey, ConsumerGroupHeartbeatResponse};
+use kafka_protocol::protocol::StrBytes;
 
 use crate::codec::errors::{FENCED_MEMBER_EPOCH, GROUP_ID_NOT_FOUND, UNKNOWN_MEMBER_ID};
 use crate::codec::frame::{self, LENGTH_PREFIX};
@@ -38,27 +38,26 @@ pub fn member(frame: &[u8], version: i16) -> Option<(&str, i32)> {
     Some((member_id, r.i32().ok()?))
 }
 
-/// keyward's answer to the first heartbeat, on a local connection in a failback window, of a
-/// member that heartbeat through the region view while another cluster served
-/// (`crate::proxy::failback`): its member epoch is fenced. The client gives up its partitions
-/// as lost (it commits nothing for them) and joins again from epoch 0, so it takes each
-/// partition from its committed position, carried home, and not from the position it reached
-/// on the other cluster's log, whose offsets are not this cluster's.
+/// keyward's answer to the first heartbeat after a switch, above epoch 0, of a member whose
+/// epoch is the coordinator's of the cluster that served before (`crate::proxy::failback::Fences`):
+/// through a region view, and on a local connection in a failback window. Its member epoch is
+/// fenced: the client gives up its partitions as lost (it commits nothing for them) and joins
+/// again from epoch 0, so it takes each partition from its committed position, translated or
+/// carried home, and not from the position it reached on the other cluster's log, whose
+/// offsets are not this cluster's.
 pub fn fenced_answer(version: i16, correlation_id: i32) -> anyhow::Result<Bytes> {
-    let api = ApiKey::ConsumerGroupHeartbeat;
-    let mut header = Vec::new();
-    ResponseHeader::default()
-        .with_correlation_id(correlation_id)
-        .encode(&mut header, api.response_header_version(version))?;
     let answer = ConsumerGroupHeartbeatResponse::default()
         .with_error_code(FENCED_MEMBER_EPOCH)
         .with_error_message(Some(StrBytes::from_static_str(
-            "the member's epoch is another cluster's coordinator's: reads moved back to this cluster; join again",
+            "the member's epoch is another cluster's coordinator's: reads moved to this cluster; join again",
         )))
         .with_member_epoch(-1);
-    let mut body = Vec::new();
-    answer.encode(&mut body, version)?;
-    Ok(frame::assemble(&header, &body))
+    crate::proxy::rewrite::answer(
+        ApiKey::ConsumerGroupHeartbeat,
+        version,
+        correlation_id,
+        &answer,
+    )
 }
 
 /// Tells a member from another cluster's coordinator to join again rather than that its group

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kafka_protocol::messages::{ApiKey, OffsetFetchRequest, OffsetFetchResponse};
-use kafka_protocol::protocol::{Decodable, Encodable};
+use kafka_protocol::protocol::Encodable;
 use metrics::counter;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -321,10 +321,8 @@ fn request_group(frame: &Bytes, version: i16) -> Option<Option<String>> {
     if version >= 8 {
         return Some(None);
     }
-    let api = ApiKey::OffsetFetch;
-    let header_len = frame::request_header_len(frame, api.request_header_version(version)).ok()?;
-    let mut body = frame.slice(LENGTH_PREFIX + header_len..);
-    let request = OffsetFetchRequest::decode(&mut body, version).ok()?;
+    let request: OffsetFetchRequest =
+        rewrite::decode_request(frame, ApiKey::OffsetFetch, version).ok()?;
     Some(Some(request.group_id.0.to_string()))
 }
 
@@ -350,9 +348,7 @@ pub fn held_validation_answer(
     };
     use kafka_protocol::messages::{OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse};
     let api = ApiKey::OffsetForLeaderEpoch;
-    let header_len = frame::request_header_len(frame, api.request_header_version(version))?;
-    let mut body = frame.slice(LENGTH_PREFIX + header_len..);
-    let request = OffsetForLeaderEpochRequest::decode(&mut body, version)?;
+    let request: OffsetForLeaderEpochRequest = rewrite::decode_request(frame, api, version)?;
     let mut held = 0;
     let topics = request
         .topics
@@ -404,9 +400,7 @@ pub fn refused_commit_answer(
         return None;
     }
     let api = ApiKey::OffsetCommit;
-    let header_len = frame::request_header_len(frame, api.request_header_version(version)).ok()?;
-    let mut body = frame.slice(LENGTH_PREFIX + header_len..);
-    let request = OffsetCommitRequest::decode(&mut body, version).ok()?;
+    let request: OffsetCommitRequest = rewrite::decode_request(frame, api, version).ok()?;
     if !window.to_fence(request.member_id.as_str()) {
         return None;
     }

@@ -75,6 +75,12 @@ pub fn answer<T: Encodable>(
     Ok(frame::assemble(&header, &encoded))
 }
 
+/// Decodes a request body.
+pub fn decode_request<T: Decodable>(frame: &Bytes, api: ApiKey, version: i16) -> anyhow::Result<T> {
+    let header_len = frame::request_header_len(frame, api.request_header_version(version))?;
+    T::decode(&mut frame.slice(LENGTH_PREFIX + header_len..), version)
+}
+
 /// Decodes a response body.
 pub fn decode<T: Decodable>(frame: &Bytes, api: ApiKey, version: i16) -> Result<T, RewriteError> {
     let header_len = frame::response_header_len(frame, api.response_header_version(version))?;

@@ -53,7 +53,8 @@ use crate::policy::producer_ids::ProducerIds;
 use crate::policy::region_view::RegionView;
 
 /// APIs that carry no topic name (or, for Produce, one the ownership policy decides by its own
-/// name): offered and passed as they are in a view.
+/// name; or, for the classic group protocol, names only inside member-written bytes that a
+/// classic group's coordinator never reads): offered and passed as they are in a view.
 pub const PASSED: &[ApiKey] = &[
     ApiKey::ApiVersions,
     ApiKey::SaslHandshake,

@@ -31,12 +31,13 @@ use kafka_protocol::messages::describe_topic_partitions_response::DescribeTopicP
 use kafka_protocol::messages::metadata_response::MetadataResponseTopic;
 use kafka_protocol::messages::{
     ApiKey, ConsumerGroupDescribeResponse, ConsumerGroupHeartbeatRequest,
-    ConsumerGroupHeartbeatResponse, DescribeTopicPartitionsRequest,
-    DescribeTopicPartitionsResponse, FetchRequest, FetchResponse, InitProducerIdRequest,
-    InitProducerIdResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
-    MetadataResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
-    OffsetFetchResponse, OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse, ProducerId,
-    TopicName,
+    ConsumerGroupHeartbeatResponse, ConsumerProtocolAssignment, ConsumerProtocolSubscription,
+    DescribeGroupsResponse, DescribeTopicPartitionsRequest, DescribeTopicPartitionsResponse,
+    FetchRequest, FetchResponse, InitProducerIdRequest, InitProducerIdResponse, JoinGroupRequest,
+    JoinGroupResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse,
+    OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse,
+    OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse, ProducerId, SyncGroupRequest,
+    SyncGroupResponse, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use uuid::Uuid;
@@ -53,19 +54,15 @@ use crate::policy::producer_ids::ProducerIds;
 use crate::policy::region_view::RegionView;
 
 /// APIs that carry no topic name (or, for Produce, one the ownership policy decides by its own
-/// name; or, for the classic group protocol, names only inside member-written bytes that a
-/// classic group's coordinator never reads): offered and passed as they are in a view.
+/// name): offered and passed as they are in a view.
 pub const PASSED: &[ApiKey] = &[
     ApiKey::ApiVersions,
     ApiKey::SaslHandshake,
     ApiKey::SaslAuthenticate,
     ApiKey::Produce,
     ApiKey::FindCoordinator,
-    ApiKey::JoinGroup,
-    ApiKey::SyncGroup,
     ApiKey::Heartbeat,
     ApiKey::LeaveGroup,
-    ApiKey::DescribeGroups,
     ApiKey::ListGroups,
     ApiKey::DescribeCluster,
     ApiKey::GetTelemetrySubscriptions,
@@ -85,7 +82,14 @@ pub const MAPPED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::ConsumerGroupDescribe, 0, 1),
     (ApiKey::InitProducerId, 0, 5),
     (ApiKey::DescribeTopicPartitions, 0, 0),
+    (ApiKey::JoinGroup, 0, 9),
+    (ApiKey::SyncGroup, 0, 5),
+    (ApiKey::DescribeGroups, 0, 6),
 ];
+
+/// The classic group protocol's type for consumers: its members' subscriptions and assignments
+/// are `ConsumerProtocolSubscription` and `ConsumerProtocolAssignment` bytes, which name topics.
+const CONSUMER_PROTOCOL: &str = "consumer";
 
 /// A leader epoch left out: the broker checks none, and a client takes none as newer or older.
 const NO_EPOCH: i32 = -1;
@@ -491,7 +495,27 @@ pub fn request(
             },
         )?,
         // The request names groups only; the response names topics.
-        ApiKey::ConsumerGroupDescribe => frame.clone(),
+        ApiKey::ConsumerGroupDescribe | ApiKey::DescribeGroups => frame.clone(),
+        // The classic consumer protocol's subscriptions and assignments name topics inside
+        // member-written bytes. A classic group's coordinator never reads them, but one of a
+        // group with KIP-848 members too does: mapped both ways, every member and the
+        // coordinator each see the names they know.
+        ApiKey::JoinGroup => recode_request(frame, key, version, |r: &mut JoinGroupRequest| {
+            if r.protocol_type.as_str() == CONSUMER_PROTOCOL {
+                for p in &mut r.protocols {
+                    map_member_bytes(&mut p.metadata, subscription, &|n| view.to_serving(n));
+                }
+            }
+            Ok(())
+        })?,
+        ApiKey::SyncGroup => recode_request(frame, key, version, |r: &mut SyncGroupRequest| {
+            if consumer_type(r.protocol_type.as_deref()) {
+                for a in &mut r.assignments {
+                    map_member_bytes(&mut a.assignment, assignment, &|n| view.to_serving(n));
+                }
+            }
+            Ok(())
+        })?,
         ApiKey::InitProducerId => {
             let ids = producer_ids(view);
             recode_request(frame, key, version, |r: &mut InitProducerIdRequest| {
@@ -734,6 +758,33 @@ pub fn response(
                 Ok(())
             },
         ),
+        ApiKey::JoinGroup => recode(frame, key, version, |r: &mut JoinGroupResponse| {
+            if consumer_type(r.protocol_type.as_deref()) {
+                for m in &mut r.members {
+                    map_member_bytes(&mut m.metadata, subscription, &|n| view.to_client(n));
+                }
+            }
+            Ok(())
+        }),
+        ApiKey::SyncGroup => recode(frame, key, version, |r: &mut SyncGroupResponse| {
+            if consumer_type(r.protocol_type.as_deref()) {
+                map_member_bytes(&mut r.assignment, assignment, &|n| view.to_client(n));
+            }
+            Ok(())
+        }),
+        ApiKey::DescribeGroups => recode(frame, key, version, |r: &mut DescribeGroupsResponse| {
+            for g in &mut r.groups {
+                if g.protocol_type.as_str() != CONSUMER_PROTOCOL {
+                    continue;
+                }
+                for m in &mut g.members {
+                    let to_client = |n: &str| view.to_client(n);
+                    map_member_bytes(&mut m.member_metadata, subscription, &to_client);
+                    map_member_bytes(&mut m.member_assignment, assignment, &to_client);
+                }
+            }
+            Ok(())
+        }),
         ApiKey::InitProducerId => {
             let ids = producer_ids(view);
             recode(frame, key, version, |r: &mut InitProducerIdResponse| {
@@ -743,6 +794,64 @@ pub fn response(
         }
         _ => Ok(frame.clone()),
     }
+}
+
+/// Whether group bytes are the consumer protocol's, by the protocol type where the message
+/// names it; where it does not (SyncGroup before v5, JoinGroup answers before v7), by their
+/// decoding exactly as the consumer protocol's ([`map_member_bytes`]).
+fn consumer_type(protocol_type: Option<&str>) -> bool {
+    protocol_type.is_none_or(|t| t == CONSUMER_PROTOCOL)
+}
+
+/// A name mapping: [`RegionView::to_serving`] or [`RegionView::to_client`].
+type Rename<'a> = dyn Fn(&str) -> Option<String> + 'a;
+
+/// Maps the topic names of one member's consumer-protocol bytes (a version, then the message at
+/// that version) in place with `edit`. They stay as they are when they do not decode exactly
+/// as that message (another protocol's, or a version this build does not know) or when a name
+/// has no counterpart: a classic group's coordinator never reads them, so they cost nothing
+/// there.
+fn map_member_bytes<T: Decodable + Encodable>(
+    bytes: &mut Bytes,
+    edit: fn(&mut T, &Rename<'_>) -> Option<()>,
+    rename: &Rename<'_>,
+) {
+    use bytes::{Buf, BufMut};
+    let mut body = bytes.clone();
+    if body.remaining() < 2 {
+        return;
+    }
+    let version = body.get_i16();
+    let Ok(mut message) = T::decode(&mut body, version) else {
+        return;
+    };
+    if body.has_remaining() || edit(&mut message, rename).is_none() {
+        return;
+    }
+    let mut out = bytes::BytesMut::with_capacity(bytes.len() + 16);
+    out.put_i16(version);
+    if message.encode(&mut out, version).is_ok() {
+        *bytes = out.freeze();
+    }
+}
+
+/// A member's subscription: the topics, and the partitions it owns (cooperative protocols).
+fn subscription(s: &mut ConsumerProtocolSubscription, rename: &Rename<'_>) -> Option<()> {
+    for topic in &mut s.topics {
+        *topic = StrBytes::from_string(rename(topic.as_str())?);
+    }
+    for owned in &mut s.owned_partitions {
+        owned.topic.0 = StrBytes::from_string(rename(owned.topic.0.as_str())?);
+    }
+    Some(())
+}
+
+/// A member's assignment: the partitions of each topic.
+fn assignment(a: &mut ConsumerProtocolAssignment, rename: &Rename<'_>) -> Option<()> {
+    for assigned in &mut a.assigned_partitions {
+        assigned.topic.0 = StrBytes::from_string(rename(assigned.topic.0.as_str())?);
+    }
+    Some(())
 }
 
 /// A DescribeTopicPartitions answer's entry for a topic the serving cluster has no counterpart
@@ -1184,6 +1293,233 @@ pub(crate) mod tests {
                 "__consumer_offsets"
             );
         }
+    }
+
+    fn member_bytes<T: Encodable>(version: i16, message: &T) -> Bytes {
+        use bytes::BufMut;
+        let mut out = bytes::BytesMut::new();
+        out.put_i16(version);
+        message.encode(&mut out, version).unwrap();
+        out.freeze()
+    }
+
+    fn member_message<T: Decodable>(bytes: &Bytes) -> (i16, T) {
+        use bytes::Buf;
+        let mut body = bytes.clone();
+        let version = body.get_i16();
+        let message = T::decode(&mut body, version).unwrap();
+        assert!(!body.has_remaining());
+        (version, message)
+    }
+
+    /// A subscription to us's `orders` and `eu.orders`, owning `orders` partition 0 (from
+    /// consumer-protocol v1), in `names` (this region's, or eu's).
+    fn subscribed(version: i16, names: [&'static str; 2]) -> Bytes {
+        use kafka_protocol::messages::consumer_protocol_subscription::TopicPartition;
+        let mut s = ConsumerProtocolSubscription::default()
+            .with_topics(names.iter().map(|n| StrBytes::from_static_str(n)).collect())
+            .with_user_data(Some(Bytes::from_static(b"sticky state")));
+        if version >= 1 {
+            s.owned_partitions = vec![
+                TopicPartition::default()
+                    .with_topic(name(names[0]))
+                    .with_partitions(vec![0]),
+            ];
+        }
+        member_bytes(version, &s)
+    }
+
+    /// An assignment of partition 0 of each of `names`.
+    fn assigned(version: i16, names: [&'static str; 2]) -> Bytes {
+        use kafka_protocol::messages::consumer_protocol_assignment::TopicPartition;
+        let a = ConsumerProtocolAssignment::default().with_assigned_partitions(
+            names
+                .iter()
+                .map(|n| {
+                    TopicPartition::default()
+                        .with_topic(name(n))
+                        .with_partitions(vec![0])
+                })
+                .collect(),
+        );
+        member_bytes(version, &a)
+    }
+
+    /// The classic consumer protocol's subscriptions and assignments, in every version of
+    /// JoinGroup, SyncGroup and DescribeGroups and every consumer-protocol version: this
+    /// region's names to the serving cluster's and back; another protocol's bytes, and a
+    /// subscription naming a topic with no counterpart, as they came.
+    #[test]
+    fn classic_group_membership_in_every_version() {
+        use kafka_protocol::messages::describe_groups_response::{
+            DescribedGroup, DescribedGroupMember,
+        };
+        use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+        use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
+        use kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
+        const OURS: [&str; 2] = ["orders", "eu.orders"];
+        const EUS: [&str; 2] = ["us.orders", "orders"];
+        let connect = Bytes::from_static(b"\x00\x01connect's own assignment");
+        for cv in 0..=3 {
+            let subscription_names = |b: &Bytes| {
+                let (v, s): (i16, ConsumerProtocolSubscription) = member_message(b);
+                assert_eq!(v, cv);
+                assert_eq!(s.user_data.as_deref(), Some(&b"sticky state"[..]));
+                let owned: Vec<_> = s
+                    .owned_partitions
+                    .iter()
+                    .map(|p| p.topic.0.to_string())
+                    .collect();
+                (
+                    s.topics.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+                    owned,
+                )
+            };
+            let assignment_names = |b: &Bytes| {
+                let (_, a): (i16, ConsumerProtocolAssignment) = member_message(b);
+                a.assigned_partitions
+                    .iter()
+                    .map(|p| p.topic.0.to_string())
+                    .collect::<Vec<_>>()
+            };
+            let owned = |first: &str| {
+                if cv >= 1 {
+                    vec![first.to_owned()]
+                } else {
+                    vec![]
+                }
+            };
+            for v in versions(ApiKey::JoinGroup) {
+                let protocol =
+                    |metadata| JoinGroupRequestProtocol::default().with_metadata(metadata);
+                let request = JoinGroupRequest::default()
+                    .with_protocol_type(StrBytes::from_static_str("consumer"))
+                    .with_protocols(vec![protocol(subscribed(cv, OURS))]);
+                let sent: JoinGroupRequest = decode_request(
+                    &mapped(ApiKey::JoinGroup, v, &request).frame,
+                    ApiKey::JoinGroup,
+                    v,
+                );
+                assert_eq!(
+                    subscription_names(&sent.protocols[0].metadata),
+                    (EUS.map(String::from).to_vec(), owned("us.orders")),
+                    "v{v}"
+                );
+                // Another protocol's, and a topic with no counterpart: as they came.
+                let other = request
+                    .clone()
+                    .with_protocol_type(StrBytes::from_static_str("connect"))
+                    .with_protocols(vec![protocol(connect.clone())]);
+                let sent: JoinGroupRequest = decode_request(
+                    &mapped(ApiKey::JoinGroup, v, &other).frame,
+                    ApiKey::JoinGroup,
+                    v,
+                );
+                assert_eq!(sent.protocols[0].metadata, connect);
+                let internal = subscribed(cv, ["orders", "__consumer_offsets"]);
+                let odd = request
+                    .clone()
+                    .with_protocols(vec![protocol(internal.clone())]);
+                let sent: JoinGroupRequest = decode_request(
+                    &mapped(ApiKey::JoinGroup, v, &odd).frame,
+                    ApiKey::JoinGroup,
+                    v,
+                );
+                assert_eq!(sent.protocols[0].metadata, internal);
+
+                let mut answer = JoinGroupResponse::default().with_members(vec![
+                    JoinGroupResponseMember::default().with_metadata(subscribed(cv, EUS)),
+                ]);
+                if v >= 7 {
+                    answer.protocol_type = Some(StrBytes::from_static_str("consumer"));
+                }
+                let got = back(ApiKey::JoinGroup, v, &answer, &[]);
+                assert_eq!(
+                    subscription_names(&got.members[0].metadata),
+                    (OURS.map(String::from).to_vec(), owned("orders")),
+                    "v{v}"
+                );
+            }
+            for v in versions(ApiKey::SyncGroup) {
+                let mut request = SyncGroupRequest::default().with_assignments(vec![
+                    SyncGroupRequestAssignment::default().with_assignment(assigned(cv, OURS)),
+                    SyncGroupRequestAssignment::default().with_assignment(connect.clone()),
+                ]);
+                if v >= 5 {
+                    request.protocol_type = Some(StrBytes::from_static_str("consumer"));
+                }
+                let sent: SyncGroupRequest = decode_request(
+                    &mapped(ApiKey::SyncGroup, v, &request).frame,
+                    ApiKey::SyncGroup,
+                    v,
+                );
+                assert_eq!(
+                    assignment_names(&sent.assignments[0].assignment),
+                    EUS,
+                    "v{v}"
+                );
+                assert_eq!(sent.assignments[1].assignment, connect);
+                let answer = SyncGroupResponse::default().with_assignment(assigned(cv, EUS));
+                let got = back(ApiKey::SyncGroup, v, &answer, &[]);
+                assert_eq!(assignment_names(&got.assignment), OURS, "v{v}");
+                if v >= 5 {
+                    let theirs =
+                        answer.with_protocol_type(Some(StrBytes::from_static_str("connect")));
+                    let got = back(ApiKey::SyncGroup, v, &theirs, &[]);
+                    assert_eq!(got.assignment, assigned(cv, EUS));
+                }
+            }
+            for v in versions(ApiKey::DescribeGroups) {
+                let member = DescribedGroupMember::default()
+                    .with_member_metadata(subscribed(cv, EUS))
+                    .with_member_assignment(assigned(cv, EUS));
+                let group = |protocol_type| {
+                    DescribedGroup::default()
+                        .with_protocol_type(StrBytes::from_static_str(protocol_type))
+                        .with_members(vec![member.clone()])
+                };
+                let answer = DescribeGroupsResponse::default()
+                    .with_groups(vec![group("consumer"), group("connect")]);
+                let got = back(ApiKey::DescribeGroups, v, &answer, &[]);
+                let ours = &got.groups[0].members[0];
+                assert_eq!(subscription_names(&ours.member_metadata).0, OURS, "v{v}");
+                assert_eq!(assignment_names(&ours.member_assignment), OURS, "v{v}");
+                assert_eq!(got.groups[1].members[0], member, "v{v}");
+            }
+        }
+    }
+
+    /// A request naming an array count near 2^31 in a few bytes: refused as malformed, where
+    /// the published kafka-protocol 0.18 sized an allocation by the count and aborted the
+    /// process (vendor/kafka-protocol/README.keyward.md).
+    #[test]
+    fn a_request_naming_an_impossible_count_is_refused_not_aborted() {
+        for (key, version) in [
+            (ApiKey::Metadata, 0),
+            (ApiKey::Fetch, 12),
+            (ApiKey::OffsetCommit, 9),
+            (ApiKey::JoinGroup, 5),
+        ] {
+            let mut head = Vec::new();
+            kafka_protocol::messages::RequestHeader::default()
+                .with_request_api_key(key as i16)
+                .with_request_api_version(version)
+                .with_correlation_id(7)
+                .with_client_id(Some(StrBytes::from_static_str("c")))
+                .encode(&mut head, key.request_header_version(version))
+                .unwrap();
+            // Every field a request starts with, as 0x7f bytes: counts of about 2^31.
+            let frame = frame::assemble(&head, &[0x7f; 64]);
+            assert!(
+                super::request(&frame, key, version, ids()).is_err(),
+                "{key:?} v{version}"
+            );
+        }
+        // The consumer protocol's member bytes likewise: left as they came.
+        let mut lying = Bytes::from_static(b"\x00\x00\x7f\xff\xff\xff");
+        let before = lying.clone();
+        map_member_bytes(&mut lying, assignment, &|n| view().to_serving(n));
+        assert_eq!(lying, before);
     }
 
     #[test]
@@ -1937,6 +2273,8 @@ pub(crate) mod tests {
         assert_eq!(offer(ApiKey::Fetch, 0, 17), Some((4, 17)));
         assert_eq!(offer(ApiKey::OffsetCommit, 2, 10), Some((2, 9)));
         assert_eq!(offer(ApiKey::JoinGroup, 0, 9), Some((0, 9)));
+        assert_eq!(offer(ApiKey::SyncGroup, 0, 5), Some((0, 5)));
+        assert_eq!(offer(ApiKey::DescribeGroups, 0, 6), Some((0, 6)));
         assert_eq!(offer(ApiKey::ConsumerGroupHeartbeat, 0, 1), Some((0, 1)));
         assert_eq!(offer(ApiKey::DescribeTopicPartitions, 0, 0), Some((0, 0)));
         for withheld in [

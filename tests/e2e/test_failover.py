@@ -197,6 +197,16 @@ def group_state(cluster: KafkaCluster, group: str) -> str:
     return described.state.name
 
 
+def assigned_topics(bootstrap: str, group: str) -> set[str]:
+    """The topics assigned to the members of `group`, as DescribeGroups through `bootstrap` shows
+    them (librdkafka decodes each classic member's consumer-protocol assignment)."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    described = admin.describe_consumer_groups([group], request_timeout=10)[group].result(timeout=15)
+    return {tp.topic for m in described.members for tp in m.assignment.topic_partitions}
+
+
 def translated(cluster: KafkaCluster, group: str, topic: str = "us.orders") -> int | None:
     """The offset `group` has committed on `cluster` for partition 0 of `topic`, as MirrorMaker 2
     wrote it there; None while there is none."""
@@ -409,6 +419,13 @@ def test_failover_and_failback_with_mirrormaker(tmp_path):
                 f" consume_call={time.monotonic() - began:.1f}s"
             )
         assert kw_us.metric("keyward_requests_total", api="ConsumerGroupHeartbeat") > heartbeats, "KIP-848 was used"
+        # A kept classic group's subscriptions and assignments name us's topics as eu holds them
+        # in eu's coordinator (keyward maps the consumer protocol's bytes in JoinGroup and
+        # SyncGroup), and as us's clients know them through the view (DescribeGroups).
+        kept_classic = unique_kept["librdkafka"]
+        wait_for(lambda: assigned_topics(eu.bootstrap, kept_classic) == {"us.orders", "orders"}, 30,
+                 "the kept librdkafka group's assignment in eu, in eu's names")
+        assert assigned_topics(kw_us.bootstrap, kept_classic) == {"orders", "eu.orders"}
         # The late group: MM2 synced nothing into eu, yet it resumes at its position in us (3),
         # kept by keyward and translated down MM2's syncs of us's `orders`: us's second records.
         blocker_stop.touch()

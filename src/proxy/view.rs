@@ -3,9 +3,10 @@
 //! so a client of region R reads R's topics from the serving cluster's mirrors of them.
 //!
 //! Mapped, in both directions: Metadata, Fetch, ListOffsets, OffsetFetch, OffsetCommit,
-//! OffsetForLeaderEpoch, DescribeTopicPartitions (the admin client's describe), and KIP-848's
+//! OffsetForLeaderEpoch, DescribeTopicPartitions (the admin client's describe), KIP-848's
 //! ConsumerGroupHeartbeat (subscribed names, a subscription by pattern refused; owned and
-//! assigned partitions by id) and ConsumerGroupDescribe.
+//! assigned partitions by id) and ConsumerGroupDescribe, and the classic group protocol's
+//! JoinGroup, SyncGroup and DescribeGroups (the consumer protocol's bytes inside them).
 //!
 //! Topic ids are mapped too ([`Ids`]): a client is shown, for each topic, the id the local
 //! cluster gave it, the one it knew before the switch and will know after the failback, so a

@@ -535,13 +535,19 @@ fn held_in_failback(
         }
         _ => return None,
     };
-    Some(match answer {
+    Some(answered(identity, key, answer))
+}
+
+/// keyward's own answer to a request, or, where the request would not decode, the connection
+/// closed.
+fn answered(identity: &Identity, key: ApiKey, answer: anyhow::Result<Bytes>) -> Step {
+    match answer {
         Ok(answer) => Step::answer(answer),
         Err(e) => {
-            debug!(peer = ?identity.peer, error = %e, ?key, "malformed request in a failback window; closing");
+            debug!(peer = ?identity.peer, error = %e, ?key, "malformed request keyward answers itself; closing");
             Step::close("malformed_request")
         }
-    })
+    }
 }
 
 /// A request on a connection served by another region's cluster: its topic names mapped to
@@ -557,28 +563,19 @@ fn viewed(
     let inner = handlers::rewrite(key, head.api_version);
     if key == ApiKey::ConsumerGroupHeartbeat
         && let Some((member, epoch)) = handlers::group_heartbeat::member(&frame, head.api_version)
+        && shared.failback.in_view.fence(member, epoch)
     {
-        shared.failback.seen_in_view(member);
-        if shared.failback.in_view.fence(member, epoch) {
-            counter!("keyward_view_members_fenced_total", "serving" => shared.clusters.get(cluster).name.clone())
-                .increment(1);
-            info!(
-                peer = ?identity.peer,
-                member,
-                epoch,
-                "a KIP-848 member from the other cluster's coordinator is fenced through the view: it joins again, from its committed position translated"
-            );
-            return match handlers::group_heartbeat::fenced_answer(
-                head.api_version,
-                head.correlation_id,
-            ) {
-                Ok(answer) => Step::answer(answer),
-                Err(e) => {
-                    debug!(peer = ?identity.peer, error = %e, "cannot encode keyward's answer in a region view; closing");
-                    Step::close("malformed_request")
-                }
-            };
-        }
+        counter!("keyward_view_members_fenced_total", "serving" => shared.clusters.get(cluster).name.clone())
+            .increment(1);
+        info!(
+            peer = ?identity.peer,
+            member,
+            epoch,
+            "a KIP-848 member from the other cluster's coordinator is fenced through the view: it joins again, from its committed position translated"
+        );
+        let answer =
+            handlers::group_heartbeat::fenced_answer(head.api_version, head.correlation_id);
+        return answered(identity, key, answer);
     }
     let ids = shared.view_ids(cluster).expect("a connection with a view");
     let view = ids.view;
@@ -596,17 +593,12 @@ fn viewed(
                 }
             }
             if !mapped.ask {
-                return match super::view::unknown_topics_answer(
+                let answer = super::view::unknown_topics_answer(
                     head.api_version,
                     head.correlation_id,
                     &mapped.unknown,
-                ) {
-                    Ok(answer) => Step::answer(answer),
-                    Err(e) => {
-                        debug!(peer = ?identity.peer, error = %e, "cannot encode keyward's answer in a region view; closing");
-                        Step::close("malformed_request")
-                    }
-                };
+                );
+                return answered(identity, key, answer);
             }
             let handling = Handling::Rewrite(Rewrite::View(Box::new(Viewed {
                 inner,

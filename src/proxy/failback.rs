@@ -60,7 +60,7 @@ pub const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 /// enough that a consumer validating for another reason waits little.
 pub const VALIDATION_HOLD: Duration = Duration::from_secs(10);
 
-/// At most this many KIP-848 member ids seen through the region view are kept for fencing.
+/// At most this many KIP-848 member ids are kept for fencing ([`Fences`]).
 const VIEWED_MEMBERS_MAX: usize = 100_000;
 
 /// The KIP-848 members that heartbeat since a switch, on connections where a member's epoch may
@@ -86,8 +86,9 @@ impl Fences {
         epoch > 0
     }
 
-    fn clear(&self) {
-        lock(&self.0).clear();
+    /// The members seen, leaving none.
+    fn take(&self) -> HashSet<String> {
+        std::mem::take(&mut *lock(&self.0))
     }
 }
 
@@ -95,10 +96,9 @@ impl Fences {
 /// region's, cleared at the next switch.
 pub struct Failback {
     window: Mutex<Option<Arc<Window>>>,
-    /// KIP-848 members that heartbeat through the region view since the last switch: each is
-    /// fenced at its first heartbeat here in the window that follows ([`Window::fence`]).
-    viewed_members: Mutex<HashSet<String>>,
-    /// KIP-848 members that heartbeat through a region view since the last switch.
+    /// KIP-848 members that heartbeat through a region view since the last switch. A failback
+    /// window takes them: until each heartbeats here, its commits are refused
+    /// ([`refused_commit_answer`]).
     pub in_view: Fences,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -143,7 +143,6 @@ impl Failback {
     pub fn new(tasks: TaskTracker, shutdown: CancellationToken) -> Self {
         Self {
             window: Mutex::new(None),
-            viewed_members: Mutex::new(HashSet::new()),
             in_view: Fences::default(),
             tasks,
             shutdown,
@@ -182,7 +181,7 @@ impl Failback {
             origin_loaded,
             stop.clone(),
         ));
-        let members = std::mem::take(&mut *lock(&self.viewed_members));
+        let members = self.in_view.take();
         let begun = Instant::now();
         let window = Arc::new(Window {
             from,
@@ -202,27 +201,18 @@ impl Failback {
         }
     }
 
-    /// Reads moved elsewhere: no position is carried any more, and members heartbeating through
-    /// a view from now on came from the cluster that served before.
+    /// Reads moved elsewhere: no position is carried any more.
     pub fn end(&self) {
         if let Some(old) = self.lock().take() {
             old.stop.cancel();
         }
-        self.in_view.clear();
     }
 
     /// Reads moved to a cluster other than the local one: the members seen through the view
-    /// until now are forgotten. (A window beginning takes them instead.)
+    /// until now are forgotten (members heartbeating through a view from now on came from the
+    /// cluster that served before). A window beginning takes them instead.
     pub fn forget_members(&self) {
-        lock(&self.viewed_members).clear();
-    }
-
-    /// A KIP-848 member heartbeat through the region view.
-    pub fn seen_in_view(&self, member_id: &str) {
-        let mut members = lock(&self.viewed_members);
-        if members.len() < VIEWED_MEMBERS_MAX && !members.contains(member_id) {
-            members.insert(member_id.to_owned());
-        }
+        self.in_view.take();
     }
 
     /// The window in force now.

@@ -265,7 +265,7 @@ mod tests {
         for (i, (from, to)) in switches.iter().enumerate() {
             probe.failback_from(index(from), index(to));
             if i == 0 {
-                failback.seen_in_view("member-1");
+                failback.in_view.fence("member-1", 0);
             }
         }
         let out = check(&failback);
@@ -308,19 +308,19 @@ mod tests {
         let fenced = |switches: &[(&str, &str)]| {
             after_switches("", switches, |f| {
                 [
-                    f.in_view.fence("member-1", 3),
-                    f.in_view.fence("member-1", 3),
-                    f.in_view.fence("member-2", 0),
-                    f.in_view.fence("member-2", 1),
+                    f.in_view.fence("member-7", 3),
+                    f.in_view.fence("member-7", 3),
+                    f.in_view.fence("member-8", 0),
+                    f.in_view.fence("member-8", 1),
                 ]
             })
         };
         assert_eq!(fenced(&[("us", "eu")]), [true, false, false, false]);
         // Each switch begins anew: members fenced through eu's view come to ap's.
         let again = after_switches("", &[("us", "eu")], |f| {
-            assert!(f.in_view.fence("member-1", 3));
-            f.end();
-            f.in_view.fence("member-1", 4)
+            assert!(f.in_view.fence("member-7", 3));
+            f.forget_members();
+            f.in_view.fence("member-7", 4)
         });
         assert!(again);
     }

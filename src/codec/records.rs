@@ -365,10 +365,10 @@ impl<'a> Batch<'a> {
 }
 
 /// Walks a batch's (decompressed) records section: see [`Batch::for_each_record`].
-pub(crate) fn walk_records<F>(
-    mut data: &[u8],
+pub(crate) fn walk_records<'d, F>(
+    mut data: &'d [u8],
     declared: i32,
-    header: Option<&[u8]>,
+    header: Option<&'d [u8]>,
     mut f: F,
 ) -> Result<(), RecordsError>
 where
@@ -397,6 +397,17 @@ where
     Ok(())
 }
 
+/// The header a walk asked every record for, and what [`RecordView::header`] answers for it:
+/// so the rule's lookup reads nothing again, whether the record carries the header or not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Wanted<'r> {
+    /// The asker's own slice, not the record's: a rule asking with the slice it walked with is
+    /// answered after a pointer comparison.
+    asked: &'r [u8],
+    /// `None` if absent, `Some(None)` if present with a null value.
+    found: Option<Option<&'r [u8]>>,
+}
+
 /// One record, borrowed from the batch or from the inflater's buffer.
 #[derive(Clone, Copy)]
 pub struct RecordView<'r> {
@@ -408,10 +419,8 @@ pub struct RecordView<'r> {
     /// The encoded headers, already validated, with their count: decoded again on demand.
     headers: &'r [u8],
     header_count: usize,
-    /// The first header with the name the walk asked for, as (name, value), both borrowed from
-    /// the record: found while the headers were validated, so the rule's lookup reads nothing
-    /// again.
-    wanted: Option<(&'r [u8], Option<&'r [u8]>)>,
+    /// The header the walk asked for, found while the headers were validated.
+    wanted: Option<Wanted<'r>>,
     /// Key, value and headers as encoded: what a re-encoded record copies unchanged.
     tail: &'r [u8],
 }
@@ -431,7 +440,7 @@ impl fmt::Debug for RecordView<'_> {
 impl<'r> RecordView<'r> {
     /// Reads one length-prefixed record from the front of `data` and validates all of it,
     /// keeping the first header named `want`.
-    fn parse(data: &mut &'r [u8], want: Option<&[u8]>) -> Result<Self, RecordsError> {
+    fn parse(data: &mut &'r [u8], want: Option<&'r [u8]>) -> Result<Self, RecordsError> {
         let len = read_varint(data)?;
         if len < 0 {
             return Err(RecordsError::BadLength {
@@ -454,13 +463,14 @@ impl<'r> RecordView<'r> {
             });
         }
         let headers = body;
-        let mut wanted = None;
+        let mut found = None;
         for _ in 0..header_count {
             let (name, value) = read_header(&mut body)?;
-            if wanted.is_none() && want == Some(name) {
-                wanted = Some((name, value));
+            if found.is_none() && want == Some(name) {
+                found = Some(value);
             }
         }
+        let wanted = want.map(|asked| Wanted { asked, found });
         if !body.is_empty() {
             return Err(RecordsError::TrailingBytes {
                 what: "record's headers",
@@ -497,11 +507,12 @@ impl<'r> RecordView<'r> {
 
     /// Value of the first header named `name`: `None` if absent, `Some(None)` if present with a
     /// null value. Kafka allows repeated names; only the first counts here.
+    #[inline]
     pub fn header(&self, name: &[u8]) -> Option<Option<&'r [u8]>> {
-        if let Some((wanted, value)) = self.wanted
-            && wanted == name
+        if let Some(Wanted { asked, found }) = self.wanted
+            && (std::ptr::eq(asked, name) || asked == name)
         {
-            return Some(value);
+            return found;
         }
         self.headers()
             .find(|(key, _)| *key == name)
@@ -1142,9 +1153,10 @@ mod tests {
         for want in [&b"region"[..], b"trace", b"absent", b""] {
             batch
                 .for_each_record_wanting(&mut Inflater::new(MB), Some(want), |_, r| {
-                    // Kept only when present, and then the first of its name.
+                    // The first of its name, or none when absent.
                     let first = r.headers().find(|(name, _)| *name == want);
-                    assert_eq!(r.wanted, first, "{want:?}");
+                    let found = first.map(|(_, v)| v);
+                    assert_eq!(r.wanted, Some(Wanted { asked: want, found }), "{want:?}");
                     for name in [&b"region"[..], b"trace", b"absent"] {
                         assert_eq!(
                             r.header(name),

@@ -876,6 +876,39 @@ def targets(rows: list[dict], idle: list[dict], stalls: list[dict]) -> str:
     return "| target | measured (median) | each round | |\n|---|--:|--:|---|\n" + "\n".join(out) + "\n"
 
 
+def header_targets(runs: list[dict]) -> str:
+    """Issue 18, item 2: `by: header` against haproxy's throughput and against `by: key`'s CPU,
+    taken round by round (the same round and load), then the median. CPU per GB is compared at
+    full load, and at half load too, where every path carries the same rate: at full load a path's
+    batches grow with its throughput, and CPU per GB with them."""
+    by = {(r["kind"], r["size"], r["round"], r["path"]): r for r in runs
+          if r.get("ok") and r["compression"] == "none" and r.get("bytes")}
+    out = []
+
+    def row(label, values, ok):
+        if not values:
+            out.append(f"| {label} | - | | n/a |")
+            return
+        m = statistics.median(values)
+        each = ", ".join(f"{v:.2f}" for v in values)
+        out.append(f"| {label} | {m:.3f} | {each} | {'met' if ok(m) else 'MISSED'} |")
+
+    def per_gb(r):
+        return r["relay_cpu_s"] / (r["bytes"] / 1e9) if r.get("relay_cpu_s") else None
+
+    for size in sorted({k[1] for k in by}):
+        rounds = sorted({k[2] for k in by if k[1] == size})
+        name = Load(size, "none").name
+        pairs = [(by.get(("full", size, n, "header")), by.get(("full", size, n, "haproxy"))) for n in rounds]
+        row(f"by: header throughput ÷ haproxy's, {name}, full load (≥ 1)",
+            [h["msgs_per_s"] / p["msgs_per_s"] for h, p in pairs if h and p and p["msgs_per_s"]], lambda v: v >= 1)
+        for kind, how in (("full", "full load"), ("half", "half load, the same rate on every path")):
+            pairs = [(by.get((kind, size, n, "header")), by.get((kind, size, n, "key"))) for n in rounds]
+            cpu = [per_gb(h) / per_gb(k) for h, k in pairs if h and k and per_gb(h) and per_gb(k)]
+            row(f"by: header relay CPU-s/GB ÷ by: key's, {name}, {how} (≤ 1.2)", cpu, lambda v: v <= 1.2)
+    return "| target | median | each round | |\n|---|--:|--:|---|\n" + "\n".join(out) + "\n"
+
+
 def report(settings: Settings, bench: Bench, idle: list[dict], stalls: list[dict], started: float) -> str:
     rows = summarize(bench.runs, bench.loads(), settings.rounds, settings.sockmap is not None, settings.baseline_name)
     failed = [r for r in bench.runs if not r.get("ok")]
@@ -941,6 +974,7 @@ def report(settings: Settings, bench: Bench, idle: list[dict], stalls: list[dict
         lines.append(f"**{len(failed)} run(s) failed** (left out of the medians): " + ", ".join(
             f"r{r['round']} {r['size']} {r['compression']} {r['path']} {r['kind']}" for r in failed) + "\n")
     lines += ["## Targets (issue 5)", "", targets(rows, idle, stalls)]
+    lines += ["## Targets (issue 18, item 2)", "", header_targets(bench.runs)]
     return "\n".join(lines)
 
 

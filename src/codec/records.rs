@@ -514,6 +514,13 @@ impl<'r> RecordView<'r> {
         {
             return found;
         }
+        self.scan_header(name)
+    }
+
+    /// [`RecordView::header`] for a name the walk did not ask for: out of line, so that the
+    /// rule's lookup above inlines into it.
+    #[inline(never)]
+    fn scan_header(&self, name: &[u8]) -> Option<Option<&'r [u8]>> {
         self.headers()
             .find(|(key, _)| *key == name)
             .map(|(_, value)| value)

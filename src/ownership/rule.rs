@@ -74,6 +74,7 @@ impl PartStates {
         self.whole.with(own)
     }
 
+    #[inline]
     pub(super) fn value(&self, value: &[u8]) -> PartState {
         if self.values.is_empty() {
             return self.whole;

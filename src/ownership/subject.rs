@@ -107,6 +107,7 @@ impl<'a> Subject<'a> {
 
     /// The value of the first header named `name`: `None` when unknown, `Some(None)` when the
     /// write does not carry it (a header with a null value counts as not carried).
+    #[inline]
     pub fn header(&self, name: &[u8]) -> Option<Option<&'a [u8]>> {
         match self.headers {
             Headers::Unknown => None,
